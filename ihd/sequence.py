@@ -1,0 +1,246 @@
+"""Stage 2: every series as a z-ordered sequence of cached slice features, read by a bidirectional LSTM.
+
+Each slice contributes its selected CNN embedding features followed by the CNN's six probabilities
+(as in Burduja et al.). The index keeps each series as one contiguous block of rows sorted by
+position, so a series is a (start, length) pair into the feature matrix and nothing is copied per
+series until a batch is assembled. Batches hold many series of similar length (sorted by length,
+then cut into groups), each padded only to its own longest series with `PAD_VALUE`, which the
+model's `Masking` layer hides from the LSTM, the outputs and the loss.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+import keras
+from tqdm.auto import tqdm
+
+from ihd.io import atomic_path
+from ihd.labels import LABEL_WEIGHTS, SUBTYPES
+from ihd.metrics import weighted_log_loss
+
+PAD_VALUE = -1.0e4
+"""Fill value of padding steps: no real feature takes it (probabilities lie in [0, 1])."""
+
+
+def series_bounds(index: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """First row and length of each series in an index whose series are contiguous and position-sorted."""
+    series = index["series_id"].to_numpy()
+    if len(series) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, series[1:] != series[:-1]])
+    lengths = np.diff(np.r_[starts, len(series)])
+    if len(pd.unique(series[starts])) != len(starts):
+        repeated = pd.Series(series[starts]).value_counts().index[0]
+        raise ValueError(f"series {repeated} is split over several blocks of index rows: sort the index by series")
+    expected_position = np.arange(len(series)) - np.repeat(starts, lengths)
+    wrong = np.flatnonzero(index["position"].to_numpy() != expected_position)
+    if len(wrong):
+        row = index.iloc[wrong[0]]
+        raise ValueError(f"image {row['image_id']} of series {row['series_id']} is out of z order in the index")
+    return starts.astype(np.int64), lengths.astype(np.int64)
+
+
+def sequence_inputs(selected: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Per-slice LSTM inputs (N, k + 6): the selected features, then the CNN's six probabilities."""
+    if len(selected) != len(probabilities):
+        raise ValueError(f"{len(selected)} rows of selected features but {len(probabilities)} of probabilities")
+    return np.concatenate([np.asarray(selected, np.float32), np.asarray(probabilities, np.float32)], axis=1)
+
+
+@dataclass(frozen=True)
+class SeriesSet:
+    """Some series of a feature matrix: `inputs` (N, D) and `labels` (N, 6) hold every row, the
+    series are the row blocks `starts[i] : starts[i] + lengths[i]`."""
+
+    inputs: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+    labels: np.ndarray | None = None
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Row numbers of every slice of these series, series by series."""
+        return np.concatenate([np.arange(s, s + n) for s, n in zip(self.starts, self.lengths)] or [np.zeros(0, int)])
+
+
+def series_set(inputs: np.ndarray, index: pd.DataFrame, rows: np.ndarray, labels: np.ndarray | None = None) -> SeriesSet:
+    """The series whose rows are selected by the boolean `rows` (a series must be wholly in or out)."""
+    rows = np.asarray(rows, bool)
+    starts, lengths = series_bounds(index)
+    inside = np.add.reduceat(rows.astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
+    partial = np.flatnonzero((inside > 0) & (inside < lengths))
+    if len(partial):
+        raise ValueError(f"series {index['series_id'].iloc[starts[partial[0]]]} is split between row selections")
+    keep = inside == lengths
+    return SeriesSet(inputs, starts[keep], lengths[keep], labels)
+
+
+def plan_batches(lengths: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0) -> list[np.ndarray]:
+    """Series numbers grouped into batches of similar length; every series lands in exactly one batch.
+
+    Series are sorted by length (ties broken at random when shuffling) and cut into consecutive
+    groups of `batch_size`; shuffling also randomises the order of the batches.
+    """
+    lengths = np.asarray(lengths)
+    rng = np.random.default_rng(seed)
+    tiebreak = rng.random(len(lengths)) if shuffle else np.arange(len(lengths))
+    order = np.lexsort((tiebreak, lengths))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def pad_batch(data: SeriesSet, series: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Inputs (B, T, D) padded with PAD_VALUE and labels (B, T, 6) padded with 0, T the longest series."""
+    lengths = data.lengths[series]
+    steps = int(lengths.max())
+    x = np.full((len(series), steps, data.inputs.shape[1]), PAD_VALUE, np.float32)
+    y = None if data.labels is None else np.zeros((len(series), steps, len(SUBTYPES)), np.float32)
+    for slot, (start, length) in enumerate(zip(data.starts[series], lengths)):
+        x[slot, :length] = data.inputs[start : start + length]
+        if y is not None:
+            y[slot, :length] = data.labels[start : start + length]
+    return x, y
+
+
+class SeriesBatches:
+    """Padded, length-bucketed batches of a SeriesSet as a `tf.data` pipeline, reshuffled every epoch."""
+
+    def __init__(self, data: SeriesSet, batch_size: int, shuffle: bool = False, seed: int = 0):
+        self.data = data
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.data.lengths) / self.batch_size)
+
+    def __iter__(self):
+        plan = plan_batches(self.data.lengths, self.batch_size, self.shuffle, self.seed + self.epoch)
+        self.epoch += 1
+        for series in plan:
+            x, y = pad_batch(self.data, series)
+            yield x if y is None else (x, y)
+
+    def dataset(self) -> tf.data.Dataset:
+        """The batches as a prefetched `tf.data.Dataset` with an unknown time dimension (one trace)."""
+        x_spec = tf.TensorSpec((None, None, self.data.inputs.shape[1]), tf.float32)
+        y_spec = tf.TensorSpec((None, None, len(SUBTYPES)), tf.float32)
+        signature = x_spec if self.data.labels is None else (x_spec, y_spec)
+        dataset = tf.data.Dataset.from_generator(self.__iter__, output_signature=signature)
+        return dataset.apply(tf.data.experimental.assert_cardinality(len(self))).prefetch(2)
+
+
+@keras.saving.register_keras_serializable(package="ihd")
+class WeightedBinaryCrossentropy(keras.losses.Loss):
+    """Per-slice binary cross-entropy weighted as the challenge's metric (`any` twice).
+
+    Returns one value per slice; Keras multiplies by the mask that the `Masking` layer attached to
+    the predictions and averages over real slices only, so padding contributes nothing.
+    """
+
+    def __init__(self, epsilon: float = 1e-7, name: str = "weighted_bce", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.epsilon = epsilon
+
+    def call(self, y_true, y_pred):
+        weights = keras.ops.convert_to_tensor(LABEL_WEIGHTS / LABEL_WEIGHTS.sum(), dtype=y_pred.dtype)
+        p = keras.ops.clip(y_pred, self.epsilon, 1.0 - self.epsilon)
+        y = keras.ops.cast(y_true, y_pred.dtype)
+        cells = -(y * keras.ops.log(p) + (1.0 - y) * keras.ops.log(1.0 - p))
+        return keras.ops.sum(cells * weights, axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+def build_lstm(input_dim: int, layers: int = 3, units: int = 256, dropout: float = 0.3) -> keras.Model:
+    """Masking, `layers` bidirectional LSTMs of `units` per direction with dropout, six sigmoids per slice."""
+    inputs = keras.Input((None, input_dim), name="sequence")
+    x = keras.layers.Masking(mask_value=PAD_VALUE, name="padding")(inputs)
+    for layer in range(1, layers + 1):
+        x = keras.layers.Bidirectional(keras.layers.LSTM(units, return_sequences=True), name=f"bilstm{layer}")(x)
+        x = keras.layers.Dropout(dropout, name=f"dropout{layer}")(x)
+    outputs = keras.layers.Dense(len(SUBTYPES), activation="sigmoid", name="pred")(x)
+    return keras.Model(inputs, outputs, name="series_lstm")
+
+
+def compile_lstm(model: keras.Model, learning_rate: float = 1e-3, jit_compile: bool | str = "auto") -> keras.Model:
+    """Adam and the weighted binary cross-entropy."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate, clipnorm=1.0),
+        loss=WeightedBinaryCrossentropy(),
+        jit_compile=jit_compile,
+    )
+    return model
+
+
+def predict_series(model: keras.Model, data: SeriesSet, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """Probabilities (len(data.inputs), 6) for every row of the set's series (other rows stay NaN)."""
+    out = np.full((len(data.inputs), len(SUBTYPES)), np.nan, np.float32)
+    plan = plan_batches(data.lengths, batch_size)
+    for series in tqdm(plan, desc="lstm", unit="batch", disable=not progress):
+        x, _ = pad_batch(data, series)
+        predicted = np.asarray(model.predict_on_batch(x))
+        for slot, (start, length) in enumerate(zip(data.starts[series], data.lengths[series])):
+            out[start : start + length] = predicted[slot, :length]
+    return out
+
+
+class BestEpoch(keras.callbacks.Callback):
+    """Scores the validation series by the challenge's weighted log loss after every epoch and
+    saves the model (atomically) whenever that loss improves; stops after `patience` epochs without."""
+
+    def __init__(self, val: SeriesSet, model_path: Path, batch_size: int, patience: int):
+        super().__init__()
+        self.val = val
+        self.model_path = Path(model_path)
+        self.batch_size = batch_size
+        self.patience = patience
+        self.rows = val.rows
+        self.history: list[dict] = []
+        self.best = math.inf
+        self.best_epoch = -1
+
+    def on_epoch_end(self, epoch, logs=None):
+        predicted = predict_series(self.model, self.val, self.batch_size)[self.rows]
+        score = weighted_log_loss(self.val.labels[self.rows], predicted)
+        self.history.append({"epoch": epoch + 1, "loss": float(logs["loss"]), "val_weighted_log_loss": score})
+        improved = score < self.best
+        if improved:
+            self.best, self.best_epoch = score, epoch + 1
+            with atomic_path(self.model_path) as tmp:
+                self.model.save(tmp)
+        print(f"epoch {epoch + 1}: loss {logs['loss']:.5f} val_wll {score:.5f}{' (best)' if improved else ''}", flush=True)
+        if epoch + 1 - self.best_epoch >= self.patience:
+            self.model.stop_training = True
+
+
+def fit_lstm(
+    model: keras.Model,
+    train: SeriesSet,
+    val: SeriesSet,
+    model_path: Path,
+    epochs: int,
+    batch_size: int,
+    patience: int | None = None,
+    seed: int = 0,
+) -> BestEpoch:
+    """Train a compiled LSTM; the best epoch by validation weighted log loss ends up at `model_path`."""
+    keras.utils.set_random_seed(seed)
+    best = BestEpoch(val, model_path, batch_size, patience or epochs)
+    batches = SeriesBatches(train, batch_size, shuffle=True, seed=seed)
+    model.fit(batches.dataset(), epochs=epochs, callbacks=[best], shuffle=False, verbose=0)
+    return best
+
+
+def load_lstm(path: Path) -> keras.Model:
+    """A saved series LSTM, for prediction."""
+    return keras.models.load_model(path, compile=False)

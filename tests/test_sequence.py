@@ -1,0 +1,152 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from ihd.labels import SUBTYPES
+from ihd.metrics import weighted_log_loss
+from ihd.sequence import (
+    PAD_VALUE,
+    SeriesBatches,
+    WeightedBinaryCrossentropy,
+    build_lstm,
+    compile_lstm,
+    fit_lstm,
+    load_lstm,
+    pad_batch,
+    plan_batches,
+    predict_series,
+    sequence_inputs,
+    series_bounds,
+    series_set,
+)
+
+
+def _index(lengths, folds=None):
+    rows = []
+    for number, length in enumerate(lengths):
+        for position in range(length):
+            rows.append({"image_id": f"ID_{number:03d}{position:03d}", "series_id": f"S{number:03d}",
+                         "position": position, "fold": -1 if folds is None else folds[number]})
+    return pd.DataFrame(rows)
+
+
+def _data(lengths, dim=5, seed=0):
+    rng = np.random.default_rng(seed)
+    index = _index(lengths)
+    inputs = rng.normal(size=(len(index), dim)).astype(np.float32)
+    labels = (rng.random((len(index), len(SUBTYPES))) < 0.3).astype(np.float32)
+    return index, series_set(inputs, index, np.ones(len(index), bool), labels)
+
+
+def test_series_bounds_finds_each_block():
+    starts, lengths = series_bounds(_index([3, 1, 4]))
+    assert starts.tolist() == [0, 3, 4]
+    assert lengths.tolist() == [3, 1, 4]
+
+
+def test_series_bounds_rejects_split_series_and_wrong_order():
+    index = _index([2, 2])
+    with pytest.raises(ValueError, match="S000"):
+        series_bounds(index.iloc[[0, 2, 1, 3]].reset_index(drop=True))
+    swapped = index.copy()
+    swapped.loc[[0, 1], "position"] = [1, 0]
+    with pytest.raises(ValueError, match="ID_000000"):
+        series_bounds(swapped)
+
+
+def test_series_set_keeps_whole_series_and_rejects_partial_ones():
+    index = _index([2, 3, 2], folds=[0, 1, 0])
+    chosen = series_set(np.zeros((7, 2)), index, (index["fold"] == 0).to_numpy())
+    assert chosen.starts.tolist() == [0, 5]
+    assert chosen.rows.tolist() == [0, 1, 5, 6]
+    with pytest.raises(ValueError, match="S001"):
+        series_set(np.zeros((7, 2)), index, np.arange(7) < 3)
+
+
+def test_sequence_inputs_puts_probabilities_last():
+    selected = np.ones((4, 3), np.float16)
+    probabilities = np.full((4, 6), 0.25, np.float16)
+    inputs = sequence_inputs(selected, probabilities)
+    assert inputs.shape == (4, 9) and inputs.dtype == np.float32
+    assert np.all(inputs[:, 3:] == 0.25)
+
+
+def test_bucketing_keeps_every_series_exactly_once_and_groups_lengths():
+    lengths = np.random.default_rng(1).integers(24, 61, size=203)
+    for shuffle in (False, True):
+        plan = plan_batches(lengths, batch_size=16, shuffle=shuffle, seed=3)
+        assert sorted(np.concatenate(plan).tolist()) == list(range(203))
+        spread = [lengths[b].max() - lengths[b].min() for b in plan]
+        assert max(spread) <= 4
+    assert [b.tolist() for b in plan_batches(lengths, 16, True, 3)] != [b.tolist() for b in plan_batches(lengths, 16, True, 4)]
+
+
+def test_batches_rebuild_every_row_once():
+    index, data = _data([3, 5, 1, 4, 4, 2])
+    batches = SeriesBatches(data, batch_size=4, shuffle=True)
+    seen = []
+    for x, y in batches.dataset().as_numpy_iterator():
+        assert x.shape[:2] == y.shape[:2]
+        real = ~np.all(x == PAD_VALUE, axis=-1)
+        seen.extend(map(tuple, x[real]))
+        assert np.all(y[~real] == 0)
+    assert sorted(seen) == sorted(map(tuple, data.inputs))
+    assert len(batches) == 2
+
+
+def test_padding_changes_neither_real_outputs_nor_loss():
+    index, data = _data([3, 6])
+    model = compile_lstm(build_lstm(5, layers=2, units=8, dropout=0.0))
+    short_x, short_y = pad_batch(data, np.array([0]))
+    both_x, both_y = pad_batch(data, np.array([0, 1]))
+    assert both_x.shape[1] == 6
+    alone = model.predict_on_batch(short_x)[0]
+    padded = model.predict_on_batch(both_x)[0, :3]
+    np.testing.assert_allclose(padded, alone, atol=1e-5)
+
+    predicted = model.predict_on_batch(both_x)
+    expected = weighted_log_loss(np.concatenate([both_y[0, :3], both_y[1]]), np.concatenate([predicted[0, :3], predicted[1]]))
+    assert model.evaluate(both_x, both_y, verbose=0) == pytest.approx(expected, rel=1e-4)
+    garbage_y = both_y.copy()
+    garbage_y[0, 3:] = 1.0
+    assert model.evaluate(both_x, garbage_y, verbose=0) == pytest.approx(expected, rel=1e-4)
+
+
+def test_loss_weighs_any_twice():
+    loss = WeightedBinaryCrossentropy()
+    wrong_on_any = np.array([[0.1, 0.1, 0.1, 0.1, 0.1, 0.9]], np.float32)
+    expected = (5 * -np.log(0.9) + 2 * -np.log(0.1)) / 7
+    assert float(loss(np.zeros((1, 6), np.float32), wrong_on_any)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_predict_series_returns_index_order():
+    index, data = _data([2, 4, 3])
+    model = build_lstm(5, layers=1, units=4, dropout=0.0)
+    bulk = predict_series(model, data, batch_size=2)
+    one_by_one = np.concatenate(
+        [model.predict_on_batch(data.inputs[None, s : s + n])[0] for s, n in zip(data.starts, data.lengths)]
+    )
+    np.testing.assert_allclose(bulk, one_by_one, atol=1e-5)
+
+
+def test_fit_keeps_the_best_epoch_and_learns_a_sequence_rule(tmp_path):
+    # a slice is positive when its neighbour in z is: only a model that reads the sequence can tell
+    rng = np.random.default_rng(0)
+    lengths = [8] * 48
+    index = _index(lengths)
+    signal = (rng.random(len(index)) < 0.3).astype(np.float32)
+    neighbour = np.roll(signal, 1)
+    neighbour[np.arange(0, len(index), 8)] = 0
+    inputs = np.stack([signal, rng.normal(size=len(index))], axis=1).astype(np.float32)
+    labels = np.repeat(neighbour[:, None], 6, axis=1)
+    folds = np.repeat(np.arange(48) % 4 == 0, 8)
+    train = series_set(inputs, index, ~folds, labels)
+    val = series_set(inputs, index, folds, labels)
+    model = compile_lstm(build_lstm(2, layers=1, units=16, dropout=0.0), learning_rate=0.02)
+    best = fit_lstm(model, train, val, tmp_path / "lstm.keras", epochs=12, batch_size=8)
+    scores = [h["val_weighted_log_loss"] for h in best.history]
+    assert best.best == min(scores) and best.best_epoch == int(np.argmin(scores)) + 1
+    reloaded = load_lstm(tmp_path / "lstm.keras")
+    rows = val.rows
+    assert weighted_log_loss(labels[rows], predict_series(reloaded, val)[rows]) == pytest.approx(best.best, rel=1e-5)
+    assert best.best < 0.3
