@@ -1,0 +1,161 @@
+"""One DICOM file to Hounsfield units, with the quirks of the RSNA data and of real scanners fixed.
+
+The modality LUT gives HU: ``HU = stored * RescaleSlope + RescaleIntercept``. What goes wrong
+in practice, and what this module does about it:
+
+- Compressed pixel data (JPEG Lossless in CQ500, JPEG 2000, RLE) is decoded by pydicom's plugins
+  (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg); uncompressed data is read straight from
+  the bytes, which is several times faster than the generic decoder.
+- ``RescaleIntercept`` written as ``-1024.000000`` and multi-valued window tags are read as
+  numbers by pydicom; a missing slope/intercept means stored values are already HU.
+- Outside the scanner's field of view some files hold -2000 or -3024 padding. Nothing in a head
+  is less dense than air, so every value below -1024 HU is read as air (-1024).
+- The RSNA 12-bit wrap: some RSNA images with ``BitsStored == 12``, ``PixelRepresentation == 0``
+  and ``RescaleIntercept > -100`` hold wrapped values. The correction used by the challenge's
+  top notebooks adds 1000 to the stored values, subtracts 4096 from those at or above 4096, and
+  then applies an intercept of -1000.
+- MONOCHROME1 only tells a viewer to display low values as white; the modality LUT still gives
+  HU, so such files need no inversion to be read as HU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+# RSNA identifiers (``ID_...``) are not valid UIDs; pydicom would warn on every file of 874,035.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+AIR_HU = -1024.0
+WRAP_FIX_OFFSET = 1000
+WRAP_MODULUS = 4096
+WRAP_FIX_INTERCEPT = -1000.0
+
+
+class DicomError(Exception):
+    """A DICOM file that cannot be turned into Hounsfield units; the message names file and reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """What the index needs from a slice's header."""
+
+    image_id: str
+    patient_id: str
+    study_id: str
+    series_id: str
+    z: float
+    rows: int
+    cols: int
+
+
+def _open(path: str | Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError as error:
+        raise DicomError(path, f"not a DICOM file ({error})") from None
+    except FileNotFoundError:
+        raise DicomError(path, "no such file") from None
+    except (EOFError, OSError, ValueError, TypeError, KeyError, IndexError) as error:
+        raise DicomError(path, f"unreadable header, probably truncated ({type(error).__name__}: {error})") from None
+
+
+def _slice_position(ds: pydicom.Dataset, path: str | Path) -> float:
+    """Position along the slice normal (mm), from ImagePositionPatient and ImageOrientationPatient."""
+    position = ds.get("ImagePositionPatient")
+    if position is None or len(position) != 3:
+        instance = ds.get("InstanceNumber")
+        if instance is None:
+            raise DicomError(path, "no ImagePositionPatient and no InstanceNumber to order the slice by")
+        return float(instance)
+    orientation = ds.get("ImageOrientationPatient")
+    if orientation is None or len(orientation) != 6:
+        return float(position[2])
+    normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+    return float(np.dot(normal, np.asarray(position, float)))
+
+
+def read_header(path: str | Path) -> SliceHeader:
+    """Read the identifiers and position of a slice without its pixel data."""
+    ds = _open(path, stop_before_pixels=True)
+    missing = [tag for tag in ("StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns") if tag not in ds]
+    if missing:
+        raise DicomError(path, f"header lacks {', '.join(missing)}")
+    return SliceHeader(
+        image_id=Path(path).stem,
+        patient_id=str(ds.get("PatientID", "")) or str(ds.StudyInstanceUID),
+        study_id=str(ds.StudyInstanceUID),
+        series_id=str(ds.SeriesInstanceUID),
+        z=_slice_position(ds, path),
+        rows=int(ds.Rows),
+        cols=int(ds.Columns),
+    )
+
+
+def _stored_values(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
+    """The stored pixel values as a 2-D integer array."""
+    if "PixelData" not in ds:
+        raise DicomError(path, "no pixel data")
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise DicomError(path, f"multi-frame images ({ds.NumberOfFrames} frames) are not slices")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise DicomError(path, f"{ds.SamplesPerPixel} samples per pixel: not a grayscale CT slice")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is not None and not syntax.is_compressed and int(ds.BitsAllocated) == 16:
+        order = ">" if not syntax.is_little_endian else "<"
+        kind = "i" if int(ds.PixelRepresentation) == 1 else "u"
+        data = ds.PixelData
+        if len(data) < rows * cols * 2:
+            raise DicomError(path, f"truncated pixel data: {len(data)} bytes for {rows}x{cols} 16-bit pixels")
+        return np.frombuffer(data, dtype=f"{order}{kind}2", count=rows * cols).reshape(rows, cols)
+    try:
+        return ds.pixel_array
+    except (NotImplementedError, RuntimeError) as error:
+        name = syntax.name if syntax is not None else "unknown"
+        raise DicomError(
+            path, f"cannot decode transfer syntax {name}: install pylibjpeg, pylibjpeg-libjpeg and "
+            f"pylibjpeg-openjpeg (or python-gdcm) ({error})"
+        ) from None
+    except (ValueError, EOFError, OSError) as error:
+        raise DicomError(path, f"damaged or truncated pixel data ({error})") from None
+
+
+def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
+    slope = ds.get("RescaleSlope")
+    intercept = ds.get("RescaleIntercept")
+    return (1.0 if slope is None else float(slope)), (0.0 if intercept is None else float(intercept))
+
+
+def has_rsna_wrap(ds: pydicom.Dataset) -> bool:
+    """True for the RSNA images whose 12-bit stored values wrapped (see the module docstring)."""
+    _, intercept = _rescale(ds)
+    return int(ds.get("BitsStored", 16)) == 12 and int(ds.get("PixelRepresentation", 0)) == 0 and intercept > -100
+
+
+def read_hu(path: str | Path) -> np.ndarray:
+    """Read one slice as float32 Hounsfield units, shape (rows, cols), air floor at -1024 HU.
+
+    Raises ``DicomError`` naming the file and the reason when it cannot be read.
+    """
+    ds = _open(path)
+    stored = _stored_values(ds, path)
+    slope, intercept = _rescale(ds)
+    if has_rsna_wrap(ds):
+        shifted = stored.astype(np.int32) + WRAP_FIX_OFFSET
+        shifted[shifted >= WRAP_MODULUS] -= WRAP_MODULUS
+        stored, intercept = shifted, WRAP_FIX_INTERCEPT
+    hu = stored.astype(np.float32)
+    if slope != 1.0:
+        hu *= np.float32(slope)
+    hu += np.float32(intercept)
+    np.maximum(hu, np.float32(AIR_HU), out=hu)
+    return hu

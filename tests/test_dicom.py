@@ -1,0 +1,119 @@
+"""ihd.dicom on the real files and on damaged copies of them."""
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+
+from ihd.dicom import AIR_HU, DicomError, has_rsna_wrap, read_header, read_hu
+
+
+def _soft_tissue_peak_hu(hu):
+    """The most common value among soft-tissue pixels (-100..100 HU): brain, where a slice shows it."""
+    tissue = hu[(hu > -100) & (hu < 100)]
+    counts, edges = np.histogram(tissue, bins=40, range=(-100, 100))
+    return edges[counts.argmax()] + 2.5, tissue.size
+
+
+def test_every_real_file_reads_as_plausible_hounsfield_units(real_data):
+    files = sorted(real_data.glob("*/*.dcm"))
+    assert len(files) == 82
+    for path in files:
+        hu = read_hu(path)
+        assert hu.dtype == np.float32 and hu.ndim == 2, path
+        assert hu.min() >= AIR_HU, path
+        corner = hu[:16, :16]
+        assert np.median(corner) < -800, f"{path}: air outside the head reads {np.median(corner)} HU"
+        peak_hu, pixels = _soft_tissue_peak_hu(hu)
+        if pixels > 0.05 * hu.size:
+            assert 0 < peak_hu < 80, f"{path}: brain tissue peaks at {peak_hu} HU"
+
+
+def test_padding_outside_the_field_of_view_reads_as_air(real_data):
+    path = real_data / "rsna_slices" / "ID_000012eaf.dcm"
+    stored = pydicom.dcmread(path).pixel_array
+    assert stored.min() == -2000
+    hu = read_hu(path)
+    assert np.all(hu[stored == -2000] == AIR_HU)
+
+
+def test_compressed_cq500_series_decodes(real_data):
+    path = sorted((real_data / "cq500_series").glob("*.dcm"))[0]
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID.is_compressed
+    hu = read_hu(path)
+    assert hu.shape == (int(ds.Rows), int(ds.Columns))
+    expected = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    np.testing.assert_allclose(hu, np.maximum(expected, AIR_HU))
+
+
+def _wrapped_copy(source, target):
+    """Store a real 12-bit slice the way the wrapped RSNA images are stored (see the data README)."""
+    ds = pydicom.dcmread(source)
+    assert int(ds.BitsStored) == 12 and int(ds.PixelRepresentation) == 0
+    hu = ds.pixel_array.astype(np.int32) + int(float(ds.RescaleIntercept))
+    # The correction reads stored values s as s - 4096 when s >= 3096, else s: HU -1000..3095 fit.
+    ds.PixelData = (np.clip(hu, -1000, 3095) % 4096).astype(np.uint16).tobytes()
+    ds.RescaleIntercept = "0"
+    ds.save_as(target)
+    return target
+
+
+def test_rsna_12_bit_wrap_is_corrected(real_data, tmp_path):
+    source = real_data / "rsna_slices" / "ID_00008ce3c.dcm"
+    target = _wrapped_copy(source, tmp_path / "ID_wrapped.dcm")
+    assert has_rsna_wrap(pydicom.dcmread(target))
+    assert not has_rsna_wrap(pydicom.dcmread(source))
+    np.testing.assert_array_equal(read_hu(target), np.maximum(read_hu(source), -1000))
+
+
+def test_slope_intercept_as_decimal_strings_and_monochrome1(real_data, tmp_path):
+    source = real_data / "rsna_slices" / "ID_0000950d7.dcm"
+    ds = pydicom.dcmread(source)
+    assert str(ds.RescaleIntercept).startswith("-1024.0")
+    ds.RescaleSlope = "2.000000"
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(tmp_path / "x.dcm")
+    expected = np.maximum(ds.pixel_array * 2.0 - 1024.0, AIR_HU)
+    np.testing.assert_array_equal(read_hu(tmp_path / "x.dcm"), expected)
+
+
+def test_implicit_vr_and_odd_size(real_data):
+    implicit = pydicom.dcmread(real_data / "rsna_slices" / "ID_0000aee4b.dcm")
+    assert implicit.file_meta.TransferSyntaxUID.is_implicit_VR
+    assert read_hu(real_data / "rsna_slices" / "ID_0000aee4b.dcm").shape == (512, 512)
+    assert read_hu(real_data / "rsna_slices" / "ID_e0cc6a4b5.dcm").shape == (256, 256)
+
+
+def test_truncated_and_non_dicom_files_raise_dicom_error_naming_the_file(real_data, tmp_path):
+    source = real_data / "rsna_slices" / "ID_000039fa0.dcm"
+    truncated = tmp_path / "ID_truncated.dcm"
+    truncated.write_bytes(source.read_bytes()[:300_000])
+    text = tmp_path / "notes.dcm"
+    text.write_text("not an image\n")
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    for path, reason in ((truncated, "truncated"), (text, "not a DICOM"), (empty, "not a DICOM")):
+        with pytest.raises(DicomError, match=reason) as caught:
+            read_hu(path)
+        assert str(path) in str(caught.value)
+
+
+def test_file_without_pixel_data(real_data, tmp_path):
+    ds = pydicom.dcmread(real_data / "rsna_slices" / "ID_000039fa0.dcm")
+    del ds.PixelData
+    ds.save_as(tmp_path / "ID_nopixels.dcm")
+    with pytest.raises(DicomError, match="no pixel data"):
+        read_hu(tmp_path / "ID_nopixels.dcm")
+
+
+def test_header_orders_the_real_series_by_position(real_data):
+    headers = [read_header(p) for p in (real_data / "rsna_series").glob("*.dcm")]
+    assert {h.series_id for h in headers} == {headers[0].series_id}
+    by_position = sorted(headers, key=lambda h: h.z)
+    stored_z = [float(pydicom.dcmread(real_data / "rsna_series" / f"{h.image_id}.dcm",
+                                      stop_before_pixels=True).ImagePositionPatient[2]) for h in by_position]
+    assert stored_z == sorted(stored_z)
+    assert stored_z[0] == pytest.approx(155.0, abs=0.1) and stored_z[-1] == pytest.approx(313.1, abs=0.1)
+    gaps = np.diff([h.z for h in by_position])
+    assert np.all(gaps > 4.5) and np.all(gaps < 5.5)

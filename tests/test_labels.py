@@ -1,0 +1,56 @@
+"""ihd.labels: the long format both ways, on the real label file and on broken ones."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from ihd.labels import (LABEL_WEIGHTS, SUBTYPES, LabelFileError, read_long_labels, split_long_id, to_long,
+                        write_long)
+
+
+def test_real_labels_parse_into_the_known_positives(real_data):
+    wide = read_long_labels(real_data / "rsna_slices" / "labels.csv")
+    assert list(wide.columns) == list(SUBTYPES) and len(wide) == 15
+    assert wide.dtypes.unique().tolist() == [np.float32]
+    positives = wide[wide["any"] == 1]
+    assert sorted(positives.index) == ["ID_0fe31b044", "ID_1b5ac170c", "ID_2008dd408", "ID_4f3e8c5c1", "ID_afb1bcdab"]
+    assert wide.loc["ID_2008dd408"].tolist() == [1, 0, 0, 1, 1, 1]
+
+
+def test_round_trip_and_duplicated_rows(tmp_path):
+    wide = pd.DataFrame(np.eye(2, 6, dtype=np.float32), index=pd.Index(["ID_a1", "ID_b2"], name="image_id"),
+                        columns=list(SUBTYPES))
+    path = tmp_path / "labels.csv"
+    write_long(wide, path)
+    lines = path.read_text().splitlines()
+    assert lines[:3] == ["ID,Label", "ID_a1_epidural,1.0", "ID_a1_intraparenchymal,0.0"]
+    with path.open("a") as file:
+        file.write("ID_a1_epidural,1.0\n")
+    pd.testing.assert_frame_equal(read_long_labels(path), wide, check_names=False)
+
+
+@pytest.mark.parametrize("row, message", [
+    ("ID_a1_epidural,0", "two different labels"),
+    ("ID_a1_bleed,0", "not ID_<image>_<subtype>"),
+    ("ID_a1_epidural,yes", "not a number"),
+])
+def test_broken_label_files_name_the_file(tmp_path, row, message):
+    wide = pd.DataFrame(np.ones((1, 6), np.float32), index=["ID_a1"], columns=list(SUBTYPES))
+    path = tmp_path / "bad.csv"
+    path.write_text(to_long(wide).to_csv(index=False) + row + "\n")
+    with pytest.raises(LabelFileError, match=message) as caught:
+        read_long_labels(path)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_subtype_is_reported(tmp_path):
+    path = tmp_path / "short.csv"
+    path.write_text("ID,Label\nID_a1_epidural,0\n")
+    with pytest.raises(LabelFileError, match="ID_a1 has no row for intraparenchymal"):
+        read_long_labels(path)
+
+
+def test_ids_split_at_the_last_underscore_and_any_weighs_twice():
+    assert split_long_id("ID_0fe31b044_intraparenchymal") == ("ID_0fe31b044", "intraparenchymal")
+    with pytest.raises(ValueError):
+        split_long_id("ID_0fe31b044")
+    assert LABEL_WEIGHTS[SUBTYPES.index("any")] == 2 and LABEL_WEIGHTS.sum() == 7
