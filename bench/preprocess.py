@@ -1,0 +1,196 @@
+"""Slices per second from a 512x512 DICOM file to a stored slice: the slice store against the notebook recipe.
+
+    python bench/preprocess.py            # about 2 minutes on 2 cores
+    python bench/preprocess.py --quick    # a few seconds, smaller work lists
+    python bench/preprocess.py --slices 2000
+
+The baseline is the recipe of the challenge's most copied public notebook (the "brain, subdural,
+soft tissue" window of the RSNA kernels): pydicom ``dcmread``; per window, ``pixel_array`` rescaled to
+HU in float64 and clipped to 40/80, 80/200, 40/380 at full resolution; stacked, ``cv2.resize`` to
+256, 8-bit PNG written by ``cv2.imwrite``. Ours is ``ihd.slices.write_one_slice``:
+``read_hu`` -> INTER_AREA resize in float32 -> 16-bit PNG of HU -> atomic write. Both run over the
+real 512x512 RSNA files (repeated to make enough work) on one process pinned to one core, and on a
+process pool over two and over all cores. Then the bytes per stored slice, and how the PNG settings
+trade size for speed.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pydicom  # noqa: E402
+
+from ihd.dicom import read_header, read_hu  # noqa: E402
+from ihd.io import run_header  # noqa: E402
+from ihd.parallel import available_cores  # noqa: E402
+from ihd.slices import PNG_PARAMS, slice_path, to_model_hu, write_one_slice  # noqa: E402
+
+REAL_DATA = ROOT.parent / "shared" / "data" / "real"
+SIZE = 256
+NOTEBOOK_WINDOWS = ((40, 80), (80, 200), (40, 380))
+
+
+@dataclass
+class Settings:
+    slices: int = 800  # work items per measurement: a few seconds each, long enough to hide pool start-up
+    quick: bool = False  # small work lists for a smoke run
+    size: int = SIZE  # stored slice size, the store's default
+    data: str = str(REAL_DATA)  # folder holding rsna_slices/ and rsna_series/
+
+
+def notebook_window(ds: pydicom.Dataset, center: float, width: float) -> np.ndarray:
+    """The notebooks' ``window_image``: rescale to HU in float64, clip to center +- width/2."""
+    img = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    low, high = center - width // 2, center + width // 2
+    img[img < low] = low
+    img[img > high] = high
+    return (img - low) / (high - low)
+
+
+def notebook_slice(item: tuple[str, str], out_dir: str) -> None:
+    """The baseline: one DICOM file to a 3-window 8-bit PNG, as the public notebooks do it."""
+    name, path = item
+    ds = pydicom.dcmread(path)
+    rgb = np.array([notebook_window(ds, c, w) for c, w in NOTEBOOK_WINDOWS]).transpose(1, 2, 0)
+    rgb = cv2.resize(rgb, (SIZE, SIZE))
+    cv2.imwrite(os.path.join(out_dir, f"{name}.png"), (rgb * 255).astype(np.uint8))
+
+
+def ours_slice(item: tuple[str, str], out_dir: str) -> None:
+    """Ours: one DICOM file to the slice store."""
+    write_one_slice(item, out_dir, SIZE)
+
+
+def pin_to_one_core() -> None:
+    """Pool initializer: keep a single worker on one core so its figure is per core."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    cv2.setNumThreads(1)
+
+
+def one_thread() -> None:
+    """Pool initializer: one OpenCV thread per process, the pool gives the parallelism."""
+    cv2.setNumThreads(1)
+
+
+def slices_per_second(fn, items: list, workers: int, work_dir: Path) -> float:
+    """Throughput of ``fn`` over ``items`` on a warm pool of ``workers`` processes."""
+    context = multiprocessing.get_context("forkserver")
+    initializer = pin_to_one_core if workers == 1 else one_thread
+    with context.Pool(workers, initializer=initializer) as pool:
+        warm_dir = work_dir / "warm"
+        warm_dir.mkdir(parents=True, exist_ok=True)
+        pool.starmap(fn, [((f"warm{i}_{name}", path), str(warm_dir)) for i, (name, path) in enumerate(items[: 4 * workers])])
+        out_dir = work_dir / "run"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        pool.starmap(fn, [(item, str(out_dir)) for item in items], chunksize=8)
+        elapsed = time.perf_counter() - start
+    shutil.rmtree(work_dir)
+    return len(items) / elapsed
+
+
+def real_512_files(data: Path) -> list[Path]:
+    """The real RSNA files of 512x512 pixels."""
+    paths = sorted((data / "rsna_slices").glob("*.dcm")) + sorted((data / "rsna_series").glob("*.dcm"))
+    return [p for p in paths if (read_header(p).rows, read_header(p).cols) == (512, 512)]
+
+
+def work_items(files: list[Path], count: int) -> list[tuple[str, str]]:
+    """``count`` (unique image id, path) pairs cycling over ``files``."""
+    return [(f"ID_{i:04x}{files[i % len(files)].stem[3:]}", str(files[i % len(files)])) for i in range(count)]
+
+
+def png_tradeoff(files: list[Path], size: int) -> list[tuple[str, float, float]]:
+    """(setting, mean KB per slice, encode ms per slice) for a few PNG settings on the real slices."""
+    stored = [np.clip(np.rint(to_model_hu(read_hu(p), size)) + 1024, 0, 65535).astype(np.uint16) for p in files]
+    settings = {
+        "level 1, adaptive filters": (cv2.IMWRITE_PNG_COMPRESSION, 1),
+        "level 3, adaptive filters": (cv2.IMWRITE_PNG_COMPRESSION, 3),
+        "level 6, adaptive filters": (cv2.IMWRITE_PNG_COMPRESSION, 6),
+        "level 9, adaptive filters": (cv2.IMWRITE_PNG_COMPRESSION, 9),
+        "Huffman only, up filter": (cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY,
+                                    cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY, cv2.IMWRITE_PNG_FILTER,
+                                    cv2.IMWRITE_PNG_FILTER_UP),
+        "Huffman only, average filter (ours)": PNG_PARAMS,
+    }
+    rows = []
+    for name, params in settings.items():
+        best_s = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            sizes = [cv2.imencode(".png", image, params)[1].nbytes for image in stored]
+            best_s = min(best_s, time.perf_counter() - start)
+        rows.append((name, float(np.mean(sizes)) / 1024, best_s / len(stored) * 1e3))
+    return rows
+
+
+def stored_kb(files: list[Path], size: int) -> float:
+    """Mean size in KB of the stored PNGs of ``files``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        items = [(f"ID_{p.stem[3:]}", str(p)) for p in files]
+        for item in items:
+            write_one_slice(item, tmp, size)
+        return float(np.mean([slice_path(tmp, name).stat().st_size for name, _ in items])) / 1024
+
+
+def cpu_model() -> str:
+    """The CPU model named in /proc/cpuinfo."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=Settings.slices)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--data", default=Settings.data)
+    args = parser.parse_args(argv)
+    settings = Settings(slices=120 if args.quick else args.slices, quick=args.quick, data=args.data)
+    run_header(argv, settings)
+    cv2.setNumThreads(1)
+    files = real_512_files(Path(settings.data))
+    items = work_items(files, settings.slices)
+    cores = available_cores()
+    worker_counts = sorted({1, min(2, cores), cores})
+    rates: dict[tuple[str, int], float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers in worker_counts:
+            for name, fn in (("baseline", notebook_slice), ("ours", ours_slice)):
+                rates[name, workers] = slices_per_second(fn, items, workers, Path(tmp) / f"{name}{workers}")
+                print(f"{name} on {workers} process(es): {rates[name, workers]:.0f} slices/s", flush=True)
+
+    print(f"\n### Preprocessing: 512x512 DICOM -> stored {settings.size}x{settings.size} slice")
+    print(f"\nMachine: {cpu_model()}, {cores} cores; {len(items)} slices over {len(files)} real RSNA files\n")
+    print("| processes | baseline slices/s | ours slices/s | ours / baseline |")
+    print("|---:|---:|---:|---:|")
+    for workers in worker_counts:
+        base, ours = rates["baseline", workers], rates["ours", workers]
+        print(f"| {workers} | {base:.0f} | {ours:.0f} | {ours / base:.2f}x |")
+    for workers in worker_counts[1:]:
+        print(f"\nScaling 1 -> {workers} processes: baseline {rates['baseline', workers] / rates['baseline', 1]:.2f}x, "
+              f"ours {rates['ours', workers] / rates['ours', 1]:.2f}x")
+
+    print(f"\nStored bytes: {stored_kb(files, settings.size):.1f} KB per slice on average "
+          f"({len(files)} real 512x512 RSNA slices at {settings.size}x{settings.size}; bar 64 KB)\n")
+    print("| PNG setting (16-bit) | KB per slice | encode ms per slice |")
+    print("|---|---:|---:|")
+    for name, kb, ms in png_tradeoff(files, settings.size):
+        print(f"| {name} | {kb:.1f} | {ms:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
