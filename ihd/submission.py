@@ -1,0 +1,123 @@
+"""Submission files: per-image probabilities to the challenge's ``ID,Label`` CSV, checked, then sent.
+
+Kaggle scores a file with exactly the sample submission's IDs (every test image x the six subtypes).
+The file is written in the sample's row order and validated before it is written: every sample ID
+present once, no other ID, no missing value, every value in [0, 1]. A failure names the ID at fault.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ihd.io import atomic_path
+from ihd.labels import SUBTYPES, to_long
+
+COMPETITION = "rsna-intracranial-hemorrhage-detection"
+FLOAT_FORMAT = "%.6g"
+NAMES_SHOWN = 10
+
+
+class SubmissionError(ValueError):
+    """A submission table that Kaggle would reject or mis-score."""
+
+
+def read_sample_submission(path: str | Path) -> pd.DataFrame:
+    """The sample submission's ``ID,Label`` table (IDs as strings, in Kaggle's order)."""
+    sample = pd.read_csv(path, dtype={"ID": str})
+    if list(sample.columns) != ["ID", "Label"]:
+        raise SubmissionError(f"{path}: header must be ID,Label, found {','.join(sample.columns)}")
+    return sample
+
+
+def sample_image_ids(sample: pd.DataFrame) -> pd.Index:
+    """The test image IDs of a sample submission, in their first-appearance order."""
+    return pd.Index(pd.unique(sample["ID"].str.rpartition("_")[0]))
+
+
+def _named(ids) -> str:
+    """Up to NAMES_SHOWN IDs, and how many more there are."""
+    ids = list(ids)
+    more = f" and {len(ids) - NAMES_SHOWN} more" if len(ids) > NAMES_SHOWN else ""
+    return ", ".join(map(str, ids[:NAMES_SHOWN])) + more
+
+
+def submission_table(predictions: pd.DataFrame, sample: pd.DataFrame, prior: np.ndarray) -> pd.DataFrame:
+    """The long ``ID,Label`` table in the sample's row order from wide per-image predictions.
+
+    ``predictions``: index image_id, columns SUBTYPES. Test images the sample lists but the
+    predictions lack (unreadable DICOM files left out of the index) get the training ``prior``
+    (six label means) and a warning naming them.
+    """
+    images = sample_image_ids(sample)
+    missing = images.difference(predictions.index, sort=False)
+    if len(missing):
+        warnings.warn(f"{len(missing)} test images have no prediction and get the training prior: {_named(missing)}")
+    wide = predictions.reindex(images)[list(SUBTYPES)]
+    wide.loc[missing] = np.broadcast_to(np.asarray(prior, np.float64), (len(missing), len(SUBTYPES)))
+    long = to_long(wide).set_index("ID")
+    return long.reindex(sample["ID"]).reset_index()
+
+
+def validate_submission(table: pd.DataFrame, sample: pd.DataFrame) -> None:
+    """Raise SubmissionError naming the first ID at fault unless ``table`` matches the sample's IDs
+    once each, in its order, with values in [0, 1]."""
+    if list(table.columns) != ["ID", "Label"]:
+        raise SubmissionError(f"columns must be ID,Label, found {','.join(map(str, table.columns))}")
+    ids = table["ID"].astype(str)
+    repeated = ids[ids.duplicated()]
+    if len(repeated):
+        raise SubmissionError(f"ID {repeated.iloc[0]} appears more than once ({_named(pd.unique(repeated))})")
+    expected = set(sample["ID"])
+    extra = ids[~ids.isin(expected)]
+    if len(extra):
+        raise SubmissionError(f"ID {extra.iloc[0]} is not in the sample submission ({_named(extra)})")
+    missing = sample["ID"][~sample["ID"].isin(set(ids))]
+    if len(missing):
+        raise SubmissionError(f"ID {missing.iloc[0]} of the sample submission is missing ({_named(missing)})")
+    out_of_order = np.flatnonzero(ids.to_numpy() != sample["ID"].to_numpy())
+    if len(out_of_order):
+        raise SubmissionError(f"ID {ids.iloc[out_of_order[0]]} is out of the sample submission's row order")
+    labels = pd.to_numeric(table["Label"], errors="coerce").to_numpy(np.float64)
+    nan = np.flatnonzero(np.isnan(labels))
+    if len(nan):
+        raise SubmissionError(f"ID {ids.iloc[nan[0]]} has no numeric label ({_named(ids.iloc[nan])})")
+    outside = np.flatnonzero((labels < 0) | (labels > 1))
+    if len(outside):
+        raise SubmissionError(f"ID {ids.iloc[outside[0]]} has label {labels[outside[0]]}, outside [0, 1]")
+
+
+def write_submission(
+    predictions: pd.DataFrame, sample_path: str | Path, out_path: str | Path, prior: np.ndarray
+) -> pd.DataFrame:
+    """Build, validate and atomically write a submission CSV; returns the table written."""
+    sample = read_sample_submission(sample_path)
+    table = submission_table(predictions, sample, prior)
+    validate_submission(table, sample)
+    with atomic_path(out_path) as tmp:
+        table.to_csv(tmp, index=False, float_format=FLOAT_FORMAT)
+    return table
+
+
+def submit(path: str | Path, message: str, competition: str = COMPETITION) -> None:
+    """Send a submission file to Kaggle (needs the internet and ~/.kaggle/kaggle.json or KAGGLE_* variables)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"submission {path} does not exist")
+    try:
+        from kaggle.api.kaggle_api_extended import KaggleApi
+    except ImportError as error:
+        raise RuntimeError("the kaggle package is not installed: pip install kaggle") from error
+    api = KaggleApi()
+    try:
+        api.authenticate()
+    except (Exception, SystemExit) as error:
+        raise RuntimeError(
+            "no Kaggle credentials: put kaggle.json in ~/.kaggle/ or set KAGGLE_USERNAME and KAGGLE_KEY"
+        ) from error
+    try:
+        api.competition_submit(str(path), message, competition)
+    except Exception as error:
+        raise RuntimeError(f"could not submit {path} to {competition} (offline, or rules not accepted?): {error}") from error
