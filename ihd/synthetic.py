@@ -1,0 +1,809 @@
+"""Synthetic head CT studies with intracranial bleeds, written in the Kaggle layout of the RSNA 2019 challenge.
+
+    python -m ihd.synthetic --out data/synthetic/raw --train-studies 80 --test-studies 30
+    python -m ihd.synthetic --out /tmp/ihd-small --small --no-quirks
+    python -m ihd.synthetic --bench
+
+A study is one axial series from below the skull base to the vertex. The phantom is analytic: the
+skull, brain, ventricles and bleeds are implicit shapes in head coordinates (mm), evaluated on each
+slice's pixel grid; ``h`` is the height above the skull base (floor of the middle cranial fossa).
+Tissue in Hounsfield units: air -1000, scalp ~40, skull 700-1500 (densest at the base), grey matter
+~38, white matter ~27, CSF ~6, fresh blood 50-90.
+
+Bleeds are 3D: each has a centre height and a half-height, and on a slice at distance ``u`` (in
+half-heights) from its centre its cross-section is scaled by ``sqrt(1 - u**2)``. Its contrast
+tapers too (partial volume of a ~5 mm slice), over the last ``TAPER_SLICES`` slices of each end,
+down to ``END_CONTRAST``: at the ends of a bleed a slice alone is ambiguous, its neighbours are
+not. A slice is labeled with a subtype when that subtype's mask covers at least
+``MIN_LABEL_AREA_MM2`` on it; ``any`` is the union. The masks are kept in ``truth/masks``.
+
+Layout written (the private parts of the challenge under ``truth/``)::
+
+    stage_2_train/ID_<9 hex>.dcm  stage_2_test/ID_<9 hex>.dcm
+    stage_2_train.csv  stage_2_sample_submission.csv  config.json
+    truth/stage_2_test_labels.csv  truth/masks/<series_id>.npz
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import math
+import time
+import zipfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pydicom
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+
+from ihd.io import atomic_path, run_header, write_json
+from ihd.labels import SUBTYPES, write_long
+from ihd.parallel import parallel_map
+
+BLEEDS = SUBTYPES[:-1]
+PIXELS = 512
+BLEED_STUDY_FRACTION = 0.4
+# Share of bleeding studies whose main finding is each subtype (epidural is rare and short).
+PRIMARY_SHARES = {"subdural": 0.30, "intraparenchymal": 0.27, "subarachnoid": 0.25,
+                  "intraventricular": 0.11, "epidural": 0.07}
+# Chance of a second finding given the main one, as in real studies (IPH spills into the
+# ventricles, trauma gives SDH with SAH, ...).
+CO_OCCURRENCE = {
+    "epidural": {"subdural": 0.3, "subarachnoid": 0.4},
+    "subdural": {"subarachnoid": 0.35, "intraparenchymal": 0.15},
+    "intraparenchymal": {"intraventricular": 0.5, "subarachnoid": 0.3, "subdural": 0.1},
+    "subarachnoid": {"intraparenchymal": 0.25, "subdural": 0.25, "intraventricular": 0.25},
+    "intraventricular": {"intraparenchymal": 0.5, "subarachnoid": 0.3},
+}
+MIN_LABEL_AREA_MM2 = 10.0
+TAPER_SLICES = 1.5
+END_CONTRAST = 0.3
+SMALL = dict(train_studies=4, test_studies=2)
+DEFAULT_SIZE = dict(train_studies=80, test_studies=30)
+MAX_HU = 3071
+WINDOW_TAGS = [("30", "80"), ("40", "80"), ("35.000000", "135.000000"), ("40", "150"), ("50", "100")]
+
+
+@dataclass
+class QuirkRates:
+    """Fractions of files written with each quirk of the real data; 0 (or False) turns one off."""
+
+    wrap12: float = 0.01  # RSNA 12-bit wrap: unsigned 12-bit, intercept 0, values wrapped modulo 4096
+    multi_window: float = 0.15  # WindowCenter/WindowWidth written as two values ("00040\00040")
+    implicit_vr: float = 0.1  # Implicit VR Little Endian instead of Explicit
+    unsigned12: float = 0.2  # BitsStored 12, PixelRepresentation 0 (stored = HU + 1024)
+    padding: float = 0.1  # -2000 stored outside the circular field of view
+    compressed: float = 0.02  # RLE Lossless or JPEG 2000 Lossless pixel data
+    truncated_file: bool = True  # exactly one training file cut short (unreadable)
+    duplicate_label_row: bool = True  # one training image's label rows written twice
+
+    @classmethod
+    def off(cls) -> "QuirkRates":
+        """No quirks: every file plain 16-bit signed Explicit VR."""
+        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, False, False)
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """One study's head and acquisition, all lengths in mm."""
+
+    pixel_spacing_mm: float
+    slice_step_mm: float
+    n_slices: int
+    h_start_mm: float  # height of the first slice above the skull base
+    h_vertex_mm: float
+    half_width_mm: float  # outer skull, left-right
+    half_length_mm: float  # outer skull, front-back
+    shape_phase: float
+    rotation_deg: float
+    centre_mm: tuple[float, float]
+    skull_mm: float  # vault thickness
+    skull_hu: float
+    scalp_mm: float
+    csf_rim_mm: float  # subarachnoid space over the convexity (wider with atrophy)
+    ventricle_scale: float
+    grey_hu: float
+    white_hu: float
+    csf_hu: float
+    noise_hu: float
+    gantry_tilt_deg: float
+    z_first_mm: float
+    window: tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Bleed:
+    """One bleed: a 3D shape between ``h_centre_mm - h_half_mm`` and ``h_centre_mm + h_half_mm``."""
+
+    subtype: str
+    h_centre_mm: float
+    h_half_mm: float
+    hu: float
+    angle_rad: float = 0.0  # direction in the slice (0 = patient's left, pi/2 = posterior)
+    half_angle_rad: float = 0.0
+    thickness_mm: float = 0.0
+    x_mm: float = 0.0
+    y_mm: float = 0.0
+    radius_mm: float = 0.0
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """What the dataset-level draw fixes for one study; the rest comes from its own seed."""
+
+    number: int
+    split: str
+    patient_id: str
+    study_id: str
+    series_id: str
+    image_ids: tuple[str, ...]
+    subtypes: tuple[str, ...]
+    truncated_image: str = ""
+
+
+# ---------------------------------------------------------------- dataset-level plan
+
+def _hex_ids(rng: np.random.Generator, count: int, digits: int, taken: set[str]) -> list[str]:
+    """``count`` new unique ``ID_<digits hex>`` identifiers."""
+    out: list[str] = []
+    while len(out) < count:
+        value = f"ID_{int(rng.integers(0, 16 ** digits)):0{digits}x}"
+        if value not in taken:
+            taken.add(value)
+            out.append(value)
+    return out
+
+
+def _allocate_primaries(n_bleeding: int, rng: np.random.Generator) -> list[str]:
+    """Main subtypes for ``n_bleeding`` studies: proportional, every subtype once when there are 5+."""
+    shares = np.array([PRIMARY_SHARES[s] for s in BLEEDS])
+    counts = np.floor(shares * n_bleeding).astype(int)
+    if n_bleeding >= len(BLEEDS):
+        counts = np.maximum(counts, 1)
+    while counts.sum() > n_bleeding:
+        counts[np.argmax(counts)] -= 1
+    remainder = shares * n_bleeding - counts
+    for index in np.argsort(-remainder, kind="stable")[: n_bleeding - counts.sum()]:
+        counts[index] += 1
+    primaries = [s for s, c in zip(BLEEDS, counts) for _ in range(c)]
+    return [primaries[i] for i in rng.permutation(len(primaries))]
+
+
+def _study_subtypes(primary: str, rng: np.random.Generator) -> tuple[str, ...]:
+    """The main subtype plus co-occurring ones."""
+    found = {primary} | {s for s, p in CO_OCCURRENCE[primary].items() if rng.random() < p}
+    return tuple(s for s in BLEEDS if s in found)
+
+
+def _n_slices(rng: np.random.Generator) -> int:
+    """Slices per series: mostly 32-44, between 24 and 60."""
+    return int(np.clip(round(rng.normal(38, 6)), 24, 60))
+
+
+def plan_dataset(train_studies: int, test_studies: int, seed: int = 0, quirks: QuirkRates | None = None
+                 ) -> list[StudyPlan]:
+    """Identifiers, slice counts and bleed subtypes of every study; cheap, deterministic for a seed."""
+    quirks = QuirkRates() if quirks is None else quirks
+    rng = np.random.default_rng([seed, 0xD1A])
+    taken: set[str] = set()
+    plans: list[StudyPlan] = []
+    for split, count in (("train", train_studies), ("test", test_studies)):
+        n_bleeding = int(round(BLEED_STUDY_FRACTION * count))
+        primaries = _allocate_primaries(n_bleeding, rng) + [""] * (count - n_bleeding)
+        primaries = [primaries[i] for i in rng.permutation(count)]
+        patient = ""
+        for primary in primaries:
+            number = len(plans)
+            if not patient or rng.random() > 0.1:
+                patient = _hex_ids(rng, 1, 8, taken)[0]
+            study_id, series_id = _hex_ids(rng, 2, 10, taken)
+            images = tuple(_hex_ids(rng, _n_slices(rng), 9, taken))
+            subtypes = _study_subtypes(primary, rng) if primary else ()
+            plans.append(StudyPlan(number, split, patient, study_id, series_id, images, subtypes))
+    if quirks.truncated_file and train_studies:
+        victim = plans[int(rng.integers(0, train_studies))]
+        image = victim.image_ids[int(rng.integers(0, len(victim.image_ids)))]
+        plans[victim.number] = dataclasses.replace(victim, truncated_image=image)
+    return plans
+
+
+# ---------------------------------------------------------------- per-study draws
+
+def draw_anatomy(rng: np.random.Generator, n_slices: int) -> Anatomy:
+    """A random head and acquisition: size, shape, position, tilt, tissue values, noise."""
+    step = float(rng.uniform(4.6, 5.2)) if n_slices <= 36 else 175.0 / n_slices
+    vertex = float(rng.uniform(140, 160))
+    coverage = step * (n_slices - 1)
+    start = float(np.clip(vertex + rng.uniform(0, 8) - coverage, -25, rng.uniform(-15, 0)))
+    atrophy = float(rng.beta(2, 5))
+    return Anatomy(
+        pixel_spacing_mm=float(rng.choice([0.4609375, 0.48828125, 0.488281, 0.494863, 0.46484375])),
+        slice_step_mm=step,
+        n_slices=n_slices,
+        h_start_mm=start,
+        h_vertex_mm=vertex,
+        half_width_mm=float(rng.uniform(70, 79)),
+        half_length_mm=float(rng.uniform(88, 98)),
+        shape_phase=float(rng.uniform(-0.3, 0.3)),
+        rotation_deg=float(rng.normal(0, 6)),
+        centre_mm=(float(rng.uniform(-12, 12)), float(rng.uniform(-15, 10))),
+        skull_mm=float(rng.uniform(5.0, 7.5)),
+        skull_hu=float(rng.uniform(1250, 1500)),
+        scalp_mm=float(rng.uniform(4, 7)),
+        csf_rim_mm=0.8 + 3.0 * atrophy,
+        ventricle_scale=0.75 + 0.9 * atrophy,
+        grey_hu=float(rng.uniform(36, 42)),
+        white_hu=float(rng.uniform(24, 30)),
+        csf_hu=float(rng.uniform(3, 10)),
+        noise_hu=float(rng.uniform(3.0, 5.5)),
+        gantry_tilt_deg=float(rng.choice([0.0, rng.uniform(5, 25)])),
+        z_first_mm=float(rng.uniform(-60, 160)),
+        window=WINDOW_TAGS[int(rng.integers(0, len(WINDOW_TAGS)))],
+    )
+
+
+def _wrap_angle(angle: np.ndarray | float) -> np.ndarray | float:
+    return (angle + np.pi) % (2 * np.pi) - np.pi
+
+
+def _lateral_angle(rng: np.random.Generator) -> float:
+    """A direction over a convexity: mostly lateral (temporo-parietal), sometimes frontal."""
+    side = 0.0 if rng.random() < 0.5 else np.pi
+    if rng.random() < 0.2:
+        return float(-np.pi / 2 + rng.normal(0, 0.4))
+    return float(_wrap_angle(side + rng.normal(0, 0.5)))
+
+
+def draw_bleeds(subtypes: tuple[str, ...], anatomy: Anatomy, rng: np.random.Generator) -> list[Bleed]:
+    """The 3D bleeds of a study, one or two per subtype, each with its own shape and place."""
+    bleeds: list[Bleed] = []
+    for subtype in subtypes:
+        if subtype == "epidural":
+            bleeds.append(Bleed(subtype, rng.uniform(30, 100), rng.uniform(8, 14), rng.uniform(65, 90),
+                                _lateral_angle(rng), rng.uniform(0.25, 0.45), rng.uniform(9, 20)))
+        elif subtype == "subdural":
+            for _ in range(1 + int(rng.random() < 0.15)):
+                bleeds.append(Bleed(subtype, rng.uniform(45, 100), rng.uniform(18, 40), rng.uniform(55, 85),
+                                    _lateral_angle(rng), rng.uniform(0.6, 1.2), rng.uniform(3, 12)))
+        elif subtype == "intraparenchymal":
+            for _ in range(1 + int(rng.random() < 0.25)):
+                radius = float(rng.uniform(4, 20))
+                angle = float(rng.uniform(-np.pi, np.pi))
+                reach = float(rng.uniform(0.1, 0.55))
+                bleeds.append(Bleed(subtype, rng.uniform(30, 105), radius * rng.uniform(0.8, 1.3),
+                                    rng.uniform(60, 88), radius_mm=radius,
+                                    x_mm=reach * anatomy.half_width_mm * math.cos(angle),
+                                    y_mm=reach * anatomy.half_length_mm * math.sin(angle)))
+        elif subtype == "intraventricular":
+            bleeds.append(Bleed(subtype, rng.uniform(50, 70), rng.uniform(12, 24), rng.uniform(55, 80),
+                                thickness_mm=rng.uniform(0.5, 1.0)))
+        elif subtype == "subarachnoid":
+            bleeds.append(Bleed(subtype, rng.uniform(25, 95), rng.uniform(12, 30), rng.uniform(50, 68),
+                                float(rng.uniform(-np.pi, np.pi)), rng.uniform(0.5, 1.4)))
+    return bleeds
+
+
+class _Field:
+    """A smooth random field in [-1, 1]-ish: coarse 3D noise, linear in height, cubic in the plane."""
+
+    def __init__(self, rng: np.random.Generator, cells: int, h_step_mm: float, h_range_mm: tuple[float, float]):
+        self.h0, self.step = h_range_mm[0], h_step_mm
+        layers = int((h_range_mm[1] - h_range_mm[0]) / h_step_mm) + 2
+        self.coarse = rng.standard_normal((layers, cells, cells)).astype(np.float32) * 0.8
+
+    def at(self, h_mm: float, pixels: int) -> np.ndarray:
+        position = np.clip((h_mm - self.h0) / self.step, 0, len(self.coarse) - 1.001)
+        below = int(position)
+        weight = np.float32(position - below)
+        layer = self.coarse[below] * (1 - weight) + self.coarse[below + 1] * weight
+        return cv2.resize(layer, (pixels, pixels), interpolation=cv2.INTER_CUBIC)
+
+
+def _ellipse(x: np.ndarray, y: np.ndarray, centre: tuple[float, float], half: tuple[float, float],
+             angle_rad: float = 0.0) -> np.ndarray:
+    """Squared normalised radius of an ellipse: < 1 inside."""
+    c, s = math.cos(angle_rad), math.sin(angle_rad)
+    u = (x - centre[0]) * c + (y - centre[1]) * s
+    v = -(x - centre[0]) * s + (y - centre[1]) * c
+    return (u / half[0]) ** 2 + (v / half[1]) ** 2
+
+
+class StudyPhantom:
+    """Renders the slices of one study in HU, with its bleed masks, on a ``pixels`` square grid."""
+
+    def __init__(self, anatomy: Anatomy, bleeds: list[Bleed], rng: np.random.Generator, pixels: int = PIXELS):
+        self.anatomy, self.bleeds, self.pixels = anatomy, bleeds, pixels
+        self.mm_per_pixel = anatomy.pixel_spacing_mm * PIXELS / pixels
+        a = anatomy
+        axis = ((np.arange(pixels, dtype=np.float32) - (pixels - 1) / 2) * self.mm_per_pixel)
+        col, row = np.meshgrid(axis - a.centre_mm[0], axis - a.centre_mm[1])
+        c, s = math.cos(math.radians(a.rotation_deg)), math.sin(math.radians(a.rotation_deg))
+        self.x = (c * col + s * row).astype(np.float32)
+        self.y = (-s * col + c * row).astype(np.float32)
+        self.r = np.hypot(self.x, self.y)
+        self.theta = np.arctan2(self.y, self.x)
+        ellipse = a.half_width_mm * a.half_length_mm / np.hypot(
+            a.half_length_mm * np.cos(self.theta), a.half_width_mm * np.sin(self.theta))
+        egg = 1 + 0.04 * np.sin(self.theta) + 0.025 * np.cos(2 * self.theta + a.shape_phase)
+        self.boundary = (ellipse * egg).astype(np.float32)
+        v = a.ventricle_scale
+        self.ventricles = np.minimum(
+            _ellipse(self.x, self.y, (-(1.5 + 5 * v), 0), (5 * v, 28 * v), math.radians(14)),
+            _ellipse(self.x, self.y, (1.5 + 5 * v, 0), (5 * v, 28 * v), math.radians(-14))).astype(np.float32)
+        self.nuclei = np.minimum(_ellipse(self.x, self.y, (-17, 2), (8, 15), math.radians(-15)),
+                                 _ellipse(self.x, self.y, (17, 2), (8, 15), math.radians(15))).astype(np.float32)
+        self.fourth = _ellipse(self.x, self.y, (0, 30), (6, 4)).astype(np.float32)
+        self.third = _ellipse(self.x, self.y, (0, 2), (1.5 * v, 12)).astype(np.float32)
+        w, l = a.half_width_mm, a.half_length_mm
+        self.posterior_fossa = _ellipse(self.x, self.y, (0, 0.42 * l), (0.72 * w, 0.45 * l)).astype(np.float32)
+        self.temporal_fossae = np.minimum(
+            _ellipse(self.x, self.y, (-0.5 * w, -0.12 * l), (0.3 * w, 0.38 * l), math.radians(-15)),
+            _ellipse(self.x, self.y, (0.5 * w, -0.12 * l), (0.3 * w, 0.38 * l), math.radians(15))).astype(np.float32)
+        self.frontal_fossa = _ellipse(self.x, self.y, (0, -0.55 * l), (0.75 * w, 0.4 * l)).astype(np.float32)
+        self.orbits = np.minimum(_ellipse(self.x, self.y, (-0.4 * w, -0.78 * l), (12, 13)),
+                                 _ellipse(self.x, self.y, (0.4 * w, -0.78 * l), (12, 13))).astype(np.float32)
+        self.sinus = _ellipse(self.x, self.y, (0, -0.6 * l), (14, 24)).astype(np.float32)
+        self.arc = (self.theta / (2 * np.pi)).astype(np.float32)
+        h_range = (a.h_start_mm - 10, a.h_start_mm + a.slice_step_mm * a.n_slices + 10)
+        self.gyri = _Field(rng, 40, 6.0, h_range)
+        self.warp = _Field(rng, 8, 12.0, h_range)
+        self.texture = _Field(rng, 60, 4.0, h_range)
+        self.sulcus_mm = float(rng.uniform(11, 14))
+
+    def heights_mm(self) -> np.ndarray:
+        """Height above the skull base of every slice, first (lowest) to last."""
+        return self.anatomy.h_start_mm + self.anatomy.slice_step_mm * np.arange(self.anatomy.n_slices)
+
+    @staticmethod
+    def _scale(h: float, vertex: float) -> float:
+        """Cross-section of the skull (outer table, or inner table with a lowered vertex) relative to its widest."""
+        equator = 45.0
+        if h >= equator:
+            u = min(1.0, (h - equator) / (vertex - equator))
+            return (1 - u ** 2.2) ** (1 / 2.2)
+        return 1 - 0.10 * ((equator - h) / 60) ** 2 - 0.2 * np.clip(-h / 30, 0, 1)
+
+    def _skull(self, h: float) -> float:
+        """Vault thickness (mm) at height h: thick at the base, thinner towards the vertex."""
+        a = self.anatomy
+        base = np.clip((25 - h) / 35, 0, 1)
+        top = np.clip((h - 60) / (a.h_vertex_mm - 60), 0, 1)
+        return float(a.skull_mm * (1 + 0.8 * base) * (1 - 0.3 * top))
+
+    def render(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Slice ``index`` in HU (float32) and its bleed masks (bool, 5 x pixels x pixels, BLEEDS order).
+
+        Without ``rng`` no acquisition noise is added (the masks do not depend on it).
+        """
+        a = self.anatomy
+        h = float(self.heights_mm()[index])
+        masks = np.zeros((len(BLEEDS), self.pixels, self.pixels), bool)
+        scale = self._scale(h, a.h_vertex_mm)
+        if scale <= 0.02:
+            hu = np.full((self.pixels, self.pixels), -1000.0, np.float32)
+            return self._finish(hu, rng), masks
+        skull = self._skull(h)
+        inner_scale = self._scale(h, a.h_vertex_mm - skull)
+        depth = scale * self.boundary - self.r  # mm inside the outer table
+        inner = inner_scale * self.boundary - skull - self.r  # mm inside the inner table
+        brain_depth = inner - a.csf_rim_mm
+        gyri = self.gyri.at(h, self.pixels)
+        hu = np.where(depth > -a.scalp_mm, np.float32(40), np.float32(-1000))
+        diploe = np.clip(1 - ((depth - inner) / (depth + 1e-3) - 0.5) ** 2 * 6, 0, 1)
+        skull_hu = a.skull_hu * (1 - 0.35 * np.clip((h - 20) / (a.h_vertex_mm - 20), 0, 1))
+        hu = np.where(depth > 0, (skull_hu * (1 - 0.35 * diploe)).astype(np.float32), hu)
+        perimeter_mm = 2 * np.pi * inner_scale * (a.half_width_mm + a.half_length_mm) / 2
+        folds = max(6, round(perimeter_mm / self.sulcus_mm))
+        phase = self.arc * folds + 1.2 * self.warp.at(h, self.pixels) + 0.25 * gyri
+        to_sulcus_mm = np.abs(phase - np.floor(phase) - 0.5) * self.sulcus_mm
+        sulcus_depth_mm = 4 + 6 * gyri + 8 * np.clip((h - 40) / 80, 0, 1)
+        in_fold = (to_sulcus_mm < 0.4 + 0.6 * a.ventricle_scale) & (brain_depth < sulcus_depth_mm)
+        grey = (brain_depth < 2.5) | ((to_sulcus_mm < 3.0) & (brain_depth < sulcus_depth_mm + 2.5))
+        tissue = np.where(grey, np.float32(a.grey_hu), np.float32(a.white_hu))
+        tissue += 1.5 * self.texture.at(h, self.pixels)
+        tissue = np.where(in_fold, np.float32((a.csf_hu + a.grey_hu) / 2), tissue)
+        sulci = in_fold | (brain_depth < 0)
+        csf = brain_depth < 0
+        if h < 22:
+            tissue = np.where(self.y > 8, np.float32(a.grey_hu - 3), tissue)
+            csf |= self.fourth < 1
+        if 25 < h < 62:
+            tissue = np.where(self.nuclei < 1, np.float32(a.grey_hu - 2), tissue)
+        if 20 < h < 45:
+            csf |= self.third < 1
+        ventricle_profile = math.sin(math.pi * np.clip((h - 35) / 50, 0, 1)) ** 0.6
+        ventricles = self.ventricles < ventricle_profile ** 2 if ventricle_profile > 0 else None
+        if ventricles is not None:
+            csf |= ventricles
+        if h > 35:
+            fissure = np.abs(self.x) < 1.2 + 0.8 * a.ventricle_scale
+            csf |= fissure & (np.abs(self.y) > 32)
+        tissue = np.where(csf, np.float32(a.csf_hu), tissue)
+        if h > 35:
+            tissue = np.where((np.abs(self.x) < 0.45) & (np.abs(self.y) > 32), np.float32(48), tissue)
+        tissue = self._add_bleeds(tissue, masks, h, inner, brain_depth, gyri, sulci, ventricles)
+        hu = np.where(inner > 0, tissue, hu)
+        if h < 25:
+            hu = self._skull_base(hu, h, inner, masks)
+        masks &= (inner > 0)[None]
+        return self._finish(hu, rng), masks
+
+    def _skull_base(self, hu: np.ndarray, h: float, inner: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """Below the cerebrum the cranial cavity narrows to the anterior, middle and posterior fossae.
+
+        What lies outside the fossae is the skull base: bone, with air cells (sinuses, mastoids),
+        and the orbits in front. Bleeds do not extend into it.
+        """
+        a = self.anatomy
+        frontal = np.clip((h - 5) / 20, 0, 1) ** 0.7
+        temporal = np.clip((h + 15) / 25, 0, 1) ** 0.7
+        posterior = 0.35 + 0.65 * np.clip((h + 25) / 25, 0, 1)
+        cavity = ((self.frontal_fossa < frontal ** 2) | (self.temporal_fossae < temporal ** 2)
+                  | (self.posterior_fossa < posterior ** 2))
+        bone = (inner > 0) & ~cavity
+        masks &= ~bone[None]
+        texture = self.texture.at(h, self.pixels)
+        air_cells = (texture > 0.3) & ((self.sinus < 1) | ((self.posterior_fossa < 1.5) & (np.abs(self.x) > 0.6 * a.half_width_mm)))
+        base_hu = np.where(air_cells, np.float32(-850), (a.skull_hu * (0.75 + 0.15 * texture)).astype(np.float32))
+        hu = np.where(bone, base_hu, hu)
+        if -20 < h < 8:
+            hu = np.where(bone & (self.orbits < 1), np.where(self.orbits < 0.45, np.float32(12), np.float32(-90)), hu)
+        return hu
+
+    def _add_bleeds(self, tissue, masks, h, inner, brain_depth, gyri, csf_spaces, ventricles):
+        """Paint every bleed active at height ``h`` into ``tissue`` and its mask."""
+        step = self.anatomy.slice_step_mm
+        for bleed in self.bleeds:
+            offset = abs(h - bleed.h_centre_mm)
+            if offset >= bleed.h_half_mm:
+                continue
+            size = math.sqrt(1 - (offset / bleed.h_half_mm) ** 2)
+            contrast = float(np.clip((bleed.h_half_mm - offset) / (TAPER_SLICES * step), END_CONTRAST, 1.0))
+            mask = self._bleed_mask(bleed, size, inner, brain_depth, gyri, csf_spaces, ventricles)
+            if mask is None:
+                continue
+            masks[BLEEDS.index(bleed.subtype)] |= mask
+            blend = np.float32(contrast)
+            tissue = np.where(mask, tissue * (1 - blend) + np.float32(bleed.hu) * blend, tissue)
+        return tissue
+
+    def _bleed_mask(self, bleed, size, inner, brain_depth, gyri, csf_spaces, ventricles):
+        if bleed.subtype in ("epidural", "subdural"):
+            spread = np.abs(_wrap_angle(self.theta - bleed.angle_rad)) / (bleed.half_angle_rad * size ** 0.5)
+            profile = np.clip(1 - spread ** 2, 0, 1)
+            profile = np.sqrt(profile) if bleed.subtype == "epidural" else profile ** 0.7
+            return (inner > 0) & (inner < bleed.thickness_mm * size * profile)
+        if bleed.subtype == "intraparenchymal":
+            radius = bleed.radius_mm * size
+            blob = ((self.x - bleed.x_mm) ** 2 + (self.y - bleed.y_mm) ** 2) / radius ** 2 + 0.25 * gyri
+            return (blob < 1) & (brain_depth > 2)
+        if bleed.subtype == "intraventricular":
+            if ventricles is None:
+                return None
+            level = 30 * self.anatomy.ventricle_scale * (1 - 2 * bleed.thickness_mm * size)
+            return ventricles & (self.y > level)
+        spread = np.abs(_wrap_angle(self.theta - bleed.angle_rad)) < bleed.half_angle_rad * size
+        wider = (np.abs(gyri) < 0.09) & (brain_depth < 18) & (brain_depth > -0.5)
+        return (csf_spaces | wider) & spread & (inner > 0)
+
+    def _finish(self, hu: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        hu = cv2.GaussianBlur(hu, (0, 0), 0.6 * self.pixels / PIXELS)
+        if rng is not None:
+            half = self.pixels // 2
+            grain = rng.standard_normal((half, half), dtype=np.float32) * np.float32(1.6 * self.anatomy.noise_hu)
+            hu += cv2.resize(grain, (self.pixels, self.pixels), interpolation=cv2.INTER_LINEAR)
+        return hu
+
+
+def labels_from_masks(masks: np.ndarray, pixel_area_mm2: float) -> np.ndarray:
+    """Per-slice labels (n, 6) from masks (n, 5, rows, cols): area >= MIN_LABEL_AREA_MM2; ``any`` the union."""
+    areas = masks.reshape(masks.shape[0], masks.shape[1], -1).sum(axis=2) * pixel_area_mm2
+    positive = areas >= MIN_LABEL_AREA_MM2
+    return np.concatenate([positive, positive.any(axis=1, keepdims=True)], axis=1).astype(np.float32)
+
+
+def study_rng(seed: int, number: int) -> np.random.Generator:
+    """The random stream of study ``number``: independent of the other studies and of the workers."""
+    return np.random.default_rng([seed, number])
+
+
+def build_phantom(plan: StudyPlan, seed: int, pixels: int = PIXELS) -> StudyPhantom:
+    """The phantom of one planned study (same anatomy and bleeds at every ``pixels``)."""
+    rng = study_rng(seed, plan.number)
+    anatomy = draw_anatomy(rng, len(plan.image_ids))
+    bleeds = draw_bleeds(plan.subtypes, anatomy, rng)
+    return StudyPhantom(anatomy, bleeds, rng, pixels)
+
+
+def study_labels(plan: StudyPlan, seed: int, pixels: int = 128) -> np.ndarray:
+    """Labels (n, 6) of a study's slices computed on a coarse grid, without noise or files (fast)."""
+    phantom = build_phantom(plan, seed, pixels)
+    masks = np.stack([phantom.render(i)[1] for i in range(len(plan.image_ids))])
+    return labels_from_masks(masks, phantom.mm_per_pixel ** 2)
+
+
+# ---------------------------------------------------------------- DICOM writing
+
+def _ds(value: float) -> str:
+    return f"{value:.6f}"
+
+
+def _element(ds: Dataset, tag: int, vr: str, value) -> None:
+    ds.add(DataElement(tag, vr, value, validation_mode=pydicom.config.IGNORE))
+
+
+def _dicom_bytes(plan: StudyPlan, anatomy: Anatomy, index: int, hu: np.ndarray, quirks: dict[str, bool],
+                 instance_uid: str, compression) -> bytes:
+    """One slice as a DICOM file like the RSNA ones (same tags, VRs and identifier style)."""
+    tilt = math.radians(anatomy.gantry_tilt_deg)
+    spacing = anatomy.pixel_spacing_mm
+    z = anatomy.z_first_mm + index * anatomy.slice_step_mm
+    origin = -(PIXELS / 2) * spacing
+    meta = FileMetaDataset()
+    _element(meta, 0x00020002, "UI", CTImageStorage)
+    _element(meta, 0x00020003, "UI", instance_uid)
+    _element(meta, 0x00020010, "UI", ImplicitVRLittleEndian if quirks["implicit_vr"] else ExplicitVRLittleEndian)
+    _element(meta, 0x00020012, "UI", "1.2.40.0.13.1.1.1")
+    _element(meta, 0x00020013, "SH", "dcm4che-1.4.35")
+    ds = Dataset()
+    ds.file_meta = meta
+    _element(ds, 0x00080018, "UI", plan.image_ids[index])
+    _element(ds, 0x00080060, "CS", "CT")
+    _element(ds, 0x00100020, "LO", plan.patient_id)
+    _element(ds, 0x0020000D, "UI", plan.study_id)
+    _element(ds, 0x0020000E, "UI", plan.series_id)
+    _element(ds, 0x00200010, "SH", "")
+    _element(ds, 0x00200032, "DS", [_ds(origin), _ds(origin + 10.0 * math.sin(tilt) - 5.0), _ds(z)])
+    _element(ds, 0x00200037, "DS", ["1", "0", "0", "0", _ds(math.cos(tilt)), _ds(-math.sin(tilt))])
+    _element(ds, 0x00280002, "US", 1)
+    _element(ds, 0x00280004, "CS", "MONOCHROME2")
+    _element(ds, 0x00280010, "US", PIXELS)
+    _element(ds, 0x00280011, "US", PIXELS)
+    _element(ds, 0x00280030, "DS", [repr(spacing), repr(spacing)])
+    hu_int = np.rint(hu)
+    if quirks["wrap12"]:
+        bits, signed, intercept = 12, 0, "0"
+        stored = (np.clip(hu_int, -1000, 3095).astype(np.int32) % 4096).astype(np.uint16)
+    elif quirks["unsigned12"]:
+        bits, signed, intercept = 12, 0, "-1024"
+        stored = (np.clip(hu_int, -1024, 3071) + 1024).astype(np.uint16)
+    else:
+        bits, signed, intercept = 16, 1, "-1024"
+        stored = (np.clip(hu_int, -1024, MAX_HU) + 1024).astype(np.int16)
+        if quirks["padding"]:
+            stored[_outside_field_of_view()] = -2000
+    _element(ds, 0x00280100, "US", 16)
+    _element(ds, 0x00280101, "US", bits)
+    _element(ds, 0x00280102, "US", bits - 1)
+    _element(ds, 0x00280103, "US", signed)
+    centre, width = anatomy.window
+    if quirks["multi_window"]:
+        centre, width = [f"{round(float(centre)):05d}"] * 2, [f"{round(float(width)):05d}"] * 2
+    _element(ds, 0x00281050, "DS", centre)
+    _element(ds, 0x00281051, "DS", width)
+    _element(ds, 0x00281052, "DS", intercept)
+    _element(ds, 0x00281053, "DS", "1")
+    _element(ds, 0x7FE00010, "OW", stored.tobytes())
+    if compression is not None:
+        ds.compress(compression, stored)
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _outside_field_of_view() -> np.ndarray:
+    axis = np.arange(PIXELS) - (PIXELS - 1) / 2
+    return np.hypot(axis[None, :], axis[:, None]) > PIXELS / 2
+
+
+def _draw_quirks(rng: np.random.Generator, rates: QuirkRates) -> tuple[dict[str, bool], object]:
+    """Which quirks one file gets (the storage quirks exclude each other) and its compression."""
+    chosen = {name: bool(rng.random() < getattr(rates, name))
+              for name in ("wrap12", "unsigned12", "padding", "multi_window", "implicit_vr", "compressed")}
+    if chosen["wrap12"]:
+        chosen["unsigned12"] = chosen["padding"] = False
+    if chosen["unsigned12"]:
+        chosen["padding"] = False
+    if chosen["compressed"]:
+        chosen["implicit_vr"] = False
+    codec = RLELossless if rng.random() < 0.5 else JPEG2000Lossless
+    compression = codec if chosen["compressed"] else None
+    return chosen, compression
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_masks(path: Path, image_ids: tuple[str, ...], masks: np.ndarray) -> None:
+    """Write a series' masks (n, 5, rows, cols) as a compressed npz, bit-packed, byte-stable."""
+    arrays = {"image_ids": np.asarray(image_ids), "subtypes": np.asarray(BLEEDS),
+              "shape": np.asarray(masks.shape), "packed": np.packbits(masks, axis=-1)}
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, array, allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
+                             buffer.getvalue(), compress_type=zipfile.ZIP_DEFLATED)
+
+
+def load_masks(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Read a series' masks: image ids (slices in z order) and bool masks (n, 5, rows, cols), BLEEDS order."""
+    with np.load(path) as archive:
+        shape = tuple(archive["shape"])
+        masks = np.unpackbits(archive["packed"], axis=-1, count=shape[-1]).astype(bool)
+        return [str(i) for i in archive["image_ids"]], masks.reshape(shape)
+
+
+def write_study(plan: StudyPlan, out_dir: Path, seed: int, quirks: QuirkRates) -> dict:
+    """Render and write one study's files and masks; return its labels and quirk counts."""
+    phantom = build_phantom(plan, seed)
+    rng = np.random.default_rng([seed, plan.number, 1])
+    folder = out_dir / f"stage_2_{plan.split}"
+    all_masks = np.zeros((len(plan.image_ids), len(BLEEDS), PIXELS, PIXELS), bool)
+    counts = {name: 0 for name in ("wrap12", "unsigned12", "padding", "multi_window", "implicit_vr", "compressed")}
+    for index, image_id in enumerate(plan.image_ids):
+        hu, all_masks[index] = phantom.render(index, rng)
+        chosen, compression = _draw_quirks(rng, quirks)
+        instance_uid = f"1.2.840.4267.32.{int(rng.integers(0, 2 ** 62))}{int(rng.integers(0, 2 ** 62))}"
+        data = _dicom_bytes(plan, phantom.anatomy, index, hu, chosen, instance_uid, compression)
+        if image_id == plan.truncated_image:
+            data = data[: len(data) * 3 // 5]
+        _write_bytes(folder / f"{image_id}.dcm", data)
+        for name, value in chosen.items():
+            counts[name] += value
+    save_masks(out_dir / "truth" / "masks" / f"{plan.series_id}.npz", plan.image_ids, all_masks)
+    labels = labels_from_masks(all_masks, phantom.anatomy.pixel_spacing_mm ** 2)
+    return {"number": plan.number, "labels": labels, "quirks": counts}
+
+
+# ---------------------------------------------------------------- the dataset
+
+def _wide(plans: list[StudyPlan], labels: dict[int, np.ndarray]) -> pd.DataFrame:
+    ids = [i for p in plans for i in p.image_ids]
+    values = np.concatenate([labels[p.number] for p in plans]) if plans else np.zeros((0, len(SUBTYPES)))
+    return pd.DataFrame(values.astype(int), index=pd.Index(ids, name="image_id"), columns=list(SUBTYPES))
+
+
+def _write_train_csv(wide: pd.DataFrame, path: Path, rng: np.random.Generator, duplicate: bool) -> str:
+    """Kaggle's training CSV: images in no particular order, optionally one image's rows twice."""
+    wide = wide.iloc[rng.permutation(len(wide))]
+    repeated = ""
+    if duplicate and len(wide):
+        position = int(rng.integers(0, len(wide)))
+        repeated = wide.index[position]
+        wide = pd.concat([wide.iloc[: position + 1], wide.iloc[[position]], wide.iloc[position + 1:]])
+    write_long(wide, path)
+    return repeated
+
+
+def summarize(plans: list[StudyPlan], labels: dict[int, np.ndarray]) -> dict:
+    """Counts and proportions per split: studies with a bleed, slices per subtype."""
+    summary = {}
+    for split in ("train", "test"):
+        chosen = [p for p in plans if p.split == split]
+        if not chosen:
+            continue
+        stacked = np.concatenate([labels[p.number] for p in chosen])
+        summary[split] = {
+            "studies": len(chosen),
+            "patients": len({p.patient_id for p in chosen}),
+            "images": int(len(stacked)),
+            "studies_with_bleed": int(sum(labels[p.number][:, -1].any() for p in chosen)),
+            "slices_positive": {s: int(stacked[:, k].sum()) for k, s in enumerate(SUBTYPES)},
+            "slice_fraction": {s: round(float(stacked[:, k].mean()), 4) for k, s in enumerate(SUBTYPES)},
+        }
+        summary[split]["study_fraction_with_bleed"] = round(summary[split]["studies_with_bleed"] / len(chosen), 4)
+    return summary
+
+
+def write_dataset(out_dir: str | Path, train_studies: int, test_studies: int, seed: int = 0,
+                  quirks: QuirkRates | None = None, workers: int | None = None) -> dict:
+    """Write a synthetic dataset in the Kaggle layout (with ``truth/``) and return its summary.
+
+    Deterministic for a seed whatever ``workers`` is: every study draws from its own seed.
+    """
+    out_dir = Path(out_dir)
+    quirks = QuirkRates() if quirks is None else quirks
+    plans = plan_dataset(train_studies, test_studies, seed, quirks)
+    job = partial(write_study, out_dir=out_dir, seed=seed, quirks=quirks)
+    results = {r["number"]: r for r in parallel_map(job, plans, workers=workers, desc="synthetic studies",
+                                                    unit="study", chunksize=1)}
+    labels = {n: r["labels"] for n, r in results.items()}
+    rng = np.random.default_rng([seed, 0xC5F])
+    train = [p for p in plans if p.split == "train"]
+    test = [p for p in plans if p.split == "test"]
+    repeated = _write_train_csv(_wide(train, labels), out_dir / "stage_2_train.csv", rng,
+                                quirks.duplicate_label_row)
+    test_wide = _wide(test, labels).sort_index()
+    write_long(test_wide, out_dir / "truth" / "stage_2_test_labels.csv")
+    write_long(test_wide * 0 + 0.5, out_dir / "stage_2_sample_submission.csv")
+    summary = summarize(plans, labels)
+    summary["quirks"] = {name: sum(r["quirks"][name] for r in results.values()) for name in
+                         next(iter(results.values()))["quirks"]} if results else {}
+    summary["truncated_file"] = next((f"stage_2_train/{p.truncated_image}.dcm" for p in plans
+                                      if p.truncated_image), "")
+    summary["duplicated_label_image"] = repeated
+    settings = {"train_studies": train_studies, "test_studies": test_studies, "seed": seed,
+                "quirks": dataclasses.asdict(quirks), "bleed_study_fraction": BLEED_STUDY_FRACTION,
+                "primary_shares": PRIMARY_SHARES, "co_occurrence": CO_OCCURRENCE,
+                "min_label_area_mm2": MIN_LABEL_AREA_MM2, "taper_slices": TAPER_SLICES,
+                "end_contrast": END_CONTRAST, "subtypes": SUBTYPES}
+    write_json(out_dir / "config.json", {"settings": settings, "summary": summary})
+    return summary
+
+
+# ---------------------------------------------------------------- command line
+
+@dataclass
+class Settings:
+    """Command-line settings of ``python -m ihd.synthetic``."""
+
+    out: str = "data/synthetic/raw"  # Kaggle layout goes here
+    train_studies: int = DEFAULT_SIZE["train_studies"]  # ~40 slices each: ~3,200 training slices
+    test_studies: int = DEFAULT_SIZE["test_studies"]  # enough bleeding studies for every subtype in test
+    seed: int = 0  # the whole dataset follows from it
+    workers: int | None = None  # None: every core
+    quirks: bool = True  # real-data quirks at their default rates
+    bench: bool = False  # measure slices/s on one core instead of writing a dataset
+
+
+def bench(slices: int = 80, seed: int = 0) -> dict:
+    """Slices per second on one core: rendering alone and rendering plus the DICOM write."""
+    import tempfile
+    plans = plan_dataset(4, 0, seed, QuirkRates.off())
+    plan = max(plans, key=lambda p: len(p.subtypes))
+    phantom = build_phantom(plan, seed)
+    rng = np.random.default_rng(0)
+    n = len(plan.image_ids)
+    start = time.perf_counter()
+    for i in range(slices):
+        phantom.render(i % n, rng)
+    render_rate = slices / (time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        written = 0
+        for p in plans:
+            write_study(p, Path(folder), seed, QuirkRates())
+            written += len(p.image_ids)
+        write_rate = written / (time.perf_counter() - start)
+    return {"render_slices_per_s": round(render_rate, 1), "render_and_write_slices_per_s": round(write_rate, 1),
+            "slices_written": written}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Write a synthetic dataset (or benchmark the generator) from the command line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=Settings.out)
+    parser.add_argument("--train-studies", type=int, default=Settings.train_studies)
+    parser.add_argument("--test-studies", type=int, default=Settings.test_studies)
+    parser.add_argument("--small", action="store_true", help=f"the test preset {SMALL}")
+    parser.add_argument("--seed", type=int, default=Settings.seed)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--no-quirks", action="store_true")
+    parser.add_argument("--bench", action="store_true")
+    args = parser.parse_args(argv)
+    size = SMALL if args.small else dict(train_studies=args.train_studies, test_studies=args.test_studies)
+    settings = Settings(out=args.out, seed=args.seed, workers=args.workers, quirks=not args.no_quirks,
+                        bench=args.bench, **size)
+    run_header(argv, settings)
+    if settings.bench:
+        result = bench(seed=settings.seed)
+        print(result)
+        return result
+    summary = write_dataset(settings.out, settings.train_studies, settings.test_studies, settings.seed,
+                            QuirkRates() if settings.quirks else QuirkRates.off(), settings.workers)
+    print(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
