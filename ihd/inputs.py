@@ -1,0 +1,160 @@
+"""CNN inputs: which slices fill each channel, and the `tf.data` pipelines from the slice store.
+
+A model input is an HU stack (size, size, C): channel c holds the slice `recipe.offsets[c]` away from
+the current one within its series, clamped at the series ends (the first slice's "previous" slice is
+itself). `neighbour_rows` resolves those sources to row numbers once; the pipelines then read PNGs
+from the store by row number, so a row's neighbours come from the store even when the neighbour is
+not itself in the rows being read (a validation slice next to nothing but validation slices is the
+usual case, since folds keep series whole).
+
+Pipelines: `training_dataset` (shuffled, optional oversampling of positive slices, augmented with
+`ihd.augment`), `inference_dataset` (index order, no augmentation). Both read in parallel, resize to
+the model's size when it is smaller than the store's, batch and prefetch.
+"""
+
+import functools
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from ihd.augment import augment_hu, training_augmentation
+from ihd.labels import SUBTYPES
+from ihd.slices import SliceStore, tf_read_hu
+from ihd.windows import ChannelRecipe
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def neighbour_rows(index: pd.DataFrame, offsets) -> np.ndarray:
+    """Row numbers (N, C) of each row's channel sources: same series, `offsets[c]` slices away, clamped.
+
+    Rows are ordered within each series by the `position` column; the result indexes rows of
+    ``index`` by position (0..N-1), whatever the frame's own index labels or row order.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    series = pd.factorize(index["series_id"])[0]
+    order = np.lexsort((index["position"].to_numpy(), series))
+    sorted_series = series[order]
+    first = np.searchsorted(sorted_series, sorted_series, side="left")
+    last = np.searchsorted(sorted_series, sorted_series, side="right") - 1
+    rank = np.arange(len(order)) - first
+    target = np.clip(rank[:, None] + offsets[None, :], 0, (last - first)[:, None]) + first[:, None]
+    result = np.empty((len(order), len(offsets)), dtype=np.int64)
+    result[order] = order[target]
+    return result
+
+
+def stack_hu(hu_rows: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """HU slices (N, H, W) and their neighbour rows (M, C) -> stacks (M, H, W, C)."""
+    return np.stack([hu_rows[neighbours[:, c]] for c in range(neighbours.shape[1])], axis=-1)
+
+
+def label_array(index: pd.DataFrame) -> np.ndarray:
+    """The six labels of every row, float32 (N, 6) in SUBTYPES order (NaN when unlabeled)."""
+    return index[list(SUBTYPES)].to_numpy(dtype=np.float32)
+
+
+def fold_rows(index: pd.DataFrame, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row numbers (training, validation) for validation fold ``fold``: labeled train rows only."""
+    folds = index["fold"].to_numpy()
+    labeled_train = (index["split"].to_numpy() == "train") & (folds >= 0)
+    known = sorted(set(folds[labeled_train].tolist()))
+    if fold not in known:
+        raise ValueError(f"fold {fold} is not in the index (its labeled training folds are {known})")
+    return np.flatnonzero(labeled_train & (folds != fold)), np.flatnonzero(labeled_train & (folds == fold))
+
+
+def store_paths(index: pd.DataFrame, store: SliceStore) -> np.ndarray:
+    """The slice store PNG path of every row, as strings."""
+    return np.array([str(store.path(image_id)) for image_id in index["image_id"]])
+
+
+def oversampled(rows: np.ndarray, labels: np.ndarray, positive_copies: int) -> np.ndarray:
+    """``rows`` with each row whose `any` label is positive repeated ``positive_copies`` times in all."""
+    if positive_copies < 1:
+        raise ValueError(f"positive_copies must be at least 1, got {positive_copies}")
+    positive = rows[labels[rows, SUBTYPES.index("any")] >= 0.5]
+    return np.concatenate([rows] + [positive] * (positive_copies - 1))
+
+
+class StackReader:
+    """Reads the HU stack of a row from the store: its channel sources, resized to the model's size."""
+
+    def __init__(self, index: pd.DataFrame, store: SliceStore, recipe: ChannelRecipe, image_size: int):
+        if image_size > store.size:
+            raise ValueError(
+                f"--image-size {image_size} is larger than the slice store's {store.size} ({store.root}): "
+                "rewrite the store at that size with prepare_data.py --size"
+            )
+        self.store_size = store.size
+        self.image_size = image_size
+        self.channels = len(recipe.offsets)
+        self.same_source = len(set(recipe.offsets)) == 1
+        self.paths = tf.constant(store_paths(index, store))
+        self.neighbours = tf.constant(neighbour_rows(index, recipe.offsets))
+
+    def __call__(self, row):
+        """Row number (int64 tensor) -> float32 (image_size, image_size, C) HU."""
+        sources = tf.gather(self.paths, tf.gather(self.neighbours, row))
+        if self.same_source:
+            stack = tf.stack([tf_read_hu(sources[0], self.store_size)] * self.channels, axis=-1)
+        else:
+            stack = tf.stack([tf_read_hu(sources[c], self.store_size) for c in range(self.channels)], axis=-1)
+        if self.image_size < self.store_size:
+            stack = tf.image.resize(stack, (self.image_size, self.image_size), method="area")
+        return stack
+
+
+def _augmenter(seed: int):
+    """A tf.data map function applying the seeded albumentations training pipeline to one stack."""
+    transform = training_augmentation(seed=seed)
+    augment = functools.partial(augment_hu, transform)
+
+    def apply(stack):
+        augmented = tf.numpy_function(augment, [stack], tf.float32, stateful=True)
+        return tf.ensure_shape(augmented, stack.shape)
+
+    return apply
+
+
+def training_dataset(
+    index: pd.DataFrame,
+    store: SliceStore,
+    recipe: ChannelRecipe,
+    rows: np.ndarray,
+    image_size: int,
+    batch_size: int,
+    seed: int = 0,
+    augment: bool = True,
+    positive_copies: int = 1,
+) -> tf.data.Dataset:
+    """Shuffled, augmented (HU stack, labels) batches of ``rows`` for one epoch, positives repeated."""
+    labels = label_array(index)
+    epoch_rows = oversampled(np.asarray(rows), labels, positive_copies)
+    if np.isnan(labels[epoch_rows]).any():
+        raise ValueError("training rows include unlabeled slices")
+    reader = StackReader(index, store, recipe, image_size)
+    label_table = tf.constant(labels)
+    data = tf.data.Dataset.from_tensor_slices(epoch_rows)
+    data = data.shuffle(len(epoch_rows), seed=seed, reshuffle_each_iteration=True)
+    data = data.map(lambda row: (reader(row), tf.gather(label_table, row)), num_parallel_calls=AUTOTUNE, deterministic=False)
+    if augment:
+        augmenter = _augmenter(seed)
+        data = data.map(lambda x, y: (augmenter(x), y), num_parallel_calls=AUTOTUNE, deterministic=False)
+    drop_remainder = len(epoch_rows) >= batch_size
+    return data.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
+
+
+def inference_dataset(
+    index: pd.DataFrame,
+    store: SliceStore,
+    recipe: ChannelRecipe,
+    rows: np.ndarray,
+    image_size: int,
+    batch_size: int,
+) -> tf.data.Dataset:
+    """HU stack batches of ``rows`` in the given order, unaugmented (validation, extraction)."""
+    reader = StackReader(index, store, recipe, image_size)
+    data = tf.data.Dataset.from_tensor_slices(np.asarray(rows, dtype=np.int64))
+    return data.map(reader, num_parallel_calls=AUTOTUNE).batch(batch_size).prefetch(AUTOTUNE)
