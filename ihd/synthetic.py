@@ -68,6 +68,7 @@ END_CONTRAST = 0.3
 SMALL = dict(train_studies=4, test_studies=2)
 DEFAULT_SIZE = dict(train_studies=80, test_studies=30)
 MAX_HU = 3071
+QUIRK_NAMES = ("wrap12", "unsigned12", "padding", "multi_window", "implicit_vr", "compressed")
 WINDOW_TAGS = [("30", "80"), ("40", "80"), ("35.000000", "135.000000"), ("40", "150"), ("50", "100")]
 
 
@@ -502,6 +503,11 @@ class StudyPhantom:
         return hu
 
 
+def study_pixel_area_mm2(plan: StudyPlan, seed: int) -> float:
+    """Area of one 512x512 pixel of a planned study (mm^2)."""
+    return draw_anatomy(study_rng(seed, plan.number), len(plan.image_ids)).pixel_spacing_mm ** 2
+
+
 def labels_from_masks(masks: np.ndarray, pixel_area_mm2: float) -> np.ndarray:
     """Per-slice labels (n, 6) from masks (n, 5, rows, cols): area >= MIN_LABEL_AREA_MM2; ``any`` the union."""
     areas = masks.reshape(masks.shape[0], masks.shape[1], -1).sum(axis=2) * pixel_area_mm2
@@ -592,7 +598,7 @@ def _dicom_bytes(plan: StudyPlan, anatomy: Anatomy, index: int, hu: np.ndarray, 
     _element(ds, 0x00281053, "DS", "1")
     _element(ds, 0x7FE00010, "OW", stored.tobytes())
     if compression is not None:
-        ds.compress(compression, stored)
+        ds.compress(compression, stored, generate_instance_uid=False)
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
@@ -605,8 +611,7 @@ def _outside_field_of_view() -> np.ndarray:
 
 def _draw_quirks(rng: np.random.Generator, rates: QuirkRates) -> tuple[dict[str, bool], object]:
     """Which quirks one file gets (the storage quirks exclude each other) and its compression."""
-    chosen = {name: bool(rng.random() < getattr(rates, name))
-              for name in ("wrap12", "unsigned12", "padding", "multi_window", "implicit_vr", "compressed")}
+    chosen = {name: bool(rng.random() < getattr(rates, name)) for name in QUIRK_NAMES}
     if chosen["wrap12"]:
         chosen["unsigned12"] = chosen["padding"] = False
     if chosen["unsigned12"]:
@@ -643,25 +648,32 @@ def load_masks(path: str | Path) -> tuple[list[str], np.ndarray]:
         return [str(i) for i in archive["image_ids"]], masks.reshape(shape)
 
 
-def write_study(plan: StudyPlan, out_dir: Path, seed: int, quirks: QuirkRates) -> dict:
-    """Render and write one study's files and masks; return its labels and quirk counts."""
+def series_slices(plan: StudyPlan, seed: int, quirks: QuirkRates):
+    """Yield (image_id, HU slice, bleed masks, chosen quirks, file bytes) for a study's slices, base to vertex."""
     phantom = build_phantom(plan, seed)
     rng = np.random.default_rng([seed, plan.number, 1])
-    folder = out_dir / f"stage_2_{plan.split}"
-    all_masks = np.zeros((len(plan.image_ids), len(BLEEDS), PIXELS, PIXELS), bool)
-    counts = {name: 0 for name in ("wrap12", "unsigned12", "padding", "multi_window", "implicit_vr", "compressed")}
     for index, image_id in enumerate(plan.image_ids):
-        hu, all_masks[index] = phantom.render(index, rng)
+        hu, masks = phantom.render(index, rng)
         chosen, compression = _draw_quirks(rng, quirks)
         instance_uid = f"1.2.840.4267.32.{int(rng.integers(0, 2 ** 62))}{int(rng.integers(0, 2 ** 62))}"
         data = _dicom_bytes(plan, phantom.anatomy, index, hu, chosen, instance_uid, compression)
         if image_id == plan.truncated_image:
             data = data[: len(data) * 3 // 5]
+        yield image_id, hu, masks, chosen, data
+
+
+def write_study(plan: StudyPlan, out_dir: Path, seed: int, quirks: QuirkRates) -> dict:
+    """Render and write one study's files and masks; return its labels and quirk counts."""
+    folder = out_dir / f"stage_2_{plan.split}"
+    all_masks = np.zeros((len(plan.image_ids), len(BLEEDS), PIXELS, PIXELS), bool)
+    counts = {name: 0 for name in QUIRK_NAMES}
+    for index, (image_id, _, masks, chosen, data) in enumerate(series_slices(plan, seed, quirks)):
+        all_masks[index] = masks
         _write_bytes(folder / f"{image_id}.dcm", data)
         for name, value in chosen.items():
             counts[name] += value
     save_masks(out_dir / "truth" / "masks" / f"{plan.series_id}.npz", plan.image_ids, all_masks)
-    labels = labels_from_masks(all_masks, phantom.anatomy.pixel_spacing_mm ** 2)
+    labels = labels_from_masks(all_masks, study_pixel_area_mm2(plan, seed))
     return {"number": plan.number, "labels": labels, "quirks": counts}
 
 

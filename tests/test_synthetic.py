@@ -1,0 +1,148 @@
+"""The synthetic dataset: Kaggle layout, files readable through ihd.dicom, labels following masks."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from ihd import synthetic
+from ihd.dicom import DicomError, read_header, read_hu
+from ihd.labels import SUBTYPES, read_long_labels
+
+QUIRKY = synthetic.QuirkRates(wrap12=0.1, multi_window=0.3, implicit_vr=0.3, unsigned12=0.2, padding=0.3,
+                              compressed=0.04)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("synthetic") / "raw"
+    return out, synthetic.write_dataset(out, **synthetic.SMALL, seed=0, quirks=QUIRKY, workers=2)
+
+
+def _files(out: Path) -> list[Path]:
+    return sorted(out.glob("stage_2_*/*.dcm"))
+
+
+def test_layout_and_identifiers(raw):
+    out, summary = raw
+    assert {p.name for p in out.iterdir()} == {"stage_2_train", "stage_2_test", "stage_2_train.csv",
+                                              "stage_2_sample_submission.csv", "truth", "config.json"}
+    files = _files(out)
+    assert len(files) == summary["train"]["images"] + summary["test"]["images"]
+    assert all(re.fullmatch(r"ID_[0-9a-f]{9}", f.stem) for f in files)
+    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert header.Modality == "CT" and (header.Rows, header.Columns) == (512, 512)
+    assert 0.45 <= float(header.PixelSpacing[0]) <= 0.5
+    assert re.fullmatch(r"ID_[0-9a-f]{10}", header.StudyInstanceUID)
+    assert re.fullmatch(r"ID_[0-9a-f]{10}", header.SeriesInstanceUID)
+    assert header.SOPInstanceUID == files[0].stem
+
+
+def test_every_file_reads_back_except_the_truncated_one(raw):
+    out, summary = raw
+    failures = []
+    for path in _files(out):
+        try:
+            hu = read_hu(path)
+        except DicomError:
+            failures.append(f"{path.parent.name}/{path.name}")
+            continue
+        assert hu.shape == (512, 512) and -1024 <= hu.min() and hu.max() <= 3071
+    assert failures == [summary["truncated_file"]]
+
+
+def test_quirky_files_read_as_the_phantom_rendered_them(raw):
+    out, summary = raw
+    plan = next(p for p in synthetic.plan_dataset(**synthetic.SMALL, seed=0, quirks=QUIRKY) if p.split == "test")
+    seen = set()
+    for image_id, hu, _, chosen, _ in synthetic.series_slices(plan, 0, QUIRKY):
+        expected = np.clip(np.rint(hu), -1000 if chosen["wrap12"] else -1024, 3071)
+        got = read_hu(out / "stage_2_test" / f"{image_id}.dcm")
+        inside = np.hypot(*np.mgrid[-255.5:256, -255.5:256]) < 250
+        np.testing.assert_array_equal(np.maximum(got, -1000)[inside], np.maximum(expected, -1000)[inside])
+        seen |= {name for name, on in chosen.items() if on}
+    assert seen == set(synthetic.QUIRK_NAMES)
+    assert all(summary["quirks"][name] > 0 for name in synthetic.QUIRK_NAMES)
+
+
+def test_quirks_are_written_as_the_real_data_has_them(raw):
+    out, _ = raw
+    syntaxes, wrapped, multi, padded = set(), 0, 0, 0
+    for path in _files(out):
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        syntaxes.add(ds.file_meta.TransferSyntaxUID)
+        wrapped += ds.BitsStored == 12 and ds.PixelRepresentation == 0 and float(ds.RescaleIntercept) > -100
+        multi += isinstance(ds.WindowCenter, pydicom.multival.MultiValue)
+        if ds.PixelRepresentation == 1 and not ds.file_meta.TransferSyntaxUID.is_compressed:
+            padded += bool((np.frombuffer(pydicom.dcmread(path).PixelData, "<i2") == -2000).any())
+    assert pydicom.uid.ImplicitVRLittleEndian in syntaxes and pydicom.uid.ExplicitVRLittleEndian in syntaxes
+    assert any(s.is_compressed for s in syntaxes)
+    assert wrapped and multi and padded
+
+
+def test_labels_agree_with_masks_and_slices_are_in_z_order(raw):
+    out, _ = raw
+    labels = pd.concat([read_long_labels(out / "stage_2_train.csv"),
+                        read_long_labels(out / "truth" / "stage_2_test_labels.csv")])
+    files = {f.stem: f for f in _files(out)}
+    for mask_file in sorted((out / "truth" / "masks").glob("*.npz")):
+        image_ids, masks = synthetic.load_masks(mask_file)
+        spacing_mm = float(pydicom.dcmread(files[image_ids[0]], stop_before_pixels=True).PixelSpacing[0])
+        expected = synthetic.labels_from_masks(masks, spacing_mm ** 2)
+        np.testing.assert_array_equal(labels.loc[image_ids, list(SUBTYPES)].to_numpy(), expected)
+        z = [read_header(files[i]).z for i in image_ids]
+        assert np.all(np.diff(z) > 0)
+        assert sorted(image_ids) != list(image_ids), "file names must not follow the slice order"
+    assert labels["any"].sum() > 0
+
+
+def test_training_csv_has_one_duplicated_image_and_the_submission_covers_the_test_set(raw):
+    out, summary = raw
+    table = pd.read_csv(out / "stage_2_train.csv")
+    repeated = table[table.duplicated()]
+    assert len(repeated) == len(SUBTYPES) and repeated["ID"].str.startswith(summary["duplicated_label_image"]).all()
+    submission = pd.read_csv(out / "stage_2_sample_submission.csv")
+    test_ids = {f.stem for f in (out / "stage_2_test").glob("*.dcm")}
+    assert len(submission) == len(SUBTYPES) * len(test_ids)
+    assert {i.rsplit("_", 1)[0] for i in submission["ID"]} == test_ids
+    assert list(submission["ID"].str.rsplit("_", n=1).str[1][:6]) == list(SUBTYPES)
+    assert (submission["Label"] == 0.5).all()
+    truth = pd.read_csv(out / "truth" / "stage_2_test_labels.csv")
+    assert list(truth["ID"]) == list(submission["ID"])
+
+
+def test_same_seed_gives_byte_identical_files_whatever_the_workers(raw, tmp_path):
+    out, _ = raw
+    again = tmp_path / "raw"
+    synthetic.write_dataset(again, **synthetic.SMALL, seed=0, quirks=QUIRKY, workers=1)
+    ours = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert ours == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for relative in ours:
+        assert (out / relative).read_bytes() == (again / relative).read_bytes(), relative
+
+
+def test_default_size_has_every_subtype_and_real_proportions():
+    plans = synthetic.plan_dataset(**synthetic.DEFAULT_SIZE, seed=0)
+    labels = {p.number: synthetic.study_labels(p, seed=0) for p in plans}
+    summary = synthetic.summarize(plans, labels)
+    for split in ("train", "test"):
+        assert 0.35 <= summary[split]["study_fraction_with_bleed"] <= 0.45
+        assert all(summary[split]["slices_positive"][s] > 0 for s in SUBTYPES), summary[split]
+    stacked = np.concatenate(list(labels.values()))
+    fractions = dict(zip(SUBTYPES, stacked.mean(axis=0)))
+    assert 0.10 <= fractions["any"] <= 0.18
+    assert 0 < fractions["epidural"] < 0.01
+    assert fractions["epidural"] == min(fractions.values())
+    np.testing.assert_array_equal(stacked[:, -1], stacked[:, :-1].max(axis=1))
+
+
+def test_quirks_can_be_turned_off():
+    plan = synthetic.plan_dataset(1, 0, seed=3, quirks=synthetic.QuirkRates.off())[0]
+    assert plan.truncated_image == ""
+    _, _, _, chosen, data = next(synthetic.series_slices(plan, 3, synthetic.QuirkRates.off()))
+    assert not any(chosen.values())
+    ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert (ds.BitsStored, ds.PixelRepresentation, float(ds.RescaleIntercept)) == (16, 1, -1024.0)
