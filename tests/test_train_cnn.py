@@ -1,0 +1,90 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+import ihd.cnn
+import train_cnn
+from ihd.cnn import load_cnn
+from ihd.features import load_features
+from ihd.io import read_json
+
+
+def _flags(prepared_synthetic, tmp_path, *extra):
+    return [
+        "--dataset", prepared_synthetic.name, "--data-dir", str(prepared_synthetic.parent),
+        "--models-dir", str(tmp_path / "models"), "--features-dir", str(tmp_path / "features"),
+        "--backbone", "tiny", "--weights", "none", "--batch-size", "16", "--learning-rate", "3e-3",
+        "--run", "tiny", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(prepared_synthetic, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("trained")
+    features_dir = train_cnn.main(_flags(prepared_synthetic, tmp_path, "--image-size", "64", "--epochs", "8"))
+    return tmp_path / "models" / "tiny", features_dir
+
+
+def test_tiny_cnn_beats_the_prior_baseline(trained):
+    run_dir, _ = trained
+    config = read_json(run_dir / "config.json")
+    best = read_json(run_dir / "best.json")
+    assert best["val_weighted_log_loss"] < 0.8 * config["val_prior_baseline"]
+    history = pd.read_csv(run_dir / "history.csv")
+    assert history["epoch"].tolist() == list(range(8))
+    assert best["val_weighted_log_loss"] == pytest.approx(history["val_weighted_log_loss"].min())
+    assert config["recipe"] == "0:40/80,0:80/200,0:40/380" and config["backbone"] == "tiny"
+
+
+def test_features_follow_training(trained, prepared_synthetic):
+    _, features_dir = trained
+    features = load_features(features_dir)
+    index = pd.read_parquet(prepared_synthetic / "index.parquet")
+    assert features.embeddings.shape == (len(index), 64)
+    assert features.config["fold"] == 0 and features.config["embedding_dim"] == 64
+
+
+def test_gradcam_gives_a_heatmap_on_the_trained_model(trained, prepared_synthetic):
+    from tf_keras_vis.gradcam import Gradcam, GradcamPlusPlus
+    from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
+    from tf_keras_vis.utils.scores import CategoricalScore
+
+    run_dir, _ = trained
+    model, config = load_cnn(run_dir)
+    index = pd.read_parquet(prepared_synthetic / "index.parquet")
+    from ihd.inputs import inference_dataset
+    from ihd.slices import SliceStore
+    from ihd.windows import parse_recipe
+
+    positive = np.flatnonzero(index["any"].to_numpy() == 1)[:1]
+    stack = next(iter(inference_dataset(
+        index, SliceStore(prepared_synthetic / "slices"), parse_recipe(config["recipe"]), positive, 64, 1
+    ))).numpy()
+    for method in (Gradcam, GradcamPlusPlus):
+        heatmap = np.asarray(method(model, model_modifier=ReplaceToLinear(), clone=True)(CategoricalScore(5), stack))
+        assert heatmap.shape == (1, 64, 64) and np.isfinite(heatmap).all() and heatmap.max() > 0
+
+
+def test_training_resumes_at_the_epoch_a_kill_reached(prepared_synthetic, tmp_path, monkeypatch, capsys):
+    flags = _flags(prepared_synthetic, tmp_path, "--image-size", "32", "--epochs", "2", "--no-extract")
+    real_epoch_end = ihd.cnn.ValidationScore.on_epoch_end
+
+    def killed_in_second_epoch(self, epoch, logs=None):
+        real_epoch_end(self, epoch, logs)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ihd.cnn.ValidationScore, "on_epoch_end", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_cnn.main(flags)
+    assert ihd.cnn.epochs_done(tmp_path / "models" / "tiny") == 1
+    monkeypatch.setattr(ihd.cnn.ValidationScore, "on_epoch_end", real_epoch_end)
+    capsys.readouterr()
+    run_dir = train_cnn.main(flags)
+    assert "resuming at epoch 2 of 2" in capsys.readouterr().out
+    assert pd.read_csv(run_dir / "history.csv")["epoch"].tolist() == [0, 1]
+    assert not (tmp_path / "features").exists()
+    train_cnn.main(flags)
+    assert "already trained for 2 epochs" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="image_size: 32 -> 48"):
+        train_cnn.main(_flags(prepared_synthetic, tmp_path, "--image-size", "48", "--epochs", "2"))

@@ -1,0 +1,178 @@
+"""Stage 1: train the slice CNN on one fold, then cache every slice's embedding for the sequence model.
+
+    python train_cnn.py --dataset synthetic --backbone tiny --weights none --image-size 128 --epochs 4
+    python train_cnn.py --dataset rsna --backbone EfficientNetB0 --weights imagenet --recipe adjacent --fold 0
+    python train_cnn.py --dataset rsna --run rsna-efficientnetb0-256-adjacent-fold0 --extract-only
+
+Reads data/<dataset>/index.parquet and data/<dataset>/slices/; writes models/<run>/ (cnn.keras of the
+best validation epoch, config.json, history.csv, tb/, checkpoint/) and features/<run>/. Rerunning a
+command that was killed resumes training at the epoch it reached and extraction at the row it reached.
+"""
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ihd.cnn import (
+    build_cnn,
+    compile_cnn,
+    distribution_strategy,
+    epochs_done,
+    fit_cnn,
+    load_cnn,
+    set_prior_bias,
+    use_mixed_precision_on_gpu,
+)
+from ihd.features import extract_features
+from ihd.inputs import fold_rows, inference_dataset, label_array, oversampled, training_dataset
+from ihd.io import read_json, run_header, write_json
+from ihd.labels import SUBTYPES
+from ihd.metrics import prior_baseline, weighted_log_loss
+from ihd.slices import SliceStore
+from ihd.windows import parse_recipe
+
+# Settings that define what a run learns: a rerun with the same --run must keep them.
+RUN_DEFINING = (
+    "dataset", "backbone", "weights", "image_size", "recipe", "fold", "dropout",
+    "learning_rate", "positive_copies", "augment", "seed",
+)
+
+
+@dataclass
+class Settings:
+    """What a training run is made of; every field is a command-line flag."""
+
+    dataset: str = "synthetic"  # data/<dataset>/ holds index.parquet and slices/ (prepare_data.py)
+    run: str = ""  # name of models/<run>/ and features/<run>/; empty: dataset-backbone-size-recipe-fold
+    backbone: str = "MobileNetV2"  # fast and accurate enough on slices; any keras.applications name, or tiny
+    weights: str = "imagenet"  # ImageNet features train far faster than scratch; none or a file offline
+    image_size: int = 256  # the paper's downsampled size; smaller than the store's is resized on the fly
+    recipe: str = "windows"  # brain/subdural/soft-tissue windows as in the paper; adjacent for s-1, s, s+1
+    fold: int = 0  # validation fold (folds are grouped by patient in the index)
+    epochs: int = 5  # the paper's CNNs converge in a few epochs over 670k slices
+    batch_size: int = 32  # fits a 256x256 MobileNetV2 on an 8 GB GPU
+    learning_rate: float = 5e-4  # peak Adam rate after warmup; fine-tuning tolerates it with BatchNorm
+    warmup_fraction: float = 0.05  # ramp up over the first 5% of steps so pretrained weights are not wrecked
+    dropout: float = 0.2  # light regularisation of the embedding before the head
+    positive_copies: int = 1  # each slice with a bleed appears this many times per epoch (about 14% are positive)
+    augment: bool = True  # flip, shift-scale-rotate, brightness/contrast: slices vary in position and scanner
+    seed: int = 0  # weights, shuffling and augmentation are reproducible
+    extract: bool = True  # cache embeddings after training; stage 2 needs them
+    extract_only: bool = False  # only (re)run the extraction of an already trained run
+    extract_batch_size: int = 64  # inference batches; larger is faster until memory runs out
+    data_dir: str = "data"  # where datasets live
+    models_dir: str = "models"  # where CNN runs go
+    features_dir: str = "features"  # where cached embeddings go
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    """Command-line flags -> Settings (defaults from the dataclass)."""
+    defaults = Settings()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in dataclasses.fields(Settings):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        if field.type is bool or isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+    settings = Settings(**vars(parser.parse_args(argv)))
+    if not settings.run:
+        recipe_slug = re.sub(r"[^0-9a-z]+", "_", parse_recipe(settings.recipe).name.lower()).strip("_")
+        settings.run = (
+            f"{settings.dataset}-{settings.backbone.lower()}-{settings.image_size}-{recipe_slug}-fold{settings.fold}"
+        )
+    return settings
+
+
+def check_same_run(run_dir: Path, config: dict) -> None:
+    """Refuse to continue a run that was started with different run-defining settings."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    previous = read_json(path)
+    changed = [k for k in RUN_DEFINING if previous.get(k) != config[k]]
+    if changed:
+        details = ", ".join(f"{k}: {previous.get(k)!r} -> {config[k]!r}" for k in changed)
+        raise ValueError(f"{run_dir} was started with other settings ({details}): choose another --run")
+
+
+def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: Path, index_path: Path) -> None:
+    """Train (or resume) the CNN of ``settings`` on its fold and write the run folder."""
+    import keras
+
+    recipe = parse_recipe(settings.recipe)
+    train_rows, val_rows = fold_rows(index, settings.fold)
+    labels = label_array(index)
+    mixed_precision = use_mixed_precision_on_gpu()
+    strategy = distribution_strategy()
+    baseline = weighted_log_loss(labels[val_rows], prior_baseline(labels[train_rows], len(val_rows)))
+    config = {
+        **dataclasses.asdict(settings),
+        "recipe": recipe.spec,
+        "subtypes": list(SUBTYPES),
+        "index_path": str(index_path),
+        "store_size": store.size,
+        "train_rows": len(train_rows),
+        "val_rows": len(val_rows),
+        "val_prior_baseline": baseline,
+        "mixed_precision": mixed_precision,
+        "replicas": strategy.num_replicas_in_sync,
+    }
+    check_same_run(run_dir, config)
+    write_json(run_dir / "config.json", config)
+    print(f"{len(train_rows)} training and {len(val_rows)} validation slices (fold {settings.fold}); "
+          f"prior baseline val weighted log loss {baseline:.4f}")
+
+    done = epochs_done(run_dir)
+    if done >= settings.epochs:
+        print(f"{run_dir}: already trained for {done} epochs")
+        return
+    if done:
+        print(f"{run_dir}: resuming at epoch {done + 1} of {settings.epochs}")
+    keras.utils.set_random_seed(settings.seed)
+    train_data = training_dataset(
+        index, store, recipe, train_rows, settings.image_size, settings.batch_size,
+        seed=settings.seed, augment=settings.augment, positive_copies=settings.positive_copies,
+    )
+    val_data = inference_dataset(index, store, recipe, val_rows, settings.image_size, settings.extract_batch_size)
+    epoch_rows = len(oversampled(train_rows, labels, settings.positive_copies))
+    total_steps = settings.epochs * max(1, epoch_rows // settings.batch_size)
+    with strategy.scope():
+        model = build_cnn(settings.backbone, settings.image_size, recipe, settings.weights, settings.dropout)
+        set_prior_bias(model, labels[train_rows].mean(axis=0))
+        compile_cnn(model, settings.learning_rate, total_steps, int(settings.warmup_fraction * total_steps))
+    fit_cnn(model, train_data, val_data, labels[val_rows], run_dir, settings.epochs)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Train and/or extract as the flags say; returns the features folder (or the run folder)."""
+    settings = parse_args(argv)
+    run_header(argv, settings)
+    data_dir = Path(settings.data_dir) / settings.dataset
+    index_path = data_dir / "index.parquet"
+    if not index_path.exists():
+        raise FileNotFoundError(f"{index_path} not found: run prepare_data.py --dataset {settings.dataset} first")
+    index = pd.read_parquet(index_path)
+    store = SliceStore(data_dir / "slices")
+    run_dir = Path(settings.models_dir) / settings.run
+    features_dir = Path(settings.features_dir) / settings.run
+
+    if not settings.extract_only:
+        train(settings, index, store, run_dir, index_path)
+        print(f"model: {run_dir / 'cnn.keras'} (best epoch in best.json), history: {run_dir / 'history.csv'}, "
+              f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+    if not (settings.extract or settings.extract_only):
+        return run_dir
+    model, config = load_cnn(run_dir)
+    extract_features(model, config, index, index_path, store, features_dir, batch_size=settings.extract_batch_size)
+    print(f"features: {features_dir} ({len(index)} slices, float16 embeddings and probabilities)")
+    return features_dir
+
+
+if __name__ == "__main__":
+    main()
