@@ -36,10 +36,10 @@ class Settings:
     raw: str = "data/synthetic/raw"  # where a series id is looked up
     out: str = "docs/synthetic_vs_real.png"
     columns: int = 8  # slices per row
-    tile_px: int = 112  # each slice drawn at this size; keeps the PNG small
+    tile_px: int = 96  # each slice drawn at this size; keeps the PNG small
 
 
-def contact_sheet(slices_hu: list[np.ndarray], columns: int = 8, tile_px: int = 112,
+def contact_sheet(slices_hu: list[np.ndarray], columns: int = 8, tile_px: int = 96,
                   center_hu: float = WINDOWS["brain"].center_hu, width_hu: float = WINDOWS["brain"].width_hu
                   ) -> np.ndarray:
     """Tile HU slices, in the given order, into one uint8 grid image in the given window (brain by default)."""
