@@ -146,3 +146,11 @@ def test_quirks_can_be_turned_off():
     ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
     assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     assert (ds.BitsStored, ds.PixelRepresentation, float(ds.RescaleIntercept)) == (16, 1, -1024.0)
+
+
+def test_contact_sheet_tiles_slices_in_the_brain_window():
+    from ihd.contact_sheet import contact_sheet
+    slices = [np.full((64, 64), hu, np.float32) for hu in (0.0, 40.0, 80.0)]
+    sheet = contact_sheet(slices, columns=2, tile_px=16)
+    assert sheet.shape == (32, 32) and sheet.dtype == np.uint8
+    assert (sheet[0, 0], sheet[0, 16], sheet[16, 0], sheet[16, 16]) == (0, 128, 255, 0)
