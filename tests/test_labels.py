@@ -54,3 +54,10 @@ def test_ids_split_at_the_last_underscore_and_any_weighs_twice():
     with pytest.raises(ValueError):
         split_long_id("ID_0fe31b044")
     assert LABEL_WEIGHTS[SUBTYPES.index("any")] == 2 and LABEL_WEIGHTS.sum() == 7
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    wide = pd.DataFrame(np.zeros((1, 6), np.float32), index=["ID_a1"], columns=list(SUBTYPES))
+    write_long(wide, tmp_path / "labels.csv")
+    assert (tmp_path / "labels.csv").stat().st_mode & 0o644 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["labels.csv"]
