@@ -12,3 +12,15 @@ def real_data() -> Path:
     """The real head CT DICOM fixtures (RSNA slices, one RSNA series, one CQ500 series)."""
     assert REAL_DATA.is_dir(), f"real DICOM fixtures not found at {REAL_DATA}"
     return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def prepared_synthetic(tmp_path_factory) -> Path:
+    """The small synthetic dataset, written, indexed and stored at 64x64: returns ``data/small/``."""
+    import prepare_data
+
+    workspace = tmp_path_factory.mktemp("workspace")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workspace)
+        dataset_dir = prepare_data.main(["--synthetic", "--small", "--dataset", "small", "--size", "64"])
+    return workspace / dataset_dir
