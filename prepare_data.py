@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ihd import synthetic
 from ihd.index import FOLD_BALANCES, build_index, drop_unreadable
-from ihd.io import run_header
+from ihd.io import read_json, run_header
 from ihd.slices import write_slices
 
 COMPETITION = "rsna-intracranial-hemorrhage-detection"
@@ -67,6 +67,25 @@ def parse_args(argv: list[str] | None) -> Settings:
         settings.train_studies = settings.train_studies or preset["train_studies"]
         settings.test_studies = settings.test_studies or preset["test_studies"]
     return settings
+
+
+def write_synthetic(settings: Settings, raw: Path) -> None:
+    """Write the synthetic dataset into ``raw``, unless the same one is already there."""
+    wanted = {"train_studies": settings.train_studies, "test_studies": settings.test_studies, "seed": settings.seed}
+    config_path = raw / "config.json"
+    if config_path.is_file():
+        found = {key: read_json(config_path)["settings"].get(key) for key in wanted}
+        if found == wanted:
+            print(f"{raw} already holds the synthetic dataset {wanted}")
+            return
+        raise SystemExit(f"{raw} holds a synthetic dataset made with {found}, not {wanted}: "
+                         "choose another --dataset or delete that folder")
+    if raw.is_dir() and any(raw.iterdir()):
+        raise SystemExit(f"{raw} is not empty and holds no synthetic dataset: choose another --dataset or --raw")
+    summary = synthetic.write_dataset(raw, settings.train_studies, settings.test_studies,
+                                      seed=settings.seed, workers=settings.workers)
+    images = sum(summary[split]["images"] for split in ("train", "test") if split in summary)
+    print(f"synthetic dataset: {images} images -> {raw}")
 
 
 def kaggle_credentials_hint() -> str | None:
@@ -148,10 +167,7 @@ def main(argv: list[str] | None = None) -> Path:
     dataset_dir = Path("data") / settings.dataset
     raw = Path(settings.raw) if settings.raw else dataset_dir / "raw"
     if settings.synthetic:
-        summary = synthetic.write_dataset(raw, settings.train_studies, settings.test_studies,
-                                          seed=settings.seed, workers=settings.workers)
-        images = sum(summary[split]["images"] for split in ("train", "test") if split in summary)
-        print(f"synthetic dataset: {images} images -> {raw}")
+        write_synthetic(settings, raw)
     if settings.download:
         download_competition(raw)
     sources, labels = index_sources(settings, raw)

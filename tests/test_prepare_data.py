@@ -6,7 +6,7 @@ import pytest
 
 import prepare_data
 from ihd import synthetic
-from ihd.io import read_json
+from ihd.io import read_json, write_json
 from ihd.slices import SliceStore
 
 
@@ -19,6 +19,8 @@ def fake_kaggle_layout(real_data):
         shutil.copytree(real_data / "rsna_slices", out_dir / "stage_2_train", ignore=shutil.ignore_patterns("*.csv"))
         shutil.copytree(real_data / "rsna_series", out_dir / "stage_2_test")
         shutil.copy(real_data / "rsna_slices" / "labels.csv", out_dir / "stage_2_train.csv")
+        write_json(out_dir / "config.json", {"settings": {"train_studies": train_studies,
+                                                          "test_studies": test_studies, "seed": seed}})
         return {"train": {"images": 26}, "test": {"images": 32}}
 
     return calls, write_dataset
@@ -38,6 +40,11 @@ def test_synthetic_kaggle_layout_to_index_and_store(real_data, tmp_path, monkeyp
     store = SliceStore(out / "slices")
     assert store.size == 32 and all(store.has(i) for i in index["image_id"])
     assert read_json(out / "index_config.json")["prepare_data"]["seed"] == 3
+
+    prepare_data.main(["--synthetic", "--small", "--seed", "3", "--dataset", "demo", "--size", "32", "--workers", "1"])
+    assert len(calls) == 1
+    with pytest.raises(SystemExit, match="choose another --dataset"):
+        prepare_data.main(["--synthetic", "--small", "--seed", "4", "--dataset", "demo", "--size", "32"])
 
 
 def test_dicom_dir_unlabeled_test_rows_and_resume(real_data, tmp_path, monkeypatch):
