@@ -161,14 +161,71 @@ class WeightedBinaryCrossentropy(keras.losses.Loss):
         return {**super().get_config(), "epsilon": self.epsilon}
 
 
-def build_lstm(input_dim: int, layers: int = 3, units: int = 256, dropout: float = 0.3) -> keras.Model:
-    """Masking, `layers` bidirectional LSTMs of `units` per direction with dropout, six sigmoids per slice."""
+def input_moments(data: SeriesSet, chunk_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and variance over the set's rows (streamed in chunks), for the model's normalisation."""
+    rows = data.rows
+    total = np.zeros(data.inputs.shape[1])
+    squares = np.zeros(data.inputs.shape[1])
+    for begin in range(0, len(rows), chunk_rows):
+        chunk = np.asarray(data.inputs[rows[begin : begin + chunk_rows]], np.float64)
+        total += chunk.sum(axis=0)
+        squares += (chunk**2).sum(axis=0)
+    mean = total / len(rows)
+    return mean, np.maximum(squares / len(rows) - mean**2, 1e-6)
+
+
+@keras.saving.register_keras_serializable(package="ihd")
+class ProbabilityLogits(keras.layers.Layer):
+    """The logits of the CNN's six probabilities, the last six input features (clipped away from 0 and 1)."""
+
+    def __init__(self, epsilon: float = 1e-4, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+        self.supports_masking = True
+
+    def call(self, inputs):
+        p = keras.ops.clip(inputs[..., -len(SUBTYPES) :], self.epsilon, 1.0 - self.epsilon)
+        return keras.ops.log(p) - keras.ops.log1p(-p)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], len(SUBTYPES))
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+def build_lstm(
+    input_dim: int,
+    layers: int = 3,
+    units: int = 256,
+    dropout: float = 0.3,
+    moments: tuple[np.ndarray, np.ndarray] | None = None,
+    residual: bool = True,
+) -> keras.Model:
+    """Masking, standardisation by the training `moments` (mean, variance) if given, `layers` bidirectional
+    LSTMs of `units` per direction with dropout, and six sigmoids per slice.
+
+    With `residual`, the last Dense layer starts at zero and adds to the logits of the CNN's own
+    probabilities (the last six inputs): training starts from the CNN's answer and learns what the
+    neighbouring slices change about it, which matters when series are few.
+    """
+    if residual and input_dim < len(SUBTYPES):
+        raise ValueError(f"a residual LSTM needs the six CNN probabilities as its last inputs, got {input_dim} inputs")
     inputs = keras.Input((None, input_dim), name="sequence")
-    x = keras.layers.Masking(mask_value=PAD_VALUE, name="padding")(inputs)
+    masked = keras.layers.Masking(mask_value=PAD_VALUE, name="padding")(inputs)
+    x = masked
+    if moments is not None:
+        x = keras.layers.Normalization(mean=moments[0], variance=moments[1], name="standardise")(x)
     for layer in range(1, layers + 1):
         x = keras.layers.Bidirectional(keras.layers.LSTM(units, return_sequences=True), name=f"bilstm{layer}")(x)
         x = keras.layers.Dropout(dropout, name=f"dropout{layer}")(x)
-    outputs = keras.layers.Dense(len(SUBTYPES), activation="sigmoid", name="pred")(x)
+    if not residual:
+        outputs = keras.layers.Dense(len(SUBTYPES), activation="sigmoid", name="pred")(x)
+        return keras.Model(inputs, outputs, name="series_lstm")
+    change = keras.layers.Dense(len(SUBTYPES), kernel_initializer="zeros", name="logit_change")(x)
+    cnn_logits = ProbabilityLogits(name="cnn_logits")(masked)
+    logits = keras.layers.Add(name="logits")([cnn_logits, change])
+    outputs = keras.layers.Activation("sigmoid", name="pred")(logits)
     return keras.Model(inputs, outputs, name="series_lstm")
 
 

@@ -11,6 +11,7 @@ from ihd.sequence import (
     build_lstm,
     compile_lstm,
     fit_lstm,
+    input_moments,
     load_lstm,
     pad_batch,
     plan_batches,
@@ -30,10 +31,10 @@ def _index(lengths, folds=None):
     return pd.DataFrame(rows)
 
 
-def _data(lengths, dim=5, seed=0):
+def _data(lengths, dim=8, seed=0):
     rng = np.random.default_rng(seed)
     index = _index(lengths)
-    inputs = rng.normal(size=(len(index), dim)).astype(np.float32)
+    inputs = sequence_inputs(rng.normal(size=(len(index), dim - 6)), rng.uniform(0.01, 0.99, (len(index), 6)))
     labels = (rng.random((len(index), len(SUBTYPES))) < 0.3).astype(np.float32)
     return index, series_set(inputs, index, np.ones(len(index), bool), labels)
 
@@ -96,7 +97,7 @@ def test_batches_rebuild_every_row_once():
 
 def test_padding_changes_neither_real_outputs_nor_loss():
     index, data = _data([3, 6])
-    model = compile_lstm(build_lstm(5, layers=2, units=8, dropout=0.0))
+    model = compile_lstm(build_lstm(8, layers=2, units=8, dropout=0.0, moments=input_moments(data)))
     short_x, short_y = pad_batch(data, np.array([0]))
     both_x, both_y = pad_batch(data, np.array([0, 1]))
     assert both_x.shape[1] == 6
@@ -112,6 +113,22 @@ def test_padding_changes_neither_real_outputs_nor_loss():
     assert model.evaluate(both_x, garbage_y, verbose=0) == pytest.approx(expected, rel=1e-4)
 
 
+def test_input_moments_cover_the_set_rows_only():
+    inputs = np.array([[1.0], [3.0], [100.0]], np.float32)
+    index = _index([2, 1])
+    mean, variance = input_moments(series_set(inputs, index, np.array([True, True, False])))
+    assert mean.tolist() == [2.0] and variance.tolist() == [1.0]
+
+
+def test_residual_lstm_starts_at_the_cnn_probabilities():
+    index, data = _data([4, 7])
+    model = build_lstm(8, layers=1, units=4, dropout=0.0)
+    predicted = predict_series(model, data)
+    np.testing.assert_allclose(predicted, data.inputs[:, -6:], atol=1e-5)
+    with pytest.raises(ValueError, match="six CNN probabilities"):
+        build_lstm(5)
+
+
 def test_loss_weighs_any_twice():
     loss = WeightedBinaryCrossentropy()
     wrong_on_any = np.array([[0.1, 0.1, 0.1, 0.1, 0.1, 0.9]], np.float32)
@@ -121,7 +138,7 @@ def test_loss_weighs_any_twice():
 
 def test_predict_series_returns_index_order():
     index, data = _data([2, 4, 3])
-    model = build_lstm(5, layers=1, units=4, dropout=0.0)
+    model = build_lstm(8, layers=1, units=4, dropout=0.0, residual=False)
     bulk = predict_series(model, data, batch_size=2)
     one_by_one = np.concatenate(
         [model.predict_on_batch(data.inputs[None, s : s + n])[0] for s, n in zip(data.starts, data.lengths)]
@@ -142,7 +159,7 @@ def test_fit_keeps_the_best_epoch_and_learns_a_sequence_rule(tmp_path):
     folds = np.repeat(np.arange(48) % 4 == 0, 8)
     train = series_set(inputs, index, ~folds, labels)
     val = series_set(inputs, index, folds, labels)
-    model = compile_lstm(build_lstm(2, layers=1, units=16, dropout=0.0), learning_rate=0.02)
+    model = compile_lstm(build_lstm(2, layers=1, units=16, dropout=0.0, residual=False), learning_rate=0.02)
     best = fit_lstm(model, train, val, tmp_path / "lstm.keras", epochs=12, batch_size=8)
     scores = [h["val_weighted_log_loss"] for h in best.history]
     assert best.best == min(scores) and best.best_epoch == int(np.argmin(scores)) + 1
