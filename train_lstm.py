@@ -1,0 +1,190 @@
+"""Stage 2: train a bidirectional LSTM over each series' cached CNN features, once per feature selection,
+then tabulate the ablation (the CNN alone against every selection trained in that run).
+
+    python train_lstm.py --run synthetic-tiny-128-windows-fold0 --selection pca:32 --selection weights:32 --units 64 --layers 2
+    python train_lstm.py --run rsna-efficientnetb0-256-windows-fold0 --selection pca:120 --selection all --selection random:120
+    python train_lstm.py --run rsna-efficientnetb0-256-windows-fold0 --ablation-only
+
+Reads features/<run>/ (embeddings, probabilities, the index they follow); writes, per selection,
+models/<run>/lstm-<slug>.keras (best validation epoch) and lstm-<slug>.json (settings and scores), and
+models/<run>/ablation.{csv,md,png}: validation weighted log loss and per-subtype AUC of each model.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from ihd.features import load_features, parse_selection, selected_features, selection_slug
+from ihd.inputs import fold_rows, label_array
+from ihd.io import atomic_path, read_json, run_header, write_json
+from ihd.labels import SUBTYPES
+from ihd.metrics import summary
+from ihd.sequence import (
+    build_lstm,
+    compile_lstm,
+    fit_lstm,
+    input_moments,
+    load_lstm,
+    predict_series,
+    sequence_inputs,
+    series_set,
+)
+
+CNN_ROW = "cnn"
+
+
+@dataclass
+class Settings:
+    """How the sequence models are trained; every field is a command-line flag."""
+
+    run: str = ""  # features/<run>/ to read and models/<run>/ to write (the CNN run's name)
+    selections: list[str] = field(default_factory=lambda: ["pca:120"])  # the paper's choice; repeat --selection to compare
+    layers: int = 3  # the paper's depth
+    units: int = 256  # per direction, the paper's width
+    dropout: float = 0.3  # between LSTM layers: series are few compared with slices
+    epochs: int = 20  # series are few (about 21,000 on the real data, dozens on the synthetic one)
+    batch_size: int = 32  # series per batch; batches group series of similar length
+    min_steps: int = 8  # batches shrink so that an epoch has at least this many steps: few series still train
+    learning_rate: float = 1e-3  # Adam's usual rate; gradients are clipped at norm 1
+    patience: int = 5  # stop after this many epochs without a better validation loss
+    seed: int = 0  # weights and batch order are reproducible
+    ablation_only: bool = False  # only rebuild the ablation table from the models already trained
+    features_dir: str = "features"  # where the CNN run's cached features are
+    models_dir: str = "models"  # where the CNN run's folder is
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    """Command-line flags into Settings."""
+    defaults = Settings()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--selection", dest="selections", action="append", help="repeatable; default pca:120")
+    for name in ("layers", "units", "epochs", "batch_size", "min_steps", "patience", "seed"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    for name in ("dropout", "learning_rate"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    parser.add_argument("--ablation-only", action="store_true")
+    parser.add_argument("--features-dir", default=defaults.features_dir)
+    parser.add_argument("--models-dir", default=defaults.models_dir)
+    args = vars(parser.parse_args(argv))
+    args["selections"] = args["selections"] or defaults.selections
+    for name in args["selections"]:
+        parse_selection(name)
+    return Settings(**args)
+
+
+def lstm_paths(models_dir: str | Path, run: str, selection: str) -> tuple[Path, Path]:
+    """The model file and the JSON record of one selection's LSTM."""
+    stem = Path(models_dir) / run / f"lstm-{selection_slug(selection)}"
+    return stem.with_suffix(".keras"), stem.with_suffix(".json")
+
+
+def train_selection(settings: Settings, features, selection: str) -> dict:
+    """Train one LSTM on the selection's features plus the CNN probabilities; returns its JSON record."""
+    run_dir = Path(settings.features_dir) / settings.run
+    inputs = sequence_inputs(selected_features(run_dir, selection, seed=settings.seed), features.probabilities)
+    labels = label_array(features.index)
+    fold = int(features.config["fold"])
+    train_rows, val_rows = fold_rows(features.index, fold)
+    train = series_set(inputs, features.index, np.isin(np.arange(len(inputs)), train_rows), labels)
+    val = series_set(inputs, features.index, np.isin(np.arange(len(inputs)), val_rows), labels)
+    batch_size = max(1, min(settings.batch_size, len(train.lengths) // settings.min_steps))
+    print(f"{selection}: {inputs.shape[1]} inputs per slice; {len(train.lengths)} training and "
+          f"{len(val.lengths)} validation series (fold {fold}); {batch_size} series per batch", flush=True)
+
+    model_path, record_path = lstm_paths(settings.models_dir, settings.run, selection)
+    model = build_lstm(inputs.shape[1], settings.layers, settings.units, settings.dropout, input_moments(train))
+    compile_lstm(model, settings.learning_rate)
+    best = fit_lstm(model, train, val, model_path, settings.epochs, batch_size, settings.patience, settings.seed)
+
+    rows = val.rows
+    predicted = predict_series(load_lstm(model_path), val, settings.batch_size)[rows]
+    record = {
+        "selection": selection,
+        "slug": selection_slug(selection),
+        "input_dim": int(inputs.shape[1]),
+        "batch_size": batch_size,
+        "fold": fold,
+        "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("selections", "ablation_only")},
+        "cnn_config": features.config,
+        "best_epoch": best.best_epoch,
+        "history": best.history,
+        "validation": summary(labels[rows], predicted),
+        "validation_cnn": summary(labels[rows], features.probabilities[rows]),
+    }
+    write_json(record_path, record)
+    print(f"{selection}: best epoch {best.best_epoch}, validation weighted log loss "
+          f"{record['validation']['weighted_log_loss']:.5f} (CNN alone {record['validation_cnn']['weighted_log_loss']:.5f})")
+    return record
+
+
+def ablation_table(settings: Settings, features) -> pd.DataFrame:
+    """Validation weighted log loss and per-subtype AUC: the CNN alone, then every LSTM trained in the run."""
+    _, val_rows = fold_rows(features.index, int(features.config["fold"]))
+    labels = label_array(features.index)[val_rows]
+    rows = {CNN_ROW: summary(labels, features.probabilities[val_rows])}
+    for record_path in sorted((Path(settings.models_dir) / settings.run).glob("lstm-*.json")):
+        record = read_json(record_path)
+        rows[f"cnn+lstm {record['selection']}"] = record["validation"]
+    columns = ["weighted_log_loss"] + [f"auc_{name}" for name in SUBTYPES]
+    table = pd.DataFrame.from_dict(rows, orient="index")[columns]
+    table.index.name = "model"
+    return table
+
+
+def write_ablation(table: pd.DataFrame, out_dir: Path) -> None:
+    """The table as CSV and Markdown, and a bar chart of both measures, in `out_dir/ablation.*`."""
+    with atomic_path(out_dir / "ablation.csv") as tmp:
+        table.to_csv(tmp, float_format="%.5f")
+    header = "| model | " + " | ".join(table.columns) + " |"
+    lines = [header, "|---" * (len(table.columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{v:.4f}" for v in row) + " |" for name, row in table.iterrows()]
+    with atomic_path(out_dir / "ablation.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+    figure, (loss_axis, auc_axis) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 2]})
+    names = list(table.index)
+    loss_axis.bar(names, table["weighted_log_loss"], color=["tab:gray"] + ["tab:blue"] * (len(names) - 1))
+    loss_axis.set_title("validation weighted log loss (lower is better)")
+    loss_axis.tick_params(axis="x", rotation=30)
+    width = 0.8 / len(names)
+    for number, name in enumerate(names):
+        positions = np.arange(len(SUBTYPES)) + number * width
+        auc_axis.bar(positions, table.loc[name, [f"auc_{s}" for s in SUBTYPES]], width, label=name)
+    auc_axis.set_xticks(np.arange(len(SUBTYPES)) + 0.4 - width / 2, SUBTYPES, rotation=20)
+    auc_axis.set_ylim(0.5, 1.0)
+    auc_axis.set_title("validation ROC AUC per subtype")
+    auc_axis.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_path(out_dir / "ablation.png") as tmp:
+        figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    settings = parse_args(argv)
+    run_header(argv, settings)
+    features = load_features(Path(settings.features_dir) / settings.run)
+    out_dir = Path(settings.models_dir) / settings.run
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not settings.ablation_only:
+        for selection in settings.selections:
+            train_selection(settings, features, selection)
+    table = ablation_table(settings, features)
+    write_ablation(table, out_dir)
+    print(table.to_string(float_format="%.4f"))
+    print(f"ablation: {out_dir / 'ablation.md'}, {out_dir / 'ablation.png'}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
