@@ -1,0 +1,180 @@
+"""The trained chain at prediction time: CNN -> feature selection -> series LSTM, per-slice probabilities.
+
+Two routes lead to the same numbers. A prepared dataset's test rows read the cached CNN outputs of
+`features/<run>/` (extracted first if the cache is incomplete). A plain folder of DICOM files goes
+through memory only: `ihd.dicom.read_hu` -> `ihd.slices.to_model_hu` -> `ihd.inputs.stack_hu`
+(neighbours by `ihd.inputs.neighbour_rows`) -> CNN -> selection -> LSTM, with the folder's index built
+by `ihd.index`. Grad-CAM pictures are drawn for the slices with the highest `any` probability.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ihd.cnn import load_cnn
+from ihd.dicom import read_hu
+from ihd.features import Features, Selection, extract_features, load_features, load_selection, rows_done, selection_slug
+from ihd.gradcam import best_slices, draw_montage, draw_overlay, gradcam_heatmap
+from ihd.index import read_index
+from ihd.inputs import neighbour_rows, stack_hu
+from ihd.io import read_json
+from ihd.labels import SUBTYPES
+from ihd.sequence import load_lstm, predict_series, sequence_inputs, series_set
+from ihd.slices import SliceStore, to_model_hu
+from ihd.windows import parse_recipe
+
+
+@dataclass
+class Chain:
+    """A trained CNN run with one selection and its LSTM."""
+
+    run: str
+    selection_name: str
+    cnn: keras.Model
+    cnn_config: dict
+    selection: Selection
+    lstm: keras.Model
+
+    @property
+    def slug(self) -> str:
+        """The selection's file-name form (`pca:120` -> `pca120`)."""
+        return selection_slug(self.selection_name)
+
+    @cached_property
+    def extractor(self) -> keras.Model:
+        """The CNN with two outputs: the pooled embedding and the six probabilities."""
+        return keras.Model(self.cnn.input, [self.cnn.get_layer("embedding").output, self.cnn.get_layer("pred").output])
+
+    @property
+    def image_size(self) -> int:
+        """The CNN's input size in pixels."""
+        return int(self.cnn_config["image_size"])
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Which neighbour slice each input channel shows."""
+        return parse_recipe(self.cnn_config["recipe"]).offsets
+
+
+def best_selection(models_dir: str | Path, run: str) -> str:
+    """The selection whose LSTM has the lowest validation weighted log loss in models/<run>/."""
+    records = [read_json(p) for p in sorted((Path(models_dir) / run).glob("lstm-*.json"))]
+    if not records:
+        raise FileNotFoundError(f"no lstm-*.json in {Path(models_dir) / run}: run train_lstm.py --run {run} first")
+    return min(records, key=lambda r: r["validation"]["weighted_log_loss"])["selection"]
+
+
+def load_chain(run: str, selection: str | None = None, models_dir="models", features_dir="features") -> Chain:
+    """The CNN, the fitted selection and the LSTM of a run; `selection=None` takes the best validated one."""
+    selection = selection or best_selection(models_dir, run)
+    cnn, cnn_config = load_cnn(Path(models_dir) / run)
+    slug = selection_slug(selection)
+    selection_path = Path(features_dir) / run / f"selection-{slug}.npz"
+    lstm_path = Path(models_dir) / run / f"lstm-{slug}.keras"
+    for path in (selection_path, lstm_path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run train_lstm.py --run {run} --selection {selection} first")
+    return Chain(run, selection, cnn, cnn_config, load_selection(selection_path), load_lstm(lstm_path))
+
+
+def lstm_probabilities(chain: Chain, embeddings: np.ndarray, probabilities: np.ndarray, index: pd.DataFrame,
+                       batch_size: int = 64) -> np.ndarray:
+    """Per-slice LSTM probabilities (N, 6) in the order of `index` (contiguous, position-sorted series)."""
+    inputs = sequence_inputs(chain.selection.transform(embeddings), probabilities)
+    data = series_set(inputs, index.reset_index(drop=True), np.ones(len(index), bool))
+    return predict_series(chain.lstm, data, batch_size)
+
+
+def cached_test_features(chain: Chain, data_dir="data", features_dir="features") -> Features:
+    """The run's feature cache, extracted first (resumably) where it is incomplete."""
+    run_dir = Path(features_dir) / chain.run
+    dataset_dir = Path(data_dir) / chain.cnn_config["dataset"]
+    index_path = dataset_dir / "index.parquet"
+    index = read_index(dataset_dir)
+    if rows_done(run_dir) < len(index):
+        print(f"{run_dir}: feature cache incomplete, extracting CNN outputs of {len(index)} slices")
+        extract_features(chain.cnn, chain.cnn_config, index, index_path, SliceStore(dataset_dir / "slices"), run_dir)
+    return load_features(run_dir)
+
+
+@dataclass
+class Predictions:
+    """Per-slice probabilities of some index rows: the CNN alone and CNN + LSTM, rows as in `index`."""
+
+    index: pd.DataFrame
+    cnn: np.ndarray
+    lstm: np.ndarray
+
+    def wide(self, which: str = "lstm") -> pd.DataFrame:
+        """One model's probabilities as a table: index image_id, columns SUBTYPES."""
+        values = self.lstm if which == "lstm" else self.cnn
+        return pd.DataFrame(values, index=pd.Index(self.index["image_id"], name="image_id"), columns=list(SUBTYPES))
+
+
+def predict_test_split(chain: Chain, features: Features) -> Predictions:
+    """Both models' probabilities for every test row of a prepared dataset, from cached CNN outputs."""
+    rows = np.flatnonzero(features.index["split"].to_numpy() == "test")
+    index = features.index.iloc[rows].reset_index(drop=True)
+    cnn = np.asarray(features.probabilities[rows], np.float32)
+    return Predictions(index, cnn, lstm_probabilities(chain, features.embeddings[rows], cnn, index))
+
+
+def cnn_outputs(chain: Chain, stacks: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings (N, D) and probabilities (N, 6) of model inputs (N, size, size, C) in HU."""
+    parts = [chain.extractor.predict_on_batch(stacks[begin : begin + batch_size]) for begin in range(0, len(stacks), batch_size)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def read_model_hu(index: pd.DataFrame, size: int) -> np.ndarray:
+    """Every row's DICOM file as HU resized for the model, (N, size, size) float32."""
+    return np.stack([to_model_hu(read_hu(path), size) for path in index["path"]])
+
+
+def predict_dicom_index(chain: Chain, index: pd.DataFrame) -> tuple[Predictions, np.ndarray]:
+    """Both models' probabilities for the rows of a DICOM folder's index, in memory; also the HU slices."""
+    hu = read_model_hu(index, chain.image_size)
+    stacks = stack_hu(hu, neighbour_rows(index, chain.offsets))
+    embeddings, cnn = cnn_outputs(chain, stacks)
+    return Predictions(index, cnn, lstm_probabilities(chain, embeddings, cnn, index)), hu
+
+
+def draw_study_pictures(
+    chain: Chain,
+    predictions: Predictions,
+    hu_of_rows,
+    out_dir: str | Path,
+    per_study: int,
+    method: str = "gradcam",
+) -> list[Path]:
+    """For every study, Grad-CAM overlays of the `per_study` slices most likely to bleed, and a montage.
+
+    `hu_of_rows(rows)` returns the model-size HU slices (len(rows), size, size) of those index rows.
+    """
+    out_dir = Path(out_dir)
+    written = []
+    studies = predictions.index.groupby("study_id", sort=False).indices
+    for study, rows in tqdm(studies.items(), desc="grad-cam", unit="study", disable=len(studies) < 3):
+        rows = np.sort(rows)
+        study_index = predictions.index.iloc[rows]
+        hu = hu_of_rows(rows)
+        stacks = stack_hu(hu, neighbour_rows(study_index, chain.offsets))
+        heatmaps = {}
+        for slot in best_slices(predictions.lstm[rows], per_study):
+            heatmaps[slot] = gradcam_heatmap(chain.cnn, stacks[slot], method=method)
+            image_id = study_index["image_id"].iloc[slot]
+            written.append(draw_overlay(hu[slot], heatmaps[slot], predictions.lstm[rows[slot]],
+                                        out_dir / f"{study}_{image_id}.png", f"{study} {image_id} ({method}, CNN+LSTM)"))
+        written.append(draw_montage(list(hu), predictions.lstm[rows], out_dir / f"{study}_montage.png", heatmaps,
+                                    f"{study}: {len(rows)} slices, any probability (CNN+LSTM)"))
+    return written
+
+
+def store_hu_reader(index: pd.DataFrame, store: SliceStore, size: int):
+    """`hu_of_rows` over a slice store: rows of `index` -> (n, size, size) HU at the model's size."""
+    return lambda rows: np.stack([to_model_hu(store.read_hu(i), size) for i in index["image_id"].iloc[rows]])

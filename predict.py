@@ -1,0 +1,152 @@
+"""Predict with a trained run: the test set to a validated submission, or a plain folder of DICOM files
+to per-slice probabilities; Grad-CAM pictures of the slices most likely to bleed.
+
+    python predict.py --run synthetic-tiny-128-windows-fold0 --gradcam 1
+    python predict.py --run rsna-efficientnetb0-256-windows-fold0 --selection pca:120 --submit --message "pca120"
+    python predict.py --run rsna-efficientnetb0-256-windows-fold0 --dicom-dir /path/to/exported/studies --gradcam 3
+
+Dataset route: reads the run's cached CNN outputs (extracting them first if the cache is incomplete),
+applies the selection and its LSTM to every test slice and writes submissions/<run>-<slug>.csv in the
+sample submission's order, validated; with the dataset's test truth present (synthetic data) it also
+prints and saves the test weighted log loss of the prior, the CNN alone and CNN + LSTM
+(submissions/<run>-<slug>-scores.json). Pictures go to submissions/<run>-gradcam/.
+DICOM route: everything in memory; probabilities.csv, the folder's index and pictures go to --out
+(default submissions/<run>-<slug>-<folder name>/).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ihd.gradcam import METHODS
+from ihd.index import build_index
+from ihd.inference import (
+    Chain,
+    cached_test_features,
+    draw_study_pictures,
+    load_chain,
+    predict_dicom_index,
+    predict_test_split,
+    store_hu_reader,
+)
+from ihd.inputs import fold_rows, label_array
+from ihd.io import atomic_path, run_header, write_json
+from ihd.labels import SUBTYPES
+from ihd.metrics import prior_baseline
+from ihd.report import format_scores, read_truth, test_scores, truth_path
+from ihd.slices import SliceStore
+from ihd.submission import submit, write_submission
+
+SAMPLE_SUBMISSION = "stage_2_sample_submission.csv"
+
+
+@dataclass
+class Settings:
+    """What to predict and where the results go; every field is a command-line flag."""
+
+    run: str = ""  # the CNN run (models/<run>/, features/<run>/) whose LSTMs were trained by train_lstm.py
+    selection: str | None = None  # which LSTM; None takes the one with the best validation loss
+    dicom_dir: str | None = None  # a plain folder of DICOM files instead of the prepared dataset's test set
+    out: str | None = None  # output folder of the DICOM route; None: submissions/<run>-<slug>-<folder name>
+    gradcam: int = 0  # Grad-CAM overlays for this many slices per study (highest `any` first), plus a montage
+    gradcam_method: str = "gradcam"  # gradcam or gradcam++ (sharper when a bleed has several parts)
+    sample: str | None = None  # sample submission; None: data/<dataset>/raw/stage_2_sample_submission.csv
+    truth: str | None = None  # test labels for the scores report; None: the dataset's raw/truth/ file if present
+    submit: bool = False  # send the submission to Kaggle (needs the internet and credentials)
+    message: str = ""  # Kaggle submission description; empty: the run and selection
+    data_dir: str = "data"
+    models_dir: str = "models"
+    features_dir: str = "features"
+    submissions_dir: str = "submissions"
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    """Command-line flags into Settings."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--gradcam", type=int, default=Settings.gradcam)
+    parser.add_argument("--gradcam-method", choices=sorted(METHODS), default=Settings.gradcam_method)
+    parser.add_argument("--submit", action="store_true")
+    for field in dataclasses.fields(Settings):
+        if field.name not in ("run", "gradcam", "gradcam_method", "submit"):
+            parser.add_argument("--" + field.name.replace("_", "-"), default=field.default)
+    return Settings(**vars(parser.parse_args(argv)))
+
+
+def training_prior(features) -> np.ndarray:
+    """The six label means of the run's training rows: the answer for a test image nothing is known about."""
+    train_rows, _ = fold_rows(features.index, int(features.config["fold"]))
+    return prior_baseline(label_array(features.index)[train_rows], 1)[0]
+
+
+def predict_dataset(settings: Settings, chain: Chain) -> Path:
+    """Test split -> validated submission, scores against the truth if known, Grad-CAM pictures."""
+    features = cached_test_features(chain, settings.data_dir, settings.features_dir)
+    predictions = predict_test_split(chain, features)
+    prior = training_prior(features)
+    dataset_dir = Path(settings.data_dir) / chain.cnn_config["dataset"]
+    sample_path = Path(settings.sample) if settings.sample else dataset_dir / "raw" / SAMPLE_SUBMISSION
+    out_path = Path(settings.submissions_dir) / f"{chain.run}-{chain.slug}.csv"
+    write_submission(predictions.wide(), sample_path, out_path, prior)
+    print(f"submission: {out_path} ({len(predictions.index)} test slices, validated against {sample_path})")
+
+    truth = Path(settings.truth) if settings.truth else truth_path(dataset_dir)
+    if truth.is_file():
+        scores = test_scores(read_truth(truth), {"cnn": predictions.wide("cnn"), "cnn+lstm": predictions.wide()}, prior)
+        print(f"test scores ({truth}):\n{format_scores(scores)}")
+        write_json(out_path.with_name(f"{out_path.stem}-scores.json"),
+                   {"scores": scores, "truth": truth, "selection": chain.selection_name, "settings": settings})
+
+    if settings.gradcam > 0:
+        out_dir = Path(settings.submissions_dir) / f"{chain.run}-gradcam"
+        store = SliceStore(dataset_dir / "slices")
+        reader = store_hu_reader(predictions.index, store, chain.image_size)
+        pictures = draw_study_pictures(chain, predictions, reader, out_dir, settings.gradcam, settings.gradcam_method)
+        write_json(out_dir / "config.json", {"selection": chain.selection_name, "settings": settings})
+        print(f"grad-cam: {len(pictures)} pictures in {out_dir}")
+    if settings.submit:
+        submit(out_path, settings.message or f"{chain.run} {chain.selection_name}")
+        print(f"submitted {out_path}")
+    return out_path
+
+
+def predict_folder(settings: Settings, chain: Chain) -> Path:
+    """A plain DICOM folder -> per-slice probabilities CSV (CNN+LSTM and CNN alone) and pictures."""
+    folder = Path(settings.dicom_dir)
+    out_dir = Path(settings.out) if settings.out else Path(settings.submissions_dir) / f"{chain.run}-{chain.slug}-{folder.name}"
+    index = build_index([(folder, "test")], out_dir, workers=1)
+    if index.empty:
+        raise SystemExit(f"{folder}: no readable DICOM slices (see {out_dir / 'bad_files.csv'})")
+    predictions, hu = predict_dicom_index(chain, index)
+    table = index[["image_id", "patient_id", "study_id", "series_id", "position", "z", "path"]].copy()
+    table[list(SUBTYPES)] = predictions.lstm
+    table[[f"cnn_{s}" for s in SUBTYPES]] = predictions.cnn
+    csv_path = out_dir / "probabilities.csv"
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    write_json(out_dir / "config.json", {"selection": chain.selection_name, "settings": settings})
+    print(f"probabilities: {csv_path} ({len(table)} slices in {index['study_id'].nunique()} studies)")
+    print(table.groupby("study_id")["any"].max().rename("highest any probability").to_string())
+    if settings.gradcam > 0:
+        pictures = draw_study_pictures(chain, predictions, lambda rows: hu[rows], out_dir, settings.gradcam,
+                                       settings.gradcam_method)
+        print(f"grad-cam: {len(pictures)} pictures in {out_dir}")
+    return csv_path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    settings = parse_args(argv)
+    run_header(argv, settings)
+    chain = load_chain(settings.run, settings.selection, settings.models_dir, settings.features_dir)
+    print(f"chain: {settings.run}, selection {chain.selection_name}")
+    if settings.dicom_dir:
+        return predict_folder(settings, chain)
+    return predict_dataset(settings, chain)
+
+
+if __name__ == "__main__":
+    main()
