@@ -84,11 +84,11 @@ def overlay_rgb(hu: np.ndarray, heatmap: np.ndarray | None = None) -> np.ndarray
     gray = window(np.asarray(hu, np.float32), brain.center_hu, brain.width_hu)
     rgb = np.repeat(gray[..., None], 3, axis=-1)
     if heatmap is None:
-        return rgb
+        return np.clip(rgb, 0.0, 1.0)
     heat = cv2.resize(np.asarray(heatmap, np.float32), (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
     colours = plt.get_cmap("jet")(heat)[..., :3]
     alpha = HEATMAP_ALPHA * heat[..., None]
-    return (1 - alpha) * rgb + alpha * colours
+    return np.clip((1 - alpha) * rgb + alpha * colours, 0.0, 1.0)
 
 
 def _save(figure, path: Path) -> Path:
@@ -115,18 +115,24 @@ def draw_montage(
     heatmaps: dict[int, np.ndarray] | None = None,
     caption: str = "",
     columns: int = 8,
+    tile_pixels: int = 128,
 ) -> Path:
-    """Write a PNG grid of a study's slices in z order, each with its `any` probability, heatmaps on those given."""
+    """Write a PNG grid of a study's slices in z order, each labelled with its `any` probability, heatmaps on those given."""
     heatmaps = heatmaps or {}
     rows = max(1, -(-len(hu_slices) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.75 + 0.4), squeeze=False)
-    for slot, axis in enumerate(axes.ravel()):
-        axis.axis("off")
-        if slot >= len(hu_slices):
-            continue
-        axis.imshow(overlay_rgb(hu_slices[slot], heatmaps.get(slot)))
+    grid = np.ones((rows * tile_pixels, columns * tile_pixels, 3))
+    for slot, hu in enumerate(hu_slices):
+        tile = cv2.resize(overlay_rgb(hu, heatmaps.get(slot)), (tile_pixels, tile_pixels), interpolation=cv2.INTER_AREA)
+        row, column = divmod(slot, columns)
+        grid[row * tile_pixels : (row + 1) * tile_pixels, column * tile_pixels : (column + 1) * tile_pixels] = tile
+    figure, axis = plt.subplots(figsize=(columns * 1.5, rows * 1.5 + 0.5))
+    axis.imshow(grid)
+    for slot in range(len(hu_slices)):
+        row, column = divmod(slot, columns)
         p_any = float(probabilities[slot, ANY])
-        axis.set_title(f"{slot}: any {p_any:.2f}", fontsize=7, color="red" if p_any >= 0.5 else "black")
+        axis.text(column * tile_pixels + 3, row * tile_pixels + 3, f"{slot}: any {p_any:.2f}", fontsize=7, va="top",
+                  color="#ff6060" if p_any >= 0.5 else "white", bbox=dict(facecolor="black", alpha=0.5, pad=1, lw=0))
+    axis.axis("off")
     if caption:
-        figure.suptitle(caption, fontsize=10)
+        axis.set_title(caption, fontsize=10)
     return _save(figure, Path(path))
