@@ -28,7 +28,8 @@ TRAIN_DIR, TEST_DIR, TRAIN_LABELS = "stage_2_train", "stage_2_test", "stage_2_tr
 
 @dataclass
 class Settings:
-    dataset: str = "synthetic"  # everything lands in data/<dataset>/, so datasets never mix
+    dataset: str = "synthetic"  # everything lands in <data-dir>/<dataset>/, so datasets never mix
+    data_dir: str = "data"  # where datasets live (the other stages take the same flag)
     raw: str | None = None  # Kaggle-layout folder; None means data/<dataset>/raw
     synthetic: bool = False  # write a synthetic dataset first: the whole kit runs offline
     train_studies: int | None = None  # synthetic training studies; None takes the preset (--small or default)
@@ -48,6 +49,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     defaults = Settings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=defaults.dataset)
+    parser.add_argument("--data-dir", default=defaults.data_dir)
     parser.add_argument("--raw", default=defaults.raw)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--synthetic", action="store_true")
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> Path:
     """Run the stages; returns the dataset folder."""
     settings = parse_args(argv)
     run_header(argv, settings)
-    dataset_dir = Path("data") / settings.dataset
+    dataset_dir = Path(settings.data_dir) / settings.dataset
     raw = Path(settings.raw) if settings.raw else dataset_dir / "raw"
     if settings.synthetic:
         write_synthetic(settings, raw)

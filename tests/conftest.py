@@ -19,8 +19,5 @@ def prepared_synthetic(tmp_path_factory) -> Path:
     """The small synthetic dataset, written, indexed and stored at 64x64: returns ``data/small/``."""
     import prepare_data
 
-    workspace = tmp_path_factory.mktemp("workspace")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(workspace)
-        dataset_dir = prepare_data.main(["--synthetic", "--small", "--dataset", "small", "--size", "64"])
-    return workspace / dataset_dir
+    data_dir = tmp_path_factory.mktemp("data")
+    return prepare_data.main(["--synthetic", "--small", "--dataset", "small", "--size", "64", "--data-dir", str(data_dir)])
