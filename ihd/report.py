@@ -28,7 +28,7 @@ def aligned(predictions: pd.DataFrame, truth: pd.DataFrame, prior: np.ndarray) -
     return table.fillna(pd.Series(np.asarray(prior, np.float64), index=list(SUBTYPES))).to_numpy(np.float64)
 
 
-def test_scores(truth: pd.DataFrame, models: dict[str, pd.DataFrame], prior: np.ndarray) -> dict[str, float]:
+def scores_on_truth(truth: pd.DataFrame, models: dict[str, pd.DataFrame], prior: np.ndarray) -> dict[str, float]:
     """Weighted log loss of the prior and of each named model's predictions on the truth's images."""
     y_true = truth[list(SUBTYPES)].to_numpy(np.float64)
     scores = {"prior": weighted_log_loss(y_true, np.broadcast_to(prior, y_true.shape))}

@@ -1,0 +1,73 @@
+"""The whole chain on the small synthetic dataset: train_cnn -> train_lstm (two selections) -> predict."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import predict
+import train_cnn
+import train_lstm
+from ihd.labels import SUBTYPES
+
+IMAGE_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def chain(prepared_synthetic, tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("chain")
+    dirs = {"--data-dir": str(prepared_synthetic.parent), "--models-dir": str(workspace / "models"),
+            "--features-dir": str(workspace / "features")}
+    common = [item for pair in dirs.items() for item in pair]
+    train_cnn.main(["--dataset", prepared_synthetic.name, "--run", "small", "--backbone", "tiny", "--weights", "none",
+                    "--image-size", str(IMAGE_SIZE), "--epochs", "2", "--batch-size", "16", *common[:6]])
+    table = train_lstm.main(["--run", "small", "--selection", "pca:8", "--selection", "variance:8", "--layers", "1",
+                             "--units", "8", "--epochs", "3", *common[2:6]])
+    submissions = workspace / "submissions"
+    submission = predict.main(["--run", "small", "--gradcam", "1", "--submissions-dir", str(submissions), *common])
+    return {"workspace": workspace, "common": common, "table": table, "submission": submission,
+            "dataset": prepared_synthetic}
+
+
+def test_submission_matches_the_sample_submission(chain):
+    written = pd.read_csv(chain["submission"])
+    sample = pd.read_csv(chain["dataset"] / "raw" / "stage_2_sample_submission.csv")
+    assert written["ID"].tolist() == sample["ID"].tolist()
+    assert written["Label"].between(0, 1).all() and written["Label"].notna().all()
+    images = written["ID"].str.rpartition("_")[0]
+    assert (images.value_counts() == len(SUBTYPES)).all()
+    assert not np.allclose(written["Label"], 0.5)
+
+
+def test_ablation_lists_the_cnn_and_both_selections(chain):
+    models = chain["workspace"] / "models" / "small"
+    assert chain["table"].index.tolist() == ["cnn", "cnn+lstm pca:8", "cnn+lstm variance:8"]
+    assert (chain["table"]["weighted_log_loss"] > 0).all()
+    for suffix in ("csv", "md", "png"):
+        assert (models / f"ablation.{suffix}").stat().st_size > 100
+    record = json.loads((models / "lstm-pca8.json").read_text())
+    assert record["input_dim"] == 8 + len(SUBTYPES) and record["best_epoch"] >= 1
+    assert (models / "lstm-pca8.keras").is_file() and (models / "lstm-variance8.keras").is_file()
+
+
+def test_scores_report_and_gradcam_pictures(chain):
+    scores = json.loads(chain["submission"].with_name(chain["submission"].stem + "-scores.json").read_text())["scores"]
+    assert set(scores) == {"prior", "cnn", "cnn+lstm"}
+    index = pd.read_parquet(chain["dataset"] / "index.parquet")
+    studies = index.loc[index["split"] == "test", "study_id"].unique()
+    pictures = sorted(p.name for p in (chain["submission"].parent / "small-gradcam").glob("*.png"))
+    assert len(pictures) == 2 * len(studies)
+    assert {f"{study}_montage.png" for study in studies} <= set(pictures)
+
+
+def test_dicom_folder_gives_the_same_probabilities_as_the_dataset_route(chain, tmp_path):
+    folder = chain["dataset"] / "raw" / "stage_2_test"
+    csv_path = predict.main(["--run", "small", "--dicom-dir", str(folder), "--out", str(tmp_path / "out"),
+                             "--gradcam", "1", *chain["common"]])
+    table = pd.read_csv(csv_path).set_index("image_id")
+    assert len(table) == len(list(folder.glob("*.dcm")))
+    submitted = pd.read_csv(chain["submission"])
+    submitted_any = submitted[submitted["ID"].str.endswith("_any")]
+    by_image = pd.Series(submitted_any["Label"].to_numpy(), index=submitted_any["ID"].str.rpartition("_")[0])
+    np.testing.assert_allclose(table["any"], by_image.reindex(table.index), atol=0.02)
+    assert len(list((tmp_path / "out").glob("*_montage.png"))) == table["study_id"].nunique()
