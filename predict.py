@@ -35,9 +35,9 @@ from ihd.inference import (
 )
 from ihd.inputs import fold_rows, label_array
 from ihd.io import atomic_path, run_header, write_json
-from ihd.labels import SUBTYPES
+from ihd.labels import SUBTYPES, read_long_labels
 from ihd.metrics import prior_baseline
-from ihd.report import format_scores, read_truth, scores_on_truth, truth_path
+from ihd.report import format_scores, scores_on_truth, truth_path
 from ihd.slices import SliceStore
 from ihd.submission import submit, write_submission
 
@@ -96,7 +96,7 @@ def predict_dataset(settings: Settings, chain: Chain) -> Path:
 
     truth = Path(settings.truth) if settings.truth else truth_path(dataset_dir)
     if truth.is_file():
-        scores = scores_on_truth(read_truth(truth), {"cnn": predictions.wide("cnn"), "cnn+lstm": predictions.wide()}, prior)
+        scores = scores_on_truth(read_long_labels(truth), {"cnn": predictions.wide("cnn"), "cnn+lstm": predictions.wide()}, prior)
         print(f"test scores ({truth}):\n{format_scores(scores)}")
         write_json(out_path.with_name(f"{out_path.stem}-scores.json"),
                    {"scores": scores, "truth": truth, "selection": chain.selection_name, "settings": settings})

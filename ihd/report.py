@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ihd.labels import SUBTYPES, read_long_labels
+from ihd.labels import SUBTYPES
 from ihd.metrics import weighted_log_loss
 
 TRUTH_FILE = Path("truth") / "stage_2_test_labels.csv"
@@ -44,8 +44,3 @@ def format_scores(scores: dict[str, float], reference: str = "cnn") -> str:
         change = f"{100 * (value / scores[reference] - 1):+.1f}%" if reference in scores else ""
         lines.append(f"| {name} | {value:.5f} | {change} |")
     return "\n".join(lines)
-
-
-def read_truth(path: str | Path) -> pd.DataFrame:
-    """The test truth as a wide table (index image_id, columns SUBTYPES)."""
-    return read_long_labels(path)

@@ -198,7 +198,7 @@ def build_lstm(
     input_dim: int,
     layers: int = 3,
     units: int = 256,
-    dropout: float = 0.3,
+    dropout: float = 0.5,
     moments: tuple[np.ndarray, np.ndarray] | None = None,
     residual: bool = True,
 ) -> keras.Model:
