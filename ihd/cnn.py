@@ -15,8 +15,8 @@ kill picks up at the epoch reached.
 """
 
 import importlib
-import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import keras
@@ -258,23 +258,20 @@ def fit_cnn(
 ) -> None:
     """Train up to ``epochs``, resuming from ``run_dir/checkpoint`` when an earlier run was cut short.
 
-    Writes cnn.keras (best validation epoch), best.json, history.csv and (with tensorboard installed)
-    tb/ in ``run_dir``.
+    Writes cnn.keras (best validation epoch), best.json, history.csv and TensorBoard logs in tb/ in
+    ``run_dir``. A terminal gets Keras' progress bar (rate and ETA) within each epoch; a log file one
+    line per epoch.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [
         ValidationScore(val_data, val_labels, run_dir),
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(run_dir / "tb"), write_graph=False),
+        keras.callbacks.BackupAndRestore(str(run_dir / CHECKPOINT_DIR), double_checkpoint=True, delete_checkpoint=False),
     ]
-    if importlib.util.find_spec("tensorboard"):
-        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tb"), write_graph=False))
-    else:
-        print("TensorBoard logs skipped: the tensorboard package is not installed (pip install tensorboard)")
-    callbacks.append(
-        keras.callbacks.BackupAndRestore(str(run_dir / CHECKPOINT_DIR), double_checkpoint=True, delete_checkpoint=False)
-    )
-    model.fit(train_data, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=0)
+    verbose = 1 if sys.stdout.isatty() else 2
+    model.fit(train_data, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=verbose)
 
 
 def epochs_done(run_dir: str | Path) -> int:

@@ -12,7 +12,7 @@ Pipelines: `training_dataset` (shuffled, optional oversampling of positive slice
 the model's size when it is smaller than the store's, batch and prefetch.
 """
 
-import functools
+import threading
 
 import numpy as np
 import pandas as pd
@@ -106,13 +106,22 @@ class StackReader:
         return stack
 
 
-def _augmenter(seed: int):
-    """A tf.data map function applying the seeded albumentations training pipeline to one stack."""
-    transform = training_augmentation(seed=seed)
-    augment = functools.partial(augment_hu, transform)
+def _augmenter():
+    """A tf.data map function (stack, element seed) -> augmented stack, reproducible per element.
 
-    def apply(stack):
-        augmented = tf.numpy_function(augment, [stack], tf.float32, stateful=True)
+    Each tf.data thread keeps its own albumentations pipeline and reseeds it with the element's
+    seed, so the result depends on the element alone, not on which thread ran it or when.
+    """
+    local = threading.local()
+
+    def augment(stack_hu: np.ndarray, element_seed: np.int64) -> np.ndarray:
+        if not hasattr(local, "transform"):
+            local.transform = training_augmentation()
+        local.transform.set_random_seed(int(element_seed) % 2**32)
+        return augment_hu(local.transform, stack_hu)
+
+    def apply(stack, element_seed):
+        augmented = tf.numpy_function(augment, [stack, element_seed], tf.float32, stateful=False)
         return tf.ensure_shape(augmented, stack.shape)
 
     return apply
@@ -138,10 +147,14 @@ def training_dataset(
     label_table = tf.constant(labels)
     data = tf.data.Dataset.from_tensor_slices(epoch_rows)
     data = data.shuffle(len(epoch_rows), seed=seed, reshuffle_each_iteration=True)
-    data = data.map(lambda row: (reader(row), tf.gather(label_table, row)), num_parallel_calls=AUTOTUNE, deterministic=False)
+    element_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    data = tf.data.Dataset.zip(data, element_seeds)
     if augment:
-        augmenter = _augmenter(seed)
-        data = data.map(lambda x, y: (augmenter(x), y), num_parallel_calls=AUTOTUNE, deterministic=False)
+        augmenter = _augmenter()
+        read = lambda row, element_seed: (augmenter(reader(row), element_seed), tf.gather(label_table, row))
+    else:
+        read = lambda row, element_seed: (reader(row), tf.gather(label_table, row))
+    data = data.map(read, num_parallel_calls=AUTOTUNE)
     drop_remainder = len(epoch_rows) >= batch_size
     return data.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
 
