@@ -58,10 +58,10 @@ class Settings:
     truth: str | None = None  # test labels for the scores report; None: the dataset's raw/truth/ file if present
     submit: bool = False  # send the submission to Kaggle (needs the internet and credentials)
     message: str = ""  # Kaggle submission description; empty: the run and selection
-    data_dir: str = "data"
-    models_dir: str = "models"
-    features_dir: str = "features"
-    submissions_dir: str = "submissions"
+    data_dir: str = "data"  # where prepared datasets live (index, slice store, raw files)
+    models_dir: str = "models"  # where the CNN run and its LSTMs are
+    features_dir: str = "features"  # where the run's cached CNN outputs and fitted selections are
+    submissions_dir: str = "submissions"  # where submissions, scores and pictures go
 
 
 def parse_args(argv: list[str] | None) -> Settings:

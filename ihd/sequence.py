@@ -229,8 +229,12 @@ def build_lstm(
     return keras.Model(inputs, outputs, name="series_lstm")
 
 
-def compile_lstm(model: keras.Model, learning_rate: float = 1e-3, jit_compile: bool | str = "auto") -> keras.Model:
-    """Adam and the weighted binary cross-entropy."""
+def compile_lstm(model: keras.Model, learning_rate: float = 1e-3, jit_compile: bool = False) -> keras.Model:
+    """Adam (gradients clipped at norm 1) and the weighted binary cross-entropy.
+
+    XLA stays off by default: it compiles once per padded batch length, and on the CPU a compiled
+    step measured no faster (bench/lstm.py --jit).
+    """
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate, clipnorm=1.0),
         loss=WeightedBinaryCrossentropy(),

@@ -71,3 +71,11 @@ def test_dicom_folder_gives_the_same_probabilities_as_the_dataset_route(chain, t
     by_image = pd.Series(submitted_any["Label"].to_numpy(), index=submitted_any["ID"].str.rpartition("_")[0])
     np.testing.assert_allclose(table["any"], by_image.reindex(table.index), atol=0.02)
     assert len(list((tmp_path / "out").glob("*_montage.png"))) == table["study_id"].nunique()
+
+
+def test_incomplete_feature_cache_is_extracted_again(chain, tmp_path):
+    features = chain["workspace"] / "features" / "small"
+    (features / "progress.json").unlink()
+    submission = predict.main(["--run", "small", "--submissions-dir", str(tmp_path), *chain["common"]])
+    assert (features / "progress.json").is_file()
+    pd.testing.assert_frame_equal(pd.read_csv(submission), pd.read_csv(chain["submission"]), atol=1e-4)
