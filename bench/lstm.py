@@ -35,7 +35,7 @@ MEMORY_BAR_BYTES = 4 * 2**30
 @dataclass
 class Settings:
     fraction: float = 1.0  # share of the real training set's series to run (1.0 = the bar's size)
-    batch_size: int = 256  # series per batch: large enough to keep the recurrent matmuls efficient
+    batch_size: int = 128  # series per batch, as train_lstm.py: 64 ran slower per slice, 512 needed 3.3 GB
     selected: int = 120  # the paper's pca:120
     layers: int = 3  # the paper's shape
     units: int = 256
