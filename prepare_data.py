@@ -126,7 +126,7 @@ def download_competition(raw: Path) -> None:
     try:
         api.authenticate()
     except SystemExit:
-        raise SystemExit("Kaggle refused the credentials found; check them (see https://www.kaggle.com/settings/api)")
+        raise SystemExit("Kaggle refused the credentials found; check them (see https://www.kaggle.com/settings/api)") from None
     raw.mkdir(parents=True, exist_ok=True)
     try:
         api.competition_download_files(COMPETITION, path=str(raw), quiet=False)
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> Path:
         download_competition(raw)
     sources, labels = index_sources(settings, raw)
     index = build_index(sources, dataset_dir, labels_csv=labels, folds=settings.folds, balance=settings.fold_balance,
-                        seed=settings.seed, workers=settings.workers, extra_config={"prepare_data": settings})
+                        seed=settings.seed, workers=settings.workers, extra_config={"prepare_data": settings}, resume=True)
     failures = write_slices(index, dataset_dir / "slices", size=settings.size, workers=settings.workers)
     index = drop_unreadable(dataset_dir, failures)
     print(f"done: {len(index)} slices indexed in {dataset_dir / 'index.parquet'}, stored in {dataset_dir / 'slices'}; "

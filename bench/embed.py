@@ -25,13 +25,12 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
+from bench.machine import device_description  # noqa: E402
 from ihd.cnn import build_cnn  # noqa: E402
 from ihd.features import extract_features  # noqa: E402
 from ihd.inputs import neighbour_rows, stack_hu  # noqa: E402
 from ihd.io import run_header  # noqa: E402
-from ihd.parallel import available_cores  # noqa: E402
 from ihd.slices import SliceStore, write_slices  # noqa: E402
 from ihd.windows import RECIPES  # noqa: E402
 
@@ -65,22 +64,6 @@ def store_of_real_slices(work_dir: Path, count: int, size: int) -> tuple[pd.Data
     if failures:
         raise RuntimeError(f"unreadable fixture files: {failures}")
     return index, SliceStore(work_dir / "slices")
-
-
-def cpu_model() -> str:
-    """The CPU model named in /proc/cpuinfo."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
-def device_name() -> str:
-    """The accelerator TensorFlow uses, or the CPU."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        return tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name)
-    return f"CPU: {cpu_model()}, {available_cores()} cores"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     overhead = bare_rate / ours_rate - 1
     print(f"\n### Feature extraction: {settings.backbone} at {settings.image_size}x{settings.image_size}, "
           f"weights none, batch {settings.batch_size}, {settings.slices} slices")
-    print(f"\nDevice: {device_name()}\n")
+    print(f"\nDevice: {device_description()}\n")
     print("| path | slices/s |")
     print("|---|---:|")
     print(f"| bare `model.predict` on arrays in memory | {bare_rate:.1f} |")

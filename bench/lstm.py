@@ -12,8 +12,6 @@ by length but padded to the longest series, timed on a subset and extrapolated t
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
 import sys
 import time
@@ -24,6 +22,7 @@ import keras
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.machine import device_description
 from ihd.labels import SUBTYPES
 from ihd.sequence import PAD_VALUE, SeriesBatches, SeriesSet, build_lstm, compile_lstm, pad_batch, plan_batches
 
@@ -42,18 +41,6 @@ class Settings:
     jit: bool = False  # XLA recompiles for every padded length; measured no faster per batch here
     padded_batches: int = 12  # batches timed for the padded-to-longest comparison
     seed: int = 0
-
-
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def series_lengths(total_slices: int, rng: np.random.Generator) -> np.ndarray:
@@ -141,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     padded_epoch_s = epoch_s + (padded_s_per_slice - bucketed_s_per_slice) * len(data.inputs)
     full_scale = 1.0 / settings.fraction
 
-    print(f"\nmachine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores")
+    print(f"\nmachine: {device_description()}")
     print(f"data: {len(data.inputs):,} slices in {len(data.lengths):,} series of {data.lengths.min()} to "
           f"{data.lengths.max()}; model {settings.layers} x {settings.units} bidirectional, batch {settings.batch_size} series, jit {settings.jit}\n")
     print("| variant | epoch wall time | steady slices/s | full-size epoch | peak RSS |")

@@ -32,6 +32,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 
+from bench.machine import cpu_description  # noqa: E402
 from ihd.dicom import read_header, read_hu  # noqa: E402
 from ihd.io import run_header  # noqa: E402
 from ihd.parallel import available_cores  # noqa: E402
@@ -149,14 +150,6 @@ def stored_kb(files: list[Path], size: int) -> float:
         return float(np.mean([slice_path(tmp, name).stat().st_size for name, _ in items])) / 1024
 
 
-def cpu_model() -> str:
-    """The CPU model named in /proc/cpuinfo."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=Settings.slices)
@@ -181,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name} on {workers} process(es): {rate:.0f} slices/s", flush=True)
 
     print(f"\n### Preprocessing: 512x512 DICOM -> stored {settings.size}x{settings.size} slice")
-    print(f"\nMachine: {cpu_model()}, {cores} cores; {len(items)} slices over {len(files)} real RSNA files, best of {settings.rounds} alternating rounds\n")
+    print(f"\nMachine: {cpu_description()}; {len(items)} slices over {len(files)} real RSNA files, best of {settings.rounds} alternating rounds\n")
     print("| processes | baseline slices/s | ours slices/s | ours / baseline |")
     print("|---:|---:|---:|---:|")
     for workers in worker_counts:

@@ -15,7 +15,6 @@ on the same 40 inputs already in memory is timed beside it as the baseline.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pydicom.uid import generate_uid
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.lstm import cpu_name  # noqa: E402
+from bench.machine import device_description  # noqa: E402
 from ihd.cnn import build_cnn  # noqa: E402
 from ihd.dicom import read_header  # noqa: E402
 from ihd.features import Selection  # noqa: E402
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         bare = statistics.median(bare_cnn_seconds(chain, stacks) for _ in range(settings.runs))
 
     medians = {name: statistics.median(run[name] for run in runs) for name in runs[0]}
-    print(f"\nmachine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores")
+    print(f"\nmachine: {device_description()}")
     print(f"study: {settings.slices} DICOM slices 512x512; {settings.backbone} at {settings.image_size}, "
           f"pca:{settings.selected}, LSTM 3 x 256 bidirectional; median of {settings.runs} runs after a warm-up\n")
     print("| stage | median seconds |")

@@ -10,7 +10,8 @@ Outputs in the dataset folder:
 
 - ``index.parquet``: columns ``INDEX_COLUMNS``, rows sorted by (split, series_id, position);
 - ``index_config.json``: the settings and counts that made it;
-- ``bad_files.csv``: ``path,reason`` for every file that could not be indexed (or later, stored).
+- ``bad_files.csv``: ``path,reason`` for every file that could not be indexed (or later, stored);
+- ``headers.parquet`` (with ``resume``): every header read so far, so a rerun reads only new files.
 """
 from __future__ import annotations
 
@@ -29,11 +30,14 @@ from ihd.parallel import parallel_map
 
 INDEX_FILE = "index.parquet"
 CONFIG_FILE = "index_config.json"
+HEADERS_FILE = "headers.parquet"
 BAD_FILES = "bad_files.csv"
 SPLITS = ("train", "test")
 FOLD_BALANCES = ("slices", "patients")
 ID_COLUMNS = ["image_id", "patient_id", "study_id", "series_id", "split", "path"]
 INDEX_COLUMNS = [*ID_COLUMNS, "z", "position", "series_length", *SUBTYPES, "fold"]
+SCAN_COLUMNS = [*ID_COLUMNS, "z", "rows", "cols", "folder"]
+SCAN_CHUNK_FILES = 50_000  # how often a resumable header scan saves what it has read
 
 
 def list_files(folder: str | Path) -> list[Path]:
@@ -45,31 +49,60 @@ def list_files(folder: str | Path) -> list[Path]:
 
 
 def header_row(item: tuple[str, str, str]) -> dict:
-    """Read one file's header into an index row, or a row with the reason it is unreadable."""
+    """Read one file's header into an index row; ``reason`` says why when it is unreadable."""
     path, split, folder = item
     try:
-        header = read_header(path)
+        row = asdict(read_header(path))
+        row["reason"] = None
     except DicomError as error:
-        return {"path": path, "reason": error.reason}
-    row = asdict(header)
+        row = {"reason": error.reason}
     row.update(split=split, path=path, folder=folder)
     return row
 
 
-def scan_headers(sources: Sequence[tuple[str | Path, str]], workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Headers of every file in the (folder, split) sources -> (readable rows, bad files with reasons)."""
+def scan_headers(
+    sources: Sequence[tuple[str | Path, str]],
+    workers: int | None = None,
+    cache: str | Path | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Headers of every file in the (folder, split) sources -> (readable rows, bad files with reasons).
+
+    With a ``cache`` parquet file the scan is resumable: what was scanned before (readable or not)
+    is taken from it, only new files are read, and the cache is rewritten after every
+    ``SCAN_CHUNK_FILES`` files, so a killed scan loses at most one chunk.
+    """
     items = []
     for folder, split in sources:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         folder = Path(folder).resolve()
         items += [(str(path), split, str(folder)) for path in list_files(folder)]
-    rows = list(parallel_map(header_row, items, workers=workers, desc="headers", unit="file"))
-    good = pd.DataFrame([r for r in rows if "reason" not in r])
-    bad = pd.DataFrame([r for r in rows if "reason" in r], columns=["path", "reason"])
-    if good.empty:
-        good = pd.DataFrame(columns=[*ID_COLUMNS, "z", "rows", "cols", "folder"])
+    scanned = _read_scan_cache(cache, items)
+    done = set(zip(scanned["path"], scanned["split"]))
+    todo = [item for item in items if item[:2] not in done]
+    if len(done):
+        print(f"headers: {len(done)} files known from {cache}, {len(todo)} to read")
+    for start in range(0, len(todo), SCAN_CHUNK_FILES):
+        chunk = todo[start : start + SCAN_CHUNK_FILES]
+        rows = pd.DataFrame(list(parallel_map(header_row, chunk, workers=workers, desc="headers", unit="file")))
+        scanned = pd.concat([scanned, rows], ignore_index=True)
+        if cache is not None:
+            with atomic_path(cache) as tmp:
+                scanned.to_parquet(tmp, index=False)
+    unreadable = scanned["reason"].notna()
+    good = scanned[~unreadable].drop(columns="reason")
+    bad = scanned.loc[unreadable, ["path", "reason"]]
     return good.sort_values("path", ignore_index=True), bad.sort_values("path", ignore_index=True)
+
+
+def _read_scan_cache(cache: str | Path | None, items: list[tuple[str, str, str]]) -> pd.DataFrame:
+    """Cached header rows of the files still present in ``items`` (an empty frame without a cache)."""
+    columns = [*SCAN_COLUMNS, "reason"]
+    if cache is None or not Path(cache).exists():
+        return pd.DataFrame(columns=columns).astype({c: str for c in columns})
+    cached = pd.read_parquet(cache)
+    present = pd.MultiIndex.from_tuples([item[:2] for item in items], names=["path", "split"])
+    return cached[pd.MultiIndex.from_frame(cached[["path", "split"]]).isin(present)].reset_index(drop=True)
 
 
 def make_ids_unique(headers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -169,15 +202,18 @@ def build_index(
     seed: int = 0,
     workers: int | None = None,
     extra_config: dict | None = None,
+    resume: bool = False,
 ) -> pd.DataFrame:
     """Scan (folder, split) sources into ``<dataset_dir>/index.parquet``; returns the index.
 
     Unreadable files are listed in ``bad_files.csv`` (the scan goes on); the settings and counts
-    go to ``index_config.json``.
+    go to ``index_config.json``. With ``resume`` the headers already read by an earlier run (kept
+    in ``headers.parquet``) are not read again.
     """
     sources = [(str(Path(folder).resolve()), split) for folder, split in sources]
     dataset_dir = Path(dataset_dir)
-    headers, bad = scan_headers(sources, workers=workers)
+    cache = dataset_dir / HEADERS_FILE if resume else None
+    headers, bad = scan_headers(sources, workers=workers, cache=cache)
     headers, clashes = make_ids_unique(headers)
     labels = None if labels_csv is None else read_long_labels(labels_csv)
     index, unmatched_labels = merge_labels(order_series(headers), labels)

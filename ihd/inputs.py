@@ -149,11 +149,12 @@ def training_dataset(
     data = data.shuffle(len(epoch_rows), seed=seed, reshuffle_each_iteration=True)
     element_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     data = tf.data.Dataset.zip(data, element_seeds)
-    if augment:
-        augmenter = _augmenter()
-        read = lambda row, element_seed: (augmenter(reader(row), element_seed), tf.gather(label_table, row))
-    else:
-        read = lambda row, element_seed: (reader(row), tf.gather(label_table, row))
+    augmenter = _augmenter() if augment else None
+
+    def read(row, element_seed):
+        stack = reader(row) if augmenter is None else augmenter(reader(row), element_seed)
+        return stack, tf.gather(label_table, row)
+
     data = data.map(read, num_parallel_calls=AUTOTUNE)
     drop_remainder = len(epoch_rows) >= batch_size
     return data.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)

@@ -1,5 +1,4 @@
 """ihd.dicom on the real files and on damaged copies of them."""
-import shutil
 
 import numpy as np
 import pydicom

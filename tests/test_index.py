@@ -1,11 +1,13 @@
 """Tests for ihd.index: grouping, ordering along the slice normal, folds by patient, bad files."""
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pydicom
 import pytest
 
+from ihd.dicom import read_header
 from ihd.index import INDEX_COLUMNS, assign_folds, build_index, make_ids_unique, read_index
 from ihd.labels import SUBTYPES
 
@@ -105,3 +107,25 @@ def test_shared_file_names_get_distinct_ids(tmp_path):
     })
     unique, clashes = make_ids_unique(headers)
     assert unique["image_id"].tolist() == ["a_IM1", "b_c_IM1", "IM2"] and clashes.empty
+
+
+def test_resumed_scan_reads_only_new_files_and_gives_the_same_index(real_data, tmp_path, monkeypatch):
+    import ihd.index
+
+    raw = tmp_path / "raw"
+    shutil.copytree(real_data / "rsna_series", raw)
+    (raw / "ID_badbad000.dcm").write_bytes(b"not an image")
+    moved = sorted(raw.glob("ID_*.dcm"))[:5]
+    for path in moved:
+        path.rename(tmp_path / path.name)
+    first = build_index([(raw, "test")], tmp_path / "out", workers=1, resume=True)
+    for path in moved:
+        (tmp_path / path.name).rename(raw / path.name)
+    reads = []
+    monkeypatch.setattr(ihd.index, "read_header", lambda path: reads.append(path) or read_header(path))
+    resumed = build_index([(raw, "test")], tmp_path / "out", workers=1, resume=True)
+    assert sorted(Path(p).name for p in reads) == sorted(p.name for p in moved)
+    assert len(first) == 27 and len(resumed) == 32 and resumed["position"].tolist() == list(range(32))
+    fresh = build_index([(raw, "test")], tmp_path / "fresh", workers=1)
+    pd.testing.assert_frame_equal(resumed, fresh)
+    assert "ID_badbad000" in (tmp_path / "out" / "bad_files.csv").read_text()

@@ -1,6 +1,5 @@
 """Tests for ihd.slices: the 16-bit HU store round trip, resume after a kill, unreadable files, tf reading."""
 import os
-import shutil
 
 import cv2
 import numpy as np

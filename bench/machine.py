@@ -1,0 +1,32 @@
+"""The machine a benchmark ran on, named the same way in every table."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ihd.parallel import available_cores
+
+
+def cpu_model() -> str:
+    """The CPU model named in /proc/cpuinfo."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def cpu_description() -> str:
+    """CPU model and the cores this process may use."""
+    return f"{cpu_model()}, {available_cores()} cores"
+
+
+def device_description() -> str:
+    """The GPU TensorFlow computes on, or the CPU when it sees none."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name)
+        return f"GPU: {name} (x{len(gpus)}); host CPU: {cpu_description()}"
+    return f"CPU: {cpu_description()}"
