@@ -51,6 +51,7 @@ class Settings:
     layers: int = 3  # the paper's depth
     units: int = 256  # per direction, the paper's width
     dropout: float = 0.5  # between LSTM layers: series are few (synthetic demo, one seed: 0.5 beat 0.3 on test)
+    residual: bool = True  # learn a change to the CNN's logits (starts from its answer); --no-residual: the paper's plain head
     epochs: int = 20  # series are few (about 21,000 on the real data, dozens on the synthetic one)
     batch_size: int = 128  # series per batch (of similar length): 164 steps an epoch on the real data, fast on CPU
     min_steps: int = 8  # batches shrink so that an epoch has at least this many steps: few series still train
@@ -72,6 +73,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("dropout", "learning_rate"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    parser.add_argument("--residual", action=argparse.BooleanOptionalAction, default=defaults.residual)
     parser.add_argument("--ablation-only", action="store_true")
     parser.add_argument("--features-dir", default=defaults.features_dir)
     parser.add_argument("--models-dir", default=defaults.models_dir)
@@ -102,7 +104,8 @@ def train_selection(settings: Settings, features, selection: str) -> dict:
           f"{len(val.lengths)} validation series (fold {fold}); {batch_size} series per batch", flush=True)
 
     model_path, record_path = lstm_paths(settings.models_dir, settings.run, selection)
-    model = build_lstm(inputs.shape[1], settings.layers, settings.units, settings.dropout, input_moments(train))
+    model = build_lstm(inputs.shape[1], settings.layers, settings.units, settings.dropout, input_moments(train),
+                       residual=settings.residual)
     compile_lstm(model, settings.learning_rate)
     best = fit_lstm(model, train, val, model_path, settings.epochs, batch_size, settings.patience, settings.seed)
 

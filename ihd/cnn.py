@@ -259,8 +259,8 @@ def fit_cnn(
     """Train up to ``epochs``, resuming from ``run_dir/checkpoint`` when an earlier run was cut short.
 
     Writes cnn.keras (best validation epoch), best.json, history.csv and TensorBoard logs in tb/ in
-    ``run_dir``. A terminal gets Keras' progress bar (rate and ETA) within each epoch; a log file one
-    line per epoch.
+    ``run_dir``. A terminal gets Keras' progress bar (rate and ETA) within each epoch; a log file
+    only the validation callback's line per epoch.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -270,7 +270,7 @@ def fit_cnn(
         keras.callbacks.TensorBoard(str(run_dir / "tb"), write_graph=False),
         keras.callbacks.BackupAndRestore(str(run_dir / CHECKPOINT_DIR), double_checkpoint=True, delete_checkpoint=False),
     ]
-    verbose = 1 if sys.stdout.isatty() else 2
+    verbose = 1 if sys.stdout.isatty() else 0
     model.fit(train_data, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=verbose)
 
 
