@@ -5,30 +5,26 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; on success it is renamed over ``path``, on error removed.
+    """Yield a fresh temporary sibling name of ``path`` for the caller to write; on success it is
+    renamed over ``path``, on error removed.
 
     Readers therefore see either the old file or the complete new one, never a half-written file.
-    The temporary name keeps the suffix so that writers choosing a format by suffix still work.
+    The name is unique to this process and call, and keeps the suffix so that writers choosing a
+    format by suffix still work.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -93,3 +93,16 @@ def test_tf_read_hu_matches_store(real_data, tmp_path):
     hu = tf_read_hu(tf.constant(str(store.path(image_id))), size=SIZE)
     assert hu.dtype == tf.float32 and tuple(hu.shape) == (SIZE, SIZE)
     assert np.array_equal(hu.numpy(), store.read_hu(image_id))
+
+
+def test_png_encoder_round_trips_exactly_through_opencv_and_tensorflow():
+    import tensorflow as tf
+
+    from ihd.slices import encode_uint16_png
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 65536, size=(37, 53), dtype=np.uint16)
+    image[0, :5] = [0, 65535, 1, 256, 65280]
+    encoded = encode_uint16_png(image)
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_UNCHANGED), image)
+    np.testing.assert_array_equal(tf.io.decode_png(encoded, channels=1, dtype=tf.uint16).numpy()[..., 0], image)
