@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ihd.gradcam import METHODS
+from ihd.kaggle_api import KaggleAccessError
 from ihd.index import build_index
 from ihd.inference import (
     Chain,
@@ -109,7 +110,10 @@ def predict_dataset(settings: Settings, chain: Chain) -> Path:
         write_json(out_dir / "config.json", {"selection": chain.selection_name, "settings": settings})
         print(f"grad-cam: {len(pictures)} pictures in {out_dir}")
     if settings.submit:
-        submit(out_path, settings.message or f"{chain.run} {chain.selection_name}")
+        try:
+            submit(out_path, settings.message or f"{chain.run} {chain.selection_name}")
+        except KaggleAccessError as error:
+            raise SystemExit(f"--submit: {out_path} was written but not sent. {error}") from None
         print(f"submitted {out_path}")
     return out_path
 

@@ -11,7 +11,6 @@ test rows). Every stage is resumable: rerun the same command after an interrupti
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -20,9 +19,9 @@ from pathlib import Path
 from ihd import synthetic
 from ihd.index import FOLD_BALANCES, build_index, drop_unreadable
 from ihd.io import read_json, run_header
+from ihd.kaggle_api import COMPETITION, KaggleAccessError, kaggle_api, network_hint
 from ihd.slices import write_slices
 
-COMPETITION = "rsna-intracranial-hemorrhage-detection"
 TRAIN_DIR, TEST_DIR, TRAIN_LABELS = "stage_2_train", "stage_2_test", "stage_2_train.csv"
 
 
@@ -90,52 +89,20 @@ def write_synthetic(settings: Settings, raw: Path) -> None:
     print(f"synthetic dataset: {images} images -> {raw}")
 
 
-def kaggle_credentials_hint() -> str | None:
-    """None when Kaggle credentials are configured, else a message saying what is missing and what to do."""
-    if os.environ.get("KAGGLE_API_TOKEN") or (os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")):
-        return None
-    home = Path(os.path.expanduser("~"))
-    config_dirs = [Path(os.environ["KAGGLE_CONFIG_DIR"])] if os.environ.get("KAGGLE_CONFIG_DIR") else []
-    config_dirs += [home / ".kaggle", Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "kaggle"]
-    names = ("kaggle.json", "access_token", "access_token.txt", "credentials.json")
-    if any((folder / name).is_file() for folder in config_dirs for name in names):
-        return None
-    return (
-        "--download needs Kaggle credentials and none were found.\n"
-        f"  Looked for: KAGGLE_USERNAME + KAGGLE_KEY or KAGGLE_API_TOKEN in the environment, and "
-        f"{', '.join(names)} in {', '.join(str(d) for d in config_dirs)}.\n"
-        "  To fix: create an API token at https://www.kaggle.com/settings/api and save it as "
-        f"{home / '.kaggle' / 'kaggle.json'} (chmod 600), or export KAGGLE_USERNAME and KAGGLE_KEY.\n"
-        f"  Then accept the competition rules at https://www.kaggle.com/competitions/{COMPETITION}/rules "
-        "(the download is refused until you do).\n"
-        "  Offline, try the kit with: python prepare_data.py --synthetic --small"
-    )
-
-
 def download_competition(raw: Path) -> None:
     """Fetch and unpack the competition files into ``raw`` through the kaggle package's API."""
     if (raw / TRAIN_DIR).is_dir() and (raw / TRAIN_LABELS).is_file() and not any(raw.glob("*.zip")):
         print(f"{raw} already holds the unpacked competition files")
         return
-    hint = kaggle_credentials_hint()
-    if hint:
-        raise SystemExit(hint)
-    from kaggle.api.kaggle_api_extended import KaggleApi
-
-    api = KaggleApi()
     try:
-        api.authenticate()
-    except SystemExit:
-        raise SystemExit("Kaggle refused the credentials found; check them (see https://www.kaggle.com/settings/api)") from None
+        api = kaggle_api()
+    except KaggleAccessError as error:
+        raise SystemExit(f"--download: {error}") from None
     raw.mkdir(parents=True, exist_ok=True)
     try:
         api.competition_download_files(COMPETITION, path=str(raw), quiet=False)
     except Exception as error:
-        raise SystemExit(
-            f"Kaggle download of {COMPETITION} failed ({type(error).__name__}: {error}).\n"
-            "  No network: run where kaggle.com is reachable. HTTP 403: accept the rules at "
-            f"https://www.kaggle.com/competitions/{COMPETITION}/rules. HTTP 401: renew the API token."
-        ) from None
+        raise SystemExit(network_hint(f"download of {COMPETITION}", error)) from None
     for archive in sorted(raw.glob("*.zip")):
         print(f"unpacking {archive} ...")
         with zipfile.ZipFile(archive) as zipped:

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 
 from ihd.io import atomic_path
+from ihd.kaggle_api import COMPETITION, KaggleAccessError, kaggle_api, network_hint
 from ihd.labels import SUBTYPES, to_long
 
-COMPETITION = "rsna-intracranial-hemorrhage-detection"
 FLOAT_FORMAT = "%.6g"
 NAMES_SHOWN = 10
 
@@ -102,22 +102,12 @@ def write_submission(
 
 
 def submit(path: str | Path, message: str, competition: str = COMPETITION) -> None:
-    """Send a submission file to Kaggle (needs the internet and ~/.kaggle/kaggle.json or KAGGLE_* variables)."""
+    """Send a submission file to Kaggle; raises ``KaggleAccessError`` saying what is missing offline."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"submission {path} does not exist")
-    try:
-        from kaggle.api.kaggle_api_extended import KaggleApi
-    except ImportError as error:
-        raise RuntimeError("the kaggle package is not installed: pip install kaggle") from error
-    api = KaggleApi()
-    try:
-        api.authenticate()
-    except (Exception, SystemExit) as error:
-        raise RuntimeError(
-            "no Kaggle credentials: put kaggle.json in ~/.kaggle/ or set KAGGLE_USERNAME and KAGGLE_KEY"
-        ) from error
+    api = kaggle_api()
     try:
         api.competition_submit(str(path), message, competition)
     except Exception as error:
-        raise RuntimeError(f"could not submit {path} to {competition} (offline, or rules not accepted?): {error}") from error
+        raise KaggleAccessError(network_hint(f"submission of {path} to {competition}", error)) from None

@@ -79,3 +79,12 @@ def test_incomplete_feature_cache_is_extracted_again(chain, tmp_path):
     submission = predict.main(["--run", "small", "--submissions-dir", str(tmp_path), *chain["common"]])
     assert (features / "progress.json").is_file()
     pd.testing.assert_frame_equal(pd.read_csv(submission), pd.read_csv(chain["submission"]), atol=1e-4)
+
+
+def test_submit_offline_keeps_the_file_and_says_what_is_missing(chain, tmp_path, monkeypatch):
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_CONFIG_DIR", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(SystemExit, match="written but not sent.*needs credentials"):
+        predict.main(["--run", "small", "--submit", "--submissions-dir", str(tmp_path / "out"), *chain["common"]])
+    assert len(list((tmp_path / "out").glob("small-*.csv"))) == 1

@@ -2,6 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ihd.kaggle_api import KaggleAccessError
 from ihd.labels import SUBTYPES
 from ihd.submission import (
     SubmissionError,
@@ -84,5 +85,5 @@ def test_submit_without_credentials_says_so(sample_path, tmp_path, monkeypatch):
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
     monkeypatch.delenv("KAGGLE_KEY", raising=False)
     monkeypatch.delenv("KAGGLE_API_TOKEN", raising=False)
-    with pytest.raises(RuntimeError, match="credentials"):
+    with pytest.raises(KaggleAccessError, match="needs credentials"):
         submit(sample_path, "test")
