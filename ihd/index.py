@@ -16,6 +16,7 @@ Outputs in the dataset folder:
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -179,6 +180,9 @@ def assign_folds(index: pd.DataFrame, folds: int = 5, balance: str = "slices", s
         patient_fold[patient] = target
         load[target] += sizes[patient] if balance == "slices" else 1
     fold[labeled] = index.loc[labeled, "patient_id"].map(patient_fold).to_numpy(dtype=np.int8)
+    if 0 < len(patients) < folds:
+        warnings.warn(f"{len(patients)} labeled patients cannot fill {folds} folds: folds "
+                      f"{', '.join(map(str, range(len(patients), folds)))} are empty and cannot validate")
     return fold
 
 

@@ -129,3 +129,10 @@ def test_resumed_scan_reads_only_new_files_and_gives_the_same_index(real_data, t
     fresh = build_index([(raw, "test")], tmp_path / "fresh", workers=1)
     pd.testing.assert_frame_equal(resumed, fresh)
     assert "ID_badbad000" in (tmp_path / "out" / "bad_files.csv").read_text()
+
+
+def test_fewer_patients_than_folds_warns_about_the_empty_folds():
+    index = pd.DataFrame({"split": "train", "patient_id": ["a", "a", "b", "c"], "any": 0.0})
+    with pytest.warns(UserWarning, match="3 labeled patients cannot fill 5 folds: folds 3, 4 are empty"):
+        folds = assign_folds(index, folds=5)
+    assert sorted(set(folds)) == [0, 1, 2] and folds[0] == folds[1]
