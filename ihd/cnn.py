@@ -24,7 +24,8 @@ import numpy as np
 import tensorflow as tf
 
 from ihd.io import atomic_path, read_json, write_json
-from ihd.labels import LABEL_WEIGHTS, SUBTYPES
+from ihd.labels import SUBTYPES
+from ihd.losses import weighted_binary_crossentropy
 from ihd.metrics import summary
 from ihd.windows import ChannelRecipe, parse_recipe
 
@@ -175,15 +176,6 @@ def set_prior_bias(model: keras.Model, label_means: np.ndarray) -> None:
     """Start the "pred" layer at the training label frequencies (its bias = their log-odds)."""
     means = np.clip(np.asarray(label_means, dtype=np.float64), 1e-4, 1 - 1e-4)
     model.get_layer("pred").bias.assign(np.log(means / (1 - means)).astype(np.float32))
-
-
-@keras.saving.register_keras_serializable(package="ihd")
-def weighted_binary_crossentropy(y_true, y_pred):
-    """Per-slice binary cross-entropy averaged over subtypes with the metric's weights."""
-    weights = keras.ops.convert_to_tensor(LABEL_WEIGHTS / LABEL_WEIGHTS.sum(), dtype="float32")
-    y_true = keras.ops.cast(y_true, "float32")
-    per_label = keras.ops.binary_crossentropy(y_true, keras.ops.cast(y_pred, "float32"))
-    return keras.ops.sum(per_label * weights, axis=-1)
 
 
 def compile_cnn(model: keras.Model, learning_rate: float, total_steps: int, warmup_steps: int) -> None:

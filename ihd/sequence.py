@@ -20,7 +20,8 @@ import keras
 from tqdm.auto import tqdm
 
 from ihd.io import atomic_path
-from ihd.labels import LABEL_WEIGHTS, SUBTYPES
+from ihd.labels import SUBTYPES
+from ihd.losses import weighted_binary_crossentropy
 from ihd.metrics import weighted_log_loss
 
 PAD_VALUE = -1.0e4
@@ -138,29 +139,6 @@ class SeriesBatches:
         return dataset.apply(tf.data.experimental.assert_cardinality(len(self))).prefetch(2)
 
 
-@keras.saving.register_keras_serializable(package="ihd")
-class WeightedBinaryCrossentropy(keras.losses.Loss):
-    """Per-slice binary cross-entropy weighted as the challenge's metric (`any` twice).
-
-    Returns one value per slice; Keras multiplies by the mask that the `Masking` layer attached to
-    the predictions and averages over real slices only, so padding contributes nothing.
-    """
-
-    def __init__(self, epsilon: float = 1e-7, name: str = "weighted_bce", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.epsilon = epsilon
-
-    def call(self, y_true, y_pred):
-        weights = keras.ops.convert_to_tensor(LABEL_WEIGHTS / LABEL_WEIGHTS.sum(), dtype=y_pred.dtype)
-        p = keras.ops.clip(y_pred, self.epsilon, 1.0 - self.epsilon)
-        y = keras.ops.cast(y_true, y_pred.dtype)
-        cells = -(y * keras.ops.log(p) + (1.0 - y) * keras.ops.log(1.0 - p))
-        return keras.ops.sum(cells * weights, axis=-1)
-
-    def get_config(self):
-        return {**super().get_config(), "epsilon": self.epsilon}
-
-
 def input_moments(data: SeriesSet, chunk_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and variance over the set's rows (streamed in chunks), for the model's normalisation."""
     rows = data.rows
@@ -237,7 +215,7 @@ def compile_lstm(model: keras.Model, learning_rate: float = 1e-3, jit_compile: b
     """
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate, clipnorm=1.0),
-        loss=WeightedBinaryCrossentropy(),
+        loss=weighted_binary_crossentropy,
         jit_compile=jit_compile,
     )
     return model

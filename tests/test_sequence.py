@@ -7,7 +7,6 @@ from ihd.metrics import weighted_log_loss
 from ihd.sequence import (
     PAD_VALUE,
     SeriesBatches,
-    WeightedBinaryCrossentropy,
     build_lstm,
     compile_lstm,
     fit_lstm,
@@ -127,13 +126,6 @@ def test_residual_lstm_starts_at_the_cnn_probabilities():
     np.testing.assert_allclose(predicted, data.inputs[:, -6:], atol=1e-5)
     with pytest.raises(ValueError, match="six CNN probabilities"):
         build_lstm(5)
-
-
-def test_loss_weighs_any_twice():
-    loss = WeightedBinaryCrossentropy()
-    wrong_on_any = np.array([[0.1, 0.1, 0.1, 0.1, 0.1, 0.9]], np.float32)
-    expected = (5 * -np.log(0.9) + 2 * -np.log(0.1)) / 7
-    assert float(loss(np.zeros((1, 6), np.float32), wrong_on_any)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_predict_series_returns_index_order():
