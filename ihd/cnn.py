@@ -272,6 +272,11 @@ def epochs_done(run_dir: str | Path) -> int:
     return int(read_json(metadata)["epoch"]) if metadata.exists() else 0
 
 
+def embedding_extractor(model: keras.Model) -> keras.Model:
+    """The CNN with two outputs: the pooled embedding and the six probabilities."""
+    return keras.Model(model.input, [model.get_layer("embedding").output, model.get_layer("pred").output])
+
+
 def load_cnn(run_dir: str | Path) -> tuple[keras.Model, dict]:
     """The best-epoch model of a CNN run (for inference) and the run's config.json."""
     run_dir = Path(run_dir)

@@ -28,6 +28,7 @@ import pandas as pd
 from sklearn.feature_selection import mutual_info_classif
 from tqdm.auto import tqdm
 
+from ihd.cnn import embedding_extractor
 from ihd.inputs import fold_rows, inference_dataset, label_array
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import LABEL_WEIGHTS, SUBTYPES
@@ -79,7 +80,7 @@ def extract_features(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    extractor = keras.Model(model.input, [model.get_layer("embedding").output, model.get_layer("pred").output])
+    extractor = embedding_extractor(model)
     dim = int(extractor.outputs[0].shape[-1])
     config = {**cnn_config, "embedding_dim": dim, "rows": len(index), "index_path": str(index_path)}
     config_path = out_dir / "config.json"

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ihd.cnn import load_cnn
+from ihd.cnn import embedding_extractor, load_cnn
 from ihd.dicom import read_hu
 from ihd.features import Features, Selection, extract_features, load_features, load_selection, rows_done, selection_slug
 from ihd.gradcam import best_slices, draw_montage, draw_overlay, gradcam_heatmap
@@ -49,7 +49,7 @@ class Chain:
     @cached_property
     def extractor(self) -> keras.Model:
         """The CNN with two outputs: the pooled embedding and the six probabilities."""
-        return keras.Model(self.cnn.input, [self.cnn.get_layer("embedding").output, self.cnn.get_layer("pred").output])
+        return embedding_extractor(self.cnn)
 
     @property
     def image_size(self) -> int:
