@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ihd.gradcam import METHODS
-from ihd.kaggle_api import KaggleAccessError
-from ihd.index import build_index
+from ihd.index import build_index, drop_unreadable
 from ihd.inference import (
     Chain,
     cached_test_features,
@@ -32,10 +31,12 @@ from ihd.inference import (
     load_chain,
     predict_dicom_index,
     predict_test_split,
+    read_model_hu,
     store_hu_reader,
 )
 from ihd.inputs import fold_rows, label_array
 from ihd.io import atomic_path, run_header, write_json
+from ihd.kaggle_api import KaggleAccessError
 from ihd.labels import SUBTYPES, read_long_labels
 from ihd.metrics import prior_baseline
 from ihd.report import format_scores, scores_on_truth, truth_path
@@ -123,9 +124,12 @@ def predict_folder(settings: Settings, chain: Chain) -> Path:
     folder = Path(settings.dicom_dir)
     out_dir = Path(settings.out) if settings.out else Path(settings.submissions_dir) / f"{chain.run}-{chain.slug}-{folder.name}"
     index = build_index([(folder, "test")], out_dir, workers=1)
+    hu, failures = read_model_hu(index, chain.image_size)
+    if failures:
+        index = drop_unreadable(out_dir, failures)
     if index.empty:
         raise SystemExit(f"{folder}: no readable DICOM slices (see {out_dir / 'bad_files.csv'})")
-    predictions, hu = predict_dicom_index(chain, index)
+    predictions = predict_dicom_index(chain, index, hu)
     table = index[["image_id", "patient_id", "study_id", "series_id", "position", "z", "path"]].copy()
     table[list(SUBTYPES)] = predictions.lstm
     table[[f"cnn_{s}" for s in SUBTYPES]] = predictions.cnn

@@ -18,7 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ihd.cnn import embedding_extractor, load_cnn
-from ihd.dicom import read_hu
+from ihd.dicom import DicomError, read_hu
 from ihd.features import Features, Selection, extract_features, load_features, load_selection, rows_done, selection_slug
 from ihd.gradcam import best_slices, draw_montage, draw_overlay, gradcam_heatmap
 from ihd.index import read_index
@@ -131,17 +131,23 @@ def cnn_outputs(chain: Chain, stacks: np.ndarray, batch_size: int = 64) -> tuple
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def read_model_hu(index: pd.DataFrame, size: int) -> np.ndarray:
-    """Every row's DICOM file as HU resized for the model, (N, size, size) float32."""
-    return np.stack([to_model_hu(read_hu(path), size) for path in index["path"]])
+def read_model_hu(index: pd.DataFrame, size: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """The readable rows' DICOM files as HU resized for the model, (n, size, size) float32 in index
+    order, and (path, reason) for each file that could not be read (left out of the array)."""
+    slices, failures = [], []
+    for path in index["path"]:
+        try:
+            slices.append(to_model_hu(read_hu(path), size))
+        except DicomError as error:
+            failures.append((path, error.reason))
+    return np.stack(slices) if slices else np.zeros((0, size, size), np.float32), failures
 
 
-def predict_dicom_index(chain: Chain, index: pd.DataFrame) -> tuple[Predictions, np.ndarray]:
-    """Both models' probabilities for the rows of a DICOM folder's index, in memory; also the HU slices."""
-    hu = read_model_hu(index, chain.image_size)
+def predict_dicom_index(chain: Chain, index: pd.DataFrame, hu: np.ndarray) -> Predictions:
+    """Both models' probabilities for the rows of a DICOM folder's index, from their HU slices in memory."""
     stacks = stack_hu(hu, neighbour_rows(index, chain.offsets))
     embeddings, cnn = cnn_outputs(chain, stacks)
-    return Predictions(index, cnn, lstm_probabilities(chain, embeddings, cnn, index)), hu
+    return Predictions(index, cnn, lstm_probabilities(chain, embeddings, cnn, index))
 
 
 def draw_study_pictures(

@@ -1,5 +1,6 @@
 """The whole chain on the small synthetic dataset: train_cnn -> train_lstm (two selections) -> predict."""
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -88,3 +89,17 @@ def test_submit_offline_keeps_the_file_and_says_what_is_missing(chain, tmp_path,
     with pytest.raises(SystemExit, match="written but not sent.*needs credentials"):
         predict.main(["--run", "small", "--submit", "--submissions-dir", str(tmp_path / "out"), *chain["common"]])
     assert len(list((tmp_path / "out").glob("small-*.csv"))) == 1
+
+
+def test_dicom_folder_with_truncated_pixels_predicts_the_rest(chain, tmp_path):
+    folder = tmp_path / "study"
+    shutil.copytree(chain["dataset"] / "raw" / "stage_2_test", folder)
+    files = sorted(folder.glob("*.dcm"))
+    damaged = files[len(files) // 2]
+    damaged.write_bytes(damaged.read_bytes()[:-20_000])
+    csv_path = predict.main(["--run", "small", "--dicom-dir", str(folder), "--out", str(tmp_path / "out"),
+                             *chain["common"]])
+    table = pd.read_csv(csv_path)
+    assert len(table) == len(files) - 1 and damaged.stem not in set(table["image_id"])
+    assert table.groupby("series_id")["position"].apply(lambda p: sorted(p) == list(range(len(p)))).all()
+    assert "truncated" in (tmp_path / "out" / "bad_files.csv").read_text()
