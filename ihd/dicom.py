@@ -6,6 +6,9 @@ in practice, and what this module does about it:
 - Compressed pixel data (JPEG Lossless in CQ500, JPEG 2000, RLE) is decoded by pydicom's plugins
   (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg); uncompressed data is read straight from
   the bytes, which is several times faster than the generic decoder.
+- Only the low ``BitsStored`` bits of each 16-bit word are the pixel: the unused high bits may hold
+  overlay-like data (unsigned storage) or zeros instead of the sign (signed storage). They are
+  masked off, or the sign bit is extended into them, as pydicom's decoder does.
 - ``RescaleIntercept`` written as ``-1024.000000`` and multi-valued window tags are read as
   numbers by pydicom; a missing slope/intercept means stored values are already HU.
 - Outside the scanner's field of view some files hold -2000 or -3024 padding. Nothing in a head
@@ -100,6 +103,17 @@ def read_header(path: str | Path) -> SliceHeader:
     )
 
 
+def _keep_stored_bits(words: np.ndarray, bits_stored: int) -> np.ndarray:
+    """The pixel values held in the low ``bits_stored`` bits of integer words: the unused high bits
+    masked off (unsigned words) or overwritten by the sign bit (signed words)."""
+    unused = 8 * words.dtype.itemsize - bits_stored
+    if unused == 0:
+        return words
+    if words.dtype.kind == "i":
+        return (words << unused) >> unused
+    return words & ((1 << bits_stored) - 1)
+
+
 def _stored_values(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
     """The stored pixel values as a 2-D integer array."""
     if "PixelData" not in ds:
@@ -111,12 +125,16 @@ def _stored_values(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
     rows, cols = int(ds.Rows), int(ds.Columns)
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is not None and not syntax.is_compressed and int(ds.BitsAllocated) == 16:
+        bits_stored = int(ds.get("BitsStored", 16))
+        if not 1 <= bits_stored <= 16:
+            raise DicomError(path, f"BitsStored {bits_stored} does not fit 16-bit words")
         order = ">" if not syntax.is_little_endian else "<"
         kind = "i" if int(ds.PixelRepresentation) == 1 else "u"
         data = ds.PixelData
         if len(data) < rows * cols * 2:
             raise DicomError(path, f"truncated pixel data: {len(data)} bytes for {rows}x{cols} 16-bit pixels")
-        return np.frombuffer(data, dtype=f"{order}{kind}2", count=rows * cols).reshape(rows, cols)
+        words = np.frombuffer(data, dtype=f"{order}{kind}2", count=rows * cols).reshape(rows, cols)
+        return _keep_stored_bits(words, bits_stored)
     try:
         return ds.pixel_array
     except (NotImplementedError, RuntimeError) as error:

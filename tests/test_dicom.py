@@ -3,8 +3,11 @@
 import numpy as np
 import pydicom
 import pytest
+from pydicom.pixels import apply_modality_lut
 
 from ihd.dicom import AIR_HU, DicomError, has_rsna_wrap, read_header, read_hu
+
+TWELVE_BIT_SLICE = "rsna_slices/ID_2008dd408.dcm"  # BitsStored 12, unsigned, Explicit VR, bleeds in view
 
 
 def _soft_tissue_peak_hu(hu):
@@ -26,6 +29,74 @@ def test_every_real_file_reads_as_plausible_hounsfield_units(real_data):
         peak_hu, pixels = _soft_tissue_peak_hu(hu)
         if pixels > 0.05 * hu.size:
             assert 0 < peak_hu < 80, f"{path}: brain tissue peaks at {peak_hu} HU"
+
+
+def _pydicom_hu(path):
+    """HU as pydicom decodes the file (its modality LUT), with padding below air floored to air."""
+    ds = pydicom.dcmread(path)
+    return np.maximum(apply_modality_lut(ds.pixel_array, ds), AIR_HU)
+
+
+def _one_file_per_jpeg2000_series(files):
+    """Every file, except that of the JPEG 2000 series (33 ms a slice to decode) only the first slice
+    of each series and header variant is kept."""
+    kept, seen = [], set()
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if ds.file_meta.TransferSyntaxUID.name.startswith("JPEG 2000"):
+            variant = (ds.SeriesInstanceUID, ds.BitsStored, ds.PixelRepresentation, str(ds.RescaleSlope),
+                       str(ds.RescaleIntercept))
+            if variant in seen:
+                continue
+            seen.add(variant)
+        kept.append(path)
+    return kept
+
+
+def test_every_real_file_matches_pydicoms_modality_lut(real_data):
+    """The fixture files, native, JPEG Lossless and JPEG 2000, read as pydicom's own decoding and
+    modality LUT give them."""
+    files = sorted(p for p in real_data.rglob("*.dcm") if p.parent.parent.name != "ctich_masks")
+    assert len(files) == 826
+    files = _one_file_per_jpeg2000_series(files)
+    assert len(files) == 82 + 21
+    for path in files:
+        np.testing.assert_array_equal(read_hu(path), _pydicom_hu(path), err_msg=str(path))
+
+
+def _save_with_words(source, target, words, **tags):
+    """A copy of a real slice with new 16-bit pixel words and header values."""
+    ds = pydicom.dcmread(source)
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = words.astype("<u2").tobytes()
+    ds.save_as(target)
+    return target
+
+
+def test_unsigned_12_bit_words_with_high_bits_set_read_their_low_12_bits(real_data, tmp_path):
+    source = real_data / TWELVE_BIT_SLICE
+    stored = pydicom.dcmread(source).pixel_array
+    overlay = np.zeros(stored.shape, bool)
+    overlay[100:400:3, 50:450] = True  # overlay-like data in bits 12-15, as old scanners wrote it
+    noisy = stored | (overlay * np.uint16(0xF000)) | ((stored % 7 == 0) * np.uint16(0x8000))
+    target = _save_with_words(source, tmp_path / "ID_highbits.dcm", noisy)
+    assert np.array_equal(pydicom.dcmread(target).pixel_array, stored)
+    hu = read_hu(target)
+    np.testing.assert_array_equal(hu, _pydicom_hu(target))
+    np.testing.assert_array_equal(hu, read_hu(source))
+
+
+def test_signed_12_bit_words_without_sign_extension_read_as_signed(real_data, tmp_path):
+    source = real_data / TWELVE_BIT_SLICE
+    hu_words = pydicom.dcmread(source).pixel_array.astype(np.int32) - 1024
+    assert (hu_words < 0).mean() > 0.5
+    target = _save_with_words(source, tmp_path / "ID_signed12.dcm", hu_words & 0x0FFF,
+                              PixelRepresentation=1, RescaleIntercept="0")
+    assert np.array_equal(pydicom.dcmread(target).pixel_array, hu_words)
+    hu = read_hu(target)
+    np.testing.assert_array_equal(hu, _pydicom_hu(target))
+    np.testing.assert_array_equal(hu, read_hu(source))
 
 
 def test_padding_outside_the_field_of_view_reads_as_air(real_data):
