@@ -105,12 +105,18 @@ def read_header(path: str | Path) -> SliceHeader:
 
 def _keep_stored_bits(words: np.ndarray, bits_stored: int) -> np.ndarray:
     """The pixel values held in the low ``bits_stored`` bits of integer words: the unused high bits
-    masked off (unsigned words) or overwritten by the sign bit (signed words)."""
+    masked off (unsigned words) or overwritten by the sign bit (signed words). Words already in the
+    stored range (nearly every file) are returned as they are, without a copy."""
     unused = 8 * words.dtype.itemsize - bits_stored
     if unused == 0:
         return words
     if words.dtype.kind == "i":
+        bound = 1 << (bits_stored - 1)
+        if words.min() >= -bound and words.max() < bound:
+            return words
         return (words << unused) >> unused
+    if words.max() < 1 << bits_stored:
+        return words
     return words & ((1 << bits_stored) - 1)
 
 
