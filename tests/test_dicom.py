@@ -55,13 +55,14 @@ def _one_file_per_jpeg2000_series(files):
 
 def test_every_real_file_matches_pydicoms_modality_lut(real_data):
     """The fixture files, native, JPEG Lossless and JPEG 2000, read as pydicom's own decoding and
-    modality LUT give them."""
-    files = sorted(p for p in real_data.rglob("*.dcm") if p.parent.parent.name != "ctich_masks")
-    assert len(files) == 826
+    modality LUT give them (the CT-ICH OT files, raw HU without rescale tags, read as HU when asked)."""
+    files = sorted(real_data.rglob("*.dcm"))
+    assert len(files) == 835
     files = _one_file_per_jpeg2000_series(files)
-    assert len(files) == 82 + 21
+    assert len(files) == 91 + 21
     for path in files:
-        np.testing.assert_array_equal(read_hu(path), _pydicom_hu(path), err_msg=str(path))
+        non_ct = path.parent.parent.name == "ctich_masks"
+        np.testing.assert_array_equal(read_hu(path, non_ct_as_hu=non_ct), _pydicom_hu(path), err_msg=str(path))
 
 
 def _save_with_words(source, target, words, **tags):
@@ -187,3 +188,66 @@ def test_header_orders_the_real_series_by_position(real_data):
     assert stored_z[0] == pytest.approx(155.0, abs=0.1) and stored_z[-1] == pytest.approx(313.1, abs=0.1)
     gaps = np.diff([h.z for h in by_position])
     assert np.all(gaps > 4.5) and np.all(gaps < 5.5)
+
+
+def _edited_copy(source, target, **tags):
+    """A copy of a real file with some header values replaced (``None`` deletes the tag)."""
+    ds = pydicom.dcmread(source)
+    for keyword, value in tags.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(target)
+    return target
+
+
+def test_other_modalities_are_refused_unless_read_as_hu_on_request(real_data, tmp_path):
+    ctich = real_data / "ctich_masks" / "images" / "049_21.dcm"
+    mr = _edited_copy(real_data / "rsna_slices" / "ID_000039fa0.dcm", tmp_path / "ID_mr.dcm", Modality="MR")
+    for path, modality in ((ctich, "OT"), (mr, "MR")):
+        with pytest.raises(DicomError, match=f"modality {modality}, not CT.*--read-non-ct-as-hu") as caught:
+            read_hu(path)
+        assert caught.value.path == str(path)
+    raw_hu = pydicom.dcmread(ctich).pixel_array
+    assert raw_hu.min() < -1000 and "RescaleSlope" not in pydicom.dcmread(ctich)
+    np.testing.assert_array_equal(read_hu(ctich, non_ct_as_hu=True), np.maximum(raw_hu, AIR_HU))
+
+
+@pytest.mark.parametrize("tags, reason", [
+    ({"RescaleSlope": "nan"}, "RescaleSlope nan is not a CT slope"),
+    ({"RescaleSlope": "inf"}, "RescaleSlope inf is not a CT slope"),
+    ({"RescaleSlope": "0"}, "RescaleSlope 0.0 is not a CT slope"),
+    ({"RescaleSlope": "-1"}, "RescaleSlope -1.0 is not a CT slope"),
+    ({"RescaleSlope": "1000"}, "RescaleSlope 1000.0 is not a CT slope"),
+    ({"RescaleIntercept": "nan"}, "RescaleIntercept nan is not a CT intercept"),
+    ({"RescaleIntercept": "-1e9"}, "RescaleIntercept -1000000000.0 is not a CT intercept"),
+], ids=["nan-slope", "inf-slope", "zero-slope", "negative-slope", "huge-slope", "nan-intercept", "huge-intercept"])
+def test_absurd_rescale_is_refused_by_name(real_data, tmp_path, tags, reason):
+    path = _edited_copy(real_data / "rsna_slices" / "ID_000039fa0.dcm", tmp_path / "ID_rescale.dcm", **tags)
+    with pytest.raises(DicomError, match=reason):
+        read_hu(path, non_ct_as_hu=True)
+
+
+def test_images_below_the_minimum_size_are_refused(real_data, tmp_path):
+    source = real_data / "rsna_slices" / "ID_000039fa0.dcm"
+    small = pydicom.dcmread(source).pixel_array[::16, ::16]
+    shrunk = _save_with_words(source, tmp_path / "ID_32.dcm", small.view(np.uint16), Rows=32, Columns=32)
+    empty = _save_with_words(source, tmp_path / "ID_0.dcm", np.zeros(0, np.uint16), Rows=0, Columns=0)
+    for path, size in ((shrunk, "32x32"), (empty, "0x0")):
+        with pytest.raises(DicomError, match=f"image of {size} pixels, smaller than 64x64"):
+            read_hu(path)
+        assert read_header(path).rows == int(size.split("x")[0])
+
+
+def test_any_failure_while_reading_is_a_dicom_error_naming_the_file(real_data, tmp_path):
+    ds = pydicom.dcmread(real_data / "rsna_slices" / "ID_000039fa0.dcm")
+    ds.add_new(0x00280008, "LO", "abc")  # NumberOfFrames that does not parse as a number
+    ds.save_as(tmp_path / "ID_frames.dcm")
+    del ds.NumberOfFrames, ds.ImagePositionPatient
+    ds.add_new(0x00200032, "LO", ["abc", "1", "2"])  # ImagePositionPatient that does not parse
+    ds.save_as(tmp_path / "ID_position.dcm")
+    for path, read in ((tmp_path / "ID_frames.dcm", read_hu), (tmp_path / "ID_position.dcm", read_header)):
+        with pytest.raises(DicomError, match="ValueError.*'abc'") as caught:
+            read(path)
+        assert caught.value.path == str(path) and str(path) in str(caught.value)
