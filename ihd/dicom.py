@@ -110,24 +110,24 @@ class SliceHeader:
     def z(self) -> float:
         """Position along this slice's own normal (mm); NaN without ImagePositionPatient or a usable
         ImageOrientationPatient. ``ihd.index`` orders a series from what all its slices have."""
-        normal = slice_normal(self.orientation)
-        if self.position is None or normal is None:
+        if self.position is None or self.orientation is None:
             return math.nan
-        return float(np.dot(normal, self.position))
+        return float(np.dot(slice_normals(self.orientation), self.position))
 
 
-def slice_normal(orientation) -> np.ndarray | None:
-    """Unit normal of a slice from its six ImageOrientationPatient values; None when they are missing,
-    not finite or degenerate (all zero, or not two orthogonal unit vectors)."""
-    if orientation is None or len(orientation) != 6:
-        return None
-    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
-    if not (np.all(np.isfinite(row)) and np.all(np.isfinite(col))):
-        return None
-    if max(abs(np.linalg.norm(row) - 1), abs(np.linalg.norm(col) - 1), abs(np.dot(row, col))) > 0.05:
-        return None
-    normal = np.cross(row, col)
-    return normal / np.linalg.norm(normal)
+def slice_normals(orientations) -> np.ndarray:
+    """Unit slice normals (..., 3) from ImageOrientationPatient values (..., 6): the cross product of
+    the row and column direction cosines. NaN where the values are missing, not finite or degenerate
+    (all zero, or not two orthogonal unit vectors)."""
+    orientations = np.asarray(orientations, np.float64)
+    row, col = orientations[..., :3], orientations[..., 3:]
+    normals = np.cross(row, col)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        usable = ((np.abs(np.linalg.norm(row, axis=-1) - 1) <= 0.05) & (np.abs(np.linalg.norm(col, axis=-1) - 1) <= 0.05)
+                  & (np.abs(np.sum(row * col, axis=-1)) <= 0.05))
+        normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
+    normals[~usable] = np.nan
+    return normals
 
 
 def _numbers(ds: pydicom.Dataset, keyword: str, count: int) -> tuple[float, ...] | None:

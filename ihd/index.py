@@ -39,7 +39,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from ihd.dicom import DicomError, interpretation_problem, read_header, slice_normal
+from ihd.dicom import DicomError, interpretation_problem, read_header, slice_normals
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES, read_long_labels
 from ihd.parallel import parallel_map
@@ -187,10 +187,11 @@ def drop_repeated_instances(headers: pd.DataFrame) -> tuple[pd.DataFrame, pd.Dat
 
 def _series_normal(orientations: np.ndarray) -> np.ndarray | None:
     """The mean unit normal of the slices with usable ImageOrientationPatient values; None if none has them."""
-    normals = [n for n in map(slice_normal, orientations) if n is not None]
-    if not normals:
+    normals = slice_normals(orientations)
+    normals = normals[np.isfinite(normals).all(axis=1)]
+    if not len(normals):
         return None
-    mean = np.mean(normals, axis=0)
+    mean = normals.mean(axis=0)
     return mean / np.linalg.norm(mean)
 
 
@@ -213,7 +214,8 @@ def _spread(keys: np.ndarray) -> bool:
 
 def order_one_series(series: pd.DataFrame) -> tuple[np.ndarray, str]:
     """Sort keys of one series' slices and how they were found (one of ``ORDERINGS``); NaN marks a
-    slice that cannot be placed. See the module docstring for the rules."""
+    slice that cannot be placed. See the module docstring for the rules; ``series_positions`` orders
+    the common series (every slice placed along a known normal) for all series at once."""
     if len(series) == 1:
         return np.zeros(1), "single slice"
     positions = series[POSITION_COLUMNS].to_numpy(np.float64)
@@ -237,15 +239,34 @@ def order_one_series(series: pd.DataFrame) -> tuple[np.ndarray, str]:
     return keys, "positions of some slices" if np.isfinite(keys).any() else "unorderable"
 
 
+def _positions_along_series_normals(headers: pd.DataFrame, series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every slice's position along its series' normal (``_series_normal`` for all series at once) and
+    a mask of the series (by number) that this orders: more than one slice, all with a position and
+    told apart, the normal known. The other series take ``order_one_series``."""
+    normals = pd.DataFrame(slice_normals(headers[ORIENTATION_COLUMNS].to_numpy(np.float64))).groupby(series).mean()
+    normals = normals.to_numpy() / np.linalg.norm(normals.to_numpy(), axis=1, keepdims=True)
+    positions = headers[POSITION_COLUMNS].to_numpy(np.float64)
+    keys = np.einsum("ij,ij->i", positions, normals[series])
+    by_series = pd.Series(keys).groupby(series)
+    finite = pd.Series(np.isfinite(keys)).groupby(series).all()
+    ordered = (by_series.size() > 1) & finite & (by_series.max() - by_series.min() > 1e-3)
+    return keys, ordered.to_numpy()
+
+
 def series_positions(headers: pd.DataFrame) -> tuple[pd.Series, pd.DataFrame, dict[str, int]]:
     """The sort key ``z`` of every placed slice (indexed like ``headers``), bad files for the slices
     that cannot be placed, and how many series were ordered each way; warns about every fallback."""
-    z = pd.Series(np.nan, index=headers.index)
+    groups = headers.groupby(["split", "series_id"], sort=True)
+    series = groups.ngroup().to_numpy()
+    keys, ordered = _positions_along_series_normals(headers, series)
+    names = groups.size().index.get_level_values("series_id")
     orderings: dict[str, list[str]] = {how: [] for how in ORDERINGS}
-    for (_, series_id), rows in headers.groupby(["split", "series_id"], sort=True).groups.items():
-        keys, how = order_one_series(headers.loc[rows])
-        z[rows] = keys
-        orderings[how].append(series_id)
+    orderings["normal"] = [names[g] for g in np.flatnonzero(ordered)]
+    for g in np.flatnonzero(~ordered):
+        rows = np.flatnonzero(series == g)
+        keys[rows], how = order_one_series(headers.iloc[rows])
+        orderings[how].append(names[g])
+    z = pd.Series(keys, index=headers.index)
     fallbacks = {
         "position line": "no slice has a usable ImageOrientationPatient: ordered along the line their "
                          "ImagePositionPatient values follow",
@@ -263,10 +284,10 @@ def series_positions(headers: pd.DataFrame) -> tuple[pd.Series, pd.DataFrame, di
     bad = pd.DataFrame({
         "path": headers.loc[unplaced, "path"],
         "reason": [
-            f"cannot be placed in series {series}: "
+            f"cannot be placed in series {series_id}: "
             + ("its slices share one position" if positioned else "no ImagePositionPatient")
             + ", and the series' InstanceNumbers are missing or repeated"
-            for series, positioned in zip(headers.loc[unplaced, "series_id"], has_position[unplaced])
+            for series_id, positioned in zip(headers.loc[unplaced, "series_id"], has_position[unplaced])
         ],
     })
     return z[~unplaced], bad, {how: len(ids) for how, ids in orderings.items()}
