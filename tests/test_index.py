@@ -268,3 +268,16 @@ def test_a_patient_with_two_studies_never_straddles_folds(real_data, tmp_path):
     patient = index[index["patient_id"] == "ID_twostudies"]
     assert patient["study_id"].nunique() == 2 and patient["fold"].nunique() == 1 and (patient["fold"] >= 0).all()
     assert index["patient_id"].nunique() == 6 and index.groupby("patient_id")["fold"].nunique().max() == 1
+
+
+def test_a_header_cache_from_an_older_version_is_read_again(real_data, tmp_path, monkeypatch, capsys):
+    import ihd.index
+
+    first = build_index([(real_data / "rsna_series", "test")], tmp_path / "out", workers=1, resume=True)
+    cache = tmp_path / "out" / "headers.parquet"
+    pd.read_parquet(cache).drop(columns=["modality", "orientation_0"]).assign(z=0.0).to_parquet(cache)
+    reads = []
+    monkeypatch.setattr(ihd.index, "read_header", lambda path: reads.append(path) or read_header(path))
+    again = build_index([(real_data / "rsna_series", "test")], tmp_path / "out", workers=1, resume=True)
+    assert len(reads) == 32 and "written by an older version" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(again, first)
