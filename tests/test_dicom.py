@@ -55,7 +55,7 @@ def _one_file_per_jpeg2000_series(files):
 
 def test_real_files_read_as_pydicoms_modality_lut_gives_them(real_data):
     """Every fixture file (one slice of each JPEG 2000 series) reads as pydicom's own decoding and
-    modality LUT give them (the CT-ICH OT files, raw HU without rescale tags, read as HU when asked)."""
+    modality LUT give it (the CT-ICH OT files, raw HU without rescale tags, read as HU when asked)."""
     files = sorted(real_data.rglob("*.dcm"))
     assert len(files) == 835
     files = _one_file_per_jpeg2000_series(files)
