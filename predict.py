@@ -11,7 +11,8 @@ sample submission's order, validated; with the dataset's test truth present (syn
 prints and saves the test weighted log loss of the prior, the CNN alone and CNN + LSTM
 (submissions/<run>-<slug>-scores.json). Pictures go to submissions/<run>-gradcam/.
 DICOM route: everything in memory; probabilities.csv, the folder's index and pictures go to --out
-(default submissions/<run>-<slug>-<folder name>/).
+(default submissions/<run>-<slug>-<folder name>/). Files that cannot be read as HU are listed there in
+bad_files.csv with the reason; --read-non-ct-as-hu reads modalities other than CT as HU instead.
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ class Settings:
     models_dir: str = "models"  # where the CNN run and its LSTMs are
     features_dir: str = "features"  # where the run's cached CNN outputs and fitted selections are
     submissions_dir: str = "submissions"  # where submissions, scores and pictures go
+    read_non_ct_as_hu: bool = False  # DICOM route: read modalities other than CT (e.g. OT exports of raw HU) as HU
 
 
 def parse_args(argv: list[str] | None) -> Settings:
@@ -73,8 +75,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--gradcam", type=int, default=Settings.gradcam)
     parser.add_argument("--gradcam-method", choices=sorted(METHODS), default=Settings.gradcam_method)
     parser.add_argument("--submit", action="store_true")
+    parser.add_argument("--read-non-ct-as-hu", action="store_true")
     for field in dataclasses.fields(Settings):
-        if field.name not in ("run", "gradcam", "gradcam_method", "submit"):
+        if field.name not in ("run", "gradcam", "gradcam_method", "submit", "read_non_ct_as_hu"):
             parser.add_argument("--" + field.name.replace("_", "-"), default=field.default)
     return Settings(**vars(parser.parse_args(argv)))
 
@@ -123,8 +126,8 @@ def predict_folder(settings: Settings, chain: Chain) -> Path:
     """A plain DICOM folder -> per-slice probabilities CSV (CNN+LSTM and CNN alone) and pictures."""
     folder = Path(settings.dicom_dir)
     out_dir = Path(settings.out) if settings.out else Path(settings.submissions_dir) / f"{chain.run}-{chain.slug}-{folder.name}"
-    index = build_index([(folder, "test")], out_dir, workers=1)
-    hu, failures = read_model_hu(index, chain.image_size)
+    index = build_index([(folder, "test")], out_dir, workers=1, non_ct_as_hu=settings.read_non_ct_as_hu)
+    hu, failures = read_model_hu(index, chain.image_size, settings.read_non_ct_as_hu)
     if failures:
         index = drop_unreadable(out_dir, failures)
     if index.empty:

@@ -7,6 +7,11 @@
 The raw folder follows the Kaggle layout (``stage_2_train/``, ``stage_2_test/``, ``stage_2_train.csv``).
 ``--dicom-dir`` takes any folder of DICOM files instead (searched recursively, all rows unlabeled
 test rows). Every stage is resumable: rerun the same command after an interruption.
+
+A file that cannot be read, or read as Hounsfield units, or placed in its series, and a second copy
+of a SOPInstanceUID, are listed with the reason in ``<dataset>/bad_files.csv``; the rest goes on.
+``--read-non-ct-as-hu`` reads modalities other than CT (such as CT-ICH's ``OT`` files of raw HU)
+as HU instead of refusing them; ``index_config.json`` records the choice.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ class Settings:
     folds: int = 5  # the paper's cross-validation, grouped by patient
     fold_balance: str = "slices"  # balance folds by slice count (what training time follows) or patients
     workers: int | None = None  # processes for scanning and storing; None uses every core
+    read_non_ct_as_hu: bool = False  # read modalities other than CT (e.g. OT exports of raw HU) as HU; else refused
 
 
 def parse_args(argv: list[str] | None) -> Settings:
@@ -62,6 +68,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--folds", type=int, default=defaults.folds)
     parser.add_argument("--fold-balance", choices=FOLD_BALANCES, default=defaults.fold_balance)
     parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--read-non-ct-as-hu", action="store_true")
     settings = Settings(**vars(parser.parse_args(argv)))
     if settings.synthetic:
         preset = synthetic.SMALL if settings.small else synthetic.DEFAULT_SIZE
@@ -141,8 +148,10 @@ def main(argv: list[str] | None = None) -> Path:
         download_competition(raw)
     sources, labels = index_sources(settings, raw)
     index = build_index(sources, dataset_dir, labels_csv=labels, folds=settings.folds, balance=settings.fold_balance,
-                        seed=settings.seed, workers=settings.workers, extra_config={"prepare_data": settings}, resume=True)
-    failures = write_slices(index, dataset_dir / "slices", size=settings.size, workers=settings.workers)
+                        seed=settings.seed, workers=settings.workers, extra_config={"prepare_data": settings}, resume=True,
+                        non_ct_as_hu=settings.read_non_ct_as_hu)
+    failures = write_slices(index, dataset_dir / "slices", size=settings.size, workers=settings.workers,
+                            non_ct_as_hu=settings.read_non_ct_as_hu)
     index = drop_unreadable(dataset_dir, failures)
     print(f"done: {len(index)} slices indexed in {dataset_dir / 'index.parquet'}, stored in {dataset_dir / 'slices'}; "
           f"unreadable files listed in {dataset_dir / 'bad_files.csv'}")

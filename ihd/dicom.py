@@ -6,6 +6,9 @@ in practice, and what this module does about it:
 - Compressed pixel data (JPEG Lossless in CQ500, JPEG 2000, RLE) is decoded by pydicom's plugins
   (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg); uncompressed data is read straight from
   the bytes, which is several times faster than the generic decoder.
+- Only the low ``BitsStored`` bits of each 16-bit word are the pixel: the unused high bits may hold
+  overlay-like data (unsigned storage) or zeros instead of the sign (signed storage). They are
+  masked off, or the sign bit is extended into them, as pydicom's decoder does.
 - ``RescaleIntercept`` written as ``-1024.000000`` and multi-valued window tags are read as
   numbers by pydicom; a missing slope/intercept means stored values are already HU.
 - Outside the scanner's field of view some files hold -2000 or -3024 padding. Nothing in a head
@@ -16,9 +19,18 @@ in practice, and what this module does about it:
   then applies an intercept of -1000.
 - MONOCHROME1 only tells a viewer to display low values as white; the modality LUT still gives
   HU, so such files need no inversion to be read as HU.
+
+What cannot be read as HU is refused with a ``DicomError`` naming the file and the reason, never
+guessed (``interpretation_problem``): a modality other than CT (its values are not known to be HU;
+``non_ct_as_hu=True`` reads them as HU anyway, for files such as CT-ICH's ``OT`` exports that hold
+raw HU), a rescale slope or intercept that is not finite or outside any CT scanner's range, an image
+smaller than ``MIN_IMAGE_SIDE`` pixels a side. Any other failure while reading a file (a tag that
+does not parse, say) is a ``DicomError`` too, so one odd file never stops a folder.
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +45,11 @@ AIR_HU = -1024.0
 WRAP_FIX_OFFSET = 1000
 WRAP_MODULUS = 4096
 WRAP_FIX_INTERCEPT = -1000.0
+MIN_IMAGE_SIDE = 64  # pixels: CT slices have 256 to 1024; fewer cannot show a head's anatomy
+# A CT modality LUT maps stored words to about -1024..3071 HU (up to some 30,000 on extended
+# scales): slopes and intercepts beyond these bounds are damaged tags or not Hounsfield units.
+RESCALE_SLOPE_RANGE = (1 / 64, 64.0)
+RESCALE_INTERCEPT_RANGE = (-32768.0, 32768.0)
 
 
 class DicomError(Exception):
@@ -42,19 +59,6 @@ class DicomError(Exception):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class SliceHeader:
-    """What the index needs from a slice's header."""
-
-    image_id: str
-    patient_id: str
-    study_id: str
-    series_id: str
-    z: float
-    rows: int
-    cols: int
 
 
 def _open(path: str | Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
@@ -68,36 +72,146 @@ def _open(path: str | Path, stop_before_pixels: bool = False) -> pydicom.Dataset
         raise DicomError(path, f"unreadable header, probably truncated ({type(error).__name__}: {error})") from None
 
 
-def _slice_position(ds: pydicom.Dataset, path: str | Path) -> float:
-    """Position along the slice normal (mm), from ImagePositionPatient and ImageOrientationPatient."""
-    position = ds.get("ImagePositionPatient")
-    if position is None or len(position) != 3:
-        instance = ds.get("InstanceNumber")
-        if instance is None:
-            raise DicomError(path, "no ImagePositionPatient and no InstanceNumber to order the slice by")
-        return float(instance)
-    orientation = ds.get("ImageOrientationPatient")
-    if orientation is None or len(orientation) != 6:
-        return float(position[2])
-    normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
-    return float(np.dot(normal, np.asarray(position, float)))
+def _named_failures(read):
+    """Make any exception of ``read(path, ...)`` a ``DicomError`` naming the file and the exception."""
+
+    @functools.wraps(read)
+    def read_or_refuse(path, *args, **kwargs):
+        try:
+            return read(path, *args, **kwargs)
+        except DicomError:
+            raise
+        except Exception as error:
+            raise DicomError(path, f"unreadable ({type(error).__name__}: {error})") from error
+
+    return read_or_refuse
 
 
+@dataclass(frozen=True)
+class SliceHeader:
+    """What the index needs from a slice's header: identity, the facts that decide whether it can be
+    read as HU, and the tags that place it in its series (None where the file lacks them)."""
+
+    image_id: str
+    patient_id: str
+    study_id: str
+    series_id: str
+    instance_uid: str | None
+    modality: str
+    rows: int
+    cols: int
+    rescale_slope: float
+    rescale_intercept: float
+    position: tuple[float, float, float] | None  # ImagePositionPatient (mm)
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient: row and column direction cosines
+    instance_number: float | None
+
+    @property
+    def z(self) -> float:
+        """Position along this slice's own normal (mm); NaN without ImagePositionPatient or a usable
+        ImageOrientationPatient. ``ihd.index`` orders a series from what all its slices have."""
+        if self.position is None or self.orientation is None:
+            return math.nan
+        return float(np.dot(slice_normals(self.orientation), self.position))
+
+
+def slice_normals(orientations) -> np.ndarray:
+    """Unit slice normals (..., 3) from ImageOrientationPatient values (..., 6): the cross product of
+    the row and column direction cosines. NaN where the values are missing, not finite or degenerate
+    (all zero, or not two orthogonal unit vectors)."""
+    orientations = np.asarray(orientations, np.float64)
+    row, col = orientations[..., :3], orientations[..., 3:]
+    normals = np.cross(row, col)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        usable = ((np.abs(np.linalg.norm(row, axis=-1) - 1) <= 0.05) & (np.abs(np.linalg.norm(col, axis=-1) - 1) <= 0.05)
+                  & (np.abs(np.sum(row * col, axis=-1)) <= 0.05))
+        normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
+    normals[~usable] = np.nan
+    return normals
+
+
+def _numbers(ds: pydicom.Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
+    """A multi-valued numeric tag as ``count`` floats; None when absent, empty or of another length."""
+    values = ds.get(keyword)
+    if values is None or values == "":
+        return None
+    values = list(values) if isinstance(values, (list, tuple, pydicom.multival.MultiValue)) else [values]
+    return tuple(float(v) for v in values) if len(values) == count else None
+
+
+def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
+    """Slope and intercept of the modality LUT; missing tags mean the stored values are the output."""
+    slope = ds.get("RescaleSlope")
+    intercept = ds.get("RescaleIntercept")
+    return (1.0 if slope in (None, "") else float(slope)), (0.0 if intercept in (None, "") else float(intercept))
+
+
+def interpretation_problem(modality: str, rows: int, cols: int, slope: float, intercept: float,
+                           non_ct_as_hu: bool = False) -> str | None:
+    """Why a slice with these header values cannot be read as Hounsfield units; None when it can.
+
+    ``non_ct_as_hu`` accepts modalities other than CT (their rescaled values are taken as HU); the
+    size and rescale checks hold for every modality.
+    """
+    if modality != "CT" and not non_ct_as_hu:
+        return (f"modality {modality or '(missing)'}, not CT: its values are not known to be Hounsfield "
+                "units (--read-non-ct-as-hu reads them as HU)")
+    if min(rows, cols) < MIN_IMAGE_SIDE:
+        return f"image of {rows}x{cols} pixels, smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}"
+    low, high = RESCALE_SLOPE_RANGE
+    if not (math.isfinite(slope) and low <= slope <= high):
+        return f"RescaleSlope {slope} is not a CT slope ({low:g} to {high:g})"
+    low, high = RESCALE_INTERCEPT_RANGE
+    if not (math.isfinite(intercept) and low <= intercept <= high):
+        return f"RescaleIntercept {intercept} is not a CT intercept ({low:g} to {high:g})"
+    return None
+
+
+@_named_failures
 def read_header(path: str | Path) -> SliceHeader:
-    """Read the identifiers and position of a slice without its pixel data."""
+    """Read the identifiers, rescale and position tags of a slice without its pixel data.
+
+    Raises ``DicomError`` for a file that is not DICOM, lacks its identifiers or has a tag that does
+    not parse; whether the slice can be read as HU is ``interpretation_problem``'s call.
+    """
     ds = _open(path, stop_before_pixels=True)
     missing = [tag for tag in ("StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns") if tag not in ds]
     if missing:
         raise DicomError(path, f"header lacks {', '.join(missing)}")
+    slope, intercept = _rescale(ds)
+    instance_number = ds.get("InstanceNumber")
     return SliceHeader(
         image_id=Path(path).stem,
         patient_id=str(ds.get("PatientID", "")) or str(ds.StudyInstanceUID),
         study_id=str(ds.StudyInstanceUID),
         series_id=str(ds.SeriesInstanceUID),
-        z=_slice_position(ds, path),
+        instance_uid=str(ds.get("SOPInstanceUID", "")) or None,
+        modality=str(ds.get("Modality", "")),
         rows=int(ds.Rows),
         cols=int(ds.Columns),
+        rescale_slope=slope,
+        rescale_intercept=intercept,
+        position=_numbers(ds, "ImagePositionPatient", 3),
+        orientation=_numbers(ds, "ImageOrientationPatient", 6),
+        instance_number=None if instance_number in (None, "") else float(instance_number),
     )
+
+
+def _keep_stored_bits(words: np.ndarray, bits_stored: int) -> np.ndarray:
+    """The pixel values held in the low ``bits_stored`` bits of integer words: the unused high bits
+    masked off (unsigned words) or overwritten by the sign bit (signed words). Words already in the
+    stored range (nearly every file) are returned as they are, without a copy."""
+    unused = 8 * words.dtype.itemsize - bits_stored
+    if unused == 0:
+        return words
+    if words.dtype.kind == "i":
+        bound = 1 << (bits_stored - 1)
+        if words.min() >= -bound and words.max() < bound:
+            return words
+        return (words << unused) >> unused
+    if words.max() < 1 << bits_stored:
+        return words
+    return words & ((1 << bits_stored) - 1)
 
 
 def _stored_values(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
@@ -111,12 +225,16 @@ def _stored_values(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
     rows, cols = int(ds.Rows), int(ds.Columns)
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is not None and not syntax.is_compressed and int(ds.BitsAllocated) == 16:
+        bits_stored = int(ds.get("BitsStored", 16))
+        if not 1 <= bits_stored <= 16:
+            raise DicomError(path, f"BitsStored {bits_stored} does not fit 16-bit words")
         order = ">" if not syntax.is_little_endian else "<"
         kind = "i" if int(ds.PixelRepresentation) == 1 else "u"
         data = ds.PixelData
         if len(data) < rows * cols * 2:
             raise DicomError(path, f"truncated pixel data: {len(data)} bytes for {rows}x{cols} 16-bit pixels")
-        return np.frombuffer(data, dtype=f"{order}{kind}2", count=rows * cols).reshape(rows, cols)
+        words = np.frombuffer(data, dtype=f"{order}{kind}2", count=rows * cols).reshape(rows, cols)
+        return _keep_stored_bits(words, bits_stored)
     try:
         return ds.pixel_array
     except (NotImplementedError, RuntimeError) as error:
@@ -129,26 +247,26 @@ def _stored_values(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
         raise DicomError(path, f"damaged or truncated pixel data ({error})") from None
 
 
-def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
-    slope = ds.get("RescaleSlope")
-    intercept = ds.get("RescaleIntercept")
-    return (1.0 if slope is None else float(slope)), (0.0 if intercept is None else float(intercept))
-
-
 def has_rsna_wrap(ds: pydicom.Dataset) -> bool:
     """True for the RSNA images whose 12-bit stored values wrapped (see the module docstring)."""
     _, intercept = _rescale(ds)
     return int(ds.get("BitsStored", 16)) == 12 and int(ds.get("PixelRepresentation", 0)) == 0 and intercept > -100
 
 
-def read_hu(path: str | Path) -> np.ndarray:
+@_named_failures
+def read_hu(path: str | Path, non_ct_as_hu: bool = False) -> np.ndarray:
     """Read one slice as float32 Hounsfield units, shape (rows, cols), air floor at -1024 HU.
 
-    Raises ``DicomError`` naming the file and the reason when it cannot be read.
+    Raises ``DicomError`` naming the file and the reason when it cannot be read, or cannot be read
+    as HU (see ``interpretation_problem``; ``non_ct_as_hu`` reads modalities other than CT as HU).
     """
     ds = _open(path)
-    stored = _stored_values(ds, path)
     slope, intercept = _rescale(ds)
+    problem = interpretation_problem(str(ds.get("Modality", "")), int(ds.Rows), int(ds.Columns), slope, intercept,
+                                     non_ct_as_hu)
+    if problem:
+        raise DicomError(path, problem)
+    stored = _stored_values(ds, path)
     if has_rsna_wrap(ds):
         shifted = stored.astype(np.int32) + WRAP_FIX_OFFSET
         shifted[shifted >= WRAP_MODULUS] -= WRAP_MODULUS

@@ -1,16 +1,31 @@
 """The slice index: one row per readable DICOM slice, grouped into series and ordered along them.
 
 ``build_index`` scans folders of DICOM files by header only (in parallel, with a progress bar),
-merges the challenge's long ``ID,Label`` CSV, orders every series by the slice position along its
-normal (``ImagePositionPatient`` projected on the normal of ``ImageOrientationPatient``, so a tilted
-gantry still sorts right; ties broken by image id) and deals labeled patients into k folds so that
-no patient's slices sit on both sides of a split.
+refuses what cannot be read as Hounsfield units (``ihd.dicom.interpretation_problem``) and second
+copies of a SOPInstanceUID, merges the challenge's long ``ID,Label`` CSV, orders every series along
+its slice normal (``series_positions``; ties broken by image id) and deals labeled patients into k
+folds so that no patient's slices sit on both sides of a split.
+
+How a series is ordered is decided per series, from what all its slices have, never slice by slice:
+
+- every slice has ``ImagePositionPatient``: positions projected on the series' normal (the cross
+  product of ``ImageOrientationPatient``'s direction cosines, from the slices that have usable ones;
+  a tilted gantry sorts right), or, where no slice has usable orientation tags, on the line the
+  positions follow (with a warning);
+- some slices lack a position but every slice has a distinct ``InstanceNumber``: instance numbers
+  (with a warning);
+- otherwise the slices with a position are ordered by it and those without are refused by name
+  (all of them where the positions coincide: their order is unknown).
+
+The column ``z`` holds the value the series is sorted by (mm along the normal, or the instance
+number); ``index_config.json`` counts the series ordered each way.
 
 Outputs in the dataset folder:
 
 - ``index.parquet``: columns ``INDEX_COLUMNS``, rows sorted by (split, series_id, position);
 - ``index_config.json``: the settings and counts that made it;
-- ``bad_files.csv``: ``path,reason`` for every file that could not be indexed (or later, stored);
+- ``bad_files.csv``: ``path,reason`` for every file that could not be indexed, read as HU, placed in
+  its series (or later, stored);
 - ``headers.parquet`` (with ``resume``): every header read so far, so a rerun reads only new files.
 """
 from __future__ import annotations
@@ -24,7 +39,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from ihd.dicom import DicomError, read_header
+from ihd.dicom import DicomError, interpretation_problem, read_header, slice_normals
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES, read_long_labels
 from ihd.parallel import parallel_map
@@ -37,7 +52,13 @@ SPLITS = ("train", "test")
 FOLD_BALANCES = ("slices", "patients")
 ID_COLUMNS = ["image_id", "patient_id", "study_id", "series_id", "split", "path"]
 INDEX_COLUMNS = [*ID_COLUMNS, "z", "position", "series_length", *SUBTYPES, "fold"]
-SCAN_COLUMNS = [*ID_COLUMNS, "z", "rows", "cols", "folder"]
+POSITION_COLUMNS = ["position_x", "position_y", "position_z"]
+ORIENTATION_COLUMNS = [f"orientation_{i}" for i in range(6)]
+SCAN_COLUMNS = [*ID_COLUMNS, "instance_uid", "modality", "rows", "cols", "rescale_slope", "rescale_intercept",
+                *POSITION_COLUMNS, *ORIENTATION_COLUMNS, "instance_number", "folder"]
+SCAN_NUMBERS = {"rows": np.int64, "cols": np.int64, "rescale_slope": np.float64, "rescale_intercept": np.float64,
+                "instance_number": np.float64} | {c: np.float64 for c in POSITION_COLUMNS + ORIENTATION_COLUMNS}
+ORDERINGS = ("normal", "position line", "instance number", "positions of some slices", "unorderable", "single slice")
 SCAN_CHUNK_FILES = 50_000  # how often a resumable header scan saves what it has read
 
 
@@ -57,6 +78,10 @@ def header_row(item: tuple[str, str, str]) -> dict:
         row["reason"] = None
     except DicomError as error:
         row = {"reason": error.reason}
+    else:
+        position, orientation = row.pop("position"), row.pop("orientation")
+        row.update(zip(POSITION_COLUMNS, position or [np.nan] * 3))
+        row.update(zip(ORIENTATION_COLUMNS, orientation or [np.nan] * 6))
     row.update(split=split, path=path, folder=folder)
     return row
 
@@ -91,7 +116,7 @@ def scan_headers(
             with atomic_path(cache) as tmp:
                 scanned.to_parquet(tmp, index=False)
     unreadable = scanned["reason"].notna()
-    good = scanned[~unreadable].drop(columns="reason")
+    good = scanned[~unreadable].drop(columns="reason").astype(SCAN_NUMBERS)
     bad = scanned.loc[unreadable, ["path", "reason"]]
     return good.sort_values("path", ignore_index=True), bad.sort_values("path", ignore_index=True)
 
@@ -99,9 +124,13 @@ def scan_headers(
 def _read_scan_cache(cache: str | Path | None, items: list[tuple[str, str, str]]) -> pd.DataFrame:
     """Cached header rows of the files still present in ``items`` (an empty frame without a cache)."""
     columns = [*SCAN_COLUMNS, "reason"]
+    empty = pd.DataFrame(columns=columns).astype({c: str for c in columns})
     if cache is None or not Path(cache).exists():
-        return pd.DataFrame(columns=columns).astype({c: str for c in columns})
+        return empty
     cached = pd.read_parquet(cache)
+    if not set(columns) <= set(cached.columns):
+        print(f"headers: {cache} was written by an older version, reading every header again")
+        return empty
     present = pd.MultiIndex.from_tuples([item[:2] for item in items], names=["path", "split"])
     return cached[pd.MultiIndex.from_frame(cached[["path", "split"]]).isin(present)].reset_index(drop=True)
 
@@ -128,6 +157,145 @@ def make_ids_unique(headers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         "reason": [f"image id {i} already used by {first_path[i]}" for i in headers.loc[clash, "image_id"]],
     })
     return headers[~clash].reset_index(drop=True), bad
+
+
+def refuse_uninterpretable(headers: pd.DataFrame, non_ct_as_hu: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split header rows into those that can be read as HU and bad files naming why the others cannot
+    (``ihd.dicom.interpretation_problem``; ``non_ct_as_hu`` takes other modalities' values as HU)."""
+    problems = pd.Series([
+        interpretation_problem(row.modality, row.rows, row.cols, row.rescale_slope, row.rescale_intercept, non_ct_as_hu)
+        for row in headers.itertuples()
+    ], index=headers.index, dtype=object)
+    refused = problems.notna()
+    bad = pd.DataFrame({"path": headers.loc[refused, "path"], "reason": problems[refused]})
+    return headers[~refused].reset_index(drop=True), bad
+
+
+def drop_repeated_instances(headers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep the first file (by path) of each SOPInstanceUID; the other copies become bad files naming it."""
+    headers = headers.sort_values("path", ignore_index=True)
+    known = headers["instance_uid"].notna() & (headers["instance_uid"] != "")
+    repeated = known & headers["instance_uid"].duplicated(keep="first")
+    first_path = headers[known].drop_duplicates("instance_uid").set_index("instance_uid")["path"]
+    bad = pd.DataFrame({
+        "path": headers.loc[repeated, "path"],
+        "reason": [f"same SOPInstanceUID {uid} as {first_path[uid]}: read once, from that file"
+                   for uid in headers.loc[repeated, "instance_uid"]],
+    })
+    return headers[~repeated].reset_index(drop=True), bad
+
+
+def _series_normal(orientations: np.ndarray) -> np.ndarray | None:
+    """The mean unit normal of the slices with usable ImageOrientationPatient values; None if none has them."""
+    normals = slice_normals(orientations)
+    normals = normals[np.isfinite(normals).all(axis=1)]
+    if not len(normals):
+        return None
+    mean = normals.mean(axis=0)
+    return mean / np.linalg.norm(mean)
+
+
+def _position_line(positions: np.ndarray) -> np.ndarray | None:
+    """The direction along which slice positions spread (pointing to the head's top, +z, or the
+    largest component); None when all positions coincide."""
+    centred = positions - positions.mean(axis=0)
+    _, spread, directions = np.linalg.svd(centred, full_matrices=False)
+    if spread[0] < 1e-3:
+        return None
+    line = directions[0]
+    lead = 2 if abs(line[2]) > 1e-6 else int(np.argmax(np.abs(line)))
+    return line if line[lead] > 0 else -line
+
+
+def _spread(keys: np.ndarray) -> bool:
+    """True when sort keys tell slices apart (not all equal within 1 micrometre)."""
+    return len(keys) > 0 and np.ptp(keys) > 1e-3
+
+
+def order_one_series(series: pd.DataFrame) -> tuple[np.ndarray, str]:
+    """Sort keys of one series' slices and how they were found (one of ``ORDERINGS``); NaN marks a
+    slice that cannot be placed. See the module docstring for the rules; ``series_positions`` orders
+    the common series (every slice placed along a known normal) for all series at once."""
+    if len(series) == 1:
+        return np.zeros(1), "single slice"
+    positions = series[POSITION_COLUMNS].to_numpy(np.float64)
+    orientations = series[ORIENTATION_COLUMNS].to_numpy(np.float64)
+    placed = np.isfinite(positions).all(axis=1)
+    instances = series["instance_number"].to_numpy(np.float64)
+    if placed.all():
+        normal, how = _series_normal(orientations), "normal"
+        if normal is None:
+            normal, how = _position_line(positions), "position line"
+        if normal is not None and _spread(positions @ normal):
+            return positions @ normal, how
+    if np.isfinite(instances).all() and len(np.unique(instances)) == len(instances):
+        return instances, "instance number"
+    keys = np.full(len(series), np.nan)
+    normal = _series_normal(orientations[placed])
+    if normal is None and placed.sum() > 1:
+        normal = _position_line(positions[placed])
+    if normal is not None and (placed.sum() == 1 or _spread(positions[placed] @ normal)):
+        keys[placed] = positions[placed] @ normal
+    return keys, "positions of some slices" if np.isfinite(keys).any() else "unorderable"
+
+
+def _positions_along_series_normals(headers: pd.DataFrame, series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every slice's position along its series' normal (``_series_normal`` for all series at once) and
+    a mask of the series (by number) that this orders: more than one slice, all with a position and
+    told apart, the normal known. The other series take ``order_one_series``."""
+    normals = pd.DataFrame(slice_normals(headers[ORIENTATION_COLUMNS].to_numpy(np.float64))).groupby(series).mean()
+    normals = normals.to_numpy() / np.linalg.norm(normals.to_numpy(), axis=1, keepdims=True)
+    positions = headers[POSITION_COLUMNS].to_numpy(np.float64)
+    keys = np.einsum("ij,ij->i", positions, normals[series])
+    by_series = pd.Series(keys).groupby(series)
+    finite = pd.Series(np.isfinite(keys)).groupby(series).all()
+    ordered = (by_series.size() > 1) & finite & (by_series.max() - by_series.min() > 1e-3)
+    return keys, ordered.to_numpy()
+
+
+def series_positions(headers: pd.DataFrame) -> tuple[pd.Series, pd.DataFrame, dict[str, int]]:
+    """The sort key ``z`` of every placed slice (indexed like ``headers``), bad files for the slices
+    that cannot be placed, and how many series were ordered each way; warns about every fallback."""
+    groups = headers.groupby(["split", "series_id"], sort=True)
+    series = groups.ngroup().to_numpy()
+    keys, ordered = _positions_along_series_normals(headers, series)
+    names = groups.size().index.get_level_values("series_id")
+    orderings: dict[str, list[str]] = {how: [] for how in ORDERINGS}
+    orderings["normal"] = [names[g] for g in np.flatnonzero(ordered)]
+    for g in np.flatnonzero(~ordered):
+        rows = np.flatnonzero(series == g)
+        keys[rows], how = order_one_series(headers.iloc[rows])
+        orderings[how].append(names[g])
+    z = pd.Series(keys, index=headers.index)
+    fallbacks = {
+        "position line": "no slice has a usable ImageOrientationPatient: ordered along the line their "
+                         "ImagePositionPatient values follow",
+        "instance number": "ImagePositionPatient missing on some slices or the same on all: ordered by InstanceNumber",
+        "positions of some slices": "ImagePositionPatient missing on some slices and InstanceNumbers missing or "
+                                    "repeated: the slices with a position ordered by it, the others refused",
+        "unorderable": "ImagePositionPatient the same on all slices and InstanceNumbers missing or repeated: "
+                       "refused, their order is unknown",
+    }
+    for how, what in fallbacks.items():
+        if orderings[how]:
+            warnings.warn(f"{len(orderings[how])} series: {what} ({_named(orderings[how])})")
+    unplaced = z.isna()
+    has_position = headers[POSITION_COLUMNS].notna().all(axis=1)
+    bad = pd.DataFrame({
+        "path": headers.loc[unplaced, "path"],
+        "reason": [
+            f"cannot be placed in series {series_id}: "
+            + ("its slices share one position" if positioned else "no ImagePositionPatient")
+            + ", and the series' InstanceNumbers are missing or repeated"
+            for series_id, positioned in zip(headers.loc[unplaced, "series_id"], has_position[unplaced])
+        ],
+    })
+    return z[~unplaced], bad, {how: len(ids) for how, ids in orderings.items()}
+
+
+def _named(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def order_series(headers: pd.DataFrame) -> pd.DataFrame:
@@ -207,18 +375,26 @@ def build_index(
     workers: int | None = None,
     extra_config: dict | None = None,
     resume: bool = False,
+    non_ct_as_hu: bool = False,
 ) -> pd.DataFrame:
     """Scan (folder, split) sources into ``<dataset_dir>/index.parquet``; returns the index.
 
-    Unreadable files are listed in ``bad_files.csv`` (the scan goes on); the settings and counts
-    go to ``index_config.json``. With ``resume`` the headers already read by an earlier run (kept
-    in ``headers.parquet``) are not read again.
+    Files that cannot be read, read as HU (``non_ct_as_hu`` takes modalities other than CT as HU),
+    or placed in their series, and second copies of a SOPInstanceUID, are listed in
+    ``bad_files.csv`` with the reason (the scan goes on); the settings and counts go to
+    ``index_config.json``. With ``resume`` the headers already read by an earlier run (kept in
+    ``headers.parquet``) are not read again.
     """
     sources = [(str(Path(folder).resolve()), split) for folder, split in sources]
     dataset_dir = Path(dataset_dir)
     cache = dataset_dir / HEADERS_FILE if resume else None
-    headers, bad = scan_headers(sources, workers=workers, cache=cache)
+    headers, unreadable = scan_headers(sources, workers=workers, cache=cache)
+    headers, refused = refuse_uninterpretable(headers, non_ct_as_hu)
+    headers, repeated = drop_repeated_instances(headers)
     headers, clashes = make_ids_unique(headers)
+    z, unplaced, orderings = series_positions(headers)
+    headers = headers.loc[z.index].assign(z=z)
+    bad = pd.concat([unreadable, refused, repeated, clashes, unplaced], ignore_index=True)
     labels = None if labels_csv is None else read_long_labels(labels_csv)
     index, unmatched_labels = merge_labels(order_series(headers), labels)
     index["fold"] = assign_folds(index, folds=folds, balance=balance, seed=seed)
@@ -227,7 +403,7 @@ def build_index(
     dataset_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(dataset_dir / INDEX_FILE) as tmp:
         index.to_parquet(tmp, index=False)
-    bad_path = write_bad_files(dataset_dir, pd.concat([bad, clashes], ignore_index=True))
+    bad_path = write_bad_files(dataset_dir, bad)
     labeled = index["fold"] >= 0
     write_json(dataset_dir / CONFIG_FILE, {
         "sources": [{"folder": folder, "split": split} for folder, split in sources],
@@ -243,11 +419,14 @@ def build_index(
         "patients_by_fold": index[labeled].groupby("fold")["patient_id"].nunique().to_dict(),
         "labels_without_image": unmatched_labels,
         "unlabeled_train_rows": int(((index["split"] == "train") & ~labeled).sum()),
-        "bad_files": len(bad) + len(clashes),
+        "bad_files": len(bad),
+        "non_ct_as_hu": non_ct_as_hu,
+        "non_ct_read_as_hu": int((headers["modality"] != "CT").sum()),
+        "series_ordered_by": orderings,
         **(extra_config or {}),
     })
     print(f"index: {len(index)} slices in {index.groupby(['split', 'series_id']).ngroups} series -> "
-          f"{dataset_dir / INDEX_FILE}; {len(bad) + len(clashes)} bad files -> {bad_path}")
+          f"{dataset_dir / INDEX_FILE}; {len(bad)} bad files -> {bad_path}")
     return index
 
 

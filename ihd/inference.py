@@ -131,13 +131,14 @@ def cnn_outputs(chain: Chain, stacks: np.ndarray, batch_size: int = 64) -> tuple
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def read_model_hu(index: pd.DataFrame, size: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
+def read_model_hu(index: pd.DataFrame, size: int, non_ct_as_hu: bool = False) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """The readable rows' DICOM files as HU resized for the model, (n, size, size) float32 in index
-    order, and (path, reason) for each file that could not be read (left out of the array)."""
+    order, and (path, reason) for each file that could not be read (left out of the array).
+    ``non_ct_as_hu`` reads modalities other than CT as HU (``ihd.dicom.read_hu``)."""
     slices, failures = [], []
     for path in index["path"]:
         try:
-            slices.append(to_model_hu(read_hu(path), size))
+            slices.append(to_model_hu(read_hu(path, non_ct_as_hu), size))
         except DicomError as error:
             failures.append((path, error.reason))
     return np.stack(slices) if slices else np.zeros((0, size, size), np.float32), failures

@@ -182,11 +182,12 @@ def _existing_names(root: Path, shards: Iterable[str]) -> set[str]:
     return names
 
 
-def write_one_slice(item: tuple[str, str], root: str, size: int) -> tuple[str, str] | None:
-    """Read one DICOM file and store its slice; returns (path, reason) when the file is unreadable."""
+def write_one_slice(item: tuple[str, str], root: str, size: int, non_ct_as_hu: bool = False) -> tuple[str, str] | None:
+    """Read one DICOM file and store its slice; returns (path, reason) when the file is unreadable
+    (``non_ct_as_hu``: see ``ihd.dicom.read_hu``)."""
     image_id, dicom_path = item
     try:
-        hu = read_hu(dicom_path)
+        hu = read_hu(dicom_path, non_ct_as_hu)
     except DicomError as error:
         return dicom_path, error.reason
     encoded = encode_png(to_model_hu(hu, size))
@@ -197,11 +198,12 @@ def write_one_slice(item: tuple[str, str], root: str, size: int) -> tuple[str, s
 
 
 def write_slices(
-    index: pd.DataFrame, root: str | Path, size: int = 256, workers: int | None = None
+    index: pd.DataFrame, root: str | Path, size: int = 256, workers: int | None = None, non_ct_as_hu: bool = False
 ) -> list[tuple[str, str]]:
     """Store every slice of ``index`` (columns image_id, path) that the store lacks.
 
     Returns (path, reason) for each DICOM file that could not be read; the others are written.
+    ``non_ct_as_hu`` reads modalities other than CT as HU (``ihd.dicom.read_hu``).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -210,6 +212,6 @@ def write_slices(
     done = _existing_names(root, sorted({shard_name(i) for i in image_ids}))
     todo = [(i, str(p)) for i, p in zip(image_ids, index["path"]) if f"{i}.png" not in done]
     print(f"slice store {root}: {len(image_ids) - len(todo)} of {len(image_ids)} slices present, writing {len(todo)}")
-    writer = functools.partial(write_one_slice, root=str(root), size=size)
+    writer = functools.partial(write_one_slice, root=str(root), size=size, non_ct_as_hu=non_ct_as_hu)
     failures = parallel_map(writer, todo, workers=workers, desc="slices", unit="slice")
     return sorted(failure for failure in failures if failure is not None)

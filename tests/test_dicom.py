@@ -3,8 +3,11 @@
 import numpy as np
 import pydicom
 import pytest
+from pydicom.pixels import apply_modality_lut
 
 from ihd.dicom import AIR_HU, DicomError, has_rsna_wrap, read_header, read_hu
+
+TWELVE_BIT_SLICE = "rsna_slices/ID_2008dd408.dcm"  # BitsStored 12, unsigned, Explicit VR, bleeds in view
 
 
 def _soft_tissue_peak_hu(hu):
@@ -26,6 +29,75 @@ def test_every_real_file_reads_as_plausible_hounsfield_units(real_data):
         peak_hu, pixels = _soft_tissue_peak_hu(hu)
         if pixels > 0.05 * hu.size:
             assert 0 < peak_hu < 80, f"{path}: brain tissue peaks at {peak_hu} HU"
+
+
+def _pydicom_hu(path):
+    """HU as pydicom decodes the file (its modality LUT), with padding below air floored to air."""
+    ds = pydicom.dcmread(path)
+    return np.maximum(apply_modality_lut(ds.pixel_array, ds), AIR_HU)
+
+
+def _one_file_per_jpeg2000_series(files):
+    """Every file, except that of the JPEG 2000 series (33 ms a slice to decode) only the first slice
+    of each series and header variant is kept."""
+    kept, seen = [], set()
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if ds.file_meta.TransferSyntaxUID.name.startswith("JPEG 2000"):
+            variant = (ds.SeriesInstanceUID, ds.BitsStored, ds.PixelRepresentation, str(ds.RescaleSlope),
+                       str(ds.RescaleIntercept))
+            if variant in seen:
+                continue
+            seen.add(variant)
+        kept.append(path)
+    return kept
+
+
+def test_real_files_read_as_pydicoms_modality_lut_gives_them(real_data):
+    """Every fixture file (one slice of each JPEG 2000 series) reads as pydicom's own decoding and
+    modality LUT give it (the CT-ICH OT files, raw HU without rescale tags, read as HU when asked)."""
+    files = sorted(real_data.rglob("*.dcm"))
+    assert len(files) == 835
+    files = _one_file_per_jpeg2000_series(files)
+    assert len(files) == 91 + 21
+    for path in files:
+        non_ct = path.parent.parent.name == "ctich_masks"
+        np.testing.assert_array_equal(read_hu(path, non_ct_as_hu=non_ct), _pydicom_hu(path), err_msg=str(path))
+
+
+def _save_with_words(source, target, words, **tags):
+    """A copy of a real slice with new 16-bit pixel words and header values."""
+    ds = pydicom.dcmread(source)
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = words.astype("<u2").tobytes()
+    ds.save_as(target)
+    return target
+
+
+def test_unsigned_12_bit_words_with_high_bits_set_read_their_low_12_bits(real_data, tmp_path):
+    source = real_data / TWELVE_BIT_SLICE
+    stored = pydicom.dcmread(source).pixel_array
+    overlay = np.zeros(stored.shape, bool)
+    overlay[100:400:3, 50:450] = True  # overlay-like data in bits 12-15, as old scanners wrote it
+    noisy = stored | (overlay * np.uint16(0xF000)) | ((stored % 7 == 0) * np.uint16(0x8000))
+    target = _save_with_words(source, tmp_path / "ID_highbits.dcm", noisy)
+    assert np.array_equal(pydicom.dcmread(target).pixel_array, stored)
+    hu = read_hu(target)
+    np.testing.assert_array_equal(hu, _pydicom_hu(target))
+    np.testing.assert_array_equal(hu, read_hu(source))
+
+
+def test_signed_12_bit_words_without_sign_extension_read_as_signed(real_data, tmp_path):
+    source = real_data / TWELVE_BIT_SLICE
+    hu_words = pydicom.dcmread(source).pixel_array.astype(np.int32) - 1024
+    assert (hu_words < 0).mean() > 0.5
+    target = _save_with_words(source, tmp_path / "ID_signed12.dcm", hu_words & 0x0FFF,
+                              PixelRepresentation=1, RescaleIntercept="0")
+    assert np.array_equal(pydicom.dcmread(target).pixel_array, hu_words)
+    hu = read_hu(target)
+    np.testing.assert_array_equal(hu, _pydicom_hu(target))
+    np.testing.assert_array_equal(hu, read_hu(source))
 
 
 def test_padding_outside_the_field_of_view_reads_as_air(real_data):
@@ -116,3 +188,66 @@ def test_header_orders_the_real_series_by_position(real_data):
     assert stored_z[0] == pytest.approx(155.0, abs=0.1) and stored_z[-1] == pytest.approx(313.1, abs=0.1)
     gaps = np.diff([h.z for h in by_position])
     assert np.all(gaps > 4.5) and np.all(gaps < 5.5)
+
+
+def _edited_copy(source, target, **tags):
+    """A copy of a real file with some header values replaced (``None`` deletes the tag)."""
+    ds = pydicom.dcmread(source)
+    for keyword, value in tags.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(target)
+    return target
+
+
+def test_other_modalities_are_refused_unless_read_as_hu_on_request(real_data, tmp_path):
+    ctich = real_data / "ctich_masks" / "images" / "049_21.dcm"
+    mr = _edited_copy(real_data / "rsna_slices" / "ID_000039fa0.dcm", tmp_path / "ID_mr.dcm", Modality="MR")
+    for path, modality in ((ctich, "OT"), (mr, "MR")):
+        with pytest.raises(DicomError, match=f"modality {modality}, not CT.*--read-non-ct-as-hu") as caught:
+            read_hu(path)
+        assert caught.value.path == str(path)
+    raw_hu = pydicom.dcmread(ctich).pixel_array
+    assert raw_hu.min() < -1000 and "RescaleSlope" not in pydicom.dcmread(ctich)
+    np.testing.assert_array_equal(read_hu(ctich, non_ct_as_hu=True), np.maximum(raw_hu, AIR_HU))
+
+
+@pytest.mark.parametrize("tags, reason", [
+    ({"RescaleSlope": "nan"}, "RescaleSlope nan is not a CT slope"),
+    ({"RescaleSlope": "inf"}, "RescaleSlope inf is not a CT slope"),
+    ({"RescaleSlope": "0"}, "RescaleSlope 0.0 is not a CT slope"),
+    ({"RescaleSlope": "-1"}, "RescaleSlope -1.0 is not a CT slope"),
+    ({"RescaleSlope": "1000"}, "RescaleSlope 1000.0 is not a CT slope"),
+    ({"RescaleIntercept": "nan"}, "RescaleIntercept nan is not a CT intercept"),
+    ({"RescaleIntercept": "-1e9"}, "RescaleIntercept -1000000000.0 is not a CT intercept"),
+], ids=["nan-slope", "inf-slope", "zero-slope", "negative-slope", "huge-slope", "nan-intercept", "huge-intercept"])
+def test_absurd_rescale_is_refused_by_name(real_data, tmp_path, tags, reason):
+    path = _edited_copy(real_data / "rsna_slices" / "ID_000039fa0.dcm", tmp_path / "ID_rescale.dcm", **tags)
+    with pytest.raises(DicomError, match=reason):
+        read_hu(path, non_ct_as_hu=True)
+
+
+def test_images_below_the_minimum_size_are_refused(real_data, tmp_path):
+    source = real_data / "rsna_slices" / "ID_000039fa0.dcm"
+    small = pydicom.dcmread(source).pixel_array[::16, ::16]
+    shrunk = _save_with_words(source, tmp_path / "ID_32.dcm", small.view(np.uint16), Rows=32, Columns=32)
+    empty = _save_with_words(source, tmp_path / "ID_0.dcm", np.zeros(0, np.uint16), Rows=0, Columns=0)
+    for path, size in ((shrunk, "32x32"), (empty, "0x0")):
+        with pytest.raises(DicomError, match=f"image of {size} pixels, smaller than 64x64"):
+            read_hu(path)
+        assert read_header(path).rows == int(size.split("x")[0])
+
+
+def test_any_failure_while_reading_is_a_dicom_error_naming_the_file(real_data, tmp_path):
+    ds = pydicom.dcmread(real_data / "rsna_slices" / "ID_000039fa0.dcm")
+    ds.add_new(0x00280008, "LO", "abc")  # NumberOfFrames that does not parse as a number
+    ds.save_as(tmp_path / "ID_frames.dcm")
+    del ds.NumberOfFrames, ds.ImagePositionPatient
+    ds.add_new(0x00200032, "LO", ["abc", "1", "2"])  # ImagePositionPatient that does not parse
+    ds.save_as(tmp_path / "ID_position.dcm")
+    for path, read in ((tmp_path / "ID_frames.dcm", read_hu), (tmp_path / "ID_position.dcm", read_header)):
+        with pytest.raises(DicomError, match="ValueError.*'abc'") as caught:
+            read(path)
+        assert caught.value.path == str(path) and str(path) in str(caught.value)

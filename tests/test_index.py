@@ -1,4 +1,5 @@
 """Tests for ihd.index: grouping, ordering along the slice normal, folds by patient, bad files."""
+import json
 import shutil
 from pathlib import Path
 
@@ -136,3 +137,147 @@ def test_fewer_patients_than_folds_warns_about_the_empty_folds():
     with pytest.warns(UserWarning, match="3 labeled patients cannot fill 5 folds: folds 3, 4 are empty"):
         folds = assign_folds(index, folds=5)
     assert sorted(set(folds)) == [0, 1, 2] and folds[0] == folds[1]
+
+
+def _true_order(real_data):
+    """The real RSNA series' files in slice order (their z and their position along the normal agree)."""
+    files = sorted((real_data / "rsna_series").glob("*.dcm"))
+    return sorted(files, key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+
+
+def _series_copy(real_data, folder, edit):
+    """The real series copied into ``folder``, ``edit(ds, k)`` applied to its k-th slice (true order)."""
+    folder.mkdir()
+    for k, path in enumerate(_true_order(real_data)):
+        ds = pydicom.dcmread(path)
+        edit(ds, k)
+        ds.save_as(folder / path.name)
+    return [p.stem for p in _true_order(real_data)]
+
+
+def _shifted_in_plane(ds, k):
+    """Slice k sits 5 mm after slice k-1 along the tilted normal, every other slice shifted 60 mm along
+    its columns: the order along the normal is k, the order of ImagePositionPatient[2] is not."""
+    row, col = np.asarray(ds.ImageOrientationPatient[:3], float), np.asarray(ds.ImageOrientationPatient[3:], float)
+    position = 5.0 * k * np.cross(row, col) + (60.0 if k % 2 else 0.0) * col
+    ds.ImagePositionPatient = [f"{v:.4f}" for v in position]
+
+
+def _built(folder, out, **kwargs):
+    index = build_index([(folder, "test")], out, workers=1, **kwargs)
+    bad = pd.read_csv(out / "bad_files.csv")
+    return index, dict(zip(bad["path"].map(lambda p: Path(p).stem), bad["reason"]))
+
+
+def test_tilted_gantry_series_is_ordered_along_the_normal_not_by_z(real_data, tmp_path):
+    order = _series_copy(real_data, tmp_path / "s", _shifted_in_plane)
+    tilt = pydicom.dcmread(tmp_path / "s" / f"{order[0]}.dcm").ImageOrientationPatient
+    assert abs(float(tilt[5])) > 0.15  # the real series' gantry is tilted about 11 degrees
+    by_z = sorted(order, key=lambda i: float(pydicom.dcmread(tmp_path / "s" / f"{i}.dcm").ImagePositionPatient[2]))
+    assert by_z != order
+    index, bad = _built(tmp_path / "s", tmp_path / "out")
+    assert index["image_id"].tolist() == order and not bad
+    np.testing.assert_allclose(np.diff(index["z"]), 5.0, atol=1e-3)
+
+
+def test_orientation_missing_on_some_slices_uses_the_series_normal(real_data, tmp_path):
+    def edit(ds, k):
+        _shifted_in_plane(ds, k)
+        if k in (3, 4, 17):
+            del ds.ImageOrientationPatient
+        if k == 9:
+            ds.ImageOrientationPatient = [0] * 6
+    order = _series_copy(real_data, tmp_path / "s", edit)
+    index, bad = _built(tmp_path / "s", tmp_path / "out")
+    assert index["image_id"].tolist() == order and not bad
+
+
+def test_no_usable_orientation_orders_along_the_positions_with_a_warning(real_data, tmp_path):
+    order = _series_copy(real_data, tmp_path / "s", lambda ds, k: setattr(ds, "ImageOrientationPatient", [0] * 6))
+    with pytest.warns(UserWarning, match="1 series: no slice has a usable ImageOrientationPatient"):
+        index, bad = _built(tmp_path / "s", tmp_path / "out")
+    assert index["image_id"].tolist() == order and not bad
+    assert json.loads((tmp_path / "out" / "index_config.json").read_text())["series_ordered_by"]["position line"] == 1
+
+
+def test_positions_missing_on_some_slices_order_the_series_by_instance_number(real_data, tmp_path):
+    def edit(ds, k):
+        _shifted_in_plane(ds, k)
+        ds.InstanceNumber = 100 - 2 * k  # numbered from the top of the head down
+        if k in (0, 12, 13):
+            del ds.ImagePositionPatient
+    order = _series_copy(real_data, tmp_path / "s", edit)
+    with pytest.warns(UserWarning, match="1 series: ImagePositionPatient missing on some slices.*by InstanceNumber"):
+        index, bad = _built(tmp_path / "s", tmp_path / "out")
+    assert index["image_id"].tolist() == order[::-1] and not bad
+
+
+def test_slices_without_position_or_instance_number_are_refused_by_name(real_data, tmp_path):
+    def edit(ds, k):
+        _shifted_in_plane(ds, k)
+        if k in (0, 12, 13):
+            del ds.ImagePositionPatient
+    order = _series_copy(real_data, tmp_path / "s", edit)
+    with pytest.warns(UserWarning, match="1 series: ImagePositionPatient missing on some slices and InstanceNumbers"):
+        index, bad = _built(tmp_path / "s", tmp_path / "out")
+    refused = [order[k] for k in (0, 12, 13)]
+    assert index["image_id"].tolist() == [i for i in order if i not in refused]
+    assert index["position"].tolist() == list(range(29)) and (index["series_length"] == 29).all()
+    assert sorted(bad) == sorted(refused)
+    assert all("no ImagePositionPatient" in reason and "InstanceNumbers are missing" in reason for reason in bad.values())
+
+
+def test_a_second_file_with_the_same_sop_instance_uid_is_read_once_and_named(real_data, tmp_path):
+    folder = tmp_path / "s"
+    shutil.copytree(real_data / "rsna_series", folder)
+    first = sorted(folder.glob("*.dcm"))[4]
+    shutil.copy(first, folder / "ID_zzcopy.dcm")
+    index, bad = _built(folder, tmp_path / "out")
+    assert len(index) == 32 and "ID_zzcopy" not in set(index["image_id"]) and first.stem in set(index["image_id"])
+    uid = pydicom.dcmread(first, stop_before_pixels=True).SOPInstanceUID
+    assert bad == {"ID_zzcopy": f"same SOPInstanceUID {uid} as {first.resolve()}: read once, from that file"}
+
+
+def test_non_ct_files_are_refused_at_the_scan_unless_read_as_hu(real_data, tmp_path):
+    folder = tmp_path / "s"
+    shutil.copytree(real_data / "ctich_masks" / "images", folder)
+    shutil.copy(real_data / "rsna_slices" / "ID_000039fa0.dcm", folder)
+    index, bad = _built(folder, tmp_path / "out")
+    assert index["image_id"].tolist() == ["ID_000039fa0"] and len(bad) == 9
+    assert all(reason.startswith("modality OT, not CT") for reason in bad.values())
+    index, bad = _built(folder, tmp_path / "as_hu", non_ct_as_hu=True)
+    assert len(index) == 10 and not bad
+    config = json.loads((tmp_path / "as_hu" / "index_config.json").read_text())
+    assert config["non_ct_as_hu"] is True and config["non_ct_read_as_hu"] == 9
+
+
+def test_a_patient_with_two_studies_never_straddles_folds(real_data, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(real_data / "rsna_labeled" / "stage_2_train", raw)
+    series = {}
+    for path in sorted(raw.glob("*.dcm")):
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        series.setdefault(str(header.StudyInstanceUID), []).append(path)
+    studies = sorted(series, key=lambda s: -len(series[s]))
+    for path in series[studies[0]] + series[studies[1]]:  # the two largest, which dealing by study would part
+        ds = pydicom.dcmread(path)
+        ds.PatientID = "ID_twostudies"
+        ds.save_as(path)
+    index = build_index([(raw, "train")], tmp_path / "out", labels_csv=real_data / "rsna_labeled" / "stage_2_train.csv",
+                        folds=3, workers=1)
+    patient = index[index["patient_id"] == "ID_twostudies"]
+    assert patient["study_id"].nunique() == 2 and patient["fold"].nunique() == 1 and (patient["fold"] >= 0).all()
+    assert index["patient_id"].nunique() == 6 and index.groupby("patient_id")["fold"].nunique().max() == 1
+
+
+def test_a_header_cache_from_an_older_version_is_read_again(real_data, tmp_path, monkeypatch, capsys):
+    import ihd.index
+
+    first = build_index([(real_data / "rsna_series", "test")], tmp_path / "out", workers=1, resume=True)
+    cache = tmp_path / "out" / "headers.parquet"
+    pd.read_parquet(cache).drop(columns=["modality", "orientation_0"]).assign(z=0.0).to_parquet(cache)
+    reads = []
+    monkeypatch.setattr(ihd.index, "read_header", lambda path: reads.append(path) or read_header(path))
+    again = build_index([(real_data / "rsna_series", "test")], tmp_path / "out", workers=1, resume=True)
+    assert len(reads) == 32 and "written by an older version" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(again, first)

@@ -1,15 +1,21 @@
 """The whole chain on the small synthetic dataset: train_cnn -> train_lstm (two selections) -> predict."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
+from pydicom.pixels import apply_modality_lut
 
 import predict
 import train_cnn
 import train_lstm
+from ihd.dicom import AIR_HU
+from ihd.inference import read_model_hu
 from ihd.labels import SUBTYPES
+from ihd.slices import to_model_hu
 
 IMAGE_SIZE = 64
 
@@ -103,3 +109,35 @@ def test_dicom_folder_with_truncated_pixels_predicts_the_rest(chain, tmp_path):
     assert len(table) == len(files) - 1 and damaged.stem not in set(table["image_id"])
     assert table.groupby("series_id")["position"].apply(lambda p: sorted(p) == list(range(len(p)))).all()
     assert "truncated" in (tmp_path / "out" / "bad_files.csv").read_text()
+
+
+def test_dicom_folder_with_odd_files_names_them_and_predicts_the_rest(chain, odd_dicom_folder, tmp_path):
+    folder, expected = odd_dicom_folder
+    series = sorted(str(p) for p in (folder / "series").glob("*.dcm"))
+    out = tmp_path / "out"
+    table = pd.read_csv(predict.main(["--run", "small", "--dicom-dir", str(folder), "--out", str(out), *chain["common"]]))
+    assert sorted(table["path"]) == series and table["position"].tolist() == list(range(32))
+    bad = pd.read_csv(out / "bad_files.csv")
+    reasons = dict(zip(bad["path"].map(lambda p: Path(p).stem), bad["reason"]))
+    assert sorted(reasons) == sorted(expected)
+    assert all(words in reasons[name] for name, words in expected.items())
+
+    as_hu = tmp_path / "as_hu"
+    table = pd.read_csv(predict.main(["--run", "small", "--dicom-dir", str(folder), "--out", str(as_hu),
+                                      "--read-non-ct-as-hu", *chain["common"]]))
+    assert sorted(table["path"]) == sorted(series + [str(folder / "ctich.dcm"), str(folder / "mr.dcm")])
+    assert json.loads((as_hu / "config.json").read_text())["settings"]["read_non_ct_as_hu"] is True
+
+
+def test_folder_reading_takes_non_ct_files_as_hu_only_when_asked(odd_dicom_folder):
+    folder, _ = odd_dicom_folder
+    index = pd.DataFrame({"path": [str(folder / "ctich.dcm"), str(folder / "series_copy.dcm")]})
+    hu, failures = read_model_hu(index, IMAGE_SIZE)
+    assert hu.shape == (1, IMAGE_SIZE, IMAGE_SIZE) and [path for path, _ in failures] == [str(folder / "ctich.dcm")]
+    assert failures[0][1].startswith("modality OT, not CT")
+    hu, failures = read_model_hu(index, IMAGE_SIZE, non_ct_as_hu=True)
+    assert not failures
+    for slot, path in enumerate(index["path"]):
+        ds = pydicom.dcmread(path)
+        expected = to_model_hu(np.maximum(apply_modality_lut(ds.pixel_array, ds), AIR_HU), IMAGE_SIZE)
+        np.testing.assert_allclose(hu[slot], expected, atol=1e-3)

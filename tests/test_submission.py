@@ -87,3 +87,13 @@ def test_submit_without_credentials_says_so(sample_path, tmp_path, monkeypatch):
     monkeypatch.delenv("KAGGLE_API_TOKEN", raising=False)
     with pytest.raises(KaggleAccessError, match="needs credentials"):
         submit(sample_path, "test")
+
+
+@pytest.mark.parametrize("dropped", [[0], [17], list(range(6, 12))], ids=["first-row", "last-row", "whole-image"])
+def test_a_missing_id_raises_the_packages_own_error_naming_it(sample_path, dropped):
+    sample = read_sample_submission(sample_path)
+    table = submission_table(_predictions(), sample, np.zeros(6)).drop(index=dropped).reset_index(drop=True)
+    first_missing = sample["ID"][dropped[0]]
+    with pytest.raises(SubmissionError, match=f"ID {first_missing} of the sample submission is missing") as caught:
+        validate_submission(table, sample)
+    assert type(caught.value) is SubmissionError
