@@ -1,0 +1,156 @@
+"""Stage 2 at study level: cached slice features of each series in, one label per study out.
+
+A series is the unit the models read (as in the per-slice stage); it carries its study's label. Two
+input forms: masked, length-bucketed sequences of every slice (``ihd.sequence``'s batches, the
+default) or ``frames`` resliced positions per series (``ihd.reslice``, paper 000). Training keeps
+the epoch with the lowest validation log loss of the study outputs; prediction gives one row per
+series and, per series, slice weights (attention, or temporal Grad-CAM for the volume model).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from ihd.io import atomic_path
+from ihd.metrics import weighted_log_loss
+from ihd.reslice import reslice, slice_scores
+from ihd.sequence import SeriesSet, pad_batch, plan_batches, series_set
+from ihd.study_labels import LabelSet, series_labels
+from ihd.study_models import attention_view, temporal_gradcam
+
+
+@dataclass(frozen=True)
+class StudySeries:
+    """Series of a feature matrix as study-model inputs; ``labels`` (n_series, K) their study labels.
+
+    ``frames`` None: masked sequences padded per batch; else every series resliced to ``frames``
+    positions along its normal (``z``, one value per feature row)."""
+
+    data: SeriesSet
+    z: np.ndarray
+    labels: np.ndarray | None = None
+    frames: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.data.lengths)
+
+    def inputs(self, series: np.ndarray) -> np.ndarray:
+        """Model inputs of the series numbered ``series``: (B, T, D) padded, or (B, frames, D) resliced."""
+        if self.frames is None:
+            return pad_batch(self.data, series)[0]
+        return np.stack([reslice(self.data.inputs[start : start + length], self.z[start : start + length], self.frames)
+                         for start, length in zip(self.data.starts[series], self.data.lengths[series])])
+
+    def slice_rows(self, number: int) -> np.ndarray:
+        """Feature rows of series ``number``, in z order."""
+        start = self.data.starts[number]
+        return np.arange(start, start + self.data.lengths[number])
+
+
+def study_series(inputs: np.ndarray, index: pd.DataFrame, rows: np.ndarray, labels: pd.DataFrame | None = None,
+                 frames: int | None = None) -> StudySeries:
+    """The series wholly inside the boolean ``rows``; with a label table, only those whose study is labeled."""
+    data = series_set(inputs, index, rows)
+    z = index["z"].to_numpy(np.float64)
+    if labels is None:
+        return StudySeries(data, z, None, frames)
+    values = series_labels(index, data.starts, labels)
+    known = ~np.isnan(values).any(axis=1)
+    data = SeriesSet(inputs, data.starts[known], data.lengths[known])
+    return StudySeries(data, z, values[known], frames)
+
+
+def study_batches(series: StudySeries, batch_size: int, shuffle: bool = False, seed: int = 0):
+    """A `tf.data.Dataset` of (inputs, study labels) batches of similar length, reshuffled every epoch."""
+    epoch = [0]
+
+    def generate():
+        plan = plan_batches(series.data.lengths, batch_size, shuffle, seed + epoch[0])
+        epoch[0] += 1
+        for numbers in plan:
+            yield series.inputs(numbers), series.labels[numbers]
+
+    steps = None if series.frames is None else series.frames
+    signature = (tf.TensorSpec((None, steps, series.data.inputs.shape[1]), tf.float32),
+                 tf.TensorSpec((None, series.labels.shape[1]), tf.float32))
+    data = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    return data.apply(tf.data.experimental.assert_cardinality(math.ceil(len(series) / batch_size))).prefetch(2)
+
+
+def predict_studies(model: keras.Model, series: StudySeries, batch_size: int = 64) -> np.ndarray:
+    """Study outputs (n_series, K) in series order."""
+    out = np.zeros((len(series), int(model.outputs[0].shape[-1])), np.float32)
+    for numbers in plan_batches(series.data.lengths, batch_size):
+        out[numbers] = np.asarray(model.predict_on_batch(series.inputs(numbers)))
+    return out
+
+
+def study_log_loss(y_true: np.ndarray, probabilities: np.ndarray, labels: LabelSet) -> float:
+    """Validation loss of study outputs: categorical cross-entropy, or the challenge's weighted log loss."""
+    if not labels.exclusive:
+        return weighted_log_loss(y_true, probabilities)
+    p = np.clip(np.asarray(probabilities, np.float64), 1e-7, 1.0)
+    return float(-(np.asarray(y_true) * np.log(p)).sum(axis=1).mean())
+
+
+def slice_weights(model: keras.Model, series: StudySeries, evidence_layer: str | None = None,
+                  batch_size: int = 64, class_index: int = 0) -> list[np.ndarray]:
+    """Per series, weights over its own slices summing to 1: the attention weights of an attention
+    model, else temporal Grad-CAM of output ``class_index`` on ``evidence_layer`` mapped from frames to slices."""
+    weights: list[np.ndarray] = [np.zeros(0)] * len(series)
+    view = attention_view(model) if evidence_layer is None else None
+    for numbers in plan_batches(series.data.lengths, batch_size):
+        x = series.inputs(numbers)
+        if view is not None:
+            per_step = np.asarray(view.predict_on_batch(x)[1])
+        else:
+            per_step = temporal_gradcam(model, x, class_index, evidence_layer)
+        for slot, number in enumerate(numbers):
+            length = series.data.lengths[number]
+            if series.frames is None:
+                weights[number] = per_step[slot, :length]
+            else:
+                weights[number] = slice_scores(per_step[slot], series.z[series.slice_rows(number)])
+    return weights
+
+
+class BestStudyEpoch(keras.callbacks.Callback):
+    """After each epoch: the validation study log loss; the best model saved atomically; early stop after ``patience``."""
+
+    def __init__(self, val: StudySeries, labels: LabelSet, model_path: Path, batch_size: int, patience: int):
+        super().__init__()
+        self.val, self.labels, self.model_path = val, labels, Path(model_path)
+        self.batch_size, self.patience = batch_size, patience
+        self.history: list[dict] = []
+        self.best, self.best_epoch = math.inf, -1
+
+    def on_epoch_end(self, epoch, logs=None):
+        score = study_log_loss(self.val.labels, predict_studies(self.model, self.val, self.batch_size), self.labels)
+        self.history.append({"epoch": epoch + 1, "loss": float(logs["loss"]), "val_study_log_loss": score})
+        improved = score < self.best
+        if improved:
+            self.best, self.best_epoch = score, epoch + 1
+            with atomic_path(self.model_path) as tmp:
+                self.model.save(tmp)
+        print(f"epoch {epoch + 1}: loss {logs['loss']:.5f} val_study_loss {score:.5f}{' (best)' if improved else ''}",
+              flush=True)
+        if epoch + 1 - self.best_epoch >= self.patience:
+            self.model.stop_training = True
+
+
+def fit_study_model(model: keras.Model, train: StudySeries, val: StudySeries, labels: LabelSet, model_path: Path,
+                    epochs: int, batch_size: int, patience: int | None = None, seed: int = 0) -> BestStudyEpoch:
+    """Train a compiled study model; the best epoch by validation study log loss ends up at ``model_path``."""
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"{len(train)} training and {len(val)} validation series have study labels: need both")
+    keras.utils.set_random_seed(seed)
+    best = BestStudyEpoch(val, labels, model_path, batch_size, patience or epochs)
+    model.fit(study_batches(train, batch_size, shuffle=True, seed=seed), epochs=epochs, callbacks=[best],
+              shuffle=False, verbose=0)
+    return best
