@@ -52,6 +52,7 @@ class GatedAttentionPooling(keras.layers.Layer):
     def call(self, inputs):
         hidden, sequence = inputs
         real = keras.ops.any(keras.ops.not_equal(sequence, PAD_VALUE), axis=-1)
+        hidden = keras.ops.where(real[..., None], hidden, keras.ops.zeros_like(hidden))
         scores = self.score(self.value(hidden) * self.gate(hidden))[..., 0]
         scores = keras.ops.where(real, scores, keras.ops.full_like(scores, -1e9))
         weights = keras.ops.softmax(scores, axis=-1) * keras.ops.cast(real, scores.dtype)
@@ -172,14 +173,20 @@ def copy_slice_lstm_weights(study_model: keras.Model, slice_lstm: keras.Model) -
 def temporal_gradcam(model: keras.Model, x: np.ndarray, class_index: int, layer_name: str) -> np.ndarray:
     """Per-step evidence (B, T) for output ``class_index``: Grad-CAM with time as the spatial axis.
 
-    The feature map is layer ``layer_name``'s output (B, T, C); each channel is weighted by its
+    The feature map is layer ``layer_name``'s output (B, T, C), the layers after it a plain chain (as in
+    ``build_volume_lstm``); each channel is weighted by its
     gradient averaged over the real steps, the weighted sum is rectified, then normalised to sum 1
     per series (uniform where no step has positive evidence). Padding steps get 0.
     """
     x = tf.convert_to_tensor(np.asarray(x, np.float32))
-    probe = keras.Model(model.inputs, [model.get_layer(layer_name).output, model.outputs[0]])
+    names = [layer.name for layer in model.layers]
+    body = keras.Model(model.inputs, model.get_layer(layer_name).output)
+    feature_map = tf.convert_to_tensor(body(x, training=False))
     with tf.GradientTape() as tape:
-        feature_map, output = probe(x, training=False)
+        tape.watch(feature_map)
+        output = feature_map
+        for layer in model.layers[names.index(layer_name) + 1 :]:
+            output = layer(output, training=False)
         target = output[:, class_index]
     gradients = tape.gradient(target, feature_map).numpy()
     feature_map = feature_map.numpy()
