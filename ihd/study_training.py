@@ -154,3 +154,8 @@ def fit_study_model(model: keras.Model, train: StudySeries, val: StudySeries, la
     model.fit(study_batches(train, batch_size, shuffle=True, seed=seed), epochs=epochs, callbacks=[best],
               shuffle=False, verbose=0)
     return best
+
+
+def load_study_model(path: Path) -> keras.Model:
+    """A saved study model, for prediction."""
+    return keras.models.load_model(path, compile=False)
