@@ -2,7 +2,8 @@
 
 A series is the unit the models read (as in the per-slice stage); it carries its study's label. Two
 input forms: masked, length-bucketed sequences of every slice (``ihd.sequence``'s batches, the
-default) or ``frames`` resliced positions per series (``ihd.reslice``, paper 000). Training keeps
+default) or ``frames`` resliced positions per series (``ihd.reslice``, paper 000), or for the end-to-end
+model (paper 002) HU volumes read from the slice store and resliced the same way. Training keeps
 the epoch with the lowest validation log loss of the study outputs; prediction gives one row per
 series and, per series, slice weights (attention, or temporal Grad-CAM for the volume model).
 """
@@ -21,6 +22,7 @@ from ihd.io import atomic_path
 from ihd.metrics import weighted_log_loss
 from ihd.reslice import reslice, slice_scores
 from ihd.sequence import SeriesSet, pad_batch, plan_batches, series_set
+from ihd.slices import SliceStore, to_model_hu
 from ihd.study_labels import LabelSet, series_labels
 from ihd.study_models import attention_view, temporal_gradcam
 
@@ -52,6 +54,33 @@ class StudySeries:
         start = self.data.starts[number]
         return np.arange(start, start + self.data.lengths[number])
 
+    def input_spec(self) -> tf.TensorSpec:
+        """The shape of a batch of inputs (batch and, for masked sequences, time unknown)."""
+        return tf.TensorSpec((None, self.frames, self.data.inputs.shape[1]), tf.float32)
+
+
+@dataclass(frozen=True)
+class VolumeSeries(StudySeries):
+    """Series read as HU volumes from the slice store, resliced to ``frames`` images of ``image_size``
+    pixels, each image repeated over the model's three channels (which window it three ways)."""
+
+    store: SliceStore | None = None
+    image_ids: np.ndarray | None = None
+    image_size: int = 256
+
+    def inputs(self, series: np.ndarray) -> np.ndarray:
+        """HU volumes (B, frames, size, size, 3)."""
+        return np.stack([self.volume(number) for number in series])
+
+    def volume(self, number: int) -> np.ndarray:
+        """Series ``number`` as HU (frames, size, size, 3)."""
+        rows = self.slice_rows(number)
+        hu = np.stack([to_model_hu(self.store.read_hu(i), self.image_size) for i in self.image_ids[rows]])
+        return np.repeat(reslice(hu, self.z[rows], self.frames)[..., None], 3, axis=-1)
+
+    def input_spec(self) -> tf.TensorSpec:
+        return tf.TensorSpec((None, self.frames, self.image_size, self.image_size, 3), tf.float32)
+
 
 def study_series(inputs: np.ndarray, index: pd.DataFrame, rows: np.ndarray, labels: pd.DataFrame | None = None,
                  frames: int | None = None) -> StudySeries:
@@ -66,6 +95,13 @@ def study_series(inputs: np.ndarray, index: pd.DataFrame, rows: np.ndarray, labe
     return StudySeries(data, z, values[known], frames)
 
 
+def volume_series(index: pd.DataFrame, rows: np.ndarray, store: SliceStore, frames: int, image_size: int,
+                  labels: pd.DataFrame | None = None) -> VolumeSeries:
+    """``study_series`` read as HU volumes from ``store`` (the end-to-end model's input)."""
+    base = study_series(np.zeros((len(index), 0), np.float32), index, rows, labels, frames)
+    return VolumeSeries(base.data, base.z, base.labels, frames, store, index["image_id"].to_numpy(), image_size)
+
+
 def study_batches(series: StudySeries, batch_size: int, shuffle: bool = False, seed: int = 0):
     """A `tf.data.Dataset` of (inputs, study labels) batches of similar length, reshuffled every epoch."""
     epoch = [0]
@@ -76,9 +112,7 @@ def study_batches(series: StudySeries, batch_size: int, shuffle: bool = False, s
         for numbers in plan:
             yield series.inputs(numbers), series.labels[numbers]
 
-    steps = None if series.frames is None else series.frames
-    signature = (tf.TensorSpec((None, steps, series.data.inputs.shape[1]), tf.float32),
-                 tf.TensorSpec((None, series.labels.shape[1]), tf.float32))
+    signature = (series.input_spec(), tf.TensorSpec((None, series.labels.shape[1]), tf.float32))
     data = tf.data.Dataset.from_generator(generate, output_signature=signature)
     return data.apply(tf.data.experimental.assert_cardinality(math.ceil(len(series) / batch_size))).prefetch(2)
 
