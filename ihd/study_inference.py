@@ -16,6 +16,8 @@ import keras
 import numpy as np
 import pandas as pd
 
+from ihd.gradcam import draw_montage, gradcam_heatmap
+from ihd.inputs import neighbour_rows, stack_hu
 from ihd.io import read_json
 from ihd.labels import SUBTYPES
 from ihd.sequence import predict_series, series_set
@@ -154,3 +156,29 @@ def score_test(study: StudyModel, slice_lstm, inputs: np.ndarray, index: pd.Data
             "localization": localization_scores(slice_flags, per_series),
         }
     return result
+
+
+def draw_best_slices(chain, index: pd.DataFrame, table: pd.DataFrame, series: StudySeries, weights: list[np.ndarray],
+                     slice_probabilities: np.ndarray, hu_of_rows, out_dir: str | Path, per_study: int,
+                     method: str = "gradcam") -> list[Path]:
+    """For every study called hemorrhage: its ``per_study`` slices of strongest evidence (study weights),
+    in z order, with the CNN's Grad-CAM of each, as one montage (``<study>_best_slices.png``)."""
+    index = index.reset_index(drop=True)
+    study_of_series = index[STUDY_ID].to_numpy()[series.data.starts]
+    written = []
+    for _, row in table[table["verdict"] == "hemorrhage"].iterrows():
+        members = np.flatnonzero(study_of_series == row[STUDY_ID])
+        rows = np.concatenate([series.slice_rows(n) for n in members])
+        evidence = np.concatenate([weights[n] for n in members])
+        best = np.sort(rows[np.argsort(-evidence, kind="stable")[:per_study]])
+        neighbours = neighbour_rows(index, chain.offsets)[best]
+        needed = np.unique(np.r_[best, neighbours.ravel()])
+        hu_needed = hu_of_rows(needed)
+        stacks = stack_hu(hu_needed, np.searchsorted(needed, neighbours))
+        hu = hu_needed[np.searchsorted(needed, best)]
+        heatmaps = {slot: gradcam_heatmap(chain.cnn, stacks[slot], method=method) for slot in range(len(best))}
+        positions = ", ".join(str(int(p)) for p in index["position"].to_numpy()[best])
+        written.append(draw_montage(list(hu), slice_probabilities[best], Path(out_dir) / f"{row[STUDY_ID]}_best_slices.png",
+                                    heatmaps, f"{row[STUDY_ID]}: best slices (positions {positions}) by study evidence",
+                                    columns=min(len(best), 4)))
+    return written

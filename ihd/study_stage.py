@@ -25,7 +25,7 @@ import pandas as pd
 from ihd.features import Features, selection_slug
 from ihd.index import assign_folds
 from ihd.inputs import label_array
-from ihd.io import write_json
+from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES
 from ihd.sequence import input_moments, load_lstm, predict_series, series_set
 from ihd.study_labels import LABEL_SETS, STUDY_ID, LabelSet, derive_study_labels, read_study_labels
@@ -186,3 +186,34 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, s
     print(f"study {options.model}: best epoch {best.best_epoch}, validation {chosen.positive} AUC "
           f"{positive.get('auc', float('nan')):.4f}; record {record_path}")
     return record
+
+
+def study_summary(models_dir: str | Path, run: str) -> pd.DataFrame:
+    """One row per study model of a run (and its per-slice LSTM read at study level): validation AUC,
+    sensitivity, specificity and PPV of the bleed label at its validation threshold, localization F1."""
+    rows = {}
+    for path in sorted((Path(models_dir) / run).glob("study-*.json")):
+        record = read_json(path)
+        positive = LABEL_SETS[record["label_set"]].positive
+        exam = record["validation"].get(positive, {})
+        rows[path.stem] = {"exams": exam.get("exams"), **{k: exam.get(k) for k in ("auc", "sensitivity", "specificity", "ppv")},
+                           "localization_f1": record.get("validation_localization", {}).get("f1")}
+        slice_model = record.get("validation_slice_model")
+        if slice_model:
+            rows[f"lstm-{record['slug']} (slice labels)"] = {
+                "exams": slice_model["exam"]["exams"],
+                **{k: slice_model["exam"][k] for k in ("auc", "sensitivity", "specificity", "ppv")},
+                "localization_f1": slice_model["localization"]["f1"]}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "model"
+    return table
+
+
+def write_study_summary(table: pd.DataFrame, path: Path) -> Path:
+    """The summary as a Markdown table, atomically."""
+    lines = ["| model | " + " | ".join(table.columns) + " |", "|---" * (len(table.columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join("" if pd.isna(v) else f"{v:.4g}" for v in row) + " |"
+              for name, row in table.iterrows()]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return path
