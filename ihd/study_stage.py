@@ -142,7 +142,8 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, s
     train = study_series(inputs, index, (folds >= 0) & (folds != fold), labels, frames)
     val = study_series(inputs, index, folds == fold, labels, frames)
     batch = max(1, min(batch_size, len(train) // min_steps))
-    print(f"study {options.model} ({chosen.name}, {options.init}): {len(train)} training and {len(val)} validation "
+    start = options.init if options.model == "attention" else f"{frames} frames"
+    print(f"study {options.model} ({chosen.name}, {start}): {len(train)} training and {len(val)} validation "
           f"series with study labels (fold {fold}); {batch} series per batch", flush=True)
     model_path, record_path = study_paths(models_dir, run, options, selection)
     model = build_study_model(options, chosen, inputs.shape[1], train, layers, units, dropout)
