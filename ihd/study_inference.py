@@ -23,7 +23,7 @@ from ihd.labels import SUBTYPES
 from ihd.sequence import predict_series, series_set
 from ihd.study_labels import STUDY_ID, LabelSet, label_set, read_study_labels
 from ihd.study_metrics import binary_scores, exam_scores, flag_slices, keep_runs, localization_scores
-from ihd.study_training import StudySeries, load_study_model, predict_studies, slice_weights, study_series
+from ihd.study_training import StudySeries, load_study_model, outputs_and_weights, slice_weights, study_series
 
 ANY = SUBTYPES.index("any")
 SLICE_FLAG_PROBABILITY = 0.5
@@ -81,8 +81,8 @@ def predict_index_studies(study: StudyModel, inputs: np.ndarray, index: pd.DataF
     """Every series of ``index`` (rows aligned with ``inputs``): outputs (n_series, K) and slice weights."""
     index = index.reset_index(drop=True)
     series = study_series(inputs, index, np.ones(len(index), bool), None, study.frames)
-    outputs = predict_studies(study.model, series)
-    weights = slice_weights(study.model, series, study.evidence_layer, class_index=study.labels.positive_column)
+    outputs, weights = outputs_and_weights(study.model, series, study.evidence_layer,
+                                           class_index=study.labels.positive_column)
     return series, outputs, weights
 
 

@@ -41,7 +41,7 @@ class GatedAttentionPooling(keras.layers.Layer):
         self.units = units
         self.value = keras.layers.Dense(units, activation="tanh", name="value")
         self.gate = keras.layers.Dense(units, activation="sigmoid", name="gate")
-        self.score = keras.layers.Dense(1, name="score")
+        self.score = keras.layers.Dense(1, kernel_initializer="zeros", name="score")  # starts as the mean over slices
 
     def build(self, input_shape):
         hidden_shape = input_shape[0]

@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import keras
 import numpy as np
 import pandas as pd
 
@@ -146,6 +147,7 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, s
     print(f"study {options.model} ({chosen.name}, {start}): {len(train)} training and {len(val)} validation "
           f"series with study labels (fold {fold}); {batch} series per batch", flush=True)
     model_path, record_path = study_paths(models_dir, run, options, selection)
+    keras.utils.set_random_seed(seed)
     model = build_study_model(options, chosen, inputs.shape[1], train, layers, units, dropout)
     slice_lstm_path = Path(models_dir) / run / f"lstm-{selection_slug(selection)}.keras"
     pretrained_from = None

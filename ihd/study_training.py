@@ -10,6 +10,7 @@ series and, per series, slice weights (attention, or temporal Grad-CAM for the v
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from ihd.sequence import SeriesSet, pad_batch, plan_batches, series_set
 from ihd.slices import SliceStore, to_model_hu
 from ihd.study_labels import LabelSet, series_labels
 from ihd.study_models import attention_view, temporal_gradcam
+
+_views: "weakref.WeakKeyDictionary[keras.Model, keras.Model]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -133,25 +136,42 @@ def study_log_loss(y_true: np.ndarray, probabilities: np.ndarray, labels: LabelS
     return float(-(np.asarray(y_true) * np.log(p)).sum(axis=1).mean())
 
 
-def slice_weights(model: keras.Model, series: StudySeries, evidence_layer: str | None = None,
-                  batch_size: int = 64, class_index: int = 0) -> list[np.ndarray]:
-    """Per series, weights over its own slices summing to 1: the attention weights of an attention
-    model, else temporal Grad-CAM of output ``class_index`` on ``evidence_layer`` mapped from frames to slices."""
+def _attention_view(model: keras.Model) -> keras.Model:
+    """The model's two-output view (study output, slice weights), built once per model."""
+    if model not in _views:
+        _views[model] = attention_view(model)
+    return _views[model]
+
+
+def outputs_and_weights(model: keras.Model, series: StudySeries, evidence_layer: str | None = None,
+                        batch_size: int = 64, class_index: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Study outputs (n_series, K) and, per series, weights over its own slices summing to 1: the
+    attention weights of an attention model (one pass gives both), else temporal Grad-CAM of output
+    ``class_index`` on ``evidence_layer`` mapped from frames to slices."""
+    outputs = np.zeros((len(series), int(model.outputs[0].shape[-1])), np.float32)
     weights: list[np.ndarray] = [np.zeros(0)] * len(series)
-    view = attention_view(model) if evidence_layer is None else None
+    view = _attention_view(model) if evidence_layer is None else None
     for numbers in plan_batches(series.data.lengths, batch_size):
         x = series.inputs(numbers)
         if view is not None:
-            per_step = np.asarray(view.predict_on_batch(x)[1])
+            predicted, per_step = (np.asarray(v) for v in view.predict_on_batch(x))
         else:
+            predicted = np.asarray(model.predict_on_batch(x))
             per_step = temporal_gradcam(model, x, class_index, evidence_layer)
+        outputs[numbers] = predicted
         for slot, number in enumerate(numbers):
             length = series.data.lengths[number]
             if series.frames is None:
                 weights[number] = per_step[slot, :length]
             else:
                 weights[number] = slice_scores(per_step[slot], series.z[series.slice_rows(number)])
-    return weights
+    return outputs, weights
+
+
+def slice_weights(model: keras.Model, series: StudySeries, evidence_layer: str | None = None,
+                  batch_size: int = 64, class_index: int = 0) -> list[np.ndarray]:
+    """Per series, weights over its own slices summing to 1 (see ``outputs_and_weights``)."""
+    return outputs_and_weights(model, series, evidence_layer, batch_size, class_index)[1]
 
 
 class BestStudyEpoch(keras.callbacks.Callback):
