@@ -121,8 +121,15 @@ def held_out_study_truth(dataset_dir: Path, index: pd.DataFrame, slice_truth: pd
         return read_study_labels(path, labels.name)[0]
     if slice_truth is None or labels.exclusive:
         return None
-    joined = slice_truth.reindex(index["image_id"]).set_axis(index[STUDY_ID].to_numpy())
-    return joined.groupby(level=0).max()[list(SUBTYPES)]
+    return study_truth_from_slices(index, slice_truth)
+
+
+def study_truth_from_slices(index: pd.DataFrame, slice_truth: pd.DataFrame) -> pd.DataFrame:
+    """Subtype study labels of the index's studies: the highest slice truth over each study's slices
+    (a study with a slice missing from the truth is left out: its highest label is unknown)."""
+    joined = slice_truth[list(SUBTYPES)].reindex(index["image_id"]).set_axis(index[STUDY_ID].to_numpy())
+    complete = joined.notna().all(axis=1).groupby(level=0).all()
+    return joined.groupby(level=0).max()[complete]
 
 
 def score_test(study: StudyModel, slice_lstm, inputs: np.ndarray, index: pd.DataFrame, series: StudySeries,
@@ -140,12 +147,13 @@ def score_test(study: StudyModel, slice_lstm, inputs: np.ndarray, index: pd.Data
     index = index.reset_index(drop=True)
     truth_any = slice_truth["any"].reindex(index["image_id"]).to_numpy()
     per_series = [truth_any[series.slice_rows(n)] for n in range(len(series))]
+    known = [n for n, t in enumerate(per_series) if not np.isnan(t).any()]  # series wholly in the truth
     weights = slice_weights(study.model, series, study.evidence_layer, class_index=labels.positive_column)
-    result["localization"] = localization_scores([flag_slices(w) for w in weights], per_series)
+    result["localization"] = localization_scores([flag_slices(weights[n]) for n in known], [per_series[n] for n in known])
     if slice_lstm is not None:
         everything = series_set(inputs, index, np.ones(len(index), bool))
         p_any = predict_series(slice_lstm, everything)[:, ANY]
-        slice_flags = [keep_runs(p_any[series.slice_rows(n)] >= SLICE_FLAG_PROBABILITY) for n in range(len(series))]
+        slice_flags = [keep_runs(p_any[series.slice_rows(n)] >= SLICE_FLAG_PROBABILITY) for n in known]
         exam_any = pd.Series([p_any[series.slice_rows(n)].max() for n in range(len(series))],
                              index=index[STUDY_ID].to_numpy()[series.data.starts]).groupby(level=0).max()
         bleed = truth[labels.positive].reindex(exam_any.index)
@@ -153,7 +161,7 @@ def score_test(study: StudyModel, slice_lstm, inputs: np.ndarray, index: pd.Data
         threshold = study.record.get("validation_slice_model", {}).get("exam", {}).get("threshold", 0.5)
         result["slice_model"] = {
             "exam": binary_scores(bleed.to_numpy(), exam_any.to_numpy(), threshold),
-            "localization": localization_scores(slice_flags, per_series),
+            "localization": localization_scores(slice_flags, [per_series[n] for n in known]),
         }
     return result
 
