@@ -175,23 +175,24 @@ def slice_weights(model: keras.Model, series: StudySeries, evidence_layer: str |
 
 
 class BestStudyEpoch(keras.callbacks.Callback):
-    """After each epoch: the validation study log loss; the best model saved atomically; early stop after ``patience``."""
+    """After each epoch: the validation study log loss; the best epoch's weights kept in memory; early
+    stop after ``patience`` epochs without improvement."""
 
-    def __init__(self, val: StudySeries, labels: LabelSet, model_path: Path, batch_size: int, patience: int):
+    def __init__(self, val: StudySeries, labels: LabelSet, batch_size: int, patience: int):
         super().__init__()
-        self.val, self.labels, self.model_path = val, labels, Path(model_path)
+        self.val, self.labels = val, labels
         self.batch_size, self.patience = batch_size, patience
         self.history: list[dict] = []
         self.best, self.best_epoch = math.inf, -1
+        self.best_weights: list[np.ndarray] | None = None
 
     def on_epoch_end(self, epoch, logs=None):
         score = study_log_loss(self.val.labels, predict_studies(self.model, self.val, self.batch_size), self.labels)
         self.history.append({"epoch": epoch + 1, "loss": float(logs["loss"]), "val_study_log_loss": score})
-        improved = score < self.best
+        improved = score < self.best or self.best_weights is None
         if improved:
             self.best, self.best_epoch = score, epoch + 1
-            with atomic_path(self.model_path) as tmp:
-                self.model.save(tmp)
+            self.best_weights = self.model.get_weights()
         print(f"epoch {epoch + 1}: loss {logs['loss']:.5f} val_study_loss {score:.5f}{' (best)' if improved else ''}",
               flush=True)
         if epoch + 1 - self.best_epoch >= self.patience:
@@ -200,13 +201,17 @@ class BestStudyEpoch(keras.callbacks.Callback):
 
 def fit_study_model(model: keras.Model, train: StudySeries, val: StudySeries, labels: LabelSet, model_path: Path,
                     epochs: int, batch_size: int, patience: int | None = None, seed: int = 0) -> BestStudyEpoch:
-    """Train a compiled study model; the best epoch by validation study log loss ends up at ``model_path``."""
+    """Train a compiled study model, then save its best epoch by validation study log loss at ``model_path``
+    (atomically, after training: a kill leaves whatever the path held before)."""
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"{len(train)} training and {len(val)} validation series have study labels: need both")
     keras.utils.set_random_seed(seed)
-    best = BestStudyEpoch(val, labels, model_path, batch_size, patience or epochs)
+    best = BestStudyEpoch(val, labels, batch_size, patience or epochs)
     model.fit(study_batches(train, batch_size, shuffle=True, seed=seed), epochs=epochs, callbacks=[best],
               shuffle=False, verbose=0)
+    model.set_weights(best.best_weights)
+    with atomic_path(model_path) as tmp:
+        model.save(tmp)
     return best
 
 
