@@ -45,6 +45,7 @@ from ihd.study_training import StudySeries, fit_study_model, load_study_model, p
 STUDY_MODELS = ("attention", "volume")
 INITS = ("pretrained", "scratch")
 DERIVE = "derive"
+DEFAULT_FOLDS = 5  # where the index has no folds of its own (no slice labels at all)
 ANY = SUBTYPES.index("any")
 SLICE_FLAG_PROBABILITY = 0.5  # a per-slice model flags a slice at p(any) >= 0.5, its calibrated even odds
 
@@ -87,14 +88,16 @@ def load_labels(source: str, index: pd.DataFrame, set_name: str) -> tuple[pd.Dat
 
 def study_folds(index: pd.DataFrame, labels: pd.DataFrame, chosen: LabelSet) -> np.ndarray:
     """Fold of every row for study training: the index's folds, and for training rows of studies with a
-    study label but no slice labels, folds dealt by patient the same way from the study labels."""
+    study label but no slice labels, folds dealt by patient the same way from the study labels (as many
+    folds as the index has, else DEFAULT_FOLDS)."""
     folds = index["fold"].to_numpy().copy()
     study_labeled = (index["split"] == "train").to_numpy() & index[STUDY_ID].isin(labels.index).to_numpy()
     missing = study_labeled & (folds < 0)
     if missing.any():
         stand_in = index.copy()
         stand_in["any"] = np.where(study_labeled, labels[chosen.positive].reindex(index[STUDY_ID]).to_numpy(), np.nan)
-        dealt = assign_folds(stand_in)
+        known = int(folds.max()) + 1
+        dealt = assign_folds(stand_in, folds=known if known >= 2 else DEFAULT_FOLDS)
         folds[missing] = dealt[missing]
     return np.where(study_labeled, folds, -1)
 
