@@ -25,7 +25,6 @@ import pandas as pd
 
 from ihd.features import Features, selection_slug
 from ihd.index import assign_folds
-from ihd.inputs import label_array
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES
 from ihd.sequence import input_moments, load_lstm, predict_series, series_set
