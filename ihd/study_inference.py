@@ -62,13 +62,19 @@ class StudyModel:
 
 def load_study(models_dir: str | Path, run: str, name: str | None = None) -> StudyModel:
     """Study model ``name`` (the file stem, such as study-attention-subtypes-pca32-pretrained) of a run;
-    None takes the one with the lowest validation study loss."""
+    None takes the one with the lowest validation study loss (refused when the run's study models
+    learn different label sets, whose losses do not compare)."""
     folder = Path(models_dir) / run
     if name is None:
         records = sorted(folder.glob("study-*.json"))
         if not records:
             raise FileNotFoundError(f"no study-*.json in {folder}: run train_lstm.py --run {run} --study-labels ... first")
-        name = min(records, key=lambda p: min(h["val_study_log_loss"] for h in read_json(p)["history"])).stem
+        loaded = {path.stem: read_json(path) for path in records}
+        sets = sorted({record["label_set"] for record in loaded.values()})
+        if len(sets) > 1:
+            raise ValueError(f"{folder} holds study models of the label sets {', '.join(sets)}, whose losses do not "
+                             f"compare: name one with --study ({', '.join(loaded)})")
+        name = min(loaded, key=lambda stem: min(h["val_study_log_loss"] for h in loaded[stem]["history"]))
     record_path, model_path = folder / f"{name}.json", folder / f"{name}.keras"
     for path in (record_path, model_path):
         if not path.exists():
