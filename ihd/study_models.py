@@ -94,7 +94,8 @@ def build_attention_lstm(
         x = keras.layers.Bidirectional(keras.layers.LSTM(units, return_sequences=True), name=f"bilstm{layer}")(x)
         x = keras.layers.Dropout(dropout, name=f"dropout{layer}")(x)
     pooled, _ = GatedAttentionPooling(attention_units, name=ATTENTION_LAYER)([x, inputs])
-    outputs = keras.layers.Dense(len(labels.columns), activation=labels.activation, name=STUDY_OUTPUT)(pooled)
+    outputs = keras.layers.Dense(len(labels.columns), activation=labels.activation, dtype="float32",
+                                 name=STUDY_OUTPUT)(pooled)
     return keras.Model(inputs, outputs, name="attention_lstm")
 
 
@@ -116,7 +117,8 @@ def build_volume_lstm(
     x = _normalised(inputs, moments)
     x = keras.layers.LSTM(units, name="lstm")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(len(labels.columns), activation=labels.activation, name=STUDY_OUTPUT)(x)
+    outputs = keras.layers.Dense(len(labels.columns), activation=labels.activation, dtype="float32",
+                                 name=STUDY_OUTPUT)(x)
     return keras.Model(inputs, outputs, name="volume_lstm")
 
 
@@ -137,7 +139,8 @@ def build_end_to_end(
     x = keras.layers.TimeDistributed(encoder, name="per_frame")(inputs)
     x = keras.layers.Bidirectional(keras.layers.LSTM(units), name="bilstm")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(len(labels.columns), activation=labels.activation, name=STUDY_OUTPUT)(x)
+    outputs = keras.layers.Dense(len(labels.columns), activation=labels.activation, dtype="float32",
+                                 name=STUDY_OUTPUT)(x)
     return keras.Model(inputs, outputs, name="end_to_end")
 
 
