@@ -21,14 +21,13 @@ from ihd.report import truth_path
 from ihd.slices import SliceStore
 from ihd.study_inference import held_out_study_truth
 from ihd.study_metrics import exam_scores, flag_slices, localization_scores, validation_thresholds
-from ihd.study_models import build_end_to_end, compile_study_model
+from ihd.study_models import EVIDENCE_LAYERS, build_end_to_end, compile_study_model
 from ihd.study_stage import load_labels, study_folds
 from ihd.study_training import fit_study_model, load_study_model, predict_studies, slice_weights, volume_series
 from ihd.windows import parse_recipe
 
 MODEL_FILE = "end_to_end.keras"
 RECORD_FILE = "end_to_end.json"
-EVIDENCE_LAYER = "per_frame"
 
 
 def train_end_to_end(index: pd.DataFrame, store: SliceStore, dataset_dir: Path, run_dir: Path, study_labels: str,
@@ -67,7 +66,7 @@ def train_end_to_end(index: pd.DataFrame, store: SliceStore, dataset_dir: Path, 
         p = predict_studies(model, test, batch_size)
         record["test"] = {"exams": len(test), "exam": exam_scores(test.labels, p, chosen.columns, thresholds)}
         if slice_truth is not None:
-            weights = slice_weights(model, test, EVIDENCE_LAYER, batch_size, chosen.positive_column)
+            weights = slice_weights(model, test, EVIDENCE_LAYERS["end_to_end"], batch_size, chosen.positive_column)
             truth_any = slice_truth["any"].reindex(index["image_id"]).to_numpy()
             record["test"]["localization"] = localization_scores(
                 [flag_slices(w) for w in weights], [truth_any[test.slice_rows(n)] for n in range(len(test))])

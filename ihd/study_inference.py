@@ -23,6 +23,7 @@ from ihd.labels import SUBTYPES
 from ihd.sequence import predict_series, series_set
 from ihd.study_labels import STUDY_ID, LabelSet, label_set, read_study_labels
 from ihd.study_metrics import binary_scores, exam_scores, flag_slices, keep_runs, localization_scores
+from ihd.study_models import EVIDENCE_LAYERS
 from ihd.study_training import StudySeries, load_study_model, outputs_and_weights, slice_weights, study_series
 
 ANY = SUBTYPES.index("any")
@@ -48,7 +49,7 @@ class StudyModel:
     @property
     def evidence_layer(self) -> str | None:
         """None for attention weights, else the layer temporal Grad-CAM reads."""
-        return None if self.record["model"] == "attention" else "standardise"
+        return EVIDENCE_LAYERS[self.record["model"]]
 
     @property
     def threshold(self) -> float:

@@ -26,6 +26,8 @@ from ihd.study_labels import LabelSet
 
 STUDY_OUTPUT = "study"
 ATTENTION_LAYER = "attention"
+EVIDENCE_LAYERS = {"attention": None, "volume": "standardise", "end_to_end": "per_frame"}
+"""Where each model's slice weights come from: None, its attention; else the layer temporal Grad-CAM reads."""
 
 
 @keras.saving.register_keras_serializable(package="ihd")

@@ -38,7 +38,13 @@ from ihd.study_metrics import (
     validation_thresholds,
     youden_threshold,
 )
-from ihd.study_models import build_attention_lstm, build_volume_lstm, compile_study_model, copy_slice_lstm_weights
+from ihd.study_models import (
+    EVIDENCE_LAYERS,
+    build_attention_lstm,
+    build_volume_lstm,
+    compile_study_model,
+    copy_slice_lstm_weights,
+)
 from ihd.study_training import StudySeries, fit_study_model, load_study_model, predict_studies, slice_weights, study_series
 
 STUDY_MODELS = ("attention", "volume")
@@ -127,11 +133,6 @@ def build_study_model(options: StudyOptions, chosen: LabelSet, input_dim: int, t
     return build_volume_lstm(input_dim, chosen, options.frames, options.volume_units, dropout, moments)
 
 
-def evidence_layer(options: StudyOptions) -> str | None:
-    """Where slice weights come from: None for attention, else the layer temporal Grad-CAM reads."""
-    return None if options.model == "attention" else "standardise"
-
-
 def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, selection: str, fold: int,
                 models_dir: str | Path, run: str, layers: int, units: int, dropout: float, learning_rate: float,
                 epochs: int, batch_size: int, min_steps: int, patience: int, seed: int, settings: dict) -> dict:
@@ -166,7 +167,8 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, s
     predicted = predict_studies(model, val)
     thresholds = validation_thresholds(val.labels, predicted, chosen.columns)
     record = {
-        "model": options.model, "label_set": chosen.name, "columns": list(chosen.columns), "init": options.init,
+        "model": options.model, "label_set": chosen.name, "columns": list(chosen.columns),
+        "init": options.init if options.model == "attention" else None,
         "pretrained_from": pretrained_from, "selection": selection, "slug": selection_slug(selection),
         "input_dim": int(inputs.shape[1]), "frames": frames, "fold": fold, "batch_size": batch,
         "study_labels": options.labels, "options": options, "settings": settings, "cnn_config": features.config,
@@ -177,7 +179,7 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, s
     }
     truth = slice_truth(index, val)
     if truth is not None:
-        weights = slice_weights(model, val, evidence_layer(options), class_index=chosen.positive_column)
+        weights = slice_weights(model, val, EVIDENCE_LAYERS[options.model], class_index=chosen.positive_column)
         record["validation_localization"] = localization_scores([flag_slices(w) for w in weights], truth)
     bleed = val.labels[:, chosen.positive_column]
     if slice_lstm_path.exists() and truth is not None and 0 < bleed.sum() < len(bleed):

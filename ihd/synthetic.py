@@ -20,8 +20,11 @@ not. A slice is labeled with a subtype when that subtype's mask covers at least
 Layout written (the private parts of the challenge under ``truth/``)::
 
     stage_2_train/ID_<9 hex>.dcm  stage_2_test/ID_<9 hex>.dcm
-    stage_2_train.csv  stage_2_sample_submission.csv  config.json
-    truth/stage_2_test_labels.csv  truth/masks/<series_id>.npz
+    stage_2_train.csv  stage_2_train_study_labels.csv  stage_2_sample_submission.csv  config.json
+    truth/stage_2_test_labels.csv  truth/stage_2_test_study_labels.csv  truth/masks/<series_id>.npz
+
+Study labels (``ihd.study_labels``) hold both label sets; a study may also hold a non-hemorrhagic
+finding (``ihd.synthetic_findings``), which makes its exam class "other" when it does not bleed.
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from ihd.io import atomic_path, run_header, write_json
 from ihd.labels import SUBTYPES, write_long
 from ihd.parallel import parallel_map
+from ihd.study_labels import write_study_labels
+from ihd.synthetic_findings import OTHER_FINDING_FRACTION, draw_finding, paint_finding, study_label_table
 
 BLEEDS = SUBTYPES[:-1]
 PIXELS = 512
@@ -360,6 +365,7 @@ class StudyPhantom:
         self.texture = _Field(rng, 60, 4.0, h_range)
         self.sulcus_mm = float(rng.uniform(11, 14))
         self.box = (slice(None), slice(None))
+        self.finding = None  # a non-hemorrhagic finding (ihd.synthetic_findings), set by build_phantom
 
     def heights_mm(self) -> np.ndarray:
         """Height above the skull base of every slice, first (lowest) to last."""
@@ -394,6 +400,8 @@ class StudyPhantom:
         if scale > 0.02:
             box = self._head_box(scale)
             hu[box] = self._cropped(box)._render_head(h, scale, masks[(slice(None),) + box])
+        if self.finding is not None:
+            hu = paint_finding(hu, self.finding, h, self.x, self.y, masks.any(axis=0))
         return self._finish(hu, rng), masks
 
     def _head_box(self, scale: float) -> tuple[slice, slice]:
@@ -552,7 +560,15 @@ def build_phantom(plan: StudyPlan, seed: int, pixels: int = PIXELS) -> StudyPhan
     rng = study_rng(seed, plan.number)
     anatomy = draw_anatomy(rng, len(plan.image_ids))
     bleeds = draw_bleeds(plan.subtypes, anatomy, rng)
-    return StudyPhantom(anatomy, bleeds, rng, pixels)
+    phantom = StudyPhantom(anatomy, bleeds, rng, pixels)
+    phantom.finding = draw_finding(seed, plan.number, anatomy.half_width_mm, anatomy.half_length_mm)
+    return phantom
+
+
+def has_other_finding(plan: StudyPlan, seed: int) -> bool:
+    """Whether a planned study holds a non-hemorrhagic finding (its exam class is other unless it bleeds)."""
+    anatomy = draw_anatomy(study_rng(seed, plan.number), len(plan.image_ids))
+    return draw_finding(seed, plan.number, anatomy.half_width_mm, anatomy.half_length_mm) is not None
 
 
 def study_labels(plan: StudyPlan, seed: int, pixels: int = 128) -> np.ndarray:
@@ -765,6 +781,10 @@ def write_dataset(out_dir: str | Path, train_studies: int, test_studies: int, se
     test_wide = _wide(test, labels).sort_index()
     write_long(test_wide, out_dir / "truth" / "stage_2_test_labels.csv")
     write_long(test_wide * 0 + 0.5, out_dir / "stage_2_sample_submission.csv")
+    for plans_of_split, path in ((train, out_dir / "stage_2_train_study_labels.csv"),
+                                 (test, out_dir / "truth" / "stage_2_test_study_labels.csv")):
+        write_study_labels(study_label_table([p.study_id for p in plans_of_split], [labels[p.number] for p in plans_of_split],
+                                             [has_other_finding(p, seed) for p in plans_of_split]), path)
     summary = summarize(plans, labels)
     summary["quirks"] = {name: sum(r["quirks"][name] for r in results.values()) for name in
                          next(iter(results.values()))["quirks"]} if results else {}
@@ -775,7 +795,7 @@ def write_dataset(out_dir: str | Path, train_studies: int, test_studies: int, se
                 "quirks": dataclasses.asdict(quirks), "bleed_study_fraction": BLEED_STUDY_FRACTION,
                 "primary_shares": PRIMARY_SHARES, "co_occurrence": CO_OCCURRENCE,
                 "min_label_area_mm2": MIN_LABEL_AREA_MM2, "taper_slices": TAPER_SLICES,
-                "end_contrast": END_CONTRAST, "subtypes": SUBTYPES}
+                "end_contrast": END_CONTRAST, "subtypes": SUBTYPES, "other_finding_fraction": OTHER_FINDING_FRACTION}
     write_json(out_dir / "config.json", {"settings": settings, "summary": summary})
     return summary
 
