@@ -217,9 +217,9 @@ def build_index(
     sources = [(str(Path(folder).resolve()), split) for folder, split in sources]
     dataset_dir = Path(dataset_dir)
     cache = dataset_dir / HEADERS_FILE if resume else None
+    labels = None if labels_csv is None else read_long_labels(labels_csv)  # a bad label file stops us before any write
     headers, bad = scan_headers(sources, workers=workers, cache=cache)
     headers, clashes = make_ids_unique(headers)
-    labels = None if labels_csv is None else read_long_labels(labels_csv)
     index, unmatched_labels = merge_labels(order_series(headers), labels)
     index["fold"] = assign_folds(index, folds=folds, balance=balance, seed=seed)
     index = index[INDEX_COLUMNS].astype({c: str for c in ID_COLUMNS} | {"z": np.float64})

@@ -7,6 +7,7 @@ import pytest
 import prepare_data
 from ihd import synthetic
 from ihd.io import read_json, write_json
+from ihd.labels import LabelFileError
 from ihd.slices import SliceStore
 
 
@@ -55,6 +56,7 @@ def _tree(folder):
 
 def test_a_refused_rerun_touches_nothing(real_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    real_write_dataset = synthetic.write_dataset
     calls, fake = fake_kaggle_layout(real_data)
     monkeypatch.setattr(synthetic, "write_dataset", fake)
     argv = ["--synthetic", "--small", "--seed", "3", "--dataset", "demo", "--workers", "1"]
@@ -70,6 +72,16 @@ def test_a_refused_rerun_touches_nothing(real_data, tmp_path, monkeypatch):
         prepare_data.main(["--synthetic", "--small", "--seed", "4", "--dataset", "demo", "--size", "32"])
     assert _tree(tmp_path) == before
     assert len(calls) == 1
+
+    monkeypatch.setattr(synthetic, "write_dataset", real_write_dataset)  # finds the dataset complete
+    new_file = out / "raw" / "stage_2_test" / "ID_000000new.dcm"  # a file the header cache has not seen
+    shutil.copy(next((out / "raw" / "stage_2_test").glob("*.dcm")), new_file)
+    with open(out / "raw" / "stage_2_train.csv", "a") as labels:
+        labels.write("ID_000000new_epidural,maybe\n")
+    before = _tree(tmp_path)
+    with pytest.raises(LabelFileError, match="stage_2_train.csv: row .*'maybe' is not a number"):
+        prepare_data.main([*argv, "--size", "32"])
+    assert _tree(tmp_path) == before
 
 
 def test_dicom_dir_unlabeled_test_rows_and_resume(real_data, tmp_path, monkeypatch):
