@@ -129,7 +129,10 @@ def refusal(settings: Settings, dataset_dir: Path, raw: Path) -> str | None:
         try:
             synthetic.dataset_state(raw, synthetic_settings(settings))
         except synthetic.DatasetMismatch as error:
-            return f"{error}: choose another --dataset (or --raw), or delete that folder"
+            flags = ("train_studies", "test_studies", "seed")
+            same_flags = "" if error.found is None or set(error.different) - set(flags) else (
+                "rerun with " + " ".join(f"--{key.replace('_', '-')} {error.found[key]}" for key in flags) + " to use it, ")
+            return f"{error}: {same_flags}choose another --dataset (or --raw), or delete that folder"
     elif not settings.download and not settings.dicom_dir and not any((raw / name).is_dir() for name in SOURCE_DIRS):
         return (f"{raw} holds neither {TRAIN_DIR}/ nor {TEST_DIR}/: use --synthetic, --download, --dicom-dir "
                 "or point --raw at a folder in the Kaggle layout")

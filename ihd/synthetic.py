@@ -767,12 +767,20 @@ def _generator_version() -> dict:
 
 
 class DatasetMismatch(ValueError):
-    """The output folder holds something other than the dataset asked for."""
+    """The output folder holds something other than the dataset asked for: ``found`` holds the settings
+    it was made with (None when it holds no synthetic dataset) and ``different`` the names of those that differ."""
+
+    def __init__(self, message: str, found: dict | None = None, different: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.found, self.different = found, different
 
 
-def _differences(found: dict, wanted: dict) -> str:
-    return ", ".join(f"{key} {found.get(key)!r} (asked for {wanted[key]!r})" for key in wanted
-                     if found.get(key) != wanted[key])
+def _check_same(out_dir: Path, what: str, found: dict, wanted: dict) -> None:
+    """Raise DatasetMismatch naming every setting in ``wanted`` that ``found`` has otherwise."""
+    different = tuple(key for key in wanted if found.get(key) != wanted[key])
+    if different:
+        details = ", ".join(f"{key} {found.get(key)!r} (asked for {wanted[key]!r})" for key in different)
+        raise DatasetMismatch(f"{out_dir} holds {what} made with {details}", found, different)
 
 
 def dataset_state(out_dir: str | Path, settings: dict) -> str:
@@ -786,14 +794,11 @@ def dataset_state(out_dir: str | Path, settings: dict) -> str:
     config_path, progress_path = out_dir / CONFIG_FILE, out_dir / PROGRESS_DIR / PROGRESS_SETTINGS
     if config_path.is_file():
         requested = {key: settings[key] for key in REQUESTED_SETTINGS}
-        different = _differences(read_json(config_path)["settings"], requested)
-        if different:
-            raise DatasetMismatch(f"{out_dir} holds a synthetic dataset made with {different}")
+        _check_same(out_dir, "a synthetic dataset", read_json(config_path)["settings"], requested)
         return "complete"
     if progress_path.is_file():
-        different = _differences(read_json(progress_path), {**settings, "generator": _generator_version()})
-        if different:
-            raise DatasetMismatch(f"{out_dir} holds a partly written synthetic dataset made with {different}")
+        wanted = {**settings, "generator": _generator_version()}
+        _check_same(out_dir, "a partly written synthetic dataset", read_json(progress_path), wanted)
         return "partial"
     if out_dir.is_dir() and any(out_dir.iterdir()):
         raise DatasetMismatch(f"{out_dir} is not empty and holds no synthetic dataset")

@@ -68,7 +68,8 @@ def test_a_refused_rerun_touches_nothing(real_data, tmp_path, monkeypatch):
     assert str(stop.value) == (f"{out / 'slices'} holds slices of size 32 (hu_offset 1024); asked for size 64: "
                                f"rerun with --size 32 to use it, or delete {out / 'slices'} to store the slices again at 64")
     assert _tree(tmp_path) == before
-    with pytest.raises(SystemExit, match="seed 3 \\(asked for 4\\).*choose another --dataset"):
+    with pytest.raises(SystemExit, match="seed 3 \\(asked for 4\\): rerun with --train-studies 4 --test-studies 2 "
+                                         "--seed 3 to use it, choose another --dataset"):
         prepare_data.main(["--synthetic", "--small", "--seed", "4", "--dataset", "demo", "--size", "32"])
     assert _tree(tmp_path) == before
     assert len(calls) == 1
@@ -156,3 +157,17 @@ def test_flags_are_checked_when_parsed(flags, message, tmp_path, monkeypatch, ca
 def test_zero_studies_of_a_split_is_not_the_preset():
     settings = prepare_data.parse_args(["--synthetic", "--small", "--test-studies", "0"])
     assert (settings.train_studies, settings.test_studies) == (synthetic.SMALL["train_studies"], 0)
+
+
+def test_a_partial_synthetic_dataset_of_older_code_is_refused_without_a_rerun_that_would_fail(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = tmp_path / "data" / "old" / "raw"
+    settings = synthetic.dataset_settings(**synthetic.SMALL, seed=0)
+    write_json(raw / synthetic.PROGRESS_DIR / synthetic.PROGRESS_SETTINGS,
+               {**settings, "generator": {**synthetic._generator_version(), "source_sha256": "older code"}})
+    with pytest.raises(SystemExit) as stop:
+        prepare_data.main(["--synthetic", "--small", "--dataset", "old"])
+    message = str(stop.value)
+    assert "partly written synthetic dataset made with generator" in message and "rerun with" not in message
+    assert message.endswith("choose another --dataset (or --raw), or delete that folder")
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["settings.json"]
