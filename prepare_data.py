@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ihd import synthetic
+from ihd.flags import dataset_name, existing_folder, int_in
 from ihd.index import FOLD_BALANCES, build_index, drop_unreadable
 from ihd.io import read_json, run_header
 from ihd.kaggle_api import COMPETITION, KaggleAccessError, kaggle_api, network_hint
@@ -43,37 +44,6 @@ class Settings:
     folds: int = 5  # the paper's cross-validation, grouped by patient
     fold_balance: str = "slices"  # balance folds by slice count (what training time follows) or patients
     workers: int | None = None  # processes for scanning and storing; None uses every core
-
-
-def int_in(minimum: int, maximum: int | None = None, meaning: str = ""):
-    """An argparse type: a whole number from ``minimum`` to ``maximum`` (no limit when None); ``meaning`` says why."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bounds = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
-            raise argparse.ArgumentTypeError(f"{value} is out of range: it must be {bounds}{meaning}")
-        return value
-
-    return parse
-
-
-def existing_folder(text: str) -> str:
-    """An argparse type: a path that is an existing folder."""
-    if not Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is not a folder" if Path(text).exists() else f"{text} does not exist")
-    return text
-
-
-def dataset_name(text: str) -> str:
-    """An argparse type: a folder name (not a path) for the dataset under --data-dir."""
-    if text in ("", ".", "..") or "/" in text or "\\" in text:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a plain name: the dataset lands in <data-dir>/<dataset>/, "
-                                         "choose the parent folder with --data-dir")
-    return text
 
 
 def parse_args(argv: list[str] | None) -> Settings:

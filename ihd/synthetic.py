@@ -46,6 +46,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
+from ihd.flags import int_in
 from ihd.io import atomic_path, is_temporary, read_json, run_header, write_json
 from ihd.labels import SUBTYPES, write_long
 from ihd.parallel import parallel_map
@@ -922,11 +923,12 @@ def main(argv: list[str] | None = None) -> dict:
     """Write a synthetic dataset (or benchmark the generator) from the command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=Settings.out)
-    parser.add_argument("--train-studies", type=int, default=Settings.train_studies)
-    parser.add_argument("--test-studies", type=int, default=Settings.test_studies)
+    studies = int_in(0, meaning=" studies")
+    parser.add_argument("--train-studies", type=studies, default=Settings.train_studies)
+    parser.add_argument("--test-studies", type=studies, default=Settings.test_studies)
     parser.add_argument("--small", action="store_true", help=f"the test preset {SMALL}")
-    parser.add_argument("--seed", type=int, default=Settings.seed)
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--seed", type=int_in(0, meaning=" (random seeds are not negative)"), default=Settings.seed)
+    parser.add_argument("--workers", type=int_in(1, meaning=" processes"), default=None)
     parser.add_argument("--no-quirks", action="store_true")
     parser.add_argument("--bench", action="store_true")
     args = parser.parse_args(argv)
