@@ -696,17 +696,23 @@ def series_slices(plan: StudyPlan, seed: int, quirks: QuirkRates):
         yield image_id, hu, masks, chosen, data
 
 
+def study_files(out_dir: Path, plan: StudyPlan) -> tuple[list[Path], Path]:
+    """Where a study's slices (in z order) and its masks are written under ``out_dir``."""
+    folder = out_dir / f"stage_2_{plan.split}"
+    return [folder / f"{i}.dcm" for i in plan.image_ids], out_dir / "truth" / "masks" / f"{plan.series_id}.npz"
+
+
 def write_study(plan: StudyPlan, out_dir: Path, seed: int, quirks: QuirkRates) -> dict:
     """Render and write one study's files and masks; return its labels and quirk counts."""
-    folder = out_dir / f"stage_2_{plan.split}"
+    slice_paths, mask_path = study_files(out_dir, plan)
     all_masks = np.zeros((len(plan.image_ids), len(BLEEDS), PIXELS, PIXELS), bool)
     counts = {name: 0 for name in QUIRK_NAMES}
-    for index, (image_id, _, masks, chosen, data) in enumerate(series_slices(plan, seed, quirks)):
+    for index, (_, _, masks, chosen, data) in enumerate(series_slices(plan, seed, quirks)):
         all_masks[index] = masks
-        _write_bytes(folder / f"{image_id}.dcm", data)
+        _write_bytes(slice_paths[index], data)
         for name, value in chosen.items():
             counts[name] += value
-    save_masks(out_dir / "truth" / "masks" / f"{plan.series_id}.npz", plan.image_ids, all_masks)
+    save_masks(mask_path, plan.image_ids, all_masks)
     labels = labels_from_masks(all_masks, study_pixel_area_mm2(plan, seed))
     return {"number": plan.number, "labels": labels, "quirks": counts}
 
@@ -817,8 +823,13 @@ def write_recorded_study(plan: StudyPlan, out_dir: Path, seed: int, quirks: Quir
     return result
 
 
-def _recorded_result(path: Path) -> dict:
-    record = read_json(path)
+def _finished_result(out_dir: Path, plan: StudyPlan) -> dict | None:
+    """The recorded result of a study whose files are all there, else None (the study is to be written)."""
+    record_path = _record_path(out_dir, plan)
+    slice_paths, mask_path = study_files(out_dir, plan)
+    if not record_path.is_file() or not all(path.is_file() for path in [*slice_paths, mask_path]):
+        return None
+    record = read_json(record_path)
     return {**record, "labels": np.asarray(record["labels"], np.float32)}
 
 
@@ -835,7 +846,7 @@ def write_dataset(out_dir: str | Path, train_studies: int, test_studies: int, se
 
     Deterministic for a seed whatever ``workers`` is: every study draws from its own seed.
     Resumable: each finished study is recorded in ``PROGRESS_DIR``, so a rerun after a kill writes
-    only the studies not finished (files half-written are deleted) and ends with the same bytes as
+    only the studies not finished or missing a file (files half-written are deleted) and ends with the same bytes as
     an uninterrupted run; ``config.json``, written last, marks the dataset complete, and a rerun on
     a complete dataset writes nothing. Another dataset in ``out_dir`` raises DatasetMismatch.
     """
@@ -852,8 +863,8 @@ def write_dataset(out_dir: str | Path, train_studies: int, test_studies: int, se
         write_json(progress / PROGRESS_SETTINGS, {**settings, "generator": _generator_version()})
     _remove_interrupted_writes(out_dir)
     plans = plan_dataset(train_studies, test_studies, seed, quirks)
-    results = {p.number: _recorded_result(_record_path(out_dir, p)) for p in plans
-               if _record_path(out_dir, p).is_file()}
+    finished = {p.number: _finished_result(out_dir, p) for p in plans}
+    results = {number: result for number, result in finished.items() if result is not None}
     if results:
         print(f"{out_dir}: {len(results)} of {len(plans)} studies already written, writing the rest")
     job = partial(write_recorded_study, out_dir=out_dir, seed=seed, quirks=quirks)

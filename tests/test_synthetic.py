@@ -135,26 +135,28 @@ def test_a_killed_generation_resumes_to_the_same_bytes_without_redoing_finished_
     again = tmp_path / "raw"
     real_write_bytes, written = synthetic._write_bytes, []
 
-    def killed_after_50_files(path, data):
-        if len(written) == 50:  # a kill in the middle of a file leaves its temporary name behind, half-written
+    def killed_after_80_files(path, data):
+        if len(written) == 80:  # a kill in the middle of a file leaves its temporary name behind, half-written
             path.with_name(f".{path.stem}.999.dead.tmp{path.suffix}").write_bytes(data[: len(data) // 2])
             raise KeyboardInterrupt
         written.append(path)
         real_write_bytes(path, data)
 
-    monkeypatch.setattr(synthetic, "_write_bytes", killed_after_50_files)
+    monkeypatch.setattr(synthetic, "_write_bytes", killed_after_80_files)
     with pytest.raises(KeyboardInterrupt):
         synthetic.write_dataset(again, **synthetic.SMALL, seed=0, quirks=QUIRKY, workers=1)
     monkeypatch.undo()
     assert not (again / "config.json").exists()
-    finished = synthetic.plan_dataset(**synthetic.SMALL, seed=0, quirks=QUIRKY)[0]
-    assert 0 < len(finished.image_ids) < 50, "the kill must come after one whole study and inside the next"
-    finished_files = [again / f"stage_2_{finished.split}" / f"{i}.dcm" for i in finished.image_ids]
-    for path in finished_files:
+    first, second, third = synthetic.plan_dataset(**synthetic.SMALL, seed=0, quirks=QUIRKY)[:3]
+    assert len(first.image_ids) + len(second.image_ids) < 80 < len(written) + len(third.image_ids), \
+        "the kill must come after two whole studies and inside the third"
+    kept = [*synthetic.study_files(again, first)[0], synthetic.study_files(again, first)[1]]
+    for path in kept:
         os.utime(path, ns=(1, 1))
+    synthetic.study_files(again, second)[0][5].unlink()  # a finished study that lost a file is written again
 
     assert synthetic.write_dataset(again, **synthetic.SMALL, seed=0, quirks=QUIRKY, workers=2) == summary
-    assert all(path.stat().st_mtime_ns == 1 for path in finished_files)
+    assert all(path.stat().st_mtime_ns == 1 for path in kept)
     assert sorted(_tree(again)) == sorted(_tree(out))
     for relative, (_, data) in _tree(out).items():
         assert (again / relative).read_bytes() == data, relative
