@@ -374,8 +374,11 @@ def _training_command(run_dir: Path) -> str:
             flags.append(f"--{'' if value else 'no-'}{key.replace('_', '-')}")
         elif value is not None:
             flags.append(f"--{key.replace('_', '-')} {value}")
-    return (f"its training stopped before its first epoch ended. Resume it with the command that started it: "
-            f"python train_cnn.py {' '.join(flags)} --models-dir {run_dir.parent} --run {run_dir.name}")
+    done = epochs_done(run_dir)
+    state = (f"its training reached epoch {done} ({committed_checkpoint(run_dir)}): rerun the command that started it, "
+             "which puts cnn.keras back" if done else
+             "its training stopped before its first epoch ended: resume it with the command that started it")
+    return f"{state}: python train_cnn.py {' '.join(flags)} --models-dir {run_dir.parent} --run {run_dir.name}"
 
 
 def load_cnn(run_dir: str | Path) -> tuple[keras.Model, dict]:

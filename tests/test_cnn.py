@@ -163,6 +163,11 @@ def test_a_run_that_stopped_before_its_first_epoch_says_how_to_resume(tmp_path):
     write_json(tmp_path / "models" / "cut" / "config.json", config)
     with pytest.raises(FileNotFoundError) as error:
         load_cnn(tmp_path / "models" / "cut")
-    assert ("python train_cnn.py --dataset small --data-dir data --backbone tiny --weights none --image-size 64 "
-            "--recipe 0:40/80,0:80/200,0:40/380 --epochs 3 --no-augment "
-            f"--models-dir {tmp_path / 'models'} --run cut") in str(error.value)
+    command = ("python train_cnn.py --dataset small --data-dir data --backbone tiny --weights none --image-size 64 "
+               f"--recipe 0:40/80,0:80/200,0:40/380 --epochs 3 --no-augment --models-dir {tmp_path / 'models'} --run cut")
+    assert str(error.value).endswith(f"stopped before its first epoch ended: resume it with the command that started it: "
+                                     f"{command}")
+    (tmp_path / "models" / "cut" / "checkpoint" / "epoch-2").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as error:
+        load_cnn(tmp_path / "models" / "cut")
+    assert str(error.value).endswith(f"which puts cnn.keras back: {command}") and "reached epoch 2" in str(error.value)
