@@ -22,6 +22,9 @@ Layout written (the private parts of the challenge under ``truth/``)::
     stage_2_train/ID_<9 hex>.dcm  stage_2_test/ID_<9 hex>.dcm
     stage_2_train.csv  stage_2_sample_submission.csv  config.json
     truth/stage_2_test_labels.csv  truth/masks/<series_id>.npz
+
+While it is being written, ``.progress/`` holds the settings and one record per finished study, so
+that a rerun after a kill finishes the dataset; ``config.json`` comes last and marks it complete.
 """
 from __future__ import annotations
 
