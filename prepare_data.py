@@ -67,13 +67,13 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--folds", type=int_in(2, meaning=": one fold validates while the others train"),
                         default=defaults.folds)
     parser.add_argument("--fold-balance", choices=FOLD_BALANCES, default=defaults.fold_balance)
-    parser.add_argument("--workers", type=int_in(1, meaning=" processes"), default=defaults.workers)
+    parser.add_argument("--workers", type=int_in(1, meaning=" (worker processes)"), default=defaults.workers)
     settings = Settings(**vars(parser.parse_args(argv)))
     if not settings.synthetic:
         stray = [flag for flag, value in (("--small", settings.small), ("--train-studies", settings.train_studies),
                                           ("--test-studies", settings.test_studies)) if value not in (None, False)]
         if stray:
-            parser.error(f"{', '.join(stray)} only apply with --synthetic")
+            parser.error(f"{', '.join(stray)} can only be used with --synthetic")
         if settings.raw and not settings.download and not Path(settings.raw).is_dir():
             parser.error(f"argument --raw: {settings.raw} is not a folder: it is read from unless --synthetic or "
                          "--download writes into it")

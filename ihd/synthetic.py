@@ -942,7 +942,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--test-studies", type=studies, default=Settings.test_studies)
     parser.add_argument("--small", action="store_true", help=f"the test preset {SMALL}")
     parser.add_argument("--seed", type=int_in(0, meaning=" (random seeds are not negative)"), default=Settings.seed)
-    parser.add_argument("--workers", type=int_in(1, meaning=" processes"), default=None)
+    parser.add_argument("--workers", type=int_in(1, meaning=" (worker processes)"), default=None)
     parser.add_argument("--no-quirks", action="store_true")
     parser.add_argument("--bench", action="store_true")
     args = parser.parse_args(argv)

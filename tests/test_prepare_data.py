@@ -137,12 +137,12 @@ def test_empty_raw_folder_is_a_clear_error(tmp_path, monkeypatch):
     (["--folds", "1"], "argument --folds: 1 is out of range: it must be at least 2: one fold validates"),
     (["--synthetic", "--train-studies", "-1"], "argument --train-studies: -1 is out of range: it must be at least 0"),
     (["--synthetic", "--seed", "-3"], "argument --seed: -3 is out of range"),
-    (["--workers", "0"], "argument --workers: 0 is out of range: it must be at least 1 processes"),
+    (["--workers", "0"], "argument --workers: 0 is out of range: it must be at least 1 (worker processes)"),
     (["--dicom-dir", "no/such/folder"], "argument --dicom-dir: no/such/folder does not exist"),
     (["--raw", "no/such/folder"], "argument --raw: no/such/folder is not a folder"),
     (["--dataset", "../elsewhere"], "argument --dataset: '../elsewhere' is not a plain name"),
-    (["--small"], "--small only apply with --synthetic"),
-    (["--dicom-dir", ".", "--train-studies", "3"], "--train-studies only apply with --synthetic"),
+    (["--small"], "--small can only be used with --synthetic"),
+    (["--dicom-dir", ".", "--train-studies", "3"], "--train-studies can only be used with --synthetic"),
     (["--synthetic", "--train-studies", "0", "--test-studies", "0"], "needs at least one study"),
 ])
 def test_flags_are_checked_when_parsed(flags, message, tmp_path, monkeypatch, capsys):
