@@ -21,9 +21,9 @@ from ihd.cnn import (
     build_cnn,
     compile_cnn,
     distribution_strategy,
-    epochs_done,
     fit_cnn,
     load_cnn,
+    publish_committed,
     set_prior_bias,
     use_mixed_precision_on_gpu,
 )
@@ -128,7 +128,7 @@ def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: P
     print(f"{len(train_rows)} training and {len(val_rows)} validation slices (fold {settings.fold}); "
           f"prior baseline val weighted log loss {baseline:.4f}")
 
-    done = epochs_done(run_dir)
+    done = publish_committed(run_dir)
     if done >= settings.epochs:
         print(f"{run_dir}: already trained for {done} epochs")
         return

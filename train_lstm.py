@@ -107,6 +107,7 @@ def train_selection(settings: Settings, features, selection: str) -> dict:
     model = build_lstm(inputs.shape[1], settings.layers, settings.units, settings.dropout, input_moments(train),
                        residual=settings.residual)
     compile_lstm(model, settings.learning_rate)
+    record_path.unlink(missing_ok=True)  # an earlier record must not outlive the model it describes
     best = fit_lstm(model, train, val, model_path, settings.epochs, batch_size, settings.patience, settings.seed)
 
     rows = val.rows
