@@ -177,7 +177,7 @@ def verified_rows(out_dir: str | Path, config: dict) -> tuple[int, list, str]:
             return 0, [], f"{out_dir / name} {found}, {size} were written (truncated or replaced)"
     try:
         arrays = _open_arrays(out_dir, config, "r")
-    except ValueError as error:
+    except (ValueError, EOFError) as error:
         return 0, [], f"cannot read the feature files ({error})"
     good = []
     for chunk in tqdm(progress["chunks"], desc="checking features", unit="chunk", dynamic_ncols=True,

@@ -108,6 +108,11 @@ def load_chain(run: str, selection: str | None = None, models_dir="models", feat
     describes, a selection fitted on other inputs than the LSTM's.
     """
     run_dir, features_run_dir = Path(models_dir) / run, Path(features_dir) / run
+    if not (run_dir / MODEL_FILE).exists():
+        config_path = run_dir / "config.json"
+        dataset = read_json(config_path)["dataset"] if config_path.exists() else "DATASET"
+        raise ChainError(f"{run_dir / MODEL_FILE} not found: train the CNN first (train_cnn.py --dataset {dataset} "
+                         f"--run {run}), then its LSTMs (train_lstm.py --run {run})")
     cnn, cnn_config = load_cnn(run_dir)
     cnn_sha256 = file_sha256(run_dir / MODEL_FILE)
     extract, train = _commands(run, selection, cnn_config, models_dir, features_dir)

@@ -148,3 +148,10 @@ def test_bad_flags_are_refused_when_parsed(flags, message, capsys):
     with pytest.raises(SystemExit):
         predict.parse_args(["--run", "small", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_a_run_without_a_cnn_names_the_training_commands(tmp_path):
+    with pytest.raises(SystemExit, match=r"cnn.keras not found: train the CNN first \(train_cnn.py --dataset DATASET "
+                                         r"--run nothing\), then its LSTMs \(train_lstm.py --run nothing\)"):
+        predict.main(["--run", "nothing", "--models-dir", str(tmp_path / "models"),
+                      "--features-dir", str(tmp_path / "features")])
