@@ -5,7 +5,7 @@ import pytest
 
 import ihd.cnn
 import train_cnn
-from ihd.cnn import ValidationScore, build_cnn, load_cnn
+from ihd.cnn import EpochCheckpoint, ValidationScore, build_cnn, load_cnn
 from ihd.features import load_features
 from ihd.inputs import fold_rows, inference_dataset, label_array
 from ihd.io import read_json
@@ -121,12 +121,15 @@ def test_a_worse_later_epoch_leaves_the_best_one_in_cnn_keras(prepared_synthetic
     frequencies = np.clip(labels[val_rows].mean(axis=0), 0.02, 0.98)
     model = build_cnn("tiny", 32, "windows")
     kernel, _ = model.get_layer("pred").get_weights()
-    callback = ValidationScore(val_data, labels[val_rows], tmp_path)
-    callback.set_model(model)
-    callback.on_train_begin()
+    callbacks = [ValidationScore(val_data, labels[val_rows]), EpochCheckpoint(tmp_path)]
+    for callback in callbacks:
+        callback.set_model(model)
+        callback.on_train_begin()
     for epoch, answer in enumerate([frequencies, 1 - frequencies]):
         model.get_layer("pred").set_weights([np.zeros_like(kernel), np.log(answer / (1 - answer)).astype(np.float32)])
-        callback.on_epoch_end(epoch, {"loss": 0.5})
+        logs = {"loss": 0.5}
+        for callback in callbacks:
+            callback.on_epoch_end(epoch, logs)
     best = read_json(tmp_path / "best.json")
     reloaded = keras.models.load_model(tmp_path / "cnn.keras", compile=False)
     score = weighted_log_loss(labels[val_rows], reloaded.predict(val_data, verbose=0))
