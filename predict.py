@@ -23,10 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ihd.flags import non_negative_int, selection_spec
 from ihd.gradcam import METHODS
 from ihd.index import build_index, drop_unreadable
 from ihd.inference import (
     Chain,
+    ChainError,
     cached_test_features,
     draw_study_pictures,
     load_chain,
@@ -72,12 +74,13 @@ def parse_args(argv: list[str] | None) -> Settings:
     """Command-line flags into Settings."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True)
-    parser.add_argument("--gradcam", type=int, default=Settings.gradcam)
+    parser.add_argument("--selection", type=selection_spec, default=Settings.selection)
+    parser.add_argument("--gradcam", type=non_negative_int, default=Settings.gradcam)
     parser.add_argument("--gradcam-method", choices=sorted(METHODS), default=Settings.gradcam_method)
     parser.add_argument("--submit", action="store_true")
     parser.add_argument("--read-non-ct-as-hu", action="store_true")
     for field in dataclasses.fields(Settings):
-        if field.name not in ("run", "gradcam", "gradcam_method", "submit", "read_non_ct_as_hu"):
+        if field.name not in ("run", "selection", "gradcam", "gradcam_method", "submit", "read_non_ct_as_hu"):
             parser.add_argument("--" + field.name.replace("_", "-"), default=field.default)
     return Settings(**vars(parser.parse_args(argv)))
 
@@ -90,7 +93,7 @@ def training_prior(features) -> np.ndarray:
 
 def predict_dataset(settings: Settings, chain: Chain) -> Path:
     """Test split -> validated submission, scores against the truth if known, Grad-CAM pictures."""
-    features = cached_test_features(chain, settings.data_dir, settings.features_dir)
+    features = cached_test_features(chain, settings.data_dir, settings.features_dir, settings.models_dir)
     predictions = predict_test_split(chain, features)
     prior = training_prior(features)
     dataset_dir = Path(settings.data_dir) / chain.cnn_config["dataset"]
@@ -152,11 +155,14 @@ def predict_folder(settings: Settings, chain: Chain) -> Path:
 def main(argv: list[str] | None = None) -> Path:
     settings = parse_args(argv)
     run_header(argv, settings)
-    chain = load_chain(settings.run, settings.selection, settings.models_dir, settings.features_dir)
-    print(f"chain: {settings.run}, selection {chain.selection_name}")
-    if settings.dicom_dir:
-        return predict_folder(settings, chain)
-    return predict_dataset(settings, chain)
+    try:
+        chain = load_chain(settings.run, settings.selection, settings.models_dir, settings.features_dir)
+        print(f"chain: {settings.run}, selection {chain.selection_name}")
+        if settings.dicom_dir:
+            return predict_folder(settings, chain)
+        return predict_dataset(settings, chain)
+    except ChainError as error:
+        raise SystemExit(str(error)) from None
 
 
 if __name__ == "__main__":

@@ -22,12 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ihd import synthetic
+from ihd.flags import dataset_name, existing_folder, int_in
 from ihd.index import FOLD_BALANCES, build_index, drop_unreadable
 from ihd.io import read_json, run_header
 from ihd.kaggle_api import COMPETITION, KaggleAccessError, kaggle_api, network_hint
-from ihd.slices import write_slices
+from ihd.slices import CONFIG_FILE as STORE_CONFIG, check_store, write_slices
 
 TRAIN_DIR, TEST_DIR, TRAIN_LABELS = "stage_2_train", "stage_2_test", "stage_2_train.csv"
+SOURCE_DIRS = {TRAIN_DIR: "train", TEST_DIR: "test"}
+MIN_SIZE, MAX_SIZE = 16, 1024  # stored slice size: below 16 nothing is left to see; above 1024 only upsampling
 
 
 @dataclass
@@ -50,50 +53,81 @@ class Settings:
 
 
 def parse_args(argv: list[str] | None) -> Settings:
-    """Command line -> Settings."""
+    """Command line -> Settings; flags with values out of range stop here with a message."""
     defaults = Settings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default=defaults.dataset)
+    parser.add_argument("--dataset", type=dataset_name, default=defaults.dataset)
     parser.add_argument("--data-dir", default=defaults.data_dir)
     parser.add_argument("--raw", default=defaults.raw)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--synthetic", action="store_true")
     source.add_argument("--download", action="store_true")
-    source.add_argument("--dicom-dir", default=defaults.dicom_dir)
-    parser.add_argument("--train-studies", type=int, default=defaults.train_studies)
-    parser.add_argument("--test-studies", type=int, default=defaults.test_studies)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    source.add_argument("--dicom-dir", type=existing_folder, default=defaults.dicom_dir)
+    studies = int_in(0, meaning=" studies")
+    parser.add_argument("--train-studies", type=studies, default=defaults.train_studies)
+    parser.add_argument("--test-studies", type=studies, default=defaults.test_studies)
+    parser.add_argument("--seed", type=int_in(0, meaning=" (random seeds are not negative)"), default=defaults.seed)
     parser.add_argument("--small", action="store_true")
-    parser.add_argument("--size", type=int, default=defaults.size)
-    parser.add_argument("--folds", type=int, default=defaults.folds)
+    parser.add_argument("--size", type=int_in(MIN_SIZE, MAX_SIZE, " pixels a side (the challenge's slices are 512)"),
+                        default=defaults.size)
+    parser.add_argument("--folds", type=int_in(2, meaning=": one fold validates while the others train"),
+                        default=defaults.folds)
     parser.add_argument("--fold-balance", choices=FOLD_BALANCES, default=defaults.fold_balance)
-    parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--workers", type=int_in(1, meaning=" (worker processes)"), default=defaults.workers)
     parser.add_argument("--read-non-ct-as-hu", action="store_true")
     settings = Settings(**vars(parser.parse_args(argv)))
-    if settings.synthetic:
+    if not settings.synthetic:
+        stray = [flag for flag, value in (("--small", settings.small), ("--train-studies", settings.train_studies),
+                                          ("--test-studies", settings.test_studies)) if value not in (None, False)]
+        if stray:
+            parser.error(f"{', '.join(stray)} can only be used with --synthetic")
+        if settings.raw and not settings.download and not Path(settings.raw).is_dir():
+            parser.error(f"argument --raw: {settings.raw} is not a folder: it is read from unless --synthetic or "
+                         "--download writes into it")
+    else:
         preset = synthetic.SMALL if settings.small else synthetic.DEFAULT_SIZE
-        settings.train_studies = settings.train_studies or preset["train_studies"]
-        settings.test_studies = settings.test_studies or preset["test_studies"]
+        if settings.train_studies is None:
+            settings.train_studies = preset["train_studies"]
+        if settings.test_studies is None:
+            settings.test_studies = preset["test_studies"]
+        if settings.train_studies + settings.test_studies == 0:
+            parser.error("--train-studies 0 and --test-studies 0: a synthetic dataset needs at least one study")
     return settings
 
 
+def synthetic_settings(settings: Settings) -> dict:
+    """The settings of the synthetic dataset that ``settings`` asks for."""
+    return synthetic.dataset_settings(settings.train_studies, settings.test_studies, settings.seed)
+
+
+def refusal(settings: Settings, dataset_dir: Path, raw: Path) -> str | None:
+    """Why this run cannot go ahead in these folders, or None; checked before anything is written or deleted."""
+    if settings.synthetic:
+        try:
+            synthetic.dataset_state(raw, synthetic_settings(settings))
+        except synthetic.DatasetMismatch as error:
+            flags = ("train_studies", "test_studies", "seed")
+            same_flags = "" if error.found is None or set(error.different) - set(flags) else (
+                "rerun with " + " ".join(f"--{key.replace('_', '-')} {error.found[key]}" for key in flags) + " to use it, ")
+            return f"{error}: {same_flags}choose another --dataset (or --raw), or delete that folder"
+    elif not settings.download and not settings.dicom_dir and not any((raw / name).is_dir() for name in SOURCE_DIRS):
+        return (f"{raw} holds neither {TRAIN_DIR}/ nor {TEST_DIR}/: use --synthetic, --download, --dicom-dir "
+                "or point --raw at a folder in the Kaggle layout")
+    store = dataset_dir / "slices"
+    try:
+        check_store(store, settings.size)
+    except ValueError as error:
+        return (f"{error}: rerun with --size {read_json(store / STORE_CONFIG)['size']} to use it, "
+                f"or delete {store} to store the slices again at {settings.size}")
+    return None
+
+
 def write_synthetic(settings: Settings, raw: Path) -> None:
-    """Write the synthetic dataset into ``raw``, unless the same one is already there."""
-    wanted = {"train_studies": settings.train_studies, "test_studies": settings.test_studies, "seed": settings.seed}
-    config_path = raw / "config.json"
-    if config_path.is_file():
-        found = {key: read_json(config_path)["settings"].get(key) for key in wanted}
-        if found == wanted:
-            print(f"{raw} already holds the synthetic dataset {wanted}")
-            return
-        raise SystemExit(f"{raw} holds a synthetic dataset made with {found}, not {wanted}: "
-                         "choose another --dataset or delete that folder")
-    if raw.is_dir() and any(raw.iterdir()):
-        raise SystemExit(f"{raw} is not empty and holds no synthetic dataset: choose another --dataset or --raw")
+    """Write the synthetic dataset into ``raw``, or finish an interrupted one; nothing when it is complete."""
     summary = synthetic.write_dataset(raw, settings.train_studies, settings.test_studies,
                                       seed=settings.seed, workers=settings.workers)
     images = sum(summary[split]["images"] for split in ("train", "test") if split in summary)
-    print(f"synthetic dataset: {images} images -> {raw}")
+    print(f"synthetic dataset: {images} images in {raw}")
 
 
 def download_competition(raw: Path) -> None:
@@ -126,12 +160,9 @@ def index_sources(settings: Settings, raw: Path) -> tuple[list[tuple[Path, str]]
     """The (folder, split) pairs to scan and the label CSV, if any."""
     if settings.dicom_dir:
         return [(Path(settings.dicom_dir), "test")], None
-    sources = [(raw / name, split) for name, split in ((TRAIN_DIR, "train"), (TEST_DIR, "test")) if (raw / name).is_dir()]
+    sources = [(raw / name, split) for name, split in SOURCE_DIRS.items() if (raw / name).is_dir()]
     if not sources:
-        raise SystemExit(
-            f"{raw} holds neither {TRAIN_DIR}/ nor {TEST_DIR}/: use --synthetic, --download, --dicom-dir "
-            "or point --raw at a folder in the Kaggle layout"
-        )
+        raise SystemExit(f"{raw} holds neither {TRAIN_DIR}/ nor {TEST_DIR}/ after the download: see what it unpacked there")
     labels = raw / TRAIN_LABELS
     return sources, labels if labels.is_file() else None
 
@@ -142,6 +173,9 @@ def main(argv: list[str] | None = None) -> Path:
     run_header(argv, settings)
     dataset_dir = Path(settings.data_dir) / settings.dataset
     raw = Path(settings.raw) if settings.raw else dataset_dir / "raw"
+    refused = refusal(settings, dataset_dir, raw)
+    if refused:
+        raise SystemExit(refused)
     if settings.synthetic:
         write_synthetic(settings, raw)
     if settings.download:

@@ -18,16 +18,19 @@ from pathlib import Path
 import pandas as pd
 
 from ihd.cnn import (
+    MODEL_FILE,
     build_cnn,
     compile_cnn,
     distribution_strategy,
-    epochs_done,
     fit_cnn,
     load_cnn,
+    publish_committed,
     set_prior_bias,
     use_mixed_precision_on_gpu,
 )
 from ihd.features import extract_features
+from ihd.fingerprint import file_sha256
+from ihd.flags import backbone_name, fraction, non_negative_int, positive_float, positive_int, recipe_spec
 from ihd.inputs import fold_rows, inference_dataset, label_array, oversampled, training_dataset
 from ihd.io import read_json, run_header, write_json
 from ihd.labels import SUBTYPES
@@ -40,6 +43,15 @@ RUN_DEFINING = (
     "dataset", "backbone", "weights", "image_size", "recipe", "fold", "dropout",
     "learning_rate", "positive_copies", "augment", "seed",
 )
+# Settings that say where things are, not what is made: left out of config.json, whose contents
+# must not depend on the working directory.
+LOCATIONS = ("data_dir", "models_dir", "features_dir")
+FLAG_TYPES = {
+    "backbone": backbone_name, "image_size": positive_int, "recipe": recipe_spec, "fold": non_negative_int,
+    "epochs": positive_int, "batch_size": positive_int, "learning_rate": positive_float,
+    "warmup_fraction": fraction, "dropout": fraction, "positive_copies": positive_int, "seed": non_negative_int,
+    "extract_batch_size": positive_int,
+}
 
 
 @dataclass
@@ -79,7 +91,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         if field.type is bool or isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
-            parser.add_argument(flag, type=type(default), default=default)
+            parser.add_argument(flag, type=FLAG_TYPES.get(field.name, type(default)), default=default)
     settings = Settings(**vars(parser.parse_args(argv)))
     if not settings.run:
         recipe_slug = re.sub(r"[^0-9a-z]+", "_", parse_recipe(settings.recipe).name.lower()).strip("_")
@@ -112,10 +124,10 @@ def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: P
     strategy = distribution_strategy()
     baseline = weighted_log_loss(labels[val_rows], prior_baseline(labels[train_rows], len(val_rows)))
     config = {
-        **dataclasses.asdict(settings),
+        **{k: v for k, v in dataclasses.asdict(settings).items() if k not in LOCATIONS},
         "recipe": recipe.spec,
         "subtypes": list(SUBTYPES),
-        "index_path": str(index_path),
+        "index_sha256": file_sha256(index_path),
         "store_size": store.size,
         "train_rows": len(train_rows),
         "val_rows": len(val_rows),
@@ -128,7 +140,7 @@ def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: P
     print(f"{len(train_rows)} training and {len(val_rows)} validation slices (fold {settings.fold}); "
           f"prior baseline val weighted log loss {baseline:.4f}")
 
-    done = epochs_done(run_dir)
+    done = publish_committed(run_dir)
     if done >= settings.epochs:
         print(f"{run_dir}: already trained for {done} epochs")
         return
@@ -156,7 +168,11 @@ def main(argv: list[str] | None = None) -> Path:
     data_dir = Path(settings.data_dir) / settings.dataset
     index_path = data_dir / "index.parquet"
     if not index_path.exists():
-        raise FileNotFoundError(f"{index_path} not found: run prepare_data.py --dataset {settings.dataset} first")
+        data_flag = "" if settings.data_dir == "data" else f" --data-dir {settings.data_dir}"
+        raise FileNotFoundError(
+            f"{index_path} not found: prepare the dataset first with prepare_data.py --dataset {settings.dataset}"
+            f"{data_flag} and --synthetic, --download or --dicom-dir DIR"
+        )
     index = pd.read_parquet(index_path)
     store = SliceStore(data_dir / "slices")
     run_dir = Path(settings.models_dir) / settings.run
@@ -168,8 +184,12 @@ def main(argv: list[str] | None = None) -> Path:
               f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     if not (settings.extract or settings.extract_only):
         return run_dir
+    if not (run_dir / MODEL_FILE).exists():
+        raise SystemExit(f"{run_dir / MODEL_FILE} not found: train the CNN first, with this command "
+                         "without --extract-only")
     model, config = load_cnn(run_dir)
-    extract_features(model, config, index, index_path, store, features_dir, batch_size=settings.extract_batch_size)
+    extract_features(model, config, file_sha256(run_dir / MODEL_FILE), index, index_path, store, features_dir,
+                     batch_size=settings.extract_batch_size)
     print(f"features: {features_dir} ({len(index)} slices, float16 embeddings and probabilities)")
     return features_dir
 

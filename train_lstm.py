@@ -6,24 +6,37 @@ then tabulate the ablation (the CNN alone against every selection trained in tha
     python train_lstm.py --run rsna-efficientnetb0-256-windows-fold0 --ablation-only
 
 Reads features/<run>/ (embeddings, probabilities, the index they follow); writes, per selection,
-models/<run>/lstm-<slug>.keras (best validation epoch) and lstm-<slug>.json (settings and scores), and
-models/<run>/ablation.{csv,md,png}: validation weighted log loss and per-subtype AUC of each model.
+models/<run>/lstm-<slug>.keras (best validation epoch) and lstm-<slug>.json (its inputs, settings and
+scores, written when training has finished), and models/<run>/ablation.{csv,md,png}: validation
+weighted log loss and per-subtype AUC of each model trained on the current features. Rerunning a
+command skips every selection already trained with the same fingerprint (features, selection, settings).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
+import keras
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ihd.features import load_features, parse_selection, selected_features, selection_slug
+from ihd.cnn import MODEL_FILE
+from ihd.features import (
+    FeaturesNotReady,
+    extraction_command,
+    fitted_selection,
+    load_features,
+    selected_features,
+    selection_inputs,
+    selection_slug,
+)
+from ihd.fingerprint import SHORT, file_sha256, fingerprint, what_changed
+from ihd.flags import fraction, non_negative_int, positive_float, positive_int, selection_spec
 from ihd.inputs import fold_rows, label_array
 from ihd.io import atomic_path, read_json, run_header, write_json
 from ihd.labels import SUBTYPES
@@ -40,6 +53,9 @@ from ihd.sequence import (
 )
 
 CNN_ROW = "cnn"
+# The settings that shape a trained LSTM; with its selection's inputs they make its fingerprint.
+LSTM_DEFINED_BY = ("layers", "units", "dropout", "residual", "epochs", "batch_size", "min_steps", "learning_rate",
+                   "patience", "seed")
 
 
 @dataclass
@@ -64,23 +80,23 @@ class Settings:
 
 
 def parse_args(argv: list[str] | None) -> Settings:
-    """Command-line flags into Settings."""
+    """Command-line flags into Settings; sizes, rates and selections are checked as they are parsed."""
     defaults = Settings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True)
-    parser.add_argument("--selection", dest="selections", action="append", help="repeatable; default pca:120")
-    for name in ("layers", "units", "epochs", "batch_size", "min_steps", "patience", "seed"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("dropout", "learning_rate"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    parser.add_argument("--selection", dest="selections", action="append", type=selection_spec,
+                        help="repeatable; default pca:120")
+    for name in ("layers", "units", "epochs", "batch_size", "min_steps", "patience"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=positive_int, default=getattr(defaults, name))
+    parser.add_argument("--seed", type=non_negative_int, default=defaults.seed)
+    parser.add_argument("--dropout", type=fraction, default=defaults.dropout)
+    parser.add_argument("--learning-rate", type=positive_float, default=defaults.learning_rate)
     parser.add_argument("--residual", action=argparse.BooleanOptionalAction, default=defaults.residual)
     parser.add_argument("--ablation-only", action="store_true")
     parser.add_argument("--features-dir", default=defaults.features_dir)
     parser.add_argument("--models-dir", default=defaults.models_dir)
     args = vars(parser.parse_args(argv))
     args["selections"] = args["selections"] or defaults.selections
-    for name in args["selections"]:
-        parse_selection(name)
     return Settings(**args)
 
 
@@ -90,23 +106,55 @@ def lstm_paths(models_dir: str | Path, run: str, selection: str) -> tuple[Path, 
     return stem.with_suffix(".keras"), stem.with_suffix(".json")
 
 
+def lstm_inputs(settings: Settings, features, selection: str) -> dict:
+    """What an LSTM trained now would be made of: its selection's inputs and the settings that shape it."""
+    return {**selection_inputs(features, selection, settings.seed),
+            **{name: getattr(settings, name) for name in LSTM_DEFINED_BY}}
+
+
+def finished_record(model_path: Path, record_path: Path) -> dict | None:
+    """The record of a finished training whose model file is the one it describes, else None."""
+    if not (record_path.exists() and model_path.exists()):
+        return None
+    record = read_json(record_path)
+    return record if record.get("model_sha256") == file_sha256(model_path) else None
+
+
 def train_selection(settings: Settings, features, selection: str) -> dict:
-    """Train one LSTM on the selection's features plus the CNN probabilities; returns its JSON record."""
-    run_dir = Path(settings.features_dir) / settings.run
-    inputs = sequence_inputs(selected_features(run_dir, selection, seed=settings.seed), features.probabilities)
+    """Train one LSTM on the selection's features plus the CNN probabilities; returns its JSON record.
+
+    A selection already trained on the same inputs (fingerprint) is skipped; any other record of the
+    selection is removed before the model file is written, so a model without its record is unfinished.
+    """
+    model_path, record_path = lstm_paths(settings.models_dir, settings.run, selection)
+    inputs = lstm_inputs(settings, features, selection)
+    record = finished_record(model_path, record_path)
+    if record is not None and record.get("fingerprint") == fingerprint(inputs):
+        print(f"{selection}: already trained with these inputs ({record_path}, fingerprint "
+              f"{record['fingerprint'][:SHORT]}): skipped")
+        return record
+    if record_path.exists():
+        previous = read_json(record_path)
+        reason = what_changed(previous.get("inputs", {}), inputs) if record else "its model file was replaced"
+        print(f"{selection}: {record_path} was trained on other inputs ({reason}): training again")
+        record_path.unlink()
+
+    chosen = fitted_selection(features, selection, seed=settings.seed)
+    inputs_per_slice = sequence_inputs(selected_features(chosen, features.embeddings), features.probabilities)
     labels = label_array(features.index)
     fold = int(features.config["fold"])
     train_rows, val_rows = fold_rows(features.index, fold)
-    train = series_set(inputs, features.index, np.isin(np.arange(len(inputs)), train_rows), labels)
-    val = series_set(inputs, features.index, np.isin(np.arange(len(inputs)), val_rows), labels)
+    train = series_set(inputs_per_slice, features.index, np.isin(np.arange(len(inputs_per_slice)), train_rows), labels)
+    val = series_set(inputs_per_slice, features.index, np.isin(np.arange(len(inputs_per_slice)), val_rows), labels)
     batch_size = max(1, min(settings.batch_size, len(train.lengths) // settings.min_steps))
-    print(f"{selection}: {inputs.shape[1]} inputs per slice; {len(train.lengths)} training and "
+    print(f"{selection}: {inputs_per_slice.shape[1]} inputs per slice; {len(train.lengths)} training and "
           f"{len(val.lengths)} validation series (fold {fold}); {batch_size} series per batch", flush=True)
 
-    model_path, record_path = lstm_paths(settings.models_dir, settings.run, selection)
-    model = build_lstm(inputs.shape[1], settings.layers, settings.units, settings.dropout, input_moments(train),
-                       residual=settings.residual)
+    keras.utils.set_random_seed(settings.seed)  # before the weights are drawn: the same command, the same model
+    model = build_lstm(inputs_per_slice.shape[1], settings.layers, settings.units, settings.dropout,
+                       input_moments(train), residual=settings.residual)
     compile_lstm(model, settings.learning_rate)
+    record_path.unlink(missing_ok=True)  # an earlier record must not outlive the model it describes
     best = fit_lstm(model, train, val, model_path, settings.epochs, batch_size, settings.patience, settings.seed)
 
     rows = val.rows
@@ -114,11 +162,13 @@ def train_selection(settings: Settings, features, selection: str) -> dict:
     record = {
         "selection": selection,
         "slug": selection_slug(selection),
-        "input_dim": int(inputs.shape[1]),
+        "input_dim": int(inputs_per_slice.shape[1]),
         "batch_size": batch_size,
         "fold": fold,
-        "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("selections", "ablation_only")},
-        "cnn_config": features.config,
+        "inputs": inputs,
+        "fingerprint": fingerprint(inputs),
+        "model_sha256": file_sha256(model_path),
+        "features_config": features.config,
         "best_epoch": best.best_epoch,
         "history": best.history,
         "validation": summary(labels[rows], predicted),
@@ -131,12 +181,17 @@ def train_selection(settings: Settings, features, selection: str) -> dict:
 
 
 def ablation_table(settings: Settings, features) -> pd.DataFrame:
-    """Validation weighted log loss and per-subtype AUC: the CNN alone, then every LSTM trained in the run."""
+    """Validation weighted log loss and per-subtype AUC: the CNN alone, then every LSTM trained on these
+    features (records of other features, extracted before, are left out and named)."""
     _, val_rows = fold_rows(features.index, int(features.config["fold"]))
     labels = label_array(features.index)[val_rows]
     rows = {CNN_ROW: summary(labels, features.probabilities[val_rows])}
     for record_path in sorted((Path(settings.models_dir) / settings.run).glob("lstm-*.json")):
         record = read_json(record_path)
+        if record.get("inputs", {}).get("features") != features.fingerprint:
+            print(f"ablation: left out {record_path}, trained on other features: retrain it with "
+                  f"--selection {record['selection']}")
+            continue
         rows[f"cnn+lstm {record['selection']}"] = record["validation"]
     columns = ["weighted_log_loss"] + [f"auc_{name}" for name in SUBTYPES]
     table = pd.DataFrame.from_dict(rows, orient="index")[columns]
@@ -173,10 +228,31 @@ def write_ablation(table: pd.DataFrame, out_dir: Path) -> None:
     plt.close(figure)
 
 
+def open_features(settings: Settings):
+    """The run's feature cache, checked against the CNN it must come from; exits naming the command
+    that (re)extracts it when it is missing, unfinished, damaged or from another CNN or index."""
+    run_dir = Path(settings.models_dir) / settings.run
+    cnn_path = run_dir / MODEL_FILE
+    if not cnn_path.exists():
+        raise SystemExit(f"{cnn_path} not found: train the CNN of run {settings.run} first "
+                         f"(train_cnn.py --dataset DATASET --run {settings.run})")
+    extract = extraction_command(read_json(run_dir / "config.json"), settings.run, settings.models_dir,
+                                 settings.features_dir)
+    try:
+        features = load_features(Path(settings.features_dir) / settings.run)
+    except FeaturesNotReady as error:
+        raise SystemExit(f"{error}: run {extract} first") from None
+    cnn_sha256 = file_sha256(cnn_path)
+    if features.config["cnn_sha256"] != cnn_sha256:
+        changed = what_changed({"cnn_sha256": features.config["cnn_sha256"]}, {"cnn_sha256": cnn_sha256})
+        raise SystemExit(f"{features.path} was extracted from an earlier {cnn_path} ({changed}): run {extract} first")
+    return features
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     settings = parse_args(argv)
     run_header(argv, settings)
-    features = load_features(Path(settings.features_dir) / settings.run)
+    features = open_features(settings)
     out_dir = Path(settings.models_dir) / settings.run
     out_dir.mkdir(parents=True, exist_ok=True)
     if not settings.ablation_only:

@@ -84,10 +84,12 @@ def main(argv: list[str] | None = None) -> None:
 
     recipe = RECIPES["windows"]
     model = build_cnn(settings.backbone, settings.image_size, recipe, weights=None)
-    config = {"image_size": settings.image_size, "recipe": recipe.spec, "backbone": settings.backbone}
+    config = {"dataset": "real", "image_size": settings.image_size, "recipe": recipe.spec, "fold": 0,
+              "backbone": settings.backbone}
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = Path(tmp)
         index, store = store_of_real_slices(work_dir, settings.slices, settings.image_size)
+        index.to_parquet(work_dir / "index.parquet")  # the cache's fingerprint hashes the index file
         arrays = stack_hu(np.stack([store.read_hu(i) for i in index["image_id"]]), neighbour_rows(index, recipe.offsets))
 
         batches = [arrays[i : i + settings.batch_size] for i in range(0, len(arrays), settings.batch_size)]
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                 model.predict_on_batch(batch)
             bare_rates.append(len(arrays) / (time.perf_counter() - start))
             start = time.perf_counter()
-            extract_features(model, config, index, work_dir / "index.parquet", store,
+            extract_features(model, config, "untrained", index, work_dir / "index.parquet", store,
                              work_dir / f"features{repeat}", batch_size=settings.batch_size)
             ours_rates.append(len(index) / (time.perf_counter() - start))
             print(f"repeat {repeat + 1}: bare model {bare_rates[-1]:.1f} slices/s, "

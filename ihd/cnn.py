@@ -10,17 +10,20 @@ The head is `"embedding"` (global average pooling, the vector cached for the seq
 
 Training minimises binary cross-entropy weighted like the challenge (`any` counts twice), with Adam
 under a warmup + cosine schedule; the epoch kept is the one with the best validation weighted log
-loss. Every epoch is checkpointed with the optimizer state, so rerunning the same command after a
-kill picks up at the epoch reached.
+loss. Every epoch is committed as one unit with the optimizer state (EpochCheckpoint), so rerunning
+the same command after a kill picks up at the epoch reached, and the history holds each epoch once.
 """
 
 import importlib
 import math
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 
 from ihd.io import atomic_path, read_json, write_json
@@ -32,7 +35,16 @@ from ihd.windows import ChannelRecipe, parse_recipe
 TINY = "tiny"
 MODEL_FILE = "cnn.keras"
 BEST_FILE = "best.json"
+HISTORY_FILE = "history.csv"
+PUBLISHED_FILES = (HISTORY_FILE, MODEL_FILE, BEST_FILE)  # in the run folder, republished from each committed epoch
 CHECKPOINT_DIR = "checkpoint"
+EPOCH_PREFIX = "epoch-"  # checkpoint/epoch-<k>/: everything the run keeps after epoch k
+STAGING_DIR = ".staging"  # checkpoint/.staging/: an epoch being written, committed by renaming it
+WEIGHTS_FILE = "training.weights.h5"  # model and optimizer weights: where a resumed run starts
+# The train_cnn.py flags that a resumed training must repeat, as config.json keeps them.
+TRAINING_FLAGS = ("dataset", "data_dir", "backbone", "weights", "image_size", "recipe", "fold", "epochs", "batch_size",
+                  "learning_rate", "warmup_fraction", "dropout", "positive_copies", "augment", "seed", "features_dir")
+LEGACY_METADATA = "training_metadata.json"  # the checkpoint of keras' BackupAndRestore, used before EpochCheckpoint
 
 
 @keras.saving.register_keras_serializable(package="ihd")
@@ -204,38 +216,113 @@ def use_mixed_precision_on_gpu() -> bool:
 
 
 class ValidationScore(keras.callbacks.Callback):
-    """After each epoch: the challenge's metric on validation, logged; the best epoch saved as cnn.keras."""
+    """After each epoch: the challenge's metric and per-subtype AUC on validation, added to the epoch's logs as val_*."""
 
-    def __init__(self, val_data: tf.data.Dataset, val_labels: np.ndarray, run_dir: Path):
+    def __init__(self, val_data: tf.data.Dataset, val_labels: np.ndarray):
         super().__init__()
         self.val_data = val_data
         self.val_labels = np.asarray(val_labels)
-        self.model_path = Path(run_dir) / MODEL_FILE
-        self.best_path = Path(run_dir) / BEST_FILE
-        self.best_loss = math.inf
-
-    def on_train_begin(self, logs=None):
-        """Remember the best score of earlier (interrupted) runs of the same training."""
-        if self.best_path.exists():
-            self.best_loss = read_json(self.best_path)["val_weighted_log_loss"]
 
     def on_epoch_end(self, epoch, logs=None):
-        """Score the validation set, log every figure, keep the model if it is the best so far."""
+        """Score the validation set into ``logs``."""
         predictions = self.model.predict(self.val_data, verbose=0)
-        scores = summary(self.val_labels, predictions)
-        if logs is not None:
-            logs.update({f"val_{name}": value for name, value in scores.items()})
-        loss = scores["weighted_log_loss"]
-        improved = loss < self.best_loss
+        logs.update({f"val_{name}": value for name, value in summary(self.val_labels, predictions).items()})
+
+
+def committed_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint folder of the last epoch whose end-of-epoch writes all completed (None before the first)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    epochs = [int(p.name[len(EPOCH_PREFIX):]) for p in folder.glob(f"{EPOCH_PREFIX}*") if p.name[len(EPOCH_PREFIX):].isdigit()]
+    return folder / f"{EPOCH_PREFIX}{max(epochs)}" if epochs else None
+
+
+def epochs_done(run_dir: str | Path) -> int:
+    """Epochs completed so far by the training in ``run_dir`` (0 when none)."""
+    checkpoint = committed_checkpoint(run_dir)
+    return 0 if checkpoint is None else int(checkpoint.name[len(EPOCH_PREFIX):])
+
+
+def publish_committed(run_dir: str | Path) -> int:
+    """Make history.csv, cnn.keras and best.json in ``run_dir`` copies of the last committed epoch's (none
+    before the first), each written atomically, and delete older epochs and staging leftovers; returns the
+    epochs done. Rerun on a run whose publication a kill interrupted, it finishes that publication.
+    """
+    run_dir = Path(run_dir)
+    folder = run_dir / CHECKPOINT_DIR
+    if (folder / LEGACY_METADATA).exists():
+        raise ValueError(f"{run_dir} was trained by an earlier version of the kit ({folder / LEGACY_METADATA}): "
+                         "choose another --run, or delete that folder to train it again")
+    shutil.rmtree(folder / STAGING_DIR, ignore_errors=True)
+    committed = committed_checkpoint(run_dir)
+    for name in PUBLISHED_FILES:
+        if committed is None:
+            (run_dir / name).unlink(missing_ok=True)
+            continue
+        with atomic_path(run_dir / name) as tmp:
+            shutil.copyfile(committed / name, tmp)
+    for older in folder.glob(f"{EPOCH_PREFIX}*"):
+        if older != committed:
+            shutil.rmtree(older)
+    return epochs_done(run_dir)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Commits every epoch as one unit, so that a kill at any moment leaves a run that resumes consistently.
+
+    At the end of epoch k (after ValidationScore has put the val_* scores in the logs) everything the
+    run keeps is written into a staging folder: the model and optimizer weights, history.csv with
+    one row per epoch up to k, the best model so far (cnn.keras, the lowest validation weighted log
+    loss; a copy of the previous one when k is no better) and best.json. Renaming that folder to
+    ``checkpoint/epoch-k`` is the commit. Only then are history.csv, cnn.keras and best.json
+    published in the run folder (``publish_committed``). A run killed before the rename resumes at
+    epoch k (its history without a row k, its best model without epoch k); after it, at epoch k + 1;
+    either way the run folder is first republished from the committed epoch. history.csv's ``epoch``
+    counts from 0 as Keras does; best.json's, like the log lines, from 1.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.folder = self.run_dir / CHECKPOINT_DIR
+        self.history: list[dict] = []
+        self.best: dict | None = None
+
+    def on_train_begin(self, logs=None):
+        """Restore the last committed epoch (weights, optimizer, history, best) after republishing it."""
+        if publish_committed(self.run_dir) == 0:
+            return
+        committed = committed_checkpoint(self.run_dir)
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(committed / WEIGHTS_FILE)
+        self.history = pd.read_csv(committed / HISTORY_FILE).to_dict("records")
+        self.best = read_json(committed / BEST_FILE)
+
+    def on_epoch_end(self, epoch, logs=None):
+        """Write the epoch's whole state, commit it by one rename, then publish it."""
+        loss = float(logs["val_weighted_log_loss"])
+        best_loss = math.nan if self.best is None else self.best["val_weighted_log_loss"]
+        improved = self.best is None or loss < best_loss or (math.isnan(best_loss) and not math.isnan(loss))
+        staging = self.folder / STAGING_DIR
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        self.model.save_weights(staging / WEIGHTS_FILE)
+        history = [*self.history, {"epoch": epoch, **{key: float(logs[key]) for key in sorted(logs)}}]
+        pd.DataFrame(history).to_csv(staging / HISTORY_FILE, index=False)
         if improved:
-            self.best_loss = loss
-            with atomic_path(self.model_path) as tmp:
-                self.model.save(tmp)
-            write_json(self.best_path, {"epoch": epoch + 1, "val_weighted_log_loss": loss})
-        train_loss = (logs or {}).get("loss", math.nan)
+            self.model.save(staging / MODEL_FILE)
+            best = {"epoch": epoch + 1, "val_weighted_log_loss": loss}
+        else:
+            shutil.copyfile(committed_checkpoint(self.run_dir) / MODEL_FILE, staging / MODEL_FILE)
+            best = self.best
+        write_json(staging / BEST_FILE, best)
+        committed = self.folder / f"{EPOCH_PREFIX}{epoch + 1}"
+        os.rename(staging, committed)
+        self.history, self.best = history, best
+        publish_committed(self.run_dir)
         print(
-            f"epoch {epoch + 1}: loss {train_loss:.4f} val_weighted_log_loss {loss:.4f} "
-            f"val_auc_any {scores['auc_any']:.3f}{' (best, saved)' if improved else ''}",
+            f"epoch {epoch + 1}: loss {logs.get('loss', math.nan):.4f} val_weighted_log_loss {loss:.4f} "
+            f"val_auc_any {logs.get('val_auc_any', math.nan):.3f}{' (best, saved)' if improved else ''}",
             flush=True,
         )
 
@@ -248,28 +335,22 @@ def fit_cnn(
     run_dir: str | Path,
     epochs: int,
 ) -> None:
-    """Train up to ``epochs``, resuming from ``run_dir/checkpoint`` when an earlier run was cut short.
+    """Train up to ``epochs``, resuming from the last epoch committed in ``run_dir/checkpoint``.
 
     Writes cnn.keras (best validation epoch), best.json, history.csv and TensorBoard logs in tb/ in
-    ``run_dir``. A terminal gets Keras' progress bar (rate and ETA) within each epoch; a log file
-    only the validation callback's line per epoch.
+    ``run_dir`` (see EpochCheckpoint). A terminal gets Keras' progress bar (rate and ETA) within
+    each epoch; a log file only the line per epoch.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [
-        ValidationScore(val_data, val_labels, run_dir),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        ValidationScore(val_data, val_labels),
+        EpochCheckpoint(run_dir),
         keras.callbacks.TensorBoard(str(run_dir / "tb"), write_graph=False),
-        keras.callbacks.BackupAndRestore(str(run_dir / CHECKPOINT_DIR), double_checkpoint=True, delete_checkpoint=False),
     ]
     verbose = 1 if sys.stdout.isatty() else 0
-    model.fit(train_data, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=verbose)
-
-
-def epochs_done(run_dir: str | Path) -> int:
-    """Epochs completed so far by the training in ``run_dir`` (0 when none)."""
-    metadata = Path(run_dir) / CHECKPOINT_DIR / "training_metadata.json"
-    return int(read_json(metadata)["epoch"]) if metadata.exists() else 0
+    model.fit(train_data, epochs=epochs, initial_epoch=epochs_done(run_dir), callbacks=callbacks, shuffle=False,
+              verbose=verbose)
 
 
 def embedding_extractor(model: keras.Model) -> keras.Model:
@@ -277,10 +358,33 @@ def embedding_extractor(model: keras.Model) -> keras.Model:
     return keras.Model(model.input, [model.get_layer("embedding").output, model.get_layer("pred").output])
 
 
+def _training_command(run_dir: Path) -> str:
+    """How to get a trained CNN in ``run_dir``: the command that started it, or how to start one."""
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        trained = sorted(p.parent.name for p in run_dir.parent.glob(f"*/{MODEL_FILE}"))
+        others = f"; runs with a trained CNN in {run_dir.parent}: {', '.join(trained)}" if trained else ""
+        return (f"no CNN was trained under that name. Train one with python train_cnn.py --dataset <prepared dataset> "
+                f"--run {run_dir.name} --models-dir {run_dir.parent}{others}")
+    config = read_json(config_path)
+    flags = []
+    for key in TRAINING_FLAGS:
+        value = config.get(key)
+        if isinstance(value, bool):
+            flags.append(f"--{'' if value else 'no-'}{key.replace('_', '-')}")
+        elif value is not None:
+            flags.append(f"--{key.replace('_', '-')} {value}")
+    done = epochs_done(run_dir)
+    state = (f"its training reached epoch {done} ({committed_checkpoint(run_dir)}): rerun the command that started it, "
+             "which puts cnn.keras back" if done else
+             "its training stopped before its first epoch ended: resume it with the command that started it")
+    return f"{state}: python train_cnn.py {' '.join(flags)} --models-dir {run_dir.parent} --run {run_dir.name}"
+
+
 def load_cnn(run_dir: str | Path) -> tuple[keras.Model, dict]:
     """The best-epoch model of a CNN run (for inference) and the run's config.json."""
     run_dir = Path(run_dir)
     model_path = run_dir / MODEL_FILE
     if not model_path.exists():
-        raise FileNotFoundError(f"{model_path} does not exist: train the CNN first (train_cnn.py --run {run_dir.name})")
+        raise FileNotFoundError(f"{model_path} does not exist: {_training_command(run_dir)}")
     return keras.models.load_model(model_path, compile=False), read_json(run_dir / "config.json")

@@ -4,11 +4,20 @@ Extraction runs the trained CNN once over every slice of the index (train, valid
 keeps, per slice and in index order, the pooled `"embedding"` vector and the six `"pred"`
 probabilities as float16 in `features/<run>/embeddings.npy` and `probabilities.npy`. Batches are
 streamed into memory-mapped files and flushed in chunks; `progress.json` says how many leading rows
-are final, so a killed extraction resumes where it stopped and memory does not grow with the data.
+are final and keeps the files' sizes and each flushed chunk's sha256, so a killed extraction resumes
+where it stopped, a truncated or overwritten file is noticed (on resume and on every read) and its
+rows extracted again, and memory does not grow with the data. The files' blocks are allocated
+before any row is written, so a full disk stops the extraction with a message, not a crash.
 `pred_kernel.npy` keeps the head's Dense kernel (D, 6) for the `weights:k` selection.
 
+`config.json` holds the cache's fingerprint (`ihd.fingerprint`): the sha256 of the CNN weights file
+and of the index, and the settings that shape the rows. Extracting again with other inputs starts
+from the first row; the index is found through a path relative to the cache folder.
+
 A selection reduces the D embedding dimensions to k, fitted on training rows only and saved as
-`selection-<slug>.npz` next to the features, so validation and test rows get the same transform:
+`selection-<slug>.npz` next to the features, with the inputs it was fitted on (the features'
+fingerprint, the fold, and the seed where the method draws at random), so validation and test rows
+get the same transform and a selection whose inputs changed is fitted again:
 
 - `all`: every dimension.
 - `pca:k`: the top k principal components (the paper's choice, k=120), from a streamed covariance.
@@ -19,6 +28,10 @@ A selection reduces the D embedding dimensions to k, fitted on training rows onl
   estimated on a seeded sample of training rows.
 """
 
+import errno
+import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,43 +42,175 @@ from sklearn.feature_selection import mutual_info_classif
 from tqdm.auto import tqdm
 
 from ihd.cnn import embedding_extractor
+from ihd.fingerprint import array_sha256, file_sha256, fingerprint, what_changed
 from ihd.inputs import fold_rows, inference_dataset, label_array
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import LABEL_WEIGHTS, SUBTYPES
 from ihd.slices import SliceStore
 from ihd.windows import parse_recipe
 
+CONFIG_FILE = "config.json"
 EMBEDDINGS_FILE = "embeddings.npy"
 PROBABILITIES_FILE = "probabilities.npy"
 PROGRESS_FILE = "progress.json"
 KERNEL_FILE = "pred_kernel.npy"
 METHODS = ("all", "pca", "weights", "variance", "random", "mi")
+SEEDED_METHODS = ("random", "mi")
 STATS_CHUNK_ROWS = 8192
+FROM_CNN_CONFIG = ("dataset", "image_size", "recipe", "fold")
+# What the cached rows are made of; the fingerprint covers exactly these values.
+DEFINED_BY = ("cnn_sha256", "index_sha256", "store_size", "image_size", "recipe", "fold", "rows", "embedding_dim")
 
 
-def _open_arrays(out_dir: Path, rows: int, dim: int, fresh: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The embeddings and probabilities memmaps, created when ``fresh``, else opened for update."""
-    mode = "w+" if fresh else "r+"
-    shapes = {EMBEDDINGS_FILE: (rows, dim), PROBABILITIES_FILE: (rows, len(SUBTYPES))}
+class FeaturesNotReady(RuntimeError):
+    """The feature cache is missing, incomplete, damaged or made from another index."""
+
+
+def features_config(
+    cnn_config: dict, cnn_sha256: str, index_path: Path, store: SliceStore, out_dir: Path, rows: int, dim: int
+) -> dict:
+    """The cache's config.json: the CNN settings it depends on, its inputs' sha256 and its fingerprint.
+
+    ``index_path`` is kept relative to ``out_dir``, so the record does not depend on the working directory.
+    """
+    config = {key: cnn_config[key] for key in FROM_CNN_CONFIG}
+    config.update(
+        cnn_sha256=cnn_sha256,
+        index_sha256=file_sha256(index_path),
+        index_path=os.path.relpath(Path(index_path).resolve(), Path(out_dir).resolve()),
+        store_size=store.size,
+        rows=rows,
+        embedding_dim=dim,
+    )
+    config["fingerprint"] = fingerprint(defining_inputs(config))
+    return config
+
+
+def defining_inputs(config: dict) -> dict:
+    """The values of a features config.json that its fingerprint covers (None where an old record lacks one)."""
+    return {key: config.get(key) for key in DEFINED_BY}
+
+
+def extraction_command(cnn_config: dict, run: str, models_dir="models", features_dir="features") -> str:
+    """The train_cnn.py command that (re)writes the feature cache of ``run``."""
+    command = f"train_cnn.py --dataset {cnn_config['dataset']} --run {run} --extract-only"
+    for flag, value, default in (("--models-dir", models_dir, "models"), ("--features-dir", features_dir, "features")):
+        if str(value) != default:
+            command += f" {flag} {value}"
+    return command
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+def _reserve(path: Path) -> None:
+    """Allocate every block of the file ``path`` now: a full disk then fails here, with a message,
+    instead of killing the process with SIGBUS when a memory-mapped write finds no block."""
+    size = path.stat().st_size
+    missing = max(0, size - path.stat().st_blocks * 512)
+    free = shutil.disk_usage(path.parent).free
+    message = (f"{path} needs {_gib(missing)} more disk space ({_gib(size)} in all) and {path.parent} has "
+               f"{_gib(free)} free: free some space or choose another --features-dir")
+    if missing > free:
+        raise OSError(errno.ENOSPC, message)
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, size)
+            except OSError as error:
+                if error.errno == errno.ENOSPC:
+                    raise OSError(errno.ENOSPC, message) from error
+                raise
+
+
+def _shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """The shape of each feature file of a cache with ``config``."""
+    rows = config["rows"]
+    return {EMBEDDINGS_FILE: (rows, config["embedding_dim"]), PROBABILITIES_FILE: (rows, len(SUBTYPES))}
+
+
+def _create_arrays(out_dir: Path, config: dict) -> list[np.memmap]:
+    """Fresh feature files of the config's shapes, their blocks allocated."""
     arrays = []
-    for name, shape in shapes.items():
-        kwargs = {"dtype": np.float16, "shape": shape} if fresh else {}
-        array = np.lib.format.open_memmap(out_dir / name, mode=mode, **kwargs)
-        if array.shape != shape:
-            raise ValueError(f"{out_dir / name} has shape {array.shape}, expected {shape}: delete {out_dir} and rerun")
+    for name, shape in _shapes(config).items():
+        (out_dir / name).unlink(missing_ok=True)
+        arrays.append(np.lib.format.open_memmap(out_dir / name, mode="w+", dtype=np.float16, shape=shape))
+        _reserve(out_dir / name)
+    return arrays
+
+
+def _open_arrays(out_dir: Path, config: dict, mode: str) -> list[np.memmap]:
+    """The feature files memory-mapped; raises ValueError when one cannot be read as the config says."""
+    arrays = []
+    for name, shape in _shapes(config).items():
+        array = np.load(out_dir / name, mmap_mode=mode)
+        if array.shape != shape or array.dtype != np.float16:
+            raise ValueError(f"{out_dir / name} holds {array.dtype} {array.shape}, expected float16 {shape}")
         arrays.append(array)
-    return arrays[0], arrays[1]
+    return arrays
 
 
 def rows_done(out_dir: str | Path) -> int:
-    """Leading rows of ``out_dir``'s feature files that are final (0 when extraction has not started)."""
+    """Leading rows of ``out_dir``'s feature files that were written (0 when extraction has not started)."""
     progress = Path(out_dir) / PROGRESS_FILE
     return int(read_json(progress)["rows_done"]) if progress.exists() else 0
+
+
+def verified_rows(out_dir: str | Path, config: dict) -> tuple[int, list, str]:
+    """How many leading rows of the cache still match what was written: the files' recorded sizes and
+    each chunk's sha256. Returns those rows, the chunks covering them, and what is wrong after them
+    ("" when nothing is). A file of the wrong size is never opened for update (that would extend it
+    with zeros): its rows count as lost.
+    """
+    out_dir = Path(out_dir)
+    progress_path = out_dir / PROGRESS_FILE
+    progress = read_json(progress_path) if progress_path.exists() else {"rows_done": 0}
+    if progress["rows_done"] == 0:
+        return 0, [], ""
+    if "chunks" not in progress:
+        return 0, [], f"{progress_path} records no checksums (written by an older version)"
+    for name, size in progress["bytes"].items():
+        actual = (out_dir / name).stat().st_size if (out_dir / name).exists() else None
+        if actual != size:
+            found = "is missing" if actual is None else f"has {actual} bytes"
+            return 0, [], f"{out_dir / name} {found}, {size} were written (truncated or replaced)"
+    try:
+        arrays = _open_arrays(out_dir, config, "r")
+    except (ValueError, EOFError) as error:
+        return 0, [], f"cannot read the feature files ({error})"
+    good = []
+    for chunk in tqdm(progress["chunks"], desc="checking features", unit="chunk", dynamic_ncols=True,
+                      disable=len(progress["chunks"]) < 50):
+        begin, end, *digests = chunk
+        for name, array, digest in zip((EMBEDDINGS_FILE, PROBABILITIES_FILE), arrays, digests):
+            if array_sha256(array[begin:end]) != digest:
+                return begin, good, (f"{out_dir / name} rows {begin} to {end - 1} differ from what was written "
+                                     "(damaged or overwritten)")
+        good.append(chunk)
+    return progress["rows_done"], good, ""
+
+
+def _resume_point(out_dir: Path, config: dict) -> tuple[int, list]:
+    """The row to continue from and the verified chunks before it; says why when it is not where the last run stopped."""
+    config_path = out_dir / CONFIG_FILE
+    if rows_done(out_dir) == 0:
+        return 0, []
+    recorded = read_json(config_path) if config_path.exists() else {}
+    if recorded.get("fingerprint") != config["fingerprint"]:
+        changed = what_changed(defining_inputs(recorded), defining_inputs(config))
+        print(f"{out_dir} holds features of other inputs ({changed}): extracting again from the first row")
+        return 0, []
+    start, chunks, problem = verified_rows(out_dir, config)
+    if problem:
+        print(f"{problem}: extracting again from row {start}")
+    return start, chunks
 
 
 def extract_features(
     model: keras.Model,
     cnn_config: dict,
+    cnn_sha256: str,
     index: pd.DataFrame,
     index_path: str | Path,
     store: SliceStore,
@@ -75,24 +220,30 @@ def extract_features(
 ) -> Path:
     """Write embeddings and probabilities of every index row to ``out_dir``, resuming a partial run.
 
-    ``cnn_config`` is the CNN run's config.json (image_size, recipe); it goes to the features'
-    config.json with the embedding size and the index path. Flushes every ``chunk_rows`` rows.
+    ``cnn_config`` is the CNN run's config.json (dataset, image_size, recipe, fold) and ``cnn_sha256``
+    the sha256 of the weights file ``model`` was loaded from; with the index file's sha256 they make
+    the cache's fingerprint. A cache of other inputs, or whose rows no longer match their checksums,
+    is written again from the first row that differs. Flushes every ``chunk_rows`` rows.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     extractor = embedding_extractor(model)
     dim = int(extractor.outputs[0].shape[-1])
-    config = {**cnn_config, "embedding_dim": dim, "rows": len(index), "index_path": str(index_path)}
-    config_path = out_dir / "config.json"
-    start = rows_done(out_dir)
-    if start and (not config_path.exists() or read_json(config_path) != config):
-        print(f"{out_dir} holds features of other settings: extracting again from the first row")
-        start = 0
+    config = features_config(cnn_config, cnn_sha256, Path(index_path), store, out_dir, len(index), dim)
+    start, chunks = _resume_point(out_dir, config)
+    progress = {"rows_done": start, "chunks": chunks}
     if start == 0:
         write_json(out_dir / PROGRESS_FILE, {"rows_done": 0})
-    embeddings, probabilities = _open_arrays(out_dir, len(index), dim, fresh=start == 0)
-    write_json(config_path, config)
-    np.save(out_dir / KERNEL_FILE, model.get_layer("pred").get_weights()[0].astype(np.float32))
+        embeddings, probabilities = _create_arrays(out_dir, config)
+    else:
+        for name in _shapes(config):
+            _reserve(out_dir / name)
+        embeddings, probabilities = _open_arrays(out_dir, config, "r+")
+    progress["bytes"] = {name: (out_dir / name).stat().st_size for name in (EMBEDDINGS_FILE, PROBABILITIES_FILE)}
+    write_json(out_dir / PROGRESS_FILE, progress)
+    write_json(out_dir / CONFIG_FILE, config)
+    with atomic_path(out_dir / KERNEL_FILE) as tmp:
+        np.save(tmp, model.get_layer("pred").get_weights()[0].astype(np.float32))
     data = inference_dataset(
         index, store, parse_recipe(cnn_config["recipe"]), np.arange(start, len(index)),
         int(cnn_config["image_size"]), batch_size,
@@ -108,39 +259,53 @@ def extract_features(
             if row - flushed >= chunk_rows or row == len(index):
                 embeddings.flush()
                 probabilities.flush()
-                write_json(out_dir / PROGRESS_FILE, {"rows_done": row})
-                flushed = row
+                digests = [array_sha256(array[flushed:row]) for array in (embeddings, probabilities)]
+                progress["chunks"].append([flushed, row, *digests])
+                progress["rows_done"] = flushed = row
+                write_json(out_dir / PROGRESS_FILE, progress)
     return out_dir
 
 
 @dataclass
 class Features:
-    """A complete feature store: arrays in index order, the index, and how they were made."""
+    """A complete feature store: arrays in index order, the index, how they were made, and where they are."""
 
     embeddings: np.ndarray
     probabilities: np.ndarray
     index: pd.DataFrame
     config: dict
+    path: Path
+
+    @property
+    def fingerprint(self) -> str:
+        """The cache's fingerprint: its CNN weights, index and settings."""
+        return self.config["fingerprint"]
 
 
 def load_features(run_dir: str | Path) -> Features:
-    """Open ``features/<run>/`` (memory-mapped); raises if its extraction is incomplete."""
+    """Open ``features/<run>/`` (memory-mapped) after checking every row against its recorded checksum.
+
+    Raises FeaturesNotReady when the cache is missing, incomplete, damaged, or its index file changed.
+    """
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
+    config_path = run_dir / CONFIG_FILE
     if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found: extract features with train_cnn.py --extract-only")
+        raise FeaturesNotReady(f"{config_path} not found: the CNN's features were never extracted")
     config = read_json(config_path)
-    if rows_done(run_dir) != config["rows"]:
-        raise RuntimeError(
-            f"{run_dir}: extraction stopped at row {rows_done(run_dir)} of {config['rows']}: "
-            "rerun train_cnn.py --extract-only to finish it"
-        )
-    return Features(
-        embeddings=np.load(run_dir / EMBEDDINGS_FILE, mmap_mode="r"),
-        probabilities=np.load(run_dir / PROBABILITIES_FILE, mmap_mode="r"),
-        index=pd.read_parquet(config["index_path"]),
-        config=config,
-    )
+    if "fingerprint" not in config:
+        raise FeaturesNotReady(f"{config_path} records no fingerprint (written by an older version)")
+    rows, _, problem = verified_rows(run_dir, config)
+    if problem:
+        raise FeaturesNotReady(f"{problem}: the cache cannot be trusted")
+    if rows != config["rows"]:
+        raise FeaturesNotReady(f"{run_dir}: extraction stopped at row {rows} of {config['rows']}")
+    index_path = run_dir / config["index_path"]
+    if not index_path.is_file():
+        raise FeaturesNotReady(f"{index_path}, the index of {run_dir}, not found")
+    if file_sha256(index_path) != config["index_sha256"]:
+        raise FeaturesNotReady(f"{index_path} changed since {run_dir} was extracted from it")
+    embeddings, probabilities = _open_arrays(run_dir, config, "r")
+    return Features(embeddings, probabilities, pd.read_parquet(index_path), config, run_dir)
 
 
 def parse_selection(name: str) -> tuple[str, int | None]:
@@ -165,12 +330,19 @@ def selection_slug(name: str) -> str:
 
 @dataclass
 class Selection:
-    """A fitted selection: either kept ``columns`` or a PCA projection (``mean``, ``components``)."""
+    """A fitted selection: either kept ``columns`` or a PCA projection (``mean``, ``components``), and
+    the ``inputs`` it was fitted on (see `selection_inputs`)."""
 
     name: str
     columns: np.ndarray | None = None
     mean: np.ndarray | None = None
     components: np.ndarray | None = None
+    inputs: dict | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the inputs the selection was fitted on."""
+        return fingerprint(self.inputs or {})
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Selected features of the rows ``x`` (n, D) as float32 (n, k)."""
@@ -180,18 +352,19 @@ class Selection:
         return x[:, self.columns]
 
     def save(self, path: str | Path) -> None:
-        """Write the fitted selection to an .npz file, atomically."""
-        arrays = {k: v for k, v in vars(self).items() if k != "name" and v is not None}
+        """Write the fitted selection and its inputs to an .npz file, atomically."""
+        arrays = {k: v for k, v in vars(self).items() if k not in ("name", "inputs") and v is not None}
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
-                np.savez(handle, name=np.array(self.name), **arrays)
+                np.savez(handle, name=np.array(self.name), inputs=np.array(json.dumps(self.inputs)), **arrays)
 
 
 def load_selection(path: str | Path) -> Selection:
-    """Read a selection written by `Selection.save`."""
+    """Read a selection written by `Selection.save` (``inputs`` None when it records none)."""
     with np.load(path) as saved:
-        arrays = {k: saved[k] for k in saved.files if k != "name"}
-        return Selection(name=str(saved["name"]), **arrays)
+        arrays = {k: saved[k] for k in saved.files if k not in ("name", "inputs")}
+        inputs = json.loads(str(saved["inputs"])) if "inputs" in saved.files else None
+        return Selection(name=str(saved["name"]), inputs=inputs, **arrays)
 
 
 def _chunks(rows: np.ndarray):
@@ -298,22 +471,48 @@ def training_rows_of(features: Features) -> np.ndarray:
     return fold_rows(features.index, int(features.config["fold"]))[0]
 
 
-def selected_features(run_dir: str | Path, name: str, seed: int = 0) -> np.ndarray:
-    """Every row's selected features, float32 (N, k); fits and saves the selection first if missing."""
-    run_dir = Path(run_dir)
-    features = load_features(run_dir)
-    path = run_dir / f"selection-{selection_slug(name)}.npz"
+def selection_path(features_run_dir: str | Path, name: str) -> Path:
+    """Where the selection ``name`` of a feature cache is saved."""
+    return Path(features_run_dir) / f"selection-{selection_slug(name)}.npz"
+
+
+def selection_inputs(features: Features, name: str, seed: int = 0, mi_sample_rows: int = 5000) -> dict:
+    """What a selection fitted now would be made of: its name, the features' fingerprint, the fold,
+    and for the methods that draw at random the seed (and the sample size of `mi:k`)."""
+    method, _ = parse_selection(name)
+    inputs = {"selection": name, "features": features.fingerprint, "fold": int(features.config["fold"])}
+    if method in SEEDED_METHODS:
+        inputs["seed"] = seed
+    if method == "mi":
+        inputs["mi_sample_rows"] = mi_sample_rows
+    return inputs
+
+
+def fitted_selection(features: Features, name: str, seed: int = 0, mi_sample_rows: int = 5000) -> Selection:
+    """The selection ``name`` of these features: the saved one when it was fitted on the same inputs,
+    else fitted now on the training rows and saved (saying what changed)."""
+    path = selection_path(features.path, name)
+    inputs = selection_inputs(features, name, seed, mi_sample_rows)
     if path.exists():
-        selection = load_selection(path)
-    else:
-        selection = fit_selection(
-            name,
-            features.embeddings,
-            training_rows_of(features),
-            labels=label_array(features.index),
-            dense_kernel=np.load(run_dir / KERNEL_FILE),
-            seed=seed,
-        )
-        selection.save(path)
-    rows = np.arange(len(features.index))
-    return np.concatenate([selection.transform(features.embeddings[chunk]) for chunk in _chunks(rows)])
+        saved = load_selection(path)
+        if saved.inputs == inputs:
+            return saved
+        print(f"{path} was fitted on other inputs ({what_changed(saved.inputs or {}, inputs)}): fitting it again")
+    selection = fit_selection(
+        name,
+        features.embeddings,
+        training_rows_of(features),
+        labels=label_array(features.index),
+        dense_kernel=np.load(features.path / KERNEL_FILE),
+        seed=seed,
+        mi_sample_rows=mi_sample_rows,
+    )
+    selection.inputs = inputs
+    selection.save(path)
+    return selection
+
+
+def selected_features(selection: Selection, embeddings: np.ndarray) -> np.ndarray:
+    """Every row's selected features, float32 (N, k), transformed chunk by chunk."""
+    rows = np.arange(len(embeddings))
+    return np.concatenate([selection.transform(embeddings[chunk]) for chunk in _chunks(rows)])

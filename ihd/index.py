@@ -388,6 +388,7 @@ def build_index(
     sources = [(str(Path(folder).resolve()), split) for folder, split in sources]
     dataset_dir = Path(dataset_dir)
     cache = dataset_dir / HEADERS_FILE if resume else None
+    labels = None if labels_csv is None else read_long_labels(labels_csv)  # a bad label file stops us before any write
     headers, unreadable = scan_headers(sources, workers=workers, cache=cache)
     headers, refused = refuse_uninterpretable(headers, non_ct_as_hu)
     headers, repeated = drop_repeated_instances(headers)
@@ -395,7 +396,6 @@ def build_index(
     z, unplaced, orderings = series_positions(headers)
     headers = headers.loc[z.index].assign(z=z)
     bad = pd.concat([unreadable, refused, repeated, clashes, unplaced], ignore_index=True)
-    labels = None if labels_csv is None else read_long_labels(labels_csv)
     index, unmatched_labels = merge_labels(order_series(headers), labels)
     index["fold"] = assign_folds(index, folds=folds, balance=balance, seed=seed)
     index = index[INDEX_COLUMNS].astype({c: str for c in ID_COLUMNS} | {"z": np.float64})

@@ -17,9 +17,20 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ihd.cnn import embedding_extractor, load_cnn
+from ihd.cnn import MODEL_FILE, embedding_extractor, load_cnn
 from ihd.dicom import DicomError, read_hu
-from ihd.features import Features, Selection, extract_features, load_features, load_selection, rows_done, selection_slug
+from ihd.features import (
+    CONFIG_FILE,
+    Features,
+    Selection,
+    extract_features,
+    extraction_command,
+    load_features,
+    load_selection,
+    selection_path,
+    selection_slug,
+)
+from ihd.fingerprint import file_sha256, what_changed
 from ihd.gradcam import best_slices, draw_montage, draw_overlay, gradcam_heatmap
 from ihd.index import read_index
 from ihd.inputs import neighbour_rows, stack_hu
@@ -32,14 +43,21 @@ from ihd.windows import parse_recipe
 
 @dataclass
 class Chain:
-    """A trained CNN run with one selection and its LSTM."""
+    """A trained CNN run with one selection and its LSTM, checked to belong together: the LSTM's
+    record names the selection's inputs, which name the features' fingerprint, which names the CNN's sha256."""
 
     run: str
     selection_name: str
     cnn: keras.Model
     cnn_config: dict
+    cnn_sha256: str
     selection: Selection
     lstm: keras.Model
+
+    @property
+    def features_fingerprint(self) -> str:
+        """The fingerprint of the feature cache the selection and the LSTM were fitted on."""
+        return self.selection.inputs["features"]
 
     @property
     def slug(self) -> str:
@@ -62,25 +80,71 @@ class Chain:
         return parse_recipe(self.cnn_config["recipe"]).offsets
 
 
-def best_selection(models_dir: str | Path, run: str) -> str:
-    """The selection whose LSTM has the lowest validation weighted log loss in models/<run>/."""
+class ChainError(RuntimeError):
+    """The parts of a trained chain are missing or do not belong together; the message says what to run."""
+
+
+def _commands(run: str, selection: str | None, cnn_config: dict, models_dir, features_dir) -> tuple[str, str]:
+    """The commands that rewrite the run's feature cache and that (re)train one selection's LSTM."""
+    extract = extraction_command(cnn_config, run, models_dir, features_dir)
+    train = f"train_lstm.py --run {run} --selection {selection or 'pca:120'}"
+    for flag, value, default in (("--models-dir", models_dir, "models"), ("--features-dir", features_dir, "features")):
+        if str(value) != default:
+            train += f" {flag} {value}"
+    return extract, train
+
+
+def lstm_records(models_dir: str | Path, run: str, features_fingerprint: str) -> list[dict]:
+    """The finished LSTM records of models/<run>/ trained on the features of ``features_fingerprint``."""
     records = [read_json(p) for p in sorted((Path(models_dir) / run).glob("lstm-*.json"))]
-    if not records:
-        raise FileNotFoundError(f"no lstm-*.json in {Path(models_dir) / run}: run train_lstm.py --run {run} first")
-    return min(records, key=lambda r: r["validation"]["weighted_log_loss"])["selection"]
+    return [r for r in records if r.get("inputs", {}).get("features") == features_fingerprint]
 
 
 def load_chain(run: str, selection: str | None = None, models_dir="models", features_dir="features") -> Chain:
-    """The CNN, the fitted selection and the LSTM of a run; `selection=None` takes the best validated one."""
-    selection = selection or best_selection(models_dir, run)
-    cnn, cnn_config = load_cnn(Path(models_dir) / run)
+    """The CNN, the fitted selection and the LSTM of a run; `selection=None` takes the best validated one.
+
+    Refuses (ChainError, naming the command to run) a chain whose parts do not belong together: features
+    extracted from another cnn.keras, an LSTM file without its finished record or not the file the record
+    describes, a selection fitted on other inputs than the LSTM's.
+    """
+    run_dir, features_run_dir = Path(models_dir) / run, Path(features_dir) / run
+    if not (run_dir / MODEL_FILE).exists():
+        config_path = run_dir / "config.json"
+        dataset = read_json(config_path)["dataset"] if config_path.exists() else "DATASET"
+        raise ChainError(f"{run_dir / MODEL_FILE} not found: train the CNN first (train_cnn.py --dataset {dataset} "
+                         f"--run {run}), then its LSTMs (train_lstm.py --run {run})")
+    cnn, cnn_config = load_cnn(run_dir)
+    cnn_sha256 = file_sha256(run_dir / MODEL_FILE)
+    extract, train = _commands(run, selection, cnn_config, models_dir, features_dir)
+    features_config_path = features_run_dir / CONFIG_FILE
+    features_config = read_json(features_config_path) if features_config_path.exists() else {}
+    if features_config.get("cnn_sha256") != cnn_sha256:
+        found = ("not found" if not features_config else
+                 f"was extracted from another {run_dir / MODEL_FILE} "
+                 f"({what_changed({'cnn_sha256': features_config.get('cnn_sha256')}, {'cnn_sha256': cnn_sha256})})")
+        raise ChainError(f"{features_config_path} {found}: run {extract}, then {train}")
+    if selection is None:
+        records = lstm_records(models_dir, run, features_config["fingerprint"])
+        if not records:
+            raise ChainError(f"no LSTM in {run_dir} was trained on the current features {features_run_dir}: run {train} first")
+        selection = min(records, key=lambda r: r["validation"]["weighted_log_loss"])["selection"]
+        extract, train = _commands(run, selection, cnn_config, models_dir, features_dir)
     slug = selection_slug(selection)
-    selection_path = Path(features_dir) / run / f"selection-{slug}.npz"
-    lstm_path = Path(models_dir) / run / f"lstm-{slug}.keras"
-    for path in (selection_path, lstm_path):
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: run train_lstm.py --run {run} --selection {selection} first")
-    return Chain(run, selection, cnn, cnn_config, load_selection(selection_path), load_lstm(lstm_path))
+    lstm_path, record_path = run_dir / f"lstm-{slug}.keras", run_dir / f"lstm-{slug}.json"
+    if not record_path.exists():
+        state = "exists but training never finished" if lstm_path.exists() else "not found"
+        raise ChainError(f"{record_path} {state}: run {train} first")
+    record = read_json(record_path)
+    if record.get("inputs", {}).get("features") != features_config["fingerprint"]:
+        raise ChainError(f"{lstm_path} was trained on other features than {features_run_dir} holds now: run {train} first")
+    if not lstm_path.exists() or file_sha256(lstm_path) != record.get("model_sha256"):
+        raise ChainError(f"{lstm_path} is not the model its record {record_path} describes "
+                         f"(training interrupted or file replaced): run {train} first")
+    fitted_path = selection_path(features_run_dir, selection)
+    fitted = load_selection(fitted_path) if fitted_path.exists() else None
+    if fitted is None or fitted.inputs is None or not fitted.inputs.items() <= record["inputs"].items():
+        raise ChainError(f"{fitted_path} is missing or was fitted on other inputs than {lstm_path}: run {train} first")
+    return Chain(run, selection, cnn, cnn_config, cnn_sha256, fitted, load_lstm(lstm_path))
 
 
 def chain_inputs(chain: Chain, embeddings: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
@@ -96,16 +160,20 @@ def lstm_probabilities(chain: Chain, embeddings: np.ndarray, probabilities: np.n
     return predict_series(chain.lstm, data, batch_size)
 
 
-def cached_test_features(chain: Chain, data_dir="data", features_dir="features") -> Features:
-    """The run's feature cache, extracted first (resumably) where it is incomplete."""
+def cached_test_features(chain: Chain, data_dir="data", features_dir="features", models_dir="models") -> Features:
+    """The run's feature cache, extracted first (resumably) where it is incomplete or damaged; refuses
+    features that are no longer the ones the chain's selection and LSTM were fitted on."""
     run_dir = Path(features_dir) / chain.run
     dataset_dir = Path(data_dir) / chain.cnn_config["dataset"]
-    index_path = dataset_dir / "index.parquet"
     index = read_index(dataset_dir)
-    if rows_done(run_dir) < len(index):
-        print(f"{run_dir}: feature cache incomplete, extracting CNN outputs of {len(index)} slices")
-        extract_features(chain.cnn, chain.cnn_config, index, index_path, SliceStore(dataset_dir / "slices"), run_dir)
-    return load_features(run_dir)
+    extract_features(chain.cnn, chain.cnn_config, chain.cnn_sha256, index, dataset_dir / "index.parquet",
+                     SliceStore(dataset_dir / "slices"), run_dir)
+    features = load_features(run_dir)
+    if features.fingerprint != chain.features_fingerprint:
+        _, train = _commands(chain.run, chain.selection_name, chain.cnn_config, models_dir, features_dir)
+        raise ChainError(f"{run_dir} now holds features of another index or CNN than {chain.selection_name} "
+                         f"was trained on: run {train} first")
+    return features
 
 
 @dataclass

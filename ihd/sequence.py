@@ -234,29 +234,28 @@ def predict_series(model: keras.Model, data: SeriesSet, batch_size: int = 64, pr
 
 
 class BestEpoch(keras.callbacks.Callback):
-    """Scores the validation series by the challenge's weighted log loss after every epoch and
-    saves the model (atomically) whenever that loss improves; stops after `patience` epochs without."""
+    """Scores the validation series by the challenge's weighted log loss after every epoch, keeps the
+    weights of the best epoch so far (in memory) and stops after `patience` epochs without improvement."""
 
-    def __init__(self, val: SeriesSet, model_path: Path, batch_size: int, patience: int):
+    def __init__(self, val: SeriesSet, batch_size: int, patience: int):
         super().__init__()
         self.val = val
-        self.model_path = Path(model_path)
         self.batch_size = batch_size
         self.patience = patience
         self.rows = val.rows
         self.history: list[dict] = []
         self.best = math.inf
         self.best_epoch = -1
+        self.best_weights: list[np.ndarray] | None = None
 
     def on_epoch_end(self, epoch, logs=None):
         predicted = predict_series(self.model, self.val, self.batch_size)[self.rows]
         score = weighted_log_loss(self.val.labels[self.rows], predicted)
         self.history.append({"epoch": epoch + 1, "loss": float(logs["loss"]), "val_weighted_log_loss": score})
-        improved = score < self.best
+        improved = score < self.best or self.best_weights is None
         if improved:
             self.best, self.best_epoch = score, epoch + 1
-            with atomic_path(self.model_path) as tmp:
-                self.model.save(tmp)
+            self.best_weights = self.model.get_weights()
         print(f"epoch {epoch + 1}: loss {logs['loss']:.5f} val_wll {score:.5f}{' (best)' if improved else ''}", flush=True)
         if epoch + 1 - self.best_epoch >= self.patience:
             self.model.stop_training = True
@@ -272,11 +271,17 @@ def fit_lstm(
     patience: int | None = None,
     seed: int = 0,
 ) -> BestEpoch:
-    """Train a compiled LSTM; the best epoch by validation weighted log loss ends up at `model_path`."""
+    """Train a compiled LSTM, then save its best epoch by validation weighted log loss at `model_path`.
+
+    Nothing is written before training ends, so a kill leaves whatever `model_path` held before.
+    """
     keras.utils.set_random_seed(seed)
-    best = BestEpoch(val, model_path, batch_size, patience or epochs)
+    best = BestEpoch(val, batch_size, patience or epochs)
     batches = SeriesBatches(train, batch_size, shuffle=True, seed=seed)
     model.fit(batches.dataset(), epochs=epochs, callbacks=[best], shuffle=False, verbose=0)
+    model.set_weights(best.best_weights)
+    with atomic_path(model_path) as tmp:
+        model.save(tmp)
     return best
 
 

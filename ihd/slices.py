@@ -152,18 +152,23 @@ def store_config(size: int) -> dict:
     }
 
 
-def _check_config(root: Path, size: int) -> None:
-    """Write the store's config, or check that an existing store was made the same way."""
-    config_path = root / CONFIG_FILE
-    expected = store_config(size)
+def check_store(root: str | Path, size: int) -> None:
+    """Raise ValueError when ``root`` holds a store made another way than ``size`` asks; writes nothing."""
+    config_path = Path(root) / CONFIG_FILE
     if config_path.is_file():
         found = read_json(config_path)
         if (found.get("size"), found.get("hu_offset")) != (size, HU_OFFSET):
-            raise ValueError(
-                f"{root} holds slices of size {found.get('size')} (hu_offset {found.get('hu_offset')}); "
-                f"asked for size {size}: use another folder or delete this one"
-            )
-    write_json(config_path, expected)
+            raise ValueError(f"{root} holds slices of size {found.get('size')} (hu_offset {found.get('hu_offset')}); "
+                             f"asked for size {size}")
+
+
+def _check_config(root: Path, size: int) -> None:
+    """Write the store's config, or check that an existing store was made the same way."""
+    try:
+        check_store(root, size)
+    except ValueError as error:
+        raise ValueError(f"{error}: use another folder or delete this one") from None
+    write_json(root / CONFIG_FILE, store_config(size))
 
 
 def _existing_names(root: Path, shards: Iterable[str]) -> set[str]:

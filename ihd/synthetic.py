@@ -25,14 +25,19 @@ Layout written (the private parts of the challenge under ``truth/``)::
 
 Study labels (``ihd.study_labels``) hold both label sets; a study may also hold a non-hemorrhagic
 finding (``ihd.synthetic_findings``), which makes its exam class "other" when it does not bleed.
+
+While it is being written, ``.progress/`` holds the settings and one record per finished study, so
+that a rerun after a kill finishes the dataset; ``config.json`` comes last and marks it complete.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
+import hashlib
 import io
 import math
+import shutil
 import time
 import zipfile
 from dataclasses import dataclass
@@ -47,7 +52,9 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
-from ihd.io import atomic_path, run_header, write_json
+from ihd import synthetic_findings
+from ihd.flags import int_in
+from ihd.io import atomic_path, is_temporary, read_json, run_header, write_json
 from ihd.labels import SUBTYPES, write_long
 from ihd.parallel import parallel_map
 from ihd.study_labels import write_study_labels
@@ -75,6 +82,10 @@ SMALL = dict(train_studies=4, test_studies=2)
 DEFAULT_SIZE = dict(train_studies=80, test_studies=30)
 MAX_HU = 3071
 QUIRK_NAMES = ("wrap12", "unsigned12", "padding", "multi_window", "implicit_vr", "compressed")
+CONFIG_FILE = "config.json"  # written last: its presence marks a complete dataset
+PROGRESS_DIR = ".progress"  # while writing: the settings and one record per finished study; removed at the end
+PROGRESS_SETTINGS = "settings.json"
+REQUESTED_SETTINGS = ("train_studies", "test_studies", "seed", "quirks")  # what a caller chooses
 WINDOW_TAGS = [("30", "80"), ("40", "80"), ("35.000000", "135.000000"), ("40", "150"), ("50", "100")]
 
 
@@ -705,17 +716,23 @@ def series_slices(plan: StudyPlan, seed: int, quirks: QuirkRates):
         yield image_id, hu, masks, chosen, data
 
 
+def study_files(out_dir: Path, plan: StudyPlan) -> tuple[list[Path], Path]:
+    """Where a study's slices (in z order) and its masks are written under ``out_dir``."""
+    folder = out_dir / f"stage_2_{plan.split}"
+    return [folder / f"{i}.dcm" for i in plan.image_ids], out_dir / "truth" / "masks" / f"{plan.series_id}.npz"
+
+
 def write_study(plan: StudyPlan, out_dir: Path, seed: int, quirks: QuirkRates) -> dict:
     """Render and write one study's files and masks; return its labels and quirk counts."""
-    folder = out_dir / f"stage_2_{plan.split}"
+    slice_paths, mask_path = study_files(out_dir, plan)
     all_masks = np.zeros((len(plan.image_ids), len(BLEEDS), PIXELS, PIXELS), bool)
     counts = {name: 0 for name in QUIRK_NAMES}
-    for index, (image_id, _, masks, chosen, data) in enumerate(series_slices(plan, seed, quirks)):
+    for index, (_, _, masks, chosen, data) in enumerate(series_slices(plan, seed, quirks)):
         all_masks[index] = masks
-        _write_bytes(folder / f"{image_id}.dcm", data)
+        _write_bytes(slice_paths[index], data)
         for name, value in chosen.items():
             counts[name] += value
-    save_masks(out_dir / "truth" / "masks" / f"{plan.series_id}.npz", plan.image_ids, all_masks)
+    save_masks(mask_path, plan.image_ids, all_masks)
     labels = labels_from_masks(all_masks, study_pixel_area_mm2(plan, seed))
     return {"number": plan.number, "labels": labels, "quirks": counts}
 
@@ -760,18 +777,122 @@ def summarize(plans: list[StudyPlan], labels: dict[int, np.ndarray]) -> dict:
     return summary
 
 
+def dataset_settings(train_studies: int, test_studies: int, seed: int = 0, quirks: QuirkRates | None = None) -> dict:
+    """Everything a dataset is made from, as written to its ``config.json`` (JSON types only)."""
+    quirks = QuirkRates() if quirks is None else quirks
+    return {"train_studies": train_studies, "test_studies": test_studies, "seed": seed,
+            "quirks": dataclasses.asdict(quirks), "bleed_study_fraction": BLEED_STUDY_FRACTION,
+            "primary_shares": PRIMARY_SHARES, "co_occurrence": CO_OCCURRENCE,
+            "min_label_area_mm2": MIN_LABEL_AREA_MM2, "taper_slices": TAPER_SLICES,
+            "end_contrast": END_CONTRAST, "subtypes": list(SUBTYPES), "other_finding_fraction": OTHER_FINDING_FRACTION}
+
+
+def _generator_version() -> dict:
+    """What decides the bytes of a study besides the settings: this module's code (and its findings') and the
+    libraries it renders with."""
+    sources = Path(__file__).read_bytes() + Path(synthetic_findings.__file__).read_bytes()
+    return {"source_sha256": hashlib.sha256(sources).hexdigest(), "numpy": np.__version__,
+            "opencv": cv2.__version__, "pydicom": pydicom.__version__}
+
+
+class DatasetMismatch(ValueError):
+    """The output folder holds something other than the dataset asked for: ``found`` holds the settings
+    it was made with (None when it holds no synthetic dataset) and ``different`` the names of those that differ."""
+
+    def __init__(self, message: str, found: dict | None = None, different: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.found, self.different = found, different
+
+
+def _check_same(out_dir: Path, what: str, found: dict, wanted: dict) -> None:
+    """Raise DatasetMismatch naming every setting in ``wanted`` that ``found`` has otherwise."""
+    different = tuple(key for key in wanted if found.get(key) != wanted[key])
+    if different:
+        details = ", ".join(f"{key} {found.get(key)!r} (asked for {wanted[key]!r})" for key in different)
+        raise DatasetMismatch(f"{out_dir} holds {what} made with {details}", found, different)
+
+
+def dataset_state(out_dir: str | Path, settings: dict) -> str:
+    """``"complete"``, ``"partial"`` (a generation of the same dataset was interrupted) or ``"absent"``.
+
+    Raises DatasetMismatch when ``out_dir`` holds another dataset (a complete one made with other
+    ``train_studies``, ``test_studies``, ``seed`` or quirks; a partial one made with any other
+    setting or another version of the generator), or files that are no synthetic dataset. Writes nothing.
+    """
+    out_dir = Path(out_dir)
+    config_path, progress_path = out_dir / CONFIG_FILE, out_dir / PROGRESS_DIR / PROGRESS_SETTINGS
+    if config_path.is_file():
+        requested = {key: settings[key] for key in REQUESTED_SETTINGS}
+        _check_same(out_dir, "a synthetic dataset", read_json(config_path)["settings"], requested)
+        return "complete"
+    if progress_path.is_file():
+        wanted = {**settings, "generator": _generator_version()}
+        _check_same(out_dir, "a partly written synthetic dataset", read_json(progress_path), wanted)
+        return "partial"
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise DatasetMismatch(f"{out_dir} is not empty and holds no synthetic dataset")
+    return "absent"
+
+
+def _record_path(out_dir: Path, plan: StudyPlan) -> Path:
+    return out_dir / PROGRESS_DIR / f"study-{plan.number:05d}.json"
+
+
+def write_recorded_study(plan: StudyPlan, out_dir: Path, seed: int, quirks: QuirkRates) -> dict:
+    """``write_study``, then its result recorded in the progress folder: the study is done."""
+    result = write_study(plan, out_dir, seed, quirks)
+    write_json(_record_path(out_dir, plan), result)
+    return result
+
+
+def _finished_result(out_dir: Path, plan: StudyPlan) -> dict | None:
+    """The recorded result of a study whose files are all there, else None (the study is to be written)."""
+    record_path = _record_path(out_dir, plan)
+    slice_paths, mask_path = study_files(out_dir, plan)
+    if not record_path.is_file() or not all(path.is_file() for path in [*slice_paths, mask_path]):
+        return None
+    record = read_json(record_path)
+    return {**record, "labels": np.asarray(record["labels"], np.float32)}
+
+
+def _remove_interrupted_writes(out_dir: Path) -> None:
+    """Delete the temporary files a killed run left half-written."""
+    for path in out_dir.rglob("*"):
+        if is_temporary(path) and path.is_file():
+            path.unlink()
+
+
 def write_dataset(out_dir: str | Path, train_studies: int, test_studies: int, seed: int = 0,
                   quirks: QuirkRates | None = None, workers: int | None = None) -> dict:
     """Write a synthetic dataset in the Kaggle layout (with ``truth/``) and return its summary.
 
     Deterministic for a seed whatever ``workers`` is: every study draws from its own seed.
+    Resumable: each finished study is recorded in ``PROGRESS_DIR``, so a rerun after a kill writes
+    only the studies not finished or missing a file (files half-written are deleted) and ends with the same bytes as
+    an uninterrupted run; ``config.json``, written last, marks the dataset complete, and a rerun on
+    a complete dataset writes nothing. Another dataset in ``out_dir`` raises DatasetMismatch.
     """
     out_dir = Path(out_dir)
     quirks = QuirkRates() if quirks is None else quirks
+    settings = dataset_settings(train_studies, test_studies, seed, quirks)
+    progress = out_dir / PROGRESS_DIR
+    state = dataset_state(out_dir, settings)
+    if state == "complete":
+        shutil.rmtree(progress, ignore_errors=True)
+        print(f"{out_dir} already holds this synthetic dataset")
+        return read_json(out_dir / CONFIG_FILE)["summary"]
+    if state == "absent":
+        write_json(progress / PROGRESS_SETTINGS, {**settings, "generator": _generator_version()})
+    _remove_interrupted_writes(out_dir)
     plans = plan_dataset(train_studies, test_studies, seed, quirks)
-    job = partial(write_study, out_dir=out_dir, seed=seed, quirks=quirks)
-    results = {r["number"]: r for r in parallel_map(job, plans, workers=workers, desc="synthetic studies",
-                                                    unit="study", chunksize=1)}
+    finished = {p.number: _finished_result(out_dir, p) for p in plans}
+    results = {number: result for number, result in finished.items() if result is not None}
+    if results:
+        print(f"{out_dir}: {len(results)} of {len(plans)} studies already written, writing the rest")
+    job = partial(write_recorded_study, out_dir=out_dir, seed=seed, quirks=quirks)
+    todo = [p for p in plans if p.number not in results]
+    results.update((r["number"], r) for r in parallel_map(job, todo, workers=workers, desc="synthetic studies",
+                                                          unit="study", chunksize=1))
     labels = {n: r["labels"] for n, r in results.items()}
     rng = np.random.default_rng([seed, 0xC5F])
     train = [p for p in plans if p.split == "train"]
@@ -786,17 +907,13 @@ def write_dataset(out_dir: str | Path, train_studies: int, test_studies: int, se
         write_study_labels(study_label_table([p.study_id for p in plans_of_split], [labels[p.number] for p in plans_of_split],
                                              [has_other_finding(p, seed) for p in plans_of_split]), path)
     summary = summarize(plans, labels)
-    summary["quirks"] = {name: sum(r["quirks"][name] for r in results.values()) for name in
-                         next(iter(results.values()))["quirks"]} if results else {}
+    counts = [r["quirks"] for r in results.values()]
+    summary["quirks"] = {name: sum(c[name] for c in counts) for name in QUIRK_NAMES} if counts else {}
     summary["truncated_file"] = next((f"stage_2_train/{p.truncated_image}.dcm" for p in plans
                                       if p.truncated_image), "")
     summary["duplicated_label_image"] = repeated
-    settings = {"train_studies": train_studies, "test_studies": test_studies, "seed": seed,
-                "quirks": dataclasses.asdict(quirks), "bleed_study_fraction": BLEED_STUDY_FRACTION,
-                "primary_shares": PRIMARY_SHARES, "co_occurrence": CO_OCCURRENCE,
-                "min_label_area_mm2": MIN_LABEL_AREA_MM2, "taper_slices": TAPER_SLICES,
-                "end_contrast": END_CONTRAST, "subtypes": SUBTYPES, "other_finding_fraction": OTHER_FINDING_FRACTION}
-    write_json(out_dir / "config.json", {"settings": settings, "summary": summary})
+    write_json(out_dir / CONFIG_FILE, {"settings": settings, "summary": summary})
+    shutil.rmtree(progress)
     return summary
 
 
@@ -843,11 +960,12 @@ def main(argv: list[str] | None = None) -> dict:
     """Write a synthetic dataset (or benchmark the generator) from the command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=Settings.out)
-    parser.add_argument("--train-studies", type=int, default=Settings.train_studies)
-    parser.add_argument("--test-studies", type=int, default=Settings.test_studies)
+    studies = int_in(0, meaning=" studies")
+    parser.add_argument("--train-studies", type=studies, default=Settings.train_studies)
+    parser.add_argument("--test-studies", type=studies, default=Settings.test_studies)
     parser.add_argument("--small", action="store_true", help=f"the test preset {SMALL}")
-    parser.add_argument("--seed", type=int, default=Settings.seed)
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--seed", type=int_in(0, meaning=" (random seeds are not negative)"), default=Settings.seed)
+    parser.add_argument("--workers", type=int_in(1, meaning=" (worker processes)"), default=None)
     parser.add_argument("--no-quirks", action="store_true")
     parser.add_argument("--bench", action="store_true")
     args = parser.parse_args(argv)
@@ -859,8 +977,11 @@ def main(argv: list[str] | None = None) -> dict:
         result = bench(seed=settings.seed)
         print(result)
         return result
-    summary = write_dataset(settings.out, settings.train_studies, settings.test_studies, settings.seed,
-                            QuirkRates() if settings.quirks else QuirkRates.off(), settings.workers)
+    try:
+        summary = write_dataset(settings.out, settings.train_studies, settings.test_studies, settings.seed,
+                                QuirkRates() if settings.quirks else QuirkRates.off(), settings.workers)
+    except DatasetMismatch as error:
+        raise SystemExit(f"{error}: choose another --out, or delete that folder") from None
     print(summary)
     return summary
 

@@ -1,9 +1,19 @@
+"""The slice CNN: its layers, backbones and weights; training whose every epoch is committed as one unit."""
+import os
+import shutil
+from pathlib import Path
+
 import keras
 import numpy as np
+import pandas as pd
 import pytest
+import tensorflow as tf
 from keras.src.utils import file_utils
 
-from ihd.cnn import backbone_names, build_cnn, input_affine
+from ihd.cnn import (backbone_names, build_cnn, compile_cnn, epochs_done, fit_cnn, input_affine, load_cnn,
+                     publish_committed)
+from ihd.io import read_json, write_json
+from ihd.metrics import weighted_log_loss
 from ihd.windows import RECIPES, window
 
 
@@ -75,3 +85,89 @@ def test_imagenet_download_failure_tells_what_to_do(monkeypatch):
         build_cnn("MobileNetV2", image_size=96, weights="imagenet")
 
 
+def _fit_tiny(run_dir, epochs, seed=0, learning_rate=3e-2):
+    """A tiny CNN fitted on 32 random 16x16 slices; returns the validation batches and labels."""
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(-100, 200, (48, 16, 16, 3)).astype(np.float32)
+    labels = (rng.random((48, 6)) < 0.4).astype(np.float32)
+    train = tf.data.Dataset.from_tensor_slices((hu[:32], labels[:32])).batch(8)
+    val = tf.data.Dataset.from_tensor_slices(hu[32:]).batch(8)
+    model = build_cnn("tiny", image_size=16, recipe="windows", weights=None)
+    compile_cnn(model, learning_rate=learning_rate, total_steps=4 * epochs, warmup_steps=0)
+    fit_cnn(model, train, val, labels[32:], run_dir, epochs)
+    return val, labels[32:]
+
+
+def _assert_consistent(run_dir, epochs, val, val_labels):
+    """One history row per epoch; best.json names the history's best epoch; cnn.keras scores what best.json says."""
+    history = pd.read_csv(run_dir / "history.csv")
+    best = read_json(run_dir / "best.json")
+    assert history["epoch"].tolist() == list(range(epochs))
+    assert best["val_weighted_log_loss"] == history["val_weighted_log_loss"].min()
+    assert history["val_weighted_log_loss"].iloc[best["epoch"] - 1] == best["val_weighted_log_loss"]
+    kept = keras.models.load_model(run_dir / "cnn.keras", compile=False)
+    assert weighted_log_loss(val_labels, kept.predict(val, verbose=0)) == pytest.approx(best["val_weighted_log_loss"],
+                                                                                       rel=1e-5)
+    assert epochs_done(run_dir) == epochs and [p.name for p in (run_dir / "checkpoint").iterdir()] == [f"epoch-{epochs}"]
+
+
+def test_a_kill_before_an_epoch_is_committed_resumes_without_a_duplicated_epoch(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    real_rename = os.rename
+
+    def killed_at_the_second_commit(source, target):
+        if Path(target).name == "epoch-2":
+            raise KeyboardInterrupt
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", killed_at_the_second_commit)
+    with pytest.raises(KeyboardInterrupt):
+        _fit_tiny(run_dir, epochs=3)
+    monkeypatch.undo()
+    assert epochs_done(run_dir) == 1 and (run_dir / "checkpoint" / ".staging" / "history.csv").exists()
+    first = pd.read_csv(run_dir / "history.csv")
+    pd.concat([first, first]).to_csv(run_dir / "history.csv", index=False)  # as an appending logger would leave it
+
+    val, val_labels = _fit_tiny(run_dir, epochs=3, seed=1, learning_rate=100.0)  # wrecks what epoch 1 learned
+    _assert_consistent(run_dir, 3, val, val_labels)
+    assert read_json(run_dir / "best.json")["epoch"] == 1
+    assert pd.read_csv(run_dir / "history.csv").iloc[:1].equals(first)
+
+
+def test_a_kill_while_publishing_the_last_epoch_is_finished_by_the_rerun(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    real_copy = shutil.copyfile
+
+    def killed_publishing_epoch_2(source, target):
+        if Path(source).parent.name == "epoch-2" and Path(target).parent == run_dir:
+            raise KeyboardInterrupt
+        return real_copy(source, target)
+
+    monkeypatch.setattr(shutil, "copyfile", killed_publishing_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        _fit_tiny(run_dir, epochs=2)
+    monkeypatch.undo()
+    assert epochs_done(run_dir) == 2 and pd.read_csv(run_dir / "history.csv")["epoch"].tolist() == [0]
+
+    assert publish_committed(run_dir) == 2
+    val, val_labels = _fit_tiny(run_dir, epochs=2)
+    _assert_consistent(run_dir, 2, val, val_labels)
+
+
+def test_a_run_that_stopped_before_its_first_epoch_says_how_to_resume(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no CNN was trained under that name.*--run nothing"):
+        load_cnn(tmp_path / "models" / "nothing")
+    config = {"dataset": "small", "data_dir": "data", "backbone": "tiny", "weights": "none", "image_size": 64,
+              "recipe": "0:40/80,0:80/200,0:40/380", "augment": False, "epochs": 3, "store_size": 64}
+    write_json(tmp_path / "models" / "cut" / "config.json", config)
+    with pytest.raises(FileNotFoundError) as error:
+        load_cnn(tmp_path / "models" / "cut")
+    command = ("python train_cnn.py --dataset small --data-dir data --backbone tiny --weights none --image-size 64 "
+               f"--recipe 0:40/80,0:80/200,0:40/380 --epochs 3 --no-augment --models-dir {tmp_path / 'models'} --run cut")
+    assert str(error.value).endswith(f"stopped before its first epoch ended: resume it with the command that started it: "
+                                     f"{command}")
+    (tmp_path / "models" / "cut" / "checkpoint" / "epoch-2").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as error:
+        load_cnn(tmp_path / "models" / "cut")
+    assert str(error.value).endswith(f"which puts cnn.keras back: {command}") and "reached epoch 2" in str(error.value)

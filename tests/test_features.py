@@ -1,3 +1,8 @@
+import errno
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -5,8 +10,10 @@ import pytest
 import ihd.features as features_module
 from ihd.cnn import build_cnn
 from ihd.features import (
-    fit_selection,
+    FeaturesNotReady,
     extract_features,
+    fit_selection,
+    fitted_selection,
     load_features,
     load_selection,
     parse_selection,
@@ -18,6 +25,7 @@ from ihd.io import write_json
 from ihd.slices import SliceStore
 
 IMAGE_SIZE = 32
+CNN_SHA = "0" * 64  # stands for the sha256 of the untrained CNN's weights file
 
 
 def _embeddings_with_wild_holdout(n_train=200, n_other=100, dim=16, seed=0):
@@ -89,7 +97,7 @@ def test_saved_selection_gives_the_same_transform(tmp_path):
 def cnn_run(prepared_synthetic, tmp_path_factory):
     """An untrained tiny CNN and a config like the one train_cnn.py writes."""
     model = build_cnn("tiny", image_size=IMAGE_SIZE, recipe="adjacent")
-    config = {"image_size": IMAGE_SIZE, "recipe": "-1:40/80,0:40/80,1:40/80", "fold": 0, "backbone": "tiny"}
+    config = {"dataset": "small", "image_size": IMAGE_SIZE, "recipe": "-1:40/80,0:40/80,1:40/80", "fold": 0}
     index_path = prepared_synthetic / "index.parquet"
     return model, config, pd.read_parquet(index_path), index_path, SliceStore(prepared_synthetic / "slices")
 
@@ -98,7 +106,7 @@ def cnn_run(prepared_synthetic, tmp_path_factory):
 def extracted(cnn_run, tmp_path_factory):
     model, config, index, index_path, store = cnn_run
     out_dir = tmp_path_factory.mktemp("features") / "run"
-    extract_features(model, config, index, index_path, store, out_dir, batch_size=16, chunk_rows=32)
+    extract_features(model, config, CNN_SHA, index, index_path, store, out_dir, batch_size=16, chunk_rows=32)
     return out_dir
 
 
@@ -126,12 +134,12 @@ def test_extraction_resumes_after_a_kill(cnn_run, extracted, tmp_path, monkeypat
 
     def killed_after_first_chunk(path, obj):
         real_write_json(path, obj)
-        if obj == {"rows_done": 32}:
+        if obj.get("rows_done") == 32:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(features_module, "write_json", killed_after_first_chunk)
     with pytest.raises(KeyboardInterrupt):
-        extract_features(model, config, index, index_path, store, tmp_path, batch_size=16, chunk_rows=32)
+        extract_features(model, config, CNN_SHA, index, index_path, store, tmp_path, batch_size=16, chunk_rows=32)
     assert rows_done(tmp_path) == 32
     with pytest.raises(RuntimeError, match="row 32 of"):
         load_features(tmp_path)
@@ -143,7 +151,7 @@ def test_extraction_resumes_after_a_kill(cnn_run, extracted, tmp_path, monkeypat
         return real_dataset(index, store, recipe, rows, *args)
 
     monkeypatch.setattr(features_module, "inference_dataset", recording_dataset)
-    extract_features(model, config, index, index_path, store, tmp_path, batch_size=16, chunk_rows=32)
+    extract_features(model, config, CNN_SHA, index, index_path, store, tmp_path, batch_size=16, chunk_rows=32)
     assert starts == [32]
     resumed, reference = load_features(tmp_path), load_features(extracted)
     np.testing.assert_array_equal(resumed.embeddings, reference.embeddings)
@@ -152,21 +160,106 @@ def test_extraction_resumes_after_a_kill(cnn_run, extracted, tmp_path, monkeypat
 
 def test_selected_features_fit_on_the_run_fold_and_are_saved(cnn_run, extracted):
     _, _, index, _, _ = cnn_run
-    selected = selected_features(extracted, "pca:5")
+    features = load_features(extracted)
+    selection = fitted_selection(features, "pca:5")
+    selected = selected_features(selection, features.embeddings)
     assert selected.shape == (len(index), 5) and selected.dtype == np.float32
     saved = extracted / "selection-pca5.npz"
     train_rows, _ = fold_rows(index, 0)
-    embeddings = load_features(extracted).embeddings
-    np.testing.assert_allclose(load_selection(saved).mean, embeddings[train_rows].astype(np.float64).mean(axis=0), atol=1e-3)
+    np.testing.assert_allclose(load_selection(saved).mean, features.embeddings[train_rows].astype(np.float64).mean(axis=0), atol=1e-3)
     before = saved.stat().st_mtime_ns
-    np.testing.assert_array_equal(selected_features(extracted, "pca:5"), selected)
+    np.testing.assert_array_equal(selected_features(fitted_selection(features, "pca:5"), features.embeddings), selected)
     assert saved.stat().st_mtime_ns == before
-    assert selected_features(extracted, "weights:3").shape == (len(index), 3)
+    assert selected_features(fitted_selection(features, "weights:3"), features.embeddings).shape == (len(index), 3)
 
 
 def test_extraction_restarts_when_the_settings_changed(cnn_run, extracted, tmp_path):
     model, config, index, index_path, store = cnn_run
     write_json(tmp_path / "progress.json", {"rows_done": 16})
     write_json(tmp_path / "config.json", {**config, "image_size": 999})
-    extract_features(model, config, index, index_path, store, tmp_path, batch_size=16, chunk_rows=32)
+    extract_features(model, config, CNN_SHA, index, index_path, store, tmp_path, batch_size=16, chunk_rows=32)
     np.testing.assert_array_equal(load_features(tmp_path).embeddings, load_features(extracted).embeddings)
+
+
+def test_a_selection_is_fitted_again_on_features_extracted_again(cnn_run, tmp_path, capsys):
+    # train_cnn.py --epochs 8 resuming a 5-epoch run gives a new cnn.keras, hence new embeddings
+    model, config, index, index_path, store = cnn_run
+    extract_features(model, config, CNN_SHA, index, index_path, store, tmp_path, batch_size=64)
+    first = fitted_selection(load_features(tmp_path), "pca:4")
+    retrained = build_cnn("tiny", image_size=IMAGE_SIZE, recipe="adjacent")
+    capsys.readouterr()
+    extract_features(retrained, config, "1" * 64, index, index_path, store, tmp_path, batch_size=64)
+    assert "other inputs (cnn_sha256: 000000000000… -> 111111111111…): extracting again from the first row" in capsys.readouterr().out
+    features = load_features(tmp_path)
+    refitted = fitted_selection(features, "pca:4")
+    assert "selection-pca4.npz was fitted on other inputs (features: " in capsys.readouterr().out
+    train_rows, _ = fold_rows(index, 0)
+    new_mean = features.embeddings[train_rows].astype(np.float64).mean(axis=0)
+    assert np.abs(new_mean - first.mean).max() > 0.05, "the two CNNs must give different embeddings"
+    np.testing.assert_allclose(refitted.mean, new_mean, atol=1e-3)
+    np.testing.assert_array_equal(load_selection(tmp_path / "selection-pca4.npz").mean, refitted.mean)
+    assert refitted.inputs["features"] == features.fingerprint != first.inputs["features"]
+
+
+def test_random_selection_follows_the_seed(extracted):
+    features = load_features(extracted)
+    seeded = {seed: fitted_selection(features, "random:5", seed=seed) for seed in (0, 1)}
+    assert seeded[1].inputs["seed"] == 1 and load_selection(extracted / "selection-random5.npz").inputs["seed"] == 1
+    np.testing.assert_array_equal(seeded[1].columns, fit_selection("random:5", features.embeddings, [0], seed=1).columns)
+    assert not np.array_equal(seeded[0].columns, seeded[1].columns)
+    assert "seed" not in fitted_selection(features, "pca:3", seed=7).inputs, "PCA draws nothing at random"
+
+
+def test_damaged_feature_files_are_found_and_written_again(cnn_run, extracted, tmp_path, capsys):
+    model, config, index, index_path, store = cnn_run
+    extract_features(model, config, CNN_SHA, index, index_path, store, tmp_path, batch_size=16, chunk_rows=32)
+    reference = load_features(extracted)
+    embeddings_path = tmp_path / "embeddings.npy"
+
+    overwritten = np.load(embeddings_path, mmap_mode="r+")
+    overwritten[40:50] = 0
+    overwritten.flush()
+    del overwritten
+    with pytest.raises(FeaturesNotReady, match="embeddings.npy rows 32 to 63 differ from what was written"):
+        load_features(tmp_path)
+    capsys.readouterr()
+    extract_features(model, config, CNN_SHA, index, index_path, store, tmp_path, batch_size=16, chunk_rows=32)
+    assert "extracting again from row 32" in capsys.readouterr().out
+    np.testing.assert_array_equal(load_features(tmp_path).embeddings, reference.embeddings)
+
+    size = embeddings_path.stat().st_size
+    with open(embeddings_path, "r+b") as handle:
+        handle.truncate(size - 1000)
+    with pytest.raises(FeaturesNotReady, match=f"embeddings.npy has {size - 1000} bytes, {size} were written"):
+        load_features(tmp_path)
+    extract_features(model, config, CNN_SHA, index, index_path, store, tmp_path, batch_size=16, chunk_rows=32)
+    assert "extracting again from row 0" in capsys.readouterr().out
+    assert embeddings_path.stat().st_size == size
+    np.testing.assert_array_equal(load_features(tmp_path).embeddings, reference.embeddings)
+
+
+@pytest.mark.parametrize("full_at", ["free space check", "allocation"])
+def test_a_full_disk_is_named_before_any_row_is_written(cnn_run, tmp_path, monkeypatch, full_at):
+    model, config, index, index_path, store = cnn_run
+    if full_at == "free space check":
+        monkeypatch.setattr(features_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
+    else:
+        def no_space(fd, offset, length):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(features_module.os, "posix_fallocate", no_space)
+    with pytest.raises(OSError, match=r"embeddings.npy needs 0\.00 GiB more disk space .* has .* free"):
+        extract_features(model, config, CNN_SHA, index, index_path, store, tmp_path, batch_size=16)
+    assert rows_done(tmp_path) == 0
+
+
+def test_the_cache_finds_its_index_from_any_working_directory(cnn_run, tmp_path, monkeypatch):
+    model, config, index, index_path, store = cnn_run
+    monkeypatch.chdir(index_path.parent.parent)
+    relative_index = Path(index_path.parent.name) / index_path.name
+    out_dir = Path(os.path.relpath(tmp_path / "features", Path.cwd()))
+    extract_features(model, config, CNN_SHA, index, relative_index, store, out_dir, batch_size=64)
+    monkeypatch.chdir(tmp_path)
+    features = load_features(tmp_path / "features")
+    assert not Path(features.config["index_path"]).is_absolute()
+    pd.testing.assert_frame_equal(features.index, index)

@@ -60,3 +60,37 @@ def test_overlay_and_montage_are_written(model, tmp_path):
     for path in (overlay, montage):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ID_1.png", "study.png"]
+
+
+def _bright_region_detector():
+    """The tiny CNN with weights set by hand so that its `any` logit is the mean, over the last feature
+    map, of how far the brain-window channel exceeds its middle (40 HU): a detector of the bright bleed."""
+    cnn = build_cnn("tiny", SIZE, recipe="windows", weights=None)
+    for block in range(4):
+        conv = cnn.get_layer(f"tiny_conv{block}")
+        kernel = np.zeros(conv.kernel.shape, np.float32)
+        kernel[1, 1, 0, 0] = 1.0  # channel 0 passes through unchanged
+        conv.set_weights([kernel])
+        bn = cnn.get_layer(f"tiny_bn{block}")
+        channels = kernel.shape[-1]
+        gamma = np.zeros(channels, np.float32)
+        gamma[0] = 1.0
+        mean = np.zeros(channels, np.float32)
+        mean[0] = 0.5 if block == 0 else 0.0  # the first block keeps only what lies above the window's middle
+        bn.set_weights([gamma, np.zeros(channels, np.float32), mean, np.ones(channels, np.float32)])
+    kernel, bias = cnn.get_layer("pred").get_weights()
+    kernel[:] = 0.0
+    kernel[0, SUBTYPES.index("any")] = 1.0
+    cnn.get_layer("pred").set_weights([kernel, np.zeros_like(bias)])
+    return cnn
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_the_heatmap_peaks_on_the_bleed(method):
+    stack = _bleed_stack()
+    bleed = np.zeros((SIZE, SIZE), bool)
+    bleed[10:20, 25:35] = True
+    heatmap = gradcam_heatmap(_bright_region_detector(), stack, method=method)
+    row, column = np.unravel_index(np.argmax(heatmap), heatmap.shape)
+    assert 10 <= row < 20 and 25 <= column < 35, f"peak at ({row}, {column}), off the bleed"
+    assert heatmap[bleed].mean() > 3 * heatmap[~bleed].mean()

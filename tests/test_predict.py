@@ -141,3 +141,54 @@ def test_folder_reading_takes_non_ct_files_as_hu_only_when_asked(odd_dicom_folde
         ds = pydicom.dcmread(path)
         expected = to_model_hu(np.maximum(apply_modality_lut(ds.pixel_array, ds), AIR_HU), IMAGE_SIZE)
         np.testing.assert_allclose(hu[slot], expected, atol=1e-3)
+
+def _models_copy(chain, tmp_path):
+    """A copy of the run's models folder, for tests that damage it; features stay shared."""
+    models = tmp_path / "models"
+    shutil.copytree(chain["workspace"] / "models" / "small", models / "small")
+    flags = list(chain["common"])
+    flags[flags.index("--models-dir") + 1] = str(models)
+    return models / "small", flags
+
+
+def test_an_lstm_without_its_finished_record_is_never_used(chain, tmp_path):
+    run_dir, flags = _models_copy(chain, tmp_path)
+    (run_dir / "lstm-pca8.json").unlink()
+    with pytest.raises(SystemExit, match=r"lstm-pca8.json exists but training never finished: run train_lstm.py "
+                                         r"--run small --selection pca:8 --models-dir "):
+        predict.main(["--run", "small", "--selection", "pca:8", "--submissions-dir", str(tmp_path), *flags])
+    shutil.copy(run_dir / "lstm-variance8.keras", run_dir / "lstm-pca8.keras")
+    shutil.copy(chain["workspace"] / "models" / "small" / "lstm-pca8.json", run_dir)
+    with pytest.raises(SystemExit, match="lstm-pca8.keras is not the model its record .* describes"):
+        predict.main(["--run", "small", "--selection", "pca:8", "--submissions-dir", str(tmp_path), *flags])
+    assert not list(tmp_path.glob("*.csv"))
+
+
+def test_a_retrained_cnn_is_refused_until_features_and_lstm_follow(chain, tmp_path):
+    import keras
+
+    run_dir, flags = _models_copy(chain, tmp_path)
+    retrained = keras.models.load_model(run_dir / "cnn.keras", compile=False)
+    kernel, bias = retrained.get_layer("pred").get_weights()
+    retrained.get_layer("pred").set_weights([kernel * 2, bias])
+    retrained.save(run_dir / "cnn.keras")
+    with pytest.raises(SystemExit, match=r"was extracted from another .*cnn.keras \(cnn_sha256: .*\): run train_cnn.py "
+                                         r"--dataset small --run small --extract-only --models-dir .*, then train_lstm.py"):
+        predict.main(["--run", "small", "--submissions-dir", str(tmp_path), *flags])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--selection", "lasso:5"], "unknown feature selection 'lasso:5'"),
+    (["--gradcam", "-1"], "-1 is out of range: it must be at least 0"),
+])
+def test_bad_flags_are_refused_when_parsed(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--run", "small", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_a_run_without_a_cnn_names_the_training_commands(tmp_path):
+    with pytest.raises(SystemExit, match=r"cnn.keras not found: train the CNN first \(train_cnn.py --dataset DATASET "
+                                         r"--run nothing\), then its LSTMs \(train_lstm.py --run nothing\)"):
+        predict.main(["--run", "nothing", "--models-dir", str(tmp_path / "models"),
+                      "--features-dir", str(tmp_path / "features")])

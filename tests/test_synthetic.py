@@ -1,4 +1,5 @@
-"""The synthetic dataset: Kaggle layout, files readable through ihd.dicom, labels following masks."""
+"""The synthetic dataset: Kaggle layout, files readable through ihd.dicom, labels following masks, resumable writing."""
+import os
 import re
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from ihd import synthetic
 from ihd.dicom import DicomError, read_header, read_hu
+from ihd.io import write_json
 from ihd.labels import SUBTYPES, read_long_labels
 
 QUIRKY = synthetic.QuirkRates(wrap12=0.1, multi_window=0.3, implicit_vr=0.3, unsigned12=0.2, padding=0.3,
@@ -121,6 +123,72 @@ def test_same_seed_gives_byte_identical_files_whatever_the_workers(raw, tmp_path
     assert ours == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     for relative in ours:
         assert (out / relative).read_bytes() == (again / relative).read_bytes(), relative
+
+
+def _tree(folder: Path) -> dict[Path, tuple[int, bytes]]:
+    """Every file under ``folder``: its modification time and its bytes."""
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_killed_generation_resumes_to_the_same_bytes_without_redoing_finished_studies(raw, tmp_path, monkeypatch):
+    out, summary = raw
+    again = tmp_path / "raw"
+    real_write_bytes, written = synthetic._write_bytes, []
+
+    def killed_after_80_files(path, data):
+        if len(written) == 80:  # a kill in the middle of a file leaves its temporary name behind, half-written
+            path.with_name(f".{path.stem}.999.dead.tmp{path.suffix}").write_bytes(data[: len(data) // 2])
+            raise KeyboardInterrupt
+        written.append(path)
+        real_write_bytes(path, data)
+
+    monkeypatch.setattr(synthetic, "_write_bytes", killed_after_80_files)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.write_dataset(again, **synthetic.SMALL, seed=0, quirks=QUIRKY, workers=1)
+    monkeypatch.undo()
+    assert not (again / "config.json").exists()
+    first, second, third = synthetic.plan_dataset(**synthetic.SMALL, seed=0, quirks=QUIRKY)[:3]
+    assert len(first.image_ids) + len(second.image_ids) < 80 < len(written) + len(third.image_ids), \
+        "the kill must come after two whole studies and inside the third"
+    kept = [*synthetic.study_files(again, first)[0], synthetic.study_files(again, first)[1]]
+    for path in kept:
+        os.utime(path, ns=(1, 1))
+    synthetic.study_files(again, second)[0][5].unlink()  # a finished study that lost a file is written again
+
+    assert synthetic.write_dataset(again, **synthetic.SMALL, seed=0, quirks=QUIRKY, workers=2) == summary
+    assert all(path.stat().st_mtime_ns == 1 for path in kept)
+    assert sorted(_tree(again)) == sorted(_tree(out))
+    for relative, (_, data) in _tree(out).items():
+        assert (again / relative).read_bytes() == data, relative
+
+    before = _tree(again)
+    assert synthetic.write_dataset(again, **synthetic.SMALL, seed=0, quirks=QUIRKY, workers=2) == summary
+    assert _tree(again) == before
+
+
+def test_another_dataset_in_the_folder_is_refused_before_anything_is_written(raw, tmp_path):
+    out, _ = raw
+    before = _tree(out)
+    with pytest.raises(synthetic.DatasetMismatch, match="seed 0 \\(asked for 1\\)"):
+        synthetic.write_dataset(out, **synthetic.SMALL, seed=1, quirks=QUIRKY)
+    with pytest.raises(synthetic.DatasetMismatch, match="quirks"):
+        synthetic.write_dataset(out, **synthetic.SMALL, seed=0)
+    assert _tree(out) == before
+
+    partial = tmp_path / "partial"
+    settings = synthetic.dataset_settings(**synthetic.SMALL, seed=0, quirks=QUIRKY)
+    write_json(partial / synthetic.PROGRESS_DIR / synthetic.PROGRESS_SETTINGS,
+               {**settings, "generator": {**synthetic._generator_version(), "source_sha256": "older code"}})
+    before = _tree(partial)
+    with pytest.raises(synthetic.DatasetMismatch, match="partly written.*generator"):
+        synthetic.write_dataset(partial, **synthetic.SMALL, seed=0, quirks=QUIRKY)
+    assert _tree(partial) == before
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine\n")
+    with pytest.raises(synthetic.DatasetMismatch, match="not empty and holds no synthetic dataset"):
+        synthetic.write_dataset(tmp_path / "notes", 1, 0)
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
 
 
 def test_default_size_has_every_subtype_and_real_proportions():

@@ -1,12 +1,17 @@
+import keras
 import numpy as np
 import pandas as pd
 import pytest
 
 import ihd.cnn
 import train_cnn
-from ihd.cnn import load_cnn
+from ihd.cnn import EpochCheckpoint, ValidationScore, build_cnn, load_cnn
 from ihd.features import load_features
+from ihd.inputs import fold_rows, inference_dataset, label_array
 from ihd.io import read_json
+from ihd.metrics import weighted_log_loss
+from ihd.slices import SliceStore
+from ihd.windows import parse_recipe
 
 
 def _flags(prepared_synthetic, tmp_path, *extra):
@@ -16,6 +21,15 @@ def _flags(prepared_synthetic, tmp_path, *extra):
         "--backbone", "tiny", "--weights", "none", "--batch-size", "16", "--learning-rate", "3e-3",
         "--run", "tiny", *extra,
     ]
+
+
+def _validation(prepared_synthetic, image_size):
+    """The index, fold 0's validation rows, their batches in the default recipe, and all labels."""
+    index = pd.read_parquet(prepared_synthetic / "index.parquet")
+    _, val_rows = fold_rows(index, 0)
+    data = inference_dataset(index, SliceStore(prepared_synthetic / "slices"), parse_recipe("windows"), val_rows,
+                             image_size, 64)
+    return index, val_rows, data, label_array(index)
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +105,46 @@ def test_training_resumes_at_the_epoch_a_kill_reached(prepared_synthetic, tmp_pa
     assert "already trained for 2 epochs" in capsys.readouterr().out
     with pytest.raises(ValueError, match="image_size: 32 -> 48"):
         train_cnn.main(_flags(prepared_synthetic, tmp_path, "--image-size", "48", "--epochs", "2"))
+
+
+def test_cnn_keras_reloaded_scores_like_the_best_epochs_record(trained, prepared_synthetic):
+    run_dir, _ = trained
+    _, val_rows, val_data, labels = _validation(prepared_synthetic, 64)
+    reloaded = keras.models.load_model(run_dir / "cnn.keras", compile=False)
+    score = weighted_log_loss(labels[val_rows], reloaded.predict(val_data, verbose=0))
+    assert score == pytest.approx(read_json(run_dir / "best.json")["val_weighted_log_loss"], rel=1e-5)
+
+
+def test_a_worse_later_epoch_leaves_the_best_one_in_cnn_keras(prepared_synthetic, tmp_path):
+    # two "epochs" of constant answers: the validation frequencies (the best constant), then their opposite
+    _, val_rows, val_data, labels = _validation(prepared_synthetic, 32)
+    frequencies = np.clip(labels[val_rows].mean(axis=0), 0.02, 0.98)
+    model = build_cnn("tiny", 32, "windows")
+    kernel, _ = model.get_layer("pred").get_weights()
+    callbacks = [ValidationScore(val_data, labels[val_rows]), EpochCheckpoint(tmp_path)]
+    for callback in callbacks:
+        callback.set_model(model)
+        callback.on_train_begin()
+    for epoch, answer in enumerate([frequencies, 1 - frequencies]):
+        model.get_layer("pred").set_weights([np.zeros_like(kernel), np.log(answer / (1 - answer)).astype(np.float32)])
+        logs = {"loss": 0.5}
+        for callback in callbacks:
+            callback.on_epoch_end(epoch, logs)
+    best = read_json(tmp_path / "best.json")
+    reloaded = keras.models.load_model(tmp_path / "cnn.keras", compile=False)
+    score = weighted_log_loss(labels[val_rows], reloaded.predict(val_data, verbose=0))
+    assert best["epoch"] == 1 and score == pytest.approx(best["val_weighted_log_loss"], rel=1e-5)
+    assert score < weighted_log_loss(labels[val_rows], model.predict(val_data, verbose=0)) - 0.1
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--image-size", "0", "0 is out of range: it must be at least 1"),
+    ("--fold", "-1", "-1 is out of range: it must be at least 0"),
+    ("--backbone", "MobileNetV9", "unknown backbone 'MobileNetV9'"),
+    ("--recipe", "0:40/80", "three channels"),
+    ("--learning-rate", "nan", "not a positive number"),
+])
+def test_bad_flags_are_refused_when_parsed(flag, value, message, capsys):
+    with pytest.raises(SystemExit):
+        train_cnn.parse_args([flag, value])
+    assert message in capsys.readouterr().err
