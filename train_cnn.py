@@ -56,7 +56,7 @@ FLAG_TYPES = {
     "backbone": backbone_name, "image_size": positive_int, "recipe": recipe_spec, "fold": non_negative_int,
     "epochs": positive_int, "batch_size": positive_int, "learning_rate": positive_float,
     "warmup_fraction": fraction, "dropout": fraction, "positive_copies": positive_int, "seed": non_negative_int,
-    "extract_batch_size": positive_int,
+    "extract_batch_size": positive_int, "frames": positive_int, "lstm_units": positive_int, "patience": positive_int,
 }
 
 
