@@ -52,6 +52,7 @@ from ihd.kaggle_api import KaggleAccessError
 from ihd.labels import SUBTYPES, read_long_labels
 from ihd.study_inference import (
     StudyModel,
+    check_study_belongs,
     draw_best_slices,
     held_out_study_truth,
     load_study,
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"study model: {study.name}")
         chain = load_chain(settings.run, settings.selection, settings.models_dir, settings.features_dir)
         print(f"chain: {settings.run}, selection {chain.selection_name}")
+        if study is not None:
+            check_study_belongs(study, chain, settings.models_dir)
         if settings.dicom_dir:
             return predict_folder(settings, chain, study)
         if study is not None:

@@ -4,10 +4,9 @@
     python bench/study_mode_latency.py --quick       # 3 timed runs instead of 7
 
 The command's work per scan (`predict.predict_folder`: index, read, CNN, both sequence models, tables,
-pictures) with its models loaded once, as a server keeps them, after one warm-up scan that traces the
-graphs; model loading is timed apart. The study is the 40-slice one of bench/study_latency.py, the
-run folder holds untrained models of the real sizes:
-MobileNetV2 at 256x256, pca:120, the paper-shaped per-slice LSTM (3 x 256) and the attention BiLSTM
+pictures) with its models in memory, as a server keeps them, after one warm-up scan that traces the
+graphs. The study is the 40-slice one of bench/study_latency.py; the models, untrained, have the real
+sizes: MobileNetV2 at 256x256, pca:120, the paper-shaped per-slice LSTM (3 x 256) and the attention BiLSTM
 (3 x 256, gated attention, six sigmoids) over the same features. Its threshold is set to 0 so that
 every study is called hemorrhage and draws its best-slice montage with Grad-CAM of 3 slices (the slow
 case). Baseline in the same run, alternating: the same command without --study (per-slice table and
@@ -29,9 +28,7 @@ sys.path.insert(0, str(ROOT))
 import predict  # noqa: E402
 from bench.machine import device_description  # noqa: E402
 from bench.study_latency import Settings, untrained_chain, write_study  # noqa: E402
-from ihd.inference import load_chain  # noqa: E402
-from ihd.io import write_json  # noqa: E402
-from ihd.study_inference import load_study  # noqa: E402
+from ihd.study_inference import StudyModel  # noqa: E402
 from ihd.study_labels import LABEL_SETS  # noqa: E402
 from ihd.study_models import build_attention_lstm  # noqa: E402
 
@@ -40,20 +37,11 @@ STUDY = "study-attention-subtypes-pca120-pretrained"
 GOAL_S = 2.0
 
 
-def write_run(chain, root: Path) -> list[str]:
-    """Models and features folders holding the untrained chain and an attention model; the shared flags."""
-    models, features = root / "models" / RUN, root / "features" / RUN
-    models.mkdir(parents=True)
-    features.mkdir(parents=True)
-    chain.cnn.save(models / "cnn.keras")
-    write_json(models / "config.json", {**chain.cnn_config, "dataset": "bench"})
-    chain.selection.save(features / "selection-pca120.npz")
-    chain.lstm.save(models / "lstm-pca120.keras")
-    build_attention_lstm(126, LABEL_SETS["subtypes"]).save(models / f"{STUDY}.keras")
-    write_json(models / f"{STUDY}.json", {"model": "attention", "label_set": "subtypes", "selection": "pca:120",
-                                          "frames": None, "thresholds": {"any": 0.0},
-                                          "history": [{"val_study_log_loss": 0.0}]})
-    return ["--run", RUN, "--models-dir", str(root / "models"), "--features-dir", str(root / "features")]
+def untrained_study() -> StudyModel:
+    """The paper-shaped attention BiLSTM over pca:120 and the six CNN probabilities, untrained, threshold 0."""
+    record = {"model": "attention", "label_set": "subtypes", "selection": "pca:120", "frames": None,
+              "thresholds": {"any": 0.0}}
+    return StudyModel(STUDY, build_attention_lstm(126, LABEL_SETS["subtypes"]), record)
 
 
 def timed(work) -> float:
@@ -64,12 +52,9 @@ def timed(work) -> float:
     return time.perf_counter() - started
 
 
-def scan_work(argv: list[str]):
-    """What `predict.py` does per scan once its models are loaded: ``predict_folder`` with the chain
-    (and study model) of ``argv``, loaded here once as a server would."""
+def scan_work(argv: list[str], chain, study: StudyModel | None):
+    """What `predict.py` does per scan once its models are loaded: ``predict_folder``."""
     settings = predict.parse_args(argv)
-    study = load_study(settings.models_dir, settings.run, settings.study) if settings.study else None
-    chain = load_chain(settings.run, settings.selection, settings.models_dir, settings.features_dir)
     return lambda: predict.predict_folder(settings, chain, study)
 
 
@@ -84,13 +69,11 @@ def main(argv: list[str] | None = None) -> dict:
         folder = root / "study"
         folder.mkdir()
         write_study(folder, settings.slices)
-        common = write_run(untrained_chain(settings), root) + ["--selection", "pca:120", "--dicom-dir", str(folder),
-                                                              "--gradcam", "3"]
-        commands = {"study mode (--study)": [*common, "--study", STUDY, "--out", str(root / "study_out")],
-                    "per-slice mode (baseline)": [*common, "--out", str(root / "slice_out")]}
-        loading = {name: timed(lambda: scan_work(command)) for name, command in commands.items()}
-        works = {name: scan_work(command) for name, command in commands.items()}
-        times = {name: [] for name in commands}
+        chain, study = untrained_chain(settings), untrained_study()
+        common = ["--run", RUN, "--dicom-dir", str(folder), "--gradcam", "3"]
+        works = {"study mode (--study)": scan_work([*common, "--out", str(root / "study_out")], chain, study),
+                 "per-slice mode (baseline)": scan_work([*common, "--out", str(root / "slice_out")], chain, None)}
+        times = {name: [] for name in works}
         for work in works.values():
             timed(work)  # warm-up: traces the graphs
         for _ in range(settings.runs):
@@ -104,7 +87,6 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|---|")
     for name, seconds in medians.items():
         print(f"| {name} | {seconds:.3f} |")
-    print("\nloading the models, once per process: " + ", ".join(f"{n} {s:.1f} s" for n, s in loading.items()))
     verdict = "meets" if medians["study mode (--study)"] < GOAL_S else "MISSES"
     print(f"\ngoal (< {GOAL_S:.0f} s per scan in study mode): {verdict}")
     return medians

@@ -18,6 +18,8 @@ import pandas as pd
 
 from ihd.gradcam import draw_montage, gradcam_heatmap
 from ihd.inputs import neighbour_rows, stack_hu
+from ihd.fingerprint import file_sha256
+from ihd.inference import ChainError
 from ihd.io import read_json
 from ihd.labels import SUBTYPES
 from ihd.sequence import predict_series, series_set
@@ -81,6 +83,16 @@ def load_study(models_dir: str | Path, run: str, name: str | None = None) -> Stu
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: train the study model with train_lstm.py --study-labels")
     return StudyModel(name, load_study_model(model_path), read_json(record_path))
+
+
+def check_study_belongs(study: StudyModel, chain, models_dir: str | Path) -> None:
+    """Refuse (ChainError, naming the command to run) a study model trained on other features than the
+    chain's, or whose file is not the one its record describes."""
+    again = f"train_lstm.py --run {chain.run} --selection {study.record['selection']} --study-labels ... again"
+    if study.record.get("features_fingerprint") != chain.features_fingerprint:
+        raise ChainError(f"study model {study.name} was trained on other features than the run holds now: run {again}")
+    if file_sha256(Path(models_dir) / chain.run / f"{study.name}.keras") != study.record.get("model_sha256"):
+        raise ChainError(f"{study.name}.keras is not the model its record describes (file replaced): run {again}")
 
 
 def predict_index_studies(study: StudyModel, inputs: np.ndarray, index: pd.DataFrame

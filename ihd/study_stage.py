@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ihd.features import Features, selection_slug
+from ihd.fingerprint import file_sha256
 from ihd.index import assign_folds
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES
@@ -172,6 +173,7 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, s
         "pretrained_from": pretrained_from, "selection": selection, "slug": selection_slug(selection),
         "input_dim": int(inputs.shape[1]), "frames": frames, "fold": fold, "batch_size": batch,
         "study_labels": options.labels, "options": options, "settings": settings, "cnn_config": features.config,
+        "features_fingerprint": features.fingerprint, "model_sha256": file_sha256(model_path),
         "best_epoch": best.best_epoch, "history": best.history,
         "thresholds": thresholds,
         "threshold_rule": "Youden's J on the validation exams (highest threshold among ties)",

@@ -90,3 +90,14 @@ def test_end_to_end_mode_of_the_cnn_stage(chain):
     assert (run_dir / "end_to_end.keras").is_file() and record["frames"] == 6
     assert record["test"]["exams"] == 6 and "hemorrhage" in record["test"]["exam"]
     assert record["test"]["localization"]["exams"] >= 1
+
+
+def test_a_study_model_of_other_features_is_refused(chain, tmp_path):
+    models = chain["workspace"] / "models" / "r"
+    record = json.loads((models / f"{STUDY}.json").read_text())
+    stale = "study-attention-subtypes-pca8-stale"
+    (models / f"{stale}.keras").write_bytes((models / f"{STUDY}.keras").read_bytes())
+    (models / f"{stale}.json").write_text(json.dumps({**record, "features_fingerprint": "0" * 64}))
+    with pytest.raises(SystemExit, match=f"{stale} was trained on other features"):
+        predict.main(["--run", "r", "--study", stale, "--data-dir", str(chain["dataset"].parent),
+                      "--submissions-dir", str(tmp_path), *chain["dirs"]])
