@@ -6,14 +6,12 @@ contrast factor 1 + c about the brain window's centre narrows or widens every wi
 factor; corners uncovered by a rotation or shift are filled with air (-1024 HU).
 
 Everything here is TensorFlow ops, so augmentation runs inside the `tf.data` graph on every core
-(no Python lock), or on an accelerator inside a model. It is split in two so that each element's
-randomness depends on that element alone while the image work runs on whole batches:
+(no Python lock), or on an accelerator inside a model. It comes in two steps:
 
 - `augmentation_parameters(element_seed)` draws one element's flip, affine and intensity changes
   from its own seed (stateless: the same seed gives the same draw on any thread, in any order);
-- `augment_batch(stacks, parameters)` applies a batch of drawn parameters in one resampling pass:
-  the flip and the affine are folded into one projective matrix per element, so each pixel is
-  interpolated once.
+- `augment_hu(stack, parameters)` applies them: the flip and the affine are folded into one
+  projective matrix, so each pixel is interpolated once, and only when the affine applies.
 """
 
 import math
@@ -47,7 +45,7 @@ def augmentation_parameters(element_seed, augmentation: Augmentation = Augmentat
 
     The order is: flip (0 or 1), rotation angle (radians), zoom factor, shift x and shift y (fractions
     of the side), brightness shift (HU), contrast factor. A change that is not applied gets its
-    neutral value (0, 1 or 0 shift), so `augment_batch` needs no other flag.
+    neutral value (0, 1 or 0 shift), so `augment_hu` needs no other flag.
     """
     seed = tf.stack([tf.cast(element_seed, tf.int64), tf.constant(0, tf.int64)])
     u = tf.random.stateless_uniform([10], seed=seed)
@@ -68,13 +66,13 @@ def augmentation_parameters(element_seed, augmentation: Augmentation = Augmentat
     return tf.stack([flip, angle, scale, shift_x, shift_y, brightness, contrast])
 
 
-def _inverse_maps(parameters: tf.Tensor, height: int, width: int) -> tf.Tensor:
-    """Projective matrices (B, 8) mapping each output pixel to the input pixel it samples.
+def _inverse_map(parameters: tf.Tensor, height: int, width: int) -> tf.Tensor:
+    """The projective matrix (1, 8) mapping each output pixel to the input pixel it samples.
 
     Forward, an input point p goes to centre + scale * R(angle) * (F(p) - centre) + shift, where F
     is the optional left-right flip. Pixel centres sit at integer coordinates (x = column, y = row).
     """
-    flip, angle, scale, shift_x, shift_y = (parameters[:, i] for i in range(5))
+    flip, angle, scale, shift_x, shift_y = (parameters[i] for i in range(5))
     cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
     cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
     # Undo the shift and the rotation-zoom about the centre: q = R^-1 (o - centre - shift) / scale.
@@ -86,28 +84,37 @@ def _inverse_maps(parameters: tf.Tensor, height: int, width: int) -> tf.Tensor:
     sign = 1.0 - 2.0 * flip
     a0, a1, a2 = sign * a0, sign * a1, sign * a2 + cx
     b2 = b2 + cy
-    zeros = tf.zeros_like(a0)
-    return tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    return tf.reshape(tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0]), (1, 8))
 
 
-def augment_batch(stacks: tf.Tensor, parameters: tf.Tensor, augmentation: Augmentation = Augmentation()) -> tf.Tensor:
-    """Apply drawn parameters (B, PARAMETER_COUNT) to HU stacks (B, H, W, C), float32 out.
+def augment_hu(stack: tf.Tensor, parameters: tf.Tensor, augmentation: Augmentation = Augmentation()) -> tf.Tensor:
+    """Apply one element's drawn parameters (PARAMETER_COUNT,) to its HU stack (H, W, C), float32 out.
 
-    Geometry is resampled bilinearly once (flip, rotation, zoom and shift together; air outside the
-    image), then `hu -> pivot + (hu - pivot) * contrast + brightness` per element.
+    Geometry is resampled bilinearly once when the affine applies (flip, rotation, zoom and shift
+    together; air outside the image); a flip alone is an exact mirror, and no change is no work.
+    Then `hu -> pivot + (hu - pivot) * contrast + brightness` when the intensity change applies.
     """
-    pivot_hu = augmentation.pivot_hu
-    stacks = tf.convert_to_tensor(stacks, tf.float32)
+    stack = tf.convert_to_tensor(stack, tf.float32)
     parameters = tf.convert_to_tensor(parameters, tf.float32)
-    height, width = stacks.shape[1], stacks.shape[2]
-    moved = tf.raw_ops.ImageProjectiveTransformV3(
-        images=stacks,
-        transforms=_inverse_maps(parameters, height, width),
-        output_shape=tf.constant([height, width], tf.int32),
-        fill_value=tf.constant(AIR_HU, tf.float32),
-        interpolation="BILINEAR",
-        fill_mode="CONSTANT",
-    )
-    brightness = parameters[:, 5, None, None, None]
-    contrast = parameters[:, 6, None, None, None]
-    return (moved - pivot_hu) * contrast + pivot_hu + brightness
+    height, width = stack.shape[0], stack.shape[1]
+    flip, angle, scale, shift_x, shift_y, brightness, contrast = (parameters[i] for i in range(PARAMETER_COUNT))
+
+    def resampled():
+        return tf.raw_ops.ImageProjectiveTransformV3(
+            images=stack[None],
+            transforms=_inverse_map(parameters, height, width),
+            output_shape=tf.constant([height, width], tf.int32),
+            fill_value=tf.constant(AIR_HU, tf.float32),
+            interpolation="BILINEAR",
+            fill_mode="CONSTANT",
+        )[0]
+
+    def mirrored():
+        return tf.cond(flip > 0, lambda: tf.reverse(stack, axis=[1]), lambda: stack)
+
+    affine = (angle != 0) | (scale != 1) | (shift_x != 0) | (shift_y != 0)
+    moved = tf.cond(affine, resampled, mirrored)
+    pivot = augmentation.pivot_hu
+    changed = tf.cond((brightness != 0) | (contrast != 1),
+                      lambda: (moved - pivot) * contrast + pivot + brightness, lambda: moved)
+    return tf.ensure_shape(changed, stack.shape)

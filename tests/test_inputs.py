@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ihd.augment import AIR_HU, PARAMETER_COUNT, Augmentation, augment_batch, augmentation_parameters
+from ihd.augment import AIR_HU, PARAMETER_COUNT, Augmentation, augment_hu, augmentation_parameters
 from ihd.inputs import (
     fold_rows,
     inference_dataset,
@@ -64,18 +64,18 @@ def test_oversampled_repeats_only_positive_slices():
 
 
 def _parameters(flip=0.0, angle=0.0, scale=1.0, shift_x=0.0, shift_y=0.0, brightness=0.0, contrast=1.0):
-    return np.array([[flip, angle, scale, shift_x, shift_y, brightness, contrast]], np.float32)
+    return np.array([flip, angle, scale, shift_x, shift_y, brightness, contrast], np.float32)
 
 
 def _augmented(stack, **changes):
-    return augment_batch(stack[None], _parameters(**changes))[0].numpy()
+    return augment_hu(stack, _parameters(**changes)).numpy()
 
 
-def test_augment_batch_geometry_matches_numpy_flips_rotations_and_shifts():
+def test_augment_hu_geometry_matches_numpy_flips_rotations_and_shifts():
     stack = np.random.default_rng(0).uniform(-1000, 1000, (9, 9, 2)).astype(np.float32)
-    close = {"atol": 0.01}  # HU; the intensity step's (hu - pivot) + pivot rounds in float32
-    np.testing.assert_allclose(_augmented(stack), stack, **close)
-    np.testing.assert_allclose(_augmented(stack, flip=1), stack[:, ::-1], **close)
+    close = {"atol": 0.01}  # HU: bilinear weights at integer positions round in float32
+    np.testing.assert_array_equal(_augmented(stack), stack)
+    np.testing.assert_array_equal(_augmented(stack, flip=1), stack[:, ::-1])
     np.testing.assert_allclose(_augmented(stack, angle=np.pi / 2), np.rot90(stack, k=-1), **close)
     np.testing.assert_allclose(_augmented(stack, flip=1, angle=np.pi / 2), np.rot90(stack[:, ::-1], k=-1), **close)
     shifted = _augmented(stack, shift_x=1 / 9, shift_y=-2 / 9)
@@ -83,7 +83,7 @@ def test_augment_batch_geometry_matches_numpy_flips_rotations_and_shifts():
     assert (shifted[:, 0] == AIR_HU).all() and (shifted[-2:] == AIR_HU).all()
 
 
-def test_augment_batch_zooms_about_the_centre_and_fills_air():
+def test_augment_hu_zooms_about_the_centre_and_fills_air():
     ramp = np.tile(np.arange(9, dtype=np.float32) * 100, (9, 1))[..., None]
     zoomed = _augmented(ramp, scale=2.0)
     # Twice as large about the centre column 4: output column 4 + 2d samples input column 4 + d.
@@ -93,7 +93,7 @@ def test_augment_batch_zooms_about_the_centre_and_fills_air():
     assert rotated[0, 0] == AIR_HU and rotated[4, 4] == ramp[4, 4]
 
 
-def test_augment_batch_changes_hounsfield_units_about_the_pivot_without_clipping():
+def test_augment_hu_changes_hounsfield_units_about_the_pivot_without_clipping():
     stack = np.array([[[-1024.0], [40.0]], [[1000.0], [3000.0]]], np.float32)
     pivot = Augmentation().pivot_hu
     out = _augmented(stack, brightness=7.0, contrast=1.1)
@@ -128,6 +128,9 @@ def test_inference_dataset_reads_the_store_in_row_order_with_neighbours(prepared
         np.stack([store.read_hu(i) for i in index["image_id"]]), neighbour_rows(index, (-1, 0, 1))[rows]
     )
     np.testing.assert_array_equal(stacks, expected)
+    windows = np.concatenate([b.numpy() for b in inference_dataset(index, store, parse_recipe("windows"), rows,
+                                                                   store.size, batch_size=5)])
+    np.testing.assert_array_equal(windows, np.repeat(expected[..., 1:2], 3, axis=-1))
     small = inference_dataset(index, store, parse_recipe("windows"), rows[:2], store.size // 2, batch_size=2)
     assert next(iter(small)).shape == (2, store.size // 2, store.size // 2, 3)
     with pytest.raises(ValueError, match="larger than the slice store"):
