@@ -25,17 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 
+from bench.fixtures import store_of_real_slices  # noqa: E402
 from bench.machine import device_description  # noqa: E402
 from ihd.cnn import build_cnn  # noqa: E402
 from ihd.features import extract_features  # noqa: E402
 from ihd.inputs import neighbour_rows, stack_hu  # noqa: E402
 from ihd.io import run_header  # noqa: E402
-from ihd.slices import SliceStore, write_slices  # noqa: E402
 from ihd.windows import RECIPES  # noqa: E402
 
-REAL_SLICES = ROOT.parent / "shared" / "data" / "real" / "rsna_slices"
 BAR = 0.15
 
 
@@ -49,22 +47,6 @@ class Settings:
     batch_size: int = 32  # the same batch on both sides
     repeats: int = 3  # alternate the sides and keep each one's best: shared CPUs vary by 2x from minute to minute
     quick: bool = False  # 96 slices and one repeat, for a smoke run
-
-
-def store_of_real_slices(work_dir: Path, count: int, size: int) -> tuple[pd.DataFrame, SliceStore]:
-    """A slice store of ``count`` slices made from the real RSNA files, repeated; each its own series."""
-    files = sorted(REAL_SLICES.glob("ID_*.dcm"))
-    image_ids = [f"ID_{n:09x}" for n in range(count)]
-    index = pd.DataFrame({
-        "image_id": image_ids,
-        "path": [str(files[n % len(files)]) for n in range(count)],
-        "series_id": image_ids,
-        "position": np.zeros(count, np.int32),
-    })
-    failures = write_slices(index, work_dir / "slices", size=size, workers=None)
-    if failures:
-        raise RuntimeError(f"unreadable fixture files: {failures}")
-    return index, SliceStore(work_dir / "slices")
 
 
 def main(argv: list[str] | None = None) -> None:

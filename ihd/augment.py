@@ -1,87 +1,120 @@
-"""Training augmentation of HU stacks (H, W, C float32), as in the paper: flip, shift-scale-rotate,
-brightness/contrast.
+"""Training augmentation of HU stacks, as in the paper: flip, shift-scale-rotate, brightness/contrast.
 
 Inputs are Hounsfield units, not display values: the windows are applied inside the model, so
-augmentation must keep HU meaning. Geometry comes from albumentations (`Affine`, filling uncovered
-corners with air, -1024 HU). albumentations' own `RandomBrightnessContrast` clips float images to
-[0, 1], so brightness and contrast are done by `RandomBrightnessContrastHU`, which works in HU:
-a brightness shift of b HU moves every window's centre by -b, and a contrast factor 1 + c about
-the brain window's centre narrows or widens every window by that factor. Used for training only.
+augmentation keeps HU meaning. A brightness shift of b HU moves every window's centre by -b, and a
+contrast factor 1 + c about the brain window's centre narrows or widens every window by that
+factor; corners uncovered by a rotation or shift are filled with air (-1024 HU).
+
+Everything here is TensorFlow ops, so augmentation runs inside the `tf.data` graph on every core
+(no Python lock), or on an accelerator inside a model. It comes in two steps:
+
+- `augmentation_parameters(element_seed)` draws one element's flip, affine and intensity changes
+  from its own seed (stateless: the same seed gives the same draw on any thread, in any order);
+- `augment_hu(stack, parameters)` applies them: the flip and the affine are folded into one
+  projective matrix, so each pixel is interpolated once, and only when the affine applies.
 """
 
-from typing import Any
+import math
+from dataclasses import dataclass
 
-import albumentations as A
-import numpy as np
-from albumentations.core.transforms_interface import ImageOnlyTransform
+import tensorflow as tf
 
 from ihd.windows import WINDOWS
 
 AIR_HU = -1024.0
+PARAMETER_COUNT = 7  # flip, angle, scale, shift x, shift y, brightness shift, contrast factor
 
 
-class RandomBrightnessContrastHU(ImageOnlyTransform):
-    """Random `hu -> pivot + (hu - pivot) * (1 + c) + b`, with b in HU and c a relative contrast change."""
+@dataclass(frozen=True)
+class Augmentation:
+    """The ranges and probabilities of the training augmentation (each change applied independently)."""
 
-    def __init__(
-        self,
-        brightness_hu: float = 10.0,
-        contrast: float = 0.1,
-        pivot_hu: float = WINDOWS["brain"].center_hu,
-        p: float = 0.5,
-    ):
-        super().__init__(p=p)
-        self.brightness_hu = brightness_hu
-        self.contrast = contrast
-        self.pivot_hu = pivot_hu
-
-    def get_params(self) -> dict[str, float]:
-        """Draw the brightness shift (HU) and the contrast factor."""
-        return {
-            "shift_hu": self.py_random.uniform(-self.brightness_hu, self.brightness_hu),
-            "factor": 1.0 + self.py_random.uniform(-self.contrast, self.contrast),
-        }
-
-    def apply(self, img: np.ndarray, shift_hu: float = 0.0, factor: float = 1.0, **params: Any) -> np.ndarray:
-        """Apply the drawn shift and factor to an HU image."""
-        pivot = np.float32(self.pivot_hu)
-        return ((img - pivot) * np.float32(factor) + pivot + np.float32(shift_hu)).astype(np.float32)
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        """Arguments albumentations needs to describe or serialise this transform."""
-        return ("brightness_hu", "contrast", "pivot_hu")
+    flip_p: float = 0.5  # left-right flip: heads are near mirror-symmetric, bleeds are not one-sided
+    affine_p: float = 0.5  # shift, zoom and rotation together, as one transform
+    shift_fraction: float = 0.0625  # largest shift, as a fraction of the image side
+    scale_fraction: float = 0.1  # zoom range 1 +- this
+    rotate_deg: float = 15.0  # largest rotation either way
+    intensity_p: float = 0.5  # brightness and contrast together
+    brightness_hu: float = 10.0  # largest shift of every HU value
+    contrast: float = 0.1  # contrast factor 1 +- this, about the pivot
+    pivot_hu: float = WINDOWS["brain"].center_hu
 
 
-def training_augmentation(
-    seed: int = 0,
-    flip_p: float = 0.5,
-    shift_fraction: float = 0.0625,
-    scale_fraction: float = 0.1,
-    rotate_deg: float = 15.0,
-    brightness_hu: float = 10.0,
-    contrast: float = 0.1,
-) -> A.Compose:
-    """The seeded training pipeline for HU stacks: horizontal flip, shift-scale-rotate, brightness/contrast.
+def augmentation_parameters(element_seed, augmentation: Augmentation = Augmentation()) -> tf.Tensor:
+    """One element's drawn changes, float32 (PARAMETER_COUNT,), a pure function of ``element_seed``.
 
-    ``shift_fraction`` is a fraction of the image side, ``scale_fraction`` a relative zoom range,
-    ``rotate_deg`` the largest rotation either way; see `RandomBrightnessContrastHU` for the last two.
+    The order is: flip (0 or 1), rotation angle (radians), zoom factor, shift x and shift y (fractions
+    of the side), brightness shift (HU), contrast factor. A change that is not applied gets its
+    neutral value (0, 1 or 0 shift), so `augment_hu` needs no other flag.
     """
-    return A.Compose(
-        [
-            A.HorizontalFlip(p=flip_p),
-            A.Affine(
-                translate_percent=(-shift_fraction, shift_fraction),
-                scale=(1.0 - scale_fraction, 1.0 + scale_fraction),
-                rotate=(-rotate_deg, rotate_deg),
-                fill=AIR_HU,
-                p=0.5,
-            ),
-            RandomBrightnessContrastHU(brightness_hu=brightness_hu, contrast=contrast, p=0.5),
-        ],
-        seed=seed,
-    )
+    seed = tf.stack([tf.cast(element_seed, tf.int64), tf.constant(0, tf.int64)])
+    u = tf.random.stateless_uniform([10], seed=seed)
+    a = augmentation
+    flip = tf.cast(u[0] < a.flip_p, tf.float32)
+    affine = tf.cast(u[1] < a.affine_p, tf.float32)
+    intensity = tf.cast(u[2] < a.intensity_p, tf.float32)
+
+    def symmetric(value, limit):  # uniform in [-limit, limit] from a uniform in [0, 1)
+        return (2.0 * value - 1.0) * limit
+
+    angle = affine * symmetric(u[3], math.radians(a.rotate_deg))
+    scale = 1.0 + affine * symmetric(u[4], a.scale_fraction)
+    shift_x = affine * symmetric(u[5], a.shift_fraction)
+    shift_y = affine * symmetric(u[6], a.shift_fraction)
+    brightness = intensity * symmetric(u[7], a.brightness_hu)
+    contrast = 1.0 + intensity * symmetric(u[8], a.contrast)
+    return tf.stack([flip, angle, scale, shift_x, shift_y, brightness, contrast])
 
 
-def augment_hu(transform: A.Compose, stack_hu: np.ndarray) -> np.ndarray:
-    """Run ``transform`` on one HU stack (H, W, C) and return float32 of the same shape."""
-    return np.ascontiguousarray(transform(image=stack_hu)["image"], dtype=np.float32)
+def _inverse_map(parameters: tf.Tensor, height: int, width: int) -> tf.Tensor:
+    """The projective matrix (1, 8) mapping each output pixel to the input pixel it samples.
+
+    Forward, an input point p goes to centre + scale * R(angle) * (F(p) - centre) + shift, where F
+    is the optional left-right flip. Pixel centres sit at integer coordinates (x = column, y = row).
+    """
+    flip, angle, scale, shift_x, shift_y = (parameters[i] for i in range(5))
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
+    # Undo the shift and the rotation-zoom about the centre: q = R^-1 (o - centre - shift) / scale.
+    ox = -cx - shift_x * width
+    oy = -cy - shift_y * height
+    a0, a1, a2 = cos, sin, cos * ox + sin * oy
+    b0, b1, b2 = -sin, cos, -sin * ox + cos * oy
+    # Then undo the flip, x -> -x about the centre, and move back to pixel coordinates.
+    sign = 1.0 - 2.0 * flip
+    a0, a1, a2 = sign * a0, sign * a1, sign * a2 + cx
+    b2 = b2 + cy
+    return tf.reshape(tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0]), (1, 8))
+
+
+def augment_hu(stack: tf.Tensor, parameters: tf.Tensor, augmentation: Augmentation = Augmentation()) -> tf.Tensor:
+    """Apply one element's drawn parameters (PARAMETER_COUNT,) to its HU stack (H, W, C), float32 out.
+
+    Geometry is resampled bilinearly once when the affine applies (flip, rotation, zoom and shift
+    together; air outside the image); a flip alone is an exact mirror, and no change is no work.
+    Then `hu -> pivot + (hu - pivot) * contrast + brightness` when the intensity change applies.
+    """
+    stack = tf.convert_to_tensor(stack, tf.float32)
+    parameters = tf.convert_to_tensor(parameters, tf.float32)
+    height, width = stack.shape[0], stack.shape[1]
+    flip, angle, scale, shift_x, shift_y, brightness, contrast = (parameters[i] for i in range(PARAMETER_COUNT))
+
+    def resampled():
+        return tf.raw_ops.ImageProjectiveTransformV3(
+            images=stack[None],
+            transforms=_inverse_map(parameters, height, width),
+            output_shape=tf.constant([height, width], tf.int32),
+            fill_value=tf.constant(AIR_HU, tf.float32),
+            interpolation="BILINEAR",
+            fill_mode="CONSTANT",
+        )[0]
+
+    def mirrored():
+        return tf.cond(flip > 0, lambda: tf.reverse(stack, axis=[1]), lambda: stack)
+
+    affine = (angle != 0) | (scale != 1) | (shift_x != 0) | (shift_y != 0)
+    moved = tf.cond(affine, resampled, mirrored)
+    pivot = augmentation.pivot_hu
+    changed = tf.cond((brightness != 0) | (contrast != 1),
+                      lambda: (moved - pivot) * contrast + pivot + brightness, lambda: moved)
+    return tf.ensure_shape(changed, stack.shape)

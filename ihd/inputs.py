@@ -8,17 +8,15 @@ not itself in the rows being read (a validation slice next to nothing but valida
 usual case, since folds keep series whole).
 
 Pipelines: `training_dataset` (shuffled, optional oversampling of positive slices, augmented with
-`ihd.augment`), `inference_dataset` (index order, no augmentation). Both read in parallel, resize to
+`ihd.augment` inside the graph, each element from its own seed), `inference_dataset` (index order, no augmentation). Both read in parallel, resize to
 the model's size when it is smaller than the store's, batch and prefetch.
 """
-
-import threading
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from ihd.augment import augment_hu, training_augmentation
+from ihd.augment import augment_hu, augmentation_parameters
 from ihd.labels import SUBTYPES
 from ihd.slices import SliceStore, tf_read_hu
 from ihd.windows import ChannelRecipe
@@ -79,7 +77,13 @@ def oversampled(rows: np.ndarray, labels: np.ndarray, positive_copies: int) -> n
 
 
 class StackReader:
-    """Reads the HU stack of a row from the store: its channel sources, resized to the model's size."""
+    """Reads the HU stack of a row from the store: its channel sources, resized to the model's size.
+
+    A recipe may feed several channels from the same slice (the paper's three windows all read the
+    current slice): each distinct source is read once, and `distinct_sources` returns just those
+    (size, size, S), so that training augments S channels rather than C; `expand` then lays them
+    out as the recipe's C channels.
+    """
 
     def __init__(self, index: pd.DataFrame, store: SliceStore, recipe: ChannelRecipe, image_size: int):
         if image_size > store.size:
@@ -89,42 +93,39 @@ class StackReader:
             )
         self.store_size = store.size
         self.image_size = image_size
-        self.channels = len(recipe.offsets)
-        self.same_source = len(set(recipe.offsets)) == 1
+        offsets = list(recipe.offsets)
+        distinct = sorted(set(offsets))
+        channel_sources = [distinct.index(offset) for offset in offsets]
+        identity = channel_sources == list(range(len(distinct)))
+        self.selection = None if identity else tf.one_hot(channel_sources, len(distinct), axis=0)
         self.paths = tf.constant(store_paths(index, store))
-        self.neighbours = tf.constant(neighbour_rows(index, recipe.offsets))
+        self.neighbours = tf.constant(neighbour_rows(index, distinct))
 
-    def __call__(self, row):
-        """Row number (int64 tensor) -> float32 (image_size, image_size, C) HU."""
+    def distinct_sources(self, row):
+        """Row number (int64 tensor) -> float32 (image_size, image_size, S) HU of its distinct sources."""
         sources = tf.gather(self.paths, tf.gather(self.neighbours, row))
-        if self.same_source:
-            stack = tf.stack([tf_read_hu(sources[0], self.store_size)] * self.channels, axis=-1)
-        else:
-            stack = tf.stack([tf_read_hu(sources[c], self.store_size) for c in range(self.channels)], axis=-1)
+        count = self.neighbours.shape[1]
+        stack = tf.stack([tf_read_hu(sources[s], self.store_size) for s in range(count)], axis=-1)
         if self.image_size < self.store_size:
             stack = tf.image.resize(stack, (self.image_size, self.image_size), method="area")
         return stack
 
+    def expand(self, sources):
+        """Distinct sources (..., S) of known shape -> the recipe's channels (..., C), exactly.
 
-def _augmenter():
-    """A tf.data map function (stack, element seed) -> augmented stack, reproducible per element.
+        A product with a one-hot (S, C) matrix: each output value is one source times 1 plus the
+        others times 0, which is exact for finite HU, and several times faster than concatenating
+        channel slices.
+        """
+        if self.selection is None:
+            return sources
+        count, channels = self.selection.shape
+        selected = tf.linalg.matmul(tf.reshape(sources, (-1, count)), self.selection)
+        return tf.reshape(selected, (*sources.shape[:-1], channels))
 
-    Each tf.data thread keeps its own albumentations pipeline and reseeds it with the element's
-    seed, so the result depends on the element alone, not on which thread ran it or when.
-    """
-    local = threading.local()
-
-    def augment(stack_hu: np.ndarray, element_seed: np.int64) -> np.ndarray:
-        if not hasattr(local, "transform"):
-            local.transform = training_augmentation()
-        local.transform.set_random_seed(int(element_seed) % 2**32)
-        return augment_hu(local.transform, stack_hu)
-
-    def apply(stack, element_seed):
-        augmented = tf.numpy_function(augment, [stack, element_seed], tf.float32, stateful=False)
-        return tf.ensure_shape(augmented, stack.shape)
-
-    return apply
+    def __call__(self, row):
+        """Row number (int64 tensor) -> float32 (image_size, image_size, C) HU."""
+        return self.expand(self.distinct_sources(row))
 
 
 def training_dataset(
@@ -149,11 +150,12 @@ def training_dataset(
     data = data.shuffle(len(epoch_rows), seed=seed, reshuffle_each_iteration=True)
     element_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     data = tf.data.Dataset.zip(data, element_seeds)
-    augmenter = _augmenter() if augment else None
 
     def read(row, element_seed):
-        stack = reader(row) if augmenter is None else augmenter(reader(row), element_seed)
-        return stack, tf.gather(label_table, row)
+        sources = reader.distinct_sources(row)
+        if augment:
+            sources = augment_hu(sources, augmentation_parameters(element_seed))
+        return reader.expand(sources), tf.gather(label_table, row)
 
     data = data.map(read, num_parallel_calls=AUTOTUNE)
     drop_remainder = len(epoch_rows) >= batch_size

@@ -1,9 +1,8 @@
-import albumentations as A
 import numpy as np
 import pandas as pd
 import pytest
 
-from ihd.augment import AIR_HU, RandomBrightnessContrastHU, augment_hu, training_augmentation
+from ihd.augment import AIR_HU, PARAMETER_COUNT, Augmentation, augment_hu, augmentation_parameters
 from ihd.inputs import (
     fold_rows,
     inference_dataset,
@@ -64,21 +63,59 @@ def test_oversampled_repeats_only_positive_slices():
     assert sorted(oversampled(np.arange(4), labels, 3).tolist()) == [0, 1, 2, 2, 2, 3]
 
 
-def test_augmentation_is_seeded_and_keeps_hounsfield_units():
-    stack = np.full((32, 32, 3), 40.0, np.float32)
-    stack[:, :4] = 1000.0
-    first = [augment_hu(training_augmentation(seed=5), stack) for _ in range(2)]
-    np.testing.assert_array_equal(first[0], first[1])
-    transform = training_augmentation(seed=5)
-    outputs = [augment_hu(transform, stack) for _ in range(12)]
-    assert any(not np.array_equal(out, stack) for out in outputs)
-    assert all(out.dtype == np.float32 and out.shape == stack.shape for out in outputs)
-    assert max(out.max() for out in outputs) > 900, "HU must not be clipped to [0, 1]"
-    shift = A.Compose([RandomBrightnessContrastHU(brightness_hu=10, contrast=0.0, p=1)], seed=0)
-    delta = shift(image=stack)["image"] - stack
-    assert np.allclose(delta, delta.flat[0]) and 0 < abs(delta.flat[0]) <= 10
-    rotated = A.Compose([A.Affine(rotate=(45, 45), fill=AIR_HU, p=1)], seed=0)(image=stack)["image"]
-    assert rotated[0, 0, 0] == AIR_HU
+def _parameters(flip=0.0, angle=0.0, scale=1.0, shift_x=0.0, shift_y=0.0, brightness=0.0, contrast=1.0):
+    return np.array([flip, angle, scale, shift_x, shift_y, brightness, contrast], np.float32)
+
+
+def _augmented(stack, **changes):
+    return augment_hu(stack, _parameters(**changes)).numpy()
+
+
+def test_augment_hu_geometry_matches_numpy_flips_rotations_and_shifts():
+    stack = np.random.default_rng(0).uniform(-1000, 1000, (9, 9, 2)).astype(np.float32)
+    close = {"atol": 0.01}  # HU: bilinear weights at integer positions round in float32
+    np.testing.assert_array_equal(_augmented(stack), stack)
+    np.testing.assert_array_equal(_augmented(stack, flip=1), stack[:, ::-1])
+    np.testing.assert_allclose(_augmented(stack, angle=np.pi / 2), np.rot90(stack, k=-1), **close)
+    np.testing.assert_allclose(_augmented(stack, flip=1, angle=np.pi / 2), np.rot90(stack[:, ::-1], k=-1), **close)
+    shifted = _augmented(stack, shift_x=1 / 9, shift_y=-2 / 9)
+    np.testing.assert_allclose(shifted[:-2, 1:], stack[2:, :-1], **close)
+    assert (shifted[:, 0] == AIR_HU).all() and (shifted[-2:] == AIR_HU).all()
+
+
+def test_augment_hu_zooms_about_the_centre_and_fills_air():
+    ramp = np.tile(np.arange(9, dtype=np.float32) * 100, (9, 1))[..., None]
+    zoomed = _augmented(ramp, scale=2.0)
+    # Twice as large about the centre column 4: output column 4 + 2d samples input column 4 + d.
+    np.testing.assert_allclose(zoomed[4, [0, 2, 4, 6, 8]], ramp[4, [2, 3, 4, 5, 6]], atol=1e-3)
+    np.testing.assert_allclose(zoomed[4, 5], 450.0, atol=1e-3)
+    rotated = _augmented(ramp, angle=np.pi / 4)
+    assert rotated[0, 0] == AIR_HU and rotated[4, 4] == ramp[4, 4]
+
+
+def test_augment_hu_changes_hounsfield_units_about_the_pivot_without_clipping():
+    stack = np.array([[[-1024.0], [40.0]], [[1000.0], [3000.0]]], np.float32)
+    pivot = Augmentation().pivot_hu
+    out = _augmented(stack, brightness=7.0, contrast=1.1)
+    np.testing.assert_allclose(out, pivot + (stack - pivot) * 1.1 + 7.0, rtol=1e-6)
+    assert out.max() > 3000
+
+
+def test_augmentation_parameters_are_a_function_of_the_seed_within_their_ranges():
+    settings = Augmentation()
+    draws = np.stack([augmentation_parameters(seed).numpy() for seed in range(400)])
+    assert draws.shape == (400, PARAMETER_COUNT)
+    np.testing.assert_array_equal(draws[17], augmentation_parameters(17).numpy())
+    flip, angle, scale, shift_x, shift_y, brightness, contrast = draws.T
+    assert set(flip) == {0.0, 1.0} and 0.4 < flip.mean() < 0.6
+    assert np.abs(angle).max() <= np.radians(settings.rotate_deg) and np.abs(angle).max() > np.radians(12)
+    assert np.abs(scale - 1).max() <= settings.scale_fraction + 1e-6
+    assert max(np.abs(shift_x).max(), np.abs(shift_y).max()) <= settings.shift_fraction + 1e-6
+    assert np.abs(brightness).max() <= settings.brightness_hu and np.abs(contrast - 1).max() <= settings.contrast + 1e-6
+    # Each change is applied to about half of the elements and is neutral on the rest.
+    for unchanged in (angle == 0, brightness == 0):
+        assert 0.4 < unchanged.mean() < 0.6
+    assert ((angle == 0) == (scale == 1)).all() and ((brightness == 0) == (contrast == 1)).all()
 
 
 def test_inference_dataset_reads_the_store_in_row_order_with_neighbours(prepared_synthetic):
@@ -91,6 +128,9 @@ def test_inference_dataset_reads_the_store_in_row_order_with_neighbours(prepared
         np.stack([store.read_hu(i) for i in index["image_id"]]), neighbour_rows(index, (-1, 0, 1))[rows]
     )
     np.testing.assert_array_equal(stacks, expected)
+    windows = np.concatenate([b.numpy() for b in inference_dataset(index, store, parse_recipe("windows"), rows,
+                                                                   store.size, batch_size=5)])
+    np.testing.assert_array_equal(windows, np.repeat(expected[..., 1:2], 3, axis=-1))
     small = inference_dataset(index, store, parse_recipe("windows"), rows[:2], store.size // 2, batch_size=2)
     assert next(iter(small)).shape == (2, store.size // 2, store.size // 2, 3)
     with pytest.raises(ValueError, match="larger than the slice store"):
@@ -108,3 +148,17 @@ def test_training_dataset_yields_labeled_batches(prepared_synthetic):
     assert {tuple(row) for row in y.numpy()} <= {tuple(row) for row in labels[train]}
     with pytest.raises(ValueError, match="unlabeled"):
         training_dataset(index, store, parse_recipe("windows"), np.flatnonzero(index["split"] == "test"), 32, 8)
+
+
+def test_training_dataset_augments_the_same_way_for_the_same_seed(prepared_synthetic):
+    index = pd.read_parquet(prepared_synthetic / "index.parquet")
+    store = SliceStore(prepared_synthetic / "slices")
+    train, _ = fold_rows(index, 0)
+
+    def first_batch(seed, augment=True):
+        data = training_dataset(index, store, parse_recipe("windows"), train, 32, 8, seed=seed, augment=augment)
+        return next(iter(data))[0].numpy()
+
+    np.testing.assert_array_equal(first_batch(3), first_batch(3))
+    assert not np.array_equal(first_batch(3), first_batch(4))
+    assert not np.array_equal(first_batch(3, augment=False), first_batch(3)), "augmentation changed nothing"

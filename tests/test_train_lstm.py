@@ -111,9 +111,9 @@ def test_features_of_another_cnn_are_refused_with_the_command_that_extracts_them
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--selection", "pca:0", "needs a positive size"),
-    ("--epochs", "0", "not a positive integer"),
+    ("--epochs", "0", "0 is out of range: it must be at least 1"),
     ("--dropout", "1.5", "not in [0, 1)"),
-    ("--units", "x", "not an integer"),
+    ("--units", "x", "'x' is not a whole number"),
 ])
 def test_bad_flags_are_refused_when_parsed(flag, value, message, capsys):
     with pytest.raises(SystemExit):
