@@ -292,7 +292,34 @@ def draw_bleeds(subtypes: tuple[str, ...], anatomy: Anatomy, rng: np.random.Gene
     return bleeds
 
 
-class _Field:
+def bleed_section(bleed: Bleed, h_mm: float, slice_step_mm: float) -> tuple[float, float] | None:
+    """A bleed's cross-section on the slice at height ``h_mm``: (size, contrast), or None off the bleed.
+
+    ``size`` scales the cross-section by ``sqrt(1 - u**2)`` at ``u`` half-heights from the centre;
+    ``contrast`` (partial volume of a thick slice) tapers over the last ``TAPER_SLICES`` slices of each
+    end down to ``END_CONTRAST``.
+    """
+    offset = abs(h_mm - bleed.h_centre_mm)
+    if offset >= bleed.h_half_mm:
+        return None
+    size = math.sqrt(1 - (offset / bleed.h_half_mm) ** 2)
+    contrast = float(np.clip((bleed.h_half_mm - offset) / (TAPER_SLICES * slice_step_mm), END_CONTRAST, 1.0))
+    return size, contrast
+
+
+def extra_axial_mask(bleed: Bleed, size: float, theta: np.ndarray, inner_depth_mm: np.ndarray) -> np.ndarray:
+    """An epidural lens or a subdural crescent against the inner table, centred on ``bleed.angle_rad``.
+
+    ``theta`` is each pixel's direction from the head's centre, ``inner_depth_mm`` its depth inside
+    the inner table (<= 0 outside the cranial cavity).
+    """
+    spread = np.abs(_wrap_angle(theta - bleed.angle_rad)) / (bleed.half_angle_rad * size ** 0.5)
+    profile = np.clip(1 - spread ** 2, 0, 1)
+    profile = np.sqrt(profile) if bleed.subtype == "epidural" else profile ** 0.7
+    return (inner_depth_mm > 0) & (inner_depth_mm < bleed.thickness_mm * size * profile)
+
+
+class Field:
     """A smooth random field in [-1, 1]-ish: coarse 3D noise, linear in height, cubic in the plane."""
 
     def __init__(self, rng: np.random.Generator, cells: int, h_step_mm: float, h_range_mm: tuple[float, float],
@@ -301,12 +328,15 @@ class _Field:
         layers = int((h_range_mm[1] - h_range_mm[0]) / h_step_mm) + 2
         self.coarse = rng.standard_normal((layers, cells, cells)).astype(np.float32) * 0.8
 
-    def at(self, h_mm: float, pixels: int, box: tuple[slice, slice] = (slice(None), slice(None))) -> np.ndarray:
+    def at(self, h_mm: float, pixels: int | tuple[int, int], box: tuple[slice, slice] = (slice(None), slice(None))
+           ) -> np.ndarray:
+        """The field on a square grid of ``pixels`` (or a (rows, cols) grid) at height ``h_mm``, cut to ``box``."""
         position = np.clip((h_mm - self.h0) / self.step, 0, len(self.coarse) - 1.001)
         below = int(position)
         weight = np.float32(position - below)
         layer = self.coarse[below] * (1 - weight) + self.coarse[below + 1] * weight
-        return cv2.resize(layer, (pixels, pixels), interpolation=self.interpolation)[box]
+        rows, cols = (pixels, pixels) if isinstance(pixels, int) else pixels
+        return cv2.resize(layer, (cols, rows), interpolation=self.interpolation)[box]
 
 
 def _ellipse(x: np.ndarray, y: np.ndarray, centre: tuple[float, float], half: tuple[float, float],
@@ -355,9 +385,9 @@ class StudyPhantom:
         self.sinus = _ellipse(self.x, self.y, (0, -0.6 * l), (14, 24)).astype(np.float32)
         self.arc = (self.theta / (2 * np.pi)).astype(np.float32)
         h_range = (a.h_start_mm - 10, a.h_start_mm + a.slice_step_mm * a.n_slices + 10)
-        self.gyri = _Field(rng, 40, 6.0, h_range, cv2.INTER_CUBIC)
-        self.warp = _Field(rng, 8, 12.0, h_range)
-        self.texture = _Field(rng, 60, 4.0, h_range)
+        self.gyri = Field(rng, 40, 6.0, h_range, cv2.INTER_CUBIC)
+        self.warp = Field(rng, 8, 12.0, h_range)
+        self.texture = Field(rng, 60, 4.0, h_range)
         self.sulcus_mm = float(rng.uniform(11, 14))
         self.box = (slice(None), slice(None))
 
@@ -487,13 +517,11 @@ class StudyPhantom:
 
     def _add_bleeds(self, tissue, masks, h, inner, brain_depth, gyri, csf_spaces, ventricles):
         """Paint every bleed active at height ``h`` into ``tissue`` and its mask."""
-        step = self.anatomy.slice_step_mm
         for bleed in self.bleeds:
-            offset = abs(h - bleed.h_centre_mm)
-            if offset >= bleed.h_half_mm:
+            section = bleed_section(bleed, h, self.anatomy.slice_step_mm)
+            if section is None:
                 continue
-            size = math.sqrt(1 - (offset / bleed.h_half_mm) ** 2)
-            contrast = float(np.clip((bleed.h_half_mm - offset) / (TAPER_SLICES * step), END_CONTRAST, 1.0))
+            size, contrast = section
             mask = self._bleed_mask(bleed, size, inner, brain_depth, gyri, csf_spaces, ventricles)
             if mask is None:
                 continue
@@ -504,10 +532,7 @@ class StudyPhantom:
 
     def _bleed_mask(self, bleed, size, inner, brain_depth, gyri, csf_spaces, ventricles):
         if bleed.subtype in ("epidural", "subdural"):
-            spread = np.abs(_wrap_angle(self.theta - bleed.angle_rad)) / (bleed.half_angle_rad * size ** 0.5)
-            profile = np.clip(1 - spread ** 2, 0, 1)
-            profile = np.sqrt(profile) if bleed.subtype == "epidural" else profile ** 0.7
-            return (inner > 0) & (inner < bleed.thickness_mm * size * profile)
+            return extra_axial_mask(bleed, size, self.theta, inner)
         if bleed.subtype == "intraparenchymal":
             radius = bleed.radius_mm * size
             blob = ((self.x - bleed.x_mm) ** 2 + (self.y - bleed.y_mm) ** 2) / radius ** 2 + 0.25 * gyri
@@ -574,11 +599,34 @@ def _element(ds: Dataset, tag: int, vr: str, value) -> None:
 
 def _dicom_bytes(plan: StudyPlan, anatomy: Anatomy, index: int, hu: np.ndarray, quirks: dict[str, bool],
                  instance_uid: str, compression) -> bytes:
-    """One slice as a DICOM file like the RSNA ones (same tags, VRs and identifier style)."""
+    """One phantom slice as a DICOM file like the RSNA ones (same tags, VRs and identifier style)."""
     tilt = math.radians(anatomy.gantry_tilt_deg)
     spacing = anatomy.pixel_spacing_mm
     z = anatomy.z_first_mm + index * anatomy.slice_step_mm
     origin = -(PIXELS / 2) * spacing
+    geometry = SliceGeometry(position=(_ds(origin), _ds(origin + 10.0 * math.sin(tilt) - 5.0), _ds(z)),
+                             orientation=("1", "0", "0", "0", _ds(math.cos(tilt)), _ds(-math.sin(tilt))),
+                             spacing=(repr(spacing), repr(spacing)), window=anatomy.window)
+    return dicom_slice_bytes(plan, plan.image_ids[index], geometry, hu, quirks, instance_uid, compression)
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """A slice's place and display tags as the DICOM decimal strings to write (mm)."""
+
+    position: tuple[str, str, str]  # ImagePositionPatient
+    orientation: tuple[str, ...]  # ImageOrientationPatient, six direction cosines
+    spacing: tuple[str, str]  # PixelSpacing, row then column
+    window: tuple[str, str]  # WindowCenter, WindowWidth
+
+
+def dicom_slice_bytes(ids, image_id: str, geometry: SliceGeometry, hu: np.ndarray, quirks: dict[str, bool],
+                      instance_uid: str, compression=None) -> bytes:
+    """One CT slice of HU as a DICOM file in the RSNA style; ``ids`` has patient_id, study_id and series_id.
+
+    ``quirks`` (see ``QUIRK_NAMES``; all False for a plain file) choose the storage, ``compression`` a
+    compressed transfer syntax or None.
+    """
     meta = FileMetaDataset()
     _element(meta, 0x00020002, "UI", CTImageStorage)
     _element(meta, 0x00020003, "UI", instance_uid)
@@ -587,19 +635,19 @@ def _dicom_bytes(plan: StudyPlan, anatomy: Anatomy, index: int, hu: np.ndarray, 
     _element(meta, 0x00020013, "SH", "dcm4che-1.4.35")
     ds = Dataset()
     ds.file_meta = meta
-    _element(ds, 0x00080018, "UI", plan.image_ids[index])
+    _element(ds, 0x00080018, "UI", image_id)
     _element(ds, 0x00080060, "CS", "CT")
-    _element(ds, 0x00100020, "LO", plan.patient_id)
-    _element(ds, 0x0020000D, "UI", plan.study_id)
-    _element(ds, 0x0020000E, "UI", plan.series_id)
+    _element(ds, 0x00100020, "LO", ids.patient_id)
+    _element(ds, 0x0020000D, "UI", ids.study_id)
+    _element(ds, 0x0020000E, "UI", ids.series_id)
     _element(ds, 0x00200010, "SH", "")
-    _element(ds, 0x00200032, "DS", [_ds(origin), _ds(origin + 10.0 * math.sin(tilt) - 5.0), _ds(z)])
-    _element(ds, 0x00200037, "DS", ["1", "0", "0", "0", _ds(math.cos(tilt)), _ds(-math.sin(tilt))])
+    _element(ds, 0x00200032, "DS", list(geometry.position))
+    _element(ds, 0x00200037, "DS", list(geometry.orientation))
     _element(ds, 0x00280002, "US", 1)
     _element(ds, 0x00280004, "CS", "MONOCHROME2")
-    _element(ds, 0x00280010, "US", PIXELS)
-    _element(ds, 0x00280011, "US", PIXELS)
-    _element(ds, 0x00280030, "DS", [repr(spacing), repr(spacing)])
+    _element(ds, 0x00280010, "US", hu.shape[0])
+    _element(ds, 0x00280011, "US", hu.shape[1])
+    _element(ds, 0x00280030, "DS", list(geometry.spacing))
     hu_int = np.rint(hu)
     if quirks["wrap12"]:
         bits, signed, intercept = 12, 0, "0"
@@ -611,12 +659,12 @@ def _dicom_bytes(plan: StudyPlan, anatomy: Anatomy, index: int, hu: np.ndarray, 
         bits, signed, intercept = 16, 1, "-1024"
         stored = (np.clip(hu_int, -1024, MAX_HU) + 1024).astype(np.int16)
         if quirks["padding"]:
-            stored[_outside_field_of_view()] = -2000
+            stored[_outside_field_of_view(stored.shape)] = -2000
     _element(ds, 0x00280100, "US", 16)
     _element(ds, 0x00280101, "US", bits)
     _element(ds, 0x00280102, "US", bits - 1)
     _element(ds, 0x00280103, "US", signed)
-    centre, width = anatomy.window
+    centre, width = geometry.window
     if quirks["multi_window"]:
         centre, width = [f"{round(float(centre)):05d}"] * 2, [f"{round(float(width)):05d}"] * 2
     _element(ds, 0x00281050, "DS", centre)
@@ -631,9 +679,12 @@ def _dicom_bytes(plan: StudyPlan, anatomy: Anatomy, index: int, hu: np.ndarray, 
     return buffer.getvalue()
 
 
-def _outside_field_of_view() -> np.ndarray:
-    axis = np.arange(PIXELS) - (PIXELS - 1) / 2
-    return np.hypot(axis[None, :], axis[:, None]) > PIXELS / 2
+PLAIN_FILE = {name: False for name in QUIRK_NAMES}
+
+
+def _outside_field_of_view(shape: tuple[int, int]) -> np.ndarray:
+    rows, cols = (np.arange(n) - (n - 1) / 2 for n in shape)
+    return np.hypot(cols[None, :], rows[:, None]) > min(shape) / 2
 
 
 def _draw_quirks(rng: np.random.Generator, rates: QuirkRates) -> tuple[dict[str, bool], object]:
@@ -724,6 +775,22 @@ def _write_train_csv(wide: pd.DataFrame, path: Path, rng: np.random.Generator, d
     return repeated
 
 
+def write_label_tables(out_dir: Path, plans: list, labels: dict[int, np.ndarray], rng: np.random.Generator,
+                       duplicate_label_row: bool) -> str:
+    """The Kaggle CSVs of a dataset: training labels, the test truth (under ``truth/``), the sample submission.
+
+    ``plans`` need ``number``, ``split`` and ``image_ids``; ``labels`` maps a plan's number to its
+    (n, 6) labels. Returns the image whose training rows were written twice ('' for none).
+    """
+    train = [p for p in plans if p.split == "train"]
+    test = [p for p in plans if p.split == "test"]
+    repeated = _write_train_csv(_wide(train, labels), out_dir / "stage_2_train.csv", rng, duplicate_label_row)
+    test_wide = _wide(test, labels).sort_index()
+    write_long(test_wide, out_dir / "truth" / "stage_2_test_labels.csv")
+    write_long(test_wide * 0 + 0.5, out_dir / "stage_2_sample_submission.csv")
+    return repeated
+
+
 def summarize(plans: list[StudyPlan], labels: dict[int, np.ndarray]) -> dict:
     """Counts and proportions per split: studies with a bleed, slices per subtype."""
     summary = {}
@@ -757,14 +824,8 @@ def write_dataset(out_dir: str | Path, train_studies: int, test_studies: int, se
     results = {r["number"]: r for r in parallel_map(job, plans, workers=workers, desc="synthetic studies",
                                                     unit="study", chunksize=1)}
     labels = {n: r["labels"] for n, r in results.items()}
-    rng = np.random.default_rng([seed, 0xC5F])
-    train = [p for p in plans if p.split == "train"]
-    test = [p for p in plans if p.split == "test"]
-    repeated = _write_train_csv(_wide(train, labels), out_dir / "stage_2_train.csv", rng,
-                                quirks.duplicate_label_row)
-    test_wide = _wide(test, labels).sort_index()
-    write_long(test_wide, out_dir / "truth" / "stage_2_test_labels.csv")
-    write_long(test_wide * 0 + 0.5, out_dir / "stage_2_sample_submission.csv")
+    repeated = write_label_tables(out_dir, plans, labels, np.random.default_rng([seed, 0xC5F]),
+                                  quirks.duplicate_label_row)
     summary = summarize(plans, labels)
     summary["quirks"] = {name: sum(r["quirks"][name] for r in results.values()) for name in
                          next(iter(results.values()))["quirks"]} if results else {}
