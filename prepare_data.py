@@ -1,6 +1,7 @@
 """Prepare a dataset: raw DICOM files -> slice index (data/<dataset>/index.parquet) -> slice store.
 
     python prepare_data.py --synthetic --small --dataset synthetic     # offline, a minute on 2 cores
+    python prepare_data.py --synthetic --backgrounds ../shared/data/real/rsna_normal --dataset inserted
     python prepare_data.py --download --dataset rsna --workers 16      # the challenge data (Kaggle account)
     python prepare_data.py --dicom-dir /path/to/exported/study --dataset mystudy
 
@@ -16,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ihd import synthetic
+from ihd import insertion, synthetic
 from ihd.index import FOLD_BALANCES, build_index, drop_unreadable
 from ihd.io import read_json, run_header
 from ihd.kaggle_api import COMPETITION, KaggleAccessError, kaggle_api, network_hint
@@ -31,6 +32,7 @@ class Settings:
     data_dir: str = "data"  # where datasets live (the other stages take the same flag)
     raw: str | None = None  # Kaggle-layout folder; None means data/<dataset>/raw
     synthetic: bool = False  # write a synthetic dataset first: the whole kit runs offline
+    backgrounds: str | None = None  # with --synthetic: bleeds inserted into these bleed-free DICOM series, not phantoms
     train_studies: int | None = None  # synthetic training studies; None takes the preset (--small or default)
     test_studies: int | None = None  # synthetic test studies; None takes the preset
     seed: int = 0  # synthetic data and fold dealing are deterministic for a seed
@@ -54,6 +56,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     source.add_argument("--synthetic", action="store_true")
     source.add_argument("--download", action="store_true")
     source.add_argument("--dicom-dir", default=defaults.dicom_dir)
+    parser.add_argument("--backgrounds", default=defaults.backgrounds)
     parser.add_argument("--train-studies", type=int, default=defaults.train_studies)
     parser.add_argument("--test-studies", type=int, default=defaults.test_studies)
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -63,6 +66,8 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--fold-balance", choices=FOLD_BALANCES, default=defaults.fold_balance)
     parser.add_argument("--workers", type=int, default=defaults.workers)
     settings = Settings(**vars(parser.parse_args(argv)))
+    if settings.backgrounds and not settings.synthetic:
+        parser.error("--backgrounds goes with --synthetic (bleeds inserted into those series)")
     if settings.synthetic:
         preset = synthetic.SMALL if settings.small else synthetic.DEFAULT_SIZE
         settings.train_studies = settings.train_studies or preset["train_studies"]
@@ -72,7 +77,9 @@ def parse_args(argv: list[str] | None) -> Settings:
 
 def write_synthetic(settings: Settings, raw: Path) -> None:
     """Write the synthetic dataset into ``raw``, unless the same one is already there."""
-    wanted = {"train_studies": settings.train_studies, "test_studies": settings.test_studies, "seed": settings.seed}
+    backgrounds = str(Path(settings.backgrounds).resolve()) if settings.backgrounds else None
+    wanted = {"train_studies": settings.train_studies, "test_studies": settings.test_studies, "seed": settings.seed,
+              "backgrounds": backgrounds}
     config_path = raw / "config.json"
     if config_path.is_file():
         found = {key: read_json(config_path)["settings"].get(key) for key in wanted}
@@ -83,10 +90,18 @@ def write_synthetic(settings: Settings, raw: Path) -> None:
                          "choose another --dataset or delete that folder")
     if raw.is_dir() and any(raw.iterdir()):
         raise SystemExit(f"{raw} is not empty and holds no synthetic dataset: choose another --dataset or --raw")
-    summary = synthetic.write_dataset(raw, settings.train_studies, settings.test_studies,
-                                      seed=settings.seed, workers=settings.workers)
+    if backgrounds:
+        try:
+            summary = insertion.write_dataset(raw, backgrounds, settings.train_studies, settings.test_studies,
+                                              seed=settings.seed, workers=settings.workers)
+        except insertion.BackgroundError as error:
+            raise SystemExit(f"--backgrounds: {error}") from None
+    else:
+        summary = synthetic.write_dataset(raw, settings.train_studies, settings.test_studies,
+                                          seed=settings.seed, workers=settings.workers)
     images = sum(summary[split]["images"] for split in ("train", "test") if split in summary)
-    print(f"synthetic dataset: {images} images -> {raw}")
+    print(f"synthetic dataset ({'bleeds inserted into ' + backgrounds if backgrounds else 'phantoms'}): "
+          f"{images} images -> {raw}")
 
 
 def download_competition(raw: Path) -> None:

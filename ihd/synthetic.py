@@ -152,7 +152,7 @@ class StudyPlan:
 
 # ---------------------------------------------------------------- dataset-level plan
 
-def _hex_ids(rng: np.random.Generator, count: int, digits: int, taken: set[str]) -> list[str]:
+def hex_ids(rng: np.random.Generator, count: int, digits: int, taken: set[str]) -> list[str]:
     """``count`` new unique ``ID_<digits hex>`` identifiers."""
     out: list[str] = []
     while len(out) < count:
@@ -163,7 +163,7 @@ def _hex_ids(rng: np.random.Generator, count: int, digits: int, taken: set[str])
     return out
 
 
-def _allocate_primaries(n_bleeding: int, rng: np.random.Generator) -> list[str]:
+def allocate_primaries(n_bleeding: int, rng: np.random.Generator) -> list[str]:
     """Main subtypes for ``n_bleeding`` studies: proportional, every subtype once when there are 5+."""
     shares = np.array([PRIMARY_SHARES[s] for s in BLEEDS])
     counts = np.floor(shares * n_bleeding).astype(int)
@@ -178,7 +178,7 @@ def _allocate_primaries(n_bleeding: int, rng: np.random.Generator) -> list[str]:
     return [primaries[i] for i in rng.permutation(len(primaries))]
 
 
-def _study_subtypes(primary: str, rng: np.random.Generator) -> tuple[str, ...]:
+def study_subtypes(primary: str, rng: np.random.Generator) -> tuple[str, ...]:
     """The main subtype plus co-occurring ones."""
     found = {primary} | {s for s, p in CO_OCCURRENCE[primary].items() if rng.random() < p}
     return tuple(s for s in BLEEDS if s in found)
@@ -198,16 +198,16 @@ def plan_dataset(train_studies: int, test_studies: int, seed: int = 0, quirks: Q
     plans: list[StudyPlan] = []
     for split, count in (("train", train_studies), ("test", test_studies)):
         n_bleeding = int(round(BLEED_STUDY_FRACTION * count))
-        primaries = _allocate_primaries(n_bleeding, rng) + [""] * (count - n_bleeding)
+        primaries = allocate_primaries(n_bleeding, rng) + [""] * (count - n_bleeding)
         primaries = [primaries[i] for i in rng.permutation(count)]
         patient = ""
         for primary in primaries:
             number = len(plans)
             if not patient or rng.random() > 0.1:
-                patient = _hex_ids(rng, 1, 8, taken)[0]
-            study_id, series_id = _hex_ids(rng, 2, 10, taken)
-            images = tuple(_hex_ids(rng, _n_slices(rng), 9, taken))
-            subtypes = _study_subtypes(primary, rng) if primary else ()
+                patient = hex_ids(rng, 1, 8, taken)[0]
+            study_id, series_id = hex_ids(rng, 2, 10, taken)
+            images = tuple(hex_ids(rng, _n_slices(rng), 9, taken))
+            subtypes = study_subtypes(primary, rng) if primary else ()
             plans.append(StudyPlan(number, split, patient, study_id, series_id, images, subtypes))
     if quirks.truncated_file and train_studies:
         victim = plans[int(rng.integers(0, train_studies))]
@@ -251,16 +251,17 @@ def draw_anatomy(rng: np.random.Generator, n_slices: int) -> Anatomy:
     )
 
 
-def _wrap_angle(angle: np.ndarray | float) -> np.ndarray | float:
+def wrap_angle(angle: np.ndarray | float) -> np.ndarray | float:
+    """An angle (radians) in [-pi, pi)."""
     return (angle + np.pi) % (2 * np.pi) - np.pi
 
 
-def _lateral_angle(rng: np.random.Generator) -> float:
+def lateral_angle(rng: np.random.Generator) -> float:
     """A direction over a convexity: mostly lateral (temporo-parietal), sometimes frontal."""
     side = 0.0 if rng.random() < 0.5 else np.pi
     if rng.random() < 0.2:
         return float(-np.pi / 2 + rng.normal(0, 0.4))
-    return float(_wrap_angle(side + rng.normal(0, 0.5)))
+    return float(wrap_angle(side + rng.normal(0, 0.5)))
 
 
 def draw_bleeds(subtypes: tuple[str, ...], anatomy: Anatomy, rng: np.random.Generator) -> list[Bleed]:
@@ -269,11 +270,11 @@ def draw_bleeds(subtypes: tuple[str, ...], anatomy: Anatomy, rng: np.random.Gene
     for subtype in subtypes:
         if subtype == "epidural":
             bleeds.append(Bleed(subtype, rng.uniform(30, 100), rng.uniform(8, 14), rng.uniform(65, 90),
-                                _lateral_angle(rng), rng.uniform(0.25, 0.45), rng.uniform(9, 20)))
+                                lateral_angle(rng), rng.uniform(0.25, 0.45), rng.uniform(9, 20)))
         elif subtype == "subdural":
             for _ in range(1 + int(rng.random() < 0.15)):
                 bleeds.append(Bleed(subtype, rng.uniform(45, 100), rng.uniform(18, 40), rng.uniform(55, 85),
-                                    _lateral_angle(rng), rng.uniform(0.6, 1.2), rng.uniform(3, 12)))
+                                    lateral_angle(rng), rng.uniform(0.6, 1.2), rng.uniform(3, 12)))
         elif subtype == "intraparenchymal":
             for _ in range(1 + int(rng.random() < 0.25)):
                 radius = float(rng.uniform(4, 20))
@@ -313,7 +314,7 @@ def extra_axial_mask(bleed: Bleed, size: float, theta: np.ndarray, inner_depth_m
     ``theta`` is each pixel's direction from the head's centre, ``inner_depth_mm`` its depth inside
     the inner table (<= 0 outside the cranial cavity).
     """
-    spread = np.abs(_wrap_angle(theta - bleed.angle_rad)) / (bleed.half_angle_rad * size ** 0.5)
+    spread = np.abs(wrap_angle(theta - bleed.angle_rad)) / (bleed.half_angle_rad * size ** 0.5)
     profile = np.clip(1 - spread ** 2, 0, 1)
     profile = np.sqrt(profile) if bleed.subtype == "epidural" else profile ** 0.7
     return (inner_depth_mm > 0) & (inner_depth_mm < bleed.thickness_mm * size * profile)
@@ -542,7 +543,7 @@ class StudyPhantom:
                 return None
             level = 30 * self.anatomy.ventricle_scale * (1 - 2 * bleed.thickness_mm * size)
             return ventricles & (self.y > level)
-        spread = np.abs(_wrap_angle(self.theta - bleed.angle_rad)) < bleed.half_angle_rad * size
+        spread = np.abs(wrap_angle(self.theta - bleed.angle_rad)) < bleed.half_angle_rad * size
         wider = (np.abs(gyri) < 0.09) & (brain_depth < 18) & (brain_depth > -0.5)
         return (csf_spaces | wider) & spread & (inner > 0)
 
