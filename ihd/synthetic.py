@@ -7,8 +7,10 @@
 A study is one axial series from below the skull base to the vertex. The phantom is analytic: the
 skull, brain, ventricles and bleeds are implicit shapes in head coordinates (mm), evaluated on each
 slice's pixel grid; ``h`` is the height above the skull base (floor of the middle cranial fossa).
-Tissue in Hounsfield units: air -1000, scalp ~40, skull 700-1500 (densest at the base), grey matter
-~38, white matter ~27, CSF ~6, fresh blood 50-90.
+Tissue in Hounsfield units: air -1000, scalp ~45 with a layer of fat (-60 to -110), skull 700-1500
+(densest at the base, with petrous ridges and the clivus), grey matter ~38, white matter ~27, CSF ~6,
+fresh blood 50-90. What is dense but no bleed is there too, as in real scans: the scanner's head
+holder and table behind the head, and calcifications of the pineal, the choroid plexus and the falx.
 
 Bleeds are 3D: each has a centre height and a half-height, and on a slice at distance ``u`` (in
 half-heights) from its centre its cross-section is scaled by ``sqrt(1 - u**2)``. Its contrast
@@ -64,6 +66,8 @@ CO_OCCURRENCE = {
     "intraventricular": {"intraparenchymal": 0.5, "subarachnoid": 0.3},
 }
 MIN_LABEL_AREA_MM2 = 10.0
+SKIN_HU = 45.0  # skin and galea; the scalp's fat between them is drawn per head
+GALEA_MM = 1.2  # dense layer of the scalp against the skull, under the fat
 TAPER_SLICES = 1.5
 END_CONTRAST = 0.3
 SMALL = dict(train_studies=4, test_studies=2)
@@ -293,6 +297,49 @@ def draw_bleeds(subtypes: tuple[str, ...], anatomy: Anatomy, rng: np.random.Gene
     return bleeds
 
 
+@dataclass(frozen=True)
+class Cues:
+    """Real-anatomy cues without a bleed: scalp layers, the head holder, physiological calcifications (0 HU: absent)."""
+
+    skin_mm: float
+    fat_hu: float  # subcutaneous fat between the skin and the galea
+    holder_gap_mm: float  # foam between the back of the head and the holder's shell
+    holder_mm: float  # shell thickness
+    holder_hu: float
+    holder_half_angle_rad: float  # how far the shell wraps around the head from straight behind it
+    table_gap_mm: float  # from the shell down to the table top
+    table_hu: float
+    pineal_hu: float
+    pineal_mm: float
+    choroid_hu: float
+    falx_hu: float
+    falx_y_mm: float  # anterior end of the falx plaque (negative: frontal)
+    falx_h_mm: float
+
+
+def draw_cues(rng: np.random.Generator) -> Cues:
+    """Random scalp, holder and calcifications: the pineal in 60% of heads, choroid plexus in 50%, falx in 20%."""
+    return Cues(
+        skin_mm=float(rng.uniform(1.0, 2.0)), fat_hu=float(rng.uniform(-110, -60)),
+        holder_gap_mm=float(rng.uniform(3, 15)), holder_mm=float(rng.uniform(1.5, 3.5)),
+        holder_hu=float(rng.uniform(150, 700)), holder_half_angle_rad=float(rng.uniform(1.0, 1.7)),
+        table_gap_mm=float(rng.uniform(2, 12)), table_hu=float(rng.uniform(100, 400)),
+        pineal_hu=float(rng.uniform(150, 600)) if rng.random() < 0.6 else 0.0, pineal_mm=float(rng.uniform(2, 4)),
+        choroid_hu=float(rng.uniform(100, 350)) if rng.random() < 0.5 else 0.0,
+        falx_hu=float(rng.uniform(200, 600)) if rng.random() < 0.2 else 0.0,
+        falx_y_mm=float(rng.uniform(-55, -10)), falx_h_mm=float(rng.uniform(55, 95)),
+    )
+
+
+def _sphere_section(x: np.ndarray, y: np.ndarray, centre: tuple[float, float, float], radius_mm: float,
+                    h_mm: float) -> np.ndarray:
+    """Where a sphere (x, y, height; mm) cuts the slice at height ``h_mm``."""
+    half = radius_mm ** 2 - (h_mm - centre[2]) ** 2
+    if half <= 0:
+        return np.zeros(x.shape, bool)
+    return (x - centre[0]) ** 2 + (y - centre[1]) ** 2 < half
+
+
 def bleed_section(bleed: Bleed, h_mm: float, slice_step_mm: float) -> tuple[float, float] | None:
     """A bleed's cross-section on the slice at height ``h_mm``: (size, contrast), or None off the bleed.
 
@@ -390,7 +437,26 @@ class StudyPhantom:
         self.warp = Field(rng, 8, 12.0, h_range)
         self.texture = Field(rng, 60, 4.0, h_range)
         self.sulcus_mm = float(rng.uniform(11, 14))
+        self.cues = draw_cues(rng)
+        self.holder = self._holder(axis)
         self.box = (slice(None), slice(None))
+
+    def _holder(self, axis: np.ndarray) -> np.ndarray:
+        """HU of the scanner's head holder and table (air elsewhere), fixed to the scanner, the same on every slice.
+
+        A curved shell cradles the back of the head (image rows grow towards the patient's back)
+        over foam (air-like on CT), and the flat table top lies further down.
+        """
+        a, cues = self.anatomy, self.cues
+        col, row = np.meshgrid(axis - a.centre_mm[0], axis - a.centre_mm[1])
+        radius = max(a.half_width_mm, a.half_length_mm) + a.scalp_mm + cues.holder_gap_mm
+        distance = np.hypot(col, row)
+        behind = np.abs(wrap_angle(np.arctan2(row, col) - np.pi / 2)) < cues.holder_half_angle_rad
+        shell = behind & (distance > radius) & (distance < radius + cues.holder_mm)
+        table_top = radius + cues.holder_mm + cues.table_gap_mm
+        table = ((row > table_top) & (row < table_top + 2)) | ((row > table_top + 12) & (row < table_top + 14))
+        holder = np.where(shell, np.float32(cues.holder_hu), np.float32(-1000))
+        return np.where(table, np.float32(cues.table_hu), holder).astype(np.float32)
 
     def heights_mm(self) -> np.ndarray:
         """Height above the skull base of every slice, first (lowest) to last."""
@@ -425,6 +491,7 @@ class StudyPhantom:
         if scale > 0.02:
             box = self._head_box(scale)
             hu[box] = self._cropped(box)._render_head(h, scale, masks[(slice(None),) + box])
+        hu = np.where(hu < -500, np.maximum(hu, self.holder), hu)
         return self._finish(hu, rng), masks
 
     def _head_box(self, scale: float) -> tuple[slice, slice]:
@@ -454,7 +521,9 @@ class StudyPhantom:
         inner = inner_scale * self.boundary - skull - self.r  # mm inside the inner table
         brain_depth = inner - a.csf_rim_mm
         gyri = self.gyri.at(h, self.pixels, self.box)
-        hu = np.where(depth > -a.scalp_mm, np.float32(40), np.float32(-1000))
+        hu = np.where(depth > -a.scalp_mm, np.float32(SKIN_HU), np.float32(-1000))
+        fat = (depth < -GALEA_MM) & (depth > -(a.scalp_mm - self.cues.skin_mm))
+        hu = np.where(fat, np.float32(self.cues.fat_hu), hu)
         diploe = np.clip(1 - ((depth - inner) / (depth + 1e-3) - 0.5) ** 2 * 6, 0, 1)
         skull_hu = a.skull_hu * (1 - 0.35 * np.clip((h - 20) / (a.h_vertex_mm - 20), 0, 1))
         hu = np.where(depth > 0, (skull_hu * (1 - 0.35 * diploe)).astype(np.float32), hu)
@@ -487,12 +556,28 @@ class StudyPhantom:
         tissue = np.where(csf, np.float32(a.csf_hu), tissue)
         if h > 35:
             tissue = np.where((np.abs(self.x) < 0.45) & (np.abs(self.y) > 32), np.float32(48), tissue)
+        tissue = self._add_calcifications(tissue, h)
         tissue = self._add_bleeds(tissue, masks, h, inner, brain_depth, gyri, sulci, ventricles)
         hu = np.where(inner > 0, tissue, hu)
         if h < 25:
             hu = self._skull_base(hu, h, inner, masks)
         masks &= (inner > 0)[None]
         return hu
+
+    def _add_calcifications(self, tissue: np.ndarray, h: float) -> np.ndarray:
+        """Physiological calcifications, dense but no bleed: pineal, choroid plexus in the atria, a falx plaque."""
+        cues, v = self.cues, self.anatomy.ventricle_scale
+        if cues.pineal_hu:
+            tissue = np.where(_sphere_section(self.x, self.y, (0.0, 14.0, 38.0), cues.pineal_mm, h),
+                              np.float32(cues.pineal_hu), tissue)
+        if cues.choroid_hu:
+            for side in (-1, 1):
+                spot = _sphere_section(self.x, self.y, (side * (1.5 + 12 * v), 22 * v, 52.0), 3.0, h)
+                tissue = np.where(spot, np.float32(cues.choroid_hu), tissue)
+        if cues.falx_hu and abs(h - cues.falx_h_mm) < 8:
+            plaque = (np.abs(self.x) < 0.8) & (self.y > cues.falx_y_mm) & (self.y < cues.falx_y_mm + 15)
+            tissue = np.where(plaque, np.float32(cues.falx_hu), tissue)
+        return tissue
 
     def _skull_base(self, hu: np.ndarray, h: float, inner: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """Below the cerebrum the cranial cavity narrows to the anterior, middle and posterior fossae.
@@ -506,7 +591,7 @@ class StudyPhantom:
         posterior = 0.35 + 0.65 * np.clip((h + 25) / 25, 0, 1)
         cavity = ((self.frontal_fossa < frontal ** 2) | (self.temporal_fossae < temporal ** 2)
                   | (self.posterior_fossa < posterior ** 2))
-        bone = (inner > 0) & ~cavity
+        bone = (inner > 0) & (~cavity | self._petrous_and_clivus(h))
         masks &= ~bone[None]
         texture = self.texture.at(h, self.pixels, self.box)
         air_cells = (texture > 0.3) & ((self.sinus < 1) | ((self.posterior_fossa < 1.5) & (np.abs(self.x) > 0.6 * a.half_width_mm)))
@@ -515,6 +600,22 @@ class StudyPhantom:
         if -20 < h < 8:
             hu = np.where(bone & (self.orbits < 1), np.where(self.orbits < 0.45, np.float32(12), np.float32(-90)), hu)
         return hu
+
+    def _petrous_and_clivus(self, h: float) -> np.ndarray:
+        """The dense ridges between the middle and posterior fossae, and the clivus in front of the brainstem."""
+        w, l = self.anatomy.half_width_mm, self.anatomy.half_length_mm
+        ridges = np.zeros(self.x.shape, bool)
+        if -20 < h < 12:
+            width = 4.0 * (1 - (h + 4) ** 2 / 16 ** 2) + 1.0
+            start, end = np.array([10.0, 0.02 * l]), np.array([0.8 * w, 0.3 * l])
+            direction = (end - start) / np.linalg.norm(end - start)
+            for side in (-1, 1):
+                along = (side * self.x - start[0]) * direction[0] + (self.y - start[1]) * direction[1]
+                across = -(side * self.x - start[0]) * direction[1] + (self.y - start[1]) * direction[0]
+                ridges |= (along > 0) & (along < np.linalg.norm(end - start)) & (np.abs(across) < width)
+        if -25 < h < 8:
+            ridges |= (np.abs(self.x) < 7) & (self.y > -0.02 * l - 6) & (self.y < -0.02 * l + 4)
+        return ridges
 
     def _add_bleeds(self, tissue, masks, h, inner, brain_depth, gyri, csf_spaces, ventricles):
         """Paint every bleed active at height ``h`` into ``tissue`` and its mask."""
