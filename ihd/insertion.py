@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import cv2
@@ -72,6 +72,7 @@ HEAD_CHECK_HEIGHTS = (0.5, 0.65, 0.8)  # where along the series that slice is lo
 TEST_PATIENT_SHARE = 0.2
 PLACEMENT_AREA_SHARE = 0.35  # bleeds are centred on slices whose cranial cavity is at least this share of the largest
 EDGE_MM = 0.7  # partial volume at a bleed's edge (Gaussian blur of its mask)
+STUDIES_PER_TASK = 4  # studies handed to a worker at once (consecutive ones share a background)
 FLIP_PROBABILITY = 0.5
 ROTATION_DEG = 10.0
 SHIFT_MM = 10.0
@@ -388,12 +389,20 @@ def insert_bleeds(hu: np.ndarray, anatomy: HeadAnatomy, bleeds: list[Bleed], hei
     return out, masks
 
 
+@lru_cache(maxsize=1)
+def read_series_hu(paths: tuple[str, ...]) -> np.ndarray:
+    """A background's slices in HU (n, rows, cols), read-only; kept for the next study of the same background."""
+    hu = np.stack([read_hu(path) for path in paths])
+    hu.flags.writeable = False
+    return hu
+
+
 def render_study(plan: InsertionPlan, seed: int) -> dict:
     """One study's HU (n, rows, cols), masks, labels and the record of what was done to its background."""
     background = plan.background
     rng = study_rng(seed, plan.number)
     augmentation = draw_augmentation(rng)
-    hu = augment(np.stack([read_hu(path) for path in background.paths]), augmentation, background.spacing_mm)
+    hu = augment(read_series_hu(background.paths), augmentation, background.spacing_mm)
     heights = np.asarray(background.heights_mm)
     anatomy = find_anatomy(hu, background.spacing_mm, background.slice_step_mm)
     bleeds = draw_bleeds(plan.subtypes, anatomy, heights, rng)
@@ -437,8 +446,9 @@ def write_dataset(out_dir: str | Path, backgrounds_dir: str | Path, train_studie
         print(f"background {message}")
     plans = plan_insertions(backgrounds, train_studies, test_studies, seed, backgrounds_dir)
     job = partial(write_study, out_dir=out_dir, seed=seed)
-    results = {r["number"]: r for r in parallel_map(job, plans, workers=workers, desc="inserted studies",
-                                                    unit="study", chunksize=1)}
+    by_background = sorted(plans, key=lambda p: (p.background.series_id, p.number))  # each worker reads a background once
+    results = {r["number"]: r for r in parallel_map(job, by_background, workers=workers, desc="inserted studies",
+                                                    unit="study", chunksize=STUDIES_PER_TASK)}
     labels = {n: r["labels"] for n, r in results.items()}
     write_label_tables(out_dir, plans, labels, np.random.default_rng([seed, 0xC5F]), duplicate_label_row=False)
     summary = summarize(plans, labels)
