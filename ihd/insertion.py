@@ -187,6 +187,8 @@ def find_backgrounds(folder: str | Path, workers: int | None = 1) -> tuple[list[
     repeated positions or holes, or is unreadable; damaged DICOM files are skipped too (other files,
     such as a label CSV, are ignored). Each message names the series (or file) and the reason.
     """
+    if not Path(folder).is_dir():
+        raise BackgroundError(f"{folder}: no such folder of background series")
     headers, bad = scan_headers([(folder, "test")], workers=workers)
     dicom_like = ~bad["reason"].str.startswith("not a DICOM file") | bad["path"].str.lower().str.endswith(".dcm")
     skipped = [f"{row.path}: {row.reason}, skipped" for row in bad[dicom_like].itertuples()]

@@ -216,6 +216,9 @@ def test_bad_backgrounds_are_skipped_by_name_and_too_few_is_an_error(normal_file
     assert len(insertion.plan_insertions(usable, 2, 0)) == 2  # one patient is enough without test studies
 
 
-def test_backgrounds_flag_needs_synthetic(tmp_path):
+def test_backgrounds_flag_needs_synthetic_and_an_existing_folder(tmp_path):
     with pytest.raises(SystemExit):
         prepare_data.main(["--backgrounds", str(tmp_path), "--dataset", "x", "--data-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=f"--backgrounds: {tmp_path / 'absent'}: no such folder"):
+        prepare_data.main(["--synthetic", "--backgrounds", str(tmp_path / "absent"), "--dataset", "x",
+                           "--data-dir", str(tmp_path)])
