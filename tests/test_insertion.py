@@ -1,5 +1,6 @@
 """Bleeds inserted into real bleed-free RSNA series: placement by compartment, blood and noise, labels, bad backgrounds."""
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -39,9 +40,16 @@ def backgrounds_dir(normal_files, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def inserted(backgrounds_dir, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("inserted") / "raw"
-    return out, insertion.write_dataset(out, backgrounds_dir, 2, 1, seed=1, workers=2)
+def prepared(backgrounds_dir, tmp_path_factory) -> Path:
+    """Two training and one test study inserted into the backgrounds, indexed and stored at 64x64."""
+    return prepare_data.main(["--synthetic", "--backgrounds", str(backgrounds_dir), "--train-studies", "2",
+                              "--test-studies", "1", "--seed", "1", "--size", "64", "--workers", "2", "--folds", "2",
+                              "--dataset", "inserted", "--data-dir", str(tmp_path_factory.mktemp("data"))])
+
+
+@pytest.fixture(scope="module")
+def inserted(prepared) -> tuple[Path, dict]:
+    return prepared / "raw", json.loads((prepared / "raw" / "config.json").read_text())["summary"]
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +82,16 @@ def test_layout_labels_agree_with_masks_and_slices_keep_their_positions(inserted
         assert np.all(np.diff([read_header(files[i]).z for i in image_ids]) > 0)
     assert labels["any"].sum() > 0 and (labels["any"] == 0).sum() > 0
     assert not set(summary["backgrounds"]["train"]) & set(summary["backgrounds"]["test"])
+
+
+def test_prepare_data_indexes_every_inserted_slice_with_its_label(prepared, inserted):
+    index = pd.read_parquet(prepared / "index.parquet")
+    out, summary = inserted
+    assert len(index) == summary["train"]["images"] + summary["test"]["images"]
+    train = index[index["split"] == "train"].set_index("image_id")
+    labels = read_long_labels(out / "stage_2_train.csv")
+    np.testing.assert_array_equal(train.loc[labels.index, list(SUBTYPES)].to_numpy(), labels.to_numpy())
+    assert (train["fold"] >= 0).all() and index.loc[index["split"] == "test", "any"].isna().all()
 
 
 def test_studies_of_one_background_share_a_new_patient_id(inserted):
