@@ -1,7 +1,6 @@
 """Bleeds inserted into real bleed-free RSNA series: placement by compartment, blood and noise, labels, bad backgrounds."""
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import cv2
