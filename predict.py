@@ -4,6 +4,8 @@ to per-slice probabilities; Grad-CAM pictures of the slices most likely to bleed
     python predict.py --run synthetic-tiny-128-windows-fold0 --gradcam 1
     python predict.py --run rsna-efficientnetb0-256-windows-fold0 --selection pca:120 --submit --message "pca120"
     python predict.py --run rsna-efficientnetb0-256-windows-fold0 --dicom-dir /path/to/exported/studies --gradcam 3
+    python predict.py --run demo --dicom-dir ../shared/data/real/rsna_labeled/stage_2_train \
+        --labels ../shared/data/real/rsna_labeled/stage_2_train.csv
 
 Dataset route: reads the run's cached CNN outputs (extracting them first if the cache is incomplete),
 applies the selection and its LSTM to every test slice and writes submissions/<run>-<slug>.csv in the
@@ -12,7 +14,10 @@ prints and saves the test weighted log loss of the prior, the CNN alone and CNN 
 (submissions/<run>-<slug>-scores.json). Pictures go to submissions/<run>-gradcam/.
 DICOM route: everything in memory; probabilities.csv, the folder's index and pictures go to --out
 (default submissions/<run>-<slug>-<folder name>/). Files that cannot be read as HU are listed there in
-bad_files.csv with the reason; --read-non-ct-as-hu reads modalities other than CT as HU instead.
+bad_files.csv with the reason; --read-non-ct-as-hu reads modalities other than CT as HU instead. With
+--labels (the challenge's long ID,Label format) the probabilities are scored beside them
+(scores.json): weighted log loss, slice-level AUC of every subtype and `any`, study-level AUC, for
+CNN+LSTM, the CNN alone and the training prior.
 """
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ from ihd.io import atomic_path, run_header, write_json
 from ihd.kaggle_api import KaggleAccessError
 from ihd.labels import SUBTYPES, read_long_labels
 from ihd.metrics import prior_baseline
-from ihd.report import format_scores, scores_on_truth, truth_path
+from ihd.features import load_features
+from ihd.report import folder_scores, format_folder_scores, format_scores, scores_on_truth, truth_path
 from ihd.slices import SliceStore
 from ihd.submission import submit, write_submission
 
@@ -61,6 +67,7 @@ class Settings:
     gradcam_method: str = "gradcam"  # gradcam or gradcam++ (sharper when a bleed has several parts)
     sample: str | None = None  # sample submission; None: data/<dataset>/raw/stage_2_sample_submission.csv
     truth: str | None = None  # test labels for the scores report; None: the dataset's raw/truth/ file if present
+    labels: str | None = None  # with --dicom-dir: the folder's labels (long ID,Label CSV) to score the probabilities
     submit: bool = False  # send the submission to Kaggle (needs the internet and credentials)
     message: str = ""  # Kaggle submission description; empty: the run and selection
     data_dir: str = "data"  # where prepared datasets live (index, slice store, raw files)
@@ -145,6 +152,8 @@ def predict_folder(settings: Settings, chain: Chain) -> Path:
     write_json(out_dir / "config.json", {"selection": chain.selection_name, "settings": settings})
     print(f"probabilities: {csv_path} ({len(table)} slices in {index['study_id'].nunique()} studies)")
     print(table.groupby("study_id")["any"].max().rename("highest any probability").to_string())
+    if settings.labels:
+        score_folder(settings, chain, table, out_dir)
     if settings.gradcam > 0:
         pictures = draw_study_pictures(chain, predictions, lambda rows: hu[rows], out_dir, settings.gradcam,
                                        settings.gradcam_method)
@@ -152,9 +161,25 @@ def predict_folder(settings: Settings, chain: Chain) -> Path:
     return csv_path
 
 
+def score_folder(settings: Settings, chain: Chain, table, out_dir: Path) -> Path:
+    """Score the folder's probabilities against --labels, next to the training prior; saved beside them."""
+    prior = training_prior(load_features(Path(settings.features_dir) / chain.run))
+    report = folder_scores(table, read_long_labels(settings.labels), prior)
+    path = out_dir / "scores.json"
+    write_json(path, {"scores": report, "labels": settings.labels, "selection": chain.selection_name,
+                      "prior": dict(zip(SUBTYPES, prior.tolist()))})
+    if not report["models"]:
+        print(f"{settings.labels}: none of the {len(table)} predicted images has a label; nothing scored ({path})")
+        return path
+    print(f"scores against {settings.labels} ({path}):\n{format_folder_scores(report)}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> Path:
     settings = parse_args(argv)
     run_header(argv, settings)
+    if settings.labels and not settings.dicom_dir:
+        raise SystemExit("--labels scores a --dicom-dir folder (the dataset route reads its test labels from --truth)")
     try:
         chain = load_chain(settings.run, settings.selection, settings.models_dir, settings.features_dir)
         print(f"chain: {settings.run}, selection {chain.selection_name}")
