@@ -4,6 +4,8 @@ to per-slice probabilities; Grad-CAM pictures of the slices most likely to bleed
     python predict.py --run synthetic-tiny-128-windows-fold0 --gradcam 1
     python predict.py --run rsna-efficientnetb0-256-windows-fold0 --selection pca:120 --submit --message "pca120"
     python predict.py --run rsna-efficientnetb0-256-windows-fold0 --dicom-dir /path/to/exported/studies --gradcam 3
+    python predict.py --run demo --dicom-dir ../shared/data/real/rsna_labeled/stage_2_train \
+        --labels ../shared/data/real/rsna_labeled/stage_2_train.csv
     python predict.py --run demo --study study-attention-subtypes-weights32-pretrained --dicom-dir /path/to/studies
 
 Dataset route: reads the run's cached CNN outputs (extracting them first if the cache is incomplete),
@@ -13,13 +15,16 @@ prints and saves the test weighted log loss of the prior, the CNN alone and CNN 
 (submissions/<run>-<slug>-scores.json). Pictures go to submissions/<run>-gradcam/.
 DICOM route: everything in memory; probabilities.csv, the folder's index and pictures go to --out
 (default submissions/<run>-<slug>-<folder name>/). Files that cannot be read as HU are listed there in
-bad_files.csv with the reason; --read-non-ct-as-hu reads modalities other than CT as HU instead.
+bad_files.csv with the reason; --read-non-ct-as-hu reads modalities other than CT as HU instead. With
+--labels (the challenge's long ID,Label format) the probabilities are scored beside them
+(scores.json): weighted log loss, slice-level AUC of every subtype and `any`, study-level AUC, for
+CNN+LSTM, the CNN alone and the training prior.
 Study mode (--study NAME, or --study best): a study model trained by train_lstm.py --study-labels reads
 the same CNN outputs and writes one row per study (verdict at the validation threshold, probabilities,
 flagged slices) to studies.csv beside probabilities.csv, or submissions/<run>-<study>-studies.csv for
 the test set, scored against the dataset's study and slice truth when it has them (with the per-slice
-LSTM read at study level beside it; --truth FILE, slice labels in the long ID,Label form, scores a DICOM
-folder's studies the same way); --gradcam N draws the N slices of strongest study evidence of
+LSTM read at study level beside it; a DICOM folder's studies are scored the same way against
+--labels, in studies-scores.json); --gradcam N draws the N slices of strongest study evidence of
 every study called hemorrhage as one montage.
 """
 from __future__ import annotations
@@ -62,7 +67,8 @@ from ihd.study_inference import (
     study_truth_from_slices,
 )
 from ihd.metrics import prior_baseline
-from ihd.report import format_scores, scores_on_truth, truth_path
+from ihd.features import load_features
+from ihd.report import folder_scores, format_folder_scores, format_scores, scores_on_truth, truth_path
 from ihd.slices import SliceStore
 from ihd.submission import submit, write_submission
 
@@ -81,6 +87,7 @@ class Settings:
     gradcam_method: str = "gradcam"  # gradcam or gradcam++ (sharper when a bleed has several parts)
     sample: str | None = None  # sample submission; None: data/<dataset>/raw/stage_2_sample_submission.csv
     truth: str | None = None  # test labels for the scores report; None: the dataset's raw/truth/ file if present
+    labels: str | None = None  # with --dicom-dir: the folder's labels (long ID,Label CSV) to score the probabilities
     submit: bool = False  # send the submission to Kaggle (needs the internet and credentials)
     message: str = ""  # Kaggle submission description; empty: the run and selection
     data_dir: str = "data"  # where prepared datasets live (index, slice store, raw files)
@@ -186,12 +193,12 @@ def write_folder_studies(settings: Settings, chain: Chain, study: StudyModel, pr
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     print(f"studies: {csv_path}\n{table[['study_id', 'verdict', 'flagged_positions']].to_string(index=False)}")
-    if settings.truth:
-        slice_truth = read_long_labels(settings.truth)
+    if settings.labels:
+        slice_truth = read_long_labels(settings.labels)
         truth = study_truth_from_slices(predictions.index, slice_truth)
         scores = score_test(study, chain.lstm, inputs, predictions.index, series, table, truth, slice_truth)
-        write_json(out_dir / "studies-scores.json", {"scores": scores, "truth": settings.truth, "settings": settings})
-        print(f"study scores against {settings.truth}: {scores}")
+        write_json(out_dir / "studies-scores.json", {"scores": scores, "labels": settings.labels, "settings": settings})
+        print(f"study scores against {settings.labels}: {scores}")
     if settings.gradcam > 0:
         draw_best_slices(chain, predictions.index, table, series, weights, predictions.lstm, lambda rows: hu[rows],
                          out_dir, settings.gradcam, settings.gradcam_method)
@@ -219,6 +226,8 @@ def predict_folder(settings: Settings, chain: Chain, study: StudyModel | None = 
     write_json(out_dir / "config.json", {"selection": chain.selection_name, "settings": settings})
     print(f"probabilities: {csv_path} ({len(table)} slices in {index['study_id'].nunique()} studies)")
     print(table.groupby("study_id")["any"].max().rename("highest any probability").to_string())
+    if settings.labels:
+        score_folder(settings, chain, table, out_dir)
     if study is not None:
         write_folder_studies(settings, chain, study, predictions, hu, out_dir)
     elif settings.gradcam > 0:
@@ -228,9 +237,25 @@ def predict_folder(settings: Settings, chain: Chain, study: StudyModel | None = 
     return csv_path
 
 
+def score_folder(settings: Settings, chain: Chain, table, out_dir: Path) -> Path:
+    """Score the folder's probabilities against --labels, next to the training prior; saved beside them."""
+    prior = training_prior(load_features(Path(settings.features_dir) / chain.run))
+    report = folder_scores(table, read_long_labels(settings.labels), prior)
+    path = out_dir / "scores.json"
+    write_json(path, {"scores": report, "labels": settings.labels, "selection": chain.selection_name,
+                      "prior": dict(zip(SUBTYPES, prior.tolist()))})
+    if not report["models"]:
+        print(f"{settings.labels}: none of the {len(table)} predicted images has a label; nothing scored ({path})")
+        return path
+    print(f"scores against {settings.labels} ({path}):\n{format_folder_scores(report)}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> Path:
     settings = parse_args(argv)
     run_header(argv, settings)
+    if settings.labels and not settings.dicom_dir:
+        raise SystemExit("--labels scores a --dicom-dir folder (the dataset route reads its test labels from --truth)")
     try:
         study = None
         if settings.study:

@@ -1,6 +1,7 @@
 """Prepare a dataset: raw DICOM files -> slice index (data/<dataset>/index.parquet) -> slice store.
 
     python prepare_data.py --synthetic --small --dataset synthetic     # offline, a minute on 2 cores
+    python prepare_data.py --synthetic --backgrounds ../shared/data/real/rsna_normal --dataset inserted
     python prepare_data.py --download --dataset rsna --workers 16      # the challenge data (Kaggle account)
     python prepare_data.py --dicom-dir /path/to/exported/study --dataset mystudy
 
@@ -21,7 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ihd import synthetic
+from ihd import insertion, synthetic
 from ihd.flags import dataset_name, existing_folder, int_in
 from ihd.index import FOLD_BALANCES, build_index, drop_unreadable
 from ihd.io import read_json, run_header
@@ -39,6 +40,7 @@ class Settings:
     data_dir: str = "data"  # where datasets live (the other stages take the same flag)
     raw: str | None = None  # Kaggle-layout folder; None means data/<dataset>/raw
     synthetic: bool = False  # write a synthetic dataset first: the whole kit runs offline
+    backgrounds: str | None = None  # with --synthetic: bleeds inserted into these bleed-free DICOM series, not phantoms
     train_studies: int | None = None  # synthetic training studies; None takes the preset (--small or default)
     test_studies: int | None = None  # synthetic test studies; None takes the preset
     seed: int = 0  # synthetic data and fold dealing are deterministic for a seed
@@ -63,6 +65,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     source.add_argument("--synthetic", action="store_true")
     source.add_argument("--download", action="store_true")
     source.add_argument("--dicom-dir", type=existing_folder, default=defaults.dicom_dir)
+    parser.add_argument("--backgrounds", type=existing_folder, default=defaults.backgrounds)
     studies = int_in(0, meaning=" studies")
     parser.add_argument("--train-studies", type=studies, default=defaults.train_studies)
     parser.add_argument("--test-studies", type=studies, default=defaults.test_studies)
@@ -78,7 +81,8 @@ def parse_args(argv: list[str] | None) -> Settings:
     settings = Settings(**vars(parser.parse_args(argv)))
     if not settings.synthetic:
         stray = [flag for flag, value in (("--small", settings.small), ("--train-studies", settings.train_studies),
-                                          ("--test-studies", settings.test_studies)) if value not in (None, False)]
+                                          ("--test-studies", settings.test_studies), ("--backgrounds", settings.backgrounds))
+                 if value not in (None, False)]
         if stray:
             parser.error(f"{', '.join(stray)} can only be used with --synthetic")
         if settings.raw and not settings.download and not Path(settings.raw).is_dir():
@@ -102,7 +106,17 @@ def synthetic_settings(settings: Settings) -> dict:
 
 def refusal(settings: Settings, dataset_dir: Path, raw: Path) -> str | None:
     """Why this run cannot go ahead in these folders, or None; checked before anything is written or deleted."""
-    if settings.synthetic:
+    if settings.synthetic and settings.backgrounds:
+        wanted = {"backgrounds": str(Path(settings.backgrounds).resolve()), "train_studies": settings.train_studies,
+                  "test_studies": settings.test_studies, "seed": settings.seed}
+        if (raw / "config.json").is_file():
+            found = {key: read_json(raw / "config.json")["settings"].get(key) for key in wanted}
+            if found != wanted:
+                return f"{raw} holds a synthetic dataset made with {found}, not {wanted}: choose another --dataset or delete that folder"
+        elif raw.is_dir() and any(raw.iterdir()):
+            return (f"{raw} is not empty and holds no finished synthetic dataset (inserted bleeds are written in one "
+                    "go: an interrupted run starts again): delete that folder, or choose another --dataset")
+    elif settings.synthetic:
         try:
             synthetic.dataset_state(raw, synthetic_settings(settings))
         except synthetic.DatasetMismatch as error:
@@ -123,11 +137,23 @@ def refusal(settings: Settings, dataset_dir: Path, raw: Path) -> str | None:
 
 
 def write_synthetic(settings: Settings, raw: Path) -> None:
-    """Write the synthetic dataset into ``raw``, or finish an interrupted one; nothing when it is complete."""
-    summary = synthetic.write_dataset(raw, settings.train_studies, settings.test_studies,
-                                      seed=settings.seed, workers=settings.workers)
+    """Write the synthetic dataset into ``raw``: phantoms (finishing an interrupted run), or bleeds inserted
+    into the ``--backgrounds`` series; nothing when the same dataset is there (``refusal`` has ruled out another)."""
+    if settings.backgrounds:
+        if (raw / "config.json").is_file():
+            print(f"{raw} already holds this dataset of inserted bleeds")
+            return
+        try:
+            summary = insertion.write_dataset(raw, settings.backgrounds, settings.train_studies, settings.test_studies,
+                                              seed=settings.seed, workers=settings.workers)
+        except insertion.BackgroundError as error:
+            raise SystemExit(f"--backgrounds: {error}") from None
+    else:
+        summary = synthetic.write_dataset(raw, settings.train_studies, settings.test_studies,
+                                          seed=settings.seed, workers=settings.workers)
     images = sum(summary[split]["images"] for split in ("train", "test") if split in summary)
-    print(f"synthetic dataset: {images} images in {raw}")
+    kind = f"bleeds inserted into {settings.backgrounds}" if settings.backgrounds else "phantoms"
+    print(f"synthetic dataset ({kind}): {images} images in {raw}")
 
 
 def download_competition(raw: Path) -> None:

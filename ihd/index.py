@@ -293,6 +293,13 @@ def series_positions(headers: pd.DataFrame) -> tuple[pd.Series, pd.DataFrame, di
     return z[~unplaced], bad, {how: len(ids) for how, ids in orderings.items()}
 
 
+def place_slices(headers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+    """``headers`` of the slices that can be placed in their series, with their sort key ``z``; bad files
+    for the others; how many series were ordered each way (see ``series_positions``)."""
+    z, unplaced, orderings = series_positions(headers)
+    return headers.loc[z.index].assign(z=z), unplaced, orderings
+
+
 def _named(names: list[str], shown: int = 5) -> str:
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
@@ -393,8 +400,7 @@ def build_index(
     headers, refused = refuse_uninterpretable(headers, non_ct_as_hu)
     headers, repeated = drop_repeated_instances(headers)
     headers, clashes = make_ids_unique(headers)
-    z, unplaced, orderings = series_positions(headers)
-    headers = headers.loc[z.index].assign(z=z)
+    headers, unplaced, orderings = place_slices(headers)
     bad = pd.concat([unreadable, refused, repeated, clashes, unplaced], ignore_index=True)
     index, unmatched_labels = merge_labels(order_series(headers), labels)
     index["fold"] = assign_folds(index, folds=folds, balance=balance, seed=seed)

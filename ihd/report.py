@@ -1,8 +1,11 @@
-"""Scores on a test set with known truth (the synthetic datasets ship it): prior, CNN alone, CNN + LSTM.
+"""Scores on a test set with known truth (the synthetic datasets ship it), or on a labeled folder of DICOM files:
+prior, CNN alone, CNN + LSTM.
 
 The truth is `raw/truth/stage_2_test_labels.csv` in the challenge's long format. Every model is
 scored by the challenge's weighted log loss over the truth's images; an image a model has no
-prediction for (unreadable file) gets the training prior, as in the submission.
+prediction for (unreadable file) gets the training prior, as in the submission. A labeled folder
+(`predict.py --dicom-dir DIR --labels FILE`) is scored on the images that have both a prediction
+and a label, with AUCs at slice and study level; the others are listed, not guessed.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ihd.labels import SUBTYPES
-from ihd.metrics import weighted_log_loss
+from ihd.metrics import per_subtype_auc, weighted_log_loss
 
 TRUTH_FILE = Path("truth") / "stage_2_test_labels.csv"
 
@@ -44,3 +47,65 @@ def format_scores(scores: dict[str, float], reference: str = "cnn") -> str:
         change = f"{100 * (value / scores[reference] - 1):+.1f}%" if reference in scores else ""
         lines.append(f"| {name} | {value:.5f} | {change} |")
     return "\n".join(lines)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
+def folder_scores(probabilities: pd.DataFrame, truth: pd.DataFrame, prior: np.ndarray) -> dict:
+    """Scores of per-slice probabilities against known labels (a ``predict.py --dicom-dir`` folder).
+
+    ``probabilities`` has ``image_id``, ``study_id``, the six CNN+LSTM columns (SUBTYPES) and the CNN's
+    (``cnn_<subtype>``); ``truth`` is a wide label table. Only images with both a prediction and a
+    label are scored; the others are listed, never guessed. For CNN+LSTM, the CNN alone and the
+    training ``prior``: the weighted log loss, the slice-level AUC of every subtype and ``any``, and
+    the study-level AUC of every column (a study's score is its highest slice probability, its label
+    whether any slice is positive). An AUC is None where the scored set holds one class only.
+    """
+    table = probabilities.set_index("image_id")
+    scored = table.index.intersection(truth.index, sort=False)
+    y_true = truth.loc[scored, list(SUBTYPES)].to_numpy(np.float64)
+    studies = table.loc[scored, "study_id"].to_numpy()
+    models = {"cnn+lstm": table.loc[scored, list(SUBTYPES)].to_numpy(np.float64),
+              "cnn": table.loc[scored, [f"cnn_{s}" for s in SUBTYPES]].to_numpy(np.float64),
+              "prior": np.broadcast_to(np.asarray(prior, np.float64), y_true.shape)}
+    study_truth = pd.DataFrame(y_true, columns=list(SUBTYPES)).groupby(studies).max()
+    report = {"images_scored": len(scored), "studies_scored": len(study_truth),
+              "positive_images": dict(zip(SUBTYPES, y_true.sum(axis=0).astype(int).tolist())),
+              "studies_with_bleed": int(study_truth["any"].sum()),
+              "unlabeled_images": sorted(set(table.index) - set(truth.index)),
+              "labels_without_prediction": sorted(set(truth.index) - set(table.index)), "models": {}}
+    if not len(scored):
+        return report
+    for name, y_pred in models.items():
+        study_pred = pd.DataFrame(y_pred, columns=list(SUBTYPES)).groupby(studies).max().loc[study_truth.index]
+        report["models"][name] = {
+            "weighted_log_loss": weighted_log_loss(y_true, y_pred),
+            "slice_auc": {k: _finite_or_none(v) for k, v in per_subtype_auc(y_true, y_pred).items()},
+            "study_auc": {k: _finite_or_none(v) for k, v in
+                          per_subtype_auc(study_truth.to_numpy(), study_pred.to_numpy()).items()},
+        }
+    return report
+
+
+def format_folder_scores(report: dict) -> str:
+    """A Markdown table of ``folder_scores``: loss, slice AUC per column, study AUC of ``any``."""
+    def auc(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    header = ["model", "weighted log loss", *[f"AUC {s}" for s in SUBTYPES], "study AUC any"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for name, scores in report["models"].items():
+        cells = [name, f"{scores['weighted_log_loss']:.4f}", *[auc(scores["slice_auc"][s]) for s in SUBTYPES],
+                 auc(scores["study_auc"]["any"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    counts = (f"{report['images_scored']} labeled images in {report['studies_scored']} studies "
+              f"({report['positive_images']['any']} images and {report['studies_with_bleed']} studies with a bleed)")
+    notes = [counts]
+    if report["unlabeled_images"]:
+        notes.append(f"{len(report['unlabeled_images'])} images have no label and are not scored")
+    if report["labels_without_prediction"]:
+        notes.append(f"{len(report['labels_without_prediction'])} labeled images have no prediction "
+                     "(absent or unreadable) and are not scored")
+    return "\n".join(lines + ["", "; ".join(notes)])

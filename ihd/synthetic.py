@@ -7,8 +7,10 @@
 A study is one axial series from below the skull base to the vertex. The phantom is analytic: the
 skull, brain, ventricles and bleeds are implicit shapes in head coordinates (mm), evaluated on each
 slice's pixel grid; ``h`` is the height above the skull base (floor of the middle cranial fossa).
-Tissue in Hounsfield units: air -1000, scalp ~40, skull 700-1500 (densest at the base), grey matter
-~38, white matter ~27, CSF ~6, fresh blood 50-90.
+Tissue in Hounsfield units: air -1000, scalp ~45 with a layer of fat (-60 to -110), skull 700-1500
+(densest at the base, with petrous ridges and the clivus), grey matter ~38, white matter ~27, CSF ~6,
+fresh blood 50-90. What is dense but no bleed is there too, as in real scans: the scanner's head
+holder and table behind the head, and calcifications of the pineal, the choroid plexus and the falx.
 
 Bleeds are 3D: each has a centre height and a half-height, and on a slice at distance ``u`` (in
 half-heights) from its centre its cross-section is scaled by ``sqrt(1 - u**2)``. Its contrast
@@ -76,6 +78,8 @@ CO_OCCURRENCE = {
     "intraventricular": {"intraparenchymal": 0.5, "subarachnoid": 0.3},
 }
 MIN_LABEL_AREA_MM2 = 10.0
+SKIN_HU = 45.0  # skin and galea; the scalp's fat between them is drawn per head
+GALEA_MM = 1.2  # dense layer of the scalp against the skull, under the fat
 TAPER_SLICES = 1.5
 END_CONTRAST = 0.3
 SMALL = dict(train_studies=4, test_studies=2)
@@ -168,7 +172,7 @@ class StudyPlan:
 
 # ---------------------------------------------------------------- dataset-level plan
 
-def _hex_ids(rng: np.random.Generator, count: int, digits: int, taken: set[str]) -> list[str]:
+def hex_ids(rng: np.random.Generator, count: int, digits: int, taken: set[str]) -> list[str]:
     """``count`` new unique ``ID_<digits hex>`` identifiers."""
     out: list[str] = []
     while len(out) < count:
@@ -179,7 +183,7 @@ def _hex_ids(rng: np.random.Generator, count: int, digits: int, taken: set[str])
     return out
 
 
-def _allocate_primaries(n_bleeding: int, rng: np.random.Generator) -> list[str]:
+def allocate_primaries(n_bleeding: int, rng: np.random.Generator) -> list[str]:
     """Main subtypes for ``n_bleeding`` studies: proportional, every subtype once when there are 5+."""
     shares = np.array([PRIMARY_SHARES[s] for s in BLEEDS])
     counts = np.floor(shares * n_bleeding).astype(int)
@@ -194,7 +198,7 @@ def _allocate_primaries(n_bleeding: int, rng: np.random.Generator) -> list[str]:
     return [primaries[i] for i in rng.permutation(len(primaries))]
 
 
-def _study_subtypes(primary: str, rng: np.random.Generator) -> tuple[str, ...]:
+def study_subtypes(primary: str, rng: np.random.Generator) -> tuple[str, ...]:
     """The main subtype plus co-occurring ones."""
     found = {primary} | {s for s, p in CO_OCCURRENCE[primary].items() if rng.random() < p}
     return tuple(s for s in BLEEDS if s in found)
@@ -214,16 +218,16 @@ def plan_dataset(train_studies: int, test_studies: int, seed: int = 0, quirks: Q
     plans: list[StudyPlan] = []
     for split, count in (("train", train_studies), ("test", test_studies)):
         n_bleeding = int(round(BLEED_STUDY_FRACTION * count))
-        primaries = _allocate_primaries(n_bleeding, rng) + [""] * (count - n_bleeding)
+        primaries = allocate_primaries(n_bleeding, rng) + [""] * (count - n_bleeding)
         primaries = [primaries[i] for i in rng.permutation(count)]
         patient = ""
         for primary in primaries:
             number = len(plans)
             if not patient or rng.random() > 0.1:
-                patient = _hex_ids(rng, 1, 8, taken)[0]
-            study_id, series_id = _hex_ids(rng, 2, 10, taken)
-            images = tuple(_hex_ids(rng, _n_slices(rng), 9, taken))
-            subtypes = _study_subtypes(primary, rng) if primary else ()
+                patient = hex_ids(rng, 1, 8, taken)[0]
+            study_id, series_id = hex_ids(rng, 2, 10, taken)
+            images = tuple(hex_ids(rng, _n_slices(rng), 9, taken))
+            subtypes = study_subtypes(primary, rng) if primary else ()
             plans.append(StudyPlan(number, split, patient, study_id, series_id, images, subtypes))
     if quirks.truncated_file and train_studies:
         victim = plans[int(rng.integers(0, train_studies))]
@@ -267,16 +271,17 @@ def draw_anatomy(rng: np.random.Generator, n_slices: int) -> Anatomy:
     )
 
 
-def _wrap_angle(angle: np.ndarray | float) -> np.ndarray | float:
+def wrap_angle(angle: np.ndarray | float) -> np.ndarray | float:
+    """An angle (radians) in [-pi, pi)."""
     return (angle + np.pi) % (2 * np.pi) - np.pi
 
 
-def _lateral_angle(rng: np.random.Generator) -> float:
+def lateral_angle(rng: np.random.Generator) -> float:
     """A direction over a convexity: mostly lateral (temporo-parietal), sometimes frontal."""
     side = 0.0 if rng.random() < 0.5 else np.pi
     if rng.random() < 0.2:
         return float(-np.pi / 2 + rng.normal(0, 0.4))
-    return float(_wrap_angle(side + rng.normal(0, 0.5)))
+    return float(wrap_angle(side + rng.normal(0, 0.5)))
 
 
 def draw_bleeds(subtypes: tuple[str, ...], anatomy: Anatomy, rng: np.random.Generator) -> list[Bleed]:
@@ -285,11 +290,11 @@ def draw_bleeds(subtypes: tuple[str, ...], anatomy: Anatomy, rng: np.random.Gene
     for subtype in subtypes:
         if subtype == "epidural":
             bleeds.append(Bleed(subtype, rng.uniform(30, 100), rng.uniform(8, 14), rng.uniform(65, 90),
-                                _lateral_angle(rng), rng.uniform(0.25, 0.45), rng.uniform(9, 20)))
+                                lateral_angle(rng), rng.uniform(0.25, 0.45), rng.uniform(9, 20)))
         elif subtype == "subdural":
             for _ in range(1 + int(rng.random() < 0.15)):
                 bleeds.append(Bleed(subtype, rng.uniform(45, 100), rng.uniform(18, 40), rng.uniform(55, 85),
-                                    _lateral_angle(rng), rng.uniform(0.6, 1.2), rng.uniform(3, 12)))
+                                    lateral_angle(rng), rng.uniform(0.6, 1.2), rng.uniform(3, 12)))
         elif subtype == "intraparenchymal":
             for _ in range(1 + int(rng.random() < 0.25)):
                 radius = float(rng.uniform(4, 20))
@@ -308,7 +313,77 @@ def draw_bleeds(subtypes: tuple[str, ...], anatomy: Anatomy, rng: np.random.Gene
     return bleeds
 
 
-class _Field:
+@dataclass(frozen=True)
+class Cues:
+    """Real-anatomy cues without a bleed: scalp layers, the head holder, physiological calcifications (0 HU: absent)."""
+
+    skin_mm: float
+    fat_hu: float  # subcutaneous fat between the skin and the galea
+    holder_gap_mm: float  # foam between the back of the head and the holder's shell
+    holder_mm: float  # shell thickness
+    holder_hu: float
+    holder_half_angle_rad: float  # how far the shell wraps around the head from straight behind it
+    table_gap_mm: float  # from the shell down to the table top
+    table_hu: float
+    pineal_hu: float
+    pineal_mm: float
+    choroid_hu: float
+    falx_hu: float
+    falx_y_mm: float  # anterior end of the falx plaque (negative: frontal)
+    falx_h_mm: float
+
+
+def draw_cues(rng: np.random.Generator) -> Cues:
+    """Random scalp, holder and calcifications: the pineal in 60% of heads, choroid plexus in 50%, falx in 20%."""
+    return Cues(
+        skin_mm=float(rng.uniform(1.0, 2.0)), fat_hu=float(rng.uniform(-110, -60)),
+        holder_gap_mm=float(rng.uniform(3, 15)), holder_mm=float(rng.uniform(1.5, 3.5)),
+        holder_hu=float(rng.uniform(150, 700)), holder_half_angle_rad=float(rng.uniform(1.0, 1.7)),
+        table_gap_mm=float(rng.uniform(2, 12)), table_hu=float(rng.uniform(100, 400)),
+        pineal_hu=float(rng.uniform(150, 600)) if rng.random() < 0.6 else 0.0, pineal_mm=float(rng.uniform(2, 4)),
+        choroid_hu=float(rng.uniform(100, 350)) if rng.random() < 0.5 else 0.0,
+        falx_hu=float(rng.uniform(200, 600)) if rng.random() < 0.2 else 0.0,
+        falx_y_mm=float(rng.uniform(-55, -10)), falx_h_mm=float(rng.uniform(55, 95)),
+    )
+
+
+def _sphere_section(x: np.ndarray, y: np.ndarray, centre: tuple[float, float, float], radius_mm: float,
+                    h_mm: float) -> np.ndarray:
+    """Where a sphere (x, y, height; mm) cuts the slice at height ``h_mm``."""
+    half = radius_mm ** 2 - (h_mm - centre[2]) ** 2
+    if half <= 0:
+        return np.zeros(x.shape, bool)
+    return (x - centre[0]) ** 2 + (y - centre[1]) ** 2 < half
+
+
+def bleed_section(bleed: Bleed, h_mm: float, slice_step_mm: float) -> tuple[float, float] | None:
+    """A bleed's cross-section on the slice at height ``h_mm``: (size, contrast), or None off the bleed.
+
+    ``size`` scales the cross-section by ``sqrt(1 - u**2)`` at ``u`` half-heights from the centre;
+    ``contrast`` (partial volume of a thick slice) tapers over the last ``TAPER_SLICES`` slices of each
+    end down to ``END_CONTRAST``.
+    """
+    offset = abs(h_mm - bleed.h_centre_mm)
+    if offset >= bleed.h_half_mm:
+        return None
+    size = math.sqrt(1 - (offset / bleed.h_half_mm) ** 2)
+    contrast = float(np.clip((bleed.h_half_mm - offset) / (TAPER_SLICES * slice_step_mm), END_CONTRAST, 1.0))
+    return size, contrast
+
+
+def extra_axial_mask(bleed: Bleed, size: float, theta: np.ndarray, inner_depth_mm: np.ndarray) -> np.ndarray:
+    """An epidural lens or a subdural crescent against the inner table, centred on ``bleed.angle_rad``.
+
+    ``theta`` is each pixel's direction from the head's centre, ``inner_depth_mm`` its depth inside
+    the inner table (<= 0 outside the cranial cavity).
+    """
+    spread = np.abs(wrap_angle(theta - bleed.angle_rad)) / (bleed.half_angle_rad * size ** 0.5)
+    profile = np.clip(1 - spread ** 2, 0, 1)
+    profile = np.sqrt(profile) if bleed.subtype == "epidural" else profile ** 0.7
+    return (inner_depth_mm > 0) & (inner_depth_mm < bleed.thickness_mm * size * profile)
+
+
+class Field:
     """A smooth random field in [-1, 1]-ish: coarse 3D noise, linear in height, cubic in the plane."""
 
     def __init__(self, rng: np.random.Generator, cells: int, h_step_mm: float, h_range_mm: tuple[float, float],
@@ -317,12 +392,15 @@ class _Field:
         layers = int((h_range_mm[1] - h_range_mm[0]) / h_step_mm) + 2
         self.coarse = rng.standard_normal((layers, cells, cells)).astype(np.float32) * 0.8
 
-    def at(self, h_mm: float, pixels: int, box: tuple[slice, slice] = (slice(None), slice(None))) -> np.ndarray:
+    def at(self, h_mm: float, pixels: int | tuple[int, int], box: tuple[slice, slice] = (slice(None), slice(None))
+           ) -> np.ndarray:
+        """The field on a square grid of ``pixels`` (or a (rows, cols) grid) at height ``h_mm``, cut to ``box``."""
         position = np.clip((h_mm - self.h0) / self.step, 0, len(self.coarse) - 1.001)
         below = int(position)
         weight = np.float32(position - below)
         layer = self.coarse[below] * (1 - weight) + self.coarse[below + 1] * weight
-        return cv2.resize(layer, (pixels, pixels), interpolation=self.interpolation)[box]
+        rows, cols = (pixels, pixels) if isinstance(pixels, int) else pixels
+        return cv2.resize(layer, (cols, rows), interpolation=self.interpolation)[box]
 
 
 def _ellipse(x: np.ndarray, y: np.ndarray, centre: tuple[float, float], half: tuple[float, float],
@@ -371,12 +449,31 @@ class StudyPhantom:
         self.sinus = _ellipse(self.x, self.y, (0, -0.6 * l), (14, 24)).astype(np.float32)
         self.arc = (self.theta / (2 * np.pi)).astype(np.float32)
         h_range = (a.h_start_mm - 10, a.h_start_mm + a.slice_step_mm * a.n_slices + 10)
-        self.gyri = _Field(rng, 40, 6.0, h_range, cv2.INTER_CUBIC)
-        self.warp = _Field(rng, 8, 12.0, h_range)
-        self.texture = _Field(rng, 60, 4.0, h_range)
+        self.gyri = Field(rng, 40, 6.0, h_range, cv2.INTER_CUBIC)
+        self.warp = Field(rng, 8, 12.0, h_range)
+        self.texture = Field(rng, 60, 4.0, h_range)
         self.sulcus_mm = float(rng.uniform(11, 14))
+        self.cues = draw_cues(rng)
+        self.holder = self._holder(axis)
         self.box = (slice(None), slice(None))
         self.finding = None  # a non-hemorrhagic finding (ihd.synthetic_findings), set by build_phantom
+
+    def _holder(self, axis: np.ndarray) -> np.ndarray:
+        """HU of the scanner's head holder and table (air elsewhere), fixed to the scanner, the same on every slice.
+
+        A curved shell cradles the back of the head (image rows grow towards the patient's back)
+        over foam (air-like on CT), and the flat table top lies further down.
+        """
+        a, cues = self.anatomy, self.cues
+        col, row = np.meshgrid(axis - a.centre_mm[0], axis - a.centre_mm[1])
+        radius = max(a.half_width_mm, a.half_length_mm) + a.scalp_mm + cues.holder_gap_mm
+        distance = np.hypot(col, row)
+        behind = np.abs(wrap_angle(np.arctan2(row, col) - np.pi / 2)) < cues.holder_half_angle_rad
+        shell = behind & (distance > radius) & (distance < radius + cues.holder_mm)
+        table_top = radius + cues.holder_mm + cues.table_gap_mm
+        table = ((row > table_top) & (row < table_top + 2)) | ((row > table_top + 12) & (row < table_top + 14))
+        holder = np.where(shell, np.float32(cues.holder_hu), np.float32(-1000))
+        return np.where(table, np.float32(cues.table_hu), holder).astype(np.float32)
 
     def heights_mm(self) -> np.ndarray:
         """Height above the skull base of every slice, first (lowest) to last."""
@@ -413,6 +510,7 @@ class StudyPhantom:
             hu[box] = self._cropped(box)._render_head(h, scale, masks[(slice(None),) + box])
         if self.finding is not None:
             hu = paint_finding(hu, self.finding, h, self.x, self.y, masks.any(axis=0))
+        hu = np.where(hu < -500, np.maximum(hu, self.holder), hu)
         return self._finish(hu, rng), masks
 
     def _head_box(self, scale: float) -> tuple[slice, slice]:
@@ -442,7 +540,9 @@ class StudyPhantom:
         inner = inner_scale * self.boundary - skull - self.r  # mm inside the inner table
         brain_depth = inner - a.csf_rim_mm
         gyri = self.gyri.at(h, self.pixels, self.box)
-        hu = np.where(depth > -a.scalp_mm, np.float32(40), np.float32(-1000))
+        hu = np.where(depth > -a.scalp_mm, np.float32(SKIN_HU), np.float32(-1000))
+        fat = (depth < -GALEA_MM) & (depth > -(a.scalp_mm - self.cues.skin_mm))
+        hu = np.where(fat, np.float32(self.cues.fat_hu), hu)
         diploe = np.clip(1 - ((depth - inner) / (depth + 1e-3) - 0.5) ** 2 * 6, 0, 1)
         skull_hu = a.skull_hu * (1 - 0.35 * np.clip((h - 20) / (a.h_vertex_mm - 20), 0, 1))
         hu = np.where(depth > 0, (skull_hu * (1 - 0.35 * diploe)).astype(np.float32), hu)
@@ -475,12 +575,28 @@ class StudyPhantom:
         tissue = np.where(csf, np.float32(a.csf_hu), tissue)
         if h > 35:
             tissue = np.where((np.abs(self.x) < 0.45) & (np.abs(self.y) > 32), np.float32(48), tissue)
+        tissue = self._add_calcifications(tissue, h)
         tissue = self._add_bleeds(tissue, masks, h, inner, brain_depth, gyri, sulci, ventricles)
         hu = np.where(inner > 0, tissue, hu)
         if h < 25:
             hu = self._skull_base(hu, h, inner, masks)
         masks &= (inner > 0)[None]
         return hu
+
+    def _add_calcifications(self, tissue: np.ndarray, h: float) -> np.ndarray:
+        """Physiological calcifications, dense but no bleed: pineal, choroid plexus in the atria, a falx plaque."""
+        cues, v = self.cues, self.anatomy.ventricle_scale
+        if cues.pineal_hu:
+            tissue = np.where(_sphere_section(self.x, self.y, (0.0, 14.0, 38.0), cues.pineal_mm, h),
+                              np.float32(cues.pineal_hu), tissue)
+        if cues.choroid_hu:
+            for side in (-1, 1):
+                spot = _sphere_section(self.x, self.y, (side * (1.5 + 12 * v), 22 * v, 52.0), 3.0, h)
+                tissue = np.where(spot, np.float32(cues.choroid_hu), tissue)
+        if cues.falx_hu and abs(h - cues.falx_h_mm) < 8:
+            plaque = (np.abs(self.x) < 0.8) & (self.y > cues.falx_y_mm) & (self.y < cues.falx_y_mm + 15)
+            tissue = np.where(plaque, np.float32(cues.falx_hu), tissue)
+        return tissue
 
     def _skull_base(self, hu: np.ndarray, h: float, inner: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """Below the cerebrum the cranial cavity narrows to the anterior, middle and posterior fossae.
@@ -494,7 +610,7 @@ class StudyPhantom:
         posterior = 0.35 + 0.65 * np.clip((h + 25) / 25, 0, 1)
         cavity = ((self.frontal_fossa < frontal ** 2) | (self.temporal_fossae < temporal ** 2)
                   | (self.posterior_fossa < posterior ** 2))
-        bone = (inner > 0) & ~cavity
+        bone = (inner > 0) & (~cavity | self._petrous_and_clivus(h))
         masks &= ~bone[None]
         texture = self.texture.at(h, self.pixels, self.box)
         air_cells = (texture > 0.3) & ((self.sinus < 1) | ((self.posterior_fossa < 1.5) & (np.abs(self.x) > 0.6 * a.half_width_mm)))
@@ -504,15 +620,29 @@ class StudyPhantom:
             hu = np.where(bone & (self.orbits < 1), np.where(self.orbits < 0.45, np.float32(12), np.float32(-90)), hu)
         return hu
 
+    def _petrous_and_clivus(self, h: float) -> np.ndarray:
+        """The dense ridges between the middle and posterior fossae, and the clivus in front of the brainstem."""
+        w, l = self.anatomy.half_width_mm, self.anatomy.half_length_mm
+        ridges = np.zeros(self.x.shape, bool)
+        if -20 < h < 12:
+            width = 4.0 * (1 - (h + 4) ** 2 / 16 ** 2) + 1.0
+            start, end = np.array([10.0, 0.02 * l]), np.array([0.8 * w, 0.3 * l])
+            direction = (end - start) / np.linalg.norm(end - start)
+            for side in (-1, 1):
+                along = (side * self.x - start[0]) * direction[0] + (self.y - start[1]) * direction[1]
+                across = -(side * self.x - start[0]) * direction[1] + (self.y - start[1]) * direction[0]
+                ridges |= (along > 0) & (along < np.linalg.norm(end - start)) & (np.abs(across) < width)
+        if -25 < h < 8:
+            ridges |= (np.abs(self.x) < 7) & (self.y > -0.02 * l - 6) & (self.y < -0.02 * l + 4)
+        return ridges
+
     def _add_bleeds(self, tissue, masks, h, inner, brain_depth, gyri, csf_spaces, ventricles):
         """Paint every bleed active at height ``h`` into ``tissue`` and its mask."""
-        step = self.anatomy.slice_step_mm
         for bleed in self.bleeds:
-            offset = abs(h - bleed.h_centre_mm)
-            if offset >= bleed.h_half_mm:
+            section = bleed_section(bleed, h, self.anatomy.slice_step_mm)
+            if section is None:
                 continue
-            size = math.sqrt(1 - (offset / bleed.h_half_mm) ** 2)
-            contrast = float(np.clip((bleed.h_half_mm - offset) / (TAPER_SLICES * step), END_CONTRAST, 1.0))
+            size, contrast = section
             mask = self._bleed_mask(bleed, size, inner, brain_depth, gyri, csf_spaces, ventricles)
             if mask is None:
                 continue
@@ -523,10 +653,7 @@ class StudyPhantom:
 
     def _bleed_mask(self, bleed, size, inner, brain_depth, gyri, csf_spaces, ventricles):
         if bleed.subtype in ("epidural", "subdural"):
-            spread = np.abs(_wrap_angle(self.theta - bleed.angle_rad)) / (bleed.half_angle_rad * size ** 0.5)
-            profile = np.clip(1 - spread ** 2, 0, 1)
-            profile = np.sqrt(profile) if bleed.subtype == "epidural" else profile ** 0.7
-            return (inner > 0) & (inner < bleed.thickness_mm * size * profile)
+            return extra_axial_mask(bleed, size, self.theta, inner)
         if bleed.subtype == "intraparenchymal":
             radius = bleed.radius_mm * size
             blob = ((self.x - bleed.x_mm) ** 2 + (self.y - bleed.y_mm) ** 2) / radius ** 2 + 0.25 * gyri
@@ -536,7 +663,7 @@ class StudyPhantom:
                 return None
             level = 30 * self.anatomy.ventricle_scale * (1 - 2 * bleed.thickness_mm * size)
             return ventricles & (self.y > level)
-        spread = np.abs(_wrap_angle(self.theta - bleed.angle_rad)) < bleed.half_angle_rad * size
+        spread = np.abs(wrap_angle(self.theta - bleed.angle_rad)) < bleed.half_angle_rad * size
         wider = (np.abs(gyri) < 0.09) & (brain_depth < 18) & (brain_depth > -0.5)
         return (csf_spaces | wider) & spread & (inner > 0)
 
@@ -601,11 +728,34 @@ def _element(ds: Dataset, tag: int, vr: str, value) -> None:
 
 def _dicom_bytes(plan: StudyPlan, anatomy: Anatomy, index: int, hu: np.ndarray, quirks: dict[str, bool],
                  instance_uid: str, compression) -> bytes:
-    """One slice as a DICOM file like the RSNA ones (same tags, VRs and identifier style)."""
+    """One phantom slice as a DICOM file like the RSNA ones (same tags, VRs and identifier style)."""
     tilt = math.radians(anatomy.gantry_tilt_deg)
     spacing = anatomy.pixel_spacing_mm
     z = anatomy.z_first_mm + index * anatomy.slice_step_mm
     origin = -(PIXELS / 2) * spacing
+    geometry = SliceGeometry(position=(_ds(origin), _ds(origin + 10.0 * math.sin(tilt) - 5.0), _ds(z)),
+                             orientation=("1", "0", "0", "0", _ds(math.cos(tilt)), _ds(-math.sin(tilt))),
+                             spacing=(repr(spacing), repr(spacing)), window=anatomy.window)
+    return dicom_slice_bytes(plan, plan.image_ids[index], geometry, hu, quirks, instance_uid, compression)
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """A slice's place and display tags as the DICOM decimal strings to write (mm)."""
+
+    position: tuple[str, str, str]  # ImagePositionPatient
+    orientation: tuple[str, ...]  # ImageOrientationPatient, six direction cosines
+    spacing: tuple[str, str]  # PixelSpacing, row then column
+    window: tuple[str, str]  # WindowCenter, WindowWidth
+
+
+def dicom_slice_bytes(ids, image_id: str, geometry: SliceGeometry, hu: np.ndarray, quirks: dict[str, bool],
+                      instance_uid: str, compression=None) -> bytes:
+    """One CT slice of HU as a DICOM file in the RSNA style; ``ids`` has patient_id, study_id and series_id.
+
+    ``quirks`` (see ``QUIRK_NAMES``; all False for a plain file) choose the storage, ``compression`` a
+    compressed transfer syntax or None.
+    """
     meta = FileMetaDataset()
     _element(meta, 0x00020002, "UI", CTImageStorage)
     _element(meta, 0x00020003, "UI", instance_uid)
@@ -614,19 +764,19 @@ def _dicom_bytes(plan: StudyPlan, anatomy: Anatomy, index: int, hu: np.ndarray, 
     _element(meta, 0x00020013, "SH", "dcm4che-1.4.35")
     ds = Dataset()
     ds.file_meta = meta
-    _element(ds, 0x00080018, "UI", plan.image_ids[index])
+    _element(ds, 0x00080018, "UI", image_id)
     _element(ds, 0x00080060, "CS", "CT")
-    _element(ds, 0x00100020, "LO", plan.patient_id)
-    _element(ds, 0x0020000D, "UI", plan.study_id)
-    _element(ds, 0x0020000E, "UI", plan.series_id)
+    _element(ds, 0x00100020, "LO", ids.patient_id)
+    _element(ds, 0x0020000D, "UI", ids.study_id)
+    _element(ds, 0x0020000E, "UI", ids.series_id)
     _element(ds, 0x00200010, "SH", "")
-    _element(ds, 0x00200032, "DS", [_ds(origin), _ds(origin + 10.0 * math.sin(tilt) - 5.0), _ds(z)])
-    _element(ds, 0x00200037, "DS", ["1", "0", "0", "0", _ds(math.cos(tilt)), _ds(-math.sin(tilt))])
+    _element(ds, 0x00200032, "DS", list(geometry.position))
+    _element(ds, 0x00200037, "DS", list(geometry.orientation))
     _element(ds, 0x00280002, "US", 1)
     _element(ds, 0x00280004, "CS", "MONOCHROME2")
-    _element(ds, 0x00280010, "US", PIXELS)
-    _element(ds, 0x00280011, "US", PIXELS)
-    _element(ds, 0x00280030, "DS", [repr(spacing), repr(spacing)])
+    _element(ds, 0x00280010, "US", hu.shape[0])
+    _element(ds, 0x00280011, "US", hu.shape[1])
+    _element(ds, 0x00280030, "DS", list(geometry.spacing))
     hu_int = np.rint(hu)
     if quirks["wrap12"]:
         bits, signed, intercept = 12, 0, "0"
@@ -638,12 +788,12 @@ def _dicom_bytes(plan: StudyPlan, anatomy: Anatomy, index: int, hu: np.ndarray, 
         bits, signed, intercept = 16, 1, "-1024"
         stored = (np.clip(hu_int, -1024, MAX_HU) + 1024).astype(np.int16)
         if quirks["padding"]:
-            stored[_outside_field_of_view()] = -2000
+            stored[_outside_field_of_view(stored.shape)] = -2000
     _element(ds, 0x00280100, "US", 16)
     _element(ds, 0x00280101, "US", bits)
     _element(ds, 0x00280102, "US", bits - 1)
     _element(ds, 0x00280103, "US", signed)
-    centre, width = anatomy.window
+    centre, width = geometry.window
     if quirks["multi_window"]:
         centre, width = [f"{round(float(centre)):05d}"] * 2, [f"{round(float(width)):05d}"] * 2
     _element(ds, 0x00281050, "DS", centre)
@@ -658,9 +808,12 @@ def _dicom_bytes(plan: StudyPlan, anatomy: Anatomy, index: int, hu: np.ndarray, 
     return buffer.getvalue()
 
 
-def _outside_field_of_view() -> np.ndarray:
-    axis = np.arange(PIXELS) - (PIXELS - 1) / 2
-    return np.hypot(axis[None, :], axis[:, None]) > PIXELS / 2
+PLAIN_FILE = {name: False for name in QUIRK_NAMES}
+
+
+def _outside_field_of_view(shape: tuple[int, int]) -> np.ndarray:
+    rows, cols = (np.arange(n) - (n - 1) / 2 for n in shape)
+    return np.hypot(cols[None, :], rows[:, None]) > min(shape) / 2
 
 
 def _draw_quirks(rng: np.random.Generator, rates: QuirkRates) -> tuple[dict[str, bool], object]:
@@ -754,6 +907,22 @@ def _write_train_csv(wide: pd.DataFrame, path: Path, rng: np.random.Generator, d
         repeated = wide.index[position]
         wide = pd.concat([wide.iloc[: position + 1], wide.iloc[[position]], wide.iloc[position + 1:]])
     write_long(wide, path)
+    return repeated
+
+
+def write_label_tables(out_dir: Path, plans: list, labels: dict[int, np.ndarray], rng: np.random.Generator,
+                       duplicate_label_row: bool) -> str:
+    """The Kaggle CSVs of a dataset: training labels, the test truth (under ``truth/``), the sample submission.
+
+    ``plans`` need ``number``, ``split`` and ``image_ids``; ``labels`` maps a plan's number to its
+    (n, 6) labels. Returns the image whose training rows were written twice ('' for none).
+    """
+    train = [p for p in plans if p.split == "train"]
+    test = [p for p in plans if p.split == "test"]
+    repeated = _write_train_csv(_wide(train, labels), out_dir / "stage_2_train.csv", rng, duplicate_label_row)
+    test_wide = _wide(test, labels).sort_index()
+    write_long(test_wide, out_dir / "truth" / "stage_2_test_labels.csv")
+    write_long(test_wide * 0 + 0.5, out_dir / "stage_2_sample_submission.csv")
     return repeated
 
 
@@ -894,18 +1063,13 @@ def write_dataset(out_dir: str | Path, train_studies: int, test_studies: int, se
     results.update((r["number"], r) for r in parallel_map(job, todo, workers=workers, desc="synthetic studies",
                                                           unit="study", chunksize=1))
     labels = {n: r["labels"] for n, r in results.items()}
-    rng = np.random.default_rng([seed, 0xC5F])
-    train = [p for p in plans if p.split == "train"]
-    test = [p for p in plans if p.split == "test"]
-    repeated = _write_train_csv(_wide(train, labels), out_dir / "stage_2_train.csv", rng,
-                                quirks.duplicate_label_row)
-    test_wide = _wide(test, labels).sort_index()
-    write_long(test_wide, out_dir / "truth" / "stage_2_test_labels.csv")
-    write_long(test_wide * 0 + 0.5, out_dir / "stage_2_sample_submission.csv")
-    for plans_of_split, path in ((train, out_dir / "stage_2_train_study_labels.csv"),
-                                 (test, out_dir / "truth" / "stage_2_test_study_labels.csv")):
-        write_study_labels(study_label_table([p.study_id for p in plans_of_split], [labels[p.number] for p in plans_of_split],
-                                             [has_other_finding(p, seed) for p in plans_of_split]), path)
+    repeated = write_label_tables(out_dir, plans, labels, np.random.default_rng([seed, 0xC5F]),
+                                  quirks.duplicate_label_row)
+    for split, path in (("train", out_dir / "stage_2_train_study_labels.csv"),
+                        ("test", out_dir / "truth" / "stage_2_test_study_labels.csv")):
+        chosen = [p for p in plans if p.split == split]
+        write_study_labels(study_label_table([p.study_id for p in chosen], [labels[p.number] for p in chosen],
+                                             [has_other_finding(p, seed) for p in chosen]), path)
     summary = summarize(plans, labels)
     counts = [r["quirks"] for r in results.values()]
     summary["quirks"] = {name: sum(c[name] for c in counts) for name in QUIRK_NAMES} if counts else {}

@@ -192,3 +192,23 @@ def test_a_run_without_a_cnn_names_the_training_commands(tmp_path):
                                          r"--run nothing\), then its LSTMs \(train_lstm.py --run nothing\)"):
         predict.main(["--run", "nothing", "--models-dir", str(tmp_path / "models"),
                       "--features-dir", str(tmp_path / "features")])
+
+def test_dicom_folder_scored_against_labels_reports_unlabeled_images(chain, tmp_path):
+    from ihd.labels import read_long_labels, write_long
+    from ihd.metrics import weighted_log_loss
+
+    raw = chain["dataset"] / "raw"
+    truth = read_long_labels(raw / "truth" / "stage_2_test_labels.csv")
+    unlabeled = truth.index[0]
+    write_long(truth.drop(index=unlabeled), tmp_path / "labels.csv")
+    csv_path = predict.main(["--run", "small", "--dicom-dir", str(raw / "stage_2_test"), "--labels",
+                             str(tmp_path / "labels.csv"), "--out", str(tmp_path / "out"), *chain["common"]])
+    scores = json.loads((csv_path.parent / "scores.json").read_text())["scores"]
+    assert scores["unlabeled_images"] == [unlabeled] and scores["images_scored"] == len(truth) - 1
+    table = pd.read_csv(csv_path).set_index("image_id").drop(index=unlabeled)
+    expected = weighted_log_loss(truth.loc[table.index, list(SUBTYPES)], table[list(SUBTYPES)])
+    assert scores["models"]["cnn+lstm"]["weighted_log_loss"] == pytest.approx(expected, rel=1e-4)
+    assert set(scores["models"]) == {"cnn+lstm", "cnn", "prior"}
+    assert 0 <= scores["models"]["cnn+lstm"]["study_auc"]["any"] <= 1
+    with pytest.raises(SystemExit, match="--labels scores a --dicom-dir folder"):
+        predict.main(["--run", "small", "--labels", str(tmp_path / "labels.csv"), *chain["common"]])

@@ -31,3 +31,32 @@ def test_format_scores_gives_changes_against_the_cnn():
     text = format_scores({"prior": 0.3, "cnn": 0.2, "cnn+lstm": 0.15})
     assert "| cnn+lstm | 0.15000 | -25.0% |" in text
     assert "| prior | 0.30000 | +50.0% |" in text
+
+
+def test_folder_scores_score_labeled_images_only_with_study_auc_from_the_highest_slice():
+    from ihd.report import folder_scores, format_folder_scores
+
+    # study A (no bleed): slices 0.1 and 0.7; study B (bleed on one slice): 0.6 and 0.05; study C (no bleed): 0.5, 0.5
+    images = ["ID_a1", "ID_a2", "ID_b1", "ID_b2", "ID_c1", "ID_c2", "ID_unlabeled"]
+    any_prob = [0.1, 0.7, 0.6, 0.05, 0.5, 0.5, 0.9]
+    probabilities = pd.DataFrame({"image_id": images, "study_id": ["A", "A", "B", "B", "C", "C", "C"]})
+    for column, subtype in enumerate(SUBTYPES):
+        probabilities[subtype] = any_prob if subtype == "any" else 0.2
+        probabilities[f"cnn_{subtype}"] = 0.3
+    truth_any = [0, 0, 1, 0, 0, 0]
+    truth = _wide([[0, 0, 0, 0, y, y] for y in truth_any] + [[0] * 6], images[:6] + ["ID_not_predicted"])
+    prior = np.full(6, 0.1)
+    report = folder_scores(probabilities, truth, prior)
+    assert report["images_scored"] == 6 and report["studies_scored"] == 3 and report["studies_with_bleed"] == 1
+    assert report["unlabeled_images"] == ["ID_unlabeled"] and report["labels_without_prediction"] == ["ID_not_predicted"]
+    lstm = report["models"]["cnn+lstm"]
+    assert lstm["slice_auc"]["any"] == pytest.approx(0.8)  # 0.6 beats 4 of the 5 negative slices
+    assert lstm["study_auc"]["any"] == pytest.approx(0.5)  # B (0.6) beats C (0.5), not A (0.7); by the mean it beats neither
+    assert lstm["slice_auc"]["epidural"] is None  # no positive epidural slice
+    expected = np.array([[0.2, 0.2, 0.2, 0.2, 0.2, p] for p in any_prob[:6]])
+    assert lstm["weighted_log_loss"] == pytest.approx(weighted_log_loss(truth.iloc[:6].to_numpy(), expected))
+    assert report["models"]["prior"]["weighted_log_loss"] == pytest.approx(
+        weighted_log_loss(truth.iloc[:6].to_numpy(), np.full((6, 6), 0.1)))
+    assert report["models"]["cnn"]["slice_auc"]["any"] == pytest.approx(0.5)
+    text = format_folder_scores(report)
+    assert "| cnn+lstm |" in text and "1 images have no label and are not scored" in text

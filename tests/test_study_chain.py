@@ -69,7 +69,7 @@ def test_predict_study_mode_scores_the_test_studies(chain):
 def test_predict_dicom_folder_writes_one_row_per_study_and_scores_real_studies(chain, real_data, tmp_path):
     labeled = real_data / "rsna_labeled"
     predict.main(["--run", "r", "--study", STUDY, "--dicom-dir", str(labeled / "stage_2_train"), "--out", str(tmp_path),
-                  "--truth", str(labeled / "stage_2_train.csv"), *chain["dirs"]])
+                  "--labels", str(labeled / "stage_2_train.csv"), *chain["dirs"]])
     slices = pd.read_csv(tmp_path / "probabilities.csv")
     studies = pd.read_csv(tmp_path / "studies.csv", keep_default_na=False)
     assert len(studies) == 7 and studies["slices"].sum() == len(slices) == 249

@@ -245,3 +245,26 @@ def test_study_labels_are_the_highest_slice_labels_and_other_findings_show(raw):
     with_finding = phantom.render(middle)[0]
     phantom.finding = None
     assert np.abs(with_finding - phantom.render(middle)[0]).max() > 5  # the finding is painted where it lies
+
+
+def test_real_anatomy_cues_are_drawn_and_never_labeled():
+    plans = synthetic.plan_dataset(30, 0, seed=2, quirks=synthetic.QuirkRates.off())
+    phantoms = [synthetic.build_phantom(p, 2) for p in plans if not p.subtypes]
+    phantom = next(ph for ph in phantoms if ph.cues.pineal_hu > 300)
+    index = int(np.argmin(np.abs(phantom.heights_mm() - 38.0)))
+    hu, masks = phantom.render(index)
+    assert not masks.any()
+    a, middle = phantom.anatomy, (synthetic.PIXELS - 1) / 2
+    mm = phantom.mm_per_pixel
+    pineal = np.hypot(phantom.x - 0.0, phantom.y - 14.0) < 1.0
+    assert hu[pineal].min() > 100  # a hyperdense spot that is no bleed
+    rows = np.arange(synthetic.PIXELS)[:, None] * np.ones((1, synthetic.PIXELS))
+    outside = phantom.r > max(a.half_width_mm, a.half_length_mm) * 1.05 + a.scalp_mm
+    below = rows > middle + a.centre_mm[1] / mm
+    assert (hu[outside & below] > 100).sum() * mm ** 2 > 50  # the head holder's shell behind the head
+    over_the_face = rows < middle + (a.centre_mm[1] - 0.5 * a.half_length_mm) / mm
+    assert (hu[outside & over_the_face] > 100).sum() == 0
+    scalp = (phantom.r > max(a.half_width_mm, a.half_length_mm) * 0.8) & (hu < -40) & (hu > -130)
+    assert scalp.sum() * mm ** 2 > 100  # subcutaneous fat in the scalp
+    calcified = [ph for ph in phantoms if ph.cues.choroid_hu or ph.cues.falx_hu]
+    assert calcified and all(not ph.render(i)[1].any() for ph in calcified[:2] for i in range(0, ph.anatomy.n_slices, 4))
