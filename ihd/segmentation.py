@@ -44,6 +44,7 @@ ENCODER_SKIPS = {
     "EfficientNetB0": ("block1a_activation", "block2b_activation", "block3b_activation",
                        "block5c_activation", "top_activation"),
 }
+BLOOD_PRIOR = 0.01  # the output starts near the share of blood pixels, not at 0.5: training starts calm
 PLAIN_LEVELS = 4  # four poolings: the input size must be a multiple of 16
 
 
@@ -123,7 +124,9 @@ def build_unet(encoder: str = "MobileNetV2", image_size: int = 256, weights: str
     if x.shape[1] != image_size:  # application encoders' first skip is at half size
         x = keras.layers.UpSampling2D(2, interpolation="bilinear", name="full_up")(x)
         x = _conv_block(x, base_filters, "full")
-    masks = keras.layers.Conv2D(len(SUBTYPES), 1, activation="sigmoid", dtype="float32", name="masks")(x)
+    prior_logit = math.log(BLOOD_PRIOR / (1 - BLOOD_PRIOR))
+    masks = keras.layers.Conv2D(len(SUBTYPES), 1, activation="sigmoid", dtype="float32", name="masks",
+                                bias_initializer=keras.initializers.Constant(prior_logit))(x)
     return keras.Model(hu, masks, name=f"unet_{encoder}")
 
 
