@@ -4,6 +4,7 @@ to per-slice probabilities; Grad-CAM pictures of the slices most likely to bleed
     python predict.py --run synthetic-tiny-128-windows-fold0 --gradcam 1
     python predict.py --run rsna-efficientnetb0-256-windows-fold0 --selection pca:120 --submit --message "pca120"
     python predict.py --run rsna-efficientnetb0-256-windows-fold0 --dicom-dir /path/to/exported/studies --gradcam 3
+    python predict.py --run demo --dicom-dir /path/to/exported/studies --segment seg-plain-128
 
 Dataset route: reads the run's cached CNN outputs (extracting them first if the cache is incomplete),
 applies the selection and its LSTM to every test slice and writes submissions/<run>-<slug>.csv in the
@@ -40,6 +41,7 @@ from ihd.kaggle_api import KaggleAccessError
 from ihd.labels import SUBTYPES, read_long_labels
 from ihd.metrics import prior_baseline
 from ihd.report import format_scores, scores_on_truth, truth_path
+from ihd.seg_inference import segment_index
 from ihd.slices import SliceStore
 from ihd.submission import submit, write_submission
 
@@ -56,6 +58,7 @@ class Settings:
     out: str | None = None  # output folder of the DICOM route; None: submissions/<run>-<slug>-<folder name>
     gradcam: int = 0  # Grad-CAM overlays for this many slices per study (highest `any` first), plus a montage
     gradcam_method: str = "gradcam"  # gradcam or gradcam++ (sharper when a bleed has several parts)
+    segment: str = ""  # DICOM route: a train_seg.py run in models/; masks (PNG, NIfTI, DICOM SEG) and bleeds.csv
     sample: str | None = None  # sample submission; None: data/<dataset>/raw/stage_2_sample_submission.csv
     truth: str | None = None  # test labels for the scores report; None: the dataset's raw/truth/ file if present
     submit: bool = False  # send the submission to Kaggle (needs the internet and credentials)
@@ -143,6 +146,8 @@ def predict_folder(settings: Settings, chain: Chain) -> Path:
         pictures = draw_study_pictures(chain, predictions, lambda rows: hu[rows], out_dir, settings.gradcam,
                                        settings.gradcam_method)
         print(f"grad-cam: {len(pictures)} pictures in {out_dir}")
+    if settings.segment:
+        segment_index(Path(settings.models_dir) / settings.segment, index, out_dir)
     return csv_path
 
 
@@ -153,6 +158,8 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"chain: {settings.run}, selection {chain.selection_name}")
     if settings.dicom_dir:
         return predict_folder(settings, chain)
+    if settings.segment:
+        raise SystemExit("--segment works on --dicom-dir folders (the test set has no series to write masks for)")
     return predict_dataset(settings, chain)
 
 

@@ -165,3 +165,52 @@ def test_train_seg_end_to_end(prepared_synthetic, real_data, tmp_path):
     assert scores[str(real_data / "ctich_masks")]["any"]["slices"] == 9
     bad = (run_dir / "bad_inputs.csv").read_text()
     assert "truncated" in bad  # the small synthetic dataset's one cut-short file
+
+
+def test_segment_index_writes_aligned_outputs_and_the_table(real_data, tmp_path):
+    """A U-Net whose output is "intraparenchymal everywhere" over the real tilted series: every output is checkable."""
+    import highdicom
+    import nibabel
+    import pandas as pd
+    import pydicom
+
+    from ihd.index import build_index
+    from ihd.io import write_json
+    from ihd.masks import LABEL_VALUES
+    from ihd.segmentation import MODEL_FILE
+    from ihd.seg_inference import segment_index
+
+    model = build_unet("plain", 32, base_filters=2)
+    layer = model.get_layer("masks")
+    kernel, bias = layer.get_weights()
+    bias[:] = -5.0
+    bias[[BLEEDS.index("intraparenchymal"), ANY]] = 5.0
+    layer.set_weights([np.zeros_like(kernel), bias])
+    run_dir = tmp_path / "models" / "everywhere"
+    run_dir.mkdir(parents=True)
+    model.save(run_dir / MODEL_FILE)
+    write_json(run_dir / "config.json", {"image_size": 32})
+
+    index = build_index([(real_data / "rsna_series", "test")], tmp_path / "index", workers=1)
+    bleeds = segment_index(run_dir, index, tmp_path / "out")
+    out = tmp_path / "out" / "segmentation"
+    series_id = index["series_id"].iloc[0]
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in index.sort_values("position")["path"]]
+    spacing = [float(v) for v in headers[0].PixelSpacing]
+    assert len(bleeds) == 1
+    row = bleeds.iloc[0]
+    assert (row.subtype, row.compartment, row.side, row.first_slice, row.last_slice) == (
+        "intraparenchymal", "intra-axial", "midline", 0, 31)
+    normal_gap = (float(headers[1].ImagePositionPatient[2]) - float(headers[0].ImagePositionPatient[2])) * float(
+        headers[0].ImageOrientationPatient[4])  # the gantry tilts the planes: spacing along the normal
+    assert row.volume_ml == pytest.approx(32 * 512 * 512 * spacing[0] * spacing[1] * normal_gap / 1000, rel=0.01)
+    assert pd.read_csv(out / "bleeds.csv")["series_id"].tolist() == [series_id]
+
+    labels = nibabel.load(out / f"{series_id}.nii.gz")
+    assert labels.shape == (512, 512, 32) and (np.asarray(labels.dataobj) == LABEL_VALUES["intraparenchymal"]).all()
+    first = np.asarray(headers[0].ImagePositionPatient, float)
+    assert (labels.affine @ [0, 0, 0, 1])[:3] == pytest.approx(first * [-1, -1, 1], abs=1e-3)
+    seg = highdicom.seg.segread(out / f"{series_id}_seg.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_id
+    assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 32
+    assert len(list(out.glob(f"{series_id}_*.png"))) == 32
