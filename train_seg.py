@@ -7,7 +7,8 @@
 Training masks: the synthetic dataset's training split (``truth/masks/`` beside ``stage_2_train/``),
 plus any ``--png-masks`` folder (``images/<name>.dcm`` + ``masks/<name>.png``) and NIfTI label volumes
 (``--nifti-dir`` with ``--nifti-dicom-dir``). A fraction of the training cases (series) is held out
-for validation; the epoch kept is the one with the best validation Dice of `any`. The synthetic test
+for validation (all their slices); of the training slices without blood only ``--empty-share`` is
+kept. The epoch kept is the one with the best validation Dice of `any`. The synthetic test
 split and every ``--score-png-masks`` folder are scored after training, never trained on.
 
 Writes models/<run>/: unet.keras, best.json, config.json (settings and data counts), history.csv,
@@ -45,6 +46,7 @@ class Settings:
     epochs: int = 12  # a few hundred synthetic slices converge in about ten epochs
     batch_size: int = 16  # fits a 256x256 MobileNetV2 U-Net in a few GB
     learning_rate: float = 1e-3  # Adam under cosine decay
+    empty_share: float = 0.3  # share of training slices without blood that are kept: most slices have none
     val_fraction: float = 0.2  # share of training cases (series) held out to pick the epoch
     augment: bool = True  # left-right flip and shift: heads lie in different places
     seed: int = 0  # split, weights and augmentation are reproducible
@@ -97,6 +99,13 @@ def split_cases(masks: MaskSet, val_fraction: float, seed: int) -> tuple[np.ndar
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
+def keep_some_empty(masks: MaskSet, rows: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """``rows`` with every slice that has blood (or unknown truth) and a seeded ``share`` of those without."""
+    empty = ~(masks.masks[rows] != 0).any(axis=(1, 2, 3))
+    keep = ~empty | (np.random.default_rng([seed, 1]).random(len(rows)) < share)
+    return rows[keep]
+
+
 def format_scores(scores: dict) -> str:
     """One line per channel: pooled and mean Dice, volume errors."""
     lines = []
@@ -120,6 +129,7 @@ def main(argv: list[str] | None = None) -> Path:
     bad: list[BadInput] = []
     masks = training_masks(settings, bad)
     train_rows, val_rows = split_cases(masks, settings.val_fraction, settings.seed)
+    train_rows = keep_some_empty(masks, train_rows, settings.empty_share, settings.seed)
     train, validation = masks.subset(train_rows), masks.subset(val_rows)
     bad_path = write_bad_inputs(run_dir / "bad_inputs.csv", bad)
     print(f"{len(train)} training and {len(validation)} validation slices; {len(bad)} inputs skipped -> {bad_path}")

@@ -19,6 +19,7 @@ above ``HEAD_HU`` (scalp, skull, brain), its midline the sagittal plane through 
   without a vertex, lateral bleeds are `temporal or parietal`. This is a rule on the head outline,
   not an atlas: a guide for reading, not a measurement;
 - volume in mL: voxel count times the voxel volume (slice area times spacing along the normal);
+- components under ``MIN_BLEED_ML`` are not listed (they stay in the masks);
 - thickness (epidural, subdural): the largest extent of the bleed along a ray from the head centre,
   which over a convexity is the extent perpendicular to the inner table, in mm.
 """
@@ -39,6 +40,7 @@ TENTORIUM_BELOW_VERTEX_MM = 100.0  # adult tentorium, roughly at the level of th
 TEMPORAL_BELOW_VERTEX_MM = 60.0  # the temporal lobes lie below the Sylvian fissure
 VERTEX_AREA_SHARE = 0.3
 RAY_ANGLES = 720
+MIN_BLEED_ML = 0.01  # smaller components (a few voxels) are noise, not findings to list
 RAY_STEP_MM = 0.1
 COMPARTMENTS = {"epidural": "extra-axial", "subdural": "extra-axial", "subarachnoid": "extra-axial",
                 "intraparenchymal": "intra-axial", "intraventricular": "intraventricular"}
@@ -63,6 +65,7 @@ class HeadFrame:
         top = with_head[np.argmax(self.height_mm[with_head])] if len(with_head) else None
         reaches = top is not None and self.area[top] < VERTEX_AREA_SHARE * self.area.max()
         self.vertex_mm = float(self.height_mm[top]) if reaches else None
+        self._half_extents: dict[int, tuple[float, float]] = {}
 
     def offsets_mm(self, slice_index: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """(n, 3) LPS offsets in mm of pixels (rows, cols) of a slice from that slice's head centre."""
@@ -73,10 +76,12 @@ class HeadFrame:
         return d_col[:, None] * row_direction + d_row[:, None] * col_direction
 
     def half_extent_mm(self, slice_index: int) -> tuple[float, float]:
-        """Half the head's width (x) and length (y) on a slice, in mm."""
-        rows, cols = np.nonzero(self.head[slice_index])
-        offsets = self.offsets_mm(slice_index, rows, cols)
-        return float(np.ptp(offsets[:, 0]) / 2), float(np.ptp(offsets[:, 1]) / 2)
+        """Half the head's width (x) and length (y) on a slice, in mm (computed once per slice)."""
+        if slice_index not in self._half_extents:
+            rows, cols = np.nonzero(self.head[slice_index])
+            offsets = self.offsets_mm(slice_index, rows, cols)
+            self._half_extents[slice_index] = float(np.ptp(offsets[:, 0]) / 2), float(np.ptp(offsets[:, 1]) / 2)
+        return self._half_extents[slice_index]
 
 
 def _side(left_share: float) -> str:
@@ -114,12 +119,16 @@ def _region_and_lobe(subtype: str, frame: HeadFrame, centre_slice: int, centre_o
 
 
 def ray_thickness_mm(mask: np.ndarray, centre: tuple[float, float], spacing_mm: tuple[float, float]) -> float:
-    """Largest extent (mm) of a 2D mask along rays from ``centre`` (row, col), pixels ``spacing_mm`` (row, col)."""
+    """Largest extent (mm) of a 2D mask along rays from ``centre`` (row, col), pixels ``spacing_mm`` (row, col).
+
+    ``centre`` may lie outside ``mask`` (a crop of a slice: pass the centre in the crop's coordinates).
+    """
     rows, cols = np.nonzero(mask)
     if not len(rows):
         return 0.0
-    reach = math.hypot((np.abs(rows - centre[0]).max() + 1) * spacing_mm[0], (np.abs(cols - centre[1]).max() + 1) * spacing_mm[1])
-    distances = np.arange(0.0, reach, RAY_STEP_MM)
+    distances_mm = np.hypot((rows - centre[0]) * spacing_mm[0], (cols - centre[1]) * spacing_mm[1])
+    pixel_mm = math.hypot(*spacing_mm)
+    distances = np.arange(max(0.0, distances_mm.min() - pixel_mm), distances_mm.max() + pixel_mm, RAY_STEP_MM)
     angles = np.linspace(0, 2 * np.pi, RAY_ANGLES, endpoint=False)
     sample_rows = np.rint(centre[0] + np.outer(np.sin(angles), distances) / spacing_mm[0]).astype(int)
     sample_cols = np.rint(centre[1] + np.outer(np.cos(angles), distances) / spacing_mm[1]).astype(int)
@@ -129,34 +138,40 @@ def ray_thickness_mm(mask: np.ndarray, centre: tuple[float, float], spacing_mm: 
     return float(hits.sum(axis=1).max() * RAY_STEP_MM)
 
 
-def locate_bleeds(masks: np.ndarray, hu: np.ndarray, geometry: SeriesGeometry) -> pd.DataFrame:
+def locate_bleeds(masks: np.ndarray, hu: np.ndarray, geometry: SeriesGeometry,
+                  min_volume_ml: float = MIN_BLEED_ML) -> pd.DataFrame:
     """One row per bleed (columns TABLE_COLUMNS) of a series' subtype masks (n, rows, cols, 5), BLEEDS order.
 
-    ``hu`` (n, rows, cols) and ``geometry`` describe the same grid as ``masks``.
+    ``hu`` (n, rows, cols) and ``geometry`` describe the same grid as ``masks``. Components smaller
+    than ``min_volume_ml`` are left out of the table (they stay in the masks).
     """
     if masks.shape[:3] != hu.shape or masks.shape[1:3] != (geometry.rows, geometry.cols):
         raise ValueError(f"masks {masks.shape[:3]}, slices {hu.shape} and series grid "
                          f"({geometry.n_slices}, {geometry.rows}, {geometry.cols}) differ")
     frame = HeadFrame(hu, geometry)
     voxel_ml = float(np.prod(geometry.voxel_mm)) / 1000.0
+    spacing = (geometry.row_spacing_mm, geometry.col_spacing_mm)
     rows_out = []
     for k, subtype in enumerate(BLEEDS):
-        components, count = ndimage.label(masks[..., k], structure=np.ones((3, 3, 3), bool))
-        for label in range(1, count + 1):
-            slices, rows, cols = np.nonzero(components == label)
+        components, _ = ndimage.label(masks[..., k], structure=np.ones((3, 3, 3), bool))
+        for label, box in enumerate(ndimage.find_objects(components), start=1):
+            inside = components[box] == label
+            if inside.sum() * voxel_ml < min_volume_ml:
+                continue
+            slices, rows, cols = np.nonzero(inside)
+            slices, rows, cols = slices + box[0].start, rows + box[1].start, cols + box[2].start
             offsets = np.concatenate([frame.offsets_mm(s, rows[slices == s], cols[slices == s]) for s in np.unique(slices)])
-            left_share = float((offsets[:, 0] > 0).mean())
             centre_slice = int(np.rint(np.median(slices)))
-            centre_offset = offsets.mean(axis=0)
-            region, lobe = _region_and_lobe(subtype, frame, centre_slice, centre_offset, frame.height_mm[centre_slice])
+            region, lobe = _region_and_lobe(subtype, frame, centre_slice, offsets.mean(axis=0), frame.height_mm[centre_slice])
             thickness = math.nan
             if subtype in EXTRA_AXIAL_COLLECTIONS:
-                spacing = (geometry.row_spacing_mm, geometry.col_spacing_mm)
-                thickness = max(ray_thickness_mm(components[s] == label, tuple(frame.centre[s]), spacing)
+                corner = np.array([box[1].start, box[2].start])
+                thickness = max(ray_thickness_mm(inside[s - box[0].start], tuple(frame.centre[s] - corner), spacing)
                                 for s in np.unique(slices))
-            rows_out.append({"subtype": subtype, "compartment": COMPARTMENTS[subtype], "side": _side(left_share),
-                             "region": region, "lobe": lobe, "volume_ml": len(slices) * voxel_ml,
-                             "thickness_mm": thickness, "first_slice": int(slices.min()), "last_slice": int(slices.max())})
+            rows_out.append({"subtype": subtype, "compartment": COMPARTMENTS[subtype],
+                             "side": _side(float((offsets[:, 0] > 0).mean())), "region": region, "lobe": lobe,
+                             "volume_ml": len(slices) * voxel_ml, "thickness_mm": thickness,
+                             "first_slice": int(slices.min()), "last_slice": int(slices.max())})
     table = pd.DataFrame(rows_out, columns=TABLE_COLUMNS[1:])
     table.insert(0, "bleed", np.arange(1, len(table) + 1))
     return table

@@ -94,7 +94,7 @@ def write_nifti(path: str | Path, masks: np.ndarray, geometry: SeriesGeometry) -
         image.set_qform(affine, code="scanner")
     data = image.to_bytes()
     with atomic_path(path) as tmp:
-        tmp.write_bytes(gzip.compress(data, mtime=0) if str(path).endswith(".gz") else data)
+        tmp.write_bytes(gzip.compress(data, compresslevel=1, mtime=0) if str(path).endswith(".gz") else data)
     return Path(path)
 
 

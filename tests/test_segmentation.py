@@ -214,3 +214,15 @@ def test_segment_index_writes_aligned_outputs_and_the_table(real_data, tmp_path)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_id
     assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 32
     assert len(list(out.glob(f"{series_id}_*.png"))) == 32
+
+
+def test_training_keeps_every_bleeding_slice_and_a_share_of_empty_ones():
+    from train_seg import keep_some_empty
+
+    squares = _squares(n=20)
+    squares.masks[10:] = 0.0  # slices 10-19 have no blood
+    rows = np.arange(20)
+    assert keep_some_empty(squares, rows, 0.0, seed=0).tolist() == list(range(10))
+    assert keep_some_empty(squares, rows, 1.0, seed=0).tolist() == list(range(20))
+    half = keep_some_empty(squares, rows, 0.5, seed=0)
+    assert set(range(10)) <= set(half) and 10 < len(half) < 20
