@@ -1,7 +1,7 @@
 """Bleed masks in: the synthetic truth, a folder of PNG masks beside DICOM slices, NIfTI label volumes.
 
 Every source becomes a `MaskSet`: slices in HU at the model's size, their masks as (n, size, size, 6)
-float32 in SUBTYPES order (1 blood, 0 none, `UNKNOWN` where the source does not say: a PNG mask
+int8 in SUBTYPES order (1 blood, 0 none, `UNKNOWN` where the source does not say: a PNG mask
 tells blood from no blood, not which subtype), the case each slice belongs to, and the size of its
 voxels at the model's size (so volumes can be measured there).
 
@@ -37,7 +37,7 @@ from ihd.labels import SUBTYPES
 from ihd.slices import to_model_hu
 from ihd.synthetic import BLEEDS, load_masks
 
-UNKNOWN = -1.0
+UNKNOWN = -1
 LABEL_VALUES = {subtype: k + 1 for k, subtype in enumerate(BLEEDS)}
 ANY = SUBTYPES.index("any")
 AFFINE_TOLERANCE_MM = 0.05
@@ -57,7 +57,7 @@ class MaskSet:
     """Slices and their masks at the model's size; rows of every array are slices."""
 
     hu: np.ndarray  # (n, size, size) float32 HU
-    masks: np.ndarray  # (n, size, size, 6) float32: 1 blood, 0 none, UNKNOWN not said, SUBTYPES order
+    masks: np.ndarray  # (n, size, size, 6) int8: 1 blood, 0 none, UNKNOWN not said, SUBTYPES order
     cases: np.ndarray  # (n,) str: the series (or patient) each slice belongs to
     voxel_mm: np.ndarray  # (n, 3): row, column and slice spacing of a model-size voxel (NaN slice spacing if unknown)
     names: list[str] = field(default_factory=list)  # one source name per slice, for reports
@@ -73,7 +73,7 @@ class MaskSet:
 
 def empty_set(size: int) -> MaskSet:
     """A MaskSet with no slices."""
-    return MaskSet(np.zeros((0, size, size), np.float32), np.zeros((0, size, size, len(SUBTYPES)), np.float32),
+    return MaskSet(np.zeros((0, size, size), np.float32), np.zeros((0, size, size, len(SUBTYPES)), np.int8),
                    np.zeros(0, str), np.zeros((0, 3)), [])
 
 
@@ -108,8 +108,8 @@ def write_bad_inputs(path: str | Path, bad: list[BadInput]) -> Path:
 
 
 def _subtype_truth(masks_5: np.ndarray, size: int) -> np.ndarray:
-    """(5, rows, cols) bool subtype masks -> (size, size, 6) float32 with `any` their union."""
-    out = np.zeros((size, size, len(SUBTYPES)), np.float32)
+    """(5, rows, cols) bool subtype masks -> (size, size, 6) int8 with `any` their union."""
+    out = np.zeros((size, size, len(SUBTYPES)), np.int8)
     for k in range(len(BLEEDS)):
         out[..., k] = resize_mask(masks_5[k], size)
     out[..., ANY] = resize_mask(masks_5.any(axis=0), size)
@@ -214,7 +214,7 @@ def png_mask_set(folder: str | Path, size: int, bad: list[BadInput]) -> MaskSet:
         if mask.shape != slice_hu.shape:
             bad.append(BadInput(str(masks[name]), f"mask {mask.shape} differs in size from its slice {slice_hu.shape}"))
             continue
-        labels = np.full((size, size, len(SUBTYPES)), UNKNOWN, np.float32)
+        labels = np.full((size, size, len(SUBTYPES)), UNKNOWN, np.int8)
         labels[..., ANY] = resize_mask(mask > 0, size)
         hu.append(to_model_hu(slice_hu, size))
         truth.append(labels)

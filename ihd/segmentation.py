@@ -178,6 +178,9 @@ def training_dataset(masks: MaskSet, batch_size: int, seed: int, augment: bool =
     data = tf.data.Dataset.from_tensor_slices((masks.hu[..., None], masks.masks))
     data = data.shuffle(len(masks), seed=seed, reshuffle_each_iteration=True)
 
+    def as_float(hu, truth):
+        return hu, tf.cast(truth, tf.float32)
+
     def flip_and_shift(hu, truth):
         unknown = tf.reduce_all(truth < 0, axis=(0, 1))  # channels the source does not say
         joined = tf.concat([hu - AIR_HU, truth], axis=-1)  # pads as air and as "no blood"
@@ -186,6 +189,7 @@ def training_dataset(masks: MaskSet, batch_size: int, seed: int, augment: bool =
         joined = tf.image.random_crop(joined, (size, size, joined.shape[-1]))
         return joined[..., :1] + AIR_HU, tf.where(unknown, tf.cast(UNKNOWN, tf.float32), joined[..., 1:])
 
+    data = data.map(as_float, num_parallel_calls=tf.data.AUTOTUNE)
     if augment:
         data = data.map(flip_and_shift, num_parallel_calls=tf.data.AUTOTUNE)
     return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -114,13 +114,13 @@ def _squares(n=24, size=32, seed=0) -> MaskSet:
     """Bright squares (60 HU) on brain (30 HU): subdural in the left half, intraparenchymal in the right."""
     rng = np.random.default_rng(seed)
     hu = np.full((n, size, size), 30.0, np.float32) + rng.normal(0, 2, (n, size, size)).astype(np.float32)
-    masks = np.zeros((n, size, size, len(SUBTYPES)), np.float32)
+    masks = np.zeros((n, size, size, len(SUBTYPES)), np.int8)
     for i in range(n):
         row, col = rng.integers(2, size - 10), rng.integers(2, size // 2 - 8)
         subtype = BLEEDS.index("subdural") if i % 2 else BLEEDS.index("intraparenchymal")
         col += 0 if i % 2 else size // 2
         hu[i, row:row + 7, col:col + 7] = 60.0
-        masks[i, row:row + 7, col:col + 7, subtype] = masks[i, row:row + 7, col:col + 7, ANY] = 1.0
+        masks[i, row:row + 7, col:col + 7, subtype] = masks[i, row:row + 7, col:col + 7, ANY] = 1
     return MaskSet(hu, masks, np.array([f"case{i}" for i in range(n)]), np.ones((n, 3)), [""] * n)
 
 
@@ -220,7 +220,7 @@ def test_training_keeps_every_bleeding_slice_and_a_share_of_empty_ones():
     from train_seg import keep_some_empty
 
     squares = _squares(n=20)
-    squares.masks[10:] = 0.0  # slices 10-19 have no blood
+    squares.masks[10:] = 0  # slices 10-19 have no blood
     rows = np.arange(20)
     assert keep_some_empty(squares, rows, 0.0, seed=0).tolist() == list(range(10))
     assert keep_some_empty(squares, rows, 1.0, seed=0).tolist() == list(range(20))
