@@ -24,7 +24,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from ihd.cnn import Windowing, _application, _resolve_weights, input_affine
+from ihd.cnn import Windowing, _application, _resolve_weights, application_on, input_affine
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES
 from ihd.dicom import AIR_HU
@@ -74,15 +74,7 @@ def _plain_encoder(x, base_filters: int):
 
 def _application_encoder(encoder: str, windowed, weights: str | None):
     """Skips at 1/2 .. 1/16 size and the 1/32 bottleneck of a `keras.applications` encoder."""
-    constructor, _ = _application(encoder)
-    try:
-        model = constructor(include_top=False, weights=weights, input_tensor=windowed,
-                            input_shape=tuple(windowed.shape[1:]))
-    except Exception as error:
-        if weights == "imagenet" and "fetch failure" in str(error):
-            raise RuntimeError(f"could not download the ImageNet weights of {encoder} ({error}): pass --weights none "
-                               "to train from scratch, or --weights PATH with a local no-top weights file") from error
-        raise
+    model = application_on(encoder, windowed, weights)
     outputs = [model.get_layer(name).output for name in ENCODER_SKIPS[encoder]]
     return outputs[:-1], outputs[-1]
 
@@ -102,7 +94,8 @@ def build_unet(encoder: str = "MobileNetV2", image_size: int = 256, weights: str
     if image_size % multiple:
         raise ValueError(f"image size {image_size} is not a multiple of {multiple}, which the {encoder} U-Net needs")
     if encoder == PLAIN:
-        weights = _resolve_weights("tiny", weights)
+        if weights is not None and str(weights).lower() != "none":
+            raise ValueError("the plain U-Net has no pretrained weights: use --weights none")
         scale, offset = np.ones(3), np.zeros(3)
     else:
         weights = _resolve_weights(encoder, weights)

@@ -29,6 +29,8 @@ def test_unet_refuses_what_it_cannot_build():
         build_unet("MobileNetV2", 48, weights="none")
     with pytest.raises(ValueError, match="unknown U-Net encoder"):
         build_unet("Xception2", 64)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        build_unet("plain", 64, weights="imagenet")
 
 
 def test_windowing_sees_hounsfield_units():
