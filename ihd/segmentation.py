@@ -240,7 +240,7 @@ def fit_unet(model: keras.Model, train_data, validation: MaskSet, run_dir: str |
     run_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [ValidationDice(validation, run_dir),
                  keras.callbacks.CSVLogger(str(run_dir / "history.csv"))]
-    model.fit(train_data, epochs=epochs, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 0)
+    model.fit(train_data, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 0)
 
 
 def load_unet(run_dir: str | Path) -> tuple[keras.Model, dict]:
