@@ -9,8 +9,9 @@ NIfTI, DICOM SEG, overlays and the table of bleeds; median of ``--runs`` after a
 the bare U-Net on the same 40 inputs already in memory (`predict_on_batch`).
 
 Scores on the real CT-ICH slices (`../shared/data/real/ctich_masks/`, never trained on): Dice of `any`
-per slice and their mean; the pointing game for both localizations on the same slices: is the U-Net's
+per slice and their mean, beside the baseline of calling every pixel between 50 and 90 HU blood; the pointing game for both localizations on the same slices: is the U-Net's
 peak `any` probability inside the radiologist's mask, and is the CNN's Grad-CAM peak (for `any`)?
+Chance level: the share of the head's pixels that the mask covers.
 With ``--synthetic`` the pointing game is also played on every synthetic test slice with blood.
 """
 from __future__ import annotations
@@ -42,6 +43,8 @@ from ihd.slices import to_model_hu  # noqa: E402
 from ihd.windows import parse_recipe  # noqa: E402
 
 CTICH = ROOT.parent / "shared" / "data" / "real" / "ctich_masks"
+BLOOD_HU = (50.0, 90.0)  # fresh blood; the baseline segmenter calls every pixel in this range blood
+HEAD_HU = -300.0
 
 
 @dataclass
@@ -82,7 +85,10 @@ def pointing_game(unet, unet_size: int, cnn, cnn_config: dict | None, masks: Mas
     for k in range(len(masks)):
         truth = masks.masks[k, ..., ANY] > 0.5
         unet_any = probabilities[k, ..., ANY]
+        hu = masks.hu[k]
         row = {"name": masks.names[k], "dice": dice(unet_any >= MASK_THRESHOLD, truth),
+               "threshold_dice": dice((hu >= BLOOD_HU[0]) & (hu <= BLOOD_HU[1]), truth),
+               "chance_hit": float(truth.sum() / max(1, (hu > HEAD_HU).sum())),
                "unet_hit": pointing_hit(unet_any, truth)}
         if cnn is not None:
             size = int(cnn_config["image_size"])
@@ -90,6 +96,8 @@ def pointing_game(unet, unet_size: int, cnn, cnn_config: dict | None, masks: Mas
             row["gradcam_hit"] = pointing_hit(gradcam_heatmap(cnn, stack), truth)
         rows.append(row)
     return {"slices": rows, "mean_dice": float(np.nanmean([r["dice"] for r in rows])),
+            "threshold_mean_dice": float(np.nanmean([r["threshold_dice"] for r in rows])),
+            "chance_pointing": float(np.mean([r["chance_hit"] for r in rows])),
             "unet_pointing": float(np.mean([r["unet_hit"] for r in rows])),
             "gradcam_pointing": float(np.mean([r["gradcam_hit"] for r in rows])) if cnn is not None else None}
 
@@ -119,10 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
     bad = []
     result["ctich"] = pointing_game(unet, size, cnn, cnn_config, png_mask_set(CTICH, 512, bad))
     for row in result["ctich"]["slices"]:
-        print(f"  {row['name']}: dice {row['dice']:.3f}  U-Net peak {'in' if row['unet_hit'] else 'out'}"
+        print(f"  {row['name']}: dice {row['dice']:.3f} (HU threshold {row['threshold_dice']:.3f})  U-Net peak {'in' if row['unet_hit'] else 'out'}"
               + (f"  Grad-CAM peak {'in' if row['gradcam_hit'] else 'out'}" if cnn is not None else ""))
-    print(f"CT-ICH ({len(result['ctich']['slices'])} slices): mean Dice {result['ctich']['mean_dice']:.3f}, "
-          f"pointing game U-Net {result['ctich']['unet_pointing']:.2f}, Grad-CAM {result['ctich']['gradcam_pointing']}")
+    ctich = result["ctich"]
+    print(f"CT-ICH ({len(ctich['slices'])} slices): mean Dice {ctich['mean_dice']:.3f} (HU threshold baseline "
+          f"{ctich['threshold_mean_dice']:.3f}); pointing game U-Net {ctich['unet_pointing']:.2f}, Grad-CAM "
+          f"{ctich['gradcam_pointing']}, a random point in the head {ctich['chance_pointing']:.3f}")
     if settings.synthetic:
         test = synthetic_set(settings.synthetic, "test", size, bad)
         with_blood = np.flatnonzero((test.masks[..., ANY] > 0.5).any(axis=(1, 2)))
