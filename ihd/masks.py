@@ -16,7 +16,8 @@ Layouts read:
   name, any non-zero mask pixel being blood;
 - NIfTI label volumes: ``<SeriesInstanceUID>.nii[.gz]`` in one folder, matched to the series of a
   DICOM folder; voxel value ``LABEL_VALUES[subtype]`` (1 to 5, BLEEDS order), 0 for no blood, on the
-  series' exact grid (the grid `ihd.mask_export.write_nifti` writes).
+  series' own voxels in any axis order and direction (`ihd.mask_export.write_nifti` writes them in
+  (column, row, slice) order; converters such as dcm2niix flip rows).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import pydicom
 from tqdm.auto import tqdm
 
 from ihd.dicom import AIR_HU, DicomError, read_header, read_hu
-from ihd.geometry import GeometryError, SeriesGeometry, series_geometry
+from ihd.geometry import LPS_TO_RAS, GeometryError, SeriesGeometry, series_geometry
 from ihd.index import list_files
 from ihd.io import atomic_path
 from ihd.labels import SUBTYPES
@@ -40,7 +41,7 @@ from ihd.synthetic import BLEEDS, load_masks
 UNKNOWN = -1
 LABEL_VALUES = {subtype: k + 1 for k, subtype in enumerate(BLEEDS)}
 ANY = SUBTYPES.index("any")
-AFFINE_TOLERANCE_MM = 0.05
+GRID_TOLERANCE_MM = 0.05
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -245,15 +246,38 @@ def _nifti_series_uid(path: Path) -> str:
     return next(name[: -len(s)] for s in NIFTI_SUFFIXES if name.endswith(s))
 
 
-def check_label_grid(labels_shape: tuple, affine: np.ndarray, geometry: SeriesGeometry) -> str | None:
-    """Why a NIfTI label volume does not sit on the series' grid, or None when it does."""
-    expected = (geometry.cols, geometry.rows, geometry.n_slices)
-    if tuple(labels_shape) != expected:
-        return f"label volume of shape {tuple(labels_shape)}, series grid (columns, rows, slices) {expected}"
-    difference = np.abs(np.asarray(affine, float) - geometry.nifti_affine()).max()
-    if difference > AFFINE_TOLERANCE_MM:
-        return f"label volume's affine differs from the series' by up to {difference:.3g} mm"
-    return None
+def labels_on_series_grid(labels: np.ndarray, affine: np.ndarray, geometry: SeriesGeometry) -> np.ndarray:
+    """A NIfTI label array as (slices, rows, cols) on the series' grid; GeometryError when it is on another grid.
+
+    The volume may store the series' voxels in any axis order and direction (as converters such as
+    dcm2niix do): its affine says which. What is refused is a grid that is not the series' own:
+    shifted, rotated, resampled, or of another size (tolerance ``GRID_TOLERANCE_MM``).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise GeometryError(f"label volume has {labels.ndim} dimensions, not 3")
+    to_series = np.linalg.inv(geometry.lps_affine()) @ LPS_TO_RAS @ np.asarray(affine, float)  # NIfTI index -> series index
+    axes = np.abs(to_series[:3, :3]).argmax(axis=1)  # for each series axis (row, column, slice), its NIfTI axis
+    signs = np.sign(to_series[np.arange(3), axes])
+    shape = (geometry.rows, geometry.cols, geometry.n_slices)
+    if len(set(axes)) != 3:
+        raise GeometryError("label volume's axes do not run along the series' rows, columns and slices")
+    reordered = np.transpose(labels, axes)
+    if reordered.shape != shape:
+        raise GeometryError(f"label volume of shape {labels.shape} holds a (rows, columns, slices) grid of "
+                            f"{reordered.shape}, the series {shape}")
+    ideal = np.eye(4)  # NIfTI index -> series index when the volume is the series' grid reordered
+    ideal[:3, :3] = 0
+    ideal[np.arange(3), axes] = signs
+    ideal[:3, 3] = np.where(signs < 0, np.array(shape) - 1, 0)
+    corners = np.array([[i, j, k, 1] for i in (0, labels.shape[0] - 1) for j in (0, labels.shape[1] - 1)
+                        for k in (0, labels.shape[2] - 1)], float)
+    voxel_mm = np.array([geometry.row_spacing_mm, geometry.col_spacing_mm, geometry.slice_spacing_mm])
+    error_mm = np.linalg.norm((corners @ (to_series - ideal).T)[:, :3] * voxel_mm, axis=1).max()
+    if error_mm > GRID_TOLERANCE_MM:
+        raise GeometryError(f"label volume's affine puts it off the series' grid (by up to {error_mm:.3g} mm)")
+    flips = tuple(a for a in range(3) if signs[a] < 0)
+    return np.transpose(np.flip(reordered, flips) if flips else reordered, (2, 0, 1))
 
 
 def nifti_label_set(nifti_dir: str | Path, dicom_dir: str | Path, size: int, bad: list[BadInput]) -> MaskSet:
@@ -276,14 +300,16 @@ def nifti_label_set(nifti_dir: str | Path, dicom_dir: str | Path, size: int, bad
         except (GeometryError, OSError, ValueError, nibabel.filebasedimages.ImageFileError) as error:
             bad.append(BadInput(str(volumes[uid]), str(error)))
             continue
-        problem = check_label_grid(labels.shape, image.affine, geometry)
         values = set(np.unique(labels).tolist()) - {0, *LABEL_VALUES.values()}
         if values:
-            problem = f"label values {sorted(values)[:5]} are not 0 or {min(LABEL_VALUES.values())}..{max(LABEL_VALUES.values())}"
-        if problem:
-            bad.append(BadInput(str(volumes[uid]), problem))
+            bad.append(BadInput(str(volumes[uid]), f"label values {sorted(values)[:5]} are not 0 or "
+                                                   f"{min(LABEL_VALUES.values())}..{max(LABEL_VALUES.values())}"))
             continue
-        by_slice = np.transpose(labels, (2, 1, 0))  # (slice, row, column)
+        try:
+            by_slice = labels_on_series_grid(labels, image.affine, geometry)
+        except GeometryError as error:
+            bad.append(BadInput(str(volumes[uid]), str(error)))
+            continue
         masks_5 = [np.stack([by_slice[k] == LABEL_VALUES[s] for s in BLEEDS]) for k in range(len(paths))]
         parts.append(_series_with_masks(uid, paths, masks_5, size, bad))
     return concatenate(parts, size)

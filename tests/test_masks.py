@@ -82,6 +82,27 @@ def test_nifti_round_trip_and_alignment(rsna_series, tmp_path):
                                                 geometry.slice_spacing_mm])
 
 
+def test_nifti_stored_in_another_axis_order_is_read_on_the_series_grid(rsna_series, tmp_path):
+    """Rows flipped and the (row, column) axes swapped, the affine saying so: the same labels come back."""
+    import nibabel
+
+    folder, uid, _, geometry = rsna_series
+    masks = _known_masks(geometry)
+    written = nibabel.load(write_nifti(tmp_path / "ours.nii.gz", masks, geometry))
+    data = np.asarray(written.dataobj)  # (column, row, slice)
+    other = np.flip(np.transpose(data, (1, 0, 2)), axis=0)  # (row reversed, column, slice)
+    swap_and_flip = np.eye(4)[[1, 0, 2, 3]]  # other's index (r', c, k) -> ours (c, rows - 1 - r', k)
+    swap_and_flip[1] = [-1, 0, 0, geometry.rows - 1]
+    labels_dir = tmp_path / "labels"
+    labels_dir.mkdir()
+    nibabel.save(nibabel.Nifti1Image(other, written.affine @ swap_and_flip), labels_dir / f"{uid}.nii.gz")
+    bad = []
+    loaded = nifti_label_set(labels_dir, folder, 64, bad)
+    assert bad == []
+    assert np.array_equal(loaded.masks[4, ..., PARENCHYMAL] > 0, resize_mask(masks[4, ..., PARENCHYMAL], 64))
+    assert np.array_equal(loaded.masks[10, ..., SUBDURAL] > 0, resize_mask(masks[10, ..., SUBDURAL], 64))
+
+
 def test_nifti_on_another_grid_is_named_and_skipped(rsna_series, tmp_path):
     import nibabel
 
@@ -98,7 +119,7 @@ def test_nifti_on_another_grid_is_named_and_skipped(rsna_series, tmp_path):
     loaded = nifti_label_set(labels_dir, folder, 64, bad)
     assert len(loaded) == 0
     reasons = {b.path: b.reason for b in bad}
-    assert "affine differs" in reasons[str(path)]
+    assert "off the series' grid" in reasons[str(path)]
     assert "without a series" in reasons[str(labels_dir / "1.2.3.4.nii.gz")]
 
     nibabel.save(nibabel.Nifti1Image(np.asarray(shifted.dataobj)[..., :-1], shifted.affine), path)
