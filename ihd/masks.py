@@ -13,7 +13,7 @@ Layouts read:
 
 - synthetic (`ihd.synthetic`): ``truth/masks/<series>.npz`` beside ``stage_2_<split>/<image>.dcm``;
 - a PNG mask folder (the CT-ICH layout): ``images/<name>.dcm`` and ``masks/<name>.png``, matched by
-  name, any non-zero mask pixel being blood;
+  name, any non-zero mask pixel being blood, and optionally ``labels.csv`` with each slice's subtypes;
 - NIfTI label volumes: ``<SeriesInstanceUID>.nii[.gz]`` in one folder, matched to the series of a
   DICOM folder; voxel value ``LABEL_VALUES[subtype]`` (1 to 5, BLEEDS order), 0 for no blood, on the
   series' own voxels in any axis order and direction (`ihd.mask_export.write_nifti` writes them in
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pydicom
 from tqdm.auto import tqdm
 
@@ -188,8 +189,39 @@ def read_raw_hu(path: Path) -> np.ndarray:
     return np.maximum(hu, np.float32(AIR_HU))
 
 
+def slice_subtypes(labels_csv: Path) -> dict[str, dict[str, int]]:
+    """Per slice name (file stem), the 0/1 subtypes of a CT-ICH style ``labels.csv`` (columns named like the
+    subtypes, any case; a ``file`` column with the image file name); {} when there is no such file."""
+    if not labels_csv.is_file():
+        return {}
+    table = pd.read_csv(labels_csv)
+    columns = {c.lower(): c for c in table.columns}
+    missing = [s for s in BLEEDS if s not in columns]
+    if "file" not in columns or missing:
+        raise ValueError(f"{labels_csv}: needs a file column and one column per subtype (missing {missing or 'file'})")
+    return {Path(str(row[columns["file"]])).stem: {s: int(row[columns[s]]) for s in BLEEDS}
+            for _, row in table.iterrows()}
+
+
+def png_truth(blood: np.ndarray, subtypes: dict[str, int] | None) -> np.ndarray:
+    """(size, size, 6) int8 truth of one PNG mask: `any` from the mask; a subtype the labels say is absent
+    is known empty; the only subtype present (when the labels name exactly one) owns the whole mask;
+    the rest is UNKNOWN."""
+    labels = np.full((*blood.shape, len(SUBTYPES)), UNKNOWN, np.int8)
+    labels[..., ANY] = blood
+    if subtypes:
+        present = [s for s in BLEEDS if subtypes[s]]
+        for k, subtype in enumerate(BLEEDS):
+            if not subtypes[subtype]:
+                labels[..., k] = 0
+            elif len(present) == 1:
+                labels[..., k] = blood
+    return labels
+
+
 def png_mask_set(folder: str | Path, size: int, bad: list[BadInput]) -> MaskSet:
-    """Slices ``images/<name>.dcm`` and masks ``masks/<name>.png`` matched by name; only `any` is known.
+    """Slices ``images/<name>.dcm`` and masks ``masks/<name>.png`` matched by name (see `png_truth` for
+    what ``labels.csv``, when present, adds to the blood-or-not of the mask).
 
     Pixel spacing is unknown in this layout (CT-ICH has none), so voxel sizes are NaN: volumes
     cannot be measured from these masks.
@@ -201,6 +233,7 @@ def png_mask_set(folder: str | Path, size: int, bad: list[BadInput]) -> MaskSet:
         raise FileNotFoundError(f"{folder}: no images/*.dcm and no masks/*.png")
     bad.extend(BadInput(str(masks[n]), "mask without a slice (no images/" + n + ".dcm)") for n in sorted(masks.keys() - images.keys()))
     bad.extend(BadInput(str(images[n]), "slice without a mask (no masks/" + n + ".png)") for n in sorted(images.keys() - masks.keys()))
+    subtypes = slice_subtypes(folder / "labels.csv")
     hu, truth, names = [], [], []
     for name in sorted(images.keys() & masks.keys()):
         mask = cv2.imread(str(masks[name]), cv2.IMREAD_GRAYSCALE)
@@ -215,10 +248,8 @@ def png_mask_set(folder: str | Path, size: int, bad: list[BadInput]) -> MaskSet:
         if mask.shape != slice_hu.shape:
             bad.append(BadInput(str(masks[name]), f"mask {mask.shape} differs in size from its slice {slice_hu.shape}"))
             continue
-        labels = np.full((size, size, len(SUBTYPES)), UNKNOWN, np.int8)
-        labels[..., ANY] = resize_mask(mask > 0, size)
         hu.append(to_model_hu(slice_hu, size))
-        truth.append(labels)
+        truth.append(png_truth(resize_mask(mask > 0, size), subtypes.get(name)))
         names.append(name)
     if not hu:
         return empty_set(size)

@@ -181,7 +181,15 @@ def test_png_mask_folder_with_bad_files(real_data, tmp_path):
     assert "without a mask" in reasons[str(folder / "images" / "050_21.dcm")]
     assert "differs in size" in reasons[str(folder / "masks" / "050_24.png")]
     assert loaded.names == ["051_23", "051_31", "052_17", "066_19", "071_14", "071_19"]
-    assert (loaded.masks[..., :ANY] == UNKNOWN).all()
+    # labels.csv: 071_19 is subdural only, so its mask is subdural; 071_14 is subdural and
+    # intraparenchymal, so those two are unknown there and the other three known absent.
+    mask_071_14 = loaded.masks[loaded.names.index("071_14")]
+    assert np.array_equal(loaded.masks[-1, ..., SUBDURAL], loaded.masks[-1, ..., ANY])
+    assert (loaded.masks[-1, ..., PARENCHYMAL] == 0).all()
+    assert (mask_071_14[..., [SUBDURAL, PARENCHYMAL]] == UNKNOWN).all()
+    assert (mask_071_14[..., BLEEDS.index("epidural")] == 0).all()
+    (folder / "labels.csv").unlink()
+    assert (png_mask_set(folder, 64, []).masks[..., :ANY] == UNKNOWN).all()  # without labels only `any` is known
     mask = cv2.imread(str(source / "masks" / "071_19.png"), cv2.IMREAD_GRAYSCALE) > 0
     assert np.array_equal(loaded.masks[-1, ..., ANY] > 0, resize_mask(mask, 64))
     raw = pydicom.dcmread(source / "images" / "071_19.dcm").pixel_array
