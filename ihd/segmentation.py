@@ -25,9 +25,9 @@ import keras
 import numpy as np
 
 from ihd.cnn import Windowing, _application, _resolve_weights, application_on, input_affine
+from ihd.dicom import AIR_HU
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES
-from ihd.dicom import AIR_HU
 from ihd.masks import ANY, UNKNOWN, MaskSet
 from ihd.seg_metrics import score_masks
 from ihd.windows import parse_recipe
