@@ -1,15 +1,17 @@
 """Train the bleed U-Net on masks, then score it: Dice and volume error per subtype, Dice on held-out masks.
 
-    python train_seg.py --synthetic data/synthetic/raw --encoder plain --image-size 128 --epochs 12
+    python train_seg.py --synthetic data/synthetic/raw --encoder plain --weights none --image-size 128 --epochs 8
     python train_seg.py --synthetic data/synthetic/raw --encoder MobileNetV2 --weights imagenet --image-size 256
-    python train_seg.py --synthetic data/synthetic/raw --png-masks my/masks --score-png-masks ../shared/data/real/ctich_masks
+    python train_seg.py --synthetic data/synthetic/raw,data/synthetic2/raw --png-masks my/masks \
+        --score-png-masks ../shared/data/real/ctich_masks
 
-Training masks: the synthetic dataset's training split (``truth/masks/`` beside ``stage_2_train/``),
+Training masks: the training split of every ``--synthetic`` dataset (``truth/masks/`` beside
+``stage_2_train/``; the phantoms, and bleeds inserted into real anatomy when a dataset holds them),
 plus any ``--png-masks`` folder (``images/<name>.dcm`` + ``masks/<name>.png``) and NIfTI label volumes
 (``--nifti-dir`` with ``--nifti-dicom-dir``). A fraction of the training cases (series) is held out
 for validation (all their slices); of the training slices without blood only ``--empty-share`` is
 kept. The epoch kept is the one with the best validation Dice of `any`. The synthetic test
-split and every ``--score-png-masks`` folder are scored after training, never trained on.
+splits and every ``--score-png-masks`` folder are scored after training, never trained on.
 
 Writes models/<run>/: unet.keras, best.json, config.json (settings and data counts), history.csv,
 bad_inputs.csv (every skipped file and why) and scores.json.
@@ -33,7 +35,7 @@ from ihd.masks import BadInput, MaskSet, concatenate, nifti_label_set, png_mask_
 class Settings:
     """What a segmentation run is made of; every field is a command-line flag."""
 
-    synthetic: str = "data/synthetic/raw"  # a synthetic dataset's raw folder (truth/masks/); empty: none
+    synthetic: str = "data/synthetic/raw"  # synthetic datasets' raw folders (truth/masks/), comma-separated; empty: none
     png_masks: str = ""  # extra training masks: a folder of images/*.dcm + masks/*.png (comma-separated for several)
     nifti_dir: str = ""  # extra training masks: <SeriesInstanceUID>.nii.gz label volumes ...
     nifti_dicom_dir: str = ""  # ... matched to the series of this DICOM folder
@@ -43,7 +45,7 @@ class Settings:
     weights: str = "imagenet"  # ImageNet encoder weights train faster; none offline (plain always none)
     image_size: int = 256  # slices resized to this; bleeds a few mm wide need 256 or more on real scans
     base_filters: int = 16  # first width of the plain U-Net and of every decoder level
-    epochs: int = 12  # a few hundred synthetic slices converge in about ten epochs
+    epochs: int = 8  # about a thousand synthetic slices an epoch converge in a few epochs
     batch_size: int = 16  # fits a 256x256 MobileNetV2 U-Net in a few GB
     learning_rate: float = 1e-3  # Adam under cosine decay
     empty_share: float = 0.3  # share of training slices without blood that are kept: most slices have none
@@ -77,7 +79,7 @@ def folders(value: str) -> list[str]:
 def training_masks(settings: Settings, bad: list[BadInput]) -> MaskSet:
     """Every training source the flags name, at the model's size."""
     size = settings.image_size
-    sets = [synthetic_set(settings.synthetic, "train", size, bad)] if settings.synthetic else []
+    sets = [synthetic_set(folder, "train", size, bad) for folder in folders(settings.synthetic)]
     sets += [png_mask_set(folder, size, bad) for folder in folders(settings.png_masks)]
     if settings.nifti_dir:
         if not settings.nifti_dicom_dir:
@@ -147,16 +149,12 @@ def main(argv: list[str] | None = None) -> Path:
 
     model, _ = load_unet(run_dir)
     scores = {"train_seconds": round(train_seconds, 1)}
-    if settings.synthetic:
-        test_bad: list[BadInput] = []
-        scores["synthetic_test"] = evaluate(model, synthetic_set(settings.synthetic, "test", settings.image_size, test_bad))
-        print(f"synthetic test ({settings.synthetic}):\n{format_scores(scores['synthetic_test'])}")
-        bad += test_bad
+    for folder in folders(settings.synthetic):
+        scores[f"{folder} test"] = evaluate(model, synthetic_set(folder, "test", settings.image_size, bad))
+        print(f"synthetic test split ({folder}):\n{format_scores(scores[f'{folder} test'])}")
     for folder in folders(settings.score_png_masks):
-        held_out_bad: list[BadInput] = []
-        scores[folder] = evaluate(model, png_mask_set(folder, settings.image_size, held_out_bad))
+        scores[folder] = evaluate(model, png_mask_set(folder, settings.image_size, bad))
         print(f"held out ({folder}):\n{format_scores(scores[folder])}")
-        bad += held_out_bad
     write_bad_inputs(bad_path, bad)
     write_json(run_dir / "scores.json", scores)
     print(f"model: {run_dir / 'unet.keras'}, scores: {run_dir / 'scores.json'}")

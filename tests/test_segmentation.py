@@ -162,7 +162,8 @@ def test_train_seg_end_to_end(prepared_synthetic, real_data, tmp_path):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["encoder"] == "plain" and config["train_slices"] > config["val_slices"] > 0
     scores = json.loads((run_dir / "scores.json").read_text())
-    assert set(scores["synthetic_test"]) <= set(SUBTYPES) and "any" in scores["synthetic_test"]
+    synthetic_test = scores[f"{prepared_synthetic / 'raw'} test"]
+    assert set(synthetic_test) <= set(SUBTYPES) and "any" in synthetic_test
     assert "any" in scores[str(real_data / "ctich_masks")]
     assert scores[str(real_data / "ctich_masks")]["subdural"]["slices"] == 8  # all but 071_14 (subdural and parenchymal)
     assert scores[str(real_data / "ctich_masks")]["any"]["slices"] == 9
