@@ -22,6 +22,7 @@ Layouts read:
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,9 +164,8 @@ def _series_with_masks(series: str, paths: list[Path], masks_5: list[np.ndarray]
     try:
         geometry = series_geometry(headers, series)
         voxel = model_voxel_mm(geometry.voxel_mm, geometry.rows, geometry.cols, size)
-    except GeometryError as error:
-        bad.extend(BadInput(n, str(error)) for n in names)
-        return empty_set(size)
+    except GeometryError:  # say, a slice left out above: each slice still trains, volumes cannot be measured
+        voxel = (math.nan, math.nan, math.nan)
     return MaskSet(np.stack(hu), np.stack(truth), np.full(len(hu), series), np.tile(voxel, (len(hu), 1)), names)
 
 

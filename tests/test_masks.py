@@ -1,5 +1,6 @@
 """Masks in and out: synthetic truth, PNG mask folders, NIfTI label volumes, DICOM SEG, overlays; bad input."""
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -213,3 +214,15 @@ def test_synthetic_truth_matches_the_saved_masks(prepared_synthetic):
         assert np.array_equal(test.masks[rows, ..., k] > 0, np.stack([resize_mask(m[k], 64) for m in masks]))
     header = pydicom.dcmread(raw / "stage_2_test" / f"{image_ids[0]}.dcm", stop_before_pixels=True)
     assert test.voxel_mm[rows[0], 0] == pytest.approx(float(header.PixelSpacing[0]) * 512 / 64)
+
+
+def test_synthetic_series_with_an_unreadable_slice_still_trains_without_volumes(prepared_synthetic):
+    """The small dataset's truncated file is named and skipped; the rest of its series stays, volume unknown."""
+    raw = prepared_synthetic / "raw"
+    bad: list[BadInput] = []
+    train = synthetic_set(raw, "train", 64, bad)
+    assert len(bad) == 1 and "truncated" in bad[0].reason
+    victim = next(p.stem for p in (raw / "truth" / "masks").glob("*.npz") if Path(bad[0].path).stem in load_masks(p)[0])
+    rows = train.cases == victim
+    assert rows.sum() == len(load_masks(raw / "truth" / "masks" / f"{victim}.npz")[0]) - 1
+    assert np.isnan(train.voxel_mm[rows]).all() and np.isfinite(train.voxel_mm[~rows]).all()
