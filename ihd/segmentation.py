@@ -45,6 +45,7 @@ ENCODER_SKIPS = {
                        "block5c_activation", "top_activation"),
 }
 BLOOD_PRIOR = 0.01  # the output starts near the share of blood pixels, not at 0.5: training starts calm
+SCRATCH_BN_MOMENTUM = 0.9
 PLAIN_LEVELS = 4  # four poolings: the input size must be a multiple of 16
 
 
@@ -57,7 +58,7 @@ def _conv_block(x, filters: int, name: str):
     """Two 3x3 convolutions, each with batch normalisation and ReLU."""
     for k in (1, 2):
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{k}")(x)
-        x = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{k}")(x)
+        x = keras.layers.BatchNormalization(momentum=SCRATCH_BN_MOMENTUM, name=f"{name}_bn{k}")(x)
         x = keras.layers.ReLU(name=f"{name}_relu{k}")(x)
     return x
 
@@ -73,8 +74,18 @@ def _plain_encoder(x, base_filters: int):
 
 
 def _application_encoder(encoder: str, windowed, weights: str | None):
-    """Skips at 1/2 .. 1/16 size and the 1/32 bottleneck of a `keras.applications` encoder."""
+    """Skips at 1/2 .. 1/16 size and the 1/32 bottleneck of a `keras.applications` encoder.
+
+    Trained from scratch, its batch normalisation moving averages start at 0 and 1 and, at the
+    applications' momentum of 0.99 or 0.999, need thousands of steps to reach the real statistics:
+    until then the model predicts nothing useful in inference mode. From scratch they use
+    ``SCRATCH_BN_MOMENTUM``, as the plain U-Net does.
+    """
     model = application_on(encoder, windowed, weights)
+    if weights is None:
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = SCRATCH_BN_MOMENTUM
     outputs = [model.get_layer(name).output for name in ENCODER_SKIPS[encoder]]
     return outputs[:-1], outputs[-1]
 

@@ -22,6 +22,7 @@ def test_plain_and_application_unets_give_six_masks_at_input_size():
     mobile = build_unet("MobileNetV2", 64, weights="none", base_filters=4)
     assert mobile.output.shape[1:] == (64, 64, len(SUBTYPES))
     assert mobile.get_layer("block_6_expand_relu") is not None  # the encoder sits in the same flat graph
+    assert mobile.get_layer("bn_Conv1").momentum == 0.9  # from scratch: moving averages that catch up in an epoch
 
 
 def test_unet_refuses_what_it_cannot_build():
