@@ -7,6 +7,7 @@ to per-slice probabilities; Grad-CAM pictures of the slices most likely to bleed
     python predict.py --run demo --dicom-dir ../shared/data/real/rsna_labeled/stage_2_train \
         --labels ../shared/data/real/rsna_labeled/stage_2_train.csv
     python predict.py --run demo --study study-attention-subtypes-weights32-pretrained --dicom-dir /path/to/studies
+    python predict.py --run demo --dicom-dir /path/to/exported/studies --segment seg-plain-128
 
 Dataset route: reads the run's cached CNN outputs (extracting them first if the cache is incomplete),
 applies the selection and its LSTM to every test slice and writes submissions/<run>-<slug>.csv in the
@@ -69,6 +70,7 @@ from ihd.study_inference import (
 from ihd.metrics import prior_baseline
 from ihd.features import load_features
 from ihd.report import folder_scores, format_folder_scores, format_scores, scores_on_truth, truth_path
+from ihd.seg_inference import segment_index
 from ihd.slices import SliceStore
 from ihd.submission import submit, write_submission
 
@@ -85,6 +87,7 @@ class Settings:
     out: str | None = None  # output folder of the DICOM route; None: submissions/<run>-<slug>-<folder name>
     gradcam: int = 0  # Grad-CAM overlays for this many slices per study (highest `any` first), plus a montage
     gradcam_method: str = "gradcam"  # gradcam or gradcam++ (sharper when a bleed has several parts)
+    segment: str = ""  # DICOM route: a train_seg.py run in models/; masks (PNG, NIfTI, DICOM SEG) and bleeds.csv
     sample: str | None = None  # sample submission; None: data/<dataset>/raw/stage_2_sample_submission.csv
     truth: str | None = None  # test labels for the scores report; None: the dataset's raw/truth/ file if present
     labels: str | None = None  # with --dicom-dir: the folder's labels (long ID,Label CSV) to score the probabilities
@@ -234,6 +237,8 @@ def predict_folder(settings: Settings, chain: Chain, study: StudyModel | None = 
         pictures = draw_study_pictures(chain, predictions, lambda rows: hu[rows], out_dir, settings.gradcam,
                                        settings.gradcam_method)
         print(f"grad-cam: {len(pictures)} pictures in {out_dir}")
+    if settings.segment:
+        segment_index(Path(settings.models_dir) / settings.segment, index, out_dir)
     return csv_path
 
 
@@ -256,6 +261,8 @@ def main(argv: list[str] | None = None) -> Path:
     run_header(argv, settings)
     if settings.labels and not settings.dicom_dir:
         raise SystemExit("--labels scores a --dicom-dir folder (the dataset route reads its test labels from --truth)")
+    if settings.segment and not settings.dicom_dir:
+        raise SystemExit("--segment works on --dicom-dir folders (the test set has no series to write masks for)")
     try:
         study = None
         if settings.study:

@@ -135,6 +135,11 @@ def _backbone_features(backbone: str, windowed, weights: str | None):
     """The backbone's last feature map, built on ``windowed`` so that the graph stays flat."""
     if backbone == TINY:
         return _tiny_features(windowed)
+    return application_on(backbone, windowed, weights).output
+
+
+def application_on(backbone: str, windowed, weights: str | None) -> keras.Model:
+    """The `keras.applications` model ``backbone`` without its top, built on the tensor ``windowed``."""
     constructor, _ = _application(backbone)
     try:
         model = constructor(
@@ -148,7 +153,7 @@ def _backbone_features(backbone: str, windowed, weights: str | None):
                 "(the no-top .h5 file keras.applications would download)."
             ) from error
         raise
-    return model.output
+    return model
 
 
 def build_cnn(

@@ -1,0 +1,263 @@
+"""The bleed U-Net: builder (a `keras.applications` encoder or a plain U-Net), loss, training, prediction.
+
+The model reads one slice in Hounsfield units, (size, size, 1) float32. It repeats the slice into
+the three windows of the `windows` recipe (brain, subdural, soft tissue) with the CNN's own
+`Windowing` layer, so the encoder sees what the slice CNN sees and every caller feeds HU. Its output
+`"masks"` is (size, size, 6) sigmoid probabilities in SUBTYPES order: one channel per subtype and
+`any` (blood of any kind), so one model gives both the binary mask and the per-subtype masks.
+
+Encoders: any `keras.applications` model with a known set of skip layers (`ENCODER_SKIPS`), built on
+the windowed tensor like the CNN's backbone (one flat graph), or `plain`, a four-level U-Net of
+convolution blocks (small enough for tests and CPU runs). The decoder is the classic one: upsample,
+concatenate the skip at that scale, two 3x3 convolutions.
+
+The loss is binary cross-entropy plus a soft Dice term. Bleeds cover well under 1% of a slice, so
+cross-entropy alone is content to predict nothing; the Dice term, pooled over the batch per channel,
+rewards overlap whatever the size of the bleed.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from ihd.cnn import Windowing, _application, _resolve_weights, application_on, input_affine
+from ihd.dicom import AIR_HU
+from ihd.io import atomic_path, read_json, write_json
+from ihd.labels import SUBTYPES
+from ihd.masks import ANY, UNKNOWN, MaskSet
+from ihd.seg_metrics import score_masks
+from ihd.windows import parse_recipe
+
+PLAIN = "plain"
+MODEL_FILE = "unet.keras"
+BEST_FILE = "best.json"
+MASK_THRESHOLD = 0.5
+# Layers whose outputs feed the decoder, shallowest (1/2 of the input size) to deepest (1/32).
+ENCODER_SKIPS = {
+    "MobileNetV2": ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu",
+                    "block_13_expand_relu", "out_relu"),
+    "ResNet50": ("conv1_relu", "conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
+    "EfficientNetB0": ("block1a_activation", "block2b_activation", "block3b_activation",
+                       "block5c_activation", "top_activation"),
+}
+BLOOD_PRIOR = 0.01  # the output starts near the share of blood pixels, not at 0.5: training starts calm
+SCRATCH_BN_MOMENTUM = 0.9
+PLAIN_LEVELS = 4  # four poolings: the input size must be a multiple of 16
+
+
+def encoder_names() -> list[str]:
+    """Every encoder `build_unet` accepts."""
+    return [PLAIN, *ENCODER_SKIPS]
+
+
+def _conv_block(x, filters: int, name: str):
+    """Two 3x3 convolutions, each with batch normalisation and ReLU."""
+    for k in (1, 2):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{k}")(x)
+        x = keras.layers.BatchNormalization(momentum=SCRATCH_BN_MOMENTUM, name=f"{name}_bn{k}")(x)
+        x = keras.layers.ReLU(name=f"{name}_relu{k}")(x)
+    return x
+
+
+def _plain_encoder(x, base_filters: int):
+    """Skips at full, 1/2, 1/4, 1/8 size and the bottleneck at 1/16 of a plain U-Net."""
+    skips = []
+    for level in range(PLAIN_LEVELS):
+        x = _conv_block(x, base_filters * 2 ** level, f"enc{level}")
+        skips.append(x)
+        x = keras.layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
+    return skips, _conv_block(x, base_filters * 2 ** PLAIN_LEVELS, "bottleneck")
+
+
+def _application_encoder(encoder: str, windowed, weights: str | None):
+    """Skips at 1/2 .. 1/16 size and the 1/32 bottleneck of a `keras.applications` encoder.
+
+    Trained from scratch, its batch normalisation moving averages start at 0 and 1 and, at the
+    applications' momentum of 0.99 or 0.999, need thousands of steps to reach the real statistics:
+    until then the model predicts nothing useful in inference mode. From scratch they use
+    ``SCRATCH_BN_MOMENTUM``, as the plain U-Net does.
+    """
+    model = application_on(encoder, windowed, weights)
+    if weights is None:
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = SCRATCH_BN_MOMENTUM
+    outputs = [model.get_layer(name).output for name in ENCODER_SKIPS[encoder]]
+    return outputs[:-1], outputs[-1]
+
+
+def build_unet(encoder: str = "MobileNetV2", image_size: int = 256, weights: str | None = None,
+               base_filters: int = 16) -> keras.Model:
+    """The U-Net: HU (size, size, 1) -> "windowing" -> encoder -> decoder -> "masks" (size, size, 6), SUBTYPES order.
+
+    ``weights`` ("imagenet", None/"none" or a file) applies to a `keras.applications` encoder; the
+    plain U-Net always starts from scratch. ``base_filters`` is the plain U-Net's first width (the
+    decoder of an application encoder uses it too). The input size must be a multiple of 16 (plain)
+    or 32 (application encoders).
+    """
+    if encoder not in encoder_names():
+        raise ValueError(f"unknown U-Net encoder {encoder!r}: use one of {', '.join(encoder_names())}")
+    multiple = 2 ** PLAIN_LEVELS if encoder == PLAIN else 32
+    if image_size % multiple:
+        raise ValueError(f"image size {image_size} is not a multiple of {multiple}, which the {encoder} U-Net needs")
+    if encoder == PLAIN:
+        if weights is not None and str(weights).lower() != "none":
+            raise ValueError("the plain U-Net has no pretrained weights: use --weights none")
+        scale, offset = np.ones(3), np.zeros(3)
+    else:
+        weights = _resolve_weights(encoder, weights)
+        scale, offset = input_affine(_application(encoder)[1])
+    recipe = parse_recipe("windows")
+    hu = keras.Input((image_size, image_size, 1), name="hu")
+    three = keras.layers.Concatenate(name="hu_x3")([hu, hu, hu])
+    windowed = Windowing(centers_hu=[w.center_hu for w in recipe.windows], widths_hu=[w.width_hu for w in recipe.windows],
+                         scale=scale, offset=offset, dtype="float32", name="windowing")(three)
+    if encoder == PLAIN:
+        skips, x = _plain_encoder(windowed, base_filters)
+    else:
+        skips, x = _application_encoder(encoder, windowed, weights)
+    for level in reversed(range(len(skips))):
+        filters = base_filters * 2 ** level
+        x = keras.layers.UpSampling2D(2, interpolation="bilinear", name=f"dec{level}_up")(x)
+        x = keras.layers.Concatenate(name=f"dec{level}_concat")([x, skips[level]])
+        x = _conv_block(x, filters, f"dec{level}")
+    if x.shape[1] != image_size:  # application encoders' first skip is at half size
+        x = keras.layers.UpSampling2D(2, interpolation="bilinear", name="full_up")(x)
+        x = _conv_block(x, base_filters, "full")
+    prior_logit = math.log(BLOOD_PRIOR / (1 - BLOOD_PRIOR))
+    masks = keras.layers.Conv2D(len(SUBTYPES), 1, activation="sigmoid", dtype="float32", name="masks",
+                                bias_initializer=keras.initializers.Constant(prior_logit))(x)
+    return keras.Model(hu, masks, name=f"unet_{encoder}")
+
+
+@keras.saving.register_keras_serializable(package="ihd")
+def bce_dice_loss(truth, probabilities):
+    """Binary cross-entropy plus (1 - soft Dice) per channel, the Dice pooled over the batch; channels averaged.
+
+    Truth values below 0 (`ihd.masks.UNKNOWN`: the source does not say) count in neither term.
+    """
+    truth = keras.ops.cast(truth, "float32")
+    known = keras.ops.cast(truth >= 0, "float32")
+    truth = truth * known
+    probabilities = keras.ops.clip(keras.ops.cast(probabilities, "float32"), 1e-6, 1 - 1e-6)
+    cross_entropy = -(truth * keras.ops.log(probabilities) + (1 - truth) * keras.ops.log(1 - probabilities))
+    cross_entropy = keras.ops.sum(cross_entropy * known) / keras.ops.maximum(keras.ops.sum(known), 1.0)
+    overlap = keras.ops.sum(truth * probabilities * known, axis=(0, 1, 2))
+    total = keras.ops.sum(truth, axis=(0, 1, 2)) + keras.ops.sum(probabilities * known, axis=(0, 1, 2))
+    soft_dice = (2 * overlap + 1.0) / (total + 1.0)
+    channel_known = keras.ops.cast(keras.ops.sum(known, axis=(0, 1, 2)) > 0, "float32")
+    dice_loss = keras.ops.sum((1.0 - soft_dice) * channel_known) / keras.ops.maximum(keras.ops.sum(channel_known), 1.0)
+    return cross_entropy + dice_loss
+
+
+def subtype_masks(probabilities: np.ndarray, threshold: float = MASK_THRESHOLD) -> np.ndarray:
+    """Exclusive per-subtype masks (..., 5) from probabilities (..., 6): blood where `any` >= ``threshold``,
+    of the subtype whose channel is highest there. Every output (table, NIfTI, SEG, overlays) uses this rule."""
+    probabilities = np.asarray(probabilities)
+    blood = probabilities[..., ANY] >= threshold
+    best = np.argmax(probabilities[..., :ANY], axis=-1)
+    return blood[..., None] & (best[..., None] == np.arange(ANY))
+
+
+def compile_unet(model: keras.Model, learning_rate: float, total_steps: int) -> None:
+    """Adam under cosine decay from ``learning_rate`` to 0 at ``total_steps``, with the BCE + Dice loss."""
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, total_steps))
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=bce_dice_loss)
+
+
+def training_dataset(masks: MaskSet, batch_size: int, seed: int, augment: bool = True, shift_fraction: float = 0.1):
+    """Shuffled, batched (HU, masks) pairs; with ``augment`` a random left-right flip and shift, the same for both.
+
+    A flip keeps every label true (subtypes have no side); the shift moves the head within the slice
+    as patient positioning does. The shift pads with air (HU) and with "no blood" (masks).
+    """
+    import tensorflow as tf
+
+    size = masks.hu.shape[1]
+    pad = int(round(shift_fraction * size))
+    data = tf.data.Dataset.from_tensor_slices((masks.hu[..., None], masks.masks))
+    data = data.shuffle(len(masks), seed=seed, reshuffle_each_iteration=True)
+
+    def as_float(hu, truth):
+        return hu, tf.cast(truth, tf.float32)
+
+    def flip_and_shift(hu, truth):
+        unknown = tf.reduce_all(truth < 0, axis=(0, 1))  # channels the source does not say
+        joined = tf.concat([hu - AIR_HU, truth], axis=-1)  # pads as air and as "no blood"
+        joined = tf.image.random_flip_left_right(joined)
+        joined = tf.image.pad_to_bounding_box(joined, pad, pad, size + 2 * pad, size + 2 * pad)
+        joined = tf.image.random_crop(joined, (size, size, joined.shape[-1]))
+        return joined[..., :1] + AIR_HU, tf.where(unknown, tf.cast(UNKNOWN, tf.float32), joined[..., 1:])
+
+    data = data.map(as_float, num_parallel_calls=tf.data.AUTOTUNE)
+    if augment:
+        data = data.map(flip_and_shift, num_parallel_calls=tf.data.AUTOTUNE)
+    return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def predict_probabilities(model: keras.Model, hu: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Mask probabilities (n, size, size, 6) of HU slices (n, size, size) at the model's size."""
+    hu = np.asarray(hu, np.float32)[..., None]
+    parts = [np.asarray(model.predict_on_batch(hu[begin:begin + batch_size]))
+             for begin in range(0, len(hu), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, *hu.shape[1:3], len(SUBTYPES)), np.float32)
+
+
+def predicted_masks(probabilities: np.ndarray) -> np.ndarray:
+    """Boolean (..., 6) masks in SUBTYPES order: the exclusive subtype masks and `any` at the threshold."""
+    return np.concatenate([subtype_masks(probabilities), probabilities[..., ANY:] >= MASK_THRESHOLD], axis=-1)
+
+
+def evaluate(model: keras.Model, masks: MaskSet) -> dict:
+    """Dice and volume errors per subtype and `any` of ``model`` on a MaskSet (see `ihd.seg_metrics.score_masks`)."""
+    predicted = predicted_masks(predict_probabilities(model, masks.hu))
+    return score_masks(predicted, masks.masks, masks.cases, masks.voxel_mm, SUBTYPES)
+
+
+class ValidationDice(keras.callbacks.Callback):
+    """After each epoch: pooled Dice of `any` on validation, logged; the best epoch saved as unet.keras."""
+
+    def __init__(self, validation: MaskSet, run_dir: str | Path):
+        super().__init__()
+        self.validation = validation
+        self.model_path = Path(run_dir) / MODEL_FILE
+        self.best_path = Path(run_dir) / BEST_FILE
+        self.best_dice = -math.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        """Score validation, log it, keep the model when it is the best so far."""
+        scores = evaluate(self.model, self.validation)
+        if logs is not None:
+            logs.update({f"val_dice_{name}": s["dice_pooled"] for name, s in scores.items()})
+        dice_any = scores["any"]["dice_pooled"]
+        dice_any = -1.0 if math.isnan(dice_any) else dice_any
+        improved = dice_any > self.best_dice
+        if improved:
+            self.best_dice = dice_any
+            with atomic_path(self.model_path) as tmp:
+                self.model.save(tmp)
+            write_json(self.best_path, {"epoch": epoch + 1, "val_dice_any": dice_any})
+        print(f"epoch {epoch + 1}: loss {(logs or {}).get('loss', math.nan):.4f} val_dice_any {dice_any:.3f}"
+              f"{' (best, saved)' if improved else ''}", flush=True)
+
+
+def fit_unet(model: keras.Model, train_data, validation: MaskSet, run_dir: str | Path, epochs: int) -> None:
+    """Train for ``epochs``; unet.keras keeps the epoch with the best validation Dice of `any`, history.csv every epoch."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = [ValidationDice(validation, run_dir),
+                 keras.callbacks.CSVLogger(str(run_dir / "history.csv"))]
+    model.fit(train_data, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 0)
+
+
+def load_unet(run_dir: str | Path) -> tuple[keras.Model, dict]:
+    """The best-epoch U-Net of a segmentation run and the run's config.json."""
+    run_dir = Path(run_dir)
+    path = run_dir / MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: train the U-Net first (train_seg.py --run {run_dir.name})")
+    return keras.models.load_model(path, compile=False), read_json(run_dir / "config.json")

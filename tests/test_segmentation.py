@@ -1,0 +1,233 @@
+"""The U-Net, its loss and mask rule, the segmentation scores, and train_seg.py end to end (tiny sizes)."""
+import json
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from ihd.labels import SUBTYPES
+from ihd.masks import ANY, UNKNOWN, MaskSet
+from ihd.seg_metrics import dice, pointing_hit, score_masks, volume_errors, volume_ml
+from ihd.segmentation import (
+    bce_dice_loss, build_unet, compile_unet, evaluate, predict_probabilities, subtype_masks, training_dataset,
+)
+from ihd.synthetic import BLEEDS
+
+
+def test_plain_and_application_unets_give_six_masks_at_input_size():
+    plain = build_unet("plain", 32, base_filters=4)
+    assert plain.output.shape[1:] == (32, 32, len(SUBTYPES))
+    assert plain.get_layer("masks").activation.__name__ == "sigmoid"
+    mobile = build_unet("MobileNetV2", 64, weights="none", base_filters=4)
+    assert mobile.output.shape[1:] == (64, 64, len(SUBTYPES))
+    assert mobile.get_layer("block_6_expand_relu") is not None  # the encoder sits in the same flat graph
+    assert mobile.get_layer("bn_Conv1").momentum == 0.9  # from scratch: moving averages that catch up in an epoch
+
+
+def test_unet_refuses_what_it_cannot_build():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        build_unet("MobileNetV2", 48, weights="none")
+    with pytest.raises(ValueError, match="unknown U-Net encoder"):
+        build_unet("Xception2", 64)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        build_unet("plain", 64, weights="imagenet")
+
+
+def test_windowing_sees_hounsfield_units():
+    """Air and bone give the same windowed input whatever their exact values beyond the windows."""
+    model = build_unet("plain", 16, base_filters=2)
+    windowing = keras.Model(model.input, model.get_layer("windowing").output)
+    hu = np.zeros((1, 16, 16, 1), np.float32)
+    hu[0, :2, :2, 0] = [[-1000.0, -2000.0], [40.0, 3000.0]]
+    out = np.asarray(windowing(hu))
+    assert np.allclose(out[0, 0, 0], out[0, 0, 1]) and np.allclose(out[0, 1, 0], [0.5, 0.3, 0.5], atol=1e-6)
+
+
+def _truth(shape=(2, 8, 8)):
+    truth = np.zeros((*shape, len(SUBTYPES)), np.float32)
+    truth[:, 2:5, 2:5, 1] = truth[:, 2:5, 2:5, ANY] = 1.0
+    return truth
+
+
+def test_loss_is_small_when_right_and_ignores_unknown_channels():
+    truth = _truth()
+    right = float(bce_dice_loss(truth, truth))
+    wrong = float(bce_dice_loss(truth, np.zeros_like(truth)))
+    assert right < 0.01
+    # By hand: 36 of 768 values are blood predicted at the 1e-6 clip, and 2 of 6 channels have
+    # soft Dice (0 + 1) / (18 + 1); the 4 empty channels predicted empty have Dice 1.
+    assert wrong == pytest.approx(36 * -math.log(1e-6) / 768 + 2 * (1 - 1 / 19) / 6, rel=1e-4)
+    unknown = truth.copy()
+    unknown[..., :ANY] = UNKNOWN
+    guess_a, guess_b = truth.copy(), truth.copy()
+    guess_b[..., :ANY] = 1 - guess_b[..., :ANY]  # opposite subtype guesses, same `any`
+    assert float(bce_dice_loss(unknown, guess_a)) == pytest.approx(float(bce_dice_loss(unknown, guess_b)), abs=1e-6)
+    assert float(bce_dice_loss(truth, guess_a)) < float(bce_dice_loss(truth, guess_b))
+
+
+def test_subtype_masks_are_exclusive_and_follow_any():
+    probabilities = np.array([[0.1, 0.7, 0.2, 0.3, 0.4, 0.6], [0.1, 0.7, 0.2, 0.3, 0.4, 0.4],
+                              [0.2, 0.1, 0.1, 0.1, 0.3, 0.9]], np.float32)
+    masks = subtype_masks(probabilities)
+    assert masks.tolist() == [[False, True, False, False, False], [False] * 5, [False, False, False, False, True]]
+
+
+def test_dice_and_volume_by_hand():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[0, :4] = True
+    b[0, 2:4] = True
+    assert dice(a, b) == pytest.approx(2 * 2 / 6)
+    assert math.isnan(dice(np.zeros(3, bool), np.zeros(3, bool)))
+    with pytest.raises(ValueError, match="differ in shape"):
+        dice(a, b[:2])
+    assert volume_ml(np.ones((4, 5, 5), bool), (0.5, 0.5, 5.0)) == pytest.approx(100 * 1.25 / 1000)
+    errors = volume_errors(np.array([2.0, 0.0, 0.0]), np.array([1.0, 3.0, 0.0]))
+    assert errors == {"volume_mae_ml": 2.0, "volume_bias_ml": -1.0, "volume_cases": 2}
+
+
+def test_scores_per_channel_and_case():
+    truth = _truth((2, 8, 8))
+    predicted = truth > 0.5
+    predicted[1] = False  # the second case (slice) is missed entirely
+    voxel = np.array([[1.0, 1.0, 10.0], [1.0, 1.0, 10.0]])
+    scores = score_masks(predicted, truth, np.array(["a", "b"]), voxel, SUBTYPES)
+    parenchymal = scores["intraparenchymal"]
+    assert parenchymal["dice_pooled"] == pytest.approx(2 * 9 / 27)
+    assert parenchymal["dice_mean"] == pytest.approx(0.5)  # 1 and 0
+    assert parenchymal["volume_mae_ml"] == pytest.approx(0.045)  # 0 mL off, then 0.09 mL missed
+    assert parenchymal["volume_bias_ml"] == pytest.approx(-0.045)
+    assert math.isnan(scores["epidural"]["dice_pooled"]) and scores["epidural"]["volume_cases"] == 0
+    truth[..., :ANY] = UNKNOWN
+    assert set(score_masks(predicted, truth, np.array(["a", "b"]), voxel, SUBTYPES)) == {"any"}
+
+
+def test_pointing_game():
+    mask = np.zeros((64, 64), bool)
+    mask[40:50, 10:20] = True
+    heatmap = np.zeros((8, 8), np.float32)
+    heatmap[5, 2] = 1.0  # rows 40-47, columns 16-23 at 64x64
+    assert pointing_hit(heatmap, mask)
+    heatmap[1, 6] = 2.0
+    assert not pointing_hit(heatmap, mask)
+
+
+def _squares(n=24, size=32, seed=0) -> MaskSet:
+    """Bright squares (60 HU) on brain (30 HU): subdural in the left half, intraparenchymal in the right."""
+    rng = np.random.default_rng(seed)
+    hu = np.full((n, size, size), 30.0, np.float32) + rng.normal(0, 2, (n, size, size)).astype(np.float32)
+    masks = np.zeros((n, size, size, len(SUBTYPES)), np.int8)
+    for i in range(n):
+        row, col = rng.integers(2, size - 10), rng.integers(2, size // 2 - 8)
+        subtype = BLEEDS.index("subdural") if i % 2 else BLEEDS.index("intraparenchymal")
+        col += 0 if i % 2 else size // 2
+        hu[i, row:row + 7, col:col + 7] = 60.0
+        masks[i, row:row + 7, col:col + 7, subtype] = masks[i, row:row + 7, col:col + 7, ANY] = 1
+    return MaskSet(hu, masks, np.array([f"case{i}" for i in range(n)]), np.ones((n, 3)), [""] * n)
+
+
+def test_a_tiny_unet_learns_to_outline_bleeds():
+    keras.utils.set_random_seed(0)
+    squares = _squares(n=16)
+    model = build_unet("plain", 32, base_filters=8)
+    compile_unet(model, 1e-2, 40 * 2)
+    model.fit(training_dataset(squares, 8, seed=0, augment=False), epochs=40, shuffle=False, verbose=0)
+    scores = evaluate(model, squares)
+    assert scores["any"]["dice_pooled"] > 0.8
+    assert scores["subdural"]["dice_pooled"] > 0.6 and scores["intraparenchymal"]["dice_pooled"] > 0.6
+    assert predict_probabilities(model, squares.hu[:3]).shape == (3, 32, 32, len(SUBTYPES))
+
+
+def test_augmentation_moves_image_and_mask_together():
+    squares = _squares(n=8)
+    batch_hu, batch_masks = next(iter(training_dataset(squares, 8, seed=1, augment=True)))
+    bright = np.asarray(batch_hu)[..., 0] > 45
+    assert np.array_equal(bright, np.asarray(batch_masks)[..., ANY] > 0.5)
+    unknown = squares.masks.copy()
+    unknown[..., :ANY] = UNKNOWN
+    _, masks = next(iter(training_dataset(MaskSet(squares.hu, unknown, squares.cases, squares.voxel_mm, squares.names),
+                                          8, seed=1, augment=True)))
+    assert (np.asarray(masks)[..., :ANY] == UNKNOWN).all()
+
+
+def test_train_seg_end_to_end(prepared_synthetic, real_data, tmp_path):
+    import train_seg
+
+    run_dir = train_seg.main([
+        "--synthetic", str(prepared_synthetic / "raw"), "--encoder", "plain", "--weights", "none", "--image-size", "32",
+        "--base-filters", "4", "--epochs", "2", "--batch-size", "8", "--run", "tiny",
+        "--score-png-masks", str(real_data / "ctich_masks"), "--read-non-ct-as-hu", "--models-dir", str(tmp_path),
+    ])
+    assert (run_dir / "unet.keras").is_file() and (run_dir / "history.csv").is_file()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["encoder"] == "plain" and config["train_slices"] > config["val_slices"] > 0
+    scores = json.loads((run_dir / "scores.json").read_text())
+    synthetic_test = scores[f"{prepared_synthetic / 'raw'} test"]
+    assert set(synthetic_test) <= set(SUBTYPES) and "any" in synthetic_test
+    assert "any" in scores[str(real_data / "ctich_masks")]
+    assert scores[str(real_data / "ctich_masks")]["subdural"]["slices"] == 8  # all but 071_14 (subdural and parenchymal)
+    assert scores[str(real_data / "ctich_masks")]["any"]["slices"] == 9
+    bad = (run_dir / "bad_inputs.csv").read_text()
+    assert "truncated" in bad  # the small synthetic dataset's one cut-short file
+
+
+def test_segment_index_writes_aligned_outputs_and_the_table(real_data, tmp_path):
+    """A U-Net whose output is "intraparenchymal everywhere" over the real tilted series: every output is checkable."""
+    import highdicom
+    import nibabel
+    import pandas as pd
+    import pydicom
+
+    from ihd.index import build_index
+    from ihd.io import write_json
+    from ihd.masks import LABEL_VALUES
+    from ihd.segmentation import MODEL_FILE
+    from ihd.seg_inference import segment_index
+
+    model = build_unet("plain", 32, base_filters=2)
+    layer = model.get_layer("masks")
+    kernel, bias = layer.get_weights()
+    bias[:] = -5.0
+    bias[[BLEEDS.index("intraparenchymal"), ANY]] = 5.0
+    layer.set_weights([np.zeros_like(kernel), bias])
+    run_dir = tmp_path / "models" / "everywhere"
+    run_dir.mkdir(parents=True)
+    model.save(run_dir / MODEL_FILE)
+    write_json(run_dir / "config.json", {"image_size": 32})
+
+    index = build_index([(real_data / "rsna_series", "test")], tmp_path / "index", workers=1)
+    bleeds = segment_index(run_dir, index, tmp_path / "out")
+    out = tmp_path / "out" / "segmentation"
+    series_id = index["series_id"].iloc[0]
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in index.sort_values("position")["path"]]
+    spacing = [float(v) for v in headers[0].PixelSpacing]
+    assert len(bleeds) == 1
+    row = bleeds.iloc[0]
+    assert (row.subtype, row.compartment, row.side, row.first_slice, row.last_slice) == (
+        "intraparenchymal", "intra-axial", "midline", 0, 31)
+    normal_gap = (float(headers[1].ImagePositionPatient[2]) - float(headers[0].ImagePositionPatient[2])) * float(
+        headers[0].ImageOrientationPatient[4])  # the gantry tilts the planes: spacing along the normal
+    assert row.volume_ml == pytest.approx(32 * 512 * 512 * spacing[0] * spacing[1] * normal_gap / 1000, rel=0.01)
+    assert pd.read_csv(out / "bleeds.csv")["series_id"].tolist() == [series_id]
+
+    labels = nibabel.load(out / f"{series_id}.nii.gz")
+    assert labels.shape == (512, 512, 32) and (np.asarray(labels.dataobj) == LABEL_VALUES["intraparenchymal"]).all()
+    first = np.asarray(headers[0].ImagePositionPatient, float)
+    assert (labels.affine @ [0, 0, 0, 1])[:3] == pytest.approx(first * [-1, -1, 1], abs=1e-3)
+    seg = highdicom.seg.segread(out / f"{series_id}_seg.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_id
+    assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 32
+    assert len(list(out.glob(f"{series_id}_*.png"))) == 32
+
+
+def test_training_keeps_every_bleeding_slice_and_a_share_of_empty_ones():
+    from train_seg import keep_some_empty
+
+    squares = _squares(n=20)
+    squares.masks[10:] = 0  # slices 10-19 have no blood
+    rows = np.arange(20)
+    assert keep_some_empty(squares, rows, 0.0, seed=0).tolist() == list(range(10))
+    assert keep_some_empty(squares, rows, 1.0, seed=0).tolist() == list(range(20))
+    half = keep_some_empty(squares, rows, 0.5, seed=0)
+    assert set(range(10)) <= set(half) and 10 < len(half) < 20

@@ -1,0 +1,166 @@
+"""Train the bleed U-Net on masks, then score it: Dice and volume error per subtype, Dice on held-out masks.
+
+    python train_seg.py --synthetic data/synthetic/raw --encoder plain --weights none --image-size 128 --epochs 8
+    python train_seg.py --synthetic data/synthetic/raw --encoder MobileNetV2 --weights imagenet --image-size 256
+    python train_seg.py --synthetic data/synthetic/raw,data/synthetic2/raw --png-masks my/masks \
+        --score-png-masks ../shared/data/real/ctich_masks --read-non-ct-as-hu
+
+Training masks: the training split of every ``--synthetic`` dataset (``truth/masks/`` beside
+``stage_2_train/``; the phantoms, and bleeds inserted into real anatomy when a dataset holds them),
+plus any ``--png-masks`` folder (``images/<name>.dcm`` + ``masks/<name>.png``) and NIfTI label volumes
+(``--nifti-dir`` with ``--nifti-dicom-dir``). A fraction of the training cases (series) is held out
+for validation (all their slices); of the training slices without blood only ``--empty-share`` is
+kept. The epoch kept is the one with the best validation Dice of `any`. The synthetic test
+splits and every ``--score-png-masks`` folder are scored after training, never trained on.
+
+Writes models/<run>/: unet.keras, best.json, config.json (settings and data counts), history.csv,
+bad_inputs.csv (every skipped file and why) and scores.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ihd.io import run_header, write_json
+from ihd.masks import BadInput, MaskSet, concatenate, nifti_label_set, png_mask_set, synthetic_set, write_bad_inputs
+
+
+@dataclass
+class Settings:
+    """What a segmentation run is made of; every field is a command-line flag."""
+
+    synthetic: str = "data/synthetic/raw"  # synthetic datasets' raw folders (truth/masks/), comma-separated; empty: none
+    png_masks: str = ""  # extra training masks: a folder of images/*.dcm + masks/*.png (comma-separated for several)
+    nifti_dir: str = ""  # extra training masks: <SeriesInstanceUID>.nii.gz label volumes ...
+    nifti_dicom_dir: str = ""  # ... matched to the series of this DICOM folder
+    score_png_masks: str = ""  # folders scored after training, never trained on (comma-separated)
+    read_non_ct_as_hu: bool = False  # mask folders' slices of other modalities read as HU (CT-ICH's OT exports)
+    run: str = ""  # models/<run>/; empty: seg-<encoder>-<size>
+    encoder: str = "MobileNetV2"  # the paper's family; plain for a small U-Net trained from scratch
+    weights: str = "imagenet"  # ImageNet encoder weights train faster; none offline (plain always none)
+    image_size: int = 256  # slices resized to this; bleeds a few mm wide need 256 or more on real scans
+    base_filters: int = 16  # first width of the plain U-Net and of every decoder level
+    epochs: int = 8  # about a thousand synthetic slices an epoch converge in a few epochs
+    batch_size: int = 16  # fits a 256x256 MobileNetV2 U-Net in a few GB
+    learning_rate: float = 1e-3  # Adam under cosine decay
+    empty_share: float = 0.3  # share of training slices without blood that are kept: most slices have none
+    val_fraction: float = 0.2  # share of training cases (series) held out to pick the epoch
+    augment: bool = True  # left-right flip and shift: heads lie in different places
+    seed: int = 0  # split, weights and augmentation are reproducible
+    models_dir: str = "models"  # where runs go
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    """Command-line flags -> Settings (defaults from the dataclass)."""
+    defaults = Settings()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in dataclasses.fields(Settings):
+        default = getattr(defaults, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+    settings = Settings(**vars(parser.parse_args(argv)))
+    settings.run = settings.run or f"seg-{settings.encoder.lower()}-{settings.image_size}"
+    return settings
+
+
+def folders(value: str) -> list[str]:
+    """The comma-separated folders of a flag."""
+    return [v for v in value.split(",") if v]
+
+
+def training_masks(settings: Settings, bad: list[BadInput]) -> MaskSet:
+    """Every training source the flags name, at the model's size."""
+    size = settings.image_size
+    sets = [synthetic_set(folder, "train", size, bad) for folder in folders(settings.synthetic)]
+    sets += [png_mask_set(folder, size, bad, settings.read_non_ct_as_hu) for folder in folders(settings.png_masks)]
+    if settings.nifti_dir:
+        if not settings.nifti_dicom_dir:
+            raise SystemExit("--nifti-dir needs --nifti-dicom-dir, the DICOM folder its series come from")
+        sets.append(nifti_label_set(settings.nifti_dir, settings.nifti_dicom_dir, size, bad))
+    masks = concatenate(sets, size)
+    if not len(masks):
+        raise SystemExit("no training masks: give --synthetic, --png-masks or --nifti-dir (see bad_inputs.csv)")
+    return masks
+
+
+def split_cases(masks: MaskSet, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation rows, whole cases on one side; at least one case on each when there are two."""
+    cases = np.unique(masks.cases)
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n_val = min(len(cases) - 1, max(1, round(val_fraction * len(cases)))) if len(cases) > 1 else 0
+    val_cases = set(cases[order[:n_val]])
+    is_val = np.array([c in val_cases for c in masks.cases], bool)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def keep_some_empty(masks: MaskSet, rows: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """``rows`` with every slice that has blood (or unknown truth) and a seeded ``share`` of those without."""
+    empty = ~(masks.masks[rows] != 0).any(axis=(1, 2, 3))
+    keep = ~empty | (np.random.default_rng([seed, 1]).random(len(rows)) < share)
+    return rows[keep]
+
+
+def format_scores(scores: dict) -> str:
+    """One line per channel: pooled and mean Dice, volume errors."""
+    lines = []
+    for name, s in scores.items():
+        line = f"  {name:17s} dice pooled {s['dice_pooled']:.3f}  mean {s['dice_mean']:.3f} ({s['cases_with_dice']} cases)"
+        if s["volume_cases"]:
+            line += f"  volume MAE {s['volume_mae_ml']:.2f} mL, bias {s['volume_bias_ml']:+.2f} mL ({s['volume_cases']} cases)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Train, keep the best validation epoch, score it; returns the run folder."""
+    import keras
+
+    from ihd.segmentation import build_unet, compile_unet, evaluate, fit_unet, load_unet, training_dataset
+
+    settings = parse_args(argv)
+    run_header(argv, settings)
+    run_dir = Path(settings.models_dir) / settings.run
+    bad: list[BadInput] = []
+    masks = training_masks(settings, bad)
+    train_rows, val_rows = split_cases(masks, settings.val_fraction, settings.seed)
+    train_rows = keep_some_empty(masks, train_rows, settings.empty_share, settings.seed)
+    train, validation = masks.subset(train_rows), masks.subset(val_rows)
+    bad_path = write_bad_inputs(run_dir / "bad_inputs.csv", bad)
+    print(f"{len(train)} training and {len(validation)} validation slices; {len(bad)} inputs skipped -> {bad_path}")
+    write_json(run_dir / "config.json", {**dataclasses.asdict(settings), "train_slices": len(train),
+                                         "val_slices": len(validation), "skipped_inputs": len(bad)})
+
+    keras.utils.set_random_seed(settings.seed)
+    model = build_unet(settings.encoder, settings.image_size, settings.weights, settings.base_filters)
+    steps = settings.epochs * math.ceil(len(train) / settings.batch_size)
+    compile_unet(model, settings.learning_rate, steps)
+    data = training_dataset(train, settings.batch_size, settings.seed, settings.augment)
+    start = time.perf_counter()
+    fit_unet(model, data, validation if len(validation) else train, run_dir, settings.epochs)
+    train_seconds = time.perf_counter() - start
+
+    model, _ = load_unet(run_dir)
+    scores = {"train_seconds": round(train_seconds, 1)}
+    for folder in folders(settings.synthetic):
+        scores[f"{folder} test"] = evaluate(model, synthetic_set(folder, "test", settings.image_size, bad))
+        print(f"synthetic test split ({folder}):\n{format_scores(scores[f'{folder} test'])}")
+    for folder in folders(settings.score_png_masks):
+        scores[folder] = evaluate(model, png_mask_set(folder, settings.image_size, bad, settings.read_non_ct_as_hu))
+        print(f"held out ({folder}):\n{format_scores(scores[folder])}")
+    write_bad_inputs(bad_path, bad)
+    write_json(run_dir / "scores.json", scores)
+    print(f"model: {run_dir / 'unet.keras'}, scores: {run_dir / 'scores.json'}")
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()
