@@ -6,6 +6,7 @@ to per-slice probabilities; Grad-CAM pictures of the slices most likely to bleed
     python predict.py --run rsna-efficientnetb0-256-windows-fold0 --dicom-dir /path/to/exported/studies --gradcam 3
     python predict.py --run demo --dicom-dir ../shared/data/real/rsna_labeled/stage_2_train \
         --labels ../shared/data/real/rsna_labeled/stage_2_train.csv
+    python predict.py --run demo --study study-attention-subtypes-weights32-pretrained --dicom-dir /path/to/studies
     python predict.py --run demo --dicom-dir /path/to/exported/studies --segment seg-plain-128
 
 Dataset route: reads the run's cached CNN outputs (extracting them first if the cache is incomplete),
@@ -19,6 +20,13 @@ bad_files.csv with the reason; --read-non-ct-as-hu reads modalities other than C
 --labels (the challenge's long ID,Label format) the probabilities are scored beside them
 (scores.json): weighted log loss, slice-level AUC of every subtype and `any`, study-level AUC, for
 CNN+LSTM, the CNN alone and the training prior.
+Study mode (--study NAME, or --study best): a study model trained by train_lstm.py --study-labels reads
+the same CNN outputs and writes one row per study (verdict at the validation threshold, probabilities,
+flagged slices) to studies.csv beside probabilities.csv, or submissions/<run>-<study>-studies.csv for
+the test set, scored against the dataset's study and slice truth when it has them (with the per-slice
+LSTM read at study level beside it; a DICOM folder's studies are scored the same way against
+--labels, in studies-scores.json); --gradcam N draws the N slices of strongest study evidence of
+every study called hemorrhage as one montage.
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ from ihd.inference import (
     Chain,
     ChainError,
     cached_test_features,
+    chain_inputs,
     draw_study_pictures,
     load_chain,
     predict_dicom_index,
@@ -47,6 +56,17 @@ from ihd.inputs import fold_rows, label_array
 from ihd.io import atomic_path, run_header, write_json
 from ihd.kaggle_api import KaggleAccessError
 from ihd.labels import SUBTYPES, read_long_labels
+from ihd.study_inference import (
+    StudyModel,
+    check_study_belongs,
+    draw_best_slices,
+    held_out_study_truth,
+    load_study,
+    predict_index_studies,
+    score_test,
+    study_table,
+    study_truth_from_slices,
+)
 from ihd.metrics import prior_baseline
 from ihd.features import load_features
 from ihd.report import folder_scores, format_folder_scores, format_scores, scores_on_truth, truth_path
@@ -78,6 +98,7 @@ class Settings:
     features_dir: str = "features"  # where the run's cached CNN outputs and fitted selections are
     submissions_dir: str = "submissions"  # where submissions, scores and pictures go
     read_non_ct_as_hu: bool = False  # DICOM route: read modalities other than CT (e.g. OT exports of raw HU) as HU
+    study: str | None = None  # a study model of the run (file stem) or "best": one row per study as well
 
 
 def parse_args(argv: list[str] | None) -> Settings:
@@ -135,8 +156,61 @@ def predict_dataset(settings: Settings, chain: Chain) -> Path:
     return out_path
 
 
-def predict_folder(settings: Settings, chain: Chain) -> Path:
-    """A plain DICOM folder -> per-slice probabilities CSV (CNN+LSTM and CNN alone) and pictures."""
+def predict_dataset_studies(settings: Settings, chain: Chain, study: StudyModel) -> Path:
+    """Test split -> one row per study, scores against the dataset's study and slice truth, best-slice montages."""
+    features = cached_test_features(chain, settings.data_dir, settings.features_dir, settings.models_dir)
+    rows = np.flatnonzero(features.index["split"].to_numpy() == "test")
+    index = features.index.iloc[rows].reset_index(drop=True)
+    inputs = chain_inputs(chain, features.embeddings[rows], features.probabilities[rows])
+    series, outputs, weights = predict_index_studies(study, inputs, index)
+    table = study_table(study, index, series, outputs, weights)
+    out_path = Path(settings.submissions_dir) / f"{chain.run}-{study.name}-studies.csv"
+    with atomic_path(out_path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    print(f"studies: {out_path} ({len(table)} test studies, {int((table['verdict'] == 'hemorrhage').sum())} called hemorrhage)")
+    dataset_dir = Path(settings.data_dir) / chain.cnn_config["dataset"]
+    truth_file = Path(settings.truth) if settings.truth else truth_path(dataset_dir)
+    slice_truth = read_long_labels(truth_file) if truth_file.is_file() else None
+    truth = held_out_study_truth(dataset_dir, index, slice_truth, study.labels)
+    if truth is not None:
+        scores = score_test(study, chain.lstm, inputs, index, series, table, truth, slice_truth)
+        write_json(out_path.with_name(f"{out_path.stem}-scores.json"), {"scores": scores, "settings": settings})
+        print(f"test study scores: {scores}")
+    if settings.gradcam > 0:
+        out_dir = Path(settings.submissions_dir) / f"{chain.run}-{study.name}-best-slices"
+        probabilities = np.asarray(features.probabilities[rows], np.float32)
+        reader = store_hu_reader(index, SliceStore(dataset_dir / "slices"), chain.image_size)
+        pictures = draw_best_slices(chain, index, table, series, weights, probabilities, reader, out_dir,
+                                    settings.gradcam, settings.gradcam_method)
+        print(f"best slices: {len(pictures)} montages in {out_dir}")
+    return out_path
+
+
+def write_folder_studies(settings: Settings, chain: Chain, study: StudyModel, predictions, hu: np.ndarray,
+                         out_dir: Path) -> Path:
+    """A DICOM folder's studies -> studies.csv (one row per study) and best-slice montages."""
+    inputs = chain_inputs(chain, predictions.embeddings, predictions.cnn)
+    series, outputs, weights = predict_index_studies(study, inputs, predictions.index)
+    table = study_table(study, predictions.index, series, outputs, weights)
+    csv_path = out_dir / "studies.csv"
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    print(f"studies: {csv_path}\n{table[['study_id', 'verdict', 'flagged_positions']].to_string(index=False)}")
+    if settings.labels:
+        slice_truth = read_long_labels(settings.labels)
+        truth = study_truth_from_slices(predictions.index, slice_truth)
+        scores = score_test(study, chain.lstm, inputs, predictions.index, series, table, truth, slice_truth)
+        write_json(out_dir / "studies-scores.json", {"scores": scores, "labels": settings.labels, "settings": settings})
+        print(f"study scores against {settings.labels}: {scores}")
+    if settings.gradcam > 0:
+        draw_best_slices(chain, predictions.index, table, series, weights, predictions.lstm, lambda rows: hu[rows],
+                         out_dir, settings.gradcam, settings.gradcam_method)
+    return csv_path
+
+
+def predict_folder(settings: Settings, chain: Chain, study: StudyModel | None = None) -> Path:
+    """A plain DICOM folder -> per-slice probabilities CSV (CNN+LSTM and CNN alone) and pictures;
+    with a study model, studies.csv beside it."""
     folder = Path(settings.dicom_dir)
     out_dir = Path(settings.out) if settings.out else Path(settings.submissions_dir) / f"{chain.run}-{chain.slug}-{folder.name}"
     index = build_index([(folder, "test")], out_dir, workers=1, non_ct_as_hu=settings.read_non_ct_as_hu)
@@ -157,7 +231,9 @@ def predict_folder(settings: Settings, chain: Chain) -> Path:
     print(table.groupby("study_id")["any"].max().rename("highest any probability").to_string())
     if settings.labels:
         score_folder(settings, chain, table, out_dir)
-    if settings.gradcam > 0:
+    if study is not None:
+        write_folder_studies(settings, chain, study, predictions, hu, out_dir)
+    elif settings.gradcam > 0:
         pictures = draw_study_pictures(chain, predictions, lambda rows: hu[rows], out_dir, settings.gradcam,
                                        settings.gradcam_method)
         print(f"grad-cam: {len(pictures)} pictures in {out_dir}")
@@ -188,10 +264,22 @@ def main(argv: list[str] | None = None) -> Path:
     if settings.segment and not settings.dicom_dir:
         raise SystemExit("--segment works on --dicom-dir folders (the test set has no series to write masks for)")
     try:
+        study = None
+        if settings.study:
+            study = load_study(settings.models_dir, settings.run, None if settings.study == "best" else settings.study)
+            if settings.selection and settings.selection != study.record["selection"]:
+                raise SystemExit(f"--study {study.name} reads selection {study.record['selection']}, "
+                                 f"not {settings.selection}")
+            settings.selection = study.record["selection"]
+            print(f"study model: {study.name}")
         chain = load_chain(settings.run, settings.selection, settings.models_dir, settings.features_dir)
         print(f"chain: {settings.run}, selection {chain.selection_name}")
+        if study is not None:
+            check_study_belongs(study, chain, settings.models_dir)
         if settings.dicom_dir:
-            return predict_folder(settings, chain)
+            return predict_folder(settings, chain, study)
+        if study is not None:
+            return predict_dataset_studies(settings, chain, study)
         return predict_dataset(settings, chain)
     except ChainError as error:
         raise SystemExit(str(error)) from None

@@ -3,10 +3,15 @@
     python train_cnn.py --dataset synthetic --backbone tiny --weights none --image-size 128 --epochs 4
     python train_cnn.py --dataset rsna --backbone EfficientNetB0 --weights imagenet --recipe adjacent --fold 0
     python train_cnn.py --dataset rsna --run rsna-efficientnetb0-256-adjacent-fold0 --extract-only
+    python train_cnn.py --dataset synthetic --backbone tiny --weights none --image-size 64 --recipe brain_blood_bone \\
+        --study-labels data/synthetic/raw/stage_2_train_study_labels.csv --frames 25 --batch-size 4 --epochs 10
 
 Reads data/<dataset>/index.parquet and data/<dataset>/slices/; writes models/<run>/ (cnn.keras of the
 best validation epoch, config.json, history.csv, tb/, checkpoint/) and features/<run>/. Rerunning a
 command that was killed resumes training at the epoch it reached and extraction at the row it reached.
+With --study-labels (a study-label CSV, or "derive") it trains the end-to-end study model instead
+(paper 002, ihd.end_to_end): the CNN and a BiLSTM on whole resliced volumes, one label per volume;
+models/<run>-end2end/end_to_end.{keras,json}.
 """
 
 import argparse
@@ -28,6 +33,7 @@ from ihd.cnn import (
     set_prior_bias,
     use_mixed_precision_on_gpu,
 )
+from ihd.end_to_end import train_end_to_end
 from ihd.features import extract_features
 from ihd.fingerprint import file_sha256
 from ihd.flags import backbone_name, fraction, non_negative_int, positive_float, positive_int, recipe_spec
@@ -50,7 +56,7 @@ FLAG_TYPES = {
     "backbone": backbone_name, "image_size": positive_int, "recipe": recipe_spec, "fold": non_negative_int,
     "epochs": positive_int, "batch_size": positive_int, "learning_rate": positive_float,
     "warmup_fraction": fraction, "dropout": fraction, "positive_copies": positive_int, "seed": non_negative_int,
-    "extract_batch_size": positive_int,
+    "extract_batch_size": positive_int, "frames": positive_int, "lstm_units": positive_int, "patience": positive_int,
 }
 
 
@@ -79,6 +85,11 @@ class Settings:
     data_dir: str = "data"  # where datasets live
     models_dir: str = "models"  # where CNN runs go
     features_dir: str = "features"  # where cached embeddings go
+    study_labels: str = ""  # a study-label CSV or "derive": train the end-to-end volume model on study labels
+    label_set: str = "subtypes"  # study labels: subtypes (six sigmoids) or exam (hemorrhage/no_finding/other)
+    frames: int = 25  # end-to-end: images per resliced volume (paper 000's 25)
+    lstm_units: int = 128  # end-to-end: BiLSTM width per direction
+    patience: int = 5  # end-to-end: stop after this many epochs without a better validation study loss
 
 
 def parse_args(argv: list[str] | None) -> Settings:
@@ -97,7 +108,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         recipe_slug = re.sub(r"[^0-9a-z]+", "_", parse_recipe(settings.recipe).name.lower()).strip("_")
         settings.run = (
             f"{settings.dataset}-{settings.backbone.lower()}-{settings.image_size}-{recipe_slug}-fold{settings.fold}"
-        )
+        ) + ("-end2end" if settings.study_labels else "")
     return settings
 
 
@@ -178,6 +189,15 @@ def main(argv: list[str] | None = None) -> Path:
     run_dir = Path(settings.models_dir) / settings.run
     features_dir = Path(settings.features_dir) / settings.run
 
+    if settings.study_labels:
+        use_mixed_precision_on_gpu()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", {**dataclasses.asdict(settings), "index_path": str(index_path)})
+        train_end_to_end(index, store, data_dir, run_dir, settings.study_labels, settings.label_set, settings.fold,
+                         settings.backbone, settings.image_size, settings.recipe, settings.weights, settings.frames,
+                         settings.lstm_units, settings.dropout, settings.learning_rate, settings.epochs,
+                         settings.batch_size, settings.patience, settings.seed, dataclasses.asdict(settings))
+        return run_dir
     if not settings.extract_only:
         train(settings, index, store, run_dir, index_path)
         print(f"model: {run_dir / 'cnn.keras'} (best epoch in best.json), history: {run_dir / 'history.csv'}, "

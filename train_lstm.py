@@ -4,16 +4,23 @@ then tabulate the ablation (the CNN alone against every selection trained in tha
     python train_lstm.py --run synthetic-tiny-128-windows-fold0 --selection pca:32 --selection weights:32 --units 64 --layers 2
     python train_lstm.py --run rsna-efficientnetb0-256-windows-fold0 --selection pca:120 --selection all --selection random:120
     python train_lstm.py --run rsna-efficientnetb0-256-windows-fold0 --ablation-only
+    python train_lstm.py --run demo --selection weights:32 --layers 2 --units 128 --study-labels derive --init pretrained
+    python train_lstm.py --run demo --selection weights:32 --study-labels data/synthetic/raw/stage_2_train_study_labels.csv \\
+        --label-set exam --study-model volume --frames 25
 
 Reads features/<run>/ (embeddings, probabilities, the index they follow); writes, per selection,
 models/<run>/lstm-<slug>.keras (best validation epoch) and lstm-<slug>.json (its inputs, settings and
 scores, written when training has finished), and models/<run>/ablation.{csv,md,png}: validation
 weighted log loss and per-subtype AUC of each model trained on the current features. Rerunning a
 command skips every selection already trained with the same fingerprint (features, selection, settings).
+With --study-labels (a study-label CSV, or "derive" for the highest slice label of each study) it trains
+study models instead (ihd.study_stage): models/<run>/study-<model>-<label set>-<selection>-<init>.{keras,json}
+and models/<run>/study.md.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +58,7 @@ from ihd.sequence import (
     sequence_inputs,
     series_set,
 )
+from ihd.study_stage import INITS, STUDY_MODELS, StudyOptions, study_summary, train_study, write_study_summary
 
 CNN_ROW = "cnn"
 # The settings that shape a trained LSTM; with its selection's inputs they make its fingerprint.
@@ -77,6 +85,11 @@ class Settings:
     ablation_only: bool = False  # only rebuild the ablation table from the models already trained
     features_dir: str = "features"  # where the CNN run's cached features are
     models_dir: str = "models"  # where the CNN run's folder is
+    study_labels: str | None = None  # a study-label CSV or "derive": train study models (one output per study)
+    label_set: str = "subtypes"  # study labels: subtypes (six sigmoids) or exam (hemorrhage/no_finding/other)
+    study_model: str = "attention"  # attention (paper 001) or volume (paper 000, resliced frames)
+    init: str = "pretrained"  # attention: LSTM layers from this selection's per-slice LSTM, or scratch
+    frames: int = 25  # volume model: resliced positions per series (paper 000)
 
 
 def parse_args(argv: list[str] | None) -> Settings:
@@ -95,6 +108,11 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--ablation-only", action="store_true")
     parser.add_argument("--features-dir", default=defaults.features_dir)
     parser.add_argument("--models-dir", default=defaults.models_dir)
+    parser.add_argument("--study-labels", default=None, help="study-label CSV, or 'derive'")
+    parser.add_argument("--label-set", choices=("subtypes", "exam"), default=defaults.label_set)
+    parser.add_argument("--study-model", choices=STUDY_MODELS, default=defaults.study_model)
+    parser.add_argument("--init", choices=INITS, default=defaults.init)
+    parser.add_argument("--frames", type=positive_int, default=defaults.frames)
     args = vars(parser.parse_args(argv))
     args["selections"] = args["selections"] or defaults.selections
     return Settings(**args)
@@ -120,6 +138,22 @@ def finished_record(model_path: Path, record_path: Path) -> dict | None:
     return record if record.get("model_sha256") == file_sha256(model_path) else None
 
 
+def per_slice_inputs(settings: Settings, features, selection: str) -> np.ndarray:
+    """Per-slice inputs of the sequence models: the selection's features, then the CNN probabilities."""
+    chosen = fitted_selection(features, selection, seed=settings.seed)
+    return sequence_inputs(selected_features(chosen, features.embeddings), features.probabilities)
+
+
+def train_study_selection(settings: Settings, features, selection: str) -> dict:
+    """Train one study model on the selection's inputs; returns its JSON record."""
+    options = StudyOptions(settings.study_labels, settings.label_set, settings.study_model, settings.init,
+                           settings.frames)
+    return train_study(options, features, per_slice_inputs(settings, features, selection), selection,
+                       int(features.config["fold"]), settings.models_dir, settings.run, settings.layers,
+                       settings.units, settings.dropout, settings.learning_rate, settings.epochs, settings.batch_size,
+                       settings.min_steps, settings.patience, settings.seed, dataclasses.asdict(settings))
+
+
 def train_selection(settings: Settings, features, selection: str) -> dict:
     """Train one LSTM on the selection's features plus the CNN probabilities; returns its JSON record.
 
@@ -139,8 +173,7 @@ def train_selection(settings: Settings, features, selection: str) -> dict:
         print(f"{selection}: {record_path} was trained on other inputs ({reason}): training again")
         record_path.unlink()
 
-    chosen = fitted_selection(features, selection, seed=settings.seed)
-    inputs_per_slice = sequence_inputs(selected_features(chosen, features.embeddings), features.probabilities)
+    inputs_per_slice = per_slice_inputs(settings, features, selection)
     labels = label_array(features.index)
     fold = int(features.config["fold"])
     train_rows, val_rows = fold_rows(features.index, fold)
@@ -255,6 +288,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     features = open_features(settings)
     out_dir = Path(settings.models_dir) / settings.run
     out_dir.mkdir(parents=True, exist_ok=True)
+    if settings.study_labels:
+        for selection in settings.selections:
+            train_study_selection(settings, features, selection)
+        table = study_summary(settings.models_dir, settings.run)
+        print(table.to_string(float_format="%.4f"))
+        print(f"study models: {write_study_summary(table, out_dir / 'study.md')}")
+        return table
     if not settings.ablation_only:
         for selection in settings.selections:
             train_selection(settings, features, selection)

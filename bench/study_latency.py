@@ -76,7 +76,7 @@ def untrained_chain(settings: Settings) -> Chain:
     selection = Selection(f"pca:{settings.selected}", mean=np.zeros(dim, np.float32), components=components)
     lstm = build_lstm(settings.selected + 6)
     config = {"image_size": settings.image_size, "recipe": "windows"}
-    return Chain("bench", selection.name, cnn, config, selection, lstm)
+    return Chain("bench", selection.name, cnn, config, "untrained", selection, lstm)
 
 
 def one_study(chain: Chain, folder: Path, out_dir: Path) -> dict[str, float]:

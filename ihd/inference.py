@@ -147,10 +147,15 @@ def load_chain(run: str, selection: str | None = None, models_dir="models", feat
     return Chain(run, selection, cnn, cnn_config, cnn_sha256, fitted, load_lstm(lstm_path))
 
 
+def chain_inputs(chain: Chain, embeddings: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """The sequence models' per-slice inputs: the selection's features of the embeddings, then the CNN probabilities."""
+    return sequence_inputs(chain.selection.transform(embeddings), probabilities)
+
+
 def lstm_probabilities(chain: Chain, embeddings: np.ndarray, probabilities: np.ndarray, index: pd.DataFrame,
                        batch_size: int = 64) -> np.ndarray:
     """Per-slice LSTM probabilities (N, 6) in the order of `index` (contiguous, position-sorted series)."""
-    inputs = sequence_inputs(chain.selection.transform(embeddings), probabilities)
+    inputs = chain_inputs(chain, embeddings, probabilities)
     data = series_set(inputs, index.reset_index(drop=True), np.ones(len(index), bool))
     return predict_series(chain.lstm, data, batch_size)
 
@@ -178,6 +183,7 @@ class Predictions:
     index: pd.DataFrame
     cnn: np.ndarray
     lstm: np.ndarray
+    embeddings: np.ndarray | None = None  # the CNN embeddings, kept where a study model reads them too
 
     def wide(self, which: str = "lstm") -> pd.DataFrame:
         """One model's probabilities as a table: index image_id, columns SUBTYPES."""
@@ -216,7 +222,7 @@ def predict_dicom_index(chain: Chain, index: pd.DataFrame, hu: np.ndarray) -> Pr
     """Both models' probabilities for the rows of a DICOM folder's index, from their HU slices in memory."""
     stacks = stack_hu(hu, neighbour_rows(index, chain.offsets))
     embeddings, cnn = cnn_outputs(chain, stacks)
-    return Predictions(index, cnn, lstm_probabilities(chain, embeddings, cnn, index))
+    return Predictions(index, cnn, lstm_probabilities(chain, embeddings, cnn, index), embeddings)
 
 
 def draw_study_pictures(

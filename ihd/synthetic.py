@@ -22,8 +22,11 @@ not. A slice is labeled with a subtype when that subtype's mask covers at least
 Layout written (the private parts of the challenge under ``truth/``)::
 
     stage_2_train/ID_<9 hex>.dcm  stage_2_test/ID_<9 hex>.dcm
-    stage_2_train.csv  stage_2_sample_submission.csv  config.json
-    truth/stage_2_test_labels.csv  truth/masks/<series_id>.npz
+    stage_2_train.csv  stage_2_train_study_labels.csv  stage_2_sample_submission.csv  config.json
+    truth/stage_2_test_labels.csv  truth/stage_2_test_study_labels.csv  truth/masks/<series_id>.npz
+
+Study labels (``ihd.study_labels``) hold both label sets; a study may also hold a non-hemorrhagic
+finding (``ihd.synthetic_findings``), which makes its exam class "other" when it does not bleed.
 
 While it is being written, ``.progress/`` holds the settings and one record per finished study, so
 that a rerun after a kill finishes the dataset; ``config.json`` comes last and marks it complete.
@@ -51,10 +54,13 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
+from ihd import synthetic_findings
 from ihd.flags import int_in
 from ihd.io import atomic_path, is_temporary, read_json, run_header, write_json
 from ihd.labels import SUBTYPES, write_long
 from ihd.parallel import parallel_map
+from ihd.study_labels import write_study_labels
+from ihd.synthetic_findings import OTHER_FINDING_FRACTION, draw_finding, paint_finding, study_label_table
 
 BLEEDS = SUBTYPES[:-1]
 PIXELS = 512
@@ -450,6 +456,7 @@ class StudyPhantom:
         self.cues = draw_cues(rng)
         self.holder = self._holder(axis)
         self.box = (slice(None), slice(None))
+        self.finding = None  # a non-hemorrhagic finding (ihd.synthetic_findings), set by build_phantom
 
     def _holder(self, axis: np.ndarray) -> np.ndarray:
         """HU of the scanner's head holder and table (air elsewhere), fixed to the scanner, the same on every slice.
@@ -501,6 +508,8 @@ class StudyPhantom:
         if scale > 0.02:
             box = self._head_box(scale)
             hu[box] = self._cropped(box)._render_head(h, scale, masks[(slice(None),) + box])
+        if self.finding is not None:
+            hu = paint_finding(hu, self.finding, h, self.x, self.y, masks.any(axis=0))
         hu = np.where(hu < -500, np.maximum(hu, self.holder), hu)
         return self._finish(hu, rng), masks
 
@@ -689,7 +698,15 @@ def build_phantom(plan: StudyPlan, seed: int, pixels: int = PIXELS) -> StudyPhan
     rng = study_rng(seed, plan.number)
     anatomy = draw_anatomy(rng, len(plan.image_ids))
     bleeds = draw_bleeds(plan.subtypes, anatomy, rng)
-    return StudyPhantom(anatomy, bleeds, rng, pixels)
+    phantom = StudyPhantom(anatomy, bleeds, rng, pixels)
+    phantom.finding = draw_finding(seed, plan.number, anatomy.half_width_mm, anatomy.half_length_mm)
+    return phantom
+
+
+def has_other_finding(plan: StudyPlan, seed: int) -> bool:
+    """Whether a planned study holds a non-hemorrhagic finding (its exam class is other unless it bleeds)."""
+    anatomy = draw_anatomy(study_rng(seed, plan.number), len(plan.image_ids))
+    return draw_finding(seed, plan.number, anatomy.half_width_mm, anatomy.half_length_mm) is not None
 
 
 def study_labels(plan: StudyPlan, seed: int, pixels: int = 128) -> np.ndarray:
@@ -936,12 +953,14 @@ def dataset_settings(train_studies: int, test_studies: int, seed: int = 0, quirk
             "quirks": dataclasses.asdict(quirks), "bleed_study_fraction": BLEED_STUDY_FRACTION,
             "primary_shares": PRIMARY_SHARES, "co_occurrence": CO_OCCURRENCE,
             "min_label_area_mm2": MIN_LABEL_AREA_MM2, "taper_slices": TAPER_SLICES,
-            "end_contrast": END_CONTRAST, "subtypes": list(SUBTYPES)}
+            "end_contrast": END_CONTRAST, "subtypes": list(SUBTYPES), "other_finding_fraction": OTHER_FINDING_FRACTION}
 
 
 def _generator_version() -> dict:
-    """What decides the bytes of a study besides the settings: this module's code and the libraries it renders with."""
-    return {"source_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), "numpy": np.__version__,
+    """What decides the bytes of a study besides the settings: this module's code (and its findings') and the
+    libraries it renders with."""
+    sources = Path(__file__).read_bytes() + Path(synthetic_findings.__file__).read_bytes()
+    return {"source_sha256": hashlib.sha256(sources).hexdigest(), "numpy": np.__version__,
             "opencv": cv2.__version__, "pydicom": pydicom.__version__}
 
 
@@ -1046,6 +1065,11 @@ def write_dataset(out_dir: str | Path, train_studies: int, test_studies: int, se
     labels = {n: r["labels"] for n, r in results.items()}
     repeated = write_label_tables(out_dir, plans, labels, np.random.default_rng([seed, 0xC5F]),
                                   quirks.duplicate_label_row)
+    for split, path in (("train", out_dir / "stage_2_train_study_labels.csv"),
+                        ("test", out_dir / "truth" / "stage_2_test_study_labels.csv")):
+        chosen = [p for p in plans if p.split == split]
+        write_study_labels(study_label_table([p.study_id for p in chosen], [labels[p.number] for p in chosen],
+                                             [has_other_finding(p, seed) for p in chosen]), path)
     summary = summarize(plans, labels)
     counts = [r["quirks"] for r in results.values()]
     summary["quirks"] = {name: sum(c[name] for c in counts) for name in QUIRK_NAMES} if counts else {}

@@ -29,6 +29,7 @@ WINDOWS = {
         Window("brain", 40.0, 80.0),
         Window("subdural", 80.0, 200.0),
         Window("soft_tissue", 40.0, 380.0),
+        Window("bone", 600.0, 2800.0),
     )
 }
 
@@ -62,11 +63,14 @@ class ChannelRecipe:
 RECIPES = {
     "windows": ChannelRecipe("windows", (0, 0, 0), (WINDOWS["brain"], WINDOWS["subdural"], WINDOWS["soft_tissue"])),
     "adjacent": ChannelRecipe("adjacent", (-1, 0, 1), (WINDOWS["brain"],) * 3),
+    # Paper 000's brain, blood and bone windows; its blood window is the subdural one (80/200), where
+    # fresh blood stands out against brain and next to bone.
+    "brain_blood_bone": ChannelRecipe("brain_blood_bone", (0, 0, 0), (WINDOWS["brain"], WINDOWS["subdural"], WINDOWS["bone"])),
 }
 
 
 def parse_recipe(spec: str) -> ChannelRecipe:
-    """A preset name (``windows``, ``adjacent``) or ``offset:center/width`` per channel, comma-separated.
+    """A preset name (``windows``, ``adjacent``, ``brain_blood_bone``) or ``offset:center/width`` per channel, comma-separated.
 
     ``"0:40/80,0:80/200,0:40/380"`` is the paper's recipe; ``"-1:40/80,0:40/80,1:40/80"`` the
     adjacent-slice one. Raises ValueError with the expected form on anything else.

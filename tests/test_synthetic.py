@@ -12,6 +12,7 @@ from ihd import synthetic
 from ihd.dicom import DicomError, read_header, read_hu
 from ihd.io import write_json
 from ihd.labels import SUBTYPES, read_long_labels
+from ihd.study_labels import read_study_labels
 
 QUIRKY = synthetic.QuirkRates(wrap12=0.1, multi_window=0.3, implicit_vr=0.3, unsigned12=0.2, padding=0.3,
                               compressed=0.04)
@@ -30,7 +31,8 @@ def _files(out: Path) -> list[Path]:
 def test_layout_and_identifiers(raw):
     out, summary = raw
     assert {p.name for p in out.iterdir()} == {"stage_2_train", "stage_2_test", "stage_2_train.csv",
-                                              "stage_2_sample_submission.csv", "truth", "config.json"}
+                                              "stage_2_train_study_labels.csv", "stage_2_sample_submission.csv",
+                                              "truth", "config.json"}
     files = _files(out)
     assert len(files) == summary["train"]["images"] + summary["test"]["images"]
     assert all(re.fullmatch(r"ID_[0-9a-f]{9}", f.stem) for f in files)
@@ -222,6 +224,27 @@ def test_contact_sheet_tiles_slices_in_the_brain_window():
     sheet = contact_sheet(slices, columns=2, tile_px=16)
     assert sheet.shape == (32, 32) and sheet.dtype == np.uint8
     assert (sheet[0, 0], sheet[0, 16], sheet[16, 0], sheet[16, 16]) == (0, 128, 255, 0)
+
+
+def test_study_labels_are_the_highest_slice_labels_and_other_findings_show(raw):
+    out, _ = raw
+    plans = synthetic.plan_dataset(**synthetic.SMALL, seed=0, quirks=QUIRKY)
+    slices = pd.concat([read_long_labels(out / "stage_2_train.csv"), read_long_labels(out / "truth" / "stage_2_test_labels.csv")])
+    for path in (out / "stage_2_train_study_labels.csv", out / "truth" / "stage_2_test_study_labels.csv"):
+        studies = read_study_labels(path, "subtypes")[0]
+        exam = read_study_labels(path, "exam")[0]
+        for plan in plans:
+            if plan.study_id in studies.index:
+                highest = slices.reindex(list(plan.image_ids)).max()
+                assert studies.loc[plan.study_id].tolist() == highest[list(SUBTYPES)].tolist()
+                other = synthetic.has_other_finding(plan, 0) and not highest["any"]
+                assert exam.loc[plan.study_id, "other"] == other
+    plan = next(p for p in plans if synthetic.has_other_finding(p, 0))
+    phantom = synthetic.build_phantom(plan, 0, pixels=128)
+    middle = int(np.argmin(np.abs(phantom.heights_mm() - phantom.finding.h_centre_mm)))
+    with_finding = phantom.render(middle)[0]
+    phantom.finding = None
+    assert np.abs(with_finding - phantom.render(middle)[0]).max() > 5  # the finding is painted where it lies
 
 
 def test_real_anatomy_cues_are_drawn_and_never_labeled():

@@ -25,3 +25,9 @@ def test_spec_round_trips_and_bad_specs_say_what_is_expected():
     for bad in ("brain", "0:40/80", "0:40/0,0:1/1,0:1/1", "a:b/c,0:1/1,0:1/1"):
         with pytest.raises(ValueError, match="recipe"):
             parse_recipe(bad)
+
+
+def test_paper_000_recipe_is_brain_blood_and_bone():
+    recipe = parse_recipe("brain_blood_bone")
+    assert [(w.center_hu, w.width_hu) for w in recipe.windows] == [(40, 80), (80, 200), (600, 2800)]
+    assert not recipe.uses_neighbours

@@ -1,0 +1,103 @@
+"""Study mode end to end on a small synthetic dataset: slice CNN -> per-slice LSTM -> study models
+(attention pretrained and from scratch, the paper-000 volume model, the paper-002 end-to-end model)
+-> predict.py --study on the test split and on a real DICOM series."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import predict
+import prepare_data
+import train_cnn
+import train_lstm
+from ihd.study_labels import read_study_labels
+
+STUDY = "study-attention-subtypes-pca8-pretrained"
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("study_chain")
+    dataset = prepare_data.main(["--synthetic", "--train-studies", "14", "--test-studies", "6", "--folds", "2",
+                                 "--dataset", "studies", "--size", "32", "--data-dir", str(workspace / "data")])
+    dirs = ["--models-dir", str(workspace / "models"), "--features-dir", str(workspace / "features")]
+    train_cnn.main(["--dataset", "studies", "--run", "r", "--backbone", "tiny", "--weights", "none", "--image-size", "32",
+                    "--epochs", "2", "--batch-size", "32", "--data-dir", str(workspace / "data"), *dirs])
+    lstm = ["--run", "r", "--selection", "pca:8", "--layers", "1", "--units", "8", "--epochs", "2", *dirs]
+    train_lstm.main(lstm)
+    train_lstm.main([*lstm, "--study-labels", "derive", "--init", "pretrained"])
+    train_lstm.main([*lstm, "--study-labels", "derive", "--init", "scratch"])
+    study_file = str(dataset / "raw" / "stage_2_train_study_labels.csv")
+    table = train_lstm.main([*lstm, "--study-labels", study_file, "--label-set", "exam", "--study-model", "volume",
+                     "--frames", "8"])
+    return {"workspace": workspace, "dataset": dataset, "dirs": dirs, "table": table, "study_file": study_file}
+
+
+def test_study_records_hold_validation_scores_and_pretraining(chain):
+    models = chain["workspace"] / "models" / "r"
+    pretrained = json.loads((models / f"{STUDY}.json").read_text())
+    scratch = json.loads((models / "study-attention-subtypes-pca8-scratch.json").read_text())
+    assert pretrained["pretrained_from"].endswith("lstm-pca8.keras") and scratch["pretrained_from"] is None
+    for record in (pretrained, scratch):
+        assert 0.0 <= record["thresholds"]["any"] <= 1.0
+        assert set(record["validation"]["any"]) >= {"auc", "sensitivity", "specificity", "ppv"}
+        assert record["validation_localization"]["exams"] >= 1
+        assert record["validation_slice_model"]["localization"]["exams"] >= 1
+    volume = json.loads((models / "study-volume-exam-pca8-frames8.json").read_text())
+    assert volume["columns"] == ["hemorrhage", "no_finding", "other"] and volume["frames"] == 8
+    assert STUDY in chain["table"].index and "lstm-pca8 (slice labels)" in chain["table"].index
+    assert (models / "study.md").read_text().count("\n") == len(chain["table"]) + 2
+
+
+def test_predict_study_mode_scores_the_test_studies(chain):
+    out = predict.main(["--run", "r", "--study", STUDY, "--gradcam", "2", "--data-dir", str(chain["dataset"].parent),
+                        "--submissions-dir", str(chain["workspace"] / "submissions"), *chain["dirs"]])
+    table = pd.read_csv(out)
+    truth, _ = read_study_labels(chain["dataset"] / "raw" / "truth" / "stage_2_test_study_labels.csv", "subtypes")
+    assert sorted(table["study_id"]) == sorted(truth.index)
+    called = table["p_any"] >= table["threshold"]
+    assert (table["verdict"] == np.where(called, "hemorrhage", "no_hemorrhage")).all()
+    scores = json.loads(out.with_name(out.stem + "-scores.json").read_text())["scores"]
+    assert scores["exam"]["any"]["exams"] == len(truth)
+    assert scores["exam"]["any"]["tp"] + scores["exam"]["any"]["fn"] == int(truth["any"].sum())
+    assert {"localization", "slice_model"} <= set(scores)
+    montages = list((chain["workspace"] / "submissions").glob(f"r-{STUDY}-best-slices/*_best_slices.png"))
+    assert len(montages) == int(called.sum())
+
+
+def test_predict_dicom_folder_writes_one_row_per_study_and_scores_real_studies(chain, real_data, tmp_path):
+    labeled = real_data / "rsna_labeled"
+    predict.main(["--run", "r", "--study", STUDY, "--dicom-dir", str(labeled / "stage_2_train"), "--out", str(tmp_path),
+                  "--labels", str(labeled / "stage_2_train.csv"), *chain["dirs"]])
+    slices = pd.read_csv(tmp_path / "probabilities.csv")
+    studies = pd.read_csv(tmp_path / "studies.csv", keep_default_na=False)
+    assert len(studies) == 7 and studies["slices"].sum() == len(slices) == 249
+    for _, study in studies.iterrows():
+        flagged = [int(p) for p in str(study["flagged_positions"]).split(";") if p]
+        assert set(flagged) <= set(slices.loc[slices["study_id"] == study["study_id"], "position"])
+    scores = json.loads((tmp_path / "studies-scores.json").read_text())["scores"]
+    assert scores["exam"]["any"]["exams"] == 7 and scores["exam"]["any"]["positives"] == 4  # the folder's truth
+    assert scores["localization"]["exams"] == 4 and scores["slice_model"]["localization"]["exams"] == 4
+
+
+def test_end_to_end_mode_of_the_cnn_stage(chain):
+    run_dir = train_cnn.main(["--dataset", "studies", "--run", "e2e", "--backbone", "tiny", "--weights", "none",
+                              "--image-size", "32", "--recipe", "brain_blood_bone", "--study-labels", chain["study_file"],
+                              "--label-set", "exam", "--frames", "6", "--epochs", "1", "--batch-size", "4",
+                              "--data-dir", str(chain["dataset"].parent), *chain["dirs"]])
+    record = json.loads((run_dir / "end_to_end.json").read_text())
+    assert (run_dir / "end_to_end.keras").is_file() and record["frames"] == 6
+    assert record["test"]["exams"] == 6 and "hemorrhage" in record["test"]["exam"]
+    assert record["test"]["localization"]["exams"] >= 1
+
+
+def test_a_study_model_of_other_features_is_refused(chain, tmp_path):
+    models = chain["workspace"] / "models" / "r"
+    record = json.loads((models / f"{STUDY}.json").read_text())
+    stale = "study-attention-subtypes-pca8-stale"
+    (models / f"{stale}.keras").write_bytes((models / f"{STUDY}.keras").read_bytes())
+    (models / f"{stale}.json").write_text(json.dumps({**record, "features_fingerprint": "0" * 64}))
+    with pytest.raises(SystemExit, match=f"{stale} was trained on other features"):
+        predict.main(["--run", "r", "--study", stale, "--data-dir", str(chain["dataset"].parent),
+                      "--submissions-dir", str(tmp_path), *chain["dirs"]])
