@@ -1,6 +1,7 @@
 """The machine a benchmark ran on, named the same way in every table."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ihd.parallel import available_cores
@@ -30,3 +31,10 @@ def device_description() -> str:
         name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name)
         return f"GPU: {name} (x{len(gpus)}); host CPU: {cpu_description()}"
     return f"CPU: {cpu_description()}"
+
+
+def load_description() -> str:
+    """The load averages (runnable processes over 1, 5 and 15 minutes) beside the cores: above the
+    core count, other work shared the machine during the measurement."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.1f}, {five:.1f}, {fifteen:.1f} (1, 5, 15 min) on {available_cores()} cores"
