@@ -62,7 +62,9 @@ from ihd.dicom import read_header, read_hu  # noqa: E402
 from ihd.index import header_row  # noqa: E402
 from ihd.io import atomic_path, run_header  # noqa: E402
 from ihd.parallel import available_cores  # noqa: E402
-from ihd.slices import HU_OFFSET, encode_png, encode_uint16_png, shard_name, to_model_hu, write_pack  # noqa: E402
+from ihd.slices import (  # noqa: E402
+    HU_OFFSET, SliceStore, encode_png, encode_uint16_png, shard_name, tf_decode_hu, to_model_hu, write_pack, write_slices,
+)
 
 REAL_DATA = ROOT.parent / "shared" / "data" / "real"
 SIZE = 256
@@ -286,6 +288,37 @@ def stored_kb(files: list[Path]) -> float:
         return sum(row[3] for row in rows) / len(rows) / 1024
 
 
+def read_rates(files: list[Path], rounds: int) -> dict[str, float]:
+    """Slices per second read by ``tf.data`` in shuffled order, median of ``rounds`` alternating rounds:
+    from packs (``SliceStore.tf_read_hu``: ``pread`` and CRC in Python, native decode) and from one
+    PNG file per slice (native ``read_file`` and decode, no check), the same 360 slices."""
+    import pandas as pd
+    import tensorflow as tf
+
+    items = [item for items in work_series(files, 10) for item in items]
+    with tempfile.TemporaryDirectory() as tmp:
+        index = pd.DataFrame({"image_id": [image_id for image_id, _ in items], "path": [path for _, path in items],
+                              "series_id": [k // SERIES_LENGTH for k in range(len(items))]})
+        write_slices(index, Path(tmp) / "packs", size=SIZE, workers=1)
+        ours_file_per_slice(items, str(Path(tmp) / "files"))
+        store = SliceStore(Path(tmp) / "packs")
+        order = np.random.default_rng(0).permutation(len(items))
+        slots = store.slots(index["image_id"])[order]
+        paths = np.array([str(Path(tmp) / "files" / shard_name(i) / f"{i}.png") for i in index["image_id"]])[order]
+        readers = {
+            "packs (ours)": lambda: tf.data.Dataset.from_tensor_slices(slots).map(store.tf_read_hu, num_parallel_calls=tf.data.AUTOTUNE),
+            "one PNG file per slice": lambda: tf.data.Dataset.from_tensor_slices(paths).map(
+                lambda path: tf_decode_hu(tf.io.read_file(path), SIZE), num_parallel_calls=tf.data.AUTOTUNE),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in readers}
+        for round_number in range(rounds):
+            for name in (list(readers) if round_number % 2 == 0 else list(readers)[::-1]):
+                start = time.perf_counter()
+                count = sum(len(batch) for batch in readers[name]().batch(64))
+                rates[name].append(count / (time.perf_counter() - start))
+    return {name: statistics.median(runs) for name, runs in rates.items()}
+
+
 def print_tables(medians: dict[tuple[str, int, str], float], worker_counts: list[int], settings: Settings,
                  files: list[Path], slices_per_round: int) -> None:
     """The markdown tables and the bar verdicts."""
@@ -354,6 +387,11 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|---:|")
     for name, kb, ms in png_tradeoff(files):
         print(f"| {name} | {kb:.1f} | {ms:.2f} |")
+    print(f"\nReading in tf.data, shuffled, {available_cores()} cores (median of {settings.rounds} alternating rounds):\n")
+    print("| store layout | slices/s |")
+    print("|---|---:|")
+    for name, rate in read_rates(files, settings.rounds).items():
+        print(f"| {name} | {rate:.0f} |")
     print(f"\nend: {load_description()}")
 
 
