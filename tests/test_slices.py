@@ -86,6 +86,35 @@ def test_resume_after_kill(real_data, tmp_path):
     assert [p for p in tmp_path.rglob("*") if p.name.startswith(".")] == []
 
 
+def test_packs_written_before_a_crash_stay_listed(real_data, tmp_path, monkeypatch):
+    import ihd.slices as slices
+
+    index = series_index(real_data, 4, series=["a", "a", "b", "c"])
+    monkeypatch.setattr(slices, "MANIFEST_FLUSH_SECONDS", 0.0)
+    written, write_pack = [], slices.write_pack
+
+    def write_two_packs_then_crash(items, root, size):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(items)
+        return write_pack(items, root, size)
+
+    monkeypatch.setattr(slices, "write_pack", write_two_packs_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_slices(index, tmp_path, size=SIZE, workers=1)
+    assert sorted(read_manifest(tmp_path)["image_id"]) == sorted(index["image_id"][:3])
+
+
+def test_pack_groups_follow_series_and_cap_their_size(monkeypatch):
+    import ihd.slices as slices
+
+    monkeypatch.setattr(slices, "MAX_PACK_SLICES", 2)
+    todo = pd.DataFrame({"image_id": list("abcdef"), "path": list("ABCDEF"), "series_id": ["s", "t", "s", "s", "t", "s"]})
+    assert slices.pack_groups(todo) == [[("a", "A"), ("c", "C")], [("d", "D"), ("f", "F")], [("b", "B"), ("e", "E")]]
+    assert slices.pack_groups(todo.drop(columns="series_id")) == [[("a", "A"), ("b", "B")], [("c", "C"), ("d", "D")],
+                                                                 [("e", "E"), ("f", "F")]]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "zero-fill"])
 def test_damaged_pack_is_refused_on_read_and_rewritten_on_resume(real_data, tmp_path, damage):
     """Truncation cuts off the last two of four slices; zero-fill keeps the size and loses them all."""
