@@ -78,9 +78,9 @@ def to_model_hu(hu: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(hu, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    """One PNG chunk: length, type, data, CRC of type and data."""
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+def _png_chunk(kind: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
+    """One PNG chunk in three parts: length and type, data, CRC of type and data."""
+    return struct.pack(">I", len(data)) + kind, data, struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
 def encode_uint16_png(image: np.ndarray) -> bytes:
@@ -94,9 +94,9 @@ def encode_uint16_png(image: np.ndarray) -> bytes:
     header = struct.pack(">IIBBBBB", cols, rows, 16, 0, 0, 0, 0)
     return b"".join((
         PNG_SIGNATURE,
-        _png_chunk(b"IHDR", header),
-        _png_chunk(b"IDAT", isal_zlib.compress(filtered.tobytes(), DEFLATE_LEVEL)),
-        _png_chunk(b"IEND", b""),
+        *_png_chunk(b"IHDR", header),
+        *_png_chunk(b"IDAT", isal_zlib.compress(filtered.data, DEFLATE_LEVEL)),
+        *_png_chunk(b"IEND", b""),
     ))
 
 
