@@ -1,7 +1,7 @@
 """Seconds per slice from a 512x512 DICOM file to a training input: the kit's whole preparation
 against what each peer's code does for every slice.
 
-    python bench/preprocess.py            # about 6 minutes on 2 cores
+    python bench/preprocess.py            # 1.5 minutes on 2 quiet cores, 4 minutes on busy ones
     python bench/preprocess.py --quick    # about a minute, short rounds
 
 The peers, written here from the logic their repositories describe (none of their code is copied):
@@ -84,7 +84,7 @@ SCALING_BAR = 1.7  # ours, two processes over one
 
 @dataclass
 class Settings:
-    rounds: int = 7  # alternating rounds per measurement; the median counts
+    rounds: int = 9  # alternating rounds per measurement; the median counts
     series_per_round: int = 3  # series per worker per round, for every method: seconds of work a round
     quick: bool = False  # 3 rounds of one series: a smoke run
     data: str = str(REAL_DATA)  # folder holding rsna_slices/ and rsna_series/
