@@ -173,11 +173,10 @@ def ours_file_per_slice(items: list[tuple[str, str]], out_dir: str) -> None:
 
 def per_slice(recipe):
     """A peer's per-slice recipe applied to every slice of a series."""
-    def run_series(items: list[tuple[str, str]], out_dir: str) -> None:
-        for image_id, path in items:
+    def each_slice(items: list[tuple[str, str]], out_dir: str) -> None:
+        for _, path in items:
             recipe(path, out_dir)
-    run_series.__name__ = recipe.__name__
-    return run_series
+    return each_slice
 
 
 def run_series(method: str, items: list[tuple[str, str]], out_dir: str) -> None:
