@@ -185,10 +185,11 @@ class SliceStore:
 
     def slots(self, image_ids) -> np.ndarray:
         """Manifest rows (int64) of ``image_ids``, the keys ``tf_read_hu`` reads by; refuses absent ids."""
-        slots = self.image_ids.get_indexer(pd.Index(image_ids))
+        wanted = pd.Index(image_ids)
+        slots = self.image_ids.get_indexer(wanted)
         missing = np.flatnonzero(slots < 0)
         if len(missing):
-            first = [str(image_ids[i]) for i in missing[:3]]
+            first = [str(image_id) for image_id in wanted[missing[:3]]]
             raise KeyError(f"{self.root}: {len(missing)} slices are not in the store (first {first}): "
                            "run prepare_data.py to store them")
         return slots.astype(np.int64)

@@ -48,6 +48,8 @@ def test_round_trip_within_one_hu_one_pack_per_series(real_data, tmp_path):
     assert not store.has("ID_notstored")
     with pytest.raises(KeyError, match="ID_notstored"):
         store.read_hu("ID_notstored")
+    with pytest.raises(KeyError, match=r"1 slices are not in the store \(first \['ID_notstored'\]\)"):
+        store.slots(pd.Series(["ID_notstored", index["image_id"][0]], index=[7, 0]))
 
 
 def test_to_model_hu_is_area_mean():
