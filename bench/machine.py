@@ -1,10 +1,16 @@
-"""The machine a benchmark ran on, named the same way in every table."""
+"""The machine a benchmark ran on, named the same way in every table.
+
+    python bench/machine.py    # prints the CPU, the cores and the load now
+"""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-from ihd.parallel import available_cores
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ihd.parallel import available_cores  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -38,3 +44,7 @@ def load_description() -> str:
     core count, other work shared the machine during the measurement."""
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.1f}, {five:.1f}, {fifteen:.1f} (1, 5, 15 min) on {available_cores()} cores"
+
+
+if __name__ == "__main__":
+    print(f"{cpu_description()}; {load_description()}")
