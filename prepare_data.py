@@ -131,8 +131,9 @@ def refusal(settings: Settings, dataset_dir: Path, raw: Path) -> str | None:
     try:
         check_store(store, settings.size)
     except ValueError as error:
-        return (f"{error}: rerun with --size {read_json(store / STORE_CONFIG)['size']} to use it, "
-                f"or delete {store} to store the slices again at {settings.size}")
+        found_size = read_json(store / STORE_CONFIG).get("size")
+        rerun = f"rerun with --size {found_size} to use it, or " if found_size != settings.size else ""
+        return f"{error}: {rerun}delete {store} to store the slices again at {settings.size}"
     return None
 
 

@@ -1,9 +1,16 @@
-"""The machine a benchmark ran on, named the same way in every table."""
+"""The machine a benchmark ran on, named the same way in every table.
+
+    python bench/machine.py    # prints the CPU, the cores and the load now
+"""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
-from ihd.parallel import available_cores
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ihd.parallel import available_cores  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -30,3 +37,14 @@ def device_description() -> str:
         name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name)
         return f"GPU: {name} (x{len(gpus)}); host CPU: {cpu_description()}"
     return f"CPU: {cpu_description()}"
+
+
+def load_description() -> str:
+    """The load averages (runnable processes over 1, 5 and 15 minutes) beside the cores: above the
+    core count, other work shared the machine during the measurement."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.1f}, {five:.1f}, {fifteen:.1f} (1, 5, 15 min) on {available_cores()} cores"
+
+
+if __name__ == "__main__":
+    print(f"{cpu_description()}; {load_description()}")

@@ -1,26 +1,50 @@
-"""Slices per second from a 512x512 DICOM file to a stored slice: the slice store against the notebook recipe.
+"""Seconds per slice from a 512x512 DICOM file to a training input: the kit's whole preparation
+against what each peer's code does for every slice.
 
-    python bench/preprocess.py            # about 3 minutes on 2 cores
-    python bench/preprocess.py --quick    # a few seconds, smaller work lists
-    python bench/preprocess.py --slices 2000
+    python bench/preprocess.py            # 1.5 minutes on 2 quiet cores, 4 minutes on busy ones
+    python bench/preprocess.py --quick    # about a minute, short rounds
 
-The baseline is the recipe of the challenge's most copied public notebook (the "brain, subdural,
-soft tissue" window of the RSNA kernels): pydicom ``dcmread``; per window, ``pixel_array`` rescaled to
-HU in float64 and clipped to 40/80, 80/200, 40/380 at full resolution; stacked, ``cv2.resize`` to
-256, 8-bit PNG written by ``cv2.imwrite``. Ours is ``ihd.slices.write_one_slice``:
-``read_hu`` -> INTER_AREA resize in float32 -> 16-bit PNG of HU -> atomic write. Both run over the
-real 512x512 RSNA files (repeated to make enough work) on one core (one worker process with one
-OpenCV thread, and the process handing out work, both confined to that core), and on a process
-pool over two and over all cores. Each round hands a warm pool 1,600 slices per method,
-seconds of work, so dispatch and pool overheads do not flatter one side. Then the bytes per stored
-slice, and how PNG encoders trade size for speed.
+The peers, written here from the logic their repositories describe (none of their code is copied):
+
+- paper: Burduja et al.'s released code (github.com/warchildmd/ihd, ``datasets.py``,
+  ``train_cnn.py``) stores no image: every epoch, each slice is read with pydicom, the RSNA
+  12-bit fix is checked, and for each of the windows 40/80, 80/200 and 40/380 the pixels are
+  rescaled to HU (``pixel_array * slope + intercept``, float64), clipped and scaled to 0..1; the
+  three are stacked and resized to 256x256 (albumentations ``Resize``: cv2 bilinear).
+- appian42 (11th place, ``src/cnn/dataset/custom_dataset.py``, ``src/utils/misc.py``) stores no
+  image either: every epoch, pydicom read, the RSNA fix, float32 rescale, three windows (each on a
+  copy, clamped through masks), stacked and resized to the network's 480x480 (model110's crop is a
+  cv2 resize; here of the whole slice). Its one-time pass that reads every file's header and pixels
+  into a table of statistics is measured on its own line, not added to it, which flatters it.
+- SeuTao (1st place, ``2DNet/src/prepare_data.py``) converts each slice once: pydicom read, the
+  file's own window (first ``WindowCenter``/``WindowWidth``, integer slope and intercept), min-max
+  to 0..255, an 8-bit 512x512 PNG written by Pillow (resized later, when training reads it). Its
+  integer arithmetic is done in int32, as numpy 1 promoted it (numpy 2 would overflow uint16).
+
+Ours is the whole preparation of ``prepare_data.py`` for each slice: the index pass's header read
+(``ihd.index.header_row``), then ``ihd.slices.write_pack`` for a series (``read_hu``, INTER_AREA
+resize in float32, 16-bit PNG of HU, CRC-32, one pack file per series). The previous layout, one
+PNG file per slice written atomically, is measured beside it to show what packs save.
+
+Work: the uncompressed real 512x512 RSNA files of ../shared/data/real/rsna_slices and rsna_series
+(rsna_labeled is JPEG 2000 re-encoded, unlike the challenge's files, so it is left out), repeated
+in series of 36 under new ids, hot in the page cache for every method. Each measurement is a warm
+process pool on one or two cores (the workers and the process handing out work confined to them,
+one OpenCV thread a worker) under one glibc malloc setting: its defaults, or tuned (no mmap for
+arrays under 32 MiB, no trimming under 256 MiB), which makes numpy code that allocates many
+large arrays up to twice as fast. In each round every method gets the same slices, in an order
+rotated round by round; the table gives each method's median over the rounds.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import io
 import multiprocessing
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -33,108 +57,235 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from bench.machine import cpu_description  # noqa: E402
+from bench.machine import cpu_description, load_description  # noqa: E402
 from ihd.dicom import read_header, read_hu  # noqa: E402
-from ihd.io import run_header  # noqa: E402
+from ihd.index import header_row  # noqa: E402
+from ihd.io import atomic_path, run_header  # noqa: E402
 from ihd.parallel import available_cores  # noqa: E402
-from ihd.slices import HU_OFFSET, encode_uint16_png, slice_path, to_model_hu, write_one_slice  # noqa: E402
+from ihd.slices import (  # noqa: E402
+    HU_OFFSET, SliceStore, encode_png, encode_uint16_png, shard_name, tf_decode_hu, to_model_hu, write_pack, write_slices,
+)
 
 REAL_DATA = ROOT.parent / "shared" / "data" / "real"
 SIZE = 256
-NOTEBOOK_WINDOWS = ((40, 80), (80, 200), (40, 380))
+SERIES_LENGTH = 36  # a typical RSNA series: 24 to 60 slices
+PAPER_WINDOWS = ((40, 80), (80, 200), (40, 380))  # (center, width), one a channel
+APPIAN42_SIZE = 480  # model110's input
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+ALLOCATORS = {
+    "glibc defaults": {},
+    "glibc tuned": {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 256 << 20},
+}
+PREPARATION_BAR = 3.0  # ours over the fastest peer, one core
+SCALING_BAR = 1.7  # ours, two processes over one
 
 
 @dataclass
 class Settings:
-    slices: int = 4800  # work items per measurement, split over the rounds: seconds of work per round
-    rounds: int = 3  # alternating rounds per measurement; the best one counts
-    quick: bool = False  # small work lists for a smoke run
-    size: int = SIZE  # stored slice size, the store's default
+    rounds: int = 9  # alternating rounds per measurement; the median counts
+    series_per_round: int = 3  # series per worker per round, for every method: seconds of work a round
+    quick: bool = False  # 3 rounds of one series: a smoke run
     data: str = str(REAL_DATA)  # folder holding rsna_slices/ and rsna_series/
 
 
-def notebook_window(ds: pydicom.Dataset, center: float, width: float) -> np.ndarray:
-    """The notebooks' ``window_image``: rescale to HU in float64, clip to center +- width/2."""
-    img = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    low, high = center - width // 2, center + width // 2
-    img[img < low] = low
-    img[img > high] = high
-    return (img - low) / (high - low)
+def rsna_fix_needed(ds: pydicom.Dataset, intercept: float) -> bool:
+    """The peers' test for the RSNA 12-bit wrap."""
+    return ds.BitsStored == 12 and ds.PixelRepresentation == 0 and intercept > -100
 
 
-def notebook_slice(item: tuple[str, str], out_dir: str) -> None:
-    """The baseline: one DICOM file to a 3-window 8-bit PNG, as the public notebooks do it."""
-    name, path = item
+def paper_slice(path: str, out_dir: str) -> np.ndarray:
+    """The paper's per-epoch work for one slice: read, fix, three windows in float64, resize to 256."""
     ds = pydicom.dcmread(path)
-    rgb = np.array([notebook_window(ds, c, w) for c, w in NOTEBOOK_WINDOWS]).transpose(1, 2, 0)
-    rgb = cv2.resize(rgb, (SIZE, SIZE))
-    cv2.imwrite(os.path.join(out_dir, f"{name}.png"), (rgb * 255).astype(np.uint8))
+    channels = []
+    for center, width in PAPER_WINDOWS:
+        if rsna_fix_needed(ds, int(ds.RescaleIntercept)):
+            fixed = ds.pixel_array + 1000
+            fixed[fixed >= 4096] -= 4096
+            ds.PixelData = fixed.tobytes()
+            ds.RescaleIntercept = -1000
+        hu = ds.pixel_array * ds.RescaleSlope + ds.RescaleIntercept
+        low = center - width // 2
+        channels.append((np.clip(hu, low, center + width // 2) - low) / width)
+    stacked = np.array(channels).transpose(1, 2, 0)
+    return cv2.resize(stacked, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
 
 
-def ours_slice(item: tuple[str, str], out_dir: str) -> None:
-    """Ours: one DICOM file to the slice store."""
-    write_one_slice(item, out_dir, SIZE)
+def appian42_slice(path: str, out_dir: str) -> np.ndarray:
+    """appian42's per-epoch work for one slice: read, fix, float32 HU, three clamped copies, resize to 480."""
+    ds = pydicom.dcmread(path)
+    image = ds.pixel_array
+    slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    if rsna_fix_needed(ds, intercept):
+        image = image.copy() + 1000
+        image[image >= 4096] -= 4096
+        intercept = -1000
+    hu = image.astype(np.float32) * slope + intercept
+    windows = []
+    for center, width in PAPER_WINDOWS:
+        window = hu.copy()
+        low, high = center - width // 2, center + width // 2
+        window[window < low] = low
+        window[window > high] = high
+        windows.append(window)
+    stacked = np.array(windows).transpose(1, 2, 0)
+    return cv2.resize(stacked, (APPIAN42_SIZE, APPIAN42_SIZE))
 
 
-def one_thread(cores: set[int]) -> None:
-    """Pool initializer: one OpenCV thread per process, on the cores the measurement may use."""
+def appian42_table_row(path: str, out_dir: str) -> dict:
+    """appian42's one-time pass for one slice (``dicom_to_dataframe``): every header attribute, then the
+    pixels' statistics in HU, in the file's own window and in the brain window."""
+    ds = pydicom.dcmread(path)
+    row = {name: (tuple(value) if isinstance(value, pydicom.multival.MultiValue) else value)
+           for name in dir(ds) if name[0].isupper() and name != "PixelData" for value in [getattr(ds, name)]}
+    raw = ds.pixel_array
+    intercept = float(ds.RescaleIntercept)
+    if rsna_fix_needed(ds, intercept):
+        raw = raw.copy() + 1000
+        raw[raw >= 4096] -= 4096
+        intercept = -1000
+    hu = raw.astype(np.float32) * float(ds.RescaleSlope) + intercept
+    own = np.clip(hu, *sorted((first_int(ds.WindowCenter) - first_int(ds.WindowWidth) // 2,
+                               first_int(ds.WindowCenter) + first_int(ds.WindowWidth) // 2)))
+    brain = np.clip(hu, 0, 80)
+    for name, image in (("raw", ds.pixel_array), ("doctor", own), ("brain", brain)):
+        row.update({f"{name}_max": image.max(), f"{name}_min": image.min(), f"{name}_mean": image.mean(),
+                    f"{name}_diff": image.max() - image.min()})
+    row["brain_ratio"] = np.count_nonzero((brain > 0) & (brain < 80)) / brain.size
+    return row
+
+
+def first_int(value) -> int:
+    """The first of a possibly multi-valued DICOM number, as an int (SeuTao's reading of the tags)."""
+    return int(value[0]) if isinstance(value, pydicom.multival.MultiValue) else int(value)
+
+
+def seutao_slice(path: str, out_dir: str) -> None:
+    """SeuTao's one-time work for one slice: read, the file's own window, 0..255, 8-bit PNG by Pillow."""
+    ds = pydicom.dcmread(path)
+    center, width = first_int(ds.WindowCenter), first_int(ds.WindowWidth)
+    image = ds.pixel_array.astype(np.int32) * first_int(ds.RescaleSlope) + first_int(ds.RescaleIntercept)
+    low, high = center - width // 2, center + width // 2
+    image[image < low] = low
+    image[image > high] = high
+    image = (image - image.min()) / (image.max() - image.min()) * 255
+    Image.fromarray(image.astype(np.int8).view(np.uint8)).save(os.path.join(out_dir, f"{Path(path).stem}.png"))
+
+
+def index_pass(items: list[tuple[str, str]], out_dir: str | None = None) -> None:
+    """What the index pass of ``prepare_data.py`` does for each file: read its header into a row."""
+    for _, path in items:
+        header_row((path, "train", str(Path(path).parent)))
+
+
+def ours_packs(items: list[tuple[str, str]], out_dir: str) -> None:
+    """Ours, the whole preparation of a series: the index pass, then one pack of its slices."""
+    index_pass(items)
+    write_pack(items, out_dir, SIZE)
+
+
+def ours_file_per_slice(items: list[tuple[str, str]], out_dir: str) -> None:
+    """The previous layout: the index pass, then one PNG file per slice, each written atomically."""
+    index_pass(items)
+    for image_id, path in items:
+        png = encode_png(to_model_hu(read_hu(path), SIZE))
+        with atomic_path(Path(out_dir) / shard_name(image_id) / f"{image_id}.png") as tmp:
+            tmp.write_bytes(png)
+
+
+def per_slice(recipe):
+    """A peer's per-slice recipe applied to every slice of a series."""
+    def each_slice(items: list[tuple[str, str]], out_dir: str) -> None:
+        for _, path in items:
+            recipe(path, out_dir)
+    return each_slice
+
+
+def run_series(method: str, items: list[tuple[str, str]], out_dir: str) -> None:
+    """Pool task: one method on one series."""
+    METHODS[method](items, out_dir)
+
+
+METHODS = {
+    "paper (no stored image, per epoch)": per_slice(paper_slice),
+    "appian42 (no stored image, per epoch)": per_slice(appian42_slice),
+    "SeuTao (8-bit PNG per slice, once)": per_slice(seutao_slice),
+    "appian42's one-time table pass (not a bar's baseline)": per_slice(appian42_table_row),
+    "ours: index pass + one pack per series": ours_packs,
+    "ours, previous layout: index pass + one PNG file per slice": ours_file_per_slice,
+    "ours: the index pass alone": index_pass,
+}
+OURS = "ours: index pass + one pack per series"
+PEERS = [name for name in METHODS if not name.startswith("ours") and "one-time table" not in name]
+
+
+def worker_setup(cores: set[int], malloc_options: dict[int, int]) -> None:
+    """Pool initializer: the measurement's cores, one OpenCV thread, the malloc setting."""
     cv2.setNumThreads(1)
     os.sched_setaffinity(0, cores)
+    libc = ctypes.CDLL("libc.so.6")
+    for option, value in malloc_options.items():
+        if libc.mallopt(option, value) != 1:
+            raise RuntimeError(f"mallopt({option}, {value}) refused")
 
 
-def measure_rates(methods: dict, items: list, workers: int, rounds: int, work_dir: Path) -> dict[str, float]:
-    """Slices per second of each method on one warm pool, best of ``rounds`` alternating rounds.
+def measure(series: list[list[tuple[str, str]]], workers: int, malloc_options: dict[int, int],
+            settings: Settings, work_dir: Path) -> dict[str, list[float]]:
+    """Seconds per slice of every method in each round, on one warm pool.
 
-    Alternating the methods round by round, and keeping each one's best round, gives both the same
-    share of whatever else the machine is doing. The pool's workers and this process (which hands
-    out the work) are confined to ``workers`` cores, so one process means one core's work.
+    Every round hands each method the same ``series_per_round`` series per worker; the order of the
+    methods rotates from round to round, so none always runs first or last.
     """
     context = multiprocessing.get_context("forkserver")
-    best_s = {name: float("inf") for name in methods}
-    per_round = max(len(items) // rounds, 4 * workers)
     all_cores = os.sched_getaffinity(0)
     cores = set(sorted(all_cores)[:workers])
     os.sched_setaffinity(0, cores)
-    with context.Pool(workers, initializer=one_thread, initargs=(cores,)) as pool:
-        for name, fn in methods.items():
-            warm_dir = work_dir / f"warm-{name}"
-            warm_dir.mkdir(parents=True)
-            pool.starmap(fn, [(item, str(warm_dir)) for item in items[: 2 * workers]])
-        for round_number in range(rounds):
-            chunk = items[round_number * per_round:(round_number + 1) * per_round] or items[:per_round]
-            for name, fn in methods.items():
-                out_dir = work_dir / f"{name}-{round_number}"
+    names = list(METHODS)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    per_round = settings.series_per_round * workers
+    try:
+        with context.Pool(workers, initializer=worker_setup, initargs=(cores, malloc_options)) as pool:
+            for position, name in enumerate(names):
+                out_dir = work_dir / f"warm-{position}"
                 out_dir.mkdir(parents=True)
-                start = time.perf_counter()
-                pool.starmap(fn, [(item, str(out_dir)) for item in chunk], chunksize=16)
-                best_s[name] = min(best_s[name], (time.perf_counter() - start) / len(chunk))
-    os.sched_setaffinity(0, all_cores)
-    shutil.rmtree(work_dir)
-    return {name: 1 / seconds for name, seconds in best_s.items()}
+                pool.starmap(run_series, [(name, items, str(out_dir)) for items in series[:workers]])
+            for round_number in range(settings.rounds):
+                chunk = [series[(round_number * per_round + k) % len(series)] for k in range(per_round)]
+                slices = sum(len(items) for items in chunk)
+                for step in range(len(names)):
+                    position = (round_number + step) % len(names)
+                    out_dir = work_dir / f"{round_number}-{position}"
+                    out_dir.mkdir(parents=True)
+                    start = time.perf_counter()
+                    pool.starmap(run_series, [(names[position], items, str(out_dir)) for items in chunk], chunksize=1)
+                    seconds[names[position]].append((time.perf_counter() - start) / slices)
+    finally:
+        os.sched_setaffinity(0, all_cores)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return seconds
 
 
 def real_512_files(data: Path) -> list[Path]:
-    """The real RSNA files of 512x512 pixels."""
+    """The uncompressed real RSNA files of 512x512 pixels."""
     paths = sorted((data / "rsna_slices").glob("*.dcm")) + sorted((data / "rsna_series").glob("*.dcm"))
     return [p for p in paths if (read_header(p).rows, read_header(p).cols) == (512, 512)]
 
 
-def work_items(files: list[Path], count: int) -> list[tuple[str, str]]:
-    """``count`` (unique image id, path) pairs cycling over ``files``; ids are random hex like the
-    challenge's, so the writes spread over the store's shard folders as they do on the real data."""
-    ids = np.random.default_rng(0).choice(16**9, size=count, replace=False)
-    return [(f"ID_{image_id:09x}", str(files[i % len(files)])) for i, image_id in enumerate(ids)]
+def work_series(files: list[Path], count: int) -> list[list[tuple[str, str]]]:
+    """``count`` series of ``SERIES_LENGTH`` (unique image id, path) pairs cycling over ``files``; ids
+    are random hex like the challenge's, so writes spread over the store's shard folders."""
+    ids = np.random.default_rng(0).choice(16**9, size=count * SERIES_LENGTH, replace=False)
+    items = [(f"ID_{image_id:09x}", str(files[i % len(files)])) for i, image_id in enumerate(ids)]
+    return [items[start:start + SERIES_LENGTH] for start in range(0, len(items), SERIES_LENGTH)]
 
 
-def png_tradeoff(files: list[Path], size: int) -> list[tuple[str, float, float]]:
+def png_tradeoff(files: list[Path]) -> list[tuple[str, float, float]]:
     """(encoder, mean KB per slice, encode ms per slice) for libpng's settings and ours on the real slices."""
-    stored = [np.clip(np.rint(to_model_hu(read_hu(p), size)) + HU_OFFSET, 0, 65535).astype(np.uint16) for p in files]
+    stored = [np.clip(np.rint(to_model_hu(read_hu(p), SIZE)) + HU_OFFSET, 0, 65535).astype(np.uint16) for p in files]
     libpng = {
         "level 1, adaptive filters": (cv2.IMWRITE_PNG_COMPRESSION, 1),
-        "level 3, adaptive filters": (cv2.IMWRITE_PNG_COMPRESSION, 3),
         "level 6, adaptive filters": (cv2.IMWRITE_PNG_COMPRESSION, 6),
-        "level 9, adaptive filters": (cv2.IMWRITE_PNG_COMPRESSION, 9),
         "Huffman only, up filter": (cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY,
                                     cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY, cv2.IMWRITE_PNG_FILTER,
                                     cv2.IMWRITE_PNG_FILTER_UP),
@@ -147,64 +298,129 @@ def png_tradeoff(files: list[Path], size: int) -> list[tuple[str, float, float]]
     encoders["ours: up filter, ISA-L deflate level 1"] = encode_uint16_png
     rows = []
     for name, encode in encoders.items():
-        best_s = float("inf")
+        runs = []
         for _ in range(3):
             start = time.perf_counter()
             sizes = [len(encode(image)) for image in stored]
-            best_s = min(best_s, time.perf_counter() - start)
-        rows.append((name, float(np.mean(sizes)) / 1024, best_s / len(stored) * 1e3))
+            runs.append(time.perf_counter() - start)
+        rows.append((name, float(np.mean(sizes)) / 1024, statistics.median(runs) / len(stored) * 1e3))
     return rows
 
 
-def stored_kb(files: list[Path], size: int) -> float:
-    """Mean size in KB of the stored PNGs of ``files``."""
+def stored_kb(files: list[Path]) -> float:
+    """Mean bytes per slice, in KB, of a pack of the real slices."""
     with tempfile.TemporaryDirectory() as tmp:
-        items = [(f"ID_{p.stem[3:]}", str(p)) for p in files]
-        for item in items:
-            write_one_slice(item, tmp, size)
-        return float(np.mean([slice_path(tmp, name).stat().st_size for name, _ in items])) / 1024
+        rows, _ = write_pack([(f"ID_{p.stem[3:]}", str(p)) for p in files], tmp, SIZE)
+        return sum(row[3] for row in rows) / len(rows) / 1024
+
+
+def read_rates(files: list[Path], rounds: int) -> dict[str, float]:
+    """Slices per second read by ``tf.data`` in shuffled order, median of ``rounds`` alternating rounds:
+    from packs (``SliceStore.tf_read_hu``: ``pread`` and CRC in Python, native decode) and from one
+    PNG file per slice (native ``read_file`` and decode, no check), the same 360 slices."""
+    import pandas as pd
+    import tensorflow as tf
+
+    items = [item for items in work_series(files, 10) for item in items]
+    with tempfile.TemporaryDirectory() as tmp:
+        index = pd.DataFrame({"image_id": [image_id for image_id, _ in items], "path": [path for _, path in items],
+                              "series_id": [k // SERIES_LENGTH for k in range(len(items))]})
+        write_slices(index, Path(tmp) / "packs", size=SIZE, workers=1)
+        ours_file_per_slice(items, str(Path(tmp) / "files"))
+        store = SliceStore(Path(tmp) / "packs")
+        order = np.random.default_rng(0).permutation(len(items))
+        slots = store.slots(index["image_id"])[order]
+        paths = np.array([str(Path(tmp) / "files" / shard_name(i) / f"{i}.png") for i in index["image_id"]])[order]
+        readers = {
+            "packs (ours)": lambda: tf.data.Dataset.from_tensor_slices(slots).map(store.tf_read_hu, num_parallel_calls=tf.data.AUTOTUNE),
+            "one PNG file per slice": lambda: tf.data.Dataset.from_tensor_slices(paths).map(
+                lambda path: tf_decode_hu(tf.io.read_file(path), SIZE), num_parallel_calls=tf.data.AUTOTUNE),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in readers}
+        for round_number in range(rounds):
+            for name in (list(readers) if round_number % 2 == 0 else list(readers)[::-1]):
+                start = time.perf_counter()
+                count = sum(len(batch) for batch in readers[name]().batch(64))
+                rates[name].append(count / (time.perf_counter() - start))
+    return {name: statistics.median(runs) for name, runs in rates.items()}
+
+
+def print_tables(medians: dict[tuple[str, int, str], float], worker_counts: list[int], settings: Settings,
+                 files: list[Path], slices_per_round: int) -> None:
+    """The markdown tables and the bar verdicts."""
+    print(f"\n### Preprocessing: 512x512 DICOM -> training input ({SIZE}x{SIZE} for ours and the paper)\n")
+    print(f"Machine: {cpu_description()}; {load_description()}. {len(files)} real RSNA files in series of "
+          f"{SERIES_LENGTH}, {slices_per_round} slices per method per worker per round, median of "
+          f"{settings.rounds} alternating rounds.\n")
+    for allocator in ALLOCATORS:
+        print(f"\n{allocator}:\n")
+        header = " | ".join(f"{w} process{'es' if w > 1 else ''}: ms/slice, slices/s" for w in worker_counts)
+        print(f"| method | {header} | its time / ours, 1 process |")
+        print("|---|" + "---:|" * (len(worker_counts) + 1))
+        ours = medians[OURS, 1, allocator]
+        for name in METHODS:
+            cells = " | ".join(f"{medians[name, w, allocator] * 1e3:.2f}, {1 / medians[name, w, allocator]:.0f}"
+                               for w in worker_counts)
+            ratio = "" if name == OURS else f"{medians[name, 1, allocator] / ours:.2f}x"
+            print(f"| {name} | {cells} | {ratio} |")
+    print("\nBars (each under both malloc settings):")
+    for allocator in ALLOCATORS:
+        fastest = min(PEERS, key=lambda name: medians[name, 1, allocator])
+        ratio = medians[fastest, 1, allocator] / medians[OURS, 1, allocator]
+        verdict = "met" if ratio >= PREPARATION_BAR else "NOT met"
+        print(f"- {allocator}: whole preparation {ratio:.2f}x the fastest peer's per-slice work on one core "
+              f"({fastest}); bar {PREPARATION_BAR:.1f}x: {verdict}")
+        if 2 in worker_counts:
+            scaling = medians[OURS, 1, allocator] / medians[OURS, 2, allocator]
+            verdict = "met" if scaling >= SCALING_BAR else "NOT met"
+            print(f"- {allocator}: ours from one process to two {scaling:.2f}x; bar {SCALING_BAR:.1f}x: {verdict}")
+        packs = medians[OURS, 1, allocator]
+        files_layout = medians["ours, previous layout: index pass + one PNG file per slice", 1, allocator]
+        print(f"- {allocator}: one pack per series instead of one file per slice: {files_layout / packs:.2f}x "
+              f"({(files_layout - packs) * 1e3:.2f} ms a slice saved)")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slices", type=int, default=Settings.slices)
+    parser.add_argument("--rounds", type=int, default=Settings.rounds)
+    parser.add_argument("--series-per-round", type=int, default=Settings.series_per_round)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--data", default=Settings.data)
     args = parser.parse_args(argv)
-    settings = Settings(slices=120 if args.quick else args.slices, rounds=3 if args.quick else Settings.rounds,
-                        quick=args.quick, data=args.data)
+    settings = Settings(rounds=args.rounds, series_per_round=args.series_per_round, quick=args.quick, data=args.data)
+    if settings.quick:
+        settings.rounds, settings.series_per_round = 3, 1
     run_header(argv, settings)
+    print(f"start: {load_description()}", flush=True)
     cv2.setNumThreads(1)
     files = real_512_files(Path(settings.data))
-    items = work_items(files, settings.slices)
-    cores = available_cores()
-    worker_counts = sorted({1, min(2, cores), cores})
-    rates: dict[tuple[str, int], float] = {}
-    methods = {"baseline": notebook_slice, "ours": ours_slice}
+    worker_counts = sorted({1, min(2, available_cores())})
+    series = work_series(files, settings.rounds * settings.series_per_round * max(worker_counts))
+    medians: dict[tuple[str, int, str], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for workers in worker_counts:
-            measured = measure_rates(methods, items, workers, settings.rounds, Path(tmp) / f"w{workers}")
-            for name, rate in measured.items():
-                rates[name, workers] = rate
-                print(f"{name} on {workers} process(es): {rate:.0f} slices/s", flush=True)
+        for allocator, malloc_options in ALLOCATORS.items():
+            for workers in worker_counts:
+                seconds = measure(series, workers, malloc_options, settings, Path(tmp) / f"{allocator}-{workers}")
+                for name, runs in seconds.items():
+                    medians[name, workers, allocator] = statistics.median(runs)
+                    print(f"{allocator}, {workers} process(es), {name}: median {medians[name, workers, allocator] * 1e3:.2f} "
+                          f"ms/slice, rounds {' '.join(f'{s * 1e3:.2f}' for s in runs)}", flush=True)
+    print_tables(medians, worker_counts, settings, files, settings.series_per_round * SERIES_LENGTH)
 
-    print(f"\n### Preprocessing: 512x512 DICOM -> stored {settings.size}x{settings.size} slice")
-    print(f"\nMachine: {cpu_description()}; {len(items)} slices over {len(files)} real RSNA files, best of {settings.rounds} alternating rounds\n")
-    print("| processes | baseline slices/s | ours slices/s | ours / baseline |")
-    print("|---:|---:|---:|---:|")
-    for workers in worker_counts:
-        base, ours = rates["baseline", workers], rates["ours", workers]
-        print(f"| {workers} | {base:.0f} | {ours:.0f} | {ours / base:.2f}x |")
-    for workers in worker_counts[1:]:
-        print(f"\nScaling 1 -> {workers} processes: baseline {rates['baseline', workers] / rates['baseline', 1]:.2f}x, "
-              f"ours {rates['ours', workers] / rates['ours', 1]:.2f}x")
-
-    print(f"\nStored bytes: {stored_kb(files, settings.size):.1f} KB per slice on average "
-          f"({len(files)} real 512x512 RSNA slices at {settings.size}x{settings.size}; bar 64 KB)\n")
+    print(f"\nStored bytes: {stored_kb(files):.1f} KB per slice on average ({len(files)} real 512x512 RSNA slices "
+          f"at {SIZE}x{SIZE}, lossless to 1 HU; bar 64 KB)\n")
     print("| 16-bit PNG encoder | KB per slice | encode ms per slice |")
     print("|---|---:|---:|")
-    for name, kb, ms in png_tradeoff(files, settings.size):
+    for name, kb, ms in png_tradeoff(files):
         print(f"| {name} | {kb:.1f} | {ms:.2f} |")
+    with contextlib.redirect_stdout(io.StringIO()):
+        read = read_rates(files, settings.rounds)
+    print(f"\nReading in tf.data, shuffled, {available_cores()} cores (median of {settings.rounds} alternating rounds):\n")
+    print("| store layout | slices/s |")
+    print("|---|---:|")
+    for name, rate in read.items():
+        print(f"| {name} | {rate:.0f} |")
+    print(f"\nend: {load_description()}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A model input is an HU stack (size, size, C): channel c holds the slice `recipe.offsets[c]` away from
 the current one within its series, clamped at the series ends (the first slice's "previous" slice is
-itself). `neighbour_rows` resolves those sources to row numbers once; the pipelines then read PNGs
+itself). `neighbour_rows` resolves those sources to row numbers once; the pipelines then read slices
 from the store by row number, so a row's neighbours come from the store even when the neighbour is
 not itself in the rows being read (a validation slice next to nothing but validation slices is the
 usual case, since folds keep series whole).
@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from ihd.augment import augment_hu, augmentation_parameters
 from ihd.labels import SUBTYPES
-from ihd.slices import SliceStore, tf_read_hu
+from ihd.slices import SliceStore
 from ihd.windows import ChannelRecipe
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -63,11 +63,6 @@ def fold_rows(index: pd.DataFrame, fold: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(labeled_train & (folds != fold)), np.flatnonzero(labeled_train & (folds == fold))
 
 
-def store_paths(index: pd.DataFrame, store: SliceStore) -> np.ndarray:
-    """The slice store PNG path of every row, as strings."""
-    return np.array([str(store.path(image_id)) for image_id in index["image_id"]])
-
-
 def oversampled(rows: np.ndarray, labels: np.ndarray, positive_copies: int) -> np.ndarray:
     """``rows`` with each row whose `any` label is positive repeated ``positive_copies`` times in all."""
     if positive_copies < 1:
@@ -91,22 +86,22 @@ class StackReader:
                 f"--image-size {image_size} is larger than the slice store's {store.size} ({store.root}): "
                 "rewrite the store at that size with prepare_data.py --size"
             )
-        self.store_size = store.size
+        self.store = store
         self.image_size = image_size
         offsets = list(recipe.offsets)
         distinct = sorted(set(offsets))
         channel_sources = [distinct.index(offset) for offset in offsets]
         identity = channel_sources == list(range(len(distinct)))
         self.selection = None if identity else tf.one_hot(channel_sources, len(distinct), axis=0)
-        self.paths = tf.constant(store_paths(index, store))
+        self.slots = tf.constant(store.slots(index["image_id"]))
         self.neighbours = tf.constant(neighbour_rows(index, distinct))
 
     def distinct_sources(self, row):
         """Row number (int64 tensor) -> float32 (image_size, image_size, S) HU of its distinct sources."""
-        sources = tf.gather(self.paths, tf.gather(self.neighbours, row))
+        sources = tf.gather(self.slots, tf.gather(self.neighbours, row))
         count = self.neighbours.shape[1]
-        stack = tf.stack([tf_read_hu(sources[s], self.store_size) for s in range(count)], axis=-1)
-        if self.image_size < self.store_size:
+        stack = tf.stack([self.store.tf_read_hu(sources[s]) for s in range(count)], axis=-1)
+        if self.image_size < self.store.size:
             stack = tf.image.resize(stack, (self.image_size, self.image_size), method="area")
         return stack
 

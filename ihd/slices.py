@@ -2,32 +2,43 @@
 
 Layout of a store folder::
 
-    slices/config.json                       {"size": 256, "hu_offset": 1024, ...}
-    slices/<image_id[3:5]>/<image_id>.png    16-bit grayscale PNG, pixel = round(HU) + 1024
+    slices/config.json                           {"size": 256, "hu_offset": 1024, ...}
+    slices/manifest.parquet                      image_id, pack, offset, length, crc32: one row a slice
+    slices/<id[3:5]>/<first image id>.<tag>.pack  the slices of one series, back to back
 
-The store is window-agnostic: it keeps Hounsfield units to the unit (rounding), so windows and
-channel recipes stay a choice made at training time. Shard folders keep directory listings short
-(256 of them for the ``ID_<hex>`` names of the challenge).
+Every slice is a 16-bit grayscale PNG, pixel = round(HU) + 1024: the store is window-agnostic
+and keeps Hounsfield units to the unit (rounding), so windows and channel recipes stay a choice
+made at training time. A pack holds the PNGs of one series (at most ``MAX_PACK_SLICES``), so the
+challenge's 874,035 slices make about 25,000 files instead of 874,035: creating, renaming and
+listing one small file per slice cost as much as encoding it (see ``bench/preprocess.py``).
 
-Writing is parallel over all cores and resumable: every PNG is written under a temporary sibling
-name and renamed when complete, so a file with its final name is always whole; a rerun deletes
-temporary leftovers and writes only the slices that are missing.
+Writing is parallel over series and resumable. A pack is written under a temporary name and renamed
+when complete; the manifest, rewritten atomically every ``MANIFEST_FLUSH_SECONDS`` and at the end,
+lists only slices of renamed packs, with the size and CRC-32 of each PNG computed when it was
+encoded. A rerun checks every listed slice against its size and CRC (a pack cut short or
+overwritten with zeros fails), writes the damaged and the unlisted slices again into new packs,
+and deletes the packs and temporary files nothing valid points to.
 
-PNG encoding is the costliest step of writing a slice, so the store writes its PNGs itself: every
-row gets the "up" filter (difference to the row above) and the image data is deflated by ISA-L
-at level 1. On the real 512x512 RSNA slices at 256x256 that takes about 0.4 ms for 54 KB a
-slice, against 1.5 ms for 51 KB through libpng's best fast setting (Huffman-only after the
-"average" filter); see ``bench/preprocess.py``. Any PNG reader (TensorFlow, OpenCV, Pillow)
-decodes the files.
+Reading checks the same size and CRC for every slice it returns: ``SliceStore.read_hu`` and the
+``tf.data`` map function ``SliceStore.tf_read_hu`` raise ``DamagedSliceError`` naming the pack and
+the image, never decode a damaged slice. ``tf_read_hu`` reads the bytes with a small Python
+function (``pread`` and the CRC); the PNG is decoded by TensorFlow's own kernel.
+
+Through libpng, encoding a PNG cost more than reading the DICOM file, so the store writes its PNGs
+itself: every row gets the "up" filter (difference to the row above) and the image data is
+deflated by ISA-L at level 1: about 0.35 ms for 55 KB a slice at 256x256, against 1 ms for 51 KB
+through libpng's best fast setting (Huffman-only after the "up" or "average" filter). Any PNG
+reader decodes the slices.
 """
 from __future__ import annotations
 
 import functools
 import os
+import secrets
 import struct
+import time
 import zlib
 from pathlib import Path
-from typing import Iterable
 
 import cv2
 import numpy as np
@@ -40,19 +51,24 @@ from ihd.parallel import parallel_map
 
 HU_OFFSET = 1024
 CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.parquet"
+MANIFEST_COLUMNS = ["image_id", "pack", "offset", "length", "crc32"]
+PACK_SUFFIX = ".pack"
+LAYOUT = "<image_id[3:5]>/<first image_id>.<tag>.pack: a series' PNGs back to back; manifest.parquet"
+MAX_PACK_SLICES = 256  # thin-slice series reach 500+ slices: packs stay under about 15 MB
+MANIFEST_FLUSH_SECONDS = 30.0  # an interrupted run writes again at most this long's slices
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_FILTER_UP = 2
 DEFLATE_LEVEL = 1  # ISA-L's levels 1-3 differ by under 1% in size here; 0 is 13% larger
 
 
+class DamagedSliceError(ValueError):
+    """A stored slice whose bytes differ from what was written; the message names pack and image."""
+
+
 def shard_name(image_id: str) -> str:
     """The shard folder of an image: characters 3 and 4 of its id (``ID_3f...`` -> ``3f``)."""
     return image_id[3:5] or "_"
-
-
-def slice_path(root: str | Path, image_id: str) -> Path:
-    """Where the store under ``root`` keeps ``image_id``."""
-    return Path(root) / shard_name(image_id) / f"{image_id}.png"
 
 
 def to_model_hu(hu: np.ndarray, size: int) -> np.ndarray:
@@ -63,9 +79,9 @@ def to_model_hu(hu: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(hu, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    """One PNG chunk: length, type, data, CRC of type and data."""
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+def _png_chunk(kind: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
+    """One PNG chunk in three parts: length and type, data, CRC of type and data."""
+    return struct.pack(">I", len(data)) + kind, data, struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
 def encode_uint16_png(image: np.ndarray) -> bytes:
@@ -79,9 +95,9 @@ def encode_uint16_png(image: np.ndarray) -> bytes:
     header = struct.pack(">IIBBBBB", cols, rows, 16, 0, 0, 0, 0)
     return b"".join((
         PNG_SIGNATURE,
-        _png_chunk(b"IHDR", header),
-        _png_chunk(b"IDAT", isal_zlib.compress(filtered.tobytes(), DEFLATE_LEVEL)),
-        _png_chunk(b"IEND", b""),
+        *_png_chunk(b"IHDR", header),
+        *_png_chunk(b"IDAT", isal_zlib.compress(filtered.data, DEFLATE_LEVEL)),
+        *_png_chunk(b"IEND", b""),
     ))
 
 
@@ -93,31 +109,58 @@ def encode_png(hu: np.ndarray) -> bytes:
     return encode_uint16_png(stored.astype(np.uint16))
 
 
-def decode_png(path: str | Path) -> np.ndarray:
-    """Read a stored PNG back as float32 HU."""
-    stored = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+def decode_png(png: bytes, where: str) -> np.ndarray:
+    """The bytes of a stored PNG -> float32 HU; ``where`` names the slice in errors."""
+    stored = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
     if stored is None:
-        raise FileNotFoundError(f"{path}: missing or unreadable slice PNG")
+        raise DamagedSliceError(f"{where}: not a decodable PNG")
     if stored.dtype != np.uint16 or stored.ndim != 2:
-        raise ValueError(f"{path}: expected a 16-bit grayscale PNG, found {stored.dtype} {stored.shape}")
+        raise DamagedSliceError(f"{where}: expected a 16-bit grayscale PNG, found {stored.dtype} {stored.shape}")
     hu = stored.astype(np.float32)
     hu -= HU_OFFSET
     return hu
 
 
-def tf_read_hu(path, size: int | None = None):
-    """tf.data map function: a PNG path (string tensor) -> tf.float32 (size, size) HU."""
+def tf_decode_hu(png, size: int | None = None):
+    """TensorFlow ops: the bytes of a stored PNG (string tensor) -> tf.float32 (size, size) HU."""
     import tensorflow as tf
 
-    stored = tf.io.decode_png(tf.io.read_file(path), channels=1, dtype=tf.uint16)
+    stored = tf.io.decode_png(png, channels=1, dtype=tf.uint16)
     hu = tf.cast(stored[:, :, 0], tf.float32) - float(HU_OFFSET)
     if size is not None:
         hu = tf.ensure_shape(hu, (size, size))
     return hu
 
 
+def read_manifest(root: str | Path) -> pd.DataFrame:
+    """The manifest of the store under ``root`` (columns ``MANIFEST_COLUMNS``); empty when absent."""
+    path = Path(root) / MANIFEST_FILE
+    if not path.is_file():
+        return pd.DataFrame({column: pd.Series(dtype=object if column in ("image_id", "pack") else np.int64)
+                             for column in MANIFEST_COLUMNS})
+    return pd.read_parquet(path, columns=MANIFEST_COLUMNS)
+
+
+def write_manifest(root: str | Path, manifest: pd.DataFrame) -> None:
+    """Replace the manifest of the store under ``root`` atomically."""
+    with atomic_path(Path(root) / MANIFEST_FILE) as tmp:
+        manifest[MANIFEST_COLUMNS].to_parquet(tmp, index=False)
+
+
+def check_slice(png: bytes, length: int, crc32: int) -> str | None:
+    """Why the bytes read for a slice are not what was written (None when they are)."""
+    if len(png) != length:
+        return f"{len(png)} of {length} bytes (truncated)"
+    if isal_zlib.crc32(png) != crc32:
+        return "CRC-32 differs from the one recorded at write time (overwritten or zero-filled)"
+    return None
+
+
 class SliceStore:
-    """Random access by image id to a slice store written by ``write_slices``."""
+    """Random access by image id to a slice store written by ``write_slices``.
+
+    The manifest is read once, when the store is opened: open it again to see slices written since.
+    """
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -125,19 +168,67 @@ class SliceStore:
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: write the store with prepare_data.py first")
         self.config = read_json(config_path)
+        if self.config.get("layout") != LAYOUT:
+            raise ValueError(f"{self.root} holds slices in an earlier layout ({self.config.get('layout')}): "
+                             "write the store again with prepare_data.py into a new folder")
         self.size = int(self.config["size"])
-
-    def path(self, image_id: str) -> Path:
-        """The PNG file of ``image_id``."""
-        return slice_path(self.root, image_id)
+        manifest = read_manifest(self.root)
+        self.image_ids = pd.Index(manifest["image_id"])
+        self._packs = manifest["pack"].to_numpy()
+        self._offsets = manifest["offset"].to_numpy(np.int64)
+        self._lengths = manifest["length"].to_numpy(np.int64)
+        self._crcs = manifest["crc32"].to_numpy(np.int64)
 
     def has(self, image_id: str) -> bool:
-        """True when the slice has been written completely."""
-        return self.path(image_id).is_file()
+        """True when the slice was written completely (as of opening the store)."""
+        return image_id in self.image_ids
+
+    def slots(self, image_ids) -> np.ndarray:
+        """Manifest rows (int64) of ``image_ids``, the keys ``tf_read_hu`` reads by; refuses absent ids."""
+        wanted = pd.Index(image_ids)
+        slots = self.image_ids.get_indexer(wanted)
+        missing = np.flatnonzero(slots < 0)
+        if len(missing):
+            first = [str(image_id) for image_id in wanted[missing[:3]]]
+            raise KeyError(f"{self.root}: {len(missing)} slices are not in the store (first {first}): "
+                           "run prepare_data.py to store them")
+        return slots.astype(np.int64)
+
+    def location(self, image_id: str) -> tuple[Path, int, int]:
+        """(pack file, byte offset, byte length) of ``image_id``'s PNG."""
+        slot = int(self.slots([image_id])[0])
+        return self.root / self._packs[slot], int(self._offsets[slot]), int(self._lengths[slot])
+
+    def read_png(self, slot: int) -> bytes:
+        """The checked PNG bytes of manifest row ``slot``; ``DamagedSliceError`` when they differ."""
+        slot = int(slot)
+        pack = self.root / self._packs[slot]
+        offset, length = int(self._offsets[slot]), int(self._lengths[slot])
+        where = f"{pack}: slice {self.image_ids[slot]} (bytes {offset}-{offset + length})"
+        try:
+            descriptor = os.open(pack, os.O_RDONLY)
+        except FileNotFoundError:
+            raise DamagedSliceError(f"{where}: pack file missing; rerun prepare_data.py") from None
+        try:
+            png = os.pread(descriptor, length, offset)
+        finally:
+            os.close(descriptor)
+        reason = check_slice(png, length, int(self._crcs[slot]))
+        if reason is not None:
+            raise DamagedSliceError(f"{where}: {reason}; rerun prepare_data.py to write it again")
+        return png
 
     def read_hu(self, image_id: str) -> np.ndarray:
         """The stored slice as float32 HU, shape (size, size)."""
-        return decode_png(self.path(image_id))
+        slot = int(self.slots([image_id])[0])
+        return decode_png(self.read_png(slot), f"{self.root / self._packs[slot]}: slice {image_id}")
+
+    def tf_read_hu(self, slot):
+        """tf.data map function: a manifest row (int64 tensor, from ``slots``) -> tf.float32 (size, size) HU."""
+        import tensorflow as tf
+
+        png = tf.numpy_function(self.read_png, [slot], tf.string, stateful=False)
+        return tf_decode_hu(tf.reshape(png, []), self.size)
 
 
 def store_config(size: int) -> dict:
@@ -147,8 +238,9 @@ def store_config(size: int) -> dict:
         "hu_offset": HU_OFFSET,
         "format": "16-bit grayscale PNG, pixel = clip(round(HU) + hu_offset, 0, 65535)",
         "resize": "cv2.INTER_AREA",
-        "layout": "<image_id[3:5]>/<image_id>.png",
+        "layout": LAYOUT,
         "png": f"up filter, ISA-L deflate level {DEFLATE_LEVEL}",
+        "checks": "size and CRC-32 of every PNG, recorded in the manifest at write time",
     }
 
 
@@ -160,6 +252,8 @@ def check_store(root: str | Path, size: int) -> None:
         if (found.get("size"), found.get("hu_offset")) != (size, HU_OFFSET):
             raise ValueError(f"{root} holds slices of size {found.get('size')} (hu_offset {found.get('hu_offset')}); "
                              f"asked for size {size}")
+        if found.get("layout") != LAYOUT:
+            raise ValueError(f"{root} holds slices in an earlier layout ({found.get('layout')})")
 
 
 def _check_config(root: Path, size: int) -> None:
@@ -171,41 +265,89 @@ def _check_config(root: Path, size: int) -> None:
     write_json(root / CONFIG_FILE, store_config(size))
 
 
-def _existing_names(root: Path, shards: Iterable[str]) -> set[str]:
-    """Names of the complete PNGs in the given shards; deletes leftovers of interrupted writes."""
-    names: set[str] = set()
-    for shard in shards:
-        folder = root / shard
-        if not folder.is_dir():
-            continue
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if is_temporary(Path(entry.name)):
-                    os.unlink(entry.path)
-                elif entry.name.endswith(".png"):
-                    names.add(entry.name)
-    return names
-
-
-def write_one_slice(item: tuple[str, str], root: str, size: int, non_ct_as_hu: bool = False) -> tuple[str, str] | None:
-    """Read one DICOM file and store its slice; returns (path, reason) when the file is unreadable
-    (``non_ct_as_hu``: see ``ihd.dicom.read_hu``)."""
-    image_id, dicom_path = item
+def check_pack(item: tuple[str, np.ndarray, np.ndarray, np.ndarray], root: str) -> tuple[str, np.ndarray]:
+    """For one pack (relative path, offsets, lengths, CRCs of its manifest rows): (path, which rows are intact)."""
+    pack, offsets, lengths, crcs = item
     try:
-        hu = read_hu(dicom_path, non_ct_as_hu)
-    except DicomError as error:
-        return dicom_path, error.reason
-    encoded = encode_png(to_model_hu(hu, size))
-    with atomic_path(slice_path(root, image_id)) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(encoded)
-    return None
+        data = (Path(root) / pack).read_bytes()
+    except FileNotFoundError:
+        return pack, np.zeros(len(offsets), bool)
+    return pack, np.array([check_slice(data[offset:offset + length], length, crc) is None
+                           for offset, length, crc in zip(offsets, lengths, crcs)], bool)
+
+
+def verified_manifest(root: Path, workers: int | None = None) -> pd.DataFrame:
+    """The manifest rows whose slices are intact; deletes what no intact row points to.
+
+    Every listed slice is read and checked against the size and CRC-32 recorded when it was
+    written. Temporary files of interrupted writes and packs that hold no intact slice (written
+    but never listed, or wholly damaged) are deleted.
+    """
+    manifest = read_manifest(root)
+    intact = np.zeros(len(manifest), bool)
+    if len(manifest):
+        groups = manifest.groupby("pack", sort=False).indices
+        items = [(pack, manifest["offset"].to_numpy()[rows], manifest["length"].to_numpy()[rows],
+                  manifest["crc32"].to_numpy()[rows]) for pack, rows in groups.items()]
+        checker = functools.partial(check_pack, root=str(root))
+        for pack, ok in parallel_map(checker, items, workers=workers, desc="check store", unit="pack"):
+            intact[groups[pack]] = ok
+    damaged = manifest[~intact]
+    if len(damaged):
+        packs = sorted(damaged["pack"].unique())
+        print(f"slice store {root}: {len(damaged)} stored slices are damaged (truncated or overwritten) in "
+              f"{len(packs)} packs, first {packs[0]}: writing them again")
+    manifest = manifest[intact].reset_index(drop=True)
+    keep = set(manifest["pack"])
+    for path in [*root.iterdir(), *root.glob("*/*")]:
+        if is_temporary(path) or (path.suffix == PACK_SUFFIX and path.relative_to(root).as_posix() not in keep):
+            path.unlink()
+    return manifest
+
+
+def pack_groups(todo: pd.DataFrame) -> list[list[tuple[str, str]]]:
+    """The (image_id, path) items of ``todo``, one list a pack: by series (column ``series_id`` when
+    present, else in row order), at most ``MAX_PACK_SLICES`` each."""
+    series = todo["series_id"] if "series_id" in todo.columns else pd.Series(0, index=todo.index)
+    groups = []
+    for _, rows in todo.groupby(series.to_numpy(), sort=False):
+        items = list(zip(rows["image_id"].astype(str), rows["path"].astype(str)))
+        groups += [items[start:start + MAX_PACK_SLICES] for start in range(0, len(items), MAX_PACK_SLICES)]
+    return groups
+
+
+def write_pack(items: list[tuple[str, str]], root: str, size: int,
+               non_ct_as_hu: bool = False) -> tuple[list[tuple], list[tuple[str, str]]]:
+    """Read the DICOM files of one pack and store their slices in one new pack file
+    (``non_ct_as_hu``: see ``ihd.dicom.read_hu``).
+
+    Returns (manifest rows of the stored slices, (path, reason) of each unreadable file).
+    """
+    pack = f"{shard_name(items[0][0])}/{items[0][0]}.{secrets.token_hex(4)}{PACK_SUFFIX}"
+    rows, pngs, failures = [], [], []
+    offset = 0
+    for image_id, dicom_path in items:
+        try:
+            hu = read_hu(dicom_path, non_ct_as_hu)
+        except DicomError as error:
+            failures.append((dicom_path, error.reason))
+            continue
+        png = encode_png(to_model_hu(hu, size))
+        rows.append((image_id, pack, offset, len(png), isal_zlib.crc32(png)))
+        pngs.append(png)
+        offset += len(png)
+    if pngs:
+        with atomic_path(Path(root) / pack) as tmp:
+            with open(tmp, "wb") as handle:
+                handle.writelines(pngs)
+    return rows, failures
 
 
 def write_slices(
     index: pd.DataFrame, root: str | Path, size: int = 256, workers: int | None = None, non_ct_as_hu: bool = False
 ) -> list[tuple[str, str]]:
-    """Store every slice of ``index`` (columns image_id, path) that the store lacks.
+    """Store every slice of ``index`` (columns image_id, path; series_id groups packs) that the store
+    lacks, or holds damaged.
 
     Returns (path, reason) for each DICOM file that could not be read; the others are written.
     ``non_ct_as_hu`` reads modalities other than CT as HU (``ihd.dicom.read_hu``).
@@ -213,10 +355,21 @@ def write_slices(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _check_config(root, size)
-    image_ids = index["image_id"].astype(str).tolist()
-    done = _existing_names(root, sorted({shard_name(i) for i in image_ids}))
-    todo = [(i, str(p)) for i, p in zip(image_ids, index["path"]) if f"{i}.png" not in done]
-    print(f"slice store {root}: {len(image_ids) - len(todo)} of {len(image_ids)} slices present, writing {len(todo)}")
-    writer = functools.partial(write_one_slice, root=str(root), size=size, non_ct_as_hu=non_ct_as_hu)
-    failures = parallel_map(writer, todo, workers=workers, desc="slices", unit="slice")
-    return sorted(failure for failure in failures if failure is not None)
+    manifest = verified_manifest(root, workers)
+    wanted = index.drop_duplicates("image_id")
+    todo = wanted[~wanted["image_id"].astype(str).isin(set(manifest["image_id"]))]
+    print(f"slice store {root}: {len(wanted) - len(todo)} of {len(wanted)} slices present, writing {len(todo)}")
+    writer = functools.partial(write_pack, root=str(root), size=size, non_ct_as_hu=non_ct_as_hu)
+    parts, new_rows, failures = [manifest], [], []
+    flushed_at = time.monotonic()
+    for rows, bad in parallel_map(writer, pack_groups(todo), workers=workers, desc="slices", unit="pack"):
+        new_rows += rows
+        failures += bad
+        if time.monotonic() - flushed_at > MANIFEST_FLUSH_SECONDS:
+            parts.append(pd.DataFrame(new_rows, columns=MANIFEST_COLUMNS))
+            new_rows = []
+            write_manifest(root, pd.concat(parts, ignore_index=True))
+            flushed_at = time.monotonic()
+    parts.append(pd.DataFrame(new_rows, columns=MANIFEST_COLUMNS))
+    write_manifest(root, pd.concat(parts, ignore_index=True))
+    return sorted(failures)

@@ -106,11 +106,15 @@ def test_dicom_dir_unlabeled_test_rows_and_resume(real_data, tmp_path, monkeypat
     assert "truncated" in bad.loc[bad["path"].str.endswith(victim.name), "reason"].item()
 
     store = SliceStore(out / "slices")
-    mtimes = {i: store.path(i).stat().st_mtime_ns for i in index["image_id"]}
-    store.path(index["image_id"][0]).unlink()
+    packs = {i: store.location(i)[0] for i in index["image_id"]}
+    mtimes = {pack: pack.stat().st_mtime_ns for pack in set(packs.values())}
+    damaged = packs[index["image_id"][0]]
+    damaged.write_bytes(bytes(damaged.stat().st_size))
     prepare_data.main(argv)
-    assert store.has(index["image_id"][0])
-    assert all(store.path(i).stat().st_mtime_ns == t for i, t in mtimes.items() if i != index["image_id"][0])
+    store = SliceStore(out / "slices")
+    assert not damaged.exists() and all(store.location(i)[0].exists() for i in index["image_id"])
+    store.read_hu(index["image_id"][0])
+    assert all(pack.stat().st_mtime_ns == t for pack, t in mtimes.items() if pack != damaged)
 
 
 def test_download_without_credentials_says_what_to_do(tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
-"""Tests for ihd.slices: the 16-bit HU store round trip, resume after a kill, unreadable files, tf reading."""
-import os
+"""Tests for ihd.slices: the 16-bit HU store round trip, packs per series, resume after a kill,
+damaged packs caught on read and rewritten on resume, unreadable files, tf reading."""
 
 import cv2
 import numpy as np
@@ -7,29 +7,49 @@ import pandas as pd
 import pytest
 
 from ihd.dicom import read_hu
-from ihd.slices import SliceStore, encode_png, slice_path, tf_read_hu, to_model_hu, write_slices
+from ihd.io import write_json
+from ihd.slices import (
+    CONFIG_FILE, DamagedSliceError, SliceStore, encode_png, read_manifest, to_model_hu, write_manifest, write_slices,
+)
 
 SIZE = 64
 
 
-def series_index(real_data, count=6, folder="rsna_series"):
+def series_index(real_data, count=6, folder="rsna_series", series=None):
+    """The first ``count`` files of a fixture folder; one series unless ``series`` is given per file."""
     paths = sorted((real_data / folder).glob("*.dcm"))[:count]
-    return pd.DataFrame({"image_id": [p.stem for p in paths], "path": [str(p) for p in paths]})
+    return pd.DataFrame({"image_id": [p.stem for p in paths], "path": [str(p) for p in paths],
+                         "series_id": series if series is not None else [folder] * len(paths)})
 
 
-def test_round_trip_within_one_hu(real_data, tmp_path):
+def packs_of(root):
+    """Every pack file under a store, with its modification time."""
+    return {path: path.stat().st_mtime_ns for path in root.glob("*/ID_*.pack")}
+
+
+def test_round_trip_within_one_hu_one_pack_per_series(real_data, tmp_path):
     index = pd.concat([series_index(real_data, 3), series_index(real_data, 2, "cq500_series"),
-                       series_index(real_data, 3, "rsna_slices")], ignore_index=True)
+                       series_index(real_data, 3, "rsna_slices", series=["a", "b", "c"])], ignore_index=True)
     assert write_slices(index, tmp_path, size=SIZE, workers=1) == []
     store = SliceStore(tmp_path)
     assert store.size == SIZE and store.config["hu_offset"] == 1024
+    packs = [store.location(i)[0] for i in index["image_id"]]
+    assert len(set(packs[:3])) == 1 and len(set(packs[3:5])) == 1 and len(set(packs)) == 5
+    assert packs[0].parent == tmp_path / index["image_id"][0][3:5] and packs[0].name.startswith(index["image_id"][0])
+    assert [store.location(i)[1] for i in index["image_id"][:3]] == [0, store.location(index["image_id"][0])[2],
+                                                                    sum(store.location(i)[2] for i in index["image_id"][:2])]
     for image_id, path in zip(index["image_id"], index["path"]):
-        assert store.path(image_id) == tmp_path / image_id[3:5] / f"{image_id}.png" and store.has(image_id)
+        assert store.has(image_id)
         expected = to_model_hu(read_hu(path), SIZE)
         stored = store.read_hu(image_id)
         assert stored.shape == (SIZE, SIZE) and stored.dtype == np.float32
         assert np.abs(stored - expected).max() <= 0.5
         assert stored.min() >= -1024 and stored.max() > 60
+    assert not store.has("ID_notstored")
+    with pytest.raises(KeyError, match="ID_notstored"):
+        store.read_hu("ID_notstored")
+    with pytest.raises(KeyError, match=r"1 slices are not in the store \(first \['ID_notstored'\]\)"):
+        store.slots(pd.Series(["ID_notstored", index["image_id"][0]], index=[7, 0]))
 
 
 def test_to_model_hu_is_area_mean():
@@ -38,61 +58,126 @@ def test_to_model_hu_is_area_mean():
     assert np.array_equal(to_model_hu(hu, 4), hu)
 
 
-def test_encode_clips_and_rounds(tmp_path):
+def test_encode_clips_and_rounds():
     hu = np.array([[-3000.0, -1024.4], [39.6, 70000.0]], dtype=np.float32)
-    path = tmp_path / "x.png"
-    path.write_bytes(encode_png(hu))
-    assert cv2.imread(str(path), cv2.IMREAD_UNCHANGED).tolist() == [[0, 0], [1064, 65535]]
+    decoded = cv2.imdecode(np.frombuffer(encode_png(hu), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert decoded.tolist() == [[0, 0], [1064, 65535]]
 
 
 def test_resume_after_kill(real_data, tmp_path):
-    index = series_index(real_data, 6)
+    """A pack renamed but not yet listed, and a temporary file, are what a kill leaves behind."""
+    index = pd.concat([series_index(real_data, 4), series_index(real_data, 2, "rsna_slices", series=["a", "b"])],
+                      ignore_index=True)
     write_slices(index, tmp_path, size=SIZE, workers=1)
-    paths = [slice_path(tmp_path, i) for i in index["image_id"]]
-    old = 1_000_000_000
-    for path in paths:
-        os.utime(path, ns=(old, old))
-    paths[1].unlink()
-    half = paths[2].parent / f".{paths[2].stem}.abc123.tmp.png"
-    half.write_bytes(paths[2].read_bytes()[:100])
-    paths[2].unlink()
+    manifest = read_manifest(tmp_path)
+    unlisted = manifest["image_id"] == index["image_id"][4]
+    write_manifest(tmp_path, manifest[~unlisted])
+    orphan = tmp_path / manifest.loc[unlisted, "pack"].item()
+    half = orphan.parent / f".{orphan.stem}.123.abcd.tmp.pack"
+    half.write_bytes(orphan.read_bytes()[:100])
+    before = packs_of(tmp_path)
 
-    assert not SliceStore(tmp_path).has(index["image_id"][2])
+    assert not SliceStore(tmp_path).has(index["image_id"][4])
     assert write_slices(index, tmp_path, size=SIZE, workers=2) == []
-    assert all(p.is_file() for p in paths) and not half.exists()
-    assert [p.stat().st_mtime_ns == old for p in paths] == [True, False, False, True, True, True]
-    assert np.abs(SliceStore(tmp_path).read_hu(index["image_id"][2]) - to_model_hu(read_hu(index["path"][2]), SIZE)).max() <= 0.5
-    leftovers = [p for p in tmp_path.rglob("*") if p.is_file() and p.name.startswith(".")]
-    assert leftovers == []
+    store = SliceStore(tmp_path)
+    assert all(store.has(i) for i in index["image_id"]) and not orphan.exists() and not half.exists()
+    after = packs_of(tmp_path)
+    assert {p: t for p, t in before.items() if p != orphan} == {p: t for p, t in after.items() if p in before}
+    assert len(after) == len(before) and len(read_manifest(tmp_path)) == len(index)
+    np.testing.assert_allclose(store.read_hu(index["image_id"][4]), to_model_hu(read_hu(index["path"][4]), SIZE), atol=0.5)
+    assert [p for p in tmp_path.rglob("*") if p.name.startswith(".")] == []
+
+
+def test_packs_written_before_a_crash_stay_listed(real_data, tmp_path, monkeypatch):
+    import ihd.slices as slices
+
+    index = series_index(real_data, 4, series=["a", "a", "b", "c"])
+    monkeypatch.setattr(slices, "MANIFEST_FLUSH_SECONDS", 0.0)
+    written, write_pack = [], slices.write_pack
+
+    def write_two_packs_then_crash(items, root, size, **options):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(items)
+        return write_pack(items, root, size, **options)
+
+    monkeypatch.setattr(slices, "write_pack", write_two_packs_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_slices(index, tmp_path, size=SIZE, workers=1)
+    assert sorted(read_manifest(tmp_path)["image_id"]) == sorted(index["image_id"][:3])
+
+
+def test_pack_groups_follow_series_and_cap_their_size(monkeypatch):
+    import ihd.slices as slices
+
+    monkeypatch.setattr(slices, "MAX_PACK_SLICES", 2)
+    todo = pd.DataFrame({"image_id": list("abcdef"), "path": list("ABCDEF"), "series_id": ["s", "t", "s", "s", "t", "s"]})
+    assert slices.pack_groups(todo) == [[("a", "A"), ("c", "C")], [("d", "D"), ("f", "F")], [("b", "B"), ("e", "E")]]
+    assert slices.pack_groups(todo.drop(columns="series_id")) == [[("a", "A"), ("b", "B")], [("c", "C"), ("d", "D")],
+                                                                 [("e", "E"), ("f", "F")]]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero-fill"])
+def test_damaged_pack_is_refused_on_read_and_rewritten_on_resume(real_data, tmp_path, damage):
+    """Truncation cuts off the last two of four slices; zero-fill keeps the size and loses them all."""
+    tf = pytest.importorskip("tensorflow")
+    index = series_index(real_data, 4)
+    write_slices(index, tmp_path, size=SIZE, workers=1)
+    store = SliceStore(tmp_path)
+    pack, offset, _ = store.location(index["image_id"][2])
+    data = pack.read_bytes()
+    pack.write_bytes(data[:offset + 10] if damage == "truncate" else bytes(len(data)))
+    expected_reason = "truncated" if damage == "truncate" else "CRC-32 differs"
+
+    with pytest.raises(DamagedSliceError, match=f"{pack.name}: slice {index['image_id'][2]}.*{expected_reason}"):
+        store.read_hu(index["image_id"][2])
+    data_set = tf.data.Dataset.from_tensor_slices(store.slots(index["image_id"][2:3])).map(store.tf_read_hu)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"{pack.name}.*{expected_reason}"):
+        list(data_set)
+
+    assert write_slices(index, tmp_path, size=SIZE, workers=1) == []
+    store = SliceStore(tmp_path)
+    for image_id, path in zip(index["image_id"], index["path"]):
+        np.testing.assert_allclose(store.read_hu(image_id), to_model_hu(read_hu(path), SIZE), atol=0.5)
+    kept = [store.location(i)[0] == pack for i in index["image_id"]]
+    assert kept == ([True, True, False, False] if damage == "truncate" else [False] * 4)
+    assert pack.exists() == (damage == "truncate")
 
 
 def test_unreadable_file_is_reported_and_run_goes_on(real_data, tmp_path):
     index = series_index(real_data, 2)
     broken = tmp_path / "ID_000broken.dcm"
     broken.write_bytes((real_data / "rsna_series" / f"{index['image_id'][0]}.dcm").read_bytes()[:5000])
-    index = pd.concat([index, pd.DataFrame({"image_id": ["ID_000broken"], "path": [str(broken)]})], ignore_index=True)
+    index = pd.concat([index, pd.DataFrame({"image_id": ["ID_000broken"], "path": [str(broken)],
+                                            "series_id": ["rsna_series"]})], ignore_index=True)
     failures = write_slices(index, tmp_path / "store", size=SIZE, workers=1)
     assert [path for path, _ in failures] == [str(broken)] and "truncated" in failures[0][1]
     store = SliceStore(tmp_path / "store")
     assert store.has(index["image_id"][0]) and store.has(index["image_id"][1]) and not store.has("ID_000broken")
 
 
-def test_other_size_in_same_store_refused(real_data, tmp_path):
+def test_other_size_or_layout_in_same_store_refused(real_data, tmp_path):
     index = series_index(real_data, 1)
     write_slices(index, tmp_path, size=SIZE, workers=1)
     with pytest.raises(ValueError, match="size 64"):
         write_slices(index, tmp_path, size=32, workers=1)
+    write_json(tmp_path / CONFIG_FILE, {"size": SIZE, "hu_offset": 1024, "layout": "<image_id[3:5]>/<image_id>.png"})
+    with pytest.raises(ValueError, match="earlier layout"):
+        SliceStore(tmp_path)
+    with pytest.raises(ValueError, match="earlier layout"):
+        write_slices(index, tmp_path, size=SIZE, workers=1)
 
 
 def test_tf_read_hu_matches_store(real_data, tmp_path):
     tf = pytest.importorskip("tensorflow")
-    index = series_index(real_data, 1)
+    index = series_index(real_data, 3)
     write_slices(index, tmp_path, size=SIZE, workers=1)
     store = SliceStore(tmp_path)
-    image_id = index["image_id"][0]
-    hu = tf_read_hu(tf.constant(str(store.path(image_id))), size=SIZE)
-    assert hu.dtype == tf.float32 and tuple(hu.shape) == (SIZE, SIZE)
-    assert np.array_equal(hu.numpy(), store.read_hu(image_id))
+    slots = store.slots(index["image_id"][::-1])
+    stacked = np.stack(list(tf.data.Dataset.from_tensor_slices(slots).map(store.tf_read_hu).as_numpy_iterator()))
+    assert stacked.dtype == np.float32 and stacked.shape == (3, SIZE, SIZE)
+    assert np.array_equal(stacked, np.stack([store.read_hu(i) for i in index["image_id"][::-1]]))
+    assert not np.array_equal(stacked[0], stacked[1])
 
 
 def test_png_encoder_round_trips_exactly_through_opencv_and_tensorflow():
