@@ -81,7 +81,7 @@ def backbone_names() -> list[str]:
     return [TINY] + sorted(n for n in dir(keras.applications) if n[:1].isupper())
 
 
-def _application(name: str):
+def keras_application(name: str):
     """The `keras.applications` constructor called ``name``, and its module's `preprocess_input`."""
     constructor = getattr(keras.applications, name, None) if name[:1].isupper() else None
     if constructor is None:
@@ -118,7 +118,7 @@ def _tiny_features(x):
     return x
 
 
-def _resolve_weights(backbone: str, weights) -> str | None:
+def resolve_weights(backbone: str, weights) -> str | None:
     """``"imagenet"``, None (for None or "none"), or an existing weights file path."""
     if weights is None or str(weights).lower() == "none":
         return None
@@ -140,7 +140,7 @@ def _backbone_features(backbone: str, windowed, weights: str | None):
 
 def application_on(backbone: str, windowed, weights: str | None) -> keras.Model:
     """The `keras.applications` model ``backbone`` without its top, built on the tensor ``windowed``."""
-    constructor, _ = _application(backbone)
+    constructor, _ = keras_application(backbone)
     try:
         model = constructor(
             include_top=False, weights=weights, input_tensor=windowed, input_shape=tuple(windowed.shape[1:])
@@ -168,11 +168,11 @@ def build_cnn(
     ``weights``: "imagenet" (downloaded at first use), None/"none", or a backbone weights file.
     """
     recipe = parse_recipe(recipe) if isinstance(recipe, str) else recipe
-    weights = _resolve_weights(backbone, weights)
+    weights = resolve_weights(backbone, weights)
     if backbone == TINY:
         scale, offset = np.ones(3), np.zeros(3)
     else:
-        scale, offset = input_affine(_application(backbone)[1])
+        scale, offset = input_affine(keras_application(backbone)[1])
     hu = keras.Input((image_size, image_size, len(recipe.offsets)), name="hu")
     windowed = Windowing(
         centers_hu=[w.center_hu for w in recipe.windows],

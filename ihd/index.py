@@ -463,5 +463,8 @@ def read_index(dataset_dir: str | Path) -> pd.DataFrame:
     """Read ``<dataset_dir>/index.parquet``."""
     path = Path(dataset_dir) / INDEX_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run prepare_data.py first")
+        dataset_dir = Path(dataset_dir)
+        raise FileNotFoundError(f"{path} not found: prepare it first with prepare_data.py --dataset {dataset_dir.name} "
+                                f"--data-dir {dataset_dir.parent} and its source (--synthetic, --download, "
+                                "--dicom-dir DIR or --raw DIR)")
     return pd.read_parquet(path)

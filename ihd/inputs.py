@@ -84,7 +84,7 @@ class StackReader:
         if image_size > store.size:
             raise ValueError(
                 f"--image-size {image_size} is larger than the slice store's {store.size} ({store.root}): "
-                "rewrite the store at that size with prepare_data.py --size"
+                "lower --image-size, or delete that folder and store the slices again with prepare_data.py --size"
             )
         self.store = store
         self.image_size = image_size

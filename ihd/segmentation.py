@@ -24,7 +24,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from ihd.cnn import Windowing, _application, _resolve_weights, application_on, input_affine
+from ihd.cnn import Windowing, application_on, input_affine, keras_application, resolve_weights
 from ihd.dicom import AIR_HU
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES
@@ -109,8 +109,8 @@ def build_unet(encoder: str = "MobileNetV2", image_size: int = 256, weights: str
             raise ValueError("the plain U-Net has no pretrained weights: use --weights none")
         scale, offset = np.ones(3), np.zeros(3)
     else:
-        weights = _resolve_weights(encoder, weights)
-        scale, offset = input_affine(_application(encoder)[1])
+        weights = resolve_weights(encoder, weights)
+        scale, offset = input_affine(keras_application(encoder)[1])
     recipe = parse_recipe("windows")
     hu = keras.Input((image_size, image_size, 1), name="hu")
     three = keras.layers.Concatenate(name="hu_x3")([hu, hu, hu])
@@ -185,17 +185,21 @@ def training_dataset(masks: MaskSet, batch_size: int, seed: int, augment: bool =
     def as_float(hu, truth):
         return hu, tf.cast(truth, tf.float32)
 
-    def flip_and_shift(hu, truth):
+    def flip_and_shift(pair, element_seed):
+        hu, truth = pair
+        seeds = tf.random.experimental.stateless_split(tf.stack([element_seed, tf.constant(0, tf.int64)]), 2)
         unknown = tf.reduce_all(truth < 0, axis=(0, 1))  # channels the source does not say
         joined = tf.concat([hu - AIR_HU, truth], axis=-1)  # pads as air and as "no blood"
-        joined = tf.image.random_flip_left_right(joined)
+        joined = tf.image.stateless_random_flip_left_right(joined, seeds[0])
         joined = tf.image.pad_to_bounding_box(joined, pad, pad, size + 2 * pad, size + 2 * pad)
-        joined = tf.image.random_crop(joined, (size, size, joined.shape[-1]))
+        joined = tf.image.stateless_random_crop(joined, (size, size, joined.shape[-1]), seeds[1])
         return joined[..., :1] + AIR_HU, tf.where(unknown, tf.cast(UNKNOWN, tf.float32), joined[..., 1:])
 
     data = data.map(as_float, num_parallel_calls=tf.data.AUTOTUNE)
     if augment:
-        data = data.map(flip_and_shift, num_parallel_calls=tf.data.AUTOTUNE)
+        # Each element draws from its own seed, so the same seed gives the same batches on any thread count.
+        element_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        data = tf.data.Dataset.zip(data, element_seeds).map(flip_and_shift, num_parallel_calls=tf.data.AUTOTUNE)
     return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 

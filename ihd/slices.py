@@ -166,7 +166,9 @@ class SliceStore:
         self.root = Path(root)
         config_path = self.root / CONFIG_FILE
         if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found: write the store with prepare_data.py first")
+            dataset_dir = self.root.parent
+            raise FileNotFoundError(f"{config_path} not found: write the store with prepare_data.py --dataset "
+                                    f"{dataset_dir.name} --data-dir {dataset_dir.parent} and its source flags")
         self.config = read_json(config_path)
         if self.config.get("layout") != LAYOUT:
             raise ValueError(f"{self.root} holds slices in an earlier layout ({self.config.get('layout')}): "

@@ -142,6 +142,8 @@ def test_a_tiny_unet_learns_to_outline_bleeds():
 def test_augmentation_moves_image_and_mask_together():
     squares = _squares(n=8)
     batch_hu, batch_masks = next(iter(training_dataset(squares, 8, seed=1, augment=True)))
+    again, _ = next(iter(training_dataset(squares, 8, seed=1, augment=True)))
+    np.testing.assert_array_equal(batch_hu, again)  # the same seed, the same augmented batch
     bright = np.asarray(batch_hu)[..., 0] > 45
     assert np.array_equal(bright, np.asarray(batch_masks)[..., ANY] > 0.5)
     unknown = squares.masks.copy()
