@@ -21,6 +21,7 @@ from ihd.cnn import MODEL_FILE, embedding_extractor, load_cnn
 from ihd.dicom import DicomError, read_hu
 from ihd.features import (
     CONFIG_FILE,
+    embed_batch,
     Features,
     Selection,
     extract_features,
@@ -53,6 +54,7 @@ class Chain:
     cnn_sha256: str
     selection: Selection
     lstm: keras.Model
+    tta: str = "none"  # the test-time augmentation of the features the selection and the LSTM were fitted on
 
     @property
     def features_fingerprint(self) -> str:
@@ -144,7 +146,8 @@ def load_chain(run: str, selection: str | None = None, models_dir="models", feat
     fitted = load_selection(fitted_path) if fitted_path.exists() else None
     if fitted is None or fitted.inputs is None or not fitted.inputs.items() <= record["inputs"].items():
         raise ChainError(f"{fitted_path} is missing or was fitted on other inputs than {lstm_path}: run {train} first")
-    return Chain(run, selection, cnn, cnn_config, cnn_sha256, fitted, load_lstm(lstm_path))
+    return Chain(run, selection, cnn, cnn_config, cnn_sha256, fitted, load_lstm(lstm_path),
+                 features_config.get("tta", "none"))
 
 
 def chain_inputs(chain: Chain, embeddings: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
@@ -167,7 +170,7 @@ def cached_test_features(chain: Chain, data_dir="data", features_dir="features",
     dataset_dir = Path(data_dir) / chain.cnn_config["dataset"]
     index = read_index(dataset_dir)
     extract_features(chain.cnn, chain.cnn_config, chain.cnn_sha256, index, dataset_dir / "index.parquet",
-                     SliceStore(dataset_dir / "slices"), run_dir)
+                     SliceStore(dataset_dir / "slices"), run_dir, tta=chain.tta)
     features = load_features(run_dir)
     if features.fingerprint != chain.features_fingerprint:
         _, train = _commands(chain.run, chain.selection_name, chain.cnn_config, models_dir, features_dir)
@@ -201,7 +204,8 @@ def predict_test_split(chain: Chain, features: Features) -> Predictions:
 
 def cnn_outputs(chain: Chain, stacks: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings (N, D) and probabilities (N, 6) of model inputs (N, size, size, C) in HU."""
-    parts = [chain.extractor.predict_on_batch(stacks[begin : begin + batch_size]) for begin in range(0, len(stacks), batch_size)]
+    parts = [embed_batch(chain.extractor, stacks[begin : begin + batch_size], chain.tta)
+             for begin in range(0, len(stacks), batch_size)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
