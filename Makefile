@@ -16,7 +16,7 @@ DEMO_RUN := demo
 DEMO_SELECTIONS := --selection pca:32 --selection weights:32
 DEMO_LSTM := --layers 2 --units 128
 
-.PHONY: setup demo test bench
+.PHONY: setup demo paper test bench
 
 $(VENV)/.installed: requirements.txt requirements-base.txt requirements-gpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,19 @@ demo: setup
 		--image-size 128 --epochs 6
 	$(BIN)/python train_lstm.py --run $(DEMO_RUN) $(DEMO_SELECTIONS) $(DEMO_LSTM)
 	$(BIN)/python predict.py --run $(DEMO_RUN) --gradcam 2
+
+# The paper's recipe on the real challenge data, from download to submission: every stage with --preset
+# paper (README.md, "Reproduce the paper on a GPU"). Needs a Kaggle account with the competition's rules
+# accepted, about 650 GB of free disk while the download unpacks and a GPU (make paper
+# REQUIREMENTS=requirements-gpu.txt); the hours each stage takes are worked out in BENCHMARKS.md. Rerun
+# after an interruption: every stage picks up where it stopped.
+PAPER_RUN := rsna-paper
+
+paper: setup
+	$(BIN)/python prepare_data.py --download --dataset rsna --preset paper
+	$(BIN)/python train_cnn.py --dataset rsna --run $(PAPER_RUN) --preset paper
+	$(BIN)/python train_lstm.py --run $(PAPER_RUN) --preset paper
+	$(BIN)/python predict.py --run $(PAPER_RUN) --selection pca:120 --submit
 
 test: setup
 	$(BIN)/python -m pytest -q
