@@ -4,8 +4,8 @@ then tabulate the ablation (the CNN alone against every selection trained in tha
     python train_lstm.py --run synthetic-tiny-128-windows-fold0 --selection pca:32 --selection weights:32 --units 64 --layers 2
     python train_lstm.py --run rsna-efficientnetb0-256-windows-fold0 --selection pca:120 --selection all --selection random:120
     python train_lstm.py --run rsna-efficientnetb0-256-windows-fold0 --ablation-only
-    python train_lstm.py --run demo --selection weights:32 --layers 2 --units 128 --study-labels derive --init pretrained
-    python train_lstm.py --run demo --selection weights:32 --study-labels data/synthetic/raw/stage_2_train_study_labels.csv \\
+    python train_lstm.py --run demo-fold0 --selection weights:32 --layers 2 --units 128 --study-labels derive --init pretrained
+    python train_lstm.py --run demo-fold0 --selection weights:32 --study-labels data/synthetic/raw/stage_2_train_study_labels.csv \\
         --label-set exam --study-model volume --frames 25
 
 Reads features/<run>/ (embeddings, probabilities, the index they follow); writes, per selection,
@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ihd.cnn import KEEPS, MODEL_FILE
+from ihd.ensemble import read_ensemble
 from ihd.features import (
     FeaturesNotReady,
     extraction_command,
@@ -211,8 +212,7 @@ def train_selection(settings: Settings, features, selection: str) -> dict:
     best = fit_lstm(model, train, val, model_path, settings.epochs, batch_size, settings.patience, settings.seed,
                     settings.keep)
 
-    rows = val.rows
-    predicted = predict_series(load_lstm(model_path), val, settings.batch_size)[rows]
+    rows, predicted = predicted_rows(load_lstm(model_path), val, settings.batch_size)
     record = {
         "selection": selection,
         "slug": selection_slug(selection),
@@ -234,6 +234,59 @@ def train_selection(settings: Settings, features, selection: str) -> dict:
     return record
 
 
+def predicted_rows(model: keras.Model, data, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a series set and the model's probabilities for them, in that order."""
+    rows = data.rows
+    return rows, predict_series(model, data, batch_size)[rows]
+
+
+def validation_predictions(settings: Settings, features, selection: str) -> tuple[np.ndarray, np.ndarray]:
+    """The validation rows of the run's fold and its trained LSTM's probabilities for them."""
+    model_path, _ = lstm_paths(settings.models_dir, settings.run, selection)
+    inputs_per_slice = per_slice_inputs(settings, features, selection)
+    _, val_rows = fold_rows(features.index, int(features.config["fold"]))
+    val = series_set(inputs_per_slice, features.index, np.isin(np.arange(len(inputs_per_slice)), val_rows))
+    return predicted_rows(load_lstm(model_path), val, settings.batch_size)
+
+
+def train_ensemble(settings: Settings, members: list[str]) -> pd.DataFrame:
+    """Train every selection's LSTM in each member run of a fold ensemble, each on its own run's features
+    and fold, then score them together: every labeled slice predicted by the member that never trained
+    on it (out of fold). Writes the ensemble's records and ablation table in models/<run>/."""
+    out_dir = Path(settings.models_dir) / settings.run
+    member_settings = [dataclasses.replace(settings, run=member) for member in members]
+    member_features = [open_features(member) for member in member_settings]
+    if not settings.ablation_only:
+        for selection in settings.selections:
+            for number, (member, features) in enumerate(zip(member_settings, member_features), start=1):
+                print(f"{selection}: member {member.run} ({number} of {len(members)})", flush=True)
+                train_selection(member, features, selection)
+    cnn_parts = []
+    for features in member_features:
+        _, val_rows = fold_rows(features.index, int(features.config["fold"]))
+        cnn_parts.append((features, val_rows, features.probabilities[val_rows]))
+    rows = {CNN_ROW: pooled_summary(cnn_parts)}
+    for selection in trained_in_every_member(member_settings, member_features):
+        parts = [(features, *validation_predictions(member, features, selection))
+                 for member, features in zip(member_settings, member_features)]
+        records = [read_json(lstm_paths(member.models_dir, member.run, selection)[1]) for member in member_settings]
+        record = {
+            "selection": selection,
+            "members": {member.run: {key: member_record[key] for key in ("fingerprint", "model_sha256")}
+                        for member, member_record in zip(member_settings, records)},
+            "validation": pooled_summary(parts),
+            "validation_cnn": rows[CNN_ROW],
+        }
+        write_json(lstm_paths(settings.models_dir, settings.run, selection)[1], record)
+        rows[f"cnn+lstm {selection}"] = record["validation"]
+    table = summary_table(rows)
+    write_ablation(table, out_dir)
+    print("out of fold, every labeled series scored by the member that did not train on it:")
+    print(table.to_string(float_format="%.4f"))
+    print(f"ablation: {out_dir / 'ablation.md'}, {out_dir / 'ablation.png'}")
+    return table
+
+
 def ablation_table(settings: Settings, features) -> pd.DataFrame:
     """Validation weighted log loss and per-subtype AUC: the CNN alone, then every LSTM trained on these
     features (records of other features, extracted before, are left out and named)."""
@@ -247,10 +300,37 @@ def ablation_table(settings: Settings, features) -> pd.DataFrame:
                   f"--selection {record['selection']}")
             continue
         rows[f"cnn+lstm {record['selection']}"] = record["validation"]
+    return summary_table(rows)
+
+
+def summary_table(rows: dict[str, dict]) -> pd.DataFrame:
+    """Scores by model name as the ablation table: weighted log loss and the AUC of each subtype."""
     columns = ["weighted_log_loss"] + [f"auc_{name}" for name in SUBTYPES]
     table = pd.DataFrame.from_dict(rows, orient="index")[columns]
     table.index.name = "model"
     return table
+
+
+def pooled_summary(parts: list[tuple]) -> dict:
+    """The scores of predictions pooled over the members of an ensemble: ``parts`` holds, per member,
+    its features, the rows it predicted and its probabilities for them."""
+    labels = np.concatenate([label_array(features.index)[rows] for features, rows, _ in parts])
+    return summary(labels, np.concatenate([np.asarray(predicted, np.float32) for _, _, predicted in parts]))
+
+
+def trained_in_every_member(member_settings: list[Settings], member_features: list) -> list[str]:
+    """The selections whose LSTM finished training on the current features of every member run."""
+    trained = None
+    for member, features in zip(member_settings, member_features):
+        names = set()
+        for record_path in (Path(member.models_dir) / member.run).glob("lstm-*.json"):
+            selection = read_json(record_path).get("selection")
+            model_path, _ = lstm_paths(member.models_dir, member.run, selection)
+            record = finished_record(model_path, record_path)
+            if record is not None and record.get("inputs", {}).get("features") == features.fingerprint:
+                names.add(selection)
+        trained = names if trained is None else trained & names
+    return sorted(trained or ())
 
 
 def write_ablation(table: pd.DataFrame, out_dir: Path) -> None:
@@ -306,6 +386,12 @@ def open_features(settings: Settings):
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     settings = parse_args(argv)
     run_header(argv, settings)
+    ensemble = read_ensemble(settings.models_dir, settings.run)
+    if ensemble is not None:
+        if settings.study_labels:
+            raise SystemExit(f"{settings.run} is a fold ensemble: study models train on one run, name one of its "
+                             f"members ({', '.join(ensemble['members'])})")
+        return train_ensemble(settings, ensemble["members"])
     features = open_features(settings)
     out_dir = Path(settings.models_dir) / settings.run
     out_dir.mkdir(parents=True, exist_ok=True)

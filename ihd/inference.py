@@ -31,6 +31,7 @@ from ihd.features import (
     selection_path,
     selection_slug,
 )
+from ihd.ensemble import read_ensemble
 from ihd.fingerprint import file_sha256, what_changed
 from ihd.gradcam import best_slices, draw_montage, draw_overlay, gradcam_heatmap
 from ihd.index import read_index
@@ -150,6 +151,38 @@ def load_chain(run: str, selection: str | None = None, models_dir="models", feat
                  features_config.get("tta", "none"))
 
 
+def load_chains(run: str, selection: str | None = None, models_dir="models", features_dir="features") -> list[Chain]:
+    """The trained chains of ``run``: its one chain, or for a fold ensemble one per member run, all with the
+    same selection (None: the one with the best out-of-fold validation loss).
+
+    Refuses (ChainError) a selection the ensemble's LSTMs were not all trained with, and a member whose
+    LSTM is no longer the one the ensemble was scored with.
+    """
+    ensemble = read_ensemble(models_dir, run)
+    if ensemble is None:
+        return [load_chain(run, selection, models_dir, features_dir)]
+    train = f"train_lstm.py --run {run} --selection {selection or 'pca:120'}"
+    records = {record["selection"]: record for record in
+               (read_json(path) for path in sorted((Path(models_dir) / run).glob("lstm-*.json")))}
+    if not records:
+        raise ChainError(f"no LSTM of the fold ensemble {run} was trained: run {train} first")
+    if selection is None:
+        selection = min(records.values(), key=lambda r: r["validation"]["weighted_log_loss"])["selection"]
+    if selection not in records:
+        raise ChainError(f"the fold ensemble {run} has no LSTMs of selection {selection} "
+                         f"(it has {', '.join(sorted(records))}): run {train} first")
+    scored = records[selection]["members"]
+    chains = []
+    for member in ensemble["members"]:
+        chain = load_chain(member, selection, models_dir, features_dir)
+        member_record = read_json(Path(models_dir) / member / f"lstm-{chain.slug}.json")
+        if member not in scored or scored[member]["model_sha256"] != member_record["model_sha256"]:
+            raise ChainError(f"the LSTM of {member} ({selection}) is not the one the ensemble {run} was scored with: "
+                             f"run train_lstm.py --run {run} --selection {selection}")
+        chains.append(chain)
+    return chains
+
+
 def chain_inputs(chain: Chain, embeddings: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
     """The sequence models' per-slice inputs: the selection's features of the embeddings, then the CNN probabilities."""
     return sequence_inputs(chain.selection.transform(embeddings), probabilities)
@@ -192,6 +225,17 @@ class Predictions:
         """One model's probabilities as a table: index image_id, columns SUBTYPES."""
         values = self.lstm if which == "lstm" else self.cnn
         return pd.DataFrame(values, index=pd.Index(self.index["image_id"], name="image_id"), columns=list(SUBTYPES))
+
+
+def average_predictions(parts: list[Predictions]) -> Predictions:
+    """The members' probabilities averaged, row by row (every part must cover the same rows in the same order)."""
+    first = parts[0]
+    for part in parts[1:]:
+        if not np.array_equal(part.index["image_id"].to_numpy(), first.index["image_id"].to_numpy()):
+            raise ValueError("ensemble members predicted different images: they must share one index")
+    if len(parts) == 1:
+        return first
+    return Predictions(first.index, np.mean([p.cnn for p in parts], axis=0), np.mean([p.lstm for p in parts], axis=0))
 
 
 def predict_test_split(chain: Chain, features: Features) -> Predictions:
