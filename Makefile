@@ -28,9 +28,9 @@ demo: setup
 
 # The paper's recipe on the real challenge data, from download to submission: every stage with --preset
 # paper (README.md, "Reproduce the paper on a GPU"). Needs a Kaggle account with the competition's rules
-# accepted, about 650 GB of free disk while the download unpacks and a GPU (make paper
+# accepted, about 640 GB of free disk while the download unpacks and a GPU (make paper
 # REQUIREMENTS=requirements-gpu.txt); the hours each stage takes are worked out in BENCHMARKS.md. Rerun
-# after an interruption: every stage picks up where it stopped.
+# after an interruption: every stage keeps what it finished.
 PAPER_RUN := rsna-paper
 
 paper: setup
