@@ -405,7 +405,7 @@ def report(found: dict, settings: Settings, lines: list[Line], extra: dict) -> N
     print("\n## Measured on this CPU (the kit's code, untrained weights, random inputs)\n")
     print("| unit of work | seconds | per slice | this CPU's multiply-adds/s |")
     print("|---|---:|---:|---:|")
-    print(f"| CNN training step, {settings.train_batch} slices at {cnn['image_size']} (median of {settings.train_steps}) "
+    print(f"| CNN training step, {settings.train_batch} slice(s) at {cnn['image_size']} (median of {settings.train_steps}) "
           f"| {found['train_s']:.2f} | {train_per_slice:.2f} s | {3 * macs / train_per_slice / 1e9:.0f} G (3 x forward) |")
     print(f"| CNN inference batch, {settings.infer_batch} slices (embedding and probabilities, median of "
           f"{settings.infer_batches}) | {found['infer_s']:.2f} | {infer_per_slice:.3f} s | {macs / infer_per_slice / 1e9:.0f} G |")
