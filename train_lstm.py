@@ -38,7 +38,6 @@ from ihd.features import (
     extraction_command,
     fitted_selection,
     load_features,
-    selected_features,
     selection_inputs,
     selection_slug,
 )
@@ -49,15 +48,17 @@ from ihd.io import atomic_path, read_json, run_header, write_json
 from ihd.labels import SUBTYPES
 from ihd.metrics import summary
 from ihd.sequence import (
+    INPUT_DTYPE,
     build_lstm,
     compile_lstm,
     fit_lstm,
     input_moments,
     load_lstm,
     predict_series,
-    sequence_inputs,
     series_set,
 )
+from ihd.row_files import RowFile
+from ihd.series_inputs import stored_inputs
 from ihd.study_stage import INITS, STUDY_MODELS, StudyOptions, study_summary, train_study, write_study_summary
 
 CNN_ROW = "cnn"
@@ -125,8 +126,9 @@ def lstm_paths(models_dir: str | Path, run: str, selection: str) -> tuple[Path, 
 
 
 def lstm_inputs(settings: Settings, features, selection: str) -> dict:
-    """What an LSTM trained now would be made of: its selection's inputs and the settings that shape it."""
-    return {**selection_inputs(features, selection, settings.seed),
+    """What an LSTM trained now would be made of: its selection's inputs at their stored precision and
+    the settings that shape it."""
+    return {**selection_inputs(features, selection, settings.seed), "input_dtype": np.dtype(INPUT_DTYPE).name,
             **{name: getattr(settings, name) for name in LSTM_DEFINED_BY}}
 
 
@@ -138,10 +140,10 @@ def finished_record(model_path: Path, record_path: Path) -> dict | None:
     return record if record.get("model_sha256") == file_sha256(model_path) else None
 
 
-def per_slice_inputs(settings: Settings, features, selection: str) -> np.ndarray:
-    """Per-slice inputs of the sequence models: the selection's features, then the CNN probabilities."""
-    chosen = fitted_selection(features, selection, seed=settings.seed)
-    return sequence_inputs(selected_features(chosen, features.embeddings), features.probabilities)
+def per_slice_inputs(settings: Settings, features, selection: str) -> RowFile:
+    """Per-slice inputs of the sequence models (the selection's features, then the CNN probabilities),
+    read by rows from their float16 file beside the features, written there first if needed."""
+    return stored_inputs(features, fitted_selection(features, selection, seed=settings.seed))
 
 
 def train_study_selection(settings: Settings, features, selection: str) -> dict:
