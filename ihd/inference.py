@@ -1,10 +1,12 @@
 """The trained chain at prediction time: CNN -> feature selection -> series LSTM, per-slice probabilities.
 
 Two routes lead to the same numbers. A prepared dataset's test rows read the cached CNN outputs of
-`features/<run>/` (extracted first if the cache is incomplete). A plain folder of DICOM files goes
-through memory only: `ihd.dicom.read_hu` -> `ihd.slices.to_model_hu` -> `ihd.inputs.stack_hu`
-(neighbours by `ihd.inputs.neighbour_rows`) -> CNN -> selection -> LSTM, with the folder's index built
-by `ihd.index`. Grad-CAM pictures are drawn for the slices with the highest `any` probability.
+`features/<run>/` (extracted first if the cache is incomplete). A plain folder of DICOM files, indexed
+by `ihd.index`, is read one series at a time: `ihd.dicom.read_hu` -> `ihd.slices.to_model_hu` ->
+`ihd.inputs.stack_hu` (neighbours by `ihd.inputs.neighbour_rows`) -> CNN, so memory holds one series'
+images and one batch, never the folder's; the CNN outputs of every slice (an embedding each) are kept
+for the selection and the LSTM. Grad-CAM pictures are drawn for the slices with the highest `any`
+probability of the studies most likely to bleed (at most `max_studies`), their images read again.
 """
 from __future__ import annotations
 
@@ -31,12 +33,12 @@ from ihd.features import (
     selection_slug,
 )
 from ihd.fingerprint import file_sha256, what_changed
-from ihd.gradcam import best_slices, draw_montage, draw_overlay, gradcam_heatmap
+from ihd.gradcam import ANY, best_slices, draw_montage, draw_overlay, gradcam_heatmaps
 from ihd.index import read_index
 from ihd.inputs import neighbour_rows, stack_hu
 from ihd.io import read_json
 from ihd.labels import SUBTYPES
-from ihd.sequence import load_lstm, predict_series, sequence_inputs, series_set
+from ihd.sequence import load_lstm, predict_series, sequence_inputs, series_bounds, series_set
 from ihd.slices import SliceStore, to_model_hu
 from ihd.windows import parse_recipe
 
@@ -218,11 +220,70 @@ def read_model_hu(index: pd.DataFrame, size: int, non_ct_as_hu: bool = False) ->
     return np.stack(slices) if slices else np.zeros((0, size, size), np.float32), failures
 
 
-def predict_dicom_index(chain: Chain, index: pd.DataFrame, hu: np.ndarray) -> Predictions:
-    """Both models' probabilities for the rows of a DICOM folder's index, from their HU slices in memory."""
-    stacks = stack_hu(hu, neighbour_rows(index, chain.offsets))
-    embeddings, cnn = cnn_outputs(chain, stacks)
+def folder_cnn_outputs(chain: Chain, index: pd.DataFrame, non_ct_as_hu: bool = False, batch_size: int = 64
+                       ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Embeddings (n, D) and probabilities (n, 6) of the readable rows of a DICOM folder's index, in index
+    order, and (path, reason) for each file that could not be read (see `read_model_hu`).
+
+    Reads one series at a time, so memory holds the largest series' images and stacks and one batch;
+    the CNN still sees the batches it would see on the whole folder's stacks at once (`batch_size`
+    consecutive readable rows, across series), which keeps every output bit for bit the same.
+    """
+    starts, lengths = series_bounds(index)
+    pending, embeddings, probabilities, failures = [], [], [], []
+
+    def run(stacks):
+        embedding, probability = chain.extractor.predict_on_batch(stacks)
+        embeddings.append(np.asarray(embedding))
+        probabilities.append(np.asarray(probability))
+
+    with tqdm(total=len(index), desc="cnn", unit="slice", dynamic_ncols=True, disable=len(starts) < 3) as bar:
+        for start, length in zip(starts, lengths):
+            series = index.iloc[start : start + length]
+            hu, failed = read_model_hu(series, chain.image_size, non_ct_as_hu)
+            failures += failed
+            readable = series[~series["path"].isin([path for path, _ in failed])]
+            pending.append(stack_hu(hu, neighbour_rows(readable, chain.offsets)))
+            if sum(map(len, pending)) >= batch_size:
+                stacks = np.concatenate(pending)
+                whole = len(stacks) // batch_size * batch_size
+                for begin in range(0, whole, batch_size):
+                    run(stacks[begin : begin + batch_size])
+                pending = [stacks[whole:]]
+            bar.update(length)
+    if sum(map(len, pending)):
+        run(np.concatenate(pending))
+    dim = int(chain.extractor.outputs[0].shape[-1])
+    return (np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32),
+            np.concatenate(probabilities) if probabilities else np.zeros((0, len(SUBTYPES)), np.float32), failures)
+
+
+def chain_predictions(chain: Chain, index: pd.DataFrame, embeddings: np.ndarray, cnn: np.ndarray) -> Predictions:
+    """Both models' probabilities for the rows of `index` from their CNN outputs (embeddings kept)."""
     return Predictions(index, cnn, lstm_probabilities(chain, embeddings, cnn, index), embeddings)
+
+
+def dicom_hu_reader(index: pd.DataFrame, size: int, non_ct_as_hu: bool = False):
+    """`hu_of_rows` over a DICOM folder's (readable) index: rows -> (n, size, size) HU, read again from the files."""
+    def hu_of_rows(rows):
+        hu, failures = read_model_hu(index.iloc[np.asarray(rows)], size, non_ct_as_hu)
+        if failures:
+            path, reason = failures[0]
+            raise DicomError(path, f"{reason} (it was readable earlier in this run: changed since?)")
+        return hu
+
+    return hu_of_rows
+
+
+def strongest_studies(index: pd.DataFrame, probabilities: np.ndarray, limit: int | None) -> dict[str, np.ndarray]:
+    """Row numbers of each study (in the order studies first appear), keeping only the `limit` studies
+    with the highest `any` probability of any slice (all of them when `limit` is None or 0)."""
+    studies = index.groupby("study_id", sort=False).indices
+    if not limit or limit >= len(studies):
+        return studies
+    highest = {study: float(np.max(probabilities[rows, ANY])) for study, rows in studies.items()}
+    kept = set(sorted(highest, key=lambda study: -highest[study])[:limit])
+    return {study: rows for study, rows in studies.items() if study in kept}
 
 
 def draw_study_pictures(
@@ -232,22 +293,24 @@ def draw_study_pictures(
     out_dir: str | Path,
     per_study: int,
     method: str = "gradcam",
+    max_studies: int | None = None,
 ) -> list[Path]:
-    """For every study, Grad-CAM overlays of the `per_study` slices most likely to bleed, and a montage.
+    """For the `max_studies` studies most likely to bleed (every study when None or 0): Grad-CAM overlays
+    of the `per_study` slices most likely to bleed, computed in one pass per study, and a montage.
 
     `hu_of_rows(rows)` returns the model-size HU slices (len(rows), size, size) of those index rows.
     """
     out_dir = Path(out_dir)
     written = []
-    studies = predictions.index.groupby("study_id", sort=False).indices
+    studies = strongest_studies(predictions.index, predictions.lstm, max_studies)
     for study, rows in tqdm(studies.items(), desc="grad-cam", unit="study", disable=len(studies) < 3):
         rows = np.sort(rows)
         study_index = predictions.index.iloc[rows]
         hu = hu_of_rows(rows)
-        stacks = stack_hu(hu, neighbour_rows(study_index, chain.offsets))
-        heatmaps = {}
-        for slot in best_slices(predictions.lstm[rows], per_study):
-            heatmaps[slot] = gradcam_heatmap(chain.cnn, stacks[slot], method=method)
+        slots = best_slices(predictions.lstm[rows], per_study)
+        stacks = stack_hu(hu, neighbour_rows(study_index, chain.offsets)[slots])
+        heatmaps = dict(zip(slots.tolist(), gradcam_heatmaps(chain.cnn, stacks, method=method)))
+        for slot in slots:
             image_id = study_index["image_id"].iloc[slot]
             written.append(draw_overlay(hu[slot], heatmaps[slot], predictions.lstm[rows[slot]],
                                         out_dir / f"{study}_{image_id}.png", f"{study} {image_id} ({method}, CNN+LSTM)"))
