@@ -16,7 +16,7 @@ untrained (memory does not depend on the weights): EfficientNetB0 at 256x256, pc
   loading its chain: index, read and CNN one series at a time, LSTM, probabilities.csv, Grad-CAM
   pictures of 2 slices for the 50 studies most likely to bleed (the default cap);
 - "whole folder": the route before it, every slice read into one array, stacked, the CNN over all of
-  it, the same table and pictures. It needs about 1 MB a slice at 256x256, so it is measured on
+  it in batches of 64 (the streamed route's are 16), the same table and pictures. It needs about 1 MB a slice at 256x256, so it is measured on
   1,000 and 2,000 slices only and its 10,000-slice figure is the straight line through those two,
   said as such.
 
@@ -60,6 +60,7 @@ REAL = ROOT.parent / "shared" / "data" / "real"
 SOURCES = (REAL / "rsna_series", REAL / "rsna_labeled" / "stage_2_train", REAL / "rsna_normal" / "stage_2_train")
 MEMORY_BAR_BYTES = 2 * 2**30
 WHOLE_FOLDER_SIZES = (1000, 2000)
+BATCH_BEFORE = 64  # slices per CNN call of the route before streaming
 
 
 @dataclass
@@ -129,7 +130,7 @@ def whole_folder_route(settings: predict.Settings, chain) -> Path:
     index = build_index([(settings.dicom_dir, "test")], out_dir, workers=1)
     hu, failures = read_model_hu(index, chain.image_size)
     assert not failures
-    embeddings, cnn = cnn_outputs(chain, stack_hu(hu, neighbour_rows(index, chain.offsets)))
+    embeddings, cnn = cnn_outputs(chain, stack_hu(hu, neighbour_rows(index, chain.offsets)), BATCH_BEFORE)
     predictions = Predictions(index, cnn, lstm_probabilities(chain, embeddings, cnn, index), embeddings)
     table = index[["image_id", "patient_id", "study_id", "series_id", "position", "z", "path"]].copy()
     table[list(SUBTYPES)] = predictions.lstm

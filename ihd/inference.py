@@ -43,6 +43,12 @@ from ihd.slices import SliceStore, to_model_hu
 from ihd.windows import parse_recipe
 
 
+CNN_BATCH = 16
+"""Slices per CNN call at prediction time. On a CPU, EfficientNetB0 at 256x256 holds about 25 MB of
+activations a slice while it runs: a batch of 16 keeps `predict.py --dicom-dir` under 2 GB, where
+the 64 used before took 2.5 GB by themselves (bench/folder.py)."""
+
+
 @dataclass
 class Chain:
     """A trained CNN run with one selection and its LSTM, checked to belong together: the LSTM's
@@ -201,10 +207,13 @@ def predict_test_split(chain: Chain, features: Features) -> Predictions:
     return Predictions(index, cnn, lstm_probabilities(chain, features.embeddings[rows], cnn, index))
 
 
-def cnn_outputs(chain: Chain, stacks: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def cnn_outputs(chain: Chain, stacks: np.ndarray, batch_size: int = CNN_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings (N, D) and probabilities (N, 6) of model inputs (N, size, size, C) in HU."""
     parts = [chain.extractor.predict_on_batch(stacks[begin : begin + batch_size]) for begin in range(0, len(stacks), batch_size)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    if not parts:
+        return (np.zeros((0, int(chain.extractor.outputs[0].shape[-1])), np.float32),
+                np.zeros((0, len(SUBTYPES)), np.float32))
+    return np.concatenate([np.asarray(p[0]) for p in parts]), np.concatenate([np.asarray(p[1]) for p in parts])
 
 
 def read_model_hu(index: pd.DataFrame, size: int, non_ct_as_hu: bool = False) -> tuple[np.ndarray, list[tuple[str, str]]]:
@@ -220,23 +229,17 @@ def read_model_hu(index: pd.DataFrame, size: int, non_ct_as_hu: bool = False) ->
     return np.stack(slices) if slices else np.zeros((0, size, size), np.float32), failures
 
 
-def folder_cnn_outputs(chain: Chain, index: pd.DataFrame, non_ct_as_hu: bool = False, batch_size: int = 64
+def folder_cnn_outputs(chain: Chain, index: pd.DataFrame, non_ct_as_hu: bool = False, batch_size: int = CNN_BATCH
                        ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """Embeddings (n, D) and probabilities (n, 6) of the readable rows of a DICOM folder's index, in index
     order, and (path, reason) for each file that could not be read (see `read_model_hu`).
 
     Reads one series at a time, so memory holds the largest series' images and stacks and one batch;
-    the CNN still sees the batches it would see on the whole folder's stacks at once (`batch_size`
-    consecutive readable rows, across series), which keeps every output bit for bit the same.
+    the CNN still sees the batches `cnn_outputs` would give it on the whole folder's stacks at once
+    (`batch_size` consecutive readable rows, across series).
     """
     starts, lengths = series_bounds(index)
-    pending, embeddings, probabilities, failures = [], [], [], []
-
-    def run(stacks):
-        embedding, probability = chain.extractor.predict_on_batch(stacks)
-        embeddings.append(np.asarray(embedding))
-        probabilities.append(np.asarray(probability))
-
+    pending, outputs, failures = [], [], []
     with tqdm(total=len(index), desc="cnn", unit="slice", dynamic_ncols=True, disable=len(starts) < 3) as bar:
         for start, length in zip(starts, lengths):
             series = index.iloc[start : start + length]
@@ -247,15 +250,11 @@ def folder_cnn_outputs(chain: Chain, index: pd.DataFrame, non_ct_as_hu: bool = F
             if sum(map(len, pending)) >= batch_size:
                 stacks = np.concatenate(pending)
                 whole = len(stacks) // batch_size * batch_size
-                for begin in range(0, whole, batch_size):
-                    run(stacks[begin : begin + batch_size])
+                outputs.append(cnn_outputs(chain, stacks[:whole], batch_size))
                 pending = [stacks[whole:]]
             bar.update(length)
-    if sum(map(len, pending)):
-        run(np.concatenate(pending))
-    dim = int(chain.extractor.outputs[0].shape[-1])
-    return (np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32),
-            np.concatenate(probabilities) if probabilities else np.zeros((0, len(SUBTYPES)), np.float32), failures)
+    outputs.append(cnn_outputs(chain, np.concatenate(pending) if pending else np.zeros((0,)), batch_size))
+    return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs]), failures
 
 
 def chain_predictions(chain: Chain, index: pd.DataFrame, embeddings: np.ndarray, cnn: np.ndarray) -> Predictions:

@@ -240,7 +240,7 @@ def test_the_streamed_folder_route_gives_what_the_whole_folder_in_memory_gave(ch
     hu, failures = real_read(index, IMAGE_SIZE)
     assert not failures
     stacks = stack_hu(hu, neighbour_rows(index, loaded.offsets))
-    for batch_size in (5, 64):  # batches that cut series apart, and the route's own
+    for batch_size in (5, inference.CNN_BATCH):  # batches that cut series apart, and the route's own
         embeddings, cnn = inference.cnn_outputs(loaded, stacks, batch_size)
         streamed_embeddings, streamed_cnn, _ = inference.folder_cnn_outputs(loaded, index, batch_size=batch_size)
         np.testing.assert_array_equal(streamed_embeddings, embeddings)
