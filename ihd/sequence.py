@@ -57,7 +57,8 @@ def sequence_inputs(selected: np.ndarray, probabilities: np.ndarray) -> np.ndarr
     if len(selected) != len(probabilities):
         raise ValueError(f"{len(selected)} rows of selected features but {len(probabilities)} of probabilities")
     exact = np.concatenate([np.asarray(selected, np.float32), np.asarray(probabilities, np.float32)], axis=1)
-    inputs = exact.astype(INPUT_DTYPE)
+    with np.errstate(over="ignore"):  # refused below, by row and column
+        inputs = exact.astype(INPUT_DTYPE)
     if not np.isfinite(inputs).all():
         row, column = np.argwhere(~np.isfinite(inputs))[0]
         raise ValueError(f"row {row}, input {column} is {exact[row, column]}: not a finite {np.dtype(INPUT_DTYPE).name}")
