@@ -148,7 +148,7 @@ def measure(route: str, folder: Path, out: Path, settings: Settings) -> dict:
     chain = untrained_chain(ChainSettings(backbone=settings.backbone, seed=settings.seed))
     options = predict.Settings(run="bench", dicom_dir=str(folder), out=str(out), gradcam=settings.gradcam)
     started = time.perf_counter()
-    csv_path = predict.predict_folder(options, chain) if route == "streamed" else whole_folder_route(options, chain)
+    csv_path = predict.predict_folder(options, [chain]) if route == "streamed" else whole_folder_route(options, chain)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     pictures = len(list(out.glob("*_montage.png")))

@@ -23,6 +23,7 @@ from ihd.cnn import MODEL_FILE, embedding_extractor, load_cnn
 from ihd.dicom import DicomError, read_hu
 from ihd.features import (
     CONFIG_FILE,
+    embed_batch,
     Features,
     Selection,
     extract_features,
@@ -32,6 +33,7 @@ from ihd.features import (
     selection_path,
     selection_slug,
 )
+from ihd.ensemble import read_ensemble
 from ihd.fingerprint import file_sha256, what_changed
 from ihd.gradcam import ANY, best_slices, draw_montage, draw_overlay, gradcam_heatmaps
 from ihd.index import read_index
@@ -61,6 +63,7 @@ class Chain:
     cnn_sha256: str
     selection: Selection
     lstm: keras.Model
+    tta: str = "none"  # the test-time augmentation of the features the selection and the LSTM were fitted on
 
     @property
     def features_fingerprint(self) -> str:
@@ -152,7 +155,40 @@ def load_chain(run: str, selection: str | None = None, models_dir="models", feat
     fitted = load_selection(fitted_path) if fitted_path.exists() else None
     if fitted is None or fitted.inputs is None or not fitted.inputs.items() <= record["inputs"].items():
         raise ChainError(f"{fitted_path} is missing or was fitted on other inputs than {lstm_path}: run {train} first")
-    return Chain(run, selection, cnn, cnn_config, cnn_sha256, fitted, load_lstm(lstm_path))
+    return Chain(run, selection, cnn, cnn_config, cnn_sha256, fitted, load_lstm(lstm_path),
+                 features_config.get("tta", "none"))
+
+
+def load_chains(run: str, selection: str | None = None, models_dir="models", features_dir="features") -> list[Chain]:
+    """The trained chains of ``run``: its one chain, or for a fold ensemble one per member run, all with the
+    same selection (None: the one with the best out-of-fold validation loss).
+
+    Refuses (ChainError) a selection the ensemble's LSTMs were not all trained with, and a member whose
+    LSTM is no longer the one the ensemble was scored with.
+    """
+    ensemble = read_ensemble(models_dir, run)
+    if ensemble is None:
+        return [load_chain(run, selection, models_dir, features_dir)]
+    train = f"train_lstm.py --run {run} --selection {selection or 'pca:120'}"
+    records = {record["selection"]: record for record in
+               (read_json(path) for path in sorted((Path(models_dir) / run).glob("lstm-*.json")))}
+    if not records:
+        raise ChainError(f"no LSTM of the fold ensemble {run} was trained: run {train} first")
+    if selection is None:
+        selection = min(records.values(), key=lambda r: r["validation"]["weighted_log_loss"])["selection"]
+    if selection not in records:
+        raise ChainError(f"the fold ensemble {run} has no LSTMs of selection {selection} "
+                         f"(it has {', '.join(sorted(records))}): run {train} first")
+    scored = records[selection]["members"]
+    chains = []
+    for member in ensemble["members"]:
+        chain = load_chain(member, selection, models_dir, features_dir)
+        member_record = read_json(Path(models_dir) / member / f"lstm-{chain.slug}.json")
+        if member not in scored or scored[member]["model_sha256"] != member_record["model_sha256"]:
+            raise ChainError(f"the LSTM of {member} ({selection}) is not the one the ensemble {run} was scored with: "
+                             f"run train_lstm.py --run {run} --selection {selection}")
+        chains.append(chain)
+    return chains
 
 
 def chain_inputs(chain: Chain, embeddings: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
@@ -175,7 +211,7 @@ def cached_test_features(chain: Chain, data_dir="data", features_dir="features",
     dataset_dir = Path(data_dir) / chain.cnn_config["dataset"]
     index = read_index(dataset_dir)
     extract_features(chain.cnn, chain.cnn_config, chain.cnn_sha256, index, dataset_dir / "index.parquet",
-                     SliceStore(dataset_dir / "slices"), run_dir)
+                     SliceStore(dataset_dir / "slices"), run_dir, tta=chain.tta)
     features = load_features(run_dir)
     if features.fingerprint != chain.features_fingerprint:
         _, train = _commands(chain.run, chain.selection_name, chain.cnn_config, models_dir, features_dir)
@@ -199,6 +235,17 @@ class Predictions:
         return pd.DataFrame(values, index=pd.Index(self.index["image_id"], name="image_id"), columns=list(SUBTYPES))
 
 
+def average_predictions(parts: list[Predictions]) -> Predictions:
+    """The members' probabilities averaged, row by row (every part must cover the same rows in the same order)."""
+    first = parts[0]
+    for part in parts[1:]:
+        if not np.array_equal(part.index["image_id"].to_numpy(), first.index["image_id"].to_numpy()):
+            raise ValueError("ensemble members predicted different images: they must share one index")
+    if len(parts) == 1:
+        return first
+    return Predictions(first.index, np.mean([p.cnn for p in parts], axis=0), np.mean([p.lstm for p in parts], axis=0))
+
+
 def predict_test_split(chain: Chain, features: Features) -> Predictions:
     """Both models' probabilities for every test row of a prepared dataset, from cached CNN outputs."""
     rows = np.flatnonzero(features.index["split"].to_numpy() == "test")
@@ -209,7 +256,8 @@ def predict_test_split(chain: Chain, features: Features) -> Predictions:
 
 def cnn_outputs(chain: Chain, stacks: np.ndarray, batch_size: int = CNN_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings (N, D) and probabilities (N, 6) of model inputs (N, size, size, C) in HU."""
-    parts = [chain.extractor.predict_on_batch(stacks[begin : begin + batch_size]) for begin in range(0, len(stacks), batch_size)]
+    parts = [embed_batch(chain.extractor, stacks[begin : begin + batch_size], chain.tta)
+             for begin in range(0, len(stacks), batch_size)]
     if not parts:
         return (np.zeros((0, int(chain.extractor.outputs[0].shape[-1])), np.float32),
                 np.zeros((0, len(SUBTYPES)), np.float32))
@@ -229,32 +277,40 @@ def read_model_hu(index: pd.DataFrame, size: int, non_ct_as_hu: bool = False) ->
     return np.stack(slices) if slices else np.zeros((0, size, size), np.float32), failures
 
 
-def folder_cnn_outputs(chain: Chain, index: pd.DataFrame, non_ct_as_hu: bool = False, batch_size: int = CNN_BATCH
-                       ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-    """Embeddings (n, D) and probabilities (n, 6) of the readable rows of a DICOM folder's index, in index
-    order, and (path, reason) for each file that could not be read (see `read_model_hu`).
+def folder_cnn_outputs(chains: list[Chain], index: pd.DataFrame, non_ct_as_hu: bool = False,
+                       batch_size: int = CNN_BATCH) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[str, str]]]:
+    """Per chain (the members of a fold ensemble, or one), embeddings (n, D) and probabilities (n, 6) of
+    the readable rows of a DICOM folder's index, in index order; and (path, reason) for each file that
+    could not be read (see `read_model_hu`).
 
-    Reads one series at a time, so memory holds the largest series' images and stacks and one batch;
-    the CNN still sees the batches `cnn_outputs` would give it on the whole folder's stacks at once
-    (`batch_size` consecutive readable rows, across series).
+    Reads the folder once, one series at a time, so memory holds the largest series' images and stacks
+    and one batch; each CNN still sees the batches `cnn_outputs` would give it on the whole folder's
+    stacks at once (`batch_size` consecutive readable rows, across series).
     """
+    if len({(chain.image_size, chain.offsets) for chain in chains}) > 1:
+        raise ValueError("the chains read slices at different sizes or channel offsets: predict with each alone")
     starts, lengths = series_bounds(index)
-    pending, outputs, failures = [], [], []
+    pending, outputs, failures = [], [[] for _ in chains], []
+
+    def run(stacks):
+        for chain, parts in zip(chains, outputs):
+            parts.append(cnn_outputs(chain, stacks, batch_size))
+
     with tqdm(total=len(index), desc="cnn", unit="slice", dynamic_ncols=True, disable=len(starts) < 3) as bar:
         for start, length in zip(starts, lengths):
             series = index.iloc[start : start + length]
-            hu, failed = read_model_hu(series, chain.image_size, non_ct_as_hu)
+            hu, failed = read_model_hu(series, chains[0].image_size, non_ct_as_hu)
             failures += failed
             readable = series[~series["path"].isin([path for path, _ in failed])]
-            pending.append(stack_hu(hu, neighbour_rows(readable, chain.offsets)))
+            pending.append(stack_hu(hu, neighbour_rows(readable, chains[0].offsets)))
             if sum(map(len, pending)) >= batch_size:
                 stacks = np.concatenate(pending)
                 whole = len(stacks) // batch_size * batch_size
-                outputs.append(cnn_outputs(chain, stacks[:whole], batch_size))
+                run(stacks[:whole])
                 pending = [stacks[whole:]]
             bar.update(length)
-    outputs.append(cnn_outputs(chain, np.concatenate(pending) if pending else np.zeros((0,)), batch_size))
-    return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs]), failures
+    run(np.concatenate(pending) if pending else np.zeros((0,)))
+    return [(np.concatenate([o[0] for o in parts]), np.concatenate([o[1] for o in parts])) for parts in outputs], failures
 
 
 def chain_predictions(chain: Chain, index: pd.DataFrame, embeddings: np.ndarray, cnn: np.ndarray) -> Predictions:

@@ -215,6 +215,10 @@ def test_dicom_folder_scored_against_labels_reports_unlabeled_images(chain, tmp_
 
 
 def test_the_streamed_folder_route_gives_what_the_whole_folder_in_memory_gave(chain, tmp_path, monkeypatch):
+    import dataclasses
+
+    import keras
+
     import ihd.inference as inference
     from ihd.index import read_index
     from ihd.inputs import neighbour_rows, stack_hu
@@ -242,9 +246,17 @@ def test_the_streamed_folder_route_gives_what_the_whole_folder_in_memory_gave(ch
     stacks = stack_hu(hu, neighbour_rows(index, loaded.offsets))
     for batch_size in (5, inference.CNN_BATCH):  # batches that cut series apart, and the route's own
         embeddings, cnn = inference.cnn_outputs(loaded, stacks, batch_size)
-        streamed_embeddings, streamed_cnn, _ = inference.folder_cnn_outputs(loaded, index, batch_size=batch_size)
+        [(streamed_embeddings, streamed_cnn)], _ = inference.folder_cnn_outputs([loaded], index, batch_size=batch_size)
         np.testing.assert_array_equal(streamed_embeddings, embeddings)
         np.testing.assert_array_equal(streamed_cnn, cnn)
+    other_cnn = keras.models.clone_model(loaded.cnn)
+    other_cnn.set_weights([weights * 1.1 for weights in loaded.cnn.get_weights()])
+    other = dataclasses.replace(loaded, cnn=other_cnn)
+    members, _ = inference.folder_cnn_outputs([loaded, other], index)  # a fold ensemble reads the folder once
+    [(other_embeddings, _)], _ = inference.folder_cnn_outputs([other], index)
+    np.testing.assert_array_equal(members[0][0], embeddings)
+    np.testing.assert_array_equal(members[1][0], other_embeddings)
+    assert not np.allclose(other_embeddings, embeddings)
     lstm = inference.lstm_probabilities(loaded, embeddings, cnn, index)
     table = pd.read_csv(csv_path)
     assert table["image_id"].tolist() == index["image_id"].tolist()
