@@ -5,9 +5,9 @@ Each slice contributes its selected CNN embedding features followed by the CNN's
 `ihd.series_inputs` writes once per selection for training, or the arrays computed in memory at
 prediction time. The index keeps each series as one contiguous block of rows sorted by position, so a
 series is a (start, length) pair into the rows (an array, or a `ihd.row_files.RowFile` read by row
-ranges) and nothing is read per series until a batch is assembled. Batches hold many series of similar length (sorted by length,
-then cut into groups), each padded only to its own longest series with `PAD_VALUE`, which the
-model's `Masking` layer hides from the LSTM, the outputs and the loss.
+ranges) and nothing is read per series until a batch is assembled. Batches hold many series of
+similar length (sorted by length, then cut into groups), each padded only to its own longest series
+with `PAD_VALUE`, which the model's `Masking` layer hides from the LSTM, the outputs and the loss.
 """
 from __future__ import annotations
 
