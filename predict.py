@@ -30,7 +30,7 @@ LSTM read at study level beside it; a DICOM folder's studies are scored the same
 every study called hemorrhage as one montage.
 Pictures: --gradcam N draws them for the --gradcam-studies studies (default 50) most likely to bleed
 (highest `any` of a slice, or study probability in study mode); --gradcam-studies 0 draws every study,
-which on a whole test set takes hours on a CPU (BENCHMARKS.md, "Grad-CAM on a whole test set").
+which takes an hour for the real test set on a CPU (BENCHMARKS.md, "Grad-CAM on a whole test set").
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ class Settings:
     out: str | None = None  # output folder of the DICOM route; None: submissions/<run>-<slug>-<folder name>
     gradcam: int = 0  # Grad-CAM overlays for this many slices per study (highest `any` first), plus a montage
     gradcam_method: str = "gradcam"  # gradcam or gradcam++ (sharper when a bleed has several parts)
-    gradcam_studies: int = 50  # pictures for this many studies, the likeliest to bleed: about 2 s each on a CPU; 0: all
+    gradcam_studies: int = 50  # pictures for this many studies, the likeliest to bleed: about 1 s each on a CPU; 0: all
     segment: str = ""  # DICOM route: a train_seg.py run in models/; masks (PNG, NIfTI, DICOM SEG) and bleeds.csv
     sample: str | None = None  # sample submission; None: data/<dataset>/raw/stage_2_sample_submission.csv
     truth: str | None = None  # test labels for the scores report; None: the dataset's raw/truth/ file if present
