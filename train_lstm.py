@@ -53,10 +53,11 @@ from ihd.presets import apply_preset, stage_values
 from ihd.sequence import (
     HEADS,
     INPUT_DTYPE,
+    STANDARDIZATIONS,
     build_lstm,
     compile_lstm,
     fit_lstm,
-    input_moments,
+    standardizing_moments,
     load_lstm,
     predict_series,
     series_set,
@@ -82,7 +83,7 @@ class Settings:
     units: int = 256  # per direction, the paper's width
     dropout: float = 0.5  # after every LSTM layer: a fold's few series are easily overfit
     head: str = "residual"  # learn a change to the CNN's logits (starts from its answer); paper: the paper's head
-    standardize: bool = True  # inputs standardised by their training moments
+    standardize: str = "per-feature"  # inputs standardised by their training moments; shared / none (ihd.sequence)
     neighbour_differences: bool = False  # each slice's inputs joined by their differences to its neighbours'
     loss: str = "weighted"  # cross-entropy weighted like the metric; bce: the six labels alike
     clipnorm: float = 1.0  # gradients clipped at this norm; 0: not clipped
@@ -119,7 +120,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--learning-rate", type=positive_float, default=defaults.learning_rate)
     parser.add_argument("--clipnorm", type=non_negative_float, default=defaults.clipnorm)
     parser.add_argument("--head", choices=HEADS, default=defaults.head)
-    parser.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=defaults.standardize)
+    parser.add_argument("--standardize", choices=STANDARDIZATIONS, default=defaults.standardize)
     parser.add_argument("--neighbour-differences", action=argparse.BooleanOptionalAction,
                         default=defaults.neighbour_differences)
     parser.add_argument("--loss", choices=tuple(LOSSES), default=defaults.loss)
@@ -209,7 +210,7 @@ def train_selection(settings: Settings, features, selection: str) -> dict:
 
     keras.utils.set_random_seed(settings.seed)  # before the weights are drawn: the same command, the same model
     model = build_lstm(inputs_per_slice.shape[1], settings.layers, settings.units, settings.dropout,
-                       input_moments(train) if settings.standardize else None, head=settings.head,
+                       standardizing_moments(train, settings.standardize), head=settings.head,
                        neighbour_differences=settings.neighbour_differences)
     compile_lstm(model, settings.learning_rate, loss=settings.loss, clipnorm=settings.clipnorm)
     record_path.unlink(missing_ok=True)  # an earlier record must not outlive the model it describes

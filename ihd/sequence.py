@@ -202,6 +202,29 @@ class CnnProbabilities(keras.layers.Layer):
         return (*input_shape[:-1], len(SUBTYPES))
 
 
+STANDARDIZATIONS = ("per-feature", "shared", "none")
+
+
+def standardizing_moments(data: SeriesSet, how: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The mean and variance the model standardises its inputs with (None: inputs as they come).
+
+    ``per-feature``: every input by its own mean and variance over the set's rows. ``shared``: every
+    input by its own mean, and the selected features (all inputs but the last six, the CNN's
+    probabilities) by one variance, their mean variance: their relative scales stay, so PCA
+    components keep their spectrum instead of being whitened, while the probabilities get their own.
+    """
+    if how == "none":
+        return None
+    if how not in STANDARDIZATIONS:
+        raise ValueError(f"unknown standardisation {how!r}: use {', '.join(STANDARDIZATIONS)}")
+    mean, variance = input_moments(data)
+    if how == "shared":
+        features = slice(0, len(variance) - len(SUBTYPES))
+        variance = variance.copy()
+        variance[features] = variance[features].mean()
+    return mean, variance
+
+
 @keras.saving.register_keras_serializable(package="ihd")
 class NeighbourDifferences(keras.layers.Layer):
     """Each step's features, then their differences to the previous and to the next step of its series.

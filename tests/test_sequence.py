@@ -22,6 +22,7 @@ from ihd.sequence import (
     sequence_inputs,
     series_bounds,
     series_set,
+    standardizing_moments,
 )
 
 
@@ -217,3 +218,19 @@ def test_the_papers_head_reads_the_lstm_output_beside_the_raw_cnn_probabilities(
     dense.set_weights([kernel, np.zeros(6, np.float32)])
     predicted = predict_series(model, data)
     np.testing.assert_allclose(predicted, 1 / (1 + np.exp(-data.inputs[:, -6:])), atol=1e-5)
+
+
+def test_shared_standardisation_keeps_the_features_relative_scales():
+    index = _index([3, 3])
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(6, 3)) * [10.0, 1.0, 0.1]  # a PCA-like spectrum
+    data = series_set(sequence_inputs(features, rng.uniform(0.01, 0.99, (6, 6))), index, np.ones(6, bool))
+    mean, variance = standardizing_moments(data, "per-feature")
+    np.testing.assert_allclose(variance, data.inputs.var(axis=0), rtol=1e-5)
+    shared_mean, shared = standardizing_moments(data, "shared")
+    np.testing.assert_allclose(shared_mean, mean)
+    np.testing.assert_allclose(shared[:3], variance[:3].mean(), rtol=1e-6)
+    np.testing.assert_allclose(shared[3:], variance[3:], rtol=1e-6), "the probabilities keep their own"
+    assert standardizing_moments(data, "none") is None
+    with pytest.raises(ValueError, match="unknown standardisation 'whiten'"):
+        standardizing_moments(data, "whiten")
