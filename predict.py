@@ -172,7 +172,7 @@ def predict_dataset(settings: Settings, chains: list[Chain]) -> Path:
         out_dir = Path(settings.submissions_dir) / f"{settings.run}-gradcam"
         store = SliceStore(dataset_dir / "slices")
         reader = store_hu_reader(predictions.index, store, chain.image_size)
-        pictures = draw_study_pictures(chain, predictions, reader, out_dir, settings.gradcam, settings.gradcam_method,
+        pictures = draw_study_pictures(chains, predictions, reader, out_dir, settings.gradcam, settings.gradcam_method,
                                        settings.gradcam_studies)
         write_json(out_dir / "config.json", {"selection": chain.selection_name, "settings": settings})
         print(f"grad-cam: {len(pictures)} pictures in {out_dir}{studies_left_out(settings, predictions.index)}")
@@ -273,7 +273,7 @@ def predict_folder(settings: Settings, chains: list[Chain], study: StudyModel | 
     if study is not None:
         write_folder_studies(settings, chain, study, predictions, hu_of_rows, out_dir)
     elif settings.gradcam > 0:
-        pictures = draw_study_pictures(chain, predictions, hu_of_rows, out_dir, settings.gradcam,
+        pictures = draw_study_pictures(chains, predictions, hu_of_rows, out_dir, settings.gradcam,
                                        settings.gradcam_method, settings.gradcam_studies)
         print(f"grad-cam: {len(pictures)} pictures in {out_dir}{studies_left_out(settings, index)}")
     if settings.segment:

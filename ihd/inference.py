@@ -342,7 +342,7 @@ def strongest_studies(index: pd.DataFrame, probabilities: np.ndarray, limit: int
 
 
 def draw_study_pictures(
-    chain: Chain,
+    chains: Chain | list[Chain],
     predictions: Predictions,
     hu_of_rows,
     out_dir: str | Path,
@@ -351,10 +351,16 @@ def draw_study_pictures(
     max_studies: int | None = None,
 ) -> list[Path]:
     """For the `max_studies` studies most likely to bleed (every study when None or 0): Grad-CAM overlays
-    of the `per_study` slices most likely to bleed, computed in one pass per study, and a montage.
+    of the `per_study` slices most likely to bleed, computed in one pass per study, and a montage. A fold
+    ensemble's pictures show the mean of its members' heatmaps (each normalised to [0, 1] first).
 
     `hu_of_rows(rows)` returns the model-size HU slices (len(rows), size, size) of those index rows.
     """
+    chains = [chains] if isinstance(chains, Chain) else list(chains)
+    offsets = chains[0].offsets
+    if any(chain.offsets != offsets for chain in chains):
+        raise ValueError("the ensemble's CNNs read different channel recipes: their Grad-CAM cannot be averaged")
+    source = method if len(chains) == 1 else f"{method}, mean of {len(chains)} CNNs"
     out_dir = Path(out_dir)
     written = []
     studies = strongest_studies(predictions.index, predictions.lstm, max_studies)
@@ -363,12 +369,13 @@ def draw_study_pictures(
         study_index = predictions.index.iloc[rows]
         hu = hu_of_rows(rows)
         slots = best_slices(predictions.lstm[rows], per_study)
-        stacks = stack_hu(hu, neighbour_rows(study_index, chain.offsets)[slots])
-        heatmaps = dict(zip(slots.tolist(), gradcam_heatmaps(chain.cnn, stacks, method=method)))
+        stacks = stack_hu(hu, neighbour_rows(study_index, offsets)[slots])
+        mean = np.mean([gradcam_heatmaps(chain.cnn, stacks, method=method) for chain in chains], axis=0)
+        heatmaps = dict(zip(slots.tolist(), mean))
         for slot in slots:
             image_id = study_index["image_id"].iloc[slot]
             written.append(draw_overlay(hu[slot], heatmaps[slot], predictions.lstm[rows[slot]],
-                                        out_dir / f"{study}_{image_id}.png", f"{study} {image_id} ({method}, CNN+LSTM)"))
+                                        out_dir / f"{study}_{image_id}.png", f"{study} {image_id} ({source}, CNN+LSTM)"))
         written.append(draw_montage(list(hu), predictions.lstm[rows], out_dir / f"{study}_montage.png", heatmaps,
                                     f"{study}: {len(rows)} slices, any probability (CNN+LSTM)"))
     return written
