@@ -15,13 +15,18 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo paper test bench
 
-$(VENV)/.installed: requirements.txt requirements-base.txt requirements-gpu.txt
+# One stamp per requirements file: switching REQUIREMENTS (CPU to GPU) builds the environment afresh
+# instead of keeping the other TensorFlow build.
+STAMP := $(VENV)/.installed-$(basename $(notdir $(REQUIREMENTS)))
+
+$(STAMP): $(REQUIREMENTS) requirements-base.txt
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r $(REQUIREMENTS)
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(STAMP)
 
 demo: setup
 	$(BIN)/python demo.py
