@@ -87,10 +87,10 @@ def baseline_dataset(index, store, rows, image_size: int, batch_size: int, seed:
 
     reader = StackReader(index, store, RECIPES["windows"], image_size)
     data = tf.data.Dataset.from_tensor_slices(rows).shuffle(len(rows), seed=seed).repeat()
-    data = tf.data.Dataset.zip(data, tf.data.Dataset.random(seed=seed))
+    data = reader.read_batches(tf.data.Dataset.zip(data, tf.data.Dataset.random(seed=seed)))
 
-    def read(row, element_seed):
-        stack = reader(row)
+    def read(row, element_seed, pngs):
+        stack = reader.expand(reader.decode_sources(pngs))
         out = tf.numpy_function(augment, [stack, element_seed], tf.float32, stateful=False)
         return tf.ensure_shape(out, stack.shape), tf.zeros(6)
 

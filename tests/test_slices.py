@@ -9,7 +9,8 @@ import pytest
 from ihd.dicom import read_hu
 from ihd.io import write_json
 from ihd.slices import (
-    CONFIG_FILE, DamagedSliceError, SliceStore, encode_png, read_manifest, to_model_hu, write_manifest, write_slices,
+    CONFIG_FILE, DamagedSliceError, SliceStore, encode_png, encode_uint16_png, read_manifest, tf_decode_hu, to_model_hu,
+    write_manifest, write_slices,
 )
 
 SIZE = 64
@@ -131,8 +132,9 @@ def test_damaged_pack_is_refused_on_read_and_rewritten_on_resume(real_data, tmp_
 
     with pytest.raises(DamagedSliceError, match=f"{pack.name}: slice {index['image_id'][2]}.*{expected_reason}"):
         store.read_hu(index["image_id"][2])
-    data_set = tf.data.Dataset.from_tensor_slices(store.slots(index["image_id"][2:3])).map(store.tf_read_hu)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=f"{pack.name}.*{expected_reason}"):
+    data_set = tf.data.Dataset.from_tensor_slices(store.slots(index["image_id"][2:4])).batch(2).map(store.tf_read_pngs)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=f"{pack.name}: slice {index['image_id'][2]}.*{expected_reason}"):
         list(data_set)
 
     assert write_slices(index, tmp_path, size=SIZE, workers=1) == []
@@ -168,22 +170,36 @@ def test_other_size_or_layout_in_same_store_refused(real_data, tmp_path):
         write_slices(index, tmp_path, size=SIZE, workers=1)
 
 
-def test_tf_read_hu_matches_store(real_data, tmp_path):
+def test_tf_read_pngs_reads_a_batch_that_decodes_as_the_store_does(real_data, tmp_path):
     tf = pytest.importorskip("tensorflow")
     index = series_index(real_data, 3)
     write_slices(index, tmp_path, size=SIZE, workers=1)
     store = SliceStore(tmp_path)
     slots = store.slots(index["image_id"][::-1])
-    stacked = np.stack(list(tf.data.Dataset.from_tensor_slices(slots).map(store.tf_read_hu).as_numpy_iterator()))
+    batches = tf.data.Dataset.from_tensor_slices(slots).batch(2).map(store.tf_read_pngs).unbatch()
+    stacked = np.stack(list(batches.map(lambda png: tf_decode_hu(png, SIZE)).as_numpy_iterator()))
     assert stacked.dtype == np.float32 and stacked.shape == (3, SIZE, SIZE)
     assert np.array_equal(stacked, np.stack([store.read_hu(i) for i in index["image_id"][::-1]]))
     assert not np.array_equal(stacked[0], stacked[1])
+    grid = store.tf_read_pngs(tf.constant(slots[[[0, 1], [2, 0]]]))
+    assert grid.shape == (2, 2) and grid[1, 1].numpy() == grid[0, 0].numpy() == store.read_png(slots[0])
+
+
+def test_tensorflows_png_decoder_refuses_a_chunk_whose_crc_does_not_match():
+    """TensorFlow keeps libpng's default for critical chunks: a CRC-32 mismatch is an error, never a
+    picture of zeros. Its message names no pack or image, hence the store's own check before it."""
+    tf = pytest.importorskip("tensorflow")
+    image = np.random.default_rng(0).integers(0, 4096, size=(16, 16), dtype=np.uint16)
+    png = bytearray(encode_uint16_png(image))
+    np.testing.assert_array_equal(tf.io.decode_png(bytes(png), dtype=tf.uint16).numpy()[..., 0], image)
+    idat = png.index(b"IDAT")
+    png[idat + 10] ^= 0x01  # one bit of the compressed pixels; the chunk's CRC no longer matches
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        tf.io.decode_png(bytes(png), dtype=tf.uint16)
 
 
 def test_png_encoder_round_trips_exactly_through_opencv_and_tensorflow():
     import tensorflow as tf
-
-    from ihd.slices import encode_uint16_png
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 65536, size=(37, 53), dtype=np.uint16)
