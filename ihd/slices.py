@@ -6,7 +6,7 @@ Layout of a store folder::
     slices/manifest.parquet                      image_id, pack, offset, length, crc32: one row a slice
     slices/<id[3:5]>/<first image id>.<tag>.pack  the slices of one series, back to back
 
-Every slice is a 16-bit grayscale PNG, pixel = round(HU) + 1024: the store is window-agnostic
+Every slice is a 16-bit grayscale PNG, pixel = round(HU) + 1024 (halves up): the store is window-agnostic
 and keeps Hounsfield units to the unit (rounding), so windows and channel recipes stay a choice
 made at training time. A pack holds the PNGs of one series (at most ``MAX_PACK_SLICES``), so the
 challenge's 874,035 slices make about 25,000 files instead of 874,035: creating, renaming and
@@ -52,7 +52,8 @@ import numpy as np
 import pandas as pd
 from isal import isal_zlib
 
-from ihd.dicom import DicomError, read_hu
+from ihd.dicom import DicomError, read_hu, read_hu_at, read_offset_hu_at
+from ihd.index import pixel_reading
 from ihd.io import atomic_path, is_temporary, read_json, write_json
 from ihd.parallel import parallel_map
 
@@ -108,12 +109,28 @@ def encode_uint16_png(image: np.ndarray) -> bytes:
     ))
 
 
-def encode_png(hu: np.ndarray) -> bytes:
-    """HU (float) -> bytes of a 16-bit PNG of clip(round(HU) + 1024, 0, 65535)."""
-    stored = np.rint(hu)
+def stored_values(hu: np.ndarray) -> np.ndarray:
+    """HU (float) -> the store's uint16 pixels: clip(floor(HU + 0.5) + 1024, 0, 65535), halves up."""
+    stored = np.floor(hu + np.float32(0.5))
     stored += HU_OFFSET
     np.clip(stored, 0, np.iinfo(np.uint16).max, out=stored)
-    return encode_uint16_png(stored.astype(np.uint16))
+    return stored.astype(np.uint16)
+
+
+def encode_png(hu: np.ndarray) -> bytes:
+    """HU (float) -> bytes of a 16-bit PNG of ``stored_values(hu)``."""
+    return encode_uint16_png(stored_values(hu))
+
+
+def stored_values_of_offset_hu(offset_hu: np.ndarray, size: int) -> np.ndarray | None:
+    """``stored_values(to_model_hu(hu, size))`` from whole-number ``hu + 1024`` held in uint16, for a
+    side of ``size`` or twice that: OpenCV's INTER_AREA on uint16 adds each 2x2 block and rounds the
+    sum's quarter halves up, the float path's values in a third of the time. None for other sides."""
+    if offset_hu.shape == (size, size):
+        return offset_hu
+    if offset_hu.shape != (2 * size, 2 * size):
+        return None
+    return cv2.resize(offset_hu, (size, size), interpolation=cv2.INTER_AREA)
 
 
 def decode_png(png: bytes, where: str) -> np.ndarray:
@@ -251,7 +268,7 @@ def store_config(size: int) -> dict:
     return {
         "size": size,
         "hu_offset": HU_OFFSET,
-        "format": "16-bit grayscale PNG, pixel = clip(round(HU) + hu_offset, 0, 65535)",
+        "format": "16-bit grayscale PNG, pixel = clip(floor(HU + 0.5) + hu_offset, 0, 65535)",
         "resize": "cv2.INTER_AREA",
         "layout": LAYOUT,
         "png": f"up filter, ISA-L deflate level {DEFLATE_LEVEL}",
@@ -320,34 +337,48 @@ def verified_manifest(root: Path, workers: int | None = None) -> pd.DataFrame:
     return manifest
 
 
-def pack_groups(todo: pd.DataFrame) -> list[list[tuple[str, str]]]:
-    """The (image_id, path) items of ``todo``, one list a pack: by series (column ``series_id`` when
-    present, else in row order), at most ``MAX_PACK_SLICES`` each."""
-    series = todo["series_id"] if "series_id" in todo.columns else pd.Series(0, index=todo.index)
+def pack_groups(todo: pd.DataFrame) -> list[list[tuple[str, str, tuple | None]]]:
+    """The (image_id, path, pixel reading) items of ``todo``, one list a pack: by series (column
+    ``series_id`` when present, else in row order), at most ``MAX_PACK_SLICES`` each. The pixel
+    reading (``ihd.index.pixel_reading``) comes from the columns of ``ihd.index.pixel_readings`` when
+    ``todo`` has them; it is None otherwise, and the file is then parsed again (``read_hu``)."""
+    series = todo["series_id"].to_numpy() if "series_id" in todo.columns else np.zeros(len(todo))
+    if "pixel_offset" in todo.columns:
+        readings = [pixel_reading(row) for row in todo.to_dict("records")]
+    else:
+        readings = [None] * len(todo)
+    items = list(zip(todo["image_id"].astype(str), todo["path"].astype(str), readings))
     groups = []
-    for _, rows in todo.groupby(series.to_numpy(), sort=False):
-        items = list(zip(rows["image_id"].astype(str), rows["path"].astype(str)))
-        groups += [items[start:start + MAX_PACK_SLICES] for start in range(0, len(items), MAX_PACK_SLICES)]
+    for rows in pd.Series(np.arange(len(todo))).groupby(series, sort=False).indices.values():
+        members = [items[row] for row in rows]
+        groups += [members[start:start + MAX_PACK_SLICES] for start in range(0, len(members), MAX_PACK_SLICES)]
     return groups
 
 
-def write_pack(items: list[tuple[str, str]], root: str, size: int,
+def write_pack(items: list[tuple[str, str, tuple | None]], root: str, size: int,
                non_ct_as_hu: bool = False) -> tuple[list[tuple], list[tuple[str, str]]]:
-    """Read the DICOM files of one pack and store their slices in one new pack file
-    (``non_ct_as_hu``: see ``ihd.dicom.read_hu``).
+    """Read the DICOM files of one pack and store their slices in one new pack file (``non_ct_as_hu``:
+    see ``ihd.dicom.read_hu``). A file with a pixel reading from the header pass is read with one
+    ``pread`` and no second parse while it is unchanged (``ihd.dicom.read_offset_hu_at``, whole HU
+    resized in uint16, or ``ihd.dicom.read_hu_at``).
 
     Returns (manifest rows of the stored slices, (path, reason) of each unreadable file).
     """
     pack = f"{shard_name(items[0][0])}/{items[0][0]}.{secrets.token_hex(4)}{PACK_SUFFIX}"
     rows, pngs, failures = [], [], []
     offset = 0
-    for image_id, dicom_path in items:
+    for image_id, dicom_path, reading in items:
         try:
-            hu = read_hu(dicom_path, non_ct_as_hu)
+            offset_hu = None if reading is None else read_offset_hu_at(dicom_path, *reading, offset=HU_OFFSET)
+            stored = None if offset_hu is None else stored_values_of_offset_hu(offset_hu, size)
+            if stored is None:
+                hu = read_hu(dicom_path, non_ct_as_hu) if reading is None else read_hu_at(dicom_path, *reading,
+                                                                                           non_ct_as_hu=non_ct_as_hu)
+                stored = stored_values(to_model_hu(hu, size))
         except DicomError as error:
             failures.append((dicom_path, error.reason))
             continue
-        png = encode_png(to_model_hu(hu, size))
+        png = encode_uint16_png(stored)
         rows.append((image_id, pack, offset, len(png), isal_zlib.crc32(png)))
         pngs.append(png)
         offset += len(png)
@@ -359,13 +390,16 @@ def write_pack(items: list[tuple[str, str]], root: str, size: int,
 
 
 def write_slices(
-    index: pd.DataFrame, root: str | Path, size: int = 256, workers: int | None = None, non_ct_as_hu: bool = False
+    index: pd.DataFrame, root: str | Path, size: int = 256, workers: int | None = None, non_ct_as_hu: bool = False,
+    readings: pd.DataFrame | None = None,
 ) -> list[tuple[str, str]]:
     """Store every slice of ``index`` (columns image_id, path; series_id groups packs) that the store
     lacks, or holds damaged.
 
     Returns (path, reason) for each DICOM file that could not be read; the others are written.
-    ``non_ct_as_hu`` reads modalities other than CT as HU (``ihd.dicom.read_hu``).
+    ``non_ct_as_hu`` reads modalities other than CT as HU (``ihd.dicom.read_hu``). ``readings``
+    (``ihd.index.pixel_readings``: by path, where the header pass found each file's pixel words)
+    spares a second parse of every file it lists.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -373,6 +407,8 @@ def write_slices(
     manifest = verified_manifest(root, workers)
     wanted = index.drop_duplicates("image_id")
     todo = wanted[~wanted["image_id"].astype(str).isin(set(manifest["image_id"]))]
+    if readings is not None:
+        todo = todo.merge(readings.drop_duplicates("path"), on="path", how="left", suffixes=("", "_header"))
     print(f"slice store {root}: {len(wanted) - len(todo)} of {len(wanted)} slices present, writing {len(todo)}")
     writer = functools.partial(write_pack, root=str(root), size=size, non_ct_as_hu=non_ct_as_hu)
     parts, new_rows, failures = [manifest], [], []

@@ -53,16 +53,56 @@ def test_round_trip_within_one_hu_one_pack_per_series(real_data, tmp_path):
         store.slots(pd.Series(["ID_notstored", index["image_id"][0]], index=[7, 0]))
 
 
+def test_pixel_readings_from_the_header_pass_store_the_same_slices_without_a_second_parse(real_data, tmp_path,
+                                                                                          monkeypatch):
+    import ihd.slices as slices
+    from ihd.index import header_row, pixel_readings
+
+    index = series_index(real_data, 4)
+    assert write_slices(index, tmp_path / "parsed", size=SIZE, workers=1) == []
+    headers = pd.DataFrame([header_row((path, "train", str(real_data))) for path in index["path"]])
+    headers.to_parquet(tmp_path / "headers.parquet")
+    readings = pixel_readings(tmp_path)
+    assert len(readings) == 4 and (readings["pixel_offset"] > 0).all()
+    monkeypatch.setattr(slices, "read_hu", lambda path, *args: pytest.fail(f"{path} parsed a second time"))
+    assert write_slices(index, tmp_path / "read", size=SIZE, workers=1, readings=readings) == []
+    parsed, read = SliceStore(tmp_path / "parsed"), SliceStore(tmp_path / "read")
+    for image_id in index["image_id"]:
+        np.testing.assert_array_equal(read.read_hu(image_id), parsed.read_hu(image_id))
+
+
 def test_to_model_hu_is_area_mean():
     hu = np.arange(16, dtype=np.float32).reshape(4, 4)
     assert np.array_equal(to_model_hu(hu, 2), [[2.5, 4.5], [10.5, 12.5]])
     assert np.array_equal(to_model_hu(hu, 4), hu)
 
 
+def test_uint16_resize_gives_the_float_paths_values_halves_and_clipping_included(real_data):
+    from ihd.dicom import read_header, read_offset_hu_at
+    from ihd.slices import stored_values, stored_values_of_offset_hu
+
+    hu = np.array([[0, 1, 1, 2], [0, 1, 1, 2], [-1024, -1024, 64510, 64512], [-1024, -1023, 64512, 64512]],
+                  np.float32)  # block means 0.5, 1.5, -1023.75, 64511.5: halves go up
+    offset_hu = np.clip(hu + 1024, 0, 65535).astype(np.uint16)
+    for size in (2, 4):
+        np.testing.assert_array_equal(stored_values_of_offset_hu(offset_hu, size), stored_values(to_model_hu(hu, size)))
+    assert stored_values_of_offset_hu(offset_hu, 2).tolist() == [[1025, 1026], [0, 65535]]
+    assert stored_values_of_offset_hu(offset_hu, 1) is None
+    paths = sorted((real_data / "rsna_slices").glob("*.dcm"))[:6] + sorted((real_data / "rsna_series").glob("*.dcm"))[:2]
+    for path in paths:
+        header = read_header(path)
+        offset_hu = read_offset_hu_at(path, header.pixels, header.rows, header.cols, header.rescale_slope,
+                                      header.rescale_intercept, offset=1024)
+        np.testing.assert_array_equal(offset_hu, read_hu(path) + 1024)
+        for size in (512, 256):
+            np.testing.assert_array_equal(stored_values_of_offset_hu(offset_hu, size),
+                                          stored_values(to_model_hu(read_hu(path), size)), err_msg=f"{path} {size}")
+
+
 def test_encode_clips_and_rounds():
-    hu = np.array([[-3000.0, -1024.4], [39.6, 70000.0]], dtype=np.float32)
+    hu = np.array([[-3000.0, -1024.4], [39.6, 70000.0], [40.5, 41.5]], dtype=np.float32)
     decoded = cv2.imdecode(np.frombuffer(encode_png(hu), np.uint8), cv2.IMREAD_UNCHANGED)
-    assert decoded.tolist() == [[0, 0], [1064, 65535]]
+    assert decoded.tolist() == [[0, 0], [1064, 65535], [1065, 1066]]
 
 
 def test_resume_after_kill(real_data, tmp_path):
@@ -113,9 +153,11 @@ def test_pack_groups_follow_series_and_cap_their_size(monkeypatch):
 
     monkeypatch.setattr(slices, "MAX_PACK_SLICES", 2)
     todo = pd.DataFrame({"image_id": list("abcdef"), "path": list("ABCDEF"), "series_id": ["s", "t", "s", "s", "t", "s"]})
-    assert slices.pack_groups(todo) == [[("a", "A"), ("c", "C")], [("d", "D"), ("f", "F")], [("b", "B"), ("e", "E")]]
-    assert slices.pack_groups(todo.drop(columns="series_id")) == [[("a", "A"), ("b", "B")], [("c", "C"), ("d", "D")],
-                                                                 [("e", "E"), ("f", "F")]]
+    assert slices.pack_groups(todo) == [[("a", "A", None), ("c", "C", None)], [("d", "D", None), ("f", "F", None)],
+                                        [("b", "B", None), ("e", "E", None)]]
+    assert slices.pack_groups(todo.drop(columns="series_id")) == [[("a", "A", None), ("b", "B", None)],
+                                                                 [("c", "C", None), ("d", "D", None)],
+                                                                 [("e", "E", None), ("f", "F", None)]]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "zero-fill"])
