@@ -355,12 +355,24 @@ def pack_groups(todo: pd.DataFrame) -> list[list[tuple[str, str, tuple | None]]]
     return groups
 
 
+def slice_png(dicom_path: str, reading: tuple | None, size: int, non_ct_as_hu: bool = False) -> bytes:
+    """The stored PNG of one DICOM file at ``size``: with a pixel reading from the header pass
+    (``ihd.index.pixel_reading``) one ``pread`` and no second parse while the file is unchanged
+    (``ihd.dicom.read_offset_hu_at``, whole HU resized in uint16, or ``ihd.dicom.read_hu_at``);
+    without one, ``ihd.dicom.read_hu``. Raises ``DicomError`` for a file it cannot read."""
+    offset_hu = None if reading is None else read_offset_hu_at(dicom_path, *reading, offset=HU_OFFSET)
+    stored = None if offset_hu is None else stored_values_of_offset_hu(offset_hu, size)
+    if stored is None:
+        hu = read_hu(dicom_path, non_ct_as_hu) if reading is None else read_hu_at(dicom_path, *reading,
+                                                                                   non_ct_as_hu=non_ct_as_hu)
+        stored = stored_values(to_model_hu(hu, size))
+    return encode_uint16_png(stored)
+
+
 def write_pack(items: list[tuple[str, str, tuple | None]], root: str, size: int,
                non_ct_as_hu: bool = False) -> tuple[list[tuple], list[tuple[str, str]]]:
-    """Read the DICOM files of one pack and store their slices in one new pack file (``non_ct_as_hu``:
-    see ``ihd.dicom.read_hu``). A file with a pixel reading from the header pass is read with one
-    ``pread`` and no second parse while it is unchanged (``ihd.dicom.read_offset_hu_at``, whole HU
-    resized in uint16, or ``ihd.dicom.read_hu_at``).
+    """Read the DICOM files of one pack and store their slices (``slice_png``) in one new pack file
+    (``non_ct_as_hu``: see ``ihd.dicom.read_hu``).
 
     Returns (manifest rows of the stored slices, (path, reason) of each unreadable file).
     """
@@ -369,16 +381,10 @@ def write_pack(items: list[tuple[str, str, tuple | None]], root: str, size: int,
     offset = 0
     for image_id, dicom_path, reading in items:
         try:
-            offset_hu = None if reading is None else read_offset_hu_at(dicom_path, *reading, offset=HU_OFFSET)
-            stored = None if offset_hu is None else stored_values_of_offset_hu(offset_hu, size)
-            if stored is None:
-                hu = read_hu(dicom_path, non_ct_as_hu) if reading is None else read_hu_at(dicom_path, *reading,
-                                                                                           non_ct_as_hu=non_ct_as_hu)
-                stored = stored_values(to_model_hu(hu, size))
+            png = slice_png(dicom_path, reading, size, non_ct_as_hu)
         except DicomError as error:
             failures.append((dicom_path, error.reason))
             continue
-        png = encode_uint16_png(stored)
         rows.append((image_id, pack, offset, len(png), isal_zlib.crc32(png)))
         pngs.append(png)
         offset += len(png)
