@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
           f"({'meets' if per_core >= PER_CORE_BAR else 'misses'} the bar of {PER_CORE_BAR}x).")
     print(f"Ours, two cores against one: {scaling:.2f}x "
           f"({'meets' if scaling >= SCALING_BAR else 'misses'} the bar of {SCALING_BAR}x).")
+    print(f"end: {load_description()}")
 
 
 if __name__ == "__main__":
