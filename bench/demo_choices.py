@@ -65,12 +65,11 @@ def flipped_features(seed: int, root: Path) -> Path:
     return root / "features-flip"
 
 
-def score_candidate(seed: int, root: Path, candidate: str) -> dict[str, float]:
-    """Out-of-fold validation weighted log loss of each demo selection under ``candidate`` (LSTM flags,
-    and ``--tta flip`` for features cached that way)."""
+def score_candidate(seed: int, root: Path, candidate: str, selection_names: list[str]) -> dict[str, float]:
+    """Out-of-fold validation weighted log loss of each selection under ``candidate`` (LSTM flags, and
+    ``--tta flip`` for features cached that way)."""
     models = candidate_models(root, candidate)
-    settings = demo.parse_args(["--seed", str(seed), "--root", str(root)])
-    selections = [item for name in settings.selections for item in ("--selection", name)]
+    selections = [item for name in selection_names for item in ("--selection", name)]
     flags = candidate.split()
     features = root / "features"
     if "--tta" in flags:
@@ -79,7 +78,7 @@ def score_candidate(seed: int, root: Path, candidate: str) -> dict[str, float]:
         del flags[at : at + 2]
     table = train_lstm.main(["--run", demo.RUN, *selections, *flags, "--models-dir", str(models),
                              "--features-dir", str(features)])
-    return {name: float(table.loc[f"cnn+lstm {name}", "weighted_log_loss"]) for name in settings.selections} | {
+    return {name: float(table.loc[f"cnn+lstm {name}", "weighted_log_loss"]) for name in selection_names} | {
         "cnn": float(table.loc["cnn", "weighted_log_loss"])}
 
 
@@ -88,15 +87,19 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--root", default="/tmp/ihd-choices")
     parser.add_argument("--candidate", action="append", help="LSTM flags to score; repeatable (default: the grid)")
+    parser.add_argument("--selection", dest="selections", action="append",
+                        help=f"repeatable; default the demo's ({' '.join(demo.SELECTIONS)})")
     args = parser.parse_args(argv)
+    selections = args.selections or list(demo.SELECTIONS)
     candidates = args.candidate or CANDIDATES
     if any(seed >= 101 for seed in args.seeds):
         raise SystemExit("seeds 101 and up are kept for bench/seeds.py's test report: choose on others")
     print(f"{cpu_description()}; {load_description()}", flush=True)
-    rows = score_all(args.seeds, Path(args.root), candidates, [])
+    rows = score_all(args.seeds, Path(args.root), candidates, selections, [])
     if not args.candidate:
         best = ranked(rows).index[0]
-        rows = score_all(args.seeds, Path(args.root), [f"{best} --neighbour-differences", f"{best} --tta flip"], rows)
+        rows = score_all(args.seeds, Path(args.root), [f"{best} --neighbour-differences", f"{best} --tta flip"],
+                         selections, rows)
     summary = ranked(rows)
     print(f"{cpu_description()}; {load_description()}")
     table = pd.DataFrame(rows)
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     return summary
 
 
-def score_all(seeds: list[int], root: Path, candidates: list[str], rows: list[dict]) -> list[dict]:
+def score_all(seeds: list[int], root: Path, candidates: list[str], selections: list[str], rows: list[dict]) -> list[dict]:
     """``rows`` and, for every seed and candidate not scored yet, its scores (saved as they come)."""
     rows = list(rows)
     for seed in seeds:
@@ -115,7 +118,8 @@ def score_all(seeds: list[int], root: Path, candidates: list[str], rows: list[di
         for candidate in candidates:
             if any(r["seed"] == seed and r["candidate"] == candidate for r in rows):
                 continue
-            rows.append({"seed": seed, "candidate": candidate, **score_candidate(seed, seed_root, candidate)})
+            rows.append({"seed": seed, "candidate": candidate,
+                         **score_candidate(seed, seed_root, candidate, selections)})
             (root / "choices.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
 
