@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ihd import insertion, synthetic
 from ihd.flags import dataset_name, existing_folder, int_in
-from ihd.index import FOLD_BALANCES, build_index, drop_unreadable
+from ihd.index import FOLD_BALANCES, build_index, drop_unreadable, pixel_readings
 from ihd.io import read_json, run_header
 from ihd.kaggle_api import COMPETITION, KaggleAccessError, kaggle_api, network_hint
 from ihd.presets import apply_preset
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> Path:
                         seed=settings.seed, workers=settings.workers, extra_config={"prepare_data": settings}, resume=True,
                         non_ct_as_hu=settings.read_non_ct_as_hu, train_series=settings.train_series)
     failures = write_slices(index, dataset_dir / "slices", size=settings.size, workers=settings.workers,
-                            non_ct_as_hu=settings.read_non_ct_as_hu)
+                            non_ct_as_hu=settings.read_non_ct_as_hu, readings=pixel_readings(dataset_dir))
     index = drop_unreadable(dataset_dir, failures)
     print(f"done: {len(index)} slices indexed in {dataset_dir / 'index.parquet'}, stored in {dataset_dir / 'slices'}; "
           f"unreadable files listed in {dataset_dir / 'bad_files.csv'}")

@@ -1,18 +1,20 @@
 """Slices per second of the CNN's training input alone, slice store to augmented batch: the augmentation
 in the `tf.data` graph against the albumentations path it replaced, on one core and on two.
 
-    python bench/input.py            # about 4 minutes on 2 cores
+    python bench/input.py            # about 5 minutes on 2 cores
     python bench/input.py --quick    # under a minute
 
 Both sides read the same 256x256 slice store (real RSNA slices, repeated) through
-`ihd.inputs.StackReader`, shuffle, augment (flip, shift-scale-rotate, brightness/contrast in HU) and
-batch; the batches are pulled and dropped, so only the input pipeline is timed. The baseline runs
-albumentations per element inside `tf.numpy_function`, as the kit did before: one seeded
-`Compose` per tf.data thread, reseeded per element, under the Python lock. Ours is
-`ihd.inputs.training_dataset`: parameters drawn per element from stateless seeds, whole batches
-resampled by one TensorFlow op. Every measurement runs in a fresh process confined to its cores
-(its affinity is set before TensorFlow starts, so TensorFlow sizes its thread pools to them); rounds
-alternate the sides and the core counts, and each figure is the median of its rounds.
+`ihd.inputs.StackReader` (one Python call reads and checks 64 rows' PNGs, TensorFlow decodes them),
+shuffle, augment (flip, shift-scale-rotate, brightness/contrast in HU) and batch; the batches are
+pulled and dropped, so only the input pipeline is timed. The baseline runs albumentations per
+element inside `tf.numpy_function`, as the kit did before: one seeded `Compose` per tf.data thread,
+reseeded per element, under the Python lock. Ours is `ihd.inputs.training_dataset`: parameters
+drawn per element from stateless seeds, the affine resampled by `ihd.augment.resample_bilinear`
+(compiled by XLA). A third line runs ours without augmentation (read, decode, three channels,
+batch): the floor that augmentation adds to. Every measurement runs in a fresh process confined to
+its cores (its affinity is set before TensorFlow starts, so TensorFlow sizes its thread pools to
+them); rounds alternate the sides and the core counts, and each figure is the median of its rounds.
 """
 from __future__ import annotations
 
@@ -31,12 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fixtures import store_of_real_slices  # noqa: E402
-from bench.machine import cpu_description  # noqa: E402
+from bench.machine import cpu_description, load_description  # noqa: E402
 from ihd.io import run_header  # noqa: E402
 
 PER_CORE_BAR = 3.0  # ours against the baseline, one core
 SCALING_BAR = 1.8  # ours, two cores against one
-SIDES = ("albumentations in tf.numpy_function (baseline)", "TensorFlow ops in the graph (ihd.inputs)")
+SIDES = ("albumentations in tf.numpy_function (baseline)", "TensorFlow ops in the graph (ihd.inputs)",
+         "ihd.inputs without augmentation (read, decode, channels)")
 
 
 @dataclass
@@ -87,10 +90,10 @@ def baseline_dataset(index, store, rows, image_size: int, batch_size: int, seed:
 
     reader = StackReader(index, store, RECIPES["windows"], image_size)
     data = tf.data.Dataset.from_tensor_slices(rows).shuffle(len(rows), seed=seed).repeat()
-    data = tf.data.Dataset.zip(data, tf.data.Dataset.random(seed=seed))
+    data = reader.read_batches(tf.data.Dataset.zip(data, tf.data.Dataset.random(seed=seed)))
 
-    def read(row, element_seed):
-        stack = reader(row)
+    def read(row, element_seed, pngs):
+        stack = reader.expand(reader.decode_sources(pngs))
         out = tf.numpy_function(augment, [stack, element_seed], tf.float32, stateful=False)
         return tf.ensure_shape(out, stack.shape), tf.zeros(6)
 
@@ -119,7 +122,7 @@ def measure(side: int, cores: list[int], store_root: str, settings: Settings) ->
         data = baseline_dataset(index, store, rows, settings.image_size, settings.batch_size, seed=0)
     else:
         data = training_dataset(index, store, RECIPES["windows"], rows, settings.image_size,
-                                settings.batch_size, seed=0).repeat()
+                                settings.batch_size, seed=0, augment=side == 1).repeat()
     batches = iter(data)
     next(batches)
     start = time.perf_counter()
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     if settings.quick:
         settings.batches, settings.rounds = 10, 1
     run_header(argv, settings)
+    print(f"start: {load_description()}", flush=True)
     available = sorted(os.sched_getaffinity(0))
     if len(available) < 2:
         raise SystemExit("bench/input.py compares one core with two: this process may use only one")
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         _, store = store_of_real_slices(Path(tmp), settings.slices, settings.image_size)
         for round_number in range(settings.rounds):
-            order = [(side, cores) for cores in core_sets for side in (0, 1)]
+            order = [(side, cores) for cores in core_sets for side in range(len(SIDES))]
             if round_number % 2:
                 order.reverse()
             for side, cores in order:
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     median = {key: statistics.median(values) for key, values in rates.items()}
     print(f"\n### Training input, slice store to augmented batch: {settings.image_size}x{settings.image_size}, "
           f"3 channels, batch {settings.batch_size}, median of {settings.rounds} alternating rounds")
-    print(f"\nCPU: {cpu_description()}\n")
+    print(f"\nCPU: {cpu_description()}; {load_description()}\n")
     print("| augmentation | 1 core, slices/s | 2 cores, slices/s | 2 cores / 1 |")
     print("|---|---:|---:|---:|")
     for side, name in enumerate(SIDES):
@@ -174,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
           f"({'meets' if per_core >= PER_CORE_BAR else 'misses'} the bar of {PER_CORE_BAR}x).")
     print(f"Ours, two cores against one: {scaling:.2f}x "
           f"({'meets' if scaling >= SCALING_BAR else 'misses'} the bar of {SCALING_BAR}x).")
+    print(f"end: {load_description()}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,11 @@ in practice, and what this module does about it:
 - MONOCHROME1 only tells a viewer to display low values as white; the modality LUT still gives
   HU, so such files need no inversion to be read as HU.
 
+Reading a file's header (``read_header``) also notes where its pixel words lie and how to read them
+(``PixelLayout``, for uncompressed 16-bit data), so that the slice store reads the pixels again
+with one ``pread`` and no second parse (``read_hu_at``), as long as the file's size and
+modification time are those the header pass saw; otherwise it reads the file anew with ``read_hu``.
+
 What cannot be read as HU is refused with a ``DicomError`` naming the file and the reason, never
 guessed (``interpretation_problem``): a modality other than CT (its values are not known to be HU;
 ``non_ct_as_hu=True`` reads them as HU anyway, for files such as CT-ICH's ``OT`` exports that hold
@@ -31,9 +36,11 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -50,6 +57,8 @@ MIN_IMAGE_SIDE = 64  # pixels: CT slices have 256 to 1024; fewer cannot show a h
 # scales): slopes and intercepts beyond these bounds are damaged tags or not Hounsfield units.
 RESCALE_SLOPE_RANGE = (1 / 64, 64.0)
 RESCALE_INTERCEPT_RANGE = (-32768.0, 32768.0)
+PIXEL_DATA_TAG = 0x7FE00010
+DEFER_BYTES = 4096  # values longer than this (the pixel data) are skipped, not read, while a header is read
 
 
 class DicomError(Exception):
@@ -61,9 +70,9 @@ class DicomError(Exception):
         self.reason = reason
 
 
-def _open(path: str | Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
+def _open(path: str | Path, defer_size: int | None = None) -> pydicom.Dataset:
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        return pydicom.dcmread(path, defer_size=defer_size)
     except InvalidDicomError as error:
         raise DicomError(path, f"not a DICOM file ({error})") from None
     except FileNotFoundError:
@@ -88,6 +97,18 @@ def _named_failures(read):
 
 
 @dataclass(frozen=True)
+class PixelLayout:
+    """Where a slice's stored 16-bit words lie in its file, how to read them, and the file as it was then."""
+
+    offset: int  # byte offset of the first pixel word
+    word: str  # numpy dtype of one word: "<u2", "<i2", ">u2" or ">i2"
+    bits_stored: int
+    rsna_wrap: bool  # the RSNA 12-bit fix applies (``has_rsna_wrap``)
+    file_bytes: int
+    file_mtime_ns: int
+
+
+@dataclass(frozen=True)
 class SliceHeader:
     """What the index needs from a slice's header: identity, the facts that decide whether it can be
     read as HU, and the tags that place it in its series (None where the file lacks them)."""
@@ -105,6 +126,7 @@ class SliceHeader:
     position: tuple[float, float, float] | None  # ImagePositionPatient (mm)
     orientation: tuple[float, ...] | None  # ImageOrientationPatient: row and column direction cosines
     instance_number: float | None
+    pixels: PixelLayout | None = None  # None for compressed or unusual pixel data: read with ``read_hu``
 
     @property
     def z(self) -> float:
@@ -174,27 +196,50 @@ def read_header(path: str | Path) -> SliceHeader:
     Raises ``DicomError`` for a file that is not DICOM, lacks its identifiers or has a tag that does
     not parse; whether the slice can be read as HU is ``interpretation_problem``'s call.
     """
-    ds = _open(path, stop_before_pixels=True)
+    ds = _open(path, defer_size=DEFER_BYTES)
     missing = [tag for tag in ("StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns") if tag not in ds]
     if missing:
         raise DicomError(path, f"header lacks {', '.join(missing)}")
     slope, intercept = _rescale(ds)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    study_id = str(ds.StudyInstanceUID)
     instance_number = ds.get("InstanceNumber")
     return SliceHeader(
         image_id=Path(path).stem,
-        patient_id=str(ds.get("PatientID", "")) or str(ds.StudyInstanceUID),
-        study_id=str(ds.StudyInstanceUID),
+        patient_id=str(ds.get("PatientID", "")) or study_id,
+        study_id=study_id,
         series_id=str(ds.SeriesInstanceUID),
         instance_uid=str(ds.get("SOPInstanceUID", "")) or None,
         modality=str(ds.get("Modality", "")),
-        rows=int(ds.Rows),
-        cols=int(ds.Columns),
+        rows=rows,
+        cols=cols,
         rescale_slope=slope,
         rescale_intercept=intercept,
         position=_numbers(ds, "ImagePositionPatient", 3),
         orientation=_numbers(ds, "ImageOrientationPatient", 6),
         instance_number=None if instance_number in (None, "") else float(instance_number),
+        pixels=_pixel_layout(ds, path, rows * cols, intercept),
     )
+
+
+def _pixel_layout(ds: pydicom.Dataset, path: str | Path, pixels: int, intercept: float) -> PixelLayout | None:
+    """The layout of a header-read dataset's uncompressed 16-bit single-frame pixel words; None otherwise."""
+    element = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if (not isinstance(element, pydicom.dataelem.RawDataElement) or element.value is not None
+            or syntax is None or syntax.is_compressed or element.length < 2 * pixels
+            or int(ds.get("BitsAllocated", 0) or 0) != 16 or int(ds.get("SamplesPerPixel", 1) or 1) != 1
+            or int(ds.get("NumberOfFrames", 1) or 1) != 1):
+        return None
+    bits_stored = int(ds.get("BitsStored", 16) or 16)
+    representation = int(ds.get("PixelRepresentation", 0) or 0)
+    if not 1 <= bits_stored <= 16:
+        return None
+    stat = os.stat(path)
+    return PixelLayout(offset=element.value_tell,
+                       word=f"{'<' if syntax.is_little_endian else '>'}{'i' if representation == 1 else 'u'}2",
+                       bits_stored=bits_stored, rsna_wrap=_wraps(bits_stored, representation, intercept),
+                       file_bytes=stat.st_size, file_mtime_ns=stat.st_mtime_ns)
 
 
 def _keep_stored_bits(words: np.ndarray, bits_stored: int) -> np.ndarray:
@@ -250,7 +295,12 @@ def _stored_values(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
 def has_rsna_wrap(ds: pydicom.Dataset) -> bool:
     """True for the RSNA images whose 12-bit stored values wrapped (see the module docstring)."""
     _, intercept = _rescale(ds)
-    return int(ds.get("BitsStored", 16)) == 12 and int(ds.get("PixelRepresentation", 0)) == 0 and intercept > -100
+    return _wraps(int(ds.get("BitsStored", 16)), int(ds.get("PixelRepresentation", 0)), intercept)
+
+
+def _wraps(bits_stored: int, pixel_representation: int, intercept: float) -> bool:
+    """The RSNA 12-bit wrap rule on the header values it reads."""
+    return bits_stored == 12 and pixel_representation == 0 and intercept > -100
 
 
 @_named_failures
@@ -266,14 +316,71 @@ def read_hu(path: str | Path, non_ct_as_hu: bool = False) -> np.ndarray:
                                      non_ct_as_hu)
     if problem:
         raise DicomError(path, problem)
-    stored = _stored_values(ds, path)
-    if has_rsna_wrap(ds):
-        shifted = stored.astype(np.int32) + WRAP_FIX_OFFSET
-        shifted[shifted >= WRAP_MODULUS] -= WRAP_MODULUS
-        stored, intercept = shifted, WRAP_FIX_INTERCEPT
+    return _hounsfield_units(_stored_values(ds, path), slope, intercept, has_rsna_wrap(ds))
+
+
+def _rsna_fixed(stored: np.ndarray, intercept: float, rsna_wrap: bool) -> tuple[np.ndarray, float]:
+    """The stored values and intercept after the RSNA 12-bit fix, when it applies."""
+    if not rsna_wrap:
+        return stored, intercept
+    shifted = stored.astype(np.int32) + WRAP_FIX_OFFSET
+    shifted[shifted >= WRAP_MODULUS] -= WRAP_MODULUS
+    return shifted, WRAP_FIX_INTERCEPT
+
+
+def _hounsfield_units(stored: np.ndarray, slope: float, intercept: float, rsna_wrap: bool) -> np.ndarray:
+    """Stored pixel values -> float32 HU: the RSNA fix when it applies, the modality LUT, the air floor."""
+    stored, intercept = _rsna_fixed(stored, intercept, rsna_wrap)
     hu = stored.astype(np.float32)
     if slope != 1.0:
         hu *= np.float32(slope)
     hu += np.float32(intercept)
     np.maximum(hu, np.float32(AIR_HU), out=hu)
     return hu
+
+
+def _stored_at(path: str | Path, pixels: PixelLayout, rows: int, cols: int) -> np.ndarray | None:
+    """The stored values at a file's known pixel layout, with one ``pread``; None when the file's size or
+    modification time differ from those its header was read with, or it ends early."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        stat = os.fstat(descriptor)
+        if (stat.st_size, stat.st_mtime_ns) != (pixels.file_bytes, pixels.file_mtime_ns):
+            return None
+        data = os.pread(descriptor, rows * cols * 2, pixels.offset)
+    finally:
+        os.close(descriptor)
+    if len(data) != rows * cols * 2:
+        return None
+    return _keep_stored_bits(np.frombuffer(data, dtype=pixels.word).reshape(rows, cols), pixels.bits_stored)
+
+
+@_named_failures
+def read_offset_hu_at(path: str | Path, pixels: PixelLayout | None, rows: int, cols: int, slope: float,
+                      intercept: float, offset: int) -> np.ndarray | None:
+    """``read_hu_at``'s values plus ``offset`` as uint16, in one saturating OpenCV add, where that is
+    exact: slope 1, whole intercept, no RSNA fix, native little-endian words. With ``offset`` = 1024,
+    saturation at 0 is the air floor and at 65535 the top of the range. None where it does not apply,
+    the file has no layout, or it changed since its header was read."""
+    if (pixels is None or slope != 1.0 or intercept != round(intercept) or pixels.rsna_wrap
+            or not pixels.word.startswith("<") or offset != -AIR_HU):
+        return None
+    stored = _stored_at(path, pixels, rows, cols)
+    if stored is None:
+        return None
+    return cv2.add(stored, float(intercept + offset), dtype=cv2.CV_16U)
+
+
+@_named_failures
+def read_hu_at(path: str | Path, pixels: PixelLayout | None, rows: int, cols: int, slope: float, intercept: float,
+               non_ct_as_hu: bool = False) -> np.ndarray:
+    """``read_hu`` for a file whose header was read before: the pixel words with one ``pread`` at the
+    offset ``read_header`` found, no second parse, when the file still has the size and modification
+    time seen then (and the header's checks passed then); otherwise, or without a layout, ``read_hu``."""
+    stored = None if pixels is None else _stored_at(path, pixels, rows, cols)
+    if stored is None:
+        return read_hu(path, non_ct_as_hu)
+    return _hounsfield_units(stored, slope, intercept, pixels.rsna_wrap)

@@ -26,20 +26,22 @@ Outputs in the dataset folder:
 - ``index_config.json``: the settings and counts that made it;
 - ``bad_files.csv``: ``path,reason`` for every file that could not be indexed, read as HU, placed in
   its series (or later, stored);
-- ``headers.parquet`` (with ``resume``): every header read so far, so a rerun reads only new files.
+- ``headers.parquet`` (with ``resume``): every header read so far, so a rerun reads only new files,
+  with where each file's pixel words lie (``PIXEL_COLUMNS``): ``pixel_readings`` hands them to the
+  slice store, which then reads the pixels without parsing the file again.
 """
 from __future__ import annotations
 
 import hashlib
 import warnings
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from ihd.dicom import DicomError, interpretation_problem, read_header, slice_normals
+from ihd.dicom import DicomError, PixelLayout, interpretation_problem, read_header, slice_normals
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES, read_long_labels
 from ihd.parallel import parallel_map
@@ -54,10 +56,15 @@ ID_COLUMNS = ["image_id", "patient_id", "study_id", "series_id", "split", "path"
 INDEX_COLUMNS = [*ID_COLUMNS, "z", "position", "series_length", *SUBTYPES, "fold"]
 POSITION_COLUMNS = ["position_x", "position_y", "position_z"]
 ORIENTATION_COLUMNS = [f"orientation_{i}" for i in range(6)]
+PIXEL_COLUMNS = ["pixel_offset", "pixel_word", "bits_stored", "rsna_wrap", "file_bytes", "file_mtime_ns"]
+NO_PIXEL_LAYOUT = {"pixel_offset": -1, "pixel_word": "", "bits_stored": 0, "rsna_wrap": False, "file_bytes": -1,
+                   "file_mtime_ns": -1}  # a file the slice store reads with ``read_hu``
 SCAN_COLUMNS = [*ID_COLUMNS, "instance_uid", "modality", "rows", "cols", "rescale_slope", "rescale_intercept",
-                *POSITION_COLUMNS, *ORIENTATION_COLUMNS, "instance_number", "folder"]
-SCAN_NUMBERS = {"rows": np.int64, "cols": np.int64, "rescale_slope": np.float64, "rescale_intercept": np.float64,
-                "instance_number": np.float64} | {c: np.float64 for c in POSITION_COLUMNS + ORIENTATION_COLUMNS}
+                *POSITION_COLUMNS, *ORIENTATION_COLUMNS, "instance_number", "folder", *PIXEL_COLUMNS]
+SCAN_NUMBERS = ({"rows": np.int64, "cols": np.int64, "rescale_slope": np.float64, "rescale_intercept": np.float64,
+                 "instance_number": np.float64, "pixel_offset": np.int64, "bits_stored": np.int64, "rsna_wrap": bool,
+                 "file_bytes": np.int64, "file_mtime_ns": np.int64}
+                | {c: np.float64 for c in POSITION_COLUMNS + ORIENTATION_COLUMNS})
 ORDERINGS = ("normal", "position line", "instance number", "positions of some slices", "unorderable", "single slice")
 SCAN_CHUNK_FILES = 50_000  # how often a resumable header scan saves what it has read
 
@@ -74,16 +81,46 @@ def header_row(item: tuple[str, str, str]) -> dict:
     """Read one file's header into an index row; ``reason`` says why when it is unreadable."""
     path, split, folder = item
     try:
-        row = asdict(read_header(path))
-        row["reason"] = None
+        header = read_header(path)
     except DicomError as error:
         row = {"reason": error.reason}
     else:
-        position, orientation = row.pop("position"), row.pop("orientation")
+        row = {field.name: getattr(header, field.name) for field in fields(header)}
+        row["reason"] = None
+        position, orientation, pixels = row.pop("position"), row.pop("orientation"), row.pop("pixels")
         row.update(zip(POSITION_COLUMNS, position or [np.nan] * 3))
         row.update(zip(ORIENTATION_COLUMNS, orientation or [np.nan] * 6))
+        row.update(NO_PIXEL_LAYOUT if pixels is None else {
+            "pixel_offset": pixels.offset, "pixel_word": pixels.word, "bits_stored": pixels.bits_stored,
+            "rsna_wrap": pixels.rsna_wrap, "file_bytes": pixels.file_bytes, "file_mtime_ns": pixels.file_mtime_ns})
     row.update(split=split, path=path, folder=folder)
     return row
+
+
+def pixel_reading(row: dict) -> tuple | None:
+    """What ``ihd.dicom.read_hu_at`` needs after the path, from a header row (a dict with the columns
+    of ``pixel_readings``): (``PixelLayout`` or None, rows, cols, slope, intercept); None when the row
+    holds no header (a file the scan did not read)."""
+    if pd.isna(row.get("rows")):
+        return None
+    layout = None if pd.isna(row["pixel_offset"]) or row["pixel_offset"] < 0 else PixelLayout(
+        offset=int(row["pixel_offset"]), word=str(row["pixel_word"]), bits_stored=int(row["bits_stored"]),
+        rsna_wrap=bool(row["rsna_wrap"]), file_bytes=int(row["file_bytes"]), file_mtime_ns=int(row["file_mtime_ns"]))
+    return layout, int(row["rows"]), int(row["cols"]), float(row["rescale_slope"]), float(row["rescale_intercept"])
+
+
+def pixel_readings(dataset_dir: str | Path) -> pd.DataFrame:
+    """What the slice store needs to read each scanned file's pixels without parsing it again, from the
+    header cache of a resumable scan: columns path, rows, cols, rescale_slope, rescale_intercept and
+    ``PIXEL_COLUMNS`` (empty without a cache)."""
+    columns = ["path", "rows", "cols", "rescale_slope", "rescale_intercept", *PIXEL_COLUMNS]
+    path = Path(dataset_dir) / HEADERS_FILE
+    if not path.is_file():
+        return pd.DataFrame(columns=columns)
+    headers = pd.read_parquet(path)
+    if not set(columns) <= set(headers.columns):
+        return pd.DataFrame(columns=columns)
+    return headers.loc[headers["reason"].isna(), columns].reset_index(drop=True)
 
 
 def scan_headers(

@@ -8,8 +8,9 @@ not itself in the rows being read (a validation slice next to nothing but valida
 usual case, since folds keep series whole).
 
 Pipelines: `training_dataset` (shuffled, optional oversampling of positive slices, augmented with
-`ihd.augment` inside the graph, each element from its own seed), `inference_dataset` (index order, no augmentation). Both read in parallel, resize to
-the model's size when it is smaller than the store's, batch and prefetch.
+`ihd.augment` inside the graph, each element from its own seed), `inference_dataset` (index order,
+no augmentation). Both read the store a batch of rows at a time, decode and augment each element in
+parallel, resize to the model's size when it is smaller than the store's, batch and prefetch.
 """
 
 import numpy as np
@@ -18,7 +19,7 @@ import tensorflow as tf
 
 from ihd.augment import augment_hu, augmentation_parameters
 from ihd.labels import SUBTYPES
-from ihd.slices import SliceStore
+from ihd.slices import SliceStore, tf_decode_hu
 from ihd.windows import ChannelRecipe
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -71,13 +72,18 @@ def oversampled(rows: np.ndarray, labels: np.ndarray, positive_copies: int) -> n
     return np.concatenate([rows] + [positive] * (positive_copies - 1))
 
 
+READ_BATCH = 64  # rows whose slices one Python call reads: the lock is held about 10 microseconds a slice
+
+
 class StackReader:
-    """Reads the HU stack of a row from the store: its channel sources, resized to the model's size.
+    """Reads the HU stacks of rows from the store: their channel sources, resized to the model's size.
 
     A recipe may feed several channels from the same slice (the paper's three windows all read the
-    current slice): each distinct source is read once, and `distinct_sources` returns just those
+    current slice): each distinct source is read once, and `decode_sources` returns just those
     (size, size, S), so that training augments S channels rather than C; `expand` then lays them
-    out as the recipe's C channels.
+    out as the recipe's C channels. Reading goes in two steps, so that Python runs once per batch
+    of rows, not once per slice: `read_sources` fetches the checked PNG bytes of a batch of rows
+    (one call into the store), `decode_sources` decodes one row's PNGs with TensorFlow's kernel.
     """
 
     def __init__(self, index: pd.DataFrame, store: SliceStore, recipe: ChannelRecipe, image_size: int):
@@ -96,11 +102,14 @@ class StackReader:
         self.slots = tf.constant(store.slots(index["image_id"]))
         self.neighbours = tf.constant(neighbour_rows(index, distinct))
 
-    def distinct_sources(self, row):
-        """Row number (int64 tensor) -> float32 (image_size, image_size, S) HU of its distinct sources."""
-        sources = tf.gather(self.slots, tf.gather(self.neighbours, row))
+    def read_sources(self, rows):
+        """Row numbers (B,) int64 -> the checked PNG bytes of their distinct sources, tf.string (B, S)."""
+        return self.store.tf_read_pngs(tf.gather(self.slots, tf.gather(self.neighbours, rows)))
+
+    def decode_sources(self, pngs):
+        """One row's PNG bytes (S,) -> float32 (image_size, image_size, S) HU of its distinct sources."""
         count = self.neighbours.shape[1]
-        stack = tf.stack([self.store.tf_read_hu(sources[s]) for s in range(count)], axis=-1)
+        stack = tf.stack([tf_decode_hu(pngs[s], self.store.size) for s in range(count)], axis=-1)
         if self.image_size < self.store.size:
             stack = tf.image.resize(stack, (self.image_size, self.image_size), method="area")
         return stack
@@ -119,9 +128,13 @@ class StackReader:
         selected = tf.linalg.matmul(tf.reshape(sources, (-1, count)), self.selection)
         return tf.reshape(selected, (*sources.shape[:-1], channels))
 
-    def __call__(self, row):
-        """Row number (int64 tensor) -> float32 (image_size, image_size, C) HU."""
-        return self.expand(self.distinct_sources(row))
+    def read_batches(self, data: tf.data.Dataset) -> tf.data.Dataset:
+        """A dataset whose elements are tuples led by a row number -> the same tuples, each followed by
+        its row's PNG bytes (S,), read ``READ_BATCH`` rows at a time, in the same order."""
+        def with_pngs(*batch):
+            return (*batch, self.read_sources(batch[0]))
+
+        return data.batch(READ_BATCH).map(with_pngs, num_parallel_calls=AUTOTUNE).unbatch()
 
 
 def training_dataset(
@@ -145,15 +158,15 @@ def training_dataset(
     data = tf.data.Dataset.from_tensor_slices(epoch_rows)
     data = data.shuffle(len(epoch_rows), seed=seed, reshuffle_each_iteration=True)
     element_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-    data = tf.data.Dataset.zip(data, element_seeds)
+    data = reader.read_batches(tf.data.Dataset.zip(data, element_seeds))
 
-    def read(row, element_seed):
-        sources = reader.distinct_sources(row)
+    def prepared(row, element_seed, pngs):
+        sources = reader.decode_sources(pngs)
         if augment:
             sources = augment_hu(sources, augmentation_parameters(element_seed))
         return reader.expand(sources), tf.gather(label_table, row)
 
-    data = data.map(read, num_parallel_calls=AUTOTUNE)
+    data = data.map(prepared, num_parallel_calls=AUTOTUNE)
     drop_remainder = len(epoch_rows) >= batch_size
     return data.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
 
@@ -168,5 +181,6 @@ def inference_dataset(
 ) -> tf.data.Dataset:
     """HU stack batches of ``rows`` in the given order, unaugmented (validation, extraction)."""
     reader = StackReader(index, store, recipe, image_size)
-    data = tf.data.Dataset.from_tensor_slices(np.asarray(rows, dtype=np.int64))
-    return data.map(reader, num_parallel_calls=AUTOTUNE).batch(batch_size).prefetch(AUTOTUNE)
+    data = reader.read_batches(tf.data.Dataset.from_tensor_slices(np.asarray(rows, dtype=np.int64)))
+    data = data.map(lambda row, pngs: reader.expand(reader.decode_sources(pngs)), num_parallel_calls=AUTOTUNE)
+    return data.batch(batch_size).prefetch(AUTOTUNE)

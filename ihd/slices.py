@@ -6,7 +6,7 @@ Layout of a store folder::
     slices/manifest.parquet                      image_id, pack, offset, length, crc32: one row a slice
     slices/<id[3:5]>/<first image id>.<tag>.pack  the slices of one series, back to back
 
-Every slice is a 16-bit grayscale PNG, pixel = round(HU) + 1024: the store is window-agnostic
+Every slice is a 16-bit grayscale PNG, pixel = round(HU) + 1024 (halves up): the store is window-agnostic
 and keeps Hounsfield units to the unit (rounding), so windows and channel recipes stay a choice
 made at training time. A pack holds the PNGs of one series (at most ``MAX_PACK_SLICES``), so the
 challenge's 874,035 slices make about 25,000 files instead of 874,035: creating, renaming and
@@ -19,10 +19,17 @@ encoded. A rerun checks every listed slice against its size and CRC (a pack cut 
 overwritten with zeros fails), writes the damaged and the unlisted slices again into new packs,
 and deletes the packs and temporary files nothing valid points to.
 
-Reading checks the same size and CRC for every slice it returns: ``SliceStore.read_hu`` and the
-``tf.data`` map function ``SliceStore.tf_read_hu`` raise ``DamagedSliceError`` naming the pack and
-the image, never decode a damaged slice. ``tf_read_hu`` reads the bytes with a small Python
-function (``pread`` and the CRC); the PNG is decoded by TensorFlow's own kernel.
+Reading checks the same size and CRC for every slice it returns, and never decodes a damaged
+slice: ``SliceStore.read_hu`` raises ``DamagedSliceError``, and ``SliceStore.tf_read_pngs`` (for
+``tf.data``) an ``InvalidArgumentError``, each naming the pack and the image. ``tf_read_pngs``
+reads a whole batch of slices in one Python call (``pread`` and the CRC, about 10 microseconds a
+slice, mostly outside the Python lock); ``tf_decode_hu`` decodes each PNG with TensorFlow's own
+kernel, in parallel. TensorFlow has no op that reads a byte range of a file without reading what
+precedes it (``FixedLengthRecordDataset`` skips its header by reading it), so a native read of
+slice k of a pack would read the k slices before it too: ``bench/preprocess.py`` measures both.
+TensorFlow's PNG decoder keeps libpng's default and refuses a PNG whose chunk CRC-32 does not match
+(``tests/test_slices.py`` holds it to that), but its error names neither pack nor image: the
+store's own check comes first.
 
 Through libpng, encoding a PNG cost more than reading the DICOM file, so the store writes its PNGs
 itself: every row gets the "up" filter (difference to the row above) and the image data is
@@ -45,7 +52,8 @@ import numpy as np
 import pandas as pd
 from isal import isal_zlib
 
-from ihd.dicom import DicomError, read_hu
+from ihd.dicom import DicomError, read_hu, read_hu_at, read_offset_hu_at
+from ihd.index import pixel_reading
 from ihd.io import atomic_path, is_temporary, read_json, write_json
 from ihd.parallel import parallel_map
 
@@ -101,12 +109,28 @@ def encode_uint16_png(image: np.ndarray) -> bytes:
     ))
 
 
-def encode_png(hu: np.ndarray) -> bytes:
-    """HU (float) -> bytes of a 16-bit PNG of clip(round(HU) + 1024, 0, 65535)."""
-    stored = np.rint(hu)
+def stored_values(hu: np.ndarray) -> np.ndarray:
+    """HU (float) -> the store's uint16 pixels: clip(floor(HU + 0.5) + 1024, 0, 65535), halves up."""
+    stored = np.floor(hu + np.float32(0.5))
     stored += HU_OFFSET
     np.clip(stored, 0, np.iinfo(np.uint16).max, out=stored)
-    return encode_uint16_png(stored.astype(np.uint16))
+    return stored.astype(np.uint16)
+
+
+def encode_png(hu: np.ndarray) -> bytes:
+    """HU (float) -> bytes of a 16-bit PNG of ``stored_values(hu)``."""
+    return encode_uint16_png(stored_values(hu))
+
+
+def stored_values_of_offset_hu(offset_hu: np.ndarray, size: int) -> np.ndarray | None:
+    """``stored_values(to_model_hu(hu, size))`` from whole-number ``hu + 1024`` held in uint16, for a
+    side of ``size`` or twice that: OpenCV's INTER_AREA on uint16 adds each 2x2 block and rounds the
+    sum's quarter halves up, the float path's values in a third of the time. None for other sides."""
+    if offset_hu.shape == (size, size):
+        return offset_hu
+    if offset_hu.shape != (2 * size, 2 * size):
+        return None
+    return cv2.resize(offset_hu, (size, size), interpolation=cv2.INTER_AREA)
 
 
 def decode_png(png: bytes, where: str) -> np.ndarray:
@@ -186,7 +210,7 @@ class SliceStore:
         return image_id in self.image_ids
 
     def slots(self, image_ids) -> np.ndarray:
-        """Manifest rows (int64) of ``image_ids``, the keys ``tf_read_hu`` reads by; refuses absent ids."""
+        """Manifest rows (int64) of ``image_ids``, the keys ``tf_read_pngs`` reads by; refuses absent ids."""
         wanted = pd.Index(image_ids)
         slots = self.image_ids.get_indexer(wanted)
         missing = np.flatnonzero(slots < 0)
@@ -220,17 +244,23 @@ class SliceStore:
             raise DamagedSliceError(f"{where}: {reason}; rerun prepare_data.py to write it again")
         return png
 
+    def read_pngs(self, slots: np.ndarray) -> np.ndarray:
+        """The checked PNG bytes of manifest rows ``slots`` (any shape), as an object array of that shape."""
+        slots = np.asarray(slots)
+        return np.array([self.read_png(slot) for slot in slots.ravel()], dtype=object).reshape(slots.shape)
+
     def read_hu(self, image_id: str) -> np.ndarray:
         """The stored slice as float32 HU, shape (size, size)."""
         slot = int(self.slots([image_id])[0])
         return decode_png(self.read_png(slot), f"{self.root / self._packs[slot]}: slice {image_id}")
 
-    def tf_read_hu(self, slot):
-        """tf.data map function: a manifest row (int64 tensor, from ``slots``) -> tf.float32 (size, size) HU."""
+    def tf_read_pngs(self, slots):
+        """tf.data map function on a batch: manifest rows (int64 tensor of any shape, from ``slots``) ->
+        their checked PNG bytes (tf.string, same shape), in one Python call; decode with ``tf_decode_hu``."""
         import tensorflow as tf
 
-        png = tf.numpy_function(self.read_png, [slot], tf.string, stateful=False)
-        return tf_decode_hu(tf.reshape(png, []), self.size)
+        pngs = tf.numpy_function(self.read_pngs, [slots], tf.string, stateful=False)
+        return tf.ensure_shape(pngs, slots.shape)
 
 
 def store_config(size: int) -> dict:
@@ -238,7 +268,7 @@ def store_config(size: int) -> dict:
     return {
         "size": size,
         "hu_offset": HU_OFFSET,
-        "format": "16-bit grayscale PNG, pixel = clip(round(HU) + hu_offset, 0, 65535)",
+        "format": "16-bit grayscale PNG, pixel = clip(floor(HU + 0.5) + hu_offset, 0, 65535)",
         "resize": "cv2.INTER_AREA",
         "layout": LAYOUT,
         "png": f"up filter, ISA-L deflate level {DEFLATE_LEVEL}",
@@ -307,20 +337,41 @@ def verified_manifest(root: Path, workers: int | None = None) -> pd.DataFrame:
     return manifest
 
 
-def pack_groups(todo: pd.DataFrame) -> list[list[tuple[str, str]]]:
-    """The (image_id, path) items of ``todo``, one list a pack: by series (column ``series_id`` when
-    present, else in row order), at most ``MAX_PACK_SLICES`` each."""
-    series = todo["series_id"] if "series_id" in todo.columns else pd.Series(0, index=todo.index)
+def pack_groups(todo: pd.DataFrame) -> list[list[tuple[str, str, tuple | None]]]:
+    """The (image_id, path, pixel reading) items of ``todo``, one list a pack: by series (column
+    ``series_id`` when present, else in row order), at most ``MAX_PACK_SLICES`` each. The pixel
+    reading (``ihd.index.pixel_reading``) comes from the columns of ``ihd.index.pixel_readings`` when
+    ``todo`` has them; it is None otherwise, and the file is then parsed again (``read_hu``)."""
+    series = todo["series_id"].to_numpy() if "series_id" in todo.columns else np.zeros(len(todo))
+    if "pixel_offset" in todo.columns:
+        readings = [pixel_reading(row) for row in todo.to_dict("records")]
+    else:
+        readings = [None] * len(todo)
+    items = list(zip(todo["image_id"].astype(str), todo["path"].astype(str), readings))
     groups = []
-    for _, rows in todo.groupby(series.to_numpy(), sort=False):
-        items = list(zip(rows["image_id"].astype(str), rows["path"].astype(str)))
-        groups += [items[start:start + MAX_PACK_SLICES] for start in range(0, len(items), MAX_PACK_SLICES)]
+    for rows in pd.Series(np.arange(len(todo))).groupby(series, sort=False).indices.values():
+        members = [items[row] for row in rows]
+        groups += [members[start:start + MAX_PACK_SLICES] for start in range(0, len(members), MAX_PACK_SLICES)]
     return groups
 
 
-def write_pack(items: list[tuple[str, str]], root: str, size: int,
+def slice_png(dicom_path: str, reading: tuple | None, size: int, non_ct_as_hu: bool = False) -> bytes:
+    """The stored PNG of one DICOM file at ``size``: with a pixel reading from the header pass
+    (``ihd.index.pixel_reading``) one ``pread`` and no second parse while the file is unchanged
+    (``ihd.dicom.read_offset_hu_at``, whole HU resized in uint16, or ``ihd.dicom.read_hu_at``);
+    without one, ``ihd.dicom.read_hu``. Raises ``DicomError`` for a file it cannot read."""
+    offset_hu = None if reading is None else read_offset_hu_at(dicom_path, *reading, offset=HU_OFFSET)
+    stored = None if offset_hu is None else stored_values_of_offset_hu(offset_hu, size)
+    if stored is None:
+        hu = read_hu(dicom_path, non_ct_as_hu) if reading is None else read_hu_at(dicom_path, *reading,
+                                                                                   non_ct_as_hu=non_ct_as_hu)
+        stored = stored_values(to_model_hu(hu, size))
+    return encode_uint16_png(stored)
+
+
+def write_pack(items: list[tuple[str, str, tuple | None]], root: str, size: int,
                non_ct_as_hu: bool = False) -> tuple[list[tuple], list[tuple[str, str]]]:
-    """Read the DICOM files of one pack and store their slices in one new pack file
+    """Read the DICOM files of one pack and store their slices (``slice_png``) in one new pack file
     (``non_ct_as_hu``: see ``ihd.dicom.read_hu``).
 
     Returns (manifest rows of the stored slices, (path, reason) of each unreadable file).
@@ -328,13 +379,12 @@ def write_pack(items: list[tuple[str, str]], root: str, size: int,
     pack = f"{shard_name(items[0][0])}/{items[0][0]}.{secrets.token_hex(4)}{PACK_SUFFIX}"
     rows, pngs, failures = [], [], []
     offset = 0
-    for image_id, dicom_path in items:
+    for image_id, dicom_path, reading in items:
         try:
-            hu = read_hu(dicom_path, non_ct_as_hu)
+            png = slice_png(dicom_path, reading, size, non_ct_as_hu)
         except DicomError as error:
             failures.append((dicom_path, error.reason))
             continue
-        png = encode_png(to_model_hu(hu, size))
         rows.append((image_id, pack, offset, len(png), isal_zlib.crc32(png)))
         pngs.append(png)
         offset += len(png)
@@ -346,13 +396,16 @@ def write_pack(items: list[tuple[str, str]], root: str, size: int,
 
 
 def write_slices(
-    index: pd.DataFrame, root: str | Path, size: int = 256, workers: int | None = None, non_ct_as_hu: bool = False
+    index: pd.DataFrame, root: str | Path, size: int = 256, workers: int | None = None, non_ct_as_hu: bool = False,
+    readings: pd.DataFrame | None = None,
 ) -> list[tuple[str, str]]:
     """Store every slice of ``index`` (columns image_id, path; series_id groups packs) that the store
     lacks, or holds damaged.
 
     Returns (path, reason) for each DICOM file that could not be read; the others are written.
-    ``non_ct_as_hu`` reads modalities other than CT as HU (``ihd.dicom.read_hu``).
+    ``non_ct_as_hu`` reads modalities other than CT as HU (``ihd.dicom.read_hu``). ``readings``
+    (``ihd.index.pixel_readings``: by path, where the header pass found each file's pixel words)
+    spares a second parse of every file it lists.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -360,6 +413,8 @@ def write_slices(
     manifest = verified_manifest(root, workers)
     wanted = index.drop_duplicates("image_id")
     todo = wanted[~wanted["image_id"].astype(str).isin(set(manifest["image_id"]))]
+    if readings is not None:
+        todo = todo.merge(readings.drop_duplicates("path"), on="path", how="left", suffixes=("", "_header"))
     print(f"slice store {root}: {len(wanted) - len(todo)} of {len(wanted)} slices present, writing {len(todo)}")
     writer = functools.partial(write_pack, root=str(root), size=size, non_ct_as_hu=non_ct_as_hu)
     parts, new_rows, failures = [manifest], [], []

@@ -5,7 +5,8 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut
 
-from ihd.dicom import AIR_HU, DicomError, has_rsna_wrap, read_header, read_hu
+import ihd.dicom
+from ihd.dicom import AIR_HU, DicomError, has_rsna_wrap, read_header, read_hu, read_hu_at
 
 TWELVE_BIT_SLICE = "rsna_slices/ID_2008dd408.dcm"  # BitsStored 12, unsigned, Explicit VR, bleeds in view
 
@@ -65,6 +66,45 @@ def test_real_files_read_as_pydicoms_modality_lut_gives_them(real_data):
         np.testing.assert_array_equal(read_hu(path, non_ct_as_hu=non_ct), _pydicom_hu(path), err_msg=str(path))
 
 
+def _read_again(path, non_ct_as_hu=False):
+    """``read_hu_at`` after ``read_header``, as the slice store reads a file the index pass has read."""
+    header = read_header(path)
+    return read_hu_at(path, header.pixels, header.rows, header.cols, header.rescale_slope, header.rescale_intercept,
+                      non_ct_as_hu=non_ct_as_hu)
+
+
+def test_read_hu_at_reads_every_real_file_as_read_hu_without_parsing_it_again(real_data, monkeypatch):
+    files = _one_file_per_jpeg2000_series(sorted(real_data.rglob("*.dcm")))
+    layouts = {path: read_header(path).pixels for path in files}
+    uncompressed = [path for path in files if path.parent.name in ("rsna_slices", "rsna_series")]
+    assert uncompressed and all(layouts[path] is not None for path in uncompressed)
+    assert any(layout is None for layout in layouts.values()), "the compressed series need read_hu"
+    expected = {path: read_hu(path, non_ct_as_hu=path.parent.parent.name == "ctich_masks") for path in files}
+    opened = []
+    original_open = ihd.dicom._open
+    monkeypatch.setattr(ihd.dicom, "_open", lambda path, **options: opened.append(path) or original_open(path, **options))
+    for path in files:
+        opened.clear()
+        np.testing.assert_array_equal(_read_again(path, path.parent.parent.name == "ctich_masks"), expected[path],
+                                      err_msg=str(path))
+        assert opened == [path] * (1 if layouts[path] is not None else 2), f"{path} parsed {len(opened)} times"
+
+
+def test_read_hu_at_reads_a_file_changed_since_its_header_was_read_anew(real_data, tmp_path):
+    source = real_data / TWELVE_BIT_SLICE
+    target = tmp_path / "ID_changed.dcm"
+    target.write_bytes(source.read_bytes())
+    header = read_header(target)
+    ds = pydicom.dcmread(source)
+    ds.PixelData = (ds.pixel_array // 2).astype("<u2").tobytes()
+    ds.save_as(target)
+    assert target.stat().st_size == header.pixels.file_bytes
+    changed = read_hu_at(target, header.pixels, header.rows, header.cols, header.rescale_slope,
+                         header.rescale_intercept)
+    np.testing.assert_array_equal(changed, read_hu(target))
+    assert not np.array_equal(changed, read_hu(source))
+
+
 def _save_with_words(source, target, words, **tags):
     """A copy of a real slice with new 16-bit pixel words and header values."""
     ds = pydicom.dcmread(source)
@@ -86,6 +126,7 @@ def test_unsigned_12_bit_words_with_high_bits_set_read_their_low_12_bits(real_da
     hu = read_hu(target)
     np.testing.assert_array_equal(hu, _pydicom_hu(target))
     np.testing.assert_array_equal(hu, read_hu(source))
+    np.testing.assert_array_equal(_read_again(target), hu)
 
 
 def test_signed_12_bit_words_without_sign_extension_read_as_signed(real_data, tmp_path):
@@ -98,6 +139,7 @@ def test_signed_12_bit_words_without_sign_extension_read_as_signed(real_data, tm
     hu = read_hu(target)
     np.testing.assert_array_equal(hu, _pydicom_hu(target))
     np.testing.assert_array_equal(hu, read_hu(source))
+    np.testing.assert_array_equal(_read_again(target), hu)
 
 
 def test_padding_outside_the_field_of_view_reads_as_air(real_data):

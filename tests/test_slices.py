@@ -9,7 +9,8 @@ import pytest
 from ihd.dicom import read_hu
 from ihd.io import write_json
 from ihd.slices import (
-    CONFIG_FILE, DamagedSliceError, SliceStore, encode_png, read_manifest, to_model_hu, write_manifest, write_slices,
+    CONFIG_FILE, DamagedSliceError, SliceStore, encode_png, encode_uint16_png, read_manifest, tf_decode_hu, to_model_hu,
+    write_manifest, write_slices,
 )
 
 SIZE = 64
@@ -52,16 +53,56 @@ def test_round_trip_within_one_hu_one_pack_per_series(real_data, tmp_path):
         store.slots(pd.Series(["ID_notstored", index["image_id"][0]], index=[7, 0]))
 
 
+def test_pixel_readings_from_the_header_pass_store_the_same_slices_without_a_second_parse(real_data, tmp_path,
+                                                                                          monkeypatch):
+    import ihd.slices as slices
+    from ihd.index import header_row, pixel_readings
+
+    index = series_index(real_data, 4)
+    assert write_slices(index, tmp_path / "parsed", size=SIZE, workers=1) == []
+    headers = pd.DataFrame([header_row((path, "train", str(real_data))) for path in index["path"]])
+    headers.to_parquet(tmp_path / "headers.parquet")
+    readings = pixel_readings(tmp_path)
+    assert len(readings) == 4 and (readings["pixel_offset"] > 0).all()
+    monkeypatch.setattr(slices, "read_hu", lambda path, *args: pytest.fail(f"{path} parsed a second time"))
+    assert write_slices(index, tmp_path / "read", size=SIZE, workers=1, readings=readings) == []
+    parsed, read = SliceStore(tmp_path / "parsed"), SliceStore(tmp_path / "read")
+    for image_id in index["image_id"]:
+        np.testing.assert_array_equal(read.read_hu(image_id), parsed.read_hu(image_id))
+
+
 def test_to_model_hu_is_area_mean():
     hu = np.arange(16, dtype=np.float32).reshape(4, 4)
     assert np.array_equal(to_model_hu(hu, 2), [[2.5, 4.5], [10.5, 12.5]])
     assert np.array_equal(to_model_hu(hu, 4), hu)
 
 
+def test_uint16_resize_gives_the_float_paths_values_halves_and_clipping_included(real_data):
+    from ihd.dicom import read_header, read_offset_hu_at
+    from ihd.slices import stored_values, stored_values_of_offset_hu
+
+    hu = np.array([[0, 1, 1, 2], [0, 1, 1, 2], [-1024, -1024, 64510, 64512], [-1024, -1023, 64512, 64512]],
+                  np.float32)  # block means 0.5, 1.5, -1023.75, 64511.5: halves go up
+    offset_hu = np.clip(hu + 1024, 0, 65535).astype(np.uint16)
+    for size in (2, 4):
+        np.testing.assert_array_equal(stored_values_of_offset_hu(offset_hu, size), stored_values(to_model_hu(hu, size)))
+    assert stored_values_of_offset_hu(offset_hu, 2).tolist() == [[1025, 1026], [0, 65535]]
+    assert stored_values_of_offset_hu(offset_hu, 1) is None
+    paths = sorted((real_data / "rsna_slices").glob("*.dcm"))[:6] + sorted((real_data / "rsna_series").glob("*.dcm"))[:2]
+    for path in paths:
+        header = read_header(path)
+        offset_hu = read_offset_hu_at(path, header.pixels, header.rows, header.cols, header.rescale_slope,
+                                      header.rescale_intercept, offset=1024)
+        np.testing.assert_array_equal(offset_hu, read_hu(path) + 1024)
+        for size in (512, 256):
+            np.testing.assert_array_equal(stored_values_of_offset_hu(offset_hu, size),
+                                          stored_values(to_model_hu(read_hu(path), size)), err_msg=f"{path} {size}")
+
+
 def test_encode_clips_and_rounds():
-    hu = np.array([[-3000.0, -1024.4], [39.6, 70000.0]], dtype=np.float32)
+    hu = np.array([[-3000.0, -1024.4], [39.6, 70000.0], [40.5, 41.5]], dtype=np.float32)
     decoded = cv2.imdecode(np.frombuffer(encode_png(hu), np.uint8), cv2.IMREAD_UNCHANGED)
-    assert decoded.tolist() == [[0, 0], [1064, 65535]]
+    assert decoded.tolist() == [[0, 0], [1064, 65535], [1065, 1066]]
 
 
 def test_resume_after_kill(real_data, tmp_path):
@@ -112,9 +153,11 @@ def test_pack_groups_follow_series_and_cap_their_size(monkeypatch):
 
     monkeypatch.setattr(slices, "MAX_PACK_SLICES", 2)
     todo = pd.DataFrame({"image_id": list("abcdef"), "path": list("ABCDEF"), "series_id": ["s", "t", "s", "s", "t", "s"]})
-    assert slices.pack_groups(todo) == [[("a", "A"), ("c", "C")], [("d", "D"), ("f", "F")], [("b", "B"), ("e", "E")]]
-    assert slices.pack_groups(todo.drop(columns="series_id")) == [[("a", "A"), ("b", "B")], [("c", "C"), ("d", "D")],
-                                                                 [("e", "E"), ("f", "F")]]
+    assert slices.pack_groups(todo) == [[("a", "A", None), ("c", "C", None)], [("d", "D", None), ("f", "F", None)],
+                                        [("b", "B", None), ("e", "E", None)]]
+    assert slices.pack_groups(todo.drop(columns="series_id")) == [[("a", "A", None), ("b", "B", None)],
+                                                                 [("c", "C", None), ("d", "D", None)],
+                                                                 [("e", "E", None), ("f", "F", None)]]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "zero-fill"])
@@ -131,8 +174,9 @@ def test_damaged_pack_is_refused_on_read_and_rewritten_on_resume(real_data, tmp_
 
     with pytest.raises(DamagedSliceError, match=f"{pack.name}: slice {index['image_id'][2]}.*{expected_reason}"):
         store.read_hu(index["image_id"][2])
-    data_set = tf.data.Dataset.from_tensor_slices(store.slots(index["image_id"][2:3])).map(store.tf_read_hu)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=f"{pack.name}.*{expected_reason}"):
+    data_set = tf.data.Dataset.from_tensor_slices(store.slots(index["image_id"][2:4])).batch(2).map(store.tf_read_pngs)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=f"{pack.name}: slice {index['image_id'][2]}.*{expected_reason}"):
         list(data_set)
 
     assert write_slices(index, tmp_path, size=SIZE, workers=1) == []
@@ -168,22 +212,36 @@ def test_other_size_or_layout_in_same_store_refused(real_data, tmp_path):
         write_slices(index, tmp_path, size=SIZE, workers=1)
 
 
-def test_tf_read_hu_matches_store(real_data, tmp_path):
+def test_tf_read_pngs_reads_a_batch_that_decodes_as_the_store_does(real_data, tmp_path):
     tf = pytest.importorskip("tensorflow")
     index = series_index(real_data, 3)
     write_slices(index, tmp_path, size=SIZE, workers=1)
     store = SliceStore(tmp_path)
     slots = store.slots(index["image_id"][::-1])
-    stacked = np.stack(list(tf.data.Dataset.from_tensor_slices(slots).map(store.tf_read_hu).as_numpy_iterator()))
+    batches = tf.data.Dataset.from_tensor_slices(slots).batch(2).map(store.tf_read_pngs).unbatch()
+    stacked = np.stack(list(batches.map(lambda png: tf_decode_hu(png, SIZE)).as_numpy_iterator()))
     assert stacked.dtype == np.float32 and stacked.shape == (3, SIZE, SIZE)
     assert np.array_equal(stacked, np.stack([store.read_hu(i) for i in index["image_id"][::-1]]))
     assert not np.array_equal(stacked[0], stacked[1])
+    grid = store.tf_read_pngs(tf.constant(slots[[[0, 1], [2, 0]]]))
+    assert grid.shape == (2, 2) and grid[1, 1].numpy() == grid[0, 0].numpy() == store.read_png(slots[0])
+
+
+def test_tensorflows_png_decoder_refuses_a_chunk_whose_crc_does_not_match():
+    """TensorFlow keeps libpng's default for critical chunks: a CRC-32 mismatch is an error, never a
+    picture of zeros. Its message names no pack or image, hence the store's own check before it."""
+    tf = pytest.importorskip("tensorflow")
+    image = np.random.default_rng(0).integers(0, 4096, size=(16, 16), dtype=np.uint16)
+    png = bytearray(encode_uint16_png(image))
+    np.testing.assert_array_equal(tf.io.decode_png(bytes(png), dtype=tf.uint16).numpy()[..., 0], image)
+    idat = png.index(b"IDAT")
+    png[idat + 10] ^= 0x01  # one bit of the compressed pixels; the chunk's CRC no longer matches
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        tf.io.decode_png(bytes(png), dtype=tf.uint16)
 
 
 def test_png_encoder_round_trips_exactly_through_opencv_and_tensorflow():
     import tensorflow as tf
-
-    from ihd.slices import encode_uint16_png
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 65536, size=(37, 53), dtype=np.uint16)
