@@ -168,7 +168,8 @@ def training_dataset(
 
     data = data.map(prepared, num_parallel_calls=AUTOTUNE)
     drop_remainder = len(epoch_rows) >= batch_size
-    return data.batch(batch_size, drop_remainder=drop_remainder).prefetch(AUTOTUNE)
+    batches = len(epoch_rows) // batch_size if drop_remainder else 1
+    return with_batches(data.batch(batch_size, drop_remainder=drop_remainder), batches)
 
 
 def inference_dataset(
@@ -183,4 +184,11 @@ def inference_dataset(
     reader = StackReader(index, store, recipe, image_size)
     data = reader.read_batches(tf.data.Dataset.from_tensor_slices(np.asarray(rows, dtype=np.int64)))
     data = data.map(lambda row, pngs: reader.expand(reader.decode_sources(pngs)), num_parallel_calls=AUTOTUNE)
-    return data.batch(batch_size).prefetch(AUTOTUNE)
+    return with_batches(data.batch(batch_size), -(-len(rows) // batch_size))
+
+
+def with_batches(data: tf.data.Dataset, batches: int) -> tf.data.Dataset:
+    """``data`` prefetched and declared to hold ``batches`` batches: reading a batch at a time (`read_batches`)
+    hides the count from tf.data, and Keras needs it for its progress bar's ETA and to know where an
+    epoch ends (a wrong count fails loudly)."""
+    return data.apply(tf.data.experimental.assert_cardinality(batches)).prefetch(AUTOTUNE)
