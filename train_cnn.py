@@ -26,12 +26,21 @@ from ihd.cnn import (
     MODEL_FILE,
     build_cnn,
     compile_cnn,
-    distribution_strategy,
     fit_cnn,
     load_cnn,
     publish_committed,
     set_prior_bias,
     use_mixed_precision_on_gpu,
+)
+from ihd.distributed import (
+    chief_value,
+    cluster_size,
+    distribution_strategy,
+    is_chief,
+    pipeline_seed,
+    pipeline_share,
+    steps_per_epoch,
+    worker_folder,
 )
 from ihd.end_to_end import train_end_to_end
 from ihd.features import extract_features
@@ -124,15 +133,17 @@ def check_same_run(run_dir: Path, config: dict) -> None:
         raise ValueError(f"{run_dir} was started with other settings ({details}): choose another --run")
 
 
-def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: Path, index_path: Path) -> None:
-    """Train (or resume) the CNN of ``settings`` on its fold and write the run folder."""
+def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: Path, index_path: Path,
+          strategy) -> None:
+    """Train (or resume) the CNN of ``settings`` on its fold under ``strategy`` and write the run folder
+    (on the chief; another worker of several machines writes a scratch copy it discards)."""
     import keras
 
+    run_dir = worker_folder(run_dir, strategy)
     recipe = parse_recipe(settings.recipe)
     train_rows, val_rows = fold_rows(index, settings.fold)
     labels = label_array(index)
     mixed_precision = use_mixed_precision_on_gpu()
-    strategy = distribution_strategy()
     baseline = weighted_log_loss(labels[val_rows], prior_baseline(labels[train_rows], len(val_rows)))
     config = {
         **{k: v for k, v in dataclasses.asdict(settings).items() if k not in LOCATIONS},
@@ -145,37 +156,49 @@ def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: P
         "val_prior_baseline": baseline,
         "mixed_precision": mixed_precision,
         "replicas": strategy.num_replicas_in_sync,
+        "machines": cluster_size(),
     }
     check_same_run(run_dir, config)
     write_json(run_dir / "config.json", config)
     print(f"{len(train_rows)} training and {len(val_rows)} validation slices (fold {settings.fold}); "
           f"prior baseline val weighted log loss {baseline:.4f}")
 
-    done = publish_committed(run_dir)
+    done = chief_value(strategy, publish_committed(run_dir))
     if done >= settings.epochs:
         print(f"{run_dir}: already trained for {done} epochs")
         return
     if done:
         print(f"{run_dir}: resuming at epoch {done + 1} of {settings.epochs}")
     keras.utils.set_random_seed(settings.seed)
-    train_data = training_dataset(
-        index, store, recipe, train_rows, settings.image_size, settings.batch_size,
-        seed=settings.seed, augment=settings.augment, positive_copies=settings.positive_copies,
-    )
+    epoch_rows = oversampled(train_rows, labels, settings.positive_copies)
+    steps = steps_per_epoch(len(epoch_rows), settings.batch_size, strategy)
+
+    def train_data(context):
+        """One input pipeline's share of every epoch, in per-replica batches (ihd.distributed)."""
+        return training_dataset(
+            index, store, recipe, pipeline_share(epoch_rows, context), settings.image_size,
+            context.get_per_replica_batch_size(settings.batch_size), seed=pipeline_seed(settings.seed, context),
+            augment=settings.augment,
+        )
+
     val_data = inference_dataset(index, store, recipe, val_rows, settings.image_size, settings.extract_batch_size)
-    epoch_rows = len(oversampled(train_rows, labels, settings.positive_copies))
-    total_steps = settings.epochs * max(1, epoch_rows // settings.batch_size)
+    total_steps = settings.epochs * steps
     with strategy.scope():
         model = build_cnn(settings.backbone, settings.image_size, recipe, settings.weights, settings.dropout)
         set_prior_bias(model, labels[train_rows].mean(axis=0))
         compile_cnn(model, settings.learning_rate, total_steps, int(settings.warmup_fraction * total_steps))
-    fit_cnn(model, train_data, val_data, labels[val_rows], run_dir, settings.epochs)
+    fit_cnn(model, train_data, steps, val_data, labels[val_rows], run_dir, settings.epochs)
 
 
 def main(argv: list[str] | None = None) -> Path:
     """Train and/or extract as the flags say; returns the features folder (or the run folder)."""
     settings = parse_args(argv)
     run_header(argv, settings)
+    if cluster_size() > 1 and (settings.extract_only or settings.study_labels):
+        raise SystemExit("TF_CONFIG names several machines, and only the slice CNN's training runs across machines: "
+                         "run --extract-only and --study-labels on one machine, without TF_CONFIG")
+    # Created before any TensorFlow op: several machines configure their collectives here.
+    strategy = None if settings.extract_only or settings.study_labels else distribution_strategy()
     data_dir = Path(settings.data_dir) / settings.dataset
     index_path = data_dir / "index.parquet"
     if not index_path.exists():
@@ -199,7 +222,10 @@ def main(argv: list[str] | None = None) -> Path:
                          settings.batch_size, settings.patience, settings.seed, dataclasses.asdict(settings))
         return run_dir
     if not settings.extract_only:
-        train(settings, index, store, run_dir, index_path)
+        train(settings, index, store, run_dir, index_path, strategy)
+        if not is_chief(strategy):
+            print(f"worker done: the chief's {run_dir} holds the model; it extracts the features")
+            return run_dir
         print(f"model: {run_dir / 'cnn.keras'} (best epoch in best.json), history: {run_dir / 'history.csv'}, "
               f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     if not (settings.extract or settings.extract_only):

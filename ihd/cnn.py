@@ -12,6 +12,8 @@ Training minimises binary cross-entropy weighted like the challenge (`any` count
 under a warmup + cosine schedule; the epoch kept is the one with the best validation weighted log
 loss. Every epoch is committed as one unit with the optimizer state (EpochCheckpoint), so rerunning
 the same command after a kill picks up at the epoch reached, and the history holds each epoch once.
+The training loop is ihd.distributed's, the same on one machine and on several: there, every
+machine runs these callbacks, and all but the chief write into a scratch folder they discard.
 """
 
 import importlib
@@ -19,6 +21,7 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -26,6 +29,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from ihd.distributed import chief_value, is_chief, train_epochs
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES
 from ihd.losses import weighted_binary_crossentropy
@@ -206,12 +210,6 @@ def compile_cnn(model: keras.Model, learning_rate: float, total_steps: int, warm
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss=weighted_binary_crossentropy)
 
 
-def distribution_strategy() -> tf.distribute.Strategy:
-    """MirroredStrategy across GPUs when more than one is visible, else the default strategy."""
-    gpus = tf.config.list_logical_devices("GPU")
-    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-
-
 def use_mixed_precision_on_gpu() -> bool:
     """Switch Keras to mixed float16 when a GPU is visible; returns whether it did."""
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
@@ -325,16 +323,18 @@ class EpochCheckpoint(keras.callbacks.Callback):
         os.rename(staging, committed)
         self.history, self.best = history, best
         publish_committed(self.run_dir)
+        saved = improved and is_chief(self.model.distribute_strategy)  # other machines write a scratch copy
         print(
             f"epoch {epoch + 1}: loss {logs.get('loss', math.nan):.4f} val_weighted_log_loss {loss:.4f} "
-            f"val_auc_any {logs.get('val_auc_any', math.nan):.3f}{' (best, saved)' if improved else ''}",
+            f"val_auc_any {logs.get('val_auc_any', math.nan):.3f}{' (best, saved)' if saved else ''}",
             flush=True,
         )
 
 
 def fit_cnn(
     model: keras.Model,
-    train_data: tf.data.Dataset,
+    train_data: Callable[[tf.distribute.InputContext], tf.data.Dataset],
+    steps: int,
     val_data: tf.data.Dataset,
     val_labels: np.ndarray,
     run_dir: str | Path,
@@ -342,10 +342,14 @@ def fit_cnn(
 ) -> None:
     """Train up to ``epochs``, resuming from the last epoch committed in ``run_dir/checkpoint``.
 
-    Writes cnn.keras (best validation epoch), best.json, history.csv and TensorBoard logs in tb/ in
-    ``run_dir`` (see EpochCheckpoint). A terminal gets Keras' progress bar (rate and ETA) within
-    each epoch; a log file only the line per epoch.
+    ``train_data(context)`` gives one input pipeline's per-replica batches of an epoch and ``steps``
+    is the number of global batches per epoch (see ihd.distributed: the model trains under the
+    strategy it was built in, on one machine or several). Writes cnn.keras (best validation epoch),
+    best.json, history.csv and TensorBoard logs in tb/ in ``run_dir`` (see EpochCheckpoint). The
+    chief's terminal gets Keras' progress bar (rate and ETA) within each epoch; a log file only the
+    line per epoch.
     """
+    strategy = model.distribute_strategy
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [
@@ -353,9 +357,8 @@ def fit_cnn(
         EpochCheckpoint(run_dir),
         keras.callbacks.TensorBoard(str(run_dir / "tb"), write_graph=False),
     ]
-    verbose = 1 if sys.stdout.isatty() else 0
-    model.fit(train_data, epochs=epochs, initial_epoch=epochs_done(run_dir), callbacks=callbacks, shuffle=False,
-              verbose=verbose)
+    verbose = 1 if is_chief(strategy) and sys.stdout.isatty() else 0
+    train_epochs(model, train_data, steps, epochs, chief_value(strategy, epochs_done(run_dir)), callbacks, verbose)
 
 
 def embedding_extractor(model: keras.Model) -> keras.Model:
