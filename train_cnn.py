@@ -33,6 +33,7 @@ from ihd.cnn import (
     use_mixed_precision_on_gpu,
 )
 from ihd.distributed import (
+    check_same_on_every_machine,
     chief_value,
     cluster_size,
     distribution_strategy,
@@ -50,7 +51,7 @@ from ihd.inputs import fold_rows, inference_dataset, label_array, oversampled, t
 from ihd.io import read_json, run_header, write_json
 from ihd.labels import SUBTYPES
 from ihd.metrics import prior_baseline, weighted_log_loss
-from ihd.slices import SliceStore
+from ihd.slices import MANIFEST_FILE, SliceStore
 from ihd.windows import parse_recipe
 
 # Settings that define what a run learns: a rerun with the same --run must keep them.
@@ -158,6 +159,7 @@ def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: P
         "replicas": strategy.num_replicas_in_sync,
         "machines": cluster_size(),
     }
+    check_same_on_every_machine(strategy, {**config, "slices_sha256": file_sha256(store.root / MANIFEST_FILE)})
     check_same_run(run_dir, config)
     write_json(run_dir / "config.json", config)
     print(f"{len(train_rows)} training and {len(val_rows)} validation slices (fold {settings.fold}); "

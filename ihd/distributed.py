@@ -32,7 +32,9 @@ Roles. The chief (TF_CONFIG's chief, or worker 0 without one) writes the run. Ev
 the same code into a scratch folder deleted when it exits, because saving and validating take
 part in collectives that every machine must join. When training resumes, the chief restores the
 last committed epoch and `train_epochs` then sends its weights and optimizer state to every worker,
-so no other machine needs a copy of the run folder.
+so no other machine needs a copy of the run folder. Before training, `check_same_on_every_machine`
+compares a fingerprint of each machine's settings and dataset with the chief's, and stops every
+machine when one differs.
 """
 
 import atexit
@@ -46,6 +48,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+
+from ihd.fingerprint import fingerprint
 
 TASK_TYPES = ("chief", "worker")  # the TF_CONFIG task types that train
 TF_CONFIG_EXAMPLE = '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}'
@@ -150,16 +154,36 @@ def replica_averager(strategy: tf.distribute.Strategy, variables: list) -> Calla
     return tf.function(lambda: strategy.run(replica_fn))
 
 
-def chief_value(strategy: tf.distribute.Strategy, value: int) -> int:
-    """The chief's ``value`` of an int, on every machine (all must call this at the same point)."""
+def _replica_sum(strategy: tf.distribute.Strategy, value: int, chief_only: bool) -> int:
+    """The sum over replicas of an int, ``value`` on each (or on replica 0 only, the chief's first, and 0
+    elsewhere), on every machine: a collective that all must join at the same point."""
     def replica_fn():
         context = tf.distribute.get_replica_context()
-        mine = tf.where(tf.equal(context.replica_id_in_sync_group, 0), tf.constant(int(value), tf.int64),
-                        tf.constant(0, tf.int64))
+        mine = tf.constant(int(value), tf.int64)
+        if chief_only:
+            mine = tf.where(tf.equal(context.replica_id_in_sync_group, 0), mine, tf.zeros_like(mine))
         return context.all_reduce(tf.distribute.ReduceOp.SUM, mine)
 
     result = tf.function(lambda: strategy.run(replica_fn))()
     return int(strategy.experimental_local_results(result)[0])
+
+
+def chief_value(strategy: tf.distribute.Strategy, value: int) -> int:
+    """The chief's ``value`` of an int, on every machine (all must call this at the same point)."""
+    return _replica_sum(strategy, value, chief_only=True)
+
+
+def check_same_on_every_machine(strategy: tf.distribute.Strategy, inputs: dict) -> None:
+    """Refuse, on every machine at once, a run whose ``inputs`` (the settings, the dataset's fingerprints)
+    differ between machines: each would read other slices or take other steps than the chief's."""
+    mine = int(fingerprint(inputs)[:15], 16)  # 60 bits: fits an int64
+    differs = mine != chief_value(strategy, mine)
+    differing = _replica_sum(strategy, int(differs), chief_only=False)
+    if differing:
+        raise ValueError(f"the machines were not given the same run: its settings or dataset differ from the chief's "
+                         f"on {differing} of {strategy.num_replicas_in_sync} replicas (this machine's "
+                         f"{'differ' if differs else 'match'}): run the same train_cnn.py command on copies of the "
+                         "same prepared dataset on every machine")
 
 
 def moving_statistics(model: keras.Model) -> list:

@@ -162,8 +162,9 @@ def _free_ports(count):
     return ports
 
 
-def _run_workers(flags, tmp_path, count=2, timeout_s=300):
-    """Start ``count`` workers of train_cnn.py on loopback; returns their output prefixes and logs."""
+def _run_workers(flags, tmp_path, count=2, extra_flags=None, timeout_s=300):
+    """Run ``count`` workers of train_cnn.py on loopback (worker k with ``extra_flags[k]`` added); returns
+    their output prefixes, exit codes and logs."""
     cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(count)]}
     workers = []
     for index in range(count):
@@ -173,8 +174,9 @@ def _run_workers(flags, tmp_path, count=2, timeout_s=300):
                "TMPDIR": str(scratch), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2",
                "PYTHONPATH": str(ROOT)}
         log = open(tmp_path / f"worker{index}.log", "w")
-        process = subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / f"worker{index}"), *flags], cwd=ROOT,
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+        command = [sys.executable, "-c", WORKER, str(tmp_path / f"worker{index}"), *flags,
+                   *(extra_flags[index] if extra_flags else [])]
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         workers.append((process, log))
     try:
         for process, _ in workers:
@@ -186,21 +188,24 @@ def _run_workers(flags, tmp_path, count=2, timeout_s=300):
                 process.wait()
             log.close()
     logs = [(tmp_path / f"worker{index}.log").read_text() for index in range(count)]
-    for (process, _), log in zip(workers, logs):
-        assert process.returncode == 0, log[-3000:]
-    return [tmp_path / f"worker{index}" for index in range(count)], logs
+    return [tmp_path / f"worker{index}" for index in range(count)], [p.returncode for p, _ in workers], logs
+
+
+def _tiny_flags(prepared_synthetic, tmp_path):
+    return ["--dataset", prepared_synthetic.name, "--data-dir", str(prepared_synthetic.parent),
+            "--models-dir", str(tmp_path / "models"), "--backbone", "tiny", "--weights", "none",
+            "--image-size", "32", "--batch-size", "8", "--run", "tiny", "--no-extract"]
 
 
 def test_two_cpu_workers_on_loopback_resume_a_run_and_train_an_epoch_to_the_same_weights(prepared_synthetic, tmp_path):
-    flags = ["--dataset", prepared_synthetic.name, "--data-dir", str(prepared_synthetic.parent),
-             "--models-dir", str(tmp_path / "models"), "--backbone", "tiny", "--weights", "none",
-             "--image-size", "32", "--batch-size", "8", "--run", "tiny", "--no-extract"]
+    flags = _tiny_flags(prepared_synthetic, tmp_path)
     run_dir = train_cnn.main([*flags, "--epochs", "1"])  # epoch 1 on this one machine
     first_epoch = pd.read_csv(run_dir / "history.csv")
     epoch_1 = {w.path: w.numpy() for w in keras.models.load_model(run_dir / "cnn.keras", compile=False).weights}
 
     # epoch 2 on two machines: the chief resumes from its run folder, the other worker has none
-    outputs, logs = _run_workers([*flags, "--epochs", "2"], tmp_path)
+    outputs, codes, logs = _run_workers([*flags, "--epochs", "2"], tmp_path)
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     chief, worker = (dict(np.load(f"{prefix}-weights.npz")) for prefix in outputs)
 
     # the same model and optimizer state on both, moved from epoch 1 by one epoch of steps
@@ -251,3 +256,14 @@ def test_two_cpu_workers_on_loopback_resume_a_run_and_train_an_epoch_to_the_same
                                  32, 64)
     score = weighted_log_loss(label_array(index)[val_rows], model.predict(val_data, verbose=0))
     assert score == pytest.approx(history["val_weighted_log_loss"].iloc[1], rel=1e-5)
+
+
+def test_machines_given_different_runs_all_refuse_to_train(prepared_synthetic, tmp_path):
+    # another seed on one machine: it would shuffle and augment other batches than the chief expects
+    _, codes, logs = _run_workers([*_tiny_flags(prepared_synthetic, tmp_path), "--epochs", "1"], tmp_path,
+                                  extra_flags=[[], ["--seed", "1"]])
+    assert codes[0] != 0 and codes[1] != 0, "\n".join(log[-3000:] for log in logs)
+    for log, mine in zip(logs, ("match", "differ")):
+        assert (f"differ from the chief's on 1 of 2 replicas (this machine's {mine}): run the same train_cnn.py "
+                "command") in log
+    assert not (tmp_path / "models").exists()
