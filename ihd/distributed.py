@@ -137,7 +137,7 @@ def broadcast_from_chief(strategy: tf.distribute.Strategy, variables: list) -> N
     def replica_fn():
         context = tf.distribute.get_replica_context()
         source = tf.equal(context.replica_id_in_sync_group, 0)
-        for variable in variables:
+        for variable in variables:  # one collective each: a batched one needs a single dtype
             mine = tf.where(source, variable, tf.zeros_like(variable))
             variable.assign(context.all_reduce(tf.distribute.ReduceOp.SUM, mine))
 
@@ -145,11 +145,13 @@ def broadcast_from_chief(strategy: tf.distribute.Strategy, variables: list) -> N
 
 
 def replica_averager(strategy: tf.distribute.Strategy, variables: list) -> Callable[[], None]:
-    """A function that sets ``variables`` on every replica to their mean over all replicas (a collective)."""
+    """A function that sets ``variables`` (float32) on every replica to their mean over all replicas, in one
+    batched collective."""
     def replica_fn():
         context = tf.distribute.get_replica_context()
-        for variable in variables:
-            variable.assign(context.all_reduce(tf.distribute.ReduceOp.MEAN, tf.identity(variable)))
+        means = context.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(variable) for variable in variables])
+        for variable, mean in zip(variables, means):
+            variable.assign(mean)
 
     return tf.function(lambda: strategy.run(replica_fn))
 
