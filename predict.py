@@ -43,10 +43,11 @@ from ihd.index import build_index, drop_unreadable
 from ihd.inference import (
     Chain,
     ChainError,
+    average_predictions,
     cached_test_features,
     chain_inputs,
     draw_study_pictures,
-    load_chain,
+    load_chains,
     predict_dicom_index,
     predict_test_split,
     read_model_hu,
@@ -122,14 +123,23 @@ def training_prior(features) -> np.ndarray:
     return prior_baseline(label_array(features.index)[train_rows], 1)[0]
 
 
-def predict_dataset(settings: Settings, chain: Chain) -> Path:
-    """Test split -> validated submission, scores against the truth if known, Grad-CAM pictures."""
-    features = cached_test_features(chain, settings.data_dir, settings.features_dir, settings.models_dir)
-    predictions = predict_test_split(chain, features)
-    prior = training_prior(features)
+def chains_prior(settings: Settings, chains: list[Chain]) -> np.ndarray:
+    """The training prior of the chains' runs (the mean of the members' for a fold ensemble)."""
+    return np.mean([training_prior(load_features(Path(settings.features_dir) / chain.run)) for chain in chains], axis=0)
+
+
+def predict_dataset(settings: Settings, chains: list[Chain]) -> Path:
+    """Test split -> validated submission, scores against the truth if known, Grad-CAM pictures; a fold
+    ensemble's members are averaged."""
+    chain = chains[0]
+    predictions = average_predictions([
+        predict_test_split(member, cached_test_features(member, settings.data_dir, settings.features_dir,
+                                                        settings.models_dir))
+        for member in chains])
+    prior = chains_prior(settings, chains)
     dataset_dir = Path(settings.data_dir) / chain.cnn_config["dataset"]
     sample_path = Path(settings.sample) if settings.sample else dataset_dir / "raw" / SAMPLE_SUBMISSION
-    out_path = Path(settings.submissions_dir) / f"{chain.run}-{chain.slug}.csv"
+    out_path = Path(settings.submissions_dir) / f"{settings.run}-{chain.slug}.csv"
     write_submission(predictions.wide(), sample_path, out_path, prior)
     print(f"submission: {out_path} ({len(predictions.index)} test slices, validated against {sample_path})")
 
@@ -138,10 +148,11 @@ def predict_dataset(settings: Settings, chain: Chain) -> Path:
         scores = scores_on_truth(read_long_labels(truth), {"cnn": predictions.wide("cnn"), "cnn+lstm": predictions.wide()}, prior)
         print(f"test scores ({truth}):\n{format_scores(scores)}")
         write_json(out_path.with_name(f"{out_path.stem}-scores.json"),
-                   {"scores": scores, "truth": truth, "selection": chain.selection_name, "settings": settings})
+                   {"scores": scores, "truth": truth, "selection": chain.selection_name,
+                    "members": [member.run for member in chains], "settings": settings})
 
     if settings.gradcam > 0:
-        out_dir = Path(settings.submissions_dir) / f"{chain.run}-gradcam"
+        out_dir = Path(settings.submissions_dir) / f"{settings.run}-gradcam"
         store = SliceStore(dataset_dir / "slices")
         reader = store_hu_reader(predictions.index, store, chain.image_size)
         pictures = draw_study_pictures(chain, predictions, reader, out_dir, settings.gradcam, settings.gradcam_method)
@@ -149,7 +160,7 @@ def predict_dataset(settings: Settings, chain: Chain) -> Path:
         print(f"grad-cam: {len(pictures)} pictures in {out_dir}")
     if settings.submit:
         try:
-            submit(out_path, settings.message or f"{chain.run} {chain.selection_name}")
+            submit(out_path, settings.message or f"{settings.run} {chain.selection_name}")
         except KaggleAccessError as error:
             raise SystemExit(f"--submit: {out_path} was written but not sent. {error}") from None
         print(f"submitted {out_path}")
@@ -208,18 +219,19 @@ def write_folder_studies(settings: Settings, chain: Chain, study: StudyModel, pr
     return csv_path
 
 
-def predict_folder(settings: Settings, chain: Chain, study: StudyModel | None = None) -> Path:
+def predict_folder(settings: Settings, chains: list[Chain], study: StudyModel | None = None) -> Path:
     """A plain DICOM folder -> per-slice probabilities CSV (CNN+LSTM and CNN alone) and pictures;
-    with a study model, studies.csv beside it."""
+    with a study model, studies.csv beside it. A fold ensemble's members are averaged."""
+    chain = chains[0]
     folder = Path(settings.dicom_dir)
-    out_dir = Path(settings.out) if settings.out else Path(settings.submissions_dir) / f"{chain.run}-{chain.slug}-{folder.name}"
+    out_dir = Path(settings.out) if settings.out else Path(settings.submissions_dir) / f"{settings.run}-{chain.slug}-{folder.name}"
     index = build_index([(folder, "test")], out_dir, workers=1, non_ct_as_hu=settings.read_non_ct_as_hu)
     hu, failures = read_model_hu(index, chain.image_size, settings.read_non_ct_as_hu)
     if failures:
         index = drop_unreadable(out_dir, failures)
     if index.empty:
         raise SystemExit(f"{folder}: no readable DICOM slices (see {out_dir / 'bad_files.csv'})")
-    predictions = predict_dicom_index(chain, index, hu)
+    predictions = average_predictions([predict_dicom_index(member, index, hu) for member in chains])
     table = index[["image_id", "patient_id", "study_id", "series_id", "position", "z", "path"]].copy()
     table[list(SUBTYPES)] = predictions.lstm
     table[[f"cnn_{s}" for s in SUBTYPES]] = predictions.cnn
@@ -230,7 +242,7 @@ def predict_folder(settings: Settings, chain: Chain, study: StudyModel | None = 
     print(f"probabilities: {csv_path} ({len(table)} slices in {index['study_id'].nunique()} studies)")
     print(table.groupby("study_id")["any"].max().rename("highest any probability").to_string())
     if settings.labels:
-        score_folder(settings, chain, table, out_dir)
+        score_folder(settings, chains, table, out_dir)
     if study is not None:
         write_folder_studies(settings, chain, study, predictions, hu, out_dir)
     elif settings.gradcam > 0:
@@ -242,9 +254,10 @@ def predict_folder(settings: Settings, chain: Chain, study: StudyModel | None = 
     return csv_path
 
 
-def score_folder(settings: Settings, chain: Chain, table, out_dir: Path) -> Path:
+def score_folder(settings: Settings, chains: list[Chain], table, out_dir: Path) -> Path:
     """Score the folder's probabilities against --labels, next to the training prior; saved beside them."""
-    prior = training_prior(load_features(Path(settings.features_dir) / chain.run))
+    chain = chains[0]
+    prior = chains_prior(settings, chains)
     report = folder_scores(table, read_long_labels(settings.labels), prior)
     path = out_dir / "scores.json"
     write_json(path, {"scores": report, "labels": settings.labels, "selection": chain.selection_name,
@@ -272,15 +285,16 @@ def main(argv: list[str] | None = None) -> Path:
                                  f"not {settings.selection}")
             settings.selection = study.record["selection"]
             print(f"study model: {study.name}")
-        chain = load_chain(settings.run, settings.selection, settings.models_dir, settings.features_dir)
-        print(f"chain: {settings.run}, selection {chain.selection_name}")
+        chains = load_chains(settings.run, settings.selection, settings.models_dir, settings.features_dir)
+        members = f" (fold ensemble of {', '.join(chain.run for chain in chains)})" if len(chains) > 1 else ""
+        print(f"chain: {settings.run}, selection {chains[0].selection_name}{members}")
         if study is not None:
-            check_study_belongs(study, chain, settings.models_dir)
+            check_study_belongs(study, chains[0], settings.models_dir)
         if settings.dicom_dir:
-            return predict_folder(settings, chain, study)
+            return predict_folder(settings, chains, study)
         if study is not None:
-            return predict_dataset_studies(settings, chain, study)
-        return predict_dataset(settings, chain)
+            return predict_dataset_studies(settings, chains[0], study)
+        return predict_dataset(settings, chains)
     except ChainError as error:
         raise SystemExit(str(error)) from None
 

@@ -27,6 +27,7 @@ from ihd.flags import dataset_name, existing_folder, int_in
 from ihd.index import FOLD_BALANCES, build_index, drop_unreadable
 from ihd.io import read_json, run_header
 from ihd.kaggle_api import COMPETITION, KaggleAccessError, kaggle_api, network_hint
+from ihd.presets import apply_preset
 from ihd.slices import CONFIG_FILE as STORE_CONFIG, check_store, write_slices
 
 TRAIN_DIR, TEST_DIR, TRAIN_LABELS = "stage_2_train", "stage_2_test", "stage_2_train.csv"
@@ -48,8 +49,10 @@ class Settings:
     download: bool = False  # fetch the competition files from Kaggle first
     dicom_dir: str | None = None  # a plain folder of DICOM files to predict on: split "test", unlabeled
     size: int = 256  # stored slice size: 512 -> 256 keeps a bleed visible at a quarter of the pixels
-    folds: int = 5  # the paper's cross-validation, grouped by patient
+    folds: int = 5  # cross-validation folds grouped by patient: every fold can validate (fold ensembles)
     fold_balance: str = "slices"  # balance folds by slice count (what training time follows) or patients
+    train_series: int = 0  # 0: folds by patient; N: the paper's split, the first N series train (fold 0), the rest validate
+    preset: str = ""  # a named set of settings (ihd.presets): paper prepares the data as the paper's code did
     workers: int | None = None  # processes for scanning and storing; None uses every core
     read_non_ct_as_hu: bool = False  # read modalities other than CT (e.g. OT exports of raw HU) as HU; else refused
 
@@ -76,8 +79,10 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--folds", type=int_in(2, meaning=": one fold validates while the others train"),
                         default=defaults.folds)
     parser.add_argument("--fold-balance", choices=FOLD_BALANCES, default=defaults.fold_balance)
+    parser.add_argument("--train-series", type=int_in(0, meaning=" series"), default=defaults.train_series)
     parser.add_argument("--workers", type=int_in(1, meaning=" (worker processes)"), default=defaults.workers)
     parser.add_argument("--read-non-ct-as-hu", action="store_true")
+    apply_preset(parser, "prepare", argv)
     settings = Settings(**vars(parser.parse_args(argv)))
     if not settings.synthetic:
         stray = [flag for flag, value in (("--small", settings.small), ("--train-studies", settings.train_studies),
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> Path:
     sources, labels = index_sources(settings, raw)
     index = build_index(sources, dataset_dir, labels_csv=labels, folds=settings.folds, balance=settings.fold_balance,
                         seed=settings.seed, workers=settings.workers, extra_config={"prepare_data": settings}, resume=True,
-                        non_ct_as_hu=settings.read_non_ct_as_hu)
+                        non_ct_as_hu=settings.read_non_ct_as_hu, train_series=settings.train_series)
     failures = write_slices(index, dataset_dir / "slices", size=settings.size, workers=settings.workers,
                             non_ct_as_hu=settings.read_non_ct_as_hu)
     index = drop_unreadable(dataset_dir, failures)

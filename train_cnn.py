@@ -23,7 +23,9 @@ from pathlib import Path
 import pandas as pd
 
 from ihd.cnn import (
+    KEEPS,
     MODEL_FILE,
+    SCHEDULES,
     build_cnn,
     compile_cnn,
     fit_cnn,
@@ -44,30 +46,35 @@ from ihd.distributed import (
     worker_folder,
 )
 from ihd.end_to_end import train_end_to_end
-from ihd.features import extract_features
+from ihd.features import TTAS, extract_features
 from ihd.fingerprint import file_sha256
-from ihd.flags import backbone_name, fraction, non_negative_int, positive_float, positive_int, recipe_spec
+from ihd.ensemble import ALL_FOLDS, labeled_folds, member_runs, write_ensemble
+from ihd.flags import backbone_name, fold_spec, fraction, non_negative_int, positive_float, positive_int, recipe_spec
 from ihd.inputs import fold_rows, inference_dataset, label_array, oversampled, training_dataset
 from ihd.io import read_json, run_header, write_json
 from ihd.labels import SUBTYPES
+from ihd.losses import LOSSES
 from ihd.metrics import prior_baseline, weighted_log_loss
+from ihd.normalization import INPUT_NORMS, normalising_affine, window_moments
+from ihd.presets import apply_preset
 from ihd.slices import MANIFEST_FILE, SliceStore
 from ihd.windows import parse_recipe
 
 # Settings that define what a run learns: a rerun with the same --run must keep them.
 RUN_DEFINING = (
     "dataset", "backbone", "weights", "image_size", "recipe", "fold", "dropout",
-    "learning_rate", "positive_copies", "augment", "seed",
+    "learning_rate", "positive_copies", "augment", "seed", "input_norm", "loss", "schedule", "keep", "prior_bias",
 )
 # Settings that say where things are, not what is made: left out of config.json, whose contents
 # must not depend on the working directory.
 LOCATIONS = ("data_dir", "models_dir", "features_dir")
 FLAG_TYPES = {
-    "backbone": backbone_name, "image_size": positive_int, "recipe": recipe_spec, "fold": non_negative_int,
+    "backbone": backbone_name, "image_size": positive_int, "recipe": recipe_spec, "fold": fold_spec,
     "epochs": positive_int, "batch_size": positive_int, "learning_rate": positive_float,
     "warmup_fraction": fraction, "dropout": fraction, "positive_copies": positive_int, "seed": non_negative_int,
     "extract_batch_size": positive_int, "frames": positive_int, "lstm_units": positive_int, "patience": positive_int,
 }
+CHOICES = {"input_norm": INPUT_NORMS, "loss": tuple(LOSSES), "schedule": SCHEDULES, "keep": KEEPS, "tta": TTAS}
 
 
 @dataclass
@@ -80,7 +87,7 @@ class Settings:
     weights: str = "imagenet"  # ImageNet features train far faster than scratch; none or a file offline
     image_size: int = 256  # the paper's downsampled size; smaller than the store's is resized on the fly
     recipe: str = "windows"  # brain/subdural/soft-tissue windows as in the paper; adjacent for s-1, s, s+1
-    fold: int = 0  # validation fold (folds are grouped by patient in the index)
+    fold: int | str = 0  # validation fold (folds are grouped by patient in the index); all: one CNN per fold
     epochs: int = 5  # the paper's CNNs converge in a few epochs over 670k slices
     batch_size: int = 32  # fits a 256x256 MobileNetV2 on an 8 GB GPU
     learning_rate: float = 5e-4  # peak Adam rate after warmup; fine-tuning tolerates it with BatchNorm
@@ -89,9 +96,16 @@ class Settings:
     positive_copies: int = 1  # each slice with a bleed appears this many times per epoch (about 14% are positive)
     augment: bool = True  # flip, shift-scale-rotate, brightness/contrast: slices vary in position and scanner
     seed: int = 0  # weights, shuffling and augmentation are reproducible
+    input_norm: str = "backbone"  # each window scaled to the backbone's input range; dataset: by its mean and std
+    loss: str = "weighted"  # cross-entropy weighted like the metric (any twice); bce: the six labels alike
+    schedule: str = "cosine"  # warmup then cosine decay; constant: the learning rate throughout
+    keep: str = "best"  # cnn.keras is the best validation epoch; last: the last epoch
+    prior_bias: bool = True  # the head starts at the training label frequencies
+    preset: str = ""  # a named set of settings (ihd.presets): paper runs the paper's recipe
     extract: bool = True  # cache embeddings after training; stage 2 needs them
     extract_only: bool = False  # only (re)run the extraction of an already trained run
     extract_batch_size: int = 64  # inference batches; larger is faster until memory runs out
+    tta: str = "none"  # cached features of each slice alone, or (flip) averaged with its left-right mirror
     data_dir: str = "data"  # where datasets live
     models_dir: str = "models"  # where CNN runs go
     features_dir: str = "features"  # where cached embeddings go
@@ -109,16 +123,24 @@ def parse_args(argv: list[str] | None) -> Settings:
     for field in dataclasses.fields(Settings):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
+        if field.name == "preset":
+            continue
         if field.type is bool or isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
-            parser.add_argument(flag, type=FLAG_TYPES.get(field.name, type(default)), default=default)
+            parser.add_argument(flag, type=FLAG_TYPES.get(field.name, type(default)), default=default,
+                                choices=CHOICES.get(field.name))
+    apply_preset(parser, "cnn", argv)
     settings = Settings(**vars(parser.parse_args(argv)))
+    if settings.fold == ALL_FOLDS and (settings.study_labels or settings.extract_only):
+        parser.error("--fold all trains one CNN per fold: not with --study-labels or --extract-only "
+                     "(rerun --fold all to extract what is missing)")
     if not settings.run:
         recipe_slug = re.sub(r"[^0-9a-z]+", "_", parse_recipe(settings.recipe).name.lower()).strip("_")
-        settings.run = (
-            f"{settings.dataset}-{settings.backbone.lower()}-{settings.image_size}-{recipe_slug}-fold{settings.fold}"
-        ) + ("-end2end" if settings.study_labels else "")
+        settings.run = f"{settings.dataset}-{settings.backbone.lower()}-{settings.image_size}-{recipe_slug}"
+        if settings.fold != ALL_FOLDS:
+            settings.run += f"-fold{settings.fold}"
+        settings.run += "-end2end" if settings.study_labels else ""
     return settings
 
 
@@ -146,6 +168,9 @@ def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: P
     labels = label_array(index)
     mixed_precision = use_mixed_precision_on_gpu()
     baseline = weighted_log_loss(labels[val_rows], prior_baseline(labels[train_rows], len(val_rows)))
+    moments = None if settings.input_norm == "backbone" else window_moments(
+        index, store, recipe, train_rows, settings.image_size, seed=settings.seed)
+    scaling = None if moments is None else normalising_affine(*moments)
     config = {
         **{k: v for k, v in dataclasses.asdict(settings).items() if k not in LOCATIONS},
         "recipe": recipe.spec,
@@ -158,6 +183,7 @@ def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: P
         "mixed_precision": mixed_precision,
         "replicas": strategy.num_replicas_in_sync,
         "machines": cluster_size(),
+        "input_moments": None if moments is None else {"mean": moments[0], "std": moments[1]},
     }
     check_same_on_every_machine(strategy, {**config, "slices_sha256": file_sha256(store.root / MANIFEST_FILE)})
     check_same_run(run_dir, config)
@@ -186,47 +212,24 @@ def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: P
     val_data = inference_dataset(index, store, recipe, val_rows, settings.image_size, settings.extract_batch_size)
     total_steps = settings.epochs * steps
     with strategy.scope():
-        model = build_cnn(settings.backbone, settings.image_size, recipe, settings.weights, settings.dropout)
-        set_prior_bias(model, labels[train_rows].mean(axis=0))
-        compile_cnn(model, settings.learning_rate, total_steps, int(settings.warmup_fraction * total_steps))
-    fit_cnn(model, train_data, steps, val_data, labels[val_rows], run_dir, settings.epochs)
+        model = build_cnn(settings.backbone, settings.image_size, recipe, settings.weights, settings.dropout, scaling)
+        if settings.prior_bias:
+            set_prior_bias(model, labels[train_rows].mean(axis=0))
+        compile_cnn(model, settings.learning_rate, total_steps, int(settings.warmup_fraction * total_steps),
+                    settings.loss, settings.schedule)
+    fit_cnn(model, train_data, steps, val_data, labels[val_rows], run_dir, settings.epochs, settings.keep)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Train and/or extract as the flags say; returns the features folder (or the run folder)."""
-    settings = parse_args(argv)
-    run_header(argv, settings)
-    if cluster_size() > 1 and (settings.extract_only or settings.study_labels):
-        raise SystemExit("TF_CONFIG names several machines, and only the slice CNN's training runs across machines: "
-                         "run --extract-only and --study-labels on one machine, without TF_CONFIG")
-    # Created before any TensorFlow op: several machines configure their collectives here.
-    strategy = None if settings.extract_only or settings.study_labels else distribution_strategy()
-    data_dir = Path(settings.data_dir) / settings.dataset
-    index_path = data_dir / "index.parquet"
-    if not index_path.exists():
-        data_flag = "" if settings.data_dir == "data" else f" --data-dir {settings.data_dir}"
-        raise FileNotFoundError(
-            f"{index_path} not found: prepare the dataset first with prepare_data.py --dataset {settings.dataset}"
-            f"{data_flag} and --synthetic, --download or --dicom-dir DIR"
-        )
-    index = pd.read_parquet(index_path)
-    store = SliceStore(data_dir / "slices")
+def train_and_extract(settings: Settings, index: pd.DataFrame, index_path: Path, store: SliceStore,
+                      strategy) -> Path:
+    """Train (or resume) one fold's CNN under ``strategy`` and cache its features, as the flags say; returns
+    the features folder (or the run folder when nothing is extracted, or on a worker other than the chief)."""
     run_dir = Path(settings.models_dir) / settings.run
     features_dir = Path(settings.features_dir) / settings.run
-
-    if settings.study_labels:
-        use_mixed_precision_on_gpu()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", {**dataclasses.asdict(settings), "index_path": str(index_path)})
-        train_end_to_end(index, store, data_dir, run_dir, settings.study_labels, settings.label_set, settings.fold,
-                         settings.backbone, settings.image_size, settings.recipe, settings.weights, settings.frames,
-                         settings.lstm_units, settings.dropout, settings.learning_rate, settings.epochs,
-                         settings.batch_size, settings.patience, settings.seed, dataclasses.asdict(settings))
-        return run_dir
     if not settings.extract_only:
         train(settings, index, store, run_dir, index_path, strategy)
         if not is_chief(strategy):
-            print(f"worker done: the chief's {run_dir} holds the model; it extracts the features")
+            print(f"worker done: the model is in the chief's {run_dir}", flush=True)
             return run_dir
         print(f"model: {run_dir / 'cnn.keras'} (best epoch in best.json), history: {run_dir / 'history.csv'}, "
               f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
@@ -237,9 +240,53 @@ def main(argv: list[str] | None = None) -> Path:
                          "without --extract-only")
     model, config = load_cnn(run_dir)
     extract_features(model, config, file_sha256(run_dir / MODEL_FILE), index, index_path, store, features_dir,
-                     batch_size=settings.extract_batch_size)
+                     batch_size=settings.extract_batch_size, tta=settings.tta)
     print(f"features: {features_dir} ({len(index)} slices, float16 embeddings and probabilities)")
     return features_dir
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Train and/or extract as the flags say; returns the features folder (or the run folder, or with
+    --fold all the ensemble's folder)."""
+    settings = parse_args(argv)
+    run_header(argv, settings)
+    if cluster_size() > 1 and (settings.extract_only or settings.study_labels):
+        raise SystemExit("TF_CONFIG names several machines, and only the slice CNN's training runs across machines: "
+                         "run --extract-only and --study-labels on one machine, without TF_CONFIG")
+    strategy = distribution_strategy()  # before any TensorFlow op: several machines configure their collectives here
+    data_dir = Path(settings.data_dir) / settings.dataset
+    index_path = data_dir / "index.parquet"
+    if not index_path.exists():
+        data_flag = "" if settings.data_dir == "data" else f" --data-dir {settings.data_dir}"
+        raise FileNotFoundError(
+            f"{index_path} not found: prepare the dataset first with prepare_data.py --dataset {settings.dataset}"
+            f"{data_flag} and --synthetic, --download or --dicom-dir DIR"
+        )
+    index = pd.read_parquet(index_path)
+    store = SliceStore(data_dir / "slices")
+
+    if settings.study_labels:
+        run_dir = Path(settings.models_dir) / settings.run
+        use_mixed_precision_on_gpu()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", {**dataclasses.asdict(settings), "index_path": str(index_path)})
+        train_end_to_end(index, store, data_dir, run_dir, settings.study_labels, settings.label_set, settings.fold,
+                         settings.backbone, settings.image_size, settings.recipe, settings.weights, settings.frames,
+                         settings.lstm_units, settings.dropout, settings.learning_rate, settings.epochs,
+                         settings.batch_size, settings.patience, settings.seed, dataclasses.asdict(settings))
+        return run_dir
+    if settings.fold != ALL_FOLDS:
+        return train_and_extract(settings, index, index_path, store, strategy)
+    folds = labeled_folds(index)
+    members = member_runs(settings.run, folds)
+    for number, (fold, member) in enumerate(zip(folds, members), start=1):
+        print(f"fold {fold} ({number} of {len(folds)}): run {member}", flush=True)
+        train_and_extract(dataclasses.replace(settings, fold=fold, run=member), index, index_path, store, strategy)
+    if not is_chief(strategy):
+        return Path(settings.models_dir) / settings.run
+    record = write_ensemble(settings.models_dir, settings.run, members, folds, dataclasses.asdict(settings))
+    print(f"fold ensemble: {record} ({len(members)} CNNs, one per validation fold)")
+    return record.parent
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ihd.cnn import MODEL_FILE
+from ihd.cnn import KEEPS, MODEL_FILE
+from ihd.ensemble import read_ensemble
 from ihd.features import (
     FeaturesNotReady,
     extraction_command,
@@ -43,12 +44,15 @@ from ihd.features import (
     selection_slug,
 )
 from ihd.fingerprint import SHORT, file_sha256, fingerprint, what_changed
-from ihd.flags import fraction, non_negative_int, positive_float, positive_int, selection_spec
+from ihd.flags import fraction, non_negative_float, non_negative_int, positive_float, positive_int, selection_spec
 from ihd.inputs import fold_rows, label_array
 from ihd.io import atomic_path, read_json, run_header, write_json
 from ihd.labels import SUBTYPES
+from ihd.losses import LOSSES
 from ihd.metrics import summary
+from ihd.presets import apply_preset, stage_values
 from ihd.sequence import (
+    HEADS,
     build_lstm,
     compile_lstm,
     fit_lstm,
@@ -62,8 +66,8 @@ from ihd.study_stage import INITS, STUDY_MODELS, StudyOptions, study_summary, tr
 
 CNN_ROW = "cnn"
 # The settings that shape a trained LSTM; with its selection's inputs they make its fingerprint.
-LSTM_DEFINED_BY = ("layers", "units", "dropout", "residual", "epochs", "batch_size", "min_steps", "learning_rate",
-                   "patience", "seed")
+LSTM_DEFINED_BY = ("layers", "units", "dropout", "head", "standardize", "neighbour_differences", "loss", "clipnorm",
+                   "epochs", "batch_size", "min_steps", "learning_rate", "patience", "keep", "seed")
 
 
 @dataclass
@@ -72,16 +76,23 @@ class Settings:
 
     run: str = ""  # features/<run>/ to read and models/<run>/ to write (the CNN run's name)
     selections: list[str] = field(default_factory=lambda: ["pca:120"])  # the paper's choice; repeat --selection to compare
+    selection_sample_rows: int = 0  # fit each selection on a seeded sample of this many training rows; 0: all
     layers: int = 3  # the paper's depth
     units: int = 256  # per direction, the paper's width
-    dropout: float = 0.5  # between LSTM layers: series are few (synthetic demo, one seed: 0.5 beat 0.3 on test)
-    residual: bool = True  # learn a change to the CNN's logits (starts from its answer); --no-residual: the paper's plain head
+    dropout: float = 0.5  # after every LSTM layer: a fold's few series are easily overfit
+    head: str = "residual"  # learn a change to the CNN's logits (starts from its answer); paper: the paper's head
+    standardize: bool = True  # inputs standardised by their training moments
+    neighbour_differences: bool = False  # each slice's inputs joined by their differences to its neighbours'
+    loss: str = "weighted"  # cross-entropy weighted like the metric; bce: the six labels alike
+    clipnorm: float = 1.0  # gradients clipped at this norm; 0: not clipped
     epochs: int = 20  # series are few (about 21,000 on the real data, dozens on the synthetic one)
     batch_size: int = 128  # series per batch (of similar length): 164 steps an epoch on the real data, fast on CPU
     min_steps: int = 8  # batches shrink so that an epoch has at least this many steps: few series still train
-    learning_rate: float = 1e-3  # Adam's usual rate; gradients are clipped at norm 1
+    learning_rate: float = 1e-3  # Adam's usual rate
     patience: int = 5  # stop after this many epochs without a better validation loss
+    keep: str = "best"  # the best validation epoch; last: the last epoch (the paper's code)
     seed: int = 0  # weights and batch order are reproducible
+    preset: str = ""  # a named set of settings (ihd.presets): paper runs the paper's recipe
     ablation_only: bool = False  # only rebuild the ablation table from the models already trained
     features_dir: str = "features"  # where the CNN run's cached features are
     models_dir: str = "models"  # where the CNN run's folder is
@@ -99,12 +110,19 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--run", required=True)
     parser.add_argument("--selection", dest="selections", action="append", type=selection_spec,
                         help="repeatable; default pca:120")
+    parser.add_argument("--selection-sample-rows", type=non_negative_int, default=defaults.selection_sample_rows)
     for name in ("layers", "units", "epochs", "batch_size", "min_steps", "patience"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=positive_int, default=getattr(defaults, name))
     parser.add_argument("--seed", type=non_negative_int, default=defaults.seed)
     parser.add_argument("--dropout", type=fraction, default=defaults.dropout)
     parser.add_argument("--learning-rate", type=positive_float, default=defaults.learning_rate)
-    parser.add_argument("--residual", action=argparse.BooleanOptionalAction, default=defaults.residual)
+    parser.add_argument("--clipnorm", type=non_negative_float, default=defaults.clipnorm)
+    parser.add_argument("--head", choices=HEADS, default=defaults.head)
+    parser.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=defaults.standardize)
+    parser.add_argument("--neighbour-differences", action=argparse.BooleanOptionalAction,
+                        default=defaults.neighbour_differences)
+    parser.add_argument("--loss", choices=tuple(LOSSES), default=defaults.loss)
+    parser.add_argument("--keep", choices=KEEPS, default=defaults.keep)
     parser.add_argument("--ablation-only", action="store_true")
     parser.add_argument("--features-dir", default=defaults.features_dir)
     parser.add_argument("--models-dir", default=defaults.models_dir)
@@ -113,8 +131,10 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--study-model", choices=STUDY_MODELS, default=defaults.study_model)
     parser.add_argument("--init", choices=INITS, default=defaults.init)
     parser.add_argument("--frames", type=positive_int, default=defaults.frames)
+    preset = apply_preset(parser, "lstm", argv, leave=("selections",))
     args = vars(parser.parse_args(argv))
-    args["selections"] = args["selections"] or defaults.selections
+    args["selections"] = args["selections"] or (stage_values(preset, "lstm") if preset else {}).get(
+        "selections", defaults.selections)
     return Settings(**args)
 
 
@@ -126,7 +146,7 @@ def lstm_paths(models_dir: str | Path, run: str, selection: str) -> tuple[Path, 
 
 def lstm_inputs(settings: Settings, features, selection: str) -> dict:
     """What an LSTM trained now would be made of: its selection's inputs and the settings that shape it."""
-    return {**selection_inputs(features, selection, settings.seed),
+    return {**selection_inputs(features, selection, settings.seed, sample_rows=settings.selection_sample_rows),
             **{name: getattr(settings, name) for name in LSTM_DEFINED_BY}}
 
 
@@ -140,7 +160,7 @@ def finished_record(model_path: Path, record_path: Path) -> dict | None:
 
 def per_slice_inputs(settings: Settings, features, selection: str) -> np.ndarray:
     """Per-slice inputs of the sequence models: the selection's features, then the CNN probabilities."""
-    chosen = fitted_selection(features, selection, seed=settings.seed)
+    chosen = fitted_selection(features, selection, seed=settings.seed, sample_rows=settings.selection_sample_rows)
     return sequence_inputs(selected_features(chosen, features.embeddings), features.probabilities)
 
 
@@ -185,13 +205,14 @@ def train_selection(settings: Settings, features, selection: str) -> dict:
 
     keras.utils.set_random_seed(settings.seed)  # before the weights are drawn: the same command, the same model
     model = build_lstm(inputs_per_slice.shape[1], settings.layers, settings.units, settings.dropout,
-                       input_moments(train), residual=settings.residual)
-    compile_lstm(model, settings.learning_rate)
+                       input_moments(train) if settings.standardize else None, head=settings.head,
+                       neighbour_differences=settings.neighbour_differences)
+    compile_lstm(model, settings.learning_rate, loss=settings.loss, clipnorm=settings.clipnorm)
     record_path.unlink(missing_ok=True)  # an earlier record must not outlive the model it describes
-    best = fit_lstm(model, train, val, model_path, settings.epochs, batch_size, settings.patience, settings.seed)
+    best = fit_lstm(model, train, val, model_path, settings.epochs, batch_size, settings.patience, settings.seed,
+                    settings.keep)
 
-    rows = val.rows
-    predicted = predict_series(load_lstm(model_path), val, settings.batch_size)[rows]
+    rows, predicted = predicted_rows(load_lstm(model_path), val, settings.batch_size)
     record = {
         "selection": selection,
         "slug": selection_slug(selection),
@@ -213,6 +234,59 @@ def train_selection(settings: Settings, features, selection: str) -> dict:
     return record
 
 
+def predicted_rows(model: keras.Model, data, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a series set and the model's probabilities for them, in that order."""
+    rows = data.rows
+    return rows, predict_series(model, data, batch_size)[rows]
+
+
+def validation_predictions(settings: Settings, features, selection: str) -> tuple[np.ndarray, np.ndarray]:
+    """The validation rows of the run's fold and its trained LSTM's probabilities for them."""
+    model_path, _ = lstm_paths(settings.models_dir, settings.run, selection)
+    inputs_per_slice = per_slice_inputs(settings, features, selection)
+    _, val_rows = fold_rows(features.index, int(features.config["fold"]))
+    val = series_set(inputs_per_slice, features.index, np.isin(np.arange(len(inputs_per_slice)), val_rows))
+    return predicted_rows(load_lstm(model_path), val, settings.batch_size)
+
+
+def train_ensemble(settings: Settings, members: list[str]) -> pd.DataFrame:
+    """Train every selection's LSTM in each member run of a fold ensemble, each on its own run's features
+    and fold, then score them together: every labeled slice predicted by the member that never trained
+    on it (out of fold). Writes the ensemble's records and ablation table in models/<run>/."""
+    out_dir = Path(settings.models_dir) / settings.run
+    member_settings = [dataclasses.replace(settings, run=member) for member in members]
+    member_features = [open_features(member) for member in member_settings]
+    if not settings.ablation_only:
+        for selection in settings.selections:
+            for number, (member, features) in enumerate(zip(member_settings, member_features), start=1):
+                print(f"{selection}: member {member.run} ({number} of {len(members)})", flush=True)
+                train_selection(member, features, selection)
+    cnn_parts = []
+    for features in member_features:
+        _, val_rows = fold_rows(features.index, int(features.config["fold"]))
+        cnn_parts.append((features, val_rows, features.probabilities[val_rows]))
+    rows = {CNN_ROW: pooled_summary(cnn_parts)}
+    for selection in trained_in_every_member(member_settings, member_features):
+        parts = [(features, *validation_predictions(member, features, selection))
+                 for member, features in zip(member_settings, member_features)]
+        records = [read_json(lstm_paths(member.models_dir, member.run, selection)[1]) for member in member_settings]
+        record = {
+            "selection": selection,
+            "members": {member.run: {key: member_record[key] for key in ("fingerprint", "model_sha256")}
+                        for member, member_record in zip(member_settings, records)},
+            "validation": pooled_summary(parts),
+            "validation_cnn": rows[CNN_ROW],
+        }
+        write_json(lstm_paths(settings.models_dir, settings.run, selection)[1], record)
+        rows[f"cnn+lstm {selection}"] = record["validation"]
+    table = summary_table(rows)
+    write_ablation(table, out_dir)
+    print("out of fold, every labeled series scored by the member that did not train on it:")
+    print(table.to_string(float_format="%.4f"))
+    print(f"ablation: {out_dir / 'ablation.md'}, {out_dir / 'ablation.png'}")
+    return table
+
+
 def ablation_table(settings: Settings, features) -> pd.DataFrame:
     """Validation weighted log loss and per-subtype AUC: the CNN alone, then every LSTM trained on these
     features (records of other features, extracted before, are left out and named)."""
@@ -226,10 +300,37 @@ def ablation_table(settings: Settings, features) -> pd.DataFrame:
                   f"--selection {record['selection']}")
             continue
         rows[f"cnn+lstm {record['selection']}"] = record["validation"]
+    return summary_table(rows)
+
+
+def summary_table(rows: dict[str, dict]) -> pd.DataFrame:
+    """Scores by model name as the ablation table: weighted log loss and the AUC of each subtype."""
     columns = ["weighted_log_loss"] + [f"auc_{name}" for name in SUBTYPES]
     table = pd.DataFrame.from_dict(rows, orient="index")[columns]
     table.index.name = "model"
     return table
+
+
+def pooled_summary(parts: list[tuple]) -> dict:
+    """The scores of predictions pooled over the members of an ensemble: ``parts`` holds, per member,
+    its features, the rows it predicted and its probabilities for them."""
+    labels = np.concatenate([label_array(features.index)[rows] for features, rows, _ in parts])
+    return summary(labels, np.concatenate([np.asarray(predicted, np.float32) for _, _, predicted in parts]))
+
+
+def trained_in_every_member(member_settings: list[Settings], member_features: list) -> list[str]:
+    """The selections whose LSTM finished training on the current features of every member run."""
+    trained = None
+    for member, features in zip(member_settings, member_features):
+        names = set()
+        for record_path in (Path(member.models_dir) / member.run).glob("lstm-*.json"):
+            selection = read_json(record_path).get("selection")
+            model_path, _ = lstm_paths(member.models_dir, member.run, selection)
+            record = finished_record(model_path, record_path)
+            if record is not None and record.get("inputs", {}).get("features") == features.fingerprint:
+                names.add(selection)
+        trained = names if trained is None else trained & names
+    return sorted(trained or ())
 
 
 def write_ablation(table: pd.DataFrame, out_dir: Path) -> None:
@@ -285,6 +386,12 @@ def open_features(settings: Settings):
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     settings = parse_args(argv)
     run_header(argv, settings)
+    ensemble = read_ensemble(settings.models_dir, settings.run)
+    if ensemble is not None:
+        if settings.study_labels:
+            raise SystemExit(f"{settings.run} is a fold ensemble: study models train on one run, name one of its "
+                             f"members ({', '.join(ensemble['members'])})")
+        return train_ensemble(settings, ensemble["members"])
     features = open_features(settings)
     out_dir = Path(settings.models_dir) / settings.run
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The slice CNN: windowing layer, any `keras.applications` backbone (or a tiny CNN), the head, training.
+"""The slice CNN: windowing layer, a backbone (`ihd.backbones`), the head, training.
 
 The model reads Hounsfield units, (size, size, 3) float32, channel c being the slice at the recipe's
 offset c. Its first layer, `"windowing"`, applies the recipe's window to each channel and then the
@@ -8,15 +8,14 @@ flat functional graph: Grad-CAM (tf-keras-vis) can then reach the backbone's las
 The head is `"embedding"` (global average pooling, the vector cached for the sequence model),
 `"dropout"` and `"pred"` (Dense(6, sigmoid) in SUBTYPES order).
 
-Training minimises binary cross-entropy weighted like the challenge (`any` counts twice), with Adam
-under a warmup + cosine schedule; the epoch kept is the one with the best validation weighted log
-loss. Every epoch is committed as one unit with the optimizer state (EpochCheckpoint), so rerunning
+Training minimises binary cross-entropy weighted like the challenge (`any` counts twice; or plain,
+as the paper did), with Adam under a warmup + cosine schedule (or a constant rate); the epoch kept is
+the one with the best validation weighted log loss (or the last). Every epoch is committed as one unit with the optimizer state (EpochCheckpoint), so rerunning
 the same command after a kill picks up at the epoch reached, and the history holds each epoch once.
 The training loop is ihd.distributed's, the same on one machine and on several: there, every
 machine runs these callbacks, and all but the chief write into a scratch folder they discard.
 """
 
-import importlib
 import math
 import os
 import shutil
@@ -29,14 +28,14 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from ihd.backbones import backbone_features, backbone_input_affine, resolve_weights
 from ihd.distributed import chief_value, is_chief, train_epochs
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES
-from ihd.losses import weighted_binary_crossentropy
+from ihd.losses import loss_function
 from ihd.metrics import summary
 from ihd.windows import ChannelRecipe, parse_recipe
 
-TINY = "tiny"
 MODEL_FILE = "cnn.keras"
 BEST_FILE = "best.json"
 HISTORY_FILE = "history.csv"
@@ -47,7 +46,10 @@ STAGING_DIR = ".staging"  # checkpoint/.staging/: an epoch being written, commit
 WEIGHTS_FILE = "training.weights.h5"  # model and optimizer weights: where a resumed run starts
 # The train_cnn.py flags that a resumed training must repeat, as config.json keeps them.
 TRAINING_FLAGS = ("dataset", "data_dir", "backbone", "weights", "image_size", "recipe", "fold", "epochs", "batch_size",
-                  "learning_rate", "warmup_fraction", "dropout", "positive_copies", "augment", "seed", "features_dir")
+                  "learning_rate", "warmup_fraction", "dropout", "positive_copies", "augment", "seed", "input_norm",
+                  "loss", "schedule", "keep", "prior_bias", "features_dir")
+SCHEDULES = ("cosine", "constant")
+KEEPS = ("best", "last")  # which epoch a run keeps: the best by validation weighted log loss, or the last
 LEGACY_METADATA = "training_metadata.json"  # the checkpoint of keras' BackupAndRestore, used before EpochCheckpoint
 
 
@@ -80,103 +82,23 @@ class Windowing(keras.layers.Layer):
         return config
 
 
-def backbone_names() -> list[str]:
-    """Every backbone `build_cnn` accepts: the `keras.applications` models and `tiny`."""
-    return [TINY] + sorted(n for n in dir(keras.applications) if n[:1].isupper())
-
-
-def keras_application(name: str):
-    """The `keras.applications` constructor called ``name``, and its module's `preprocess_input`."""
-    constructor = getattr(keras.applications, name, None) if name[:1].isupper() else None
-    if constructor is None:
-        examples = ", ".join([TINY, "MobileNetV2", "EfficientNetB0", "ResNet50", "DenseNet121", "ConvNeXtTiny"])
-        raise ValueError(
-            f"unknown backbone {name!r}: use 'tiny' or a keras.applications model name such as {examples} "
-            f"({len(backbone_names())} in all)"
-        )
-    module = importlib.import_module(constructor.__module__)
-    return constructor, module.preprocess_input
-
-
-def input_affine(preprocess_input) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (scale, offset) mapping [0, 1] to what ``preprocess_input`` makes of 0..255 pixels.
-
-    Read off the function itself on constant 0 and 255 images, so every backbone family (scaling to
-    [-1, 1], ImageNet mean/std, caffe means, or none because the model rescales inside) is covered
-    without a table. A caffe-style RGB->BGR swap only reorders the per-channel means here: our
-    channels are windows, not colours.
-    """
-    black = np.asarray(preprocess_input(np.zeros((1, 1, 1, 3), np.float32)), dtype=np.float64).reshape(3)
-    white = np.asarray(preprocess_input(np.full((1, 1, 1, 3), 255.0, np.float32)), dtype=np.float64).reshape(3)
-    return white - black, black
-
-
-def _tiny_features(x):
-    """A small CNN (four conv blocks, about 60k weights) for tests and quick CPU runs."""
-    for block, filters in enumerate((16, 32, 64, 64)):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"tiny_conv{block}")(x)
-        x = keras.layers.BatchNormalization(momentum=0.9, name=f"tiny_bn{block}")(x)
-        x = keras.layers.ReLU(name=f"tiny_relu{block}")(x)
-        if block < 3:
-            x = keras.layers.MaxPooling2D(2, name=f"tiny_pool{block}")(x)
-    return x
-
-
-def resolve_weights(backbone: str, weights) -> str | None:
-    """``"imagenet"``, None (for None or "none"), or an existing weights file path."""
-    if weights is None or str(weights).lower() == "none":
-        return None
-    if backbone == TINY:
-        raise ValueError("the tiny backbone has no pretrained weights: use --weights none")
-    if weights == "imagenet":
-        return weights
-    if not Path(weights).is_file():
-        raise FileNotFoundError(f"weights file {weights} does not exist (use imagenet, none or a file path)")
-    return str(weights)
-
-
-def _backbone_features(backbone: str, windowed, weights: str | None):
-    """The backbone's last feature map, built on ``windowed`` so that the graph stays flat."""
-    if backbone == TINY:
-        return _tiny_features(windowed)
-    return application_on(backbone, windowed, weights).output
-
-
-def application_on(backbone: str, windowed, weights: str | None) -> keras.Model:
-    """The `keras.applications` model ``backbone`` without its top, built on the tensor ``windowed``."""
-    constructor, _ = keras_application(backbone)
-    try:
-        model = constructor(
-            include_top=False, weights=weights, input_tensor=windowed, input_shape=tuple(windowed.shape[1:])
-        )
-    except Exception as error:
-        if weights == "imagenet" and "fetch failure" in str(error):
-            raise RuntimeError(
-                f"could not download the ImageNet weights of {backbone} ({error}). Offline, pass "
-                "--weights none to train from scratch, or --weights PATH with a local weights file "
-                "(the no-top .h5 file keras.applications would download)."
-            ) from error
-        raise
-    return model
-
-
 def build_cnn(
     backbone: str = "MobileNetV2",
     image_size: int = 256,
     recipe: ChannelRecipe | str = "windows",
     weights: str | None = None,
     dropout: float = 0.2,
+    input_scaling: tuple | None = None,
 ) -> keras.Model:
     """The flat slice model: HU input -> "windowing" -> backbone -> "embedding" -> "dropout" -> "pred".
 
-    ``weights``: "imagenet" (downloaded at first use), None/"none", or a backbone weights file.
+    ``weights``: "imagenet" ("wsl" for the paper's ResNeXt; downloaded at first use), None/"none", or a
+    backbone weights file. ``input_scaling``: per-channel (scale, offset) applied to each window in
+    [0, 1]; None takes the backbone's own input range (`ihd.backbones.backbone_input_affine`).
     """
     recipe = parse_recipe(recipe) if isinstance(recipe, str) else recipe
     weights = resolve_weights(backbone, weights)
-    if backbone == TINY:
-        scale, offset = np.ones(3), np.zeros(3)
-    else:
-        scale, offset = input_affine(keras_application(backbone)[1])
+    scale, offset = backbone_input_affine(backbone) if input_scaling is None else input_scaling
     hu = keras.Input((image_size, image_size, len(recipe.offsets)), name="hu")
     windowed = Windowing(
         centers_hu=[w.center_hu for w in recipe.windows],
@@ -186,7 +108,7 @@ def build_cnn(
         dtype="float32",
         name="windowing",
     )(hu)
-    features = _backbone_features(backbone, windowed, weights)
+    features = backbone_features(backbone, windowed, weights)
     embedding = keras.layers.GlobalAveragePooling2D(name="embedding")(features)
     dropped = keras.layers.Dropout(dropout, name="dropout")(embedding)
     pred = keras.layers.Dense(len(SUBTYPES), activation="sigmoid", dtype="float32", name="pred")(dropped)
@@ -199,15 +121,23 @@ def set_prior_bias(model: keras.Model, label_means: np.ndarray) -> None:
     model.get_layer("pred").bias.assign(np.log(means / (1 - means)).astype(np.float32))
 
 
-def compile_cnn(model: keras.Model, learning_rate: float, total_steps: int, warmup_steps: int) -> None:
-    """Adam with a linear warmup to ``learning_rate`` then cosine decay to 0 at ``total_steps``."""
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=learning_rate / 10,
-        decay_steps=max(1, total_steps - warmup_steps),
-        warmup_target=learning_rate,
-        warmup_steps=warmup_steps,
-    )
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=weighted_binary_crossentropy)
+def compile_cnn(model: keras.Model, learning_rate: float, total_steps: int, warmup_steps: int,
+                loss: str = "weighted", schedule: str = "cosine") -> None:
+    """Adam and the loss named ``loss`` (`ihd.losses.LOSSES`). Schedule ``cosine``: a linear warmup to
+    ``learning_rate`` over ``warmup_steps``, then cosine decay to 0 at ``total_steps``; ``constant``:
+    ``learning_rate`` throughout."""
+    if schedule == "constant":
+        rate = learning_rate
+    elif schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=learning_rate / 10,
+            decay_steps=max(1, total_steps - warmup_steps),
+            warmup_target=learning_rate,
+            warmup_steps=warmup_steps,
+        )
+    else:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}: use {' or '.join(SCHEDULES)}")
+    model.compile(optimizer=keras.optimizers.Adam(rate), loss=loss_function(loss))
 
 
 def use_mixed_precision_on_gpu() -> bool:
@@ -272,6 +202,9 @@ def publish_committed(run_dir: str | Path) -> int:
 class EpochCheckpoint(keras.callbacks.Callback):
     """Commits every epoch as one unit, so that a kill at any moment leaves a run that resumes consistently.
 
+    ``keep``: "best" keeps the epoch of lowest validation weighted log loss as cnn.keras, "last" every
+    epoch in turn (the paper's code kept its last epoch).
+
     At the end of epoch k (after ValidationScore has put the val_* scores in the logs) everything the
     run keeps is written into a staging folder: the model and optimizer weights, history.csv with
     one row per epoch up to k, the best model so far (cnn.keras, the lowest validation weighted log
@@ -283,9 +216,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
     counts from 0 as Keras does; best.json's, like the log lines, from 1.
     """
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, keep: str = "best"):
         super().__init__()
+        if keep not in KEEPS:
+            raise ValueError(f"unknown epoch to keep {keep!r}: use {' or '.join(KEEPS)}")
         self.run_dir = Path(run_dir)
+        self.keep = keep
         self.folder = self.run_dir / CHECKPOINT_DIR
         self.history: list[dict] = []
         self.best: dict | None = None
@@ -301,11 +237,18 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.history = pd.read_csv(committed / HISTORY_FILE).to_dict("records")
         self.best = read_json(committed / BEST_FILE)
 
+    def _saved_note(self, saved: bool) -> str:
+        """What the epoch's log line says about cnn.keras."""
+        if not saved:
+            return ""
+        return " (saved)" if self.keep == "last" else " (best, saved)"
+
     def on_epoch_end(self, epoch, logs=None):
         """Write the epoch's whole state, commit it by one rename, then publish it."""
         loss = float(logs["val_weighted_log_loss"])
         best_loss = math.nan if self.best is None else self.best["val_weighted_log_loss"]
-        improved = self.best is None or loss < best_loss or (math.isnan(best_loss) and not math.isnan(loss))
+        improved = (self.keep == "last" or self.best is None or loss < best_loss
+                    or (math.isnan(best_loss) and not math.isnan(loss)))
         staging = self.folder / STAGING_DIR
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -326,7 +269,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         saved = improved and is_chief(self.model.distribute_strategy)  # other machines write a scratch copy
         print(
             f"epoch {epoch + 1}: loss {logs.get('loss', math.nan):.4f} val_weighted_log_loss {loss:.4f} "
-            f"val_auc_any {logs.get('val_auc_any', math.nan):.3f}{' (best, saved)' if saved else ''}",
+            f"val_auc_any {logs.get('val_auc_any', math.nan):.3f}{self._saved_note(saved)}",
             flush=True,
         )
 
@@ -339,6 +282,7 @@ def fit_cnn(
     val_labels: np.ndarray,
     run_dir: str | Path,
     epochs: int,
+    keep: str = "best",
 ) -> None:
     """Train up to ``epochs``, resuming from the last epoch committed in ``run_dir/checkpoint``.
 
@@ -354,7 +298,7 @@ def fit_cnn(
     run_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [
         ValidationScore(val_data, val_labels),
-        EpochCheckpoint(run_dir),
+        EpochCheckpoint(run_dir, keep),
         keras.callbacks.TensorBoard(str(run_dir / "tb"), write_graph=False),
     ]
     verbose = 1 if is_chief(strategy) and sys.stdout.isatty() else 0

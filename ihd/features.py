@@ -59,7 +59,8 @@ SEEDED_METHODS = ("random", "mi")
 STATS_CHUNK_ROWS = 8192
 FROM_CNN_CONFIG = ("dataset", "image_size", "recipe", "fold")
 # What the cached rows are made of; the fingerprint covers exactly these values.
-DEFINED_BY = ("cnn_sha256", "index_sha256", "store_size", "image_size", "recipe", "fold", "rows", "embedding_dim")
+DEFINED_BY = ("cnn_sha256", "index_sha256", "store_size", "image_size", "recipe", "fold", "rows", "embedding_dim", "tta")
+TTAS = ("none", "flip")  # test-time augmentation of every cached row: none, or the mean with the left-right flip
 
 
 class FeaturesNotReady(RuntimeError):
@@ -67,7 +68,8 @@ class FeaturesNotReady(RuntimeError):
 
 
 def features_config(
-    cnn_config: dict, cnn_sha256: str, index_path: Path, store: SliceStore, out_dir: Path, rows: int, dim: int
+    cnn_config: dict, cnn_sha256: str, index_path: Path, store: SliceStore, out_dir: Path, rows: int, dim: int,
+    tta: str = "none",
 ) -> dict:
     """The cache's config.json: the CNN settings it depends on, its inputs' sha256 and its fingerprint.
 
@@ -81,6 +83,7 @@ def features_config(
         store_size=store.size,
         rows=rows,
         embedding_dim=dim,
+        tta=tta,
     )
     config["fingerprint"] = fingerprint(defining_inputs(config))
     return config
@@ -207,6 +210,19 @@ def _resume_point(out_dir: Path, config: dict) -> tuple[int, list]:
     return start, chunks
 
 
+def embed_batch(extractor: keras.Model, batch, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and probabilities of a batch of HU stacks (B, H, W, C); with ``tta="flip"`` each the mean
+    of the stack's and its left-right mirror's (the flip is exact: no pixel is resampled)."""
+    embedding, probability = extractor.predict_on_batch(batch)
+    if tta == "flip":
+        flipped_embedding, flipped_probability = extractor.predict_on_batch(keras.ops.flip(batch, axis=2))
+        embedding = (np.asarray(embedding, np.float32) + np.asarray(flipped_embedding, np.float32)) / 2
+        probability = (np.asarray(probability, np.float32) + np.asarray(flipped_probability, np.float32)) / 2
+    elif tta != "none":
+        raise ValueError(f"unknown test-time augmentation {tta!r}: use {' or '.join(TTAS)}")
+    return np.asarray(embedding), np.asarray(probability)
+
+
 def extract_features(
     model: keras.Model,
     cnn_config: dict,
@@ -217,19 +233,20 @@ def extract_features(
     out_dir: str | Path,
     batch_size: int = 64,
     chunk_rows: int = 2048,
+    tta: str = "none",
 ) -> Path:
     """Write embeddings and probabilities of every index row to ``out_dir``, resuming a partial run.
 
     ``cnn_config`` is the CNN run's config.json (dataset, image_size, recipe, fold) and ``cnn_sha256``
-    the sha256 of the weights file ``model`` was loaded from; with the index file's sha256 they make
-    the cache's fingerprint. A cache of other inputs, or whose rows no longer match their checksums,
-    is written again from the first row that differs. Flushes every ``chunk_rows`` rows.
+    the sha256 of the weights file ``model`` was loaded from; with the index file's sha256 and ``tta``
+    (`embed_batch`) they make the cache's fingerprint. A cache of other inputs, or whose rows no longer
+    match their checksums, is written again from the first row that differs. Flushes every ``chunk_rows`` rows.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     extractor = embedding_extractor(model)
     dim = int(extractor.outputs[0].shape[-1])
-    config = features_config(cnn_config, cnn_sha256, Path(index_path), store, out_dir, len(index), dim)
+    config = features_config(cnn_config, cnn_sha256, Path(index_path), store, out_dir, len(index), dim, tta)
     start, chunks = _resume_point(out_dir, config)
     progress = {"rows_done": start, "chunks": chunks}
     if start == 0:
@@ -251,7 +268,7 @@ def extract_features(
     row = flushed = start
     with tqdm(total=len(index), initial=start, desc="features", unit="slice", dynamic_ncols=True) as bar:
         for batch in data:
-            embedding, probability = extractor.predict_on_batch(batch)
+            embedding, probability = embed_batch(extractor, batch, tta)
             embeddings[row : row + len(embedding)] = embedding
             probabilities[row : row + len(embedding)] = probability
             row += len(embedding)
@@ -476,23 +493,37 @@ def selection_path(features_run_dir: str | Path, name: str) -> Path:
     return Path(features_run_dir) / f"selection-{selection_slug(name)}.npz"
 
 
-def selection_inputs(features: Features, name: str, seed: int = 0, mi_sample_rows: int = 5000) -> dict:
+def selection_inputs(features: Features, name: str, seed: int = 0, mi_sample_rows: int = 5000,
+                     sample_rows: int = 0) -> dict:
     """What a selection fitted now would be made of: its name, the features' fingerprint, the fold,
-    and for the methods that draw at random the seed (and the sample size of `mi:k`)."""
+    for the methods that draw at random the seed (and the sample size of `mi:k`), and for a
+    selection fitted on a seeded sample of the training rows, that sample's size and seed."""
     method, _ = parse_selection(name)
     inputs = {"selection": name, "features": features.fingerprint, "fold": int(features.config["fold"])}
-    if method in SEEDED_METHODS:
+    if method in SEEDED_METHODS or sample_rows:
         inputs["seed"] = seed
     if method == "mi":
         inputs["mi_sample_rows"] = mi_sample_rows
+    if sample_rows:
+        inputs["sample_rows"] = sample_rows
     return inputs
 
 
-def fitted_selection(features: Features, name: str, seed: int = 0, mi_sample_rows: int = 5000) -> Selection:
+def sampled_rows(rows: np.ndarray, sample_rows: int, seed: int) -> np.ndarray:
+    """``rows`` themselves (``sample_rows`` 0 or at least their number), else a seeded sample of that many, sorted."""
+    rows = np.asarray(rows)
+    if not sample_rows or sample_rows >= len(rows):
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, size=sample_rows, replace=False))
+
+
+def fitted_selection(features: Features, name: str, seed: int = 0, mi_sample_rows: int = 5000,
+                     sample_rows: int = 0) -> Selection:
     """The selection ``name`` of these features: the saved one when it was fitted on the same inputs,
-    else fitted now on the training rows and saved (saying what changed)."""
+    else fitted now on the training rows (a seeded sample of ``sample_rows`` of them, when not 0) and
+    saved (saying what changed)."""
     path = selection_path(features.path, name)
-    inputs = selection_inputs(features, name, seed, mi_sample_rows)
+    inputs = selection_inputs(features, name, seed, mi_sample_rows, sample_rows)
     if path.exists():
         saved = load_selection(path)
         if saved.inputs == inputs:
@@ -501,7 +532,7 @@ def fitted_selection(features: Features, name: str, seed: int = 0, mi_sample_row
     selection = fit_selection(
         name,
         features.embeddings,
-        training_rows_of(features),
+        sampled_rows(training_rows_of(features), sample_rows, seed),
         labels=label_array(features.index),
         dense_kernel=np.load(features.path / KERNEL_FILE),
         seed=seed,

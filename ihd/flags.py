@@ -38,12 +38,27 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A finite number of at least 0 (a gradient-clipping norm, where 0 turns clipping off)."""
+    value = _number(text, float, "a number")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of at least 0")
+    return value
+
+
 def fraction(text: str) -> float:
     """A number in [0, 1) (dropout rates, warmup fractions)."""
     value = _number(text, float, "a number")
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not in [0, 1)")
     return value
+
+
+def fold_spec(text: str) -> int | str:
+    """A validation fold number, or ``all`` (one run per fold)."""
+    if text == "all":
+        return text
+    return non_negative_int(text)
 
 
 def existing_folder(text: str) -> str:
@@ -82,12 +97,13 @@ def recipe_spec(text: str) -> str:
 
 
 def backbone_name(text: str) -> str:
-    """`tiny` or a `keras.applications` model name."""
-    from ihd.cnn import backbone_names
+    """A backbone `ihd.backbones` builds: `tiny`, the paper's ResNeXt, or a `keras.applications` model name."""
+    from ihd.backbones import RESNEXT_WSL, backbone_names
 
     if text not in backbone_names():
         raise argparse.ArgumentTypeError(
-            f"unknown backbone {text!r}: use tiny or a keras.applications name such as MobileNetV2 or EfficientNetB0"
+            f"unknown backbone {text!r}: use tiny, {RESNEXT_WSL} (the paper's) or a keras.applications name such as "
+            "MobileNetV2 or EfficientNetB0"
         )
     return text
 

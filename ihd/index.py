@@ -361,6 +361,24 @@ def assign_folds(index: pd.DataFrame, folds: int = 5, balance: str = "slices", s
     return fold
 
 
+def split_by_series_order(index: pd.DataFrame, train_series: int) -> np.ndarray:
+    """Fold numbers (int8) of the paper's split: the first ``train_series`` labeled training series, in
+    SeriesInstanceUID order, get fold 0 (training), the others fold 1 (validation); -1 for the rest.
+
+    Unlike `assign_folds` it ignores patients, as the paper's code did: one patient's series can sit on
+    both sides.
+    """
+    fold = np.full(len(index), -1, dtype=np.int8)
+    labeled = (index["split"] == "train").to_numpy() & index["any"].notna().to_numpy()
+    series = np.sort(index.loc[labeled, "series_id"].unique())
+    if not 0 < train_series < len(series):
+        raise ValueError(f"a split after {train_series} series needs more than {train_series} labeled series to "
+                         f"leave some for validation; this dataset has {len(series)}: choose --train-series below it")
+    training = set(series[:train_series])
+    fold[labeled] = np.where(index.loc[labeled, "series_id"].isin(training), 0, 1)
+    return fold
+
+
 def write_bad_files(dataset_dir: str | Path, bad: pd.DataFrame, append: bool = False) -> Path:
     """Write (or add to) ``bad_files.csv`` in the dataset folder, atomically; one row per path."""
     path = Path(dataset_dir) / BAD_FILES
@@ -383,6 +401,7 @@ def build_index(
     extra_config: dict | None = None,
     resume: bool = False,
     non_ct_as_hu: bool = False,
+    train_series: int = 0,
 ) -> pd.DataFrame:
     """Scan (folder, split) sources into ``<dataset_dir>/index.parquet``; returns the index.
 
@@ -390,7 +409,8 @@ def build_index(
     or placed in their series, and second copies of a SOPInstanceUID, are listed in
     ``bad_files.csv`` with the reason (the scan goes on); the settings and counts go to
     ``index_config.json``. With ``resume`` the headers already read by an earlier run (kept in
-    ``headers.parquet``) are not read again.
+    ``headers.parquet``) are not read again. Folds group patients (`assign_folds`), or with
+    ``train_series`` follow the paper's split by series order (`split_by_series_order`).
     """
     sources = [(str(Path(folder).resolve()), split) for folder, split in sources]
     dataset_dir = Path(dataset_dir)
@@ -403,7 +423,8 @@ def build_index(
     headers, unplaced, orderings = place_slices(headers)
     bad = pd.concat([unreadable, refused, repeated, clashes, unplaced], ignore_index=True)
     index, unmatched_labels = merge_labels(order_series(headers), labels)
-    index["fold"] = assign_folds(index, folds=folds, balance=balance, seed=seed)
+    index["fold"] = (split_by_series_order(index, train_series) if train_series
+                     else assign_folds(index, folds=folds, balance=balance, seed=seed))
     index = index[INDEX_COLUMNS].astype({c: str for c in ID_COLUMNS} | {"z": np.float64})
 
     dataset_dir.mkdir(parents=True, exist_ok=True)
@@ -414,8 +435,9 @@ def build_index(
     write_json(dataset_dir / CONFIG_FILE, {
         "sources": [{"folder": folder, "split": split} for folder, split in sources],
         "labels_csv": None if labels_csv is None else str(Path(labels_csv).resolve()),
-        "folds": folds,
+        "folds": 2 if train_series else folds,
         "fold_balance": balance,
+        "train_series": train_series,
         "seed": seed,
         "rows": len(index),
         "rows_by_split": index["split"].value_counts().sort_index().to_dict(),

@@ -21,6 +21,7 @@ from ihd.cnn import MODEL_FILE, embedding_extractor, load_cnn
 from ihd.dicom import DicomError, read_hu
 from ihd.features import (
     CONFIG_FILE,
+    embed_batch,
     Features,
     Selection,
     extract_features,
@@ -30,6 +31,7 @@ from ihd.features import (
     selection_path,
     selection_slug,
 )
+from ihd.ensemble import read_ensemble
 from ihd.fingerprint import file_sha256, what_changed
 from ihd.gradcam import best_slices, draw_montage, draw_overlay, gradcam_heatmap
 from ihd.index import read_index
@@ -53,6 +55,7 @@ class Chain:
     cnn_sha256: str
     selection: Selection
     lstm: keras.Model
+    tta: str = "none"  # the test-time augmentation of the features the selection and the LSTM were fitted on
 
     @property
     def features_fingerprint(self) -> str:
@@ -144,7 +147,40 @@ def load_chain(run: str, selection: str | None = None, models_dir="models", feat
     fitted = load_selection(fitted_path) if fitted_path.exists() else None
     if fitted is None or fitted.inputs is None or not fitted.inputs.items() <= record["inputs"].items():
         raise ChainError(f"{fitted_path} is missing or was fitted on other inputs than {lstm_path}: run {train} first")
-    return Chain(run, selection, cnn, cnn_config, cnn_sha256, fitted, load_lstm(lstm_path))
+    return Chain(run, selection, cnn, cnn_config, cnn_sha256, fitted, load_lstm(lstm_path),
+                 features_config.get("tta", "none"))
+
+
+def load_chains(run: str, selection: str | None = None, models_dir="models", features_dir="features") -> list[Chain]:
+    """The trained chains of ``run``: its one chain, or for a fold ensemble one per member run, all with the
+    same selection (None: the one with the best out-of-fold validation loss).
+
+    Refuses (ChainError) a selection the ensemble's LSTMs were not all trained with, and a member whose
+    LSTM is no longer the one the ensemble was scored with.
+    """
+    ensemble = read_ensemble(models_dir, run)
+    if ensemble is None:
+        return [load_chain(run, selection, models_dir, features_dir)]
+    train = f"train_lstm.py --run {run} --selection {selection or 'pca:120'}"
+    records = {record["selection"]: record for record in
+               (read_json(path) for path in sorted((Path(models_dir) / run).glob("lstm-*.json")))}
+    if not records:
+        raise ChainError(f"no LSTM of the fold ensemble {run} was trained: run {train} first")
+    if selection is None:
+        selection = min(records.values(), key=lambda r: r["validation"]["weighted_log_loss"])["selection"]
+    if selection not in records:
+        raise ChainError(f"the fold ensemble {run} has no LSTMs of selection {selection} "
+                         f"(it has {', '.join(sorted(records))}): run {train} first")
+    scored = records[selection]["members"]
+    chains = []
+    for member in ensemble["members"]:
+        chain = load_chain(member, selection, models_dir, features_dir)
+        member_record = read_json(Path(models_dir) / member / f"lstm-{chain.slug}.json")
+        if member not in scored or scored[member]["model_sha256"] != member_record["model_sha256"]:
+            raise ChainError(f"the LSTM of {member} ({selection}) is not the one the ensemble {run} was scored with: "
+                             f"run train_lstm.py --run {run} --selection {selection}")
+        chains.append(chain)
+    return chains
 
 
 def chain_inputs(chain: Chain, embeddings: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
@@ -167,7 +203,7 @@ def cached_test_features(chain: Chain, data_dir="data", features_dir="features",
     dataset_dir = Path(data_dir) / chain.cnn_config["dataset"]
     index = read_index(dataset_dir)
     extract_features(chain.cnn, chain.cnn_config, chain.cnn_sha256, index, dataset_dir / "index.parquet",
-                     SliceStore(dataset_dir / "slices"), run_dir)
+                     SliceStore(dataset_dir / "slices"), run_dir, tta=chain.tta)
     features = load_features(run_dir)
     if features.fingerprint != chain.features_fingerprint:
         _, train = _commands(chain.run, chain.selection_name, chain.cnn_config, models_dir, features_dir)
@@ -191,6 +227,17 @@ class Predictions:
         return pd.DataFrame(values, index=pd.Index(self.index["image_id"], name="image_id"), columns=list(SUBTYPES))
 
 
+def average_predictions(parts: list[Predictions]) -> Predictions:
+    """The members' probabilities averaged, row by row (every part must cover the same rows in the same order)."""
+    first = parts[0]
+    for part in parts[1:]:
+        if not np.array_equal(part.index["image_id"].to_numpy(), first.index["image_id"].to_numpy()):
+            raise ValueError("ensemble members predicted different images: they must share one index")
+    if len(parts) == 1:
+        return first
+    return Predictions(first.index, np.mean([p.cnn for p in parts], axis=0), np.mean([p.lstm for p in parts], axis=0))
+
+
 def predict_test_split(chain: Chain, features: Features) -> Predictions:
     """Both models' probabilities for every test row of a prepared dataset, from cached CNN outputs."""
     rows = np.flatnonzero(features.index["split"].to_numpy() == "test")
@@ -201,7 +248,8 @@ def predict_test_split(chain: Chain, features: Features) -> Predictions:
 
 def cnn_outputs(chain: Chain, stacks: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings (N, D) and probabilities (N, 6) of model inputs (N, size, size, C) in HU."""
-    parts = [chain.extractor.predict_on_batch(stacks[begin : begin + batch_size]) for begin in range(0, len(stacks), batch_size)]
+    parts = [embed_batch(chain.extractor, stacks[begin : begin + batch_size], chain.tta)
+             for begin in range(0, len(stacks), batch_size)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 

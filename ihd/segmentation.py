@@ -24,7 +24,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from ihd.cnn import Windowing, application_on, input_affine, keras_application, resolve_weights
+from ihd.backbones import application_on, input_affine, keras_application, resolve_weights
+from ihd.cnn import Windowing
 from ihd.dicom import AIR_HU
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES

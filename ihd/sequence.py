@@ -19,9 +19,10 @@ import tensorflow as tf
 import keras
 from tqdm.auto import tqdm
 
+from ihd.cnn import KEEPS
 from ihd.io import atomic_path
 from ihd.labels import SUBTYPES
-from ihd.losses import weighted_binary_crossentropy
+from ihd.losses import loss_function
 from ihd.metrics import weighted_log_loss
 
 PAD_VALUE = -1.0e4
@@ -152,6 +153,49 @@ def input_moments(data: SeriesSet, chunk_rows: int = 65536) -> tuple[np.ndarray,
     return mean, np.maximum(squares / len(rows) - mean**2, 1e-6)
 
 
+PAPER_HEAD_DROPOUT = 0.5  # the paper's dropout on the concatenation before its last layer
+
+
+@keras.saving.register_keras_serializable(package="ihd")
+class CnnProbabilities(keras.layers.Layer):
+    """The CNN's six probabilities, the last six input features, as they are."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, inputs):
+        return inputs[..., -len(SUBTYPES) :]
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], len(SUBTYPES))
+
+
+@keras.saving.register_keras_serializable(package="ihd")
+class NeighbourDifferences(keras.layers.Layer):
+    """Each step's features, then their differences to the previous and to the next step of its series.
+
+    A series' first step is its own previous step and its last real step (padding follows it) its own
+    next, so the differences there are zero.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, inputs, mask=None):
+        previous = keras.ops.concatenate([inputs[:, :1], inputs[:, :-1]], axis=1)
+        following = keras.ops.concatenate([inputs[:, 1:], inputs[:, -1:]], axis=1)
+        if mask is not None:
+            real = keras.ops.expand_dims(keras.ops.cast(mask, inputs.dtype), -1)
+            next_real = keras.ops.concatenate([real[:, 1:], keras.ops.zeros_like(real[:, :1])], axis=1)
+            following = next_real * following + (1.0 - next_real) * inputs
+        return keras.ops.concatenate([inputs, inputs - previous, inputs - following], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 3 * input_shape[-1])
+
+
 @keras.saving.register_keras_serializable(package="ihd")
 class ProbabilityLogits(keras.layers.Layer):
     """The logits of the CNN's six probabilities, the last six input features (clipped away from 0 and 1)."""
@@ -172,50 +216,70 @@ class ProbabilityLogits(keras.layers.Layer):
         return {**super().get_config(), "epsilon": self.epsilon}
 
 
+HEADS = ("residual", "paper", "plain")
+
+
 def build_lstm(
     input_dim: int,
     layers: int = 3,
     units: int = 256,
     dropout: float = 0.5,
     moments: tuple[np.ndarray, np.ndarray] | None = None,
-    residual: bool = True,
+    head: str = "residual",
+    neighbour_differences: bool = False,
 ) -> keras.Model:
-    """Masking, standardisation by the training `moments` (mean, variance) if given, `layers` bidirectional
-    LSTMs of `units` per direction with dropout, and six sigmoids per slice.
+    """Masking, standardisation by the training `moments` (mean, variance) if given, with
+    ``neighbour_differences`` each slice's inputs joined by their differences to its neighbours'
+    (`NeighbourDifferences`, after the second-place solution), `layers` bidirectional LSTMs of `units`
+    per direction with dropout, and six sigmoids per slice from one of three heads:
 
-    With `residual`, the last Dense layer starts at zero and adds to the logits of the CNN's own
-    probabilities (the last six inputs): training starts from the CNN's answer and learns what the
-    neighbouring slices change about it, which matters when series are few.
+    - ``residual``: dropout after every LSTM layer; the last Dense layer starts at zero and adds to the
+      logits of the CNN's own probabilities (the last six inputs), so training starts from the CNN's
+      answer and learns what the neighbouring slices change about it, which matters when series are few;
+    - ``paper``: dropout between LSTM layers only, then (as the paper's code) the last LSTM output
+      concatenated with the CNN's six probabilities, dropout 0.5, and one Dense layer;
+    - ``plain``: dropout after every LSTM layer, then one Dense layer on the LSTM output alone.
     """
-    if residual and input_dim < len(SUBTYPES):
-        raise ValueError(f"a residual LSTM needs the six CNN probabilities as its last inputs, got {input_dim} inputs")
+    if head not in HEADS:
+        raise ValueError(f"unknown LSTM head {head!r}: use {', '.join(HEADS)}")
+    if head != "plain" and input_dim < len(SUBTYPES):
+        raise ValueError(f"the {head} head needs the six CNN probabilities as its last inputs, got {input_dim} inputs")
     inputs = keras.Input((None, input_dim), name="sequence")
     masked = keras.layers.Masking(mask_value=PAD_VALUE, name="padding")(inputs)
     x = masked
     if moments is not None:
         x = keras.layers.Normalization(mean=moments[0], variance=moments[1], name="standardise")(x)
+    if neighbour_differences:
+        x = NeighbourDifferences(name="neighbour_differences")(x)
     for layer in range(1, layers + 1):
         x = keras.layers.Bidirectional(keras.layers.LSTM(units, return_sequences=True), name=f"bilstm{layer}")(x)
-        x = keras.layers.Dropout(dropout, name=f"dropout{layer}")(x)
-    if not residual:
+        if head != "paper" or layer < layers:
+            x = keras.layers.Dropout(dropout, name=f"dropout{layer}")(x)
+    if head == "plain":
         outputs = keras.layers.Dense(len(SUBTYPES), activation="sigmoid", name="pred")(x)
-        return keras.Model(inputs, outputs, name="series_lstm")
-    change = keras.layers.Dense(len(SUBTYPES), kernel_initializer="zeros", name="logit_change")(x)
-    cnn_logits = ProbabilityLogits(name="cnn_logits")(masked)
-    logits = keras.layers.Add(name="logits")([cnn_logits, change])
-    outputs = keras.layers.Activation("sigmoid", name="pred")(logits)
+    elif head == "paper":
+        probabilities = CnnProbabilities(name="cnn_probabilities")(masked)
+        joined = keras.layers.Concatenate(name="with_cnn")([x, probabilities])
+        joined = keras.layers.Dropout(PAPER_HEAD_DROPOUT, name="head_dropout")(joined)
+        outputs = keras.layers.Dense(len(SUBTYPES), activation="sigmoid", name="pred")(joined)
+    else:
+        change = keras.layers.Dense(len(SUBTYPES), kernel_initializer="zeros", name="logit_change")(x)
+        cnn_logits = ProbabilityLogits(name="cnn_logits")(masked)
+        logits = keras.layers.Add(name="logits")([cnn_logits, change])
+        outputs = keras.layers.Activation("sigmoid", name="pred")(logits)
     return keras.Model(inputs, outputs, name="series_lstm")
 
 
-def compile_lstm(model: keras.Model, learning_rate: float = 1e-3, jit_compile: bool = False) -> keras.Model:
-    """Adam (gradients clipped at norm 1) and the weighted binary cross-entropy.
+def compile_lstm(model: keras.Model, learning_rate: float = 1e-3, jit_compile: bool = False, loss: str = "weighted",
+                 clipnorm: float = 1.0) -> keras.Model:
+    """Adam (gradients clipped at norm ``clipnorm``; 0: not clipped) and the loss named ``loss`` (`ihd.losses`).
 
     XLA stays off by default: it compiles once per padded batch length, and on the CPU a compiled
     step measured no faster (bench/lstm.py --jit).
     """
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate, clipnorm=1.0),
-        loss=weighted_binary_crossentropy,
+        optimizer=keras.optimizers.Adam(learning_rate, clipnorm=clipnorm or None),
+        loss=loss_function(loss),
         jit_compile=jit_compile,
     )
     return model
@@ -235,10 +299,14 @@ def predict_series(model: keras.Model, data: SeriesSet, batch_size: int = 64, pr
 
 class BestEpoch(keras.callbacks.Callback):
     """Scores the validation series by the challenge's weighted log loss after every epoch, keeps the
-    weights of the best epoch so far (in memory) and stops after `patience` epochs without improvement."""
+    weights of the best epoch so far (in memory) and stops after `patience` epochs without improvement.
+    With ``keep="last"`` it keeps every epoch in turn and never stops early (the paper's code)."""
 
-    def __init__(self, val: SeriesSet, batch_size: int, patience: int):
+    def __init__(self, val: SeriesSet, batch_size: int, patience: int, keep: str = "best"):
         super().__init__()
+        if keep not in KEEPS:
+            raise ValueError(f"unknown epoch to keep {keep!r}: use {' or '.join(KEEPS)}")
+        self.keep = keep
         self.val = val
         self.batch_size = batch_size
         self.patience = patience
@@ -253,11 +321,12 @@ class BestEpoch(keras.callbacks.Callback):
         score = weighted_log_loss(self.val.labels[self.rows], predicted)
         self.history.append({"epoch": epoch + 1, "loss": float(logs["loss"]), "val_weighted_log_loss": score})
         improved = score < self.best or self.best_weights is None
-        if improved:
+        if improved or self.keep == "last":
             self.best, self.best_epoch = score, epoch + 1
             self.best_weights = self.model.get_weights()
-        print(f"epoch {epoch + 1}: loss {logs['loss']:.5f} val_wll {score:.5f}{' (best)' if improved else ''}", flush=True)
-        if epoch + 1 - self.best_epoch >= self.patience:
+        note = " (kept)" if self.keep == "last" else " (best)" if improved else ""
+        print(f"epoch {epoch + 1}: loss {logs['loss']:.5f} val_wll {score:.5f}{note}", flush=True)
+        if self.keep == "best" and epoch + 1 - self.best_epoch >= self.patience:
             self.model.stop_training = True
 
 
@@ -270,13 +339,15 @@ def fit_lstm(
     batch_size: int,
     patience: int | None = None,
     seed: int = 0,
+    keep: str = "best",
 ) -> BestEpoch:
-    """Train a compiled LSTM, then save its best epoch by validation weighted log loss at `model_path`.
+    """Train a compiled LSTM, then save its best epoch by validation weighted log loss (or its last,
+    ``keep="last"``) at `model_path`.
 
     Nothing is written before training ends, so a kill leaves whatever `model_path` held before.
     """
     keras.utils.set_random_seed(seed)
-    best = BestEpoch(val, batch_size, patience or epochs)
+    best = BestEpoch(val, batch_size, patience or epochs, keep)
     batches = SeriesBatches(train, batch_size, shuffle=True, seed=seed)
     model.fit(batches.dataset(), epochs=epochs, callbacks=[best], shuffle=False, verbose=0)
     model.set_weights(best.best_weights)

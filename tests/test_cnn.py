@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 from keras.src.utils import file_utils
 
-from ihd.cnn import (backbone_names, build_cnn, compile_cnn, epochs_done, fit_cnn, input_affine, load_cnn,
-                     publish_committed)
+from ihd.backbones import backbone_names, input_affine
+from ihd.cnn import build_cnn, compile_cnn, epochs_done, fit_cnn, load_cnn, publish_committed
 from ihd.io import read_json, write_json
 from ihd.metrics import weighted_log_loss
 from ihd.windows import RECIPES, window
@@ -171,3 +171,41 @@ def test_a_run_that_stopped_before_its_first_epoch_says_how_to_resume(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         load_cnn(tmp_path / "models" / "cut")
     assert str(error.value).endswith(f"which puts cnn.keras back: {command}") and "reached epoch 2" in str(error.value)
+
+
+def test_keep_last_keeps_the_last_epoch_even_when_an_earlier_one_scored_better(tmp_path):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(-100, 200, (48, 16, 16, 3)).astype(np.float32)
+    labels = (rng.random((48, 6)) < 0.4).astype(np.float32)
+    train = tf.data.Dataset.from_tensor_slices((hu[:32], labels[:32])).batch(8)
+    val = tf.data.Dataset.from_tensor_slices(hu[32:]).batch(8)
+    model = build_cnn("tiny", image_size=16, recipe="windows", weights=None)
+    compile_cnn(model, learning_rate=0.3, total_steps=16, warmup_steps=0, loss="bce", schedule="constant")
+    fit_cnn(model, lambda context: train, 4, val, labels[32:], tmp_path, 3, keep="last")
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert read_json(tmp_path / "best.json")["epoch"] == 3
+    kept = keras.models.load_model(tmp_path / "cnn.keras", compile=False)
+    assert weighted_log_loss(labels[32:], kept.predict(val, verbose=0)) == pytest.approx(
+        history["val_weighted_log_loss"].iloc[-1], rel=1e-5)
+    assert history["val_weighted_log_loss"].iloc[-1] > history["val_weighted_log_loss"].min(), (
+        "this run's last epoch is not its best: keep=last must still keep it")
+
+
+def test_constant_schedule_keeps_the_rate_and_cosine_warms_up():
+    model = build_cnn("tiny", image_size=16, recipe="windows", weights=None)
+    compile_cnn(model, learning_rate=1e-3, total_steps=100, warmup_steps=10, schedule="constant")
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
+    compile_cnn(model, learning_rate=1e-3, total_steps=100, warmup_steps=10, schedule="cosine")
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-4), "the warmup starts at a tenth of the rate"
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'step'"):
+        compile_cnn(model, learning_rate=1e-3, total_steps=100, warmup_steps=10, schedule="step")
+
+
+def test_input_scaling_replaces_the_backbone_range():
+    hu = np.full((1, 16, 16, 3), 40.0, np.float32)  # every window's centre: 0.5 in [0, 1]
+    model = build_cnn("tiny", image_size=16, recipe="windows", weights=None,
+                      input_scaling=(np.array([2.0, 4.0, 10.0]), np.array([-1.0, -2.0, 0.0])))
+    windowed = keras.Model(model.input, model.get_layer("windowing").output).predict(hu, verbose=0)
+    np.testing.assert_allclose(windowed[0, 0, 0], [2 * 0.5 - 1, 4 * (40 + 20) / 200 - 2, 10 * (40 + 150) / 380],
+                               rtol=1e-5, atol=1e-6)

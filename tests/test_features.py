@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 
 import ihd.features as features_module
-from ihd.cnn import build_cnn
+from ihd.cnn import build_cnn, embedding_extractor
 from ihd.features import (
     FeaturesNotReady,
+    embed_batch,
     extract_features,
     fit_selection,
     fitted_selection,
@@ -263,3 +264,29 @@ def test_the_cache_finds_its_index_from_any_working_directory(cnn_run, tmp_path,
     features = load_features(tmp_path / "features")
     assert not Path(features.config["index_path"]).is_absolute()
     pd.testing.assert_frame_equal(features.index, index)
+
+
+def test_flip_tta_averages_each_stack_with_its_mirror(cnn_run):
+    model = cnn_run[0]
+    extractor = embedding_extractor(model)
+    rng = np.random.default_rng(0)
+    batch = rng.uniform(-100, 200, (3, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    plain, plain_p = embed_batch(extractor, batch)
+    mirrored, mirrored_p = embed_batch(extractor, batch[:, :, ::-1].copy())
+    assert np.abs(plain - mirrored).max() > 1e-3, "the untrained CNN must not be mirror-symmetric for this test"
+    flipped, flipped_p = embed_batch(extractor, batch, tta="flip")
+    np.testing.assert_allclose(flipped, (plain + mirrored) / 2, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(flipped_p, (plain_p + mirrored_p) / 2, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown test-time augmentation 'rot90'"):
+        embed_batch(extractor, batch, tta="rot90")
+
+
+def test_a_selection_on_a_sample_of_rows_records_it_and_differs(extracted):
+    features = load_features(extracted)
+    whole = fitted_selection(features, "pca:3")
+    sampled = fitted_selection(features, "pca:3", seed=1, sample_rows=40)
+    assert sampled.inputs["sample_rows"] == 40 and sampled.inputs["seed"] == 1 and "sample_rows" not in whole.inputs
+    train_rows, _ = fold_rows(features.index, 0)
+    chosen = np.sort(np.random.default_rng(1).choice(train_rows, size=40, replace=False))
+    np.testing.assert_allclose(sampled.mean, features.embeddings[chosen].astype(np.float64).mean(axis=0), atol=1e-3)
+    assert np.abs(sampled.mean - whole.mean).max() > 1e-3

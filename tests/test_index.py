@@ -9,7 +9,7 @@ import pydicom
 import pytest
 
 from ihd.dicom import read_header
-from ihd.index import INDEX_COLUMNS, assign_folds, build_index, make_ids_unique, read_index
+from ihd.index import INDEX_COLUMNS, assign_folds, build_index, make_ids_unique, read_index, split_by_series_order
 from ihd.labels import SUBTYPES
 
 
@@ -281,3 +281,12 @@ def test_a_header_cache_from_an_older_version_is_read_again(real_data, tmp_path,
     again = build_index([(real_data / "rsna_series", "test")], tmp_path / "out", workers=1, resume=True)
     assert len(reads) == 32 and "written by an older version" in capsys.readouterr().out
     pd.testing.assert_frame_equal(again, first)
+
+
+def test_the_papers_split_trains_the_first_series_by_uid_and_validates_the_rest():
+    index = pd.DataFrame({"series_id": ["S3", "S1", "S1", "S2", "S4", "S0"], "patient_id": ["P"] * 6,
+                          "split": ["train"] * 5 + ["test"], "any": [0.0, 1.0, 0.0, 0.0, np.nan, np.nan]})
+    folds = split_by_series_order(index, train_series=2)
+    assert folds.tolist() == [1, 0, 0, 0, -1, -1], "S1 and S2 train, S3 validates, unlabeled and test rows get -1"
+    with pytest.raises(ValueError, match="this dataset has 3: choose --train-series below it"):
+        split_by_series_order(index, train_series=3)

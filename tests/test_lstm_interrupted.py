@@ -20,7 +20,7 @@ def _sets():
 
 
 def _model():
-    return compile_lstm(build_lstm(8, layers=1, units=8, dropout=0.0, residual=False), learning_rate=0.01)
+    return compile_lstm(build_lstm(8, layers=1, units=8, dropout=0.0, head="plain"), learning_rate=0.01)
 
 
 def test_a_killed_training_leaves_the_earlier_model_untouched(tmp_path, monkeypatch):

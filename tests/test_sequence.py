@@ -6,6 +6,7 @@ from ihd.labels import SUBTYPES
 from ihd.metrics import weighted_log_loss
 from ihd.sequence import (
     PAD_VALUE,
+    NeighbourDifferences,
     SeriesBatches,
     build_lstm,
     compile_lstm,
@@ -130,7 +131,7 @@ def test_residual_lstm_starts_at_the_cnn_probabilities():
 
 def test_predict_series_returns_index_order():
     index, data = _data([2, 4, 3])
-    model = build_lstm(8, layers=1, units=4, dropout=0.0, residual=False)
+    model = build_lstm(8, layers=1, units=4, dropout=0.0, head="plain")
     bulk = predict_series(model, data, batch_size=2)
     one_by_one = np.concatenate(
         [model.predict_on_batch(data.inputs[None, s : s + n])[0] for s, n in zip(data.starts, data.lengths)]
@@ -151,7 +152,7 @@ def test_fit_keeps_the_best_epoch_and_learns_a_sequence_rule(tmp_path):
     folds = np.repeat(np.arange(48) % 4 == 0, 8)
     train = series_set(inputs, index, ~folds, labels)
     val = series_set(inputs, index, folds, labels)
-    model = compile_lstm(build_lstm(2, layers=1, units=16, dropout=0.0, residual=False), learning_rate=0.02)
+    model = compile_lstm(build_lstm(2, layers=1, units=16, dropout=0.0, head="plain"), learning_rate=0.02)
     best = fit_lstm(model, train, val, tmp_path / "lstm.keras", epochs=12, batch_size=8)
     scores = [h["val_weighted_log_loss"] for h in best.history]
     assert best.best == min(scores) and best.best_epoch == int(np.argmin(scores)) + 1
@@ -159,3 +160,32 @@ def test_fit_keeps_the_best_epoch_and_learns_a_sequence_rule(tmp_path):
     rows = val.rows
     assert weighted_log_loss(labels[rows], predict_series(reloaded, val)[rows]) == pytest.approx(best.best, rel=1e-5)
     assert best.best < 0.3
+
+
+def test_neighbour_differences_are_zero_at_a_series_ends_and_ignore_padding():
+    import keras
+
+    inputs = keras.Input((None, 1))
+    masked = keras.layers.Masking(mask_value=PAD_VALUE)(inputs)
+    model = keras.Model(inputs, NeighbourDifferences()(masked))
+    x = np.array([[[1.0], [2.0], [4.0], [PAD_VALUE]], [[5.0], [3.0], [6.0], [7.0]]], np.float32)
+    out = model.predict_on_batch(x)
+    np.testing.assert_allclose(out[0, :3], [[1, 0, -1], [2, 1, -2], [4, 2, 0]])
+    np.testing.assert_allclose(out[1], [[5, 0, 2], [3, -2, -3], [6, 3, -1], [7, 1, 0]])
+
+
+def test_the_papers_head_reads_the_lstm_output_beside_the_raw_cnn_probabilities():
+    index, data = _data([4, 7])
+    model = build_lstm(8, layers=2, units=4, dropout=0.3, head="paper")
+    dense = model.get_layer("pred")
+    assert dense.kernel.shape == (2 * 4 + 6, 6), "the last layer reads 2x4 LSTM outputs and the six probabilities"
+    assert model.get_layer("head_dropout").rate == 0.5
+    assert [layer.name for layer in model.layers if layer.name.startswith("dropout")] == ["dropout1"], (
+        "dropout between the LSTM layers only, as PyTorch's LSTM(dropout=...) applies it")
+    # the probabilities reach the last layer as they are: zero the LSTM's part of the kernel, and the
+    # output is the sigmoid of the probabilities through the rest
+    kernel = np.zeros((14, 6), np.float32)
+    kernel[8:] = np.eye(6)
+    dense.set_weights([kernel, np.zeros(6, np.float32)])
+    predicted = predict_series(model, data)
+    np.testing.assert_allclose(predicted, 1 / (1 + np.exp(-data.inputs[:, -6:])), atol=1e-5)

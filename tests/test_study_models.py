@@ -38,7 +38,7 @@ def test_attention_ignores_padding_and_sums_to_one():
 
 
 def test_pretraining_copies_the_per_slice_lstm_layers_and_refuses_other_shapes():
-    slice_lstm = build_lstm(10, layers=2, units=4, residual=False)
+    slice_lstm = build_lstm(10, layers=2, units=4, head="plain")
     study = build_attention_lstm(10, EXAM, layers=2, units=4)
     assert copy_slice_lstm_weights(study, slice_lstm) == ["bilstm1", "bilstm2"]
     for name in ("bilstm1", "bilstm2"):

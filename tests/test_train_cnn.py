@@ -148,3 +148,23 @@ def test_bad_flags_are_refused_when_parsed(flag, value, message, capsys):
     with pytest.raises(SystemExit):
         train_cnn.parse_args([flag, value])
     assert message in capsys.readouterr().err
+
+
+def test_fold_all_trains_one_run_per_fold_and_records_the_ensemble(prepared_synthetic, tmp_path):
+    import shutil
+
+    dataset = tmp_path / "data" / "twofolds"
+    shutil.copytree(prepared_synthetic, dataset)
+    index = pd.read_parquet(dataset / "index.parquet")
+    index["fold"] = np.where(index["fold"] >= 0, index["fold"] % 2, -1).astype(np.int8)
+    index.to_parquet(dataset / "index.parquet", index=False)
+    flags = _flags(dataset, tmp_path, "--image-size", "32", "--epochs", "1", "--fold", "all", "--tta", "flip")
+    ensemble_dir = train_cnn.main(flags)
+    record = read_json(ensemble_dir / "ensemble.json")
+    assert record["members"] == ["tiny-fold0", "tiny-fold1"] and record["folds"] == [0, 1]
+    for fold, member in enumerate(record["members"]):
+        assert read_json(tmp_path / "models" / member / "config.json")["fold"] == fold
+        features = load_features(tmp_path / "features" / member)
+        assert features.config["fold"] == fold and features.config["tta"] == "flip"
+    with pytest.raises(SystemExit):
+        train_cnn.parse_args(["--fold", "all", "--extract-only"])

@@ -1,0 +1,82 @@
+"""A fold ensemble through every stage: train_cnn --fold all -> train_lstm on its members -> predict averaging them."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import predict
+import train_cnn
+import train_lstm
+from ihd.features import load_features
+from ihd.inference import ChainError, load_chains
+from ihd.inputs import fold_rows, label_array
+from ihd.labels import SUBTYPES, read_long_labels
+from ihd.metrics import summary
+
+
+@pytest.fixture(scope="module")
+def ensemble(prepared_synthetic, tmp_path_factory):
+    """The small synthetic dataset dealt into two folds, a tiny CNN per fold, a pca:4 LSTM per member, predictions."""
+    workspace = tmp_path_factory.mktemp("ensemble")
+    dataset = workspace / "data" / "twofolds"
+    shutil.copytree(prepared_synthetic, dataset)
+    index = pd.read_parquet(dataset / "index.parquet")
+    index["fold"] = np.where(index["fold"] >= 0, index["fold"] % 2, -1).astype(np.int8)
+    index.to_parquet(dataset / "index.parquet", index=False)
+    dirs = ["--models-dir", str(workspace / "models"), "--features-dir", str(workspace / "features")]
+    train_cnn.main(["--dataset", "twofolds", "--data-dir", str(workspace / "data"), "--run", "tiny", "--fold", "all",
+                    "--backbone", "tiny", "--weights", "none", "--image-size", "32", "--epochs", "1",
+                    "--batch-size", "16", *dirs])
+    table = train_lstm.main(["--run", "tiny", "--selection", "pca:4", "--layers", "1", "--units", "4", "--epochs", "2",
+                             *dirs])
+    submission = predict.main(["--run", "tiny", "--data-dir", str(workspace / "data"), "--submissions-dir",
+                               str(workspace / "submissions"), *dirs])
+    return {"workspace": workspace, "dirs": dirs, "table": table, "submission": submission, "dataset": dataset}
+
+
+def _members(ensemble):
+    return [load_features(ensemble["workspace"] / "features" / f"tiny-fold{fold}") for fold in (0, 1)]
+
+
+def test_every_member_trains_its_own_lstm_and_the_ensemble_is_scored_out_of_fold(ensemble):
+    models = ensemble["workspace"] / "models"
+    for fold in (0, 1):
+        record = json.loads((models / f"tiny-fold{fold}" / "lstm-pca4.json").read_text())
+        assert record["fold"] == fold
+    pooled = json.loads((models / "tiny" / "lstm-pca4.json").read_text())
+    assert sorted(pooled["members"]) == ["tiny-fold0", "tiny-fold1"]
+    parts = [(features, fold_rows(features.index, fold)[1]) for fold, features in enumerate(_members(ensemble))]
+    labels = np.concatenate([label_array(f.index)[rows] for f, rows in parts])
+    cnn = np.concatenate([np.asarray(f.probabilities[rows], np.float32) for f, rows in parts])
+    assert pooled["validation_cnn"]["weighted_log_loss"] == pytest.approx(summary(labels, cnn)["weighted_log_loss"])
+    assert ensemble["table"].index.tolist() == ["cnn", "cnn+lstm pca:4"]
+    assert len(labels) == int((label_array(parts[0][0].index)[:, 0] >= 0).sum()), "every labeled row scored once"
+
+
+def test_the_ensembles_cnn_scores_are_the_mean_of_its_members(ensemble):
+    scores = json.loads(ensemble["submission"].with_name(ensemble["submission"].stem + "-scores.json").read_text())
+    assert scores["members"] == ["tiny-fold0", "tiny-fold1"]
+    members = _members(ensemble)
+    test = np.flatnonzero(members[0].index["split"].to_numpy() == "test")
+    mean = np.mean([np.asarray(m.probabilities[test], np.float32) for m in members], axis=0)
+    truth = read_long_labels(ensemble["dataset"] / "raw" / "truth" / "stage_2_test_labels.csv")
+    images = members[0].index["image_id"].iloc[test]
+    from ihd.metrics import weighted_log_loss
+
+    expected = weighted_log_loss(truth.loc[images, list(SUBTYPES)].to_numpy(), mean)
+    assert scores["scores"]["cnn"] == pytest.approx(expected, rel=1e-4)
+    written = pd.read_csv(ensemble["submission"])
+    assert written["Label"].between(0, 1).all() and len(written) == len(test) * len(SUBTYPES)
+
+
+def test_a_member_retrained_alone_is_refused_until_the_ensemble_is_scored_again(ensemble, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(ensemble["workspace"] / "models", models)
+    train_lstm.main(["--run", "tiny-fold1", "--selection", "pca:4", "--layers", "1", "--units", "4", "--epochs", "1",
+                     "--models-dir", str(models), "--features-dir", str(ensemble["workspace"] / "features")])
+    with pytest.raises(ChainError, match="tiny-fold1 .*not the one the ensemble tiny was scored with"):
+        load_chains("tiny", "pca:4", models, ensemble["workspace"] / "features")
+    with pytest.raises(ChainError, match="has no LSTMs of selection all"):
+        load_chains("tiny", "all", models, ensemble["workspace"] / "features")
