@@ -29,7 +29,7 @@ import pandas as pd
 import tensorflow as tf
 
 from ihd.backbones import backbone_features, backbone_input_affine, resolve_weights
-from ihd.distributed import chief_value, is_chief, train_epochs
+from ihd.distributed import ReplicaSyncedLossScaleOptimizer, chief_value, is_chief, train_epochs
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES
 from ihd.losses import loss_function
@@ -125,7 +125,7 @@ def compile_cnn(model: keras.Model, learning_rate: float, total_steps: int, warm
                 loss: str = "weighted", schedule: str = "cosine") -> None:
     """Adam and the loss named ``loss`` (`ihd.losses.LOSSES`). Schedule ``cosine``: a linear warmup to
     ``learning_rate`` over ``warmup_steps``, then cosine decay to 0 at ``total_steps``; ``constant``:
-    ``learning_rate`` throughout."""
+    ``learning_rate`` throughout. Under mixed float16, Adam is wrapped in ReplicaSyncedLossScaleOptimizer."""
     if schedule == "constant":
         rate = learning_rate
     elif schedule == "cosine":
@@ -137,7 +137,10 @@ def compile_cnn(model: keras.Model, learning_rate: float, total_steps: int, warm
         )
     else:
         raise ValueError(f"unknown learning-rate schedule {schedule!r}: use {' or '.join(SCHEDULES)}")
-    model.compile(optimizer=keras.optimizers.Adam(rate), loss=loss_function(loss))
+    optimizer = keras.optimizers.Adam(rate)
+    if keras.mixed_precision.global_policy().name == "mixed_float16":  # where compile would add Keras' own
+        optimizer = ReplicaSyncedLossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer, loss=loss_function(loss))
 
 
 def use_mixed_precision_on_gpu() -> bool:

@@ -24,6 +24,9 @@ under MultiWorkerMirroredStrategy in Keras 3 (https://github.com/keras-team/kera
 a progress bar with rate and ETA, TensorBoard) with the same calls, and its logged loss is the mean
 over every replica's slices, not one replica's.
 
+Mixed float16 scales the loss with `ReplicaSyncedLossScaleOptimizer`, which skips a step on every
+replica when any replica's gradients overflow.
+
 BatchNormalization normalises with each replica's own batch statistics and each replica updates its
 own moving statistics; at the end of every epoch the moving statistics are replaced by their mean
 over replicas, so every replica, and whatever is saved, holds the same model.
@@ -186,6 +189,27 @@ def check_same_on_every_machine(strategy: tf.distribute.Strategy, inputs: dict) 
                          f"on {differing} of {strategy.num_replicas_in_sync} replicas (this machine's "
                          f"{'differ' if differs else 'match'}): run the same train_cnn.py command on copies of the "
                          "same prepared dataset on every machine")
+
+
+@keras.saving.register_keras_serializable(package="ihd")
+class ReplicaSyncedLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Keras' dynamic loss scaling for mixed float16, whose skip-or-apply decision every replica shares.
+
+    Keras 3 decides from the gradients of one local replica, before they are summed over replicas:
+    with several replicas, one machine could skip a step that another applies (their collectives no
+    longer match), or a replica's non-finite gradients could be summed into everyone's weights. Here
+    a step is skipped on every replica, and the scale halved, when any replica's gradients are not
+    finite.
+    """
+
+    def check_finite(self, grads):
+        """Whether the gradients of every replica are finite."""
+        finite = super().check_finite(grads)
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return finite
+        nonfinite = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.float32))
+        return tf.equal(nonfinite, 0.0)
 
 
 def moving_statistics(model: keras.Model) -> list:

@@ -162,9 +162,10 @@ def _free_ports(count):
     return ports
 
 
-def _run_workers(flags, tmp_path, count=2, extra_flags=None, timeout_s=300):
-    """Run ``count`` workers of train_cnn.py on loopback (worker k with ``extra_flags[k]`` added); returns
-    their output prefixes, exit codes and logs."""
+def _run_workers(script, worker_args, tmp_path, timeout_s=300):
+    """Run ``script`` as one worker per entry of ``worker_args`` (its command-line arguments after the
+    output prefix) on loopback; returns their output prefixes, exit codes and logs."""
+    count = len(worker_args)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(count)]}
     workers = []
     for index in range(count):
@@ -174,8 +175,7 @@ def _run_workers(flags, tmp_path, count=2, extra_flags=None, timeout_s=300):
                "TMPDIR": str(scratch), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2",
                "PYTHONPATH": str(ROOT)}
         log = open(tmp_path / f"worker{index}.log", "w")
-        command = [sys.executable, "-c", WORKER, str(tmp_path / f"worker{index}"), *flags,
-                   *(extra_flags[index] if extra_flags else [])]
+        command = [sys.executable, "-c", script, str(tmp_path / f"worker{index}"), *worker_args[index]]
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         workers.append((process, log))
     try:
@@ -204,7 +204,7 @@ def test_two_cpu_workers_on_loopback_resume_a_run_and_train_an_epoch_to_the_same
     epoch_1 = {w.path: w.numpy() for w in keras.models.load_model(run_dir / "cnn.keras", compile=False).weights}
 
     # epoch 2 on two machines: the chief resumes from its run folder, the other worker has none
-    outputs, codes, logs = _run_workers([*flags, "--epochs", "2"], tmp_path)
+    outputs, codes, logs = _run_workers(WORKER, [[*flags, "--epochs", "2"]] * 2, tmp_path)
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     chief, worker = (dict(np.load(f"{prefix}-weights.npz")) for prefix in outputs)
 
@@ -260,10 +260,56 @@ def test_two_cpu_workers_on_loopback_resume_a_run_and_train_an_epoch_to_the_same
 
 def test_machines_given_different_runs_all_refuse_to_train(prepared_synthetic, tmp_path):
     # another seed on one machine: it would shuffle and augment other batches than the chief expects
-    _, codes, logs = _run_workers([*_tiny_flags(prepared_synthetic, tmp_path), "--epochs", "1"], tmp_path,
-                                  extra_flags=[[], ["--seed", "1"]])
+    flags = [*_tiny_flags(prepared_synthetic, tmp_path), "--epochs", "1"]
+    _, codes, logs = _run_workers(WORKER, [flags, [*flags, "--seed", "1"]], tmp_path)
     assert codes[0] != 0 and codes[1] != 0, "\n".join(log[-3000:] for log in logs)
     for log, mine in zip(logs, ("match", "differ")):
         assert (f"differ from the chief's on 1 of 2 replicas (this machine's {mine}): run the same train_cnn.py "
                 "command") in log
     assert not (tmp_path / "models").exists()
+
+
+# One worker of a cluster training a tiny CNN under mixed float16 for one epoch of 4 steps (global
+# batch 8) with ihd.distributed.train_epochs; worker 1's labels in its first batch are NaN, so on the
+# first step only its gradients are not finite. Saves every weight and optimizer variable.
+OVERFLOW_WORKER = """
+import sys
+import numpy as np
+from ihd.distributed import distribution_strategy, train_epochs
+
+strategy = distribution_strategy()
+import keras
+import tensorflow as tf
+from ihd.cnn import build_cnn, compile_cnn
+
+keras.mixed_precision.set_global_policy("mixed_float16")
+keras.utils.set_random_seed(0)
+rng = np.random.default_rng(0)
+hu = rng.uniform(-100, 200, (32, 16, 16, 3)).astype(np.float32)
+labels = (rng.random((32, 6)) < 0.4).astype(np.float32)
+
+def share(context):
+    mine = slice(context.input_pipeline_id, None, context.num_input_pipelines)
+    share_labels = labels[mine].copy()
+    if context.input_pipeline_id == 1:
+        share_labels[0] = np.nan
+    return tf.data.Dataset.from_tensor_slices((hu[mine], share_labels)).batch(4)
+
+with strategy.scope():
+    model = build_cnn("tiny", 16, "windows")
+    compile_cnn(model, 1e-2, 4, 0)
+train_epochs(model, share, 4, 1, 0, [], verbose=0)
+np.savez(sys.argv[1] + "-weights.npz", **{v.path: v.numpy() for v in model.weights + model.optimizer.variables})
+"""
+
+
+def test_a_step_whose_gradients_overflow_on_one_machine_is_skipped_on_every_machine(tmp_path):
+    outputs, codes, logs = _run_workers(OVERFLOW_WORKER, [[], []], tmp_path, timeout_s=180)
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    first, second = (dict(np.load(f"{prefix}-weights.npz")) for prefix in outputs)
+    for path in first:
+        np.testing.assert_array_equal(first[path], second[path], err_msg=path)
+        assert np.isfinite(first[path]).all(), path
+    scale = next(value for path, value in first.items() if path.endswith("loss_scale_optimizer/dynamic_scale"))
+    assert scale == 2.0 ** 14  # halved once, from 2 ** 15
+    assert first["adam/iteration"] == 3  # the step with the overflow was skipped, the other three applied
