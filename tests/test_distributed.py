@@ -1,5 +1,6 @@
-"""Training under tf.distribute: the loop against Model.fit, TF_CONFIG, each machine's share of an epoch,
-and two CPU workers on loopback that resume a run and train one epoch to the same weights."""
+"""Training under tf.distribute: the loop against Model.fit, TF_CONFIG, each machine's share of an epoch;
+two CPU workers on loopback that resume a run and train one epoch to the same weights, refuse to train
+different runs, and skip together a step that overflows on one; two replicas on one machine."""
 import json
 import os
 import re
@@ -313,3 +314,49 @@ def test_a_step_whose_gradients_overflow_on_one_machine_is_skipped_on_every_mach
     scale = next(value for path, value in first.items() if path.endswith("loss_scale_optimizer/dynamic_scale"))
     assert scale == 2.0 ** 14  # halved once, from 2 ** 15
     assert first["adam/iteration"] == 3  # the step with the overflow was skipped, the other three applied
+
+
+# One machine with two replicas (MirroredStrategy over two logical CPUs, as over two GPUs): one input
+# pipeline feeds both, each step takes a batch of 4 for each replica. Saves every variable's values on
+# both replicas, and the tiny CNN's weights before training.
+TWO_REPLICAS = """
+import sys
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+import keras
+from ihd.cnn import build_cnn, compile_cnn
+from ihd.distributed import train_epochs
+
+keras.utils.set_random_seed(0)
+rng = np.random.default_rng(0)
+hu = rng.uniform(-100, 200, (32, 16, 16, 3)).astype(np.float32)
+labels = (rng.random((32, 6)) < 0.4).astype(np.float32)
+data = tf.data.Dataset.from_tensor_slices((hu, labels)).shuffle(32, seed=0)
+with strategy.scope():
+    model = build_cnn("tiny", 16, "windows")
+    compile_cnn(model, 1e-2, 4, 0)
+before = {v.path: v.numpy() for v in model.weights}
+train_epochs(model, lambda context: data.batch(context.get_per_replica_batch_size(8)), 4, 1, 0, [], verbose=0)
+replicas = {}
+for v in model.weights + model.optimizer.variables:
+    local = strategy.experimental_local_results(strategy.run(lambda: tf.identity(v)))
+    replicas.update({f"{v.path}@{k}": value.numpy() for k, value in enumerate(local)})
+np.savez(sys.argv[1] + "-replicas.npz", **replicas)
+np.savez(sys.argv[1] + "-before.npz", **before)
+"""
+
+
+def test_two_replicas_of_one_machine_share_its_input_pipeline_and_keep_the_same_model(tmp_path):
+    outputs, codes, logs = _run_workers(TWO_REPLICAS, [[]], tmp_path, timeout_s=180)
+    assert codes == [0], logs[0][-3000:]
+    replicas = dict(np.load(f"{outputs[0]}-replicas.npz"))
+    before = dict(np.load(f"{outputs[0]}-before.npz"))
+    paths = sorted({key.rsplit("@", 1)[0] for key in replicas})
+    for path in paths:
+        np.testing.assert_array_equal(replicas[f"{path}@0"], replicas[f"{path}@1"], err_msg=path)
+    assert replicas["adam/iteration@0"] == 4  # 32 slices in global batches of 8, two replicas of 4
+    assert all(np.abs(replicas[f"{path}@0"] - before[path]).max() > 1e-4 for path in before if "moving" in path)
