@@ -6,7 +6,7 @@ to per-slice probabilities; Grad-CAM pictures of the slices most likely to bleed
     python predict.py --run rsna-efficientnetb0-256-windows-fold0 --dicom-dir /path/to/exported/studies --gradcam 3
     python predict.py --run demo --dicom-dir ../shared/data/real/rsna_labeled/stage_2_train \
         --labels ../shared/data/real/rsna_labeled/stage_2_train.csv
-    python predict.py --run demo --study study-attention-subtypes-weights32-pretrained --dicom-dir /path/to/studies
+    python predict.py --run demo-fold0 --study study-attention-subtypes-weights32-pretrained --dicom-dir /path/to/studies
     python predict.py --run demo --dicom-dir /path/to/exported/studies --segment seg-plain-128
 
 Dataset route: reads the run's cached CNN outputs (extracting them first if the cache is incomplete),

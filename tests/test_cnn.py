@@ -85,7 +85,7 @@ def test_imagenet_download_failure_tells_what_to_do(monkeypatch):
         build_cnn("MobileNetV2", image_size=96, weights="imagenet")
 
 
-def _fit_tiny(run_dir, epochs, seed=0, learning_rate=3e-2):
+def _fit_tiny(run_dir, epochs, seed=0, learning_rate=3e-2, keep="best", **compile_options):
     """A tiny CNN fitted on 32 random 16x16 slices; returns the validation batches and labels."""
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(0)
@@ -94,8 +94,8 @@ def _fit_tiny(run_dir, epochs, seed=0, learning_rate=3e-2):
     train = tf.data.Dataset.from_tensor_slices((hu[:32], labels[:32])).batch(8)
     val = tf.data.Dataset.from_tensor_slices(hu[32:]).batch(8)
     model = build_cnn("tiny", image_size=16, recipe="windows", weights=None)
-    compile_cnn(model, learning_rate=learning_rate, total_steps=4 * epochs, warmup_steps=0)
-    fit_cnn(model, lambda context: train, 4, val, labels[32:], run_dir, epochs)
+    compile_cnn(model, learning_rate=learning_rate, total_steps=4 * epochs, warmup_steps=0, **compile_options)
+    fit_cnn(model, lambda context: train, 4, val, labels[32:], run_dir, epochs, keep)
     return val, labels[32:]
 
 
@@ -174,19 +174,11 @@ def test_a_run_that_stopped_before_its_first_epoch_says_how_to_resume(tmp_path):
 
 
 def test_keep_last_keeps_the_last_epoch_even_when_an_earlier_one_scored_better(tmp_path):
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    hu = rng.uniform(-100, 200, (48, 16, 16, 3)).astype(np.float32)
-    labels = (rng.random((48, 6)) < 0.4).astype(np.float32)
-    train = tf.data.Dataset.from_tensor_slices((hu[:32], labels[:32])).batch(8)
-    val = tf.data.Dataset.from_tensor_slices(hu[32:]).batch(8)
-    model = build_cnn("tiny", image_size=16, recipe="windows", weights=None)
-    compile_cnn(model, learning_rate=0.3, total_steps=16, warmup_steps=0, loss="bce", schedule="constant")
-    fit_cnn(model, lambda context: train, 4, val, labels[32:], tmp_path, 3, keep="last")
+    val, val_labels = _fit_tiny(tmp_path, 3, learning_rate=0.3, keep="last", loss="bce", schedule="constant")
     history = pd.read_csv(tmp_path / "history.csv")
     assert read_json(tmp_path / "best.json")["epoch"] == 3
     kept = keras.models.load_model(tmp_path / "cnn.keras", compile=False)
-    assert weighted_log_loss(labels[32:], kept.predict(val, verbose=0)) == pytest.approx(
+    assert weighted_log_loss(val_labels, kept.predict(val, verbose=0)) == pytest.approx(
         history["val_weighted_log_loss"].iloc[-1], rel=1e-5)
     assert history["val_weighted_log_loss"].iloc[-1] > history["val_weighted_log_loss"].min(), (
         "this run's last epoch is not its best: keep=last must still keep it")
