@@ -246,12 +246,12 @@ def train_epochs(
 
     data = strategy.distribute_datasets_from_function(pipeline_data)
 
-    @tf.function(jit_compile=model.jit_compile)
+    @tf.function(jit_compile=model.jit_compile, autograph=False)  # as Model.fit: Keras' code traced as written
     def step_on_batch(batch):
         strategy.run(model.train_step, args=(batch,))
         return model.get_metrics_result()  # read across replicas: means over every replica's slices
 
-    @tf.function
+    @tf.function(autograph=False)
     def step(batches):
         return step_on_batch(next(batches))
 
