@@ -1,19 +1,21 @@
 """Training steps per second of the kit's loop (`ihd.distributed.train_epochs`) against Keras' `Model.fit`.
 
-    python bench/train_loop.py            # about 2 minutes on 2 cores
-    python bench/train_loop.py --quick    # under a minute
+    python bench/train_loop.py            # about 4 minutes on 2 cores
+    python bench/train_loop.py --quick    # about a minute
 
 Stage 1 trains through `train_epochs` on one machine as on several (Model.fit does not run under
-MultiWorkerMirroredStrategy). This measures what the loop costs where `fit` would also do: one
-process, the default strategy, two copies of the same compiled model (`ihd.cnn.build_cnn` +
-`compile_cnn`) on the same batches of random HU held in memory, so only the steps are timed, not the
-input pipeline. The epochs interleave: the loop trains one epoch, then `fit` one, and so on, so that
-both sides of a pair meet the same load on a shared machine; the first pair (tracing) is left out,
-and each figure is the median over the pairs. The bar: the loop at most 5% slower than `fit`.
+MultiWorkerMirroredStrategy). This measures what the loop costs where `fit` would also do: the
+default strategy, the same compiled model (`ihd.cnn.build_cnn` + `compile_cnn`) on the same batches
+of random HU held in memory, so only the steps are timed, not the input pipeline. Every measurement
+is a fresh process (one side's leftovers, such as the iterator `fit` opens for an epoch it never
+runs, must not slow the other): one untimed epoch that traces the step, then timed epochs, the
+fastest kept. Rounds alternate the sides; each figure is the median of its rounds. The bar: the
+loop at most 5% slower than `fit`.
 """
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -36,12 +38,13 @@ class Settings:
     models: tuple = (("tiny", 64), ("MobileNetV2", 64))  # (backbone, image size): a small and a paper-sized network
     steps: int = 24  # steps per timed epoch
     batch_size: int = 32
-    pairs: int = 6  # interleaved (loop, fit) epoch pairs timed: shared CPUs vary from minute to minute
-    quick: bool = False  # fewer steps and pairs, the tiny network only
+    epochs: int = 2  # timed epochs per measurement, the fastest kept
+    rounds: int = 3  # alternating rounds, the median kept: shared CPUs vary from minute to minute
+    quick: bool = False  # fewer steps, one round, the tiny network only
 
 
-def epoch_seconds(backbone: str, image_size: int, steps: int, batch_size: int, pairs: int) -> list[tuple[float, float]]:
-    """(fit, loop) seconds of each of ``pairs`` interleaved epochs of ``steps`` batches, after one traced pair."""
+def epoch_seconds(side: str, backbone: str, image_size: int, steps: int, batch_size: int, epochs: int) -> float:
+    """Seconds of the fastest of ``epochs`` epochs of ``steps`` batches on ``side``, after one traced epoch."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -49,35 +52,35 @@ def epoch_seconds(backbone: str, image_size: int, steps: int, batch_size: int, p
     from ihd.cnn import build_cnn, compile_cnn
     from ihd.distributed import train_epochs
 
+    keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     hu = rng.uniform(-1000, 1000, (steps * batch_size, image_size, image_size, 3)).astype(np.float32)
     labels = (rng.random((steps * batch_size, 6)) < 0.15).astype(np.float32)
     data = tf.data.Dataset.from_tensor_slices((hu, labels)).batch(batch_size, drop_remainder=True).cache()
-    models = []
-    for _ in range(2):
-        keras.utils.set_random_seed(0)
-        models.append(build_cnn(backbone, image_size, "windows", weights=None))
-        compile_cnn(models[-1], 1e-4, 2 * (pairs + 1) * steps, 0)
-    fitted, looped = models
-    seconds = {"fit": [], "loop": []}
+    model = build_cnn(backbone, image_size, "windows", weights=None)
+    compile_cnn(model, 1e-4, (epochs + 1) * steps, 0)
+    seconds = []
 
     class Clock(keras.callbacks.Callback):
-        def __init__(self, side):
-            super().__init__()
-            self.side = side
-
         def on_epoch_begin(self, epoch, logs=None):
-            seconds[self.side].append(time.perf_counter())
+            seconds.append(time.perf_counter())
 
         def on_epoch_end(self, epoch, logs=None):
-            seconds[self.side][-1] = time.perf_counter() - seconds[self.side][-1]
+            seconds[-1] = time.perf_counter() - seconds[-1]
 
-    class FitAnEpoch(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            fitted.fit(data, epochs=1, callbacks=[Clock("fit")], shuffle=False, verbose=0)
+    if side == SIDES[1]:
+        train_epochs(model, lambda context: data, steps, epochs + 1, 0, [Clock()], verbose=0)
+    else:
+        model.fit(data, epochs=epochs + 1, callbacks=[Clock()], shuffle=False, verbose=0)
+    return min(seconds[1:])
 
-    train_epochs(looped, lambda context: data, steps, pairs + 1, 0, [Clock("loop"), FitAnEpoch()], verbose=0)
-    return list(zip(seconds["fit"][1:], seconds["loop"][1:]))
+
+def measured(side: str, backbone: str, image_size: int, settings) -> float:
+    """``epoch_seconds`` in a fresh process."""
+    command = [sys.executable, __file__, "--child", side, backbone, str(image_size), "--steps", str(settings.steps),
+               "--batch-size", str(settings.batch_size), "--epochs", str(settings.epochs)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return float(output.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,20 +89,33 @@ def main(argv: list[str] | None = None) -> None:
     defaults = Settings()
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--pairs", type=int, default=defaults.pairs)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds)
     parser.add_argument("--quick", action="store_true")
-    settings = Settings(**vars(parser.parse_args(argv)))
+    parser.add_argument("--child", nargs=3, metavar=("SIDE", "BACKBONE", "SIZE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        side, backbone, image_size = args.child
+        print(epoch_seconds(side, backbone, int(image_size), args.steps, args.batch_size, args.epochs))
+        return
+    del args.child
+    settings = Settings(**vars(args))
     if settings.quick:
-        settings.models, settings.steps, settings.pairs = (("tiny", 64),), 10, 2
+        settings.models, settings.steps, settings.rounds = (("tiny", 64),), 10, 1
     run_header(argv, settings)
-    print(f"device: {device_description()}")
-    print(f"\n| network | {SIDES[0]}, steps/s | {SIDES[1]}, steps/s | loop / fit |\n|---|---:|---:|---:|")
+    print(f"device: {device_description()}", flush=True)
+    rows = []
     for backbone, image_size in settings.models:
-        pairs = epoch_seconds(backbone, image_size, settings.steps, settings.batch_size, settings.pairs)
-        fit_rate, loop_rate = (settings.steps / statistics.median(side) for side in zip(*pairs))
-        ratio = statistics.median(fit / loop for fit, loop in pairs)
+        seconds = {side: [] for side in SIDES}
+        for _ in range(settings.rounds):
+            for side in SIDES:
+                seconds[side].append(measured(side, backbone, image_size, settings))
+        rows.append((backbone, image_size, {side: statistics.median(values) for side, values in seconds.items()}))
+    print(f"\n| network | {SIDES[0]}, steps/s | {SIDES[1]}, steps/s | loop / fit |\n|---|---:|---:|---:|")
+    for backbone, image_size, median in rows:
+        fit_rate, loop_rate = (settings.steps / median[side] for side in SIDES)
         print(f"| {backbone} {image_size}x{image_size}, batch {settings.batch_size} | {fit_rate:.2f} | {loop_rate:.2f} "
-              f"| {ratio:.3f}x (bar: at least {1 - BAR:.2f}x) |")
+              f"| {loop_rate / fit_rate:.3f}x (bar: at least {1 - BAR:.2f}x) |")
 
 
 if __name__ == "__main__":
