@@ -29,9 +29,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# The self-contained benchmarks; bench/segment.py needs a trained U-Net run, and
-# bench/synthetic_to_real.py trains two demo chains (about 15 minutes): run those by hand.
-BENCHMARKS := machine preprocess input embed cache_check lstm study_latency study_mode_latency
+# The self-contained benchmarks; bench/segment.py needs a trained U-Net run,
+# bench/synthetic_to_real.py trains two demo chains (about 15 minutes) and bench/folder.py writes a
+# 10,000-slice DICOM folder (5 GB, about 20 minutes on 2 cores): run those by hand.
+BENCHMARKS := machine preprocess input embed cache_check lstm study_latency study_mode_latency gradcam
 
 bench: setup
 	for name in $(BENCHMARKS); do $(BIN)/python bench/$$name.py || exit 1; done

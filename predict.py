@@ -14,8 +14,9 @@ applies the selection and its LSTM to every test slice and writes submissions/<r
 sample submission's order, validated; with the dataset's test truth present (synthetic data) it also
 prints and saves the test weighted log loss of the prior, the CNN alone and CNN + LSTM
 (submissions/<run>-<slug>-scores.json). Pictures go to submissions/<run>-gradcam/.
-DICOM route: everything in memory; probabilities.csv, the folder's index and pictures go to --out
-(default submissions/<run>-<slug>-<folder name>/). Files that cannot be read as HU are listed there in
+DICOM route: the folder is read one series at a time (a progress bar counts its slices), so memory
+holds one series' images, not the folder's; probabilities.csv, the folder's index and pictures go to
+--out (default submissions/<run>-<slug>-<folder name>/). Files that cannot be read as HU are listed there in
 bad_files.csv with the reason; --read-non-ct-as-hu reads modalities other than CT as HU instead. With
 --labels (the challenge's long ID,Label format) the probabilities are scored beside them
 (scores.json): weighted log loss, slice-level AUC of every subtype and `any`, study-level AUC, for
@@ -27,6 +28,9 @@ the test set, scored against the dataset's study and slice truth when it has the
 LSTM read at study level beside it; a DICOM folder's studies are scored the same way against
 --labels, in studies-scores.json); --gradcam N draws the N slices of strongest study evidence of
 every study called hemorrhage as one montage.
+Pictures: --gradcam N draws them for the --gradcam-studies studies (default 50) most likely to bleed
+(highest `any` of a slice, or study probability in study mode); --gradcam-studies 0 draws every study,
+which takes an hour for the real test set on a CPU (BENCHMARKS.md, "Grad-CAM on a whole test set").
 """
 from __future__ import annotations
 
@@ -46,11 +50,12 @@ from ihd.inference import (
     average_predictions,
     cached_test_features,
     chain_inputs,
+    chain_predictions,
+    dicom_hu_reader,
     draw_study_pictures,
+    folder_cnn_outputs,
     load_chains,
-    predict_dicom_index,
     predict_test_split,
-    read_model_hu,
     store_hu_reader,
 )
 from ihd.inputs import fold_rows, label_array
@@ -88,6 +93,7 @@ class Settings:
     out: str | None = None  # output folder of the DICOM route; None: submissions/<run>-<slug>-<folder name>
     gradcam: int = 0  # Grad-CAM overlays for this many slices per study (highest `any` first), plus a montage
     gradcam_method: str = "gradcam"  # gradcam or gradcam++ (sharper when a bleed has several parts)
+    gradcam_studies: int = 50  # pictures for this many studies, the likeliest to bleed: about 1 s each on a CPU; 0: all
     segment: str = ""  # DICOM route: a train_seg.py run in models/; masks (PNG, NIfTI, DICOM SEG) and bleeds.csv
     sample: str | None = None  # sample submission; None: data/<dataset>/raw/stage_2_sample_submission.csv
     truth: str | None = None  # test labels for the scores report; None: the dataset's raw/truth/ file if present
@@ -109,10 +115,12 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--selection", type=selection_spec, default=Settings.selection)
     parser.add_argument("--gradcam", type=non_negative_int, default=Settings.gradcam)
     parser.add_argument("--gradcam-method", choices=sorted(METHODS), default=Settings.gradcam_method)
+    parser.add_argument("--gradcam-studies", type=non_negative_int, default=Settings.gradcam_studies)
     parser.add_argument("--submit", action="store_true")
     parser.add_argument("--read-non-ct-as-hu", action="store_true")
     for field in dataclasses.fields(Settings):
-        if field.name not in ("run", "selection", "gradcam", "gradcam_method", "submit", "read_non_ct_as_hu"):
+        if field.name not in ("run", "selection", "gradcam", "gradcam_method", "gradcam_studies", "submit",
+                              "read_non_ct_as_hu"):
             parser.add_argument("--" + field.name.replace("_", "-"), default=field.default)
     return Settings(**vars(parser.parse_args(argv)))
 
@@ -121,6 +129,15 @@ def training_prior(features) -> np.ndarray:
     """The six label means of the run's training rows: the answer for a test image nothing is known about."""
     train_rows, _ = fold_rows(features.index, int(features.config["fold"]))
     return prior_baseline(label_array(features.index)[train_rows], 1)[0]
+
+
+def studies_left_out(settings: Settings, index) -> str:
+    """A note for the pictures' summary line when --gradcam-studies left studies out, else ""."""
+    studies = index["study_id"].nunique()
+    if not settings.gradcam_studies or settings.gradcam_studies >= studies:
+        return ""
+    return (f" (the {settings.gradcam_studies} of {studies} studies most likely to bleed; --gradcam-studies 0 "
+            "draws every study)")
 
 
 def chains_prior(settings: Settings, chains: list[Chain]) -> np.ndarray:
@@ -155,9 +172,10 @@ def predict_dataset(settings: Settings, chains: list[Chain]) -> Path:
         out_dir = Path(settings.submissions_dir) / f"{settings.run}-gradcam"
         store = SliceStore(dataset_dir / "slices")
         reader = store_hu_reader(predictions.index, store, chain.image_size)
-        pictures = draw_study_pictures(chain, predictions, reader, out_dir, settings.gradcam, settings.gradcam_method)
+        pictures = draw_study_pictures(chains, predictions, reader, out_dir, settings.gradcam, settings.gradcam_method,
+                                       settings.gradcam_studies)
         write_json(out_dir / "config.json", {"selection": chain.selection_name, "settings": settings})
-        print(f"grad-cam: {len(pictures)} pictures in {out_dir}")
+        print(f"grad-cam: {len(pictures)} pictures in {out_dir}{studies_left_out(settings, predictions.index)}")
     if settings.submit:
         try:
             submit(out_path, settings.message or f"{settings.run} {chain.selection_name}")
@@ -191,13 +209,20 @@ def predict_dataset_studies(settings: Settings, chain: Chain, study: StudyModel)
         out_dir = Path(settings.submissions_dir) / f"{chain.run}-{study.name}-best-slices"
         probabilities = np.asarray(features.probabilities[rows], np.float32)
         reader = store_hu_reader(index, SliceStore(dataset_dir / "slices"), chain.image_size)
-        pictures = draw_best_slices(chain, index, table, series, weights, probabilities, reader, out_dir,
-                                    settings.gradcam, settings.gradcam_method)
+        pictures = draw_best_slices(chain, index, pictured_studies(table, study, settings.gradcam_studies), series,
+                                    weights, probabilities, reader, out_dir, settings.gradcam, settings.gradcam_method)
         print(f"best slices: {len(pictures)} montages in {out_dir}")
     return out_path
 
 
-def write_folder_studies(settings: Settings, chain: Chain, study: StudyModel, predictions, hu: np.ndarray,
+def pictured_studies(table, study: StudyModel, limit: int):
+    """The rows of a study table whose best slices are drawn: the `limit` studies called hemorrhage with
+    the highest bleed probability (every one when `limit` is 0)."""
+    called = table[table["verdict"] == "hemorrhage"]
+    return called.nlargest(limit, f"p_{study.labels.positive}") if limit else called
+
+
+def write_folder_studies(settings: Settings, chain: Chain, study: StudyModel, predictions, hu_of_rows,
                          out_dir: Path) -> Path:
     """A DICOM folder's studies -> studies.csv (one row per study) and best-slice montages."""
     inputs = chain_inputs(chain, predictions.embeddings, predictions.cnn)
@@ -214,8 +239,8 @@ def write_folder_studies(settings: Settings, chain: Chain, study: StudyModel, pr
         write_json(out_dir / "studies-scores.json", {"scores": scores, "labels": settings.labels, "settings": settings})
         print(f"study scores against {settings.labels}: {scores}")
     if settings.gradcam > 0:
-        draw_best_slices(chain, predictions.index, table, series, weights, predictions.lstm, lambda rows: hu[rows],
-                         out_dir, settings.gradcam, settings.gradcam_method)
+        draw_best_slices(chain, predictions.index, pictured_studies(table, study, settings.gradcam_studies), series,
+                         weights, predictions.lstm, hu_of_rows, out_dir, settings.gradcam, settings.gradcam_method)
     return csv_path
 
 
@@ -226,12 +251,14 @@ def predict_folder(settings: Settings, chains: list[Chain], study: StudyModel | 
     folder = Path(settings.dicom_dir)
     out_dir = Path(settings.out) if settings.out else Path(settings.submissions_dir) / f"{settings.run}-{chain.slug}-{folder.name}"
     index = build_index([(folder, "test")], out_dir, workers=1, non_ct_as_hu=settings.read_non_ct_as_hu)
-    hu, failures = read_model_hu(index, chain.image_size, settings.read_non_ct_as_hu)
+    outputs, failures = folder_cnn_outputs(chains, index, settings.read_non_ct_as_hu)
     if failures:
         index = drop_unreadable(out_dir, failures)
     if index.empty:
         raise SystemExit(f"{folder}: no readable DICOM slices (see {out_dir / 'bad_files.csv'})")
-    predictions = average_predictions([predict_dicom_index(member, index, hu) for member in chains])
+    predictions = average_predictions([chain_predictions(member, index, embeddings, cnn)
+                                       for member, (embeddings, cnn) in zip(chains, outputs)])
+    hu_of_rows = dicom_hu_reader(index, chain.image_size, settings.read_non_ct_as_hu)
     table = index[["image_id", "patient_id", "study_id", "series_id", "position", "z", "path"]].copy()
     table[list(SUBTYPES)] = predictions.lstm
     table[[f"cnn_{s}" for s in SUBTYPES]] = predictions.cnn
@@ -244,11 +271,11 @@ def predict_folder(settings: Settings, chains: list[Chain], study: StudyModel | 
     if settings.labels:
         score_folder(settings, chains, table, out_dir)
     if study is not None:
-        write_folder_studies(settings, chain, study, predictions, hu, out_dir)
+        write_folder_studies(settings, chain, study, predictions, hu_of_rows, out_dir)
     elif settings.gradcam > 0:
-        pictures = draw_study_pictures(chain, predictions, lambda rows: hu[rows], out_dir, settings.gradcam,
-                                       settings.gradcam_method)
-        print(f"grad-cam: {len(pictures)} pictures in {out_dir}")
+        pictures = draw_study_pictures(chains, predictions, hu_of_rows, out_dir, settings.gradcam,
+                                       settings.gradcam_method, settings.gradcam_studies)
+        print(f"grad-cam: {len(pictures)} pictures in {out_dir}{studies_left_out(settings, index)}")
     if settings.segment:
         segment_index(Path(settings.models_dir) / settings.segment, index, out_dir)
     return csv_path

@@ -39,7 +39,6 @@ from ihd.features import (
     extraction_command,
     fitted_selection,
     load_features,
-    selected_features,
     selection_inputs,
     selection_slug,
 )
@@ -53,15 +52,18 @@ from ihd.metrics import summary
 from ihd.presets import apply_preset, stage_values
 from ihd.sequence import (
     HEADS,
+    INPUT_DTYPE,
+    STANDARDIZATIONS,
     build_lstm,
     compile_lstm,
     fit_lstm,
-    input_moments,
+    standardizing_moments,
     load_lstm,
     predict_series,
-    sequence_inputs,
     series_set,
 )
+from ihd.row_files import RowFile
+from ihd.series_inputs import stored_inputs
 from ihd.study_stage import INITS, STUDY_MODELS, StudyOptions, study_summary, train_study, write_study_summary
 
 CNN_ROW = "cnn"
@@ -81,7 +83,7 @@ class Settings:
     units: int = 256  # per direction, the paper's width
     dropout: float = 0.5  # after every LSTM layer: a fold's few series are easily overfit
     head: str = "residual"  # learn a change to the CNN's logits (starts from its answer); paper: the paper's head
-    standardize: bool = True  # inputs standardised by their training moments
+    standardize: str = "per-feature"  # inputs standardised by their training moments; shared / none (ihd.sequence)
     neighbour_differences: bool = False  # each slice's inputs joined by their differences to its neighbours'
     loss: str = "weighted"  # cross-entropy weighted like the metric; bce: the six labels alike
     clipnorm: float = 1.0  # gradients clipped at this norm; 0: not clipped
@@ -118,7 +120,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--learning-rate", type=positive_float, default=defaults.learning_rate)
     parser.add_argument("--clipnorm", type=non_negative_float, default=defaults.clipnorm)
     parser.add_argument("--head", choices=HEADS, default=defaults.head)
-    parser.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=defaults.standardize)
+    parser.add_argument("--standardize", choices=STANDARDIZATIONS, default=defaults.standardize)
     parser.add_argument("--neighbour-differences", action=argparse.BooleanOptionalAction,
                         default=defaults.neighbour_differences)
     parser.add_argument("--loss", choices=tuple(LOSSES), default=defaults.loss)
@@ -145,8 +147,10 @@ def lstm_paths(models_dir: str | Path, run: str, selection: str) -> tuple[Path, 
 
 
 def lstm_inputs(settings: Settings, features, selection: str) -> dict:
-    """What an LSTM trained now would be made of: its selection's inputs and the settings that shape it."""
+    """What an LSTM trained now would be made of: its selection's inputs at their stored precision and
+    the settings that shape it."""
     return {**selection_inputs(features, selection, settings.seed, sample_rows=settings.selection_sample_rows),
+            "input_dtype": np.dtype(INPUT_DTYPE).name,
             **{name: getattr(settings, name) for name in LSTM_DEFINED_BY}}
 
 
@@ -158,10 +162,11 @@ def finished_record(model_path: Path, record_path: Path) -> dict | None:
     return record if record.get("model_sha256") == file_sha256(model_path) else None
 
 
-def per_slice_inputs(settings: Settings, features, selection: str) -> np.ndarray:
-    """Per-slice inputs of the sequence models: the selection's features, then the CNN probabilities."""
+def per_slice_inputs(settings: Settings, features, selection: str) -> RowFile:
+    """Per-slice inputs of the sequence models (the selection's features, then the CNN probabilities),
+    read by rows from their float16 file beside the features, written there first if needed."""
     chosen = fitted_selection(features, selection, seed=settings.seed, sample_rows=settings.selection_sample_rows)
-    return sequence_inputs(selected_features(chosen, features.embeddings), features.probabilities)
+    return stored_inputs(features, chosen)
 
 
 def train_study_selection(settings: Settings, features, selection: str) -> dict:
@@ -205,7 +210,7 @@ def train_selection(settings: Settings, features, selection: str) -> dict:
 
     keras.utils.set_random_seed(settings.seed)  # before the weights are drawn: the same command, the same model
     model = build_lstm(inputs_per_slice.shape[1], settings.layers, settings.units, settings.dropout,
-                       input_moments(train) if settings.standardize else None, head=settings.head,
+                       standardizing_moments(train, settings.standardize), head=settings.head,
                        neighbour_differences=settings.neighbour_differences)
     compile_lstm(model, settings.learning_rate, loss=settings.loss, clipnorm=settings.clipnorm)
     record_path.unlink(missing_ok=True)  # an earlier record must not outlive the model it describes

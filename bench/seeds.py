@@ -40,29 +40,37 @@ def control_selection(selections: list[str]) -> str:
 
 
 def run_seed(seed: int, root: Path) -> dict:
-    """The demo on one seed, its random control, and every selection's validation and test scores."""
-    settings = demo.parse_args(["--seed", str(seed), "--root", str(root), "--gradcam", "0"])
+    """The demo on one seed, its random control, every selection's validation and test scores, and what
+    the demo's first member run alone scores on test."""
+    argv = ["--seed", str(seed), "--root", str(root), "--gradcam", "0"]
+    settings = demo.parse_args(argv)
     started = time.perf_counter()
-    demo.main(["--seed", str(seed), "--root", str(root), "--gradcam", "0"])
+    demo.main(argv)
     demo_seconds = time.perf_counter() - started
     picked = predict_selection(root)
     control = control_selection(settings.selections)
-    control_settings = demo.parse_args(["--seed", str(seed), "--root", str(root), "--selection", control])
-    _, lstm_flags = demo.stages(control_settings)[2]
+    _, lstm_flags = demo.stages(demo.parse_args([*argv, "--selection", control]))[2]
     train_lstm.main(lstm_flags)
     ablation = pd.read_csv(root / "models" / demo.RUN / "ablation.csv", index_col="model")
     dirs = [flag for pair in demo.folders(settings).items() for flag in pair]
-    rows = {}
+    selections = {}
     for selection in [*settings.selections, control]:
-        predict.main(["--run", demo.RUN, "--selection", selection, *dirs])
-        scores = json.loads((root / "submissions" / f"{demo.RUN}-{selection_slug(selection)}-scores.json").read_text())
-        rows[selection] = {"validation": float(ablation.loc[f"cnn+lstm {selection}", "weighted_log_loss"]),
-                           "test": scores["scores"]["cnn+lstm"]}
-    scores = rows[picked]
-    test = json.loads((root / "submissions" / f"{demo.RUN}-{selection_slug(picked)}-scores.json").read_text())["scores"]
-    return {"seed": seed, "demo_seconds": demo_seconds, "picked": picked, "prior": test["prior"], "cnn": test["cnn"],
-            "cnn_lstm": scores["test"], "gain": 1 - scores["test"] / test["cnn"],
-            "validation_cnn": float(ablation.loc["cnn", "weighted_log_loss"]), "selections": rows}
+        test = test_scores(root, demo.RUN, selection, dirs)
+        selections[selection] = {"validation": float(ablation.loc[f"cnn+lstm {selection}", "weighted_log_loss"]),
+                                 "test": test["cnn+lstm"]}
+    ensemble = test_scores(root, demo.RUN, picked, dirs)
+    alone = test_scores(root, f"{demo.RUN}-fold0", picked, dirs)
+    return {"seed": seed, "demo_seconds": demo_seconds, "picked": picked, "prior": ensemble["prior"],
+            "cnn": ensemble["cnn"], "cnn_lstm": ensemble["cnn+lstm"], "gain": 1 - ensemble["cnn+lstm"] / ensemble["cnn"],
+            "fold0_cnn": alone["cnn"], "fold0_cnn_lstm": alone["cnn+lstm"],
+            "validation_cnn": float(ablation.loc["cnn", "weighted_log_loss"]), "selections": selections}
+
+
+def test_scores(root: Path, run: str, selection: str, dirs: list[str]) -> dict:
+    """predict.py's test scores of one run and selection (prior, cnn, cnn+lstm)."""
+    predict.main(["--run", run, "--selection", selection, *dirs])
+    path = root / "submissions" / f"{run}-{selection_slug(selection)}-scores.json"
+    return json.loads(path.read_text())["scores"]
 
 
 def predict_selection(root: Path) -> str:
@@ -73,19 +81,21 @@ def predict_selection(root: Path) -> str:
 def report(results: list[dict], control: str) -> str:
     """Markdown: one row per seed, then mean and standard deviation over seeds."""
     selections = list(results[0]["selections"])
-    lines = ["| seed | prior | CNN ensemble | CNN+LSTM (picked) | gain over CNN | "
+    lines = ["| seed | prior | CNN ensemble | CNN+LSTM ensemble (picked) | gain over CNN | fold 0 alone: CNN / CNN+LSTM | "
              + " | ".join(f"{s} val / test" for s in selections) + " |",
-             "|---|---:|---:|---:|---:|" + "---:|" * len(selections)]
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(selections)]
     for r in results:
         cells = " | ".join(f"{r['selections'][s]['validation']:.4f} / {r['selections'][s]['test']:.4f}" for s in selections)
         lines.append(f"| {r['seed']} | {r['prior']:.4f} | {r['cnn']:.4f} | {r['cnn_lstm']:.4f} ({r['picked']}) | "
-                     f"{100 * r['gain']:.1f}% | {cells} |")
+                     f"{100 * r['gain']:.1f}% | {r['fold0_cnn']:.4f} / {r['fold0_cnn_lstm']:.4f} | {cells} |")
     for name, function in (("mean", np.mean), ("std", np.std)):
+        def over(key):
+            return function([r[key] for r in results])
+
         cells = " | ".join(f"{function([r['selections'][s]['validation'] for r in results]):.4f} / "
                            f"{function([r['selections'][s]['test'] for r in results]):.4f}" for s in selections)
-        lines.append(f"| {name} | {function([r['prior'] for r in results]):.4f} | {function([r['cnn'] for r in results]):.4f} | "
-                     f"{function([r['cnn_lstm'] for r in results]):.4f} | {100 * function([r['gain'] for r in results]):.1f}% | "
-                     f"{cells} |")
+        lines.append(f"| {name} | {over('prior'):.4f} | {over('cnn'):.4f} | {over('cnn_lstm'):.4f} | "
+                     f"{100 * over('gain'):.1f}% | {over('fold0_cnn'):.4f} / {over('fold0_cnn_lstm'):.4f} | {cells} |")
     beats = [s for s in selections if s != control
              and np.mean([r["selections"][s]["test"] for r in results]) < np.mean([r["selections"][control]["test"] for r in results])]
     lines.append(f"\nSelections whose mean test loss beats the {control} control: {', '.join(beats) or 'none'}")

@@ -38,8 +38,8 @@ from ihd.features import KERNEL_FILE, fit_selection, load_features  # noqa: E402
 from ihd.inputs import label_array  # noqa: E402
 from ihd.labels import SUBTYPES, read_long_labels  # noqa: E402
 from ihd.metrics import weighted_log_loss  # noqa: E402
-from ihd.sequence import (build_lstm, compile_lstm, fit_lstm, input_moments, predict_series, sequence_inputs,  # noqa: E402
-                          series_set)
+from ihd.sequence import (build_lstm, compile_lstm, fit_lstm, predict_series, sequence_inputs,  # noqa: E402
+                          series_set, standardizing_moments)
 
 
 def member_lstm(settings, index, labels, embeddings, probabilities, train_rows, val_rows, kernel, selection,
@@ -52,7 +52,7 @@ def member_lstm(settings, index, labels, embeddings, probabilities, train_rows, 
     val = series_set(inputs, index, np.isin(every, val_rows), labels)
     keras.utils.set_random_seed(settings.seed)
     model = build_lstm(inputs.shape[1], settings.layers, settings.units, settings.dropout,
-                       input_moments(train) if settings.standardize else None, head=settings.head,
+                       standardizing_moments(train, settings.standardize), head=settings.head,
                        neighbour_differences=settings.neighbour_differences)
     compile_lstm(model, settings.learning_rate, loss=settings.loss, clipnorm=settings.clipnorm)
     batch_size = max(1, min(settings.batch_size, len(train.lengths) // settings.min_steps))

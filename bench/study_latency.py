@@ -5,8 +5,8 @@
     python bench/study_latency.py --runs 15 --backbone MobileNetV3Small
 
 The study is the real RSNA series of ../shared/data/real/rsna_series (32 slices) plus 8 copies of
-its top slices moved further along the slice normal with new ids, 40 slices in all. The chain is the
-in-memory route of `predict.py --dicom-dir`: index the folder (`ihd.index`), read HU, resize, stack
+its top slices moved further along the slice normal with new ids, 40 slices in all. The chain is what
+`predict.py --dicom-dir` does for one series (the folder route reads one at a time): index the folder (`ihd.index`), read HU, resize, stack
 channels, CNN (MobileNetV2 at 256x256, untrained weights: speed does not depend on them), pca:120,
 the paper-shaped LSTM (untrained), then Grad-CAM of the most likely slice drawn to a PNG. Median of
 several runs after one warm-up run (which traces the graphs). Bar: at most 3 seconds. The bare CNN

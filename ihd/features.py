@@ -28,10 +28,8 @@ get the same transform and a selection whose inputs changed is fitted again:
   estimated on a seeded sample of training rows.
 """
 
-import errno
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +44,7 @@ from ihd.fingerprint import array_sha256, file_sha256, fingerprint, what_changed
 from ihd.inputs import fold_rows, inference_dataset, label_array
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import LABEL_WEIGHTS, SUBTYPES
+from ihd.row_files import RowFile, reserve_blocks, verified_chunks
 from ihd.slices import SliceStore
 from ihd.windows import parse_recipe
 
@@ -61,6 +60,7 @@ FROM_CNN_CONFIG = ("dataset", "image_size", "recipe", "fold")
 # What the cached rows are made of; the fingerprint covers exactly these values.
 DEFINED_BY = ("cnn_sha256", "index_sha256", "store_size", "image_size", "recipe", "fold", "rows", "embedding_dim", "tta")
 TTAS = ("none", "flip")  # test-time augmentation of every cached row: none, or the mean with the left-right flip
+DISK_ADVICE = "free some space or choose another --features-dir"
 
 
 class FeaturesNotReady(RuntimeError):
@@ -103,30 +103,6 @@ def extraction_command(cnn_config: dict, run: str, models_dir="models", features
     return command
 
 
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB"
-
-
-def _reserve(path: Path) -> None:
-    """Allocate every block of the file ``path`` now: a full disk then fails here, with a message,
-    instead of killing the process with SIGBUS when a memory-mapped write finds no block."""
-    size = path.stat().st_size
-    missing = max(0, size - path.stat().st_blocks * 512)
-    free = shutil.disk_usage(path.parent).free
-    message = (f"{path} needs {_gib(missing)} more disk space ({_gib(size)} in all) and {path.parent} has "
-               f"{_gib(free)} free: free some space or choose another --features-dir")
-    if missing > free:
-        raise OSError(errno.ENOSPC, message)
-    if hasattr(os, "posix_fallocate"):
-        with open(path, "r+b") as handle:
-            try:
-                os.posix_fallocate(handle.fileno(), 0, size)
-            except OSError as error:
-                if error.errno == errno.ENOSPC:
-                    raise OSError(errno.ENOSPC, message) from error
-                raise
-
-
 def _shapes(config: dict) -> dict[str, tuple[int, int]]:
     """The shape of each feature file of a cache with ``config``."""
     rows = config["rows"]
@@ -139,7 +115,7 @@ def _create_arrays(out_dir: Path, config: dict) -> list[np.memmap]:
     for name, shape in _shapes(config).items():
         (out_dir / name).unlink(missing_ok=True)
         arrays.append(np.lib.format.open_memmap(out_dir / name, mode="w+", dtype=np.float16, shape=shape))
-        _reserve(out_dir / name)
+        reserve_blocks(out_dir / name, DISK_ADVICE)
     return arrays
 
 
@@ -161,37 +137,14 @@ def rows_done(out_dir: str | Path) -> int:
 
 
 def verified_rows(out_dir: str | Path, config: dict) -> tuple[int, list, str]:
-    """How many leading rows of the cache still match what was written: the files' recorded sizes and
-    each chunk's sha256. Returns those rows, the chunks covering them, and what is wrong after them
+    """How many leading rows of the cache still match what was written (`ihd.row_files.verified_chunks`
+    over progress.json). Returns those rows, the chunks covering them, and what is wrong after them
     ("" when nothing is). A file of the wrong size is never opened for update (that would extend it
     with zeros): its rows count as lost.
     """
-    out_dir = Path(out_dir)
-    progress_path = out_dir / PROGRESS_FILE
+    progress_path = Path(out_dir) / PROGRESS_FILE
     progress = read_json(progress_path) if progress_path.exists() else {"rows_done": 0}
-    if progress["rows_done"] == 0:
-        return 0, [], ""
-    if "chunks" not in progress:
-        return 0, [], f"{progress_path} records no checksums (written by an older version)"
-    for name, size in progress["bytes"].items():
-        actual = (out_dir / name).stat().st_size if (out_dir / name).exists() else None
-        if actual != size:
-            found = "is missing" if actual is None else f"has {actual} bytes"
-            return 0, [], f"{out_dir / name} {found}, {size} were written (truncated or replaced)"
-    try:
-        arrays = _open_arrays(out_dir, config, "r")
-    except (ValueError, EOFError) as error:
-        return 0, [], f"cannot read the feature files ({error})"
-    good = []
-    for chunk in tqdm(progress["chunks"], desc="checking features", unit="chunk", dynamic_ncols=True,
-                      disable=len(progress["chunks"]) < 50):
-        begin, end, *digests = chunk
-        for name, array, digest in zip((EMBEDDINGS_FILE, PROBABILITIES_FILE), arrays, digests):
-            if array_sha256(array[begin:end]) != digest:
-                return begin, good, (f"{out_dir / name} rows {begin} to {end - 1} differ from what was written "
-                                     "(damaged or overwritten)")
-        good.append(chunk)
-    return progress["rows_done"], good, ""
+    return verified_chunks(out_dir, progress, progress_path, _shapes(config))
 
 
 def _resume_point(out_dir: Path, config: dict) -> tuple[int, list]:
@@ -254,7 +207,7 @@ def extract_features(
         embeddings, probabilities = _create_arrays(out_dir, config)
     else:
         for name in _shapes(config):
-            _reserve(out_dir / name)
+            reserve_blocks(out_dir / name, DISK_ADVICE)
         embeddings, probabilities = _open_arrays(out_dir, config, "r+")
     progress["bytes"] = {name: (out_dir / name).stat().st_size for name in (EMBEDDINGS_FILE, PROBABILITIES_FILE)}
     write_json(out_dir / PROGRESS_FILE, progress)
@@ -297,6 +250,15 @@ class Features:
     def fingerprint(self) -> str:
         """The cache's fingerprint: its CNN weights, index and settings."""
         return self.config["fingerprint"]
+
+    def embedding_rows(self) -> RowFile:
+        """The embeddings read by rows from their file (`ihd.row_files`): a pass over every row then
+        holds one chunk in memory, where the memory map would keep every page it touched."""
+        return RowFile(self.path / EMBEDDINGS_FILE)
+
+    def probability_rows(self) -> RowFile:
+        """The CNN probabilities read by rows from their file, like `embedding_rows`."""
+        return RowFile(self.path / PROBABILITIES_FILE)
 
 
 def load_features(run_dir: str | Path) -> Features:
@@ -531,7 +493,7 @@ def fitted_selection(features: Features, name: str, seed: int = 0, mi_sample_row
         print(f"{path} was fitted on other inputs ({what_changed(saved.inputs or {}, inputs)}): fitting it again")
     selection = fit_selection(
         name,
-        features.embeddings,
+        features.embedding_rows(),
         sampled_rows(training_rows_of(features), sample_rows, seed),
         labels=label_array(features.index),
         dense_kernel=np.load(features.path / KERNEL_FILE),

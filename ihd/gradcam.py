@@ -53,18 +53,26 @@ def _visualizer(model: keras.Model, method: str):
     return per_model[method]
 
 
-def gradcam_heatmap(model: keras.Model, hu_stack: np.ndarray, method: str = "gradcam", class_index: int = ANY) -> np.ndarray:
-    """Heatmap float32 (H, W) in [0, 1] of output `class_index` for one model input `hu_stack` (H, W, C) in HU."""
-    visualizer = _visualizer(model, method)
-    cam = visualizer(
-        CategoricalScore([class_index]),
-        np.asarray(hu_stack, np.float32)[None],
+def gradcam_heatmaps(model: keras.Model, hu_stacks: np.ndarray, method: str = "gradcam", class_index: int = ANY) -> np.ndarray:
+    """Heatmaps float32 (N, H, W) in [0, 1] of output `class_index` for model inputs `hu_stacks` (N, H, W, C)
+    in HU, in one forward and backward pass: each is normalised on its own, as if computed alone."""
+    hu_stacks = np.asarray(hu_stacks, np.float32)
+    if len(hu_stacks) == 0:
+        return np.zeros(hu_stacks.shape[:3], np.float32)
+    cam = _visualizer(model, method)(
+        CategoricalScore([class_index] * len(hu_stacks)),
+        hu_stacks,
         penultimate_layer=last_feature_map_layer(model),
         seek_penultimate_conv_layer=False,
         expand_cam=True,
         normalize_cam=True,
     )
-    return np.clip(np.nan_to_num(np.asarray(cam[0], np.float32)), 0.0, 1.0)
+    return np.clip(np.nan_to_num(np.asarray(cam, np.float32)), 0.0, 1.0).reshape(hu_stacks.shape[:3])
+
+
+def gradcam_heatmap(model: keras.Model, hu_stack: np.ndarray, method: str = "gradcam", class_index: int = ANY) -> np.ndarray:
+    """Heatmap float32 (H, W) in [0, 1] of output `class_index` for one model input `hu_stack` (H, W, C) in HU."""
+    return gradcam_heatmaps(model, np.asarray(hu_stack)[None], method, class_index)[0]
 
 
 def best_slices(probabilities: np.ndarray, n: int, class_index: int = ANY) -> np.ndarray:
@@ -92,9 +100,11 @@ def overlay_rgb(hu: np.ndarray, heatmap: np.ndarray | None = None) -> np.ndarray
 
 
 def _save(figure, path: Path) -> Path:
-    """Save a figure atomically and close it."""
+    """Save a figure atomically and close it, its images released now: a closed figure waits for the
+    cyclic garbage collector, and a run of montages held about 12 MB each until it came."""
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=100, bbox_inches="tight")
+    figure.clear()
     plt.close(figure)
     return Path(path)
 

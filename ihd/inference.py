@@ -1,10 +1,12 @@
 """The trained chain at prediction time: CNN -> feature selection -> series LSTM, per-slice probabilities.
 
 Two routes lead to the same numbers. A prepared dataset's test rows read the cached CNN outputs of
-`features/<run>/` (extracted first if the cache is incomplete). A plain folder of DICOM files goes
-through memory only: `ihd.dicom.read_hu` -> `ihd.slices.to_model_hu` -> `ihd.inputs.stack_hu`
-(neighbours by `ihd.inputs.neighbour_rows`) -> CNN -> selection -> LSTM, with the folder's index built
-by `ihd.index`. Grad-CAM pictures are drawn for the slices with the highest `any` probability.
+`features/<run>/` (extracted first if the cache is incomplete). A plain folder of DICOM files, indexed
+by `ihd.index`, is read one series at a time: `ihd.dicom.read_hu` -> `ihd.slices.to_model_hu` ->
+`ihd.inputs.stack_hu` (neighbours by `ihd.inputs.neighbour_rows`) -> CNN, so memory holds one series'
+images and one batch, never the folder's; the CNN outputs of every slice (an embedding each) are kept
+for the selection and the LSTM. Grad-CAM pictures are drawn for the slices with the highest `any`
+probability of the studies most likely to bleed (at most `max_studies`), their images read again.
 """
 from __future__ import annotations
 
@@ -33,14 +35,20 @@ from ihd.features import (
 )
 from ihd.ensemble import read_ensemble
 from ihd.fingerprint import file_sha256, what_changed
-from ihd.gradcam import best_slices, draw_montage, draw_overlay, gradcam_heatmap
+from ihd.gradcam import ANY, best_slices, draw_montage, draw_overlay, gradcam_heatmaps
 from ihd.index import read_index
 from ihd.inputs import neighbour_rows, stack_hu
 from ihd.io import read_json
 from ihd.labels import SUBTYPES
-from ihd.sequence import load_lstm, predict_series, sequence_inputs, series_set
+from ihd.sequence import load_lstm, predict_series, sequence_inputs, series_bounds, series_set
 from ihd.slices import SliceStore, to_model_hu
 from ihd.windows import parse_recipe
+
+
+CNN_BATCH = 16
+"""Slices per CNN call at prediction time. On a CPU, EfficientNetB0 at 256x256 holds about 25 MB of
+activations a slice while it runs: a batch of 16 keeps `predict.py --dicom-dir` under 2 GB, where
+the 64 used before took 2.5 GB by themselves (bench/folder.py)."""
 
 
 @dataclass
@@ -246,11 +254,14 @@ def predict_test_split(chain: Chain, features: Features) -> Predictions:
     return Predictions(index, cnn, lstm_probabilities(chain, features.embeddings[rows], cnn, index))
 
 
-def cnn_outputs(chain: Chain, stacks: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def cnn_outputs(chain: Chain, stacks: np.ndarray, batch_size: int = CNN_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings (N, D) and probabilities (N, 6) of model inputs (N, size, size, C) in HU."""
     parts = [embed_batch(chain.extractor, stacks[begin : begin + batch_size], chain.tta)
              for begin in range(0, len(stacks), batch_size)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    if not parts:
+        return (np.zeros((0, int(chain.extractor.outputs[0].shape[-1])), np.float32),
+                np.zeros((0, len(SUBTYPES)), np.float32))
+    return np.concatenate([np.asarray(p[0]) for p in parts]), np.concatenate([np.asarray(p[1]) for p in parts])
 
 
 def read_model_hu(index: pd.DataFrame, size: int, non_ct_as_hu: bool = False) -> tuple[np.ndarray, list[tuple[str, str]]]:
@@ -266,39 +277,105 @@ def read_model_hu(index: pd.DataFrame, size: int, non_ct_as_hu: bool = False) ->
     return np.stack(slices) if slices else np.zeros((0, size, size), np.float32), failures
 
 
-def predict_dicom_index(chain: Chain, index: pd.DataFrame, hu: np.ndarray) -> Predictions:
-    """Both models' probabilities for the rows of a DICOM folder's index, from their HU slices in memory."""
-    stacks = stack_hu(hu, neighbour_rows(index, chain.offsets))
-    embeddings, cnn = cnn_outputs(chain, stacks)
+def folder_cnn_outputs(chains: list[Chain], index: pd.DataFrame, non_ct_as_hu: bool = False,
+                       batch_size: int = CNN_BATCH) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[str, str]]]:
+    """Per chain (the members of a fold ensemble, or one), embeddings (n, D) and probabilities (n, 6) of
+    the readable rows of a DICOM folder's index, in index order; and (path, reason) for each file that
+    could not be read (see `read_model_hu`).
+
+    Reads the folder once, one series at a time, so memory holds the largest series' images and stacks
+    and one batch; each CNN still sees the batches `cnn_outputs` would give it on the whole folder's
+    stacks at once (`batch_size` consecutive readable rows, across series).
+    """
+    if len({(chain.image_size, chain.offsets) for chain in chains}) > 1:
+        raise ValueError("the chains read slices at different sizes or channel offsets: predict with each alone")
+    starts, lengths = series_bounds(index)
+    pending, outputs, failures = [], [[] for _ in chains], []
+
+    def run(stacks):
+        for chain, parts in zip(chains, outputs):
+            parts.append(cnn_outputs(chain, stacks, batch_size))
+
+    with tqdm(total=len(index), desc="cnn", unit="slice", dynamic_ncols=True, disable=len(starts) < 3) as bar:
+        for start, length in zip(starts, lengths):
+            series = index.iloc[start : start + length]
+            hu, failed = read_model_hu(series, chains[0].image_size, non_ct_as_hu)
+            failures += failed
+            readable = series[~series["path"].isin([path for path, _ in failed])]
+            pending.append(stack_hu(hu, neighbour_rows(readable, chains[0].offsets)))
+            if sum(map(len, pending)) >= batch_size:
+                stacks = np.concatenate(pending)
+                whole = len(stacks) // batch_size * batch_size
+                run(stacks[:whole])
+                pending = [stacks[whole:]]
+            bar.update(length)
+    run(np.concatenate(pending) if pending else np.zeros((0,)))
+    return [(np.concatenate([o[0] for o in parts]), np.concatenate([o[1] for o in parts])) for parts in outputs], failures
+
+
+def chain_predictions(chain: Chain, index: pd.DataFrame, embeddings: np.ndarray, cnn: np.ndarray) -> Predictions:
+    """Both models' probabilities for the rows of `index` from their CNN outputs (embeddings kept)."""
     return Predictions(index, cnn, lstm_probabilities(chain, embeddings, cnn, index), embeddings)
 
 
+def dicom_hu_reader(index: pd.DataFrame, size: int, non_ct_as_hu: bool = False):
+    """`hu_of_rows` over a DICOM folder's (readable) index: rows -> (n, size, size) HU, read again from the files."""
+    def hu_of_rows(rows):
+        hu, failures = read_model_hu(index.iloc[np.asarray(rows)], size, non_ct_as_hu)
+        if failures:
+            path, reason = failures[0]
+            raise DicomError(path, f"{reason} (it was readable earlier in this run: changed since?)")
+        return hu
+
+    return hu_of_rows
+
+
+def strongest_studies(index: pd.DataFrame, probabilities: np.ndarray, limit: int | None) -> dict[str, np.ndarray]:
+    """Row numbers of each study (in the order studies first appear), keeping only the `limit` studies
+    with the highest `any` probability of any slice (all of them when `limit` is None or 0)."""
+    studies = index.groupby("study_id", sort=False).indices
+    if not limit or limit >= len(studies):
+        return studies
+    highest = {study: float(np.max(probabilities[rows, ANY])) for study, rows in studies.items()}
+    kept = set(sorted(highest, key=lambda study: -highest[study])[:limit])
+    return {study: rows for study, rows in studies.items() if study in kept}
+
+
 def draw_study_pictures(
-    chain: Chain,
+    chains: Chain | list[Chain],
     predictions: Predictions,
     hu_of_rows,
     out_dir: str | Path,
     per_study: int,
     method: str = "gradcam",
+    max_studies: int | None = None,
 ) -> list[Path]:
-    """For every study, Grad-CAM overlays of the `per_study` slices most likely to bleed, and a montage.
+    """For the `max_studies` studies most likely to bleed (every study when None or 0): Grad-CAM overlays
+    of the `per_study` slices most likely to bleed, computed in one pass per study, and a montage. A fold
+    ensemble's pictures show the mean of its members' heatmaps (each normalised to [0, 1] first).
 
     `hu_of_rows(rows)` returns the model-size HU slices (len(rows), size, size) of those index rows.
     """
+    chains = [chains] if isinstance(chains, Chain) else list(chains)
+    offsets = chains[0].offsets
+    if any(chain.offsets != offsets for chain in chains):
+        raise ValueError("the ensemble's CNNs read different channel recipes: their Grad-CAM cannot be averaged")
+    source = method if len(chains) == 1 else f"{method}, mean of {len(chains)} CNNs"
     out_dir = Path(out_dir)
     written = []
-    studies = predictions.index.groupby("study_id", sort=False).indices
+    studies = strongest_studies(predictions.index, predictions.lstm, max_studies)
     for study, rows in tqdm(studies.items(), desc="grad-cam", unit="study", disable=len(studies) < 3):
         rows = np.sort(rows)
         study_index = predictions.index.iloc[rows]
         hu = hu_of_rows(rows)
-        stacks = stack_hu(hu, neighbour_rows(study_index, chain.offsets))
-        heatmaps = {}
-        for slot in best_slices(predictions.lstm[rows], per_study):
-            heatmaps[slot] = gradcam_heatmap(chain.cnn, stacks[slot], method=method)
+        slots = best_slices(predictions.lstm[rows], per_study)
+        stacks = stack_hu(hu, neighbour_rows(study_index, offsets)[slots])
+        mean = np.mean([gradcam_heatmaps(chain.cnn, stacks, method=method) for chain in chains], axis=0)
+        heatmaps = dict(zip(slots.tolist(), mean))
+        for slot in slots:
             image_id = study_index["image_id"].iloc[slot]
             written.append(draw_overlay(hu[slot], heatmaps[slot], predictions.lstm[rows[slot]],
-                                        out_dir / f"{study}_{image_id}.png", f"{study} {image_id} ({method}, CNN+LSTM)"))
+                                        out_dir / f"{study}_{image_id}.png", f"{study} {image_id} ({source}, CNN+LSTM)"))
         written.append(draw_montage(list(hu), predictions.lstm[rows], out_dir / f"{study}_montage.png", heatmaps,
                                     f"{study}: {len(rows)} slices, any probability (CNN+LSTM)"))
     return written

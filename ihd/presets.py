@@ -76,7 +76,7 @@ PAPER = (
            "a linear layer on the BiLSTM output concatenated with the CNN's six probabilities, after dropout 0.5",
            "residual: the last layer starts at zero and adds a change to the CNN's logits, so training starts "
            "from the CNN's answer"),
-    Choice("lstm", "standardize", False, "inputs as they come (PCA components, probabilities)",
+    Choice("lstm", "standardize", "none", "inputs as they come (PCA components, probabilities)",
            "inputs standardised by their training means and variances"),
     Choice("lstm", "loss", "bce", "binary cross-entropy, the six labels alike", "weighted like the metric"),
     Choice("lstm", "learning_rate", 3e-5, "Adam at 3e-5", "1e-3 with series of similar length batched together"),

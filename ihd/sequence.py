@@ -1,11 +1,13 @@
 """Stage 2: every series as a z-ordered sequence of cached slice features, read by a bidirectional LSTM.
 
 Each slice contributes its selected CNN embedding features followed by the CNN's six probabilities
-(as in Burduja et al.). The index keeps each series as one contiguous block of rows sorted by
-position, so a series is a (start, length) pair into the feature matrix and nothing is copied per
-series until a batch is assembled. Batches hold many series of similar length (sorted by length,
-then cut into groups), each padded only to its own longest series with `PAD_VALUE`, which the
-model's `Masking` layer hides from the LSTM, the outputs and the loss.
+(as in Burduja et al.), at float16 precision (`INPUT_DTYPE`) wherever they come from: the file
+`ihd.series_inputs` writes once per selection for training, or the arrays computed in memory at
+prediction time. The index keeps each series as one contiguous block of rows sorted by position, so a
+series is a (start, length) pair into the rows (an array, or a `ihd.row_files.RowFile` read by row
+ranges) and nothing is read per series until a batch is assembled. Batches hold many series of
+similar length (sorted by length, then cut into groups), each padded only to its own longest series
+with `PAD_VALUE`, which the model's `Masking` layer hides from the LSTM, the outputs and the loss.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from ihd.metrics import weighted_log_loss
 
 PAD_VALUE = -1.0e4
 """Fill value of padding steps: no real feature takes it (probabilities lie in [0, 1])."""
+INPUT_DTYPE = np.float16
+"""The precision of every slice's inputs: the cached embeddings' own, and half the bytes of float32."""
 
 
 def series_bounds(index: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -48,16 +52,25 @@ def series_bounds(index: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sequence_inputs(selected: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """Per-slice LSTM inputs (N, k + 6): the selected features, then the CNN's six probabilities."""
+    """Per-slice LSTM inputs (N, k + 6) float32: the selected features, then the CNN's six probabilities,
+    rounded to `INPUT_DTYPE` (so inputs computed in memory equal those read from a stored file); refuses
+    a value that `INPUT_DTYPE` cannot hold."""
     if len(selected) != len(probabilities):
         raise ValueError(f"{len(selected)} rows of selected features but {len(probabilities)} of probabilities")
-    return np.concatenate([np.asarray(selected, np.float32), np.asarray(probabilities, np.float32)], axis=1)
+    exact = np.concatenate([np.asarray(selected, np.float32), np.asarray(probabilities, np.float32)], axis=1)
+    with np.errstate(over="ignore"):  # refused below, by row and column
+        inputs = exact.astype(INPUT_DTYPE)
+    if not np.isfinite(inputs).all():
+        row, column = np.argwhere(~np.isfinite(inputs))[0]
+        raise ValueError(f"row {row}, input {column} is {exact[row, column]}: not a finite {np.dtype(INPUT_DTYPE).name}")
+    return inputs.astype(np.float32)
 
 
 @dataclass(frozen=True)
 class SeriesSet:
     """Some series of a feature matrix: `inputs` (N, D) and `labels` (N, 6) hold every row, the
-    series are the row blocks `starts[i] : starts[i] + lengths[i]`."""
+    series are the row blocks `starts[i] : starts[i] + lengths[i]`. `inputs` is an array or anything
+    that gives rows by slice and has a `shape` (a `RowFile`): only the blocks a batch needs are read."""
 
     inputs: np.ndarray
     starts: np.ndarray
@@ -140,17 +153,35 @@ class SeriesBatches:
         return dataset.apply(tf.data.experimental.assert_cardinality(len(self))).prefetch(2)
 
 
-def input_moments(data: SeriesSet, chunk_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and variance over the set's rows (streamed in chunks), for the model's normalisation."""
-    rows = data.rows
+def row_runs(starts: np.ndarray, lengths: np.ndarray, most: int) -> list[tuple[int, int]]:
+    """The rows of the blocks `starts[i] : starts[i] + lengths[i]` as (begin, end) ranges in row order:
+    adjacent blocks joined, no range longer than `most` rows."""
+    order = np.argsort(starts, kind="stable")
+    runs: list[tuple[int, int]] = []
+    for start, length in zip(starts[order].tolist(), lengths[order].tolist()):
+        end = start + length
+        if runs and runs[-1][1] == start:
+            start = runs.pop()[0]
+        while end - start > most:
+            runs.append((start, start + most))
+            start += most
+        runs.append((start, end))
+    return runs
+
+
+def input_moments(data: SeriesSet, chunk_rows: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and variance over the set's rows, for the model's normalisation; reads
+    contiguous runs of at most `chunk_rows` rows, one at a time."""
     total = np.zeros(data.inputs.shape[1])
     squares = np.zeros(data.inputs.shape[1])
-    for begin in range(0, len(rows), chunk_rows):
-        chunk = np.asarray(data.inputs[rows[begin : begin + chunk_rows]], np.float64)
+    count = 0
+    for begin, end in row_runs(data.starts, data.lengths, chunk_rows):
+        chunk = np.asarray(data.inputs[begin:end], np.float64)
         total += chunk.sum(axis=0)
         squares += (chunk**2).sum(axis=0)
-    mean = total / len(rows)
-    return mean, np.maximum(squares / len(rows) - mean**2, 1e-6)
+        count += end - begin
+    mean = total / count
+    return mean, np.maximum(squares / count - mean**2, 1e-6)
 
 
 PAPER_HEAD_DROPOUT = 0.5  # the paper's dropout on the concatenation before its last layer
@@ -169,6 +200,29 @@ class CnnProbabilities(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], len(SUBTYPES))
+
+
+STANDARDIZATIONS = ("per-feature", "shared", "none")
+
+
+def standardizing_moments(data: SeriesSet, how: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The mean and variance the model standardises its inputs with (None: inputs as they come).
+
+    ``per-feature``: every input by its own mean and variance over the set's rows. ``shared``: every
+    input by its own mean, and the selected features (all inputs but the last six, the CNN's
+    probabilities) by one variance, their mean variance: their relative scales stay, so PCA
+    components keep their spectrum instead of being whitened, while the probabilities get their own.
+    """
+    if how == "none":
+        return None
+    if how not in STANDARDIZATIONS:
+        raise ValueError(f"unknown standardisation {how!r}: use {', '.join(STANDARDIZATIONS)}")
+    mean, variance = input_moments(data)
+    if how == "shared":
+        features = slice(0, len(variance) - len(SUBTYPES))
+        variance = variance.copy()
+        variance[features] = variance[features].mean()
+    return mean, variance
 
 
 @keras.saving.register_keras_serializable(package="ihd")

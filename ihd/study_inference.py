@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from ihd.gradcam import draw_montage, gradcam_heatmap
+from ihd.gradcam import draw_montage, gradcam_heatmaps
 from ihd.inputs import neighbour_rows, stack_hu
 from ihd.fingerprint import file_sha256
 from ihd.inference import ChainError
@@ -203,7 +203,7 @@ def draw_best_slices(chain, index: pd.DataFrame, table: pd.DataFrame, series: St
         hu_needed = hu_of_rows(needed)
         stacks = stack_hu(hu_needed, np.searchsorted(needed, neighbours))
         hu = hu_needed[np.searchsorted(needed, best)]
-        heatmaps = {slot: gradcam_heatmap(chain.cnn, stacks[slot], method=method) for slot in range(len(best))}
+        heatmaps = dict(enumerate(gradcam_heatmaps(chain.cnn, stacks, method=method)))
         positions = ", ".join(str(int(p)) for p in index["position"].to_numpy()[best])
         written.append(draw_montage(list(hu), slice_probabilities[best], Path(out_dir) / f"{row[STUDY_ID]}_best_slices.png",
                                     heatmaps, f"{row[STUDY_ID]}: best slices (positions {positions}) by study evidence",

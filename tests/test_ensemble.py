@@ -80,3 +80,22 @@ def test_a_member_retrained_alone_is_refused_until_the_ensemble_is_scored_again(
         load_chains("tiny", "pca:4", models, ensemble["workspace"] / "features")
     with pytest.raises(ChainError, match="has no LSTMs of selection all"):
         load_chains("tiny", "all", models, ensemble["workspace"] / "features")
+
+
+def test_an_ensembles_gradcam_is_the_mean_of_its_members_heatmaps(ensemble, tmp_path, monkeypatch):
+    import ihd.inference as inference
+    from ihd.slices import SliceStore
+
+    chains = load_chains("tiny", "pca:4", ensemble["workspace"] / "models", ensemble["workspace"] / "features")
+    level = {id(chains[0].cnn): 0.2, id(chains[1].cnn): 0.6}
+    monkeypatch.setattr(inference, "gradcam_heatmaps",
+                        lambda model, stacks, method="gradcam": np.full(stacks.shape[:3], level[id(model)], np.float32))
+    drawn = []
+    monkeypatch.setattr(inference, "draw_overlay", lambda hu, heatmap, *args: drawn.append(heatmap) or tmp_path / "o.png")
+    monkeypatch.setattr(inference, "draw_montage", lambda *args: tmp_path / "m.png")
+    features = [inference.cached_test_features(c, ensemble["workspace"] / "data", ensemble["workspace"] / "features",
+                                               ensemble["workspace"] / "models") for c in chains]
+    predictions = inference.average_predictions([inference.predict_test_split(c, f) for c, f in zip(chains, features)])
+    reader = inference.store_hu_reader(predictions.index, SliceStore(ensemble["dataset"] / "slices"), 32)
+    inference.draw_study_pictures(chains, predictions, reader, tmp_path, 1, max_studies=2)
+    assert len(drawn) == 2 and all(np.allclose(heatmap, 0.4) for heatmap in drawn)

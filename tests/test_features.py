@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 import ihd.features as features_module
+import ihd.row_files as row_files
 from ihd.cnn import build_cnn, embedding_extractor
 from ihd.features import (
     FeaturesNotReady,
@@ -243,12 +244,12 @@ def test_damaged_feature_files_are_found_and_written_again(cnn_run, extracted, t
 def test_a_full_disk_is_named_before_any_row_is_written(cnn_run, tmp_path, monkeypatch, full_at):
     model, config, index, index_path, store = cnn_run
     if full_at == "free space check":
-        monkeypatch.setattr(features_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
+        monkeypatch.setattr(row_files.shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
     else:
         def no_space(fd, offset, length):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(features_module.os, "posix_fallocate", no_space)
+        monkeypatch.setattr(row_files.os, "posix_fallocate", no_space)
     with pytest.raises(OSError, match=r"embeddings.npy needs 0\.00 GiB more disk space .* has .* free"):
         extract_features(model, config, CNN_SHA, index, index_path, store, tmp_path, batch_size=16)
     assert rows_done(tmp_path) == 0

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from ihd.cnn import build_cnn
-from ihd.gradcam import best_slices, draw_montage, draw_overlay, gradcam_heatmap, last_feature_map_layer
+from ihd.gradcam import (best_slices, draw_montage, draw_overlay, gradcam_heatmap, gradcam_heatmaps,
+                         last_feature_map_layer)
 from ihd.labels import SUBTYPES
 
 SIZE = 48
@@ -37,6 +38,20 @@ def test_heatmap_is_non_empty_in_unit_range_and_leaves_the_model_alone(model, me
     assert (heatmap > 0.05).mean() > 0.01
     np.testing.assert_allclose(model.predict_on_batch(stack[None]), before, rtol=1e-6)
     assert np.all((before > 0) & (before < 1))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_heatmaps_of_a_batch_are_those_of_each_input_alone(model, method):
+    moved = np.roll(_bleed_stack(), 12, axis=1)
+    faint = np.full((SIZE, SIZE, 3), 30.0, np.float32)
+    faint[30:34, 5:9] = 34.0
+    stacks = np.stack([_bleed_stack(), moved, faint])
+    together = gradcam_heatmaps(model, stacks, method=method)
+    alone = np.stack([gradcam_heatmap(model, stack, method=method) for stack in stacks])
+    assert together.shape == (3, SIZE, SIZE)
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert not np.allclose(together[0], together[1], atol=0.1), "different inputs, different maps"
+    assert gradcam_heatmaps(model, stacks[:0]).shape == (0, SIZE, SIZE)
 
 
 def test_unknown_method_is_refused(model):

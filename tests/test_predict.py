@@ -212,3 +212,74 @@ def test_dicom_folder_scored_against_labels_reports_unlabeled_images(chain, tmp_
     assert 0 <= scores["models"]["cnn+lstm"]["study_auc"]["any"] <= 1
     with pytest.raises(SystemExit, match="--labels scores a --dicom-dir folder"):
         predict.main(["--run", "small", "--labels", str(tmp_path / "labels.csv"), *chain["common"]])
+
+
+def test_the_streamed_folder_route_gives_what_the_whole_folder_in_memory_gave(chain, tmp_path, monkeypatch):
+    import dataclasses
+
+    import keras
+
+    import ihd.inference as inference
+    from ihd.index import read_index
+    from ihd.inputs import neighbour_rows, stack_hu
+
+    folder = tmp_path / "folder"
+    shutil.copytree(chain["dataset"] / "raw" / "stage_2_test", folder)
+    files = sorted(folder.glob("*.dcm"))
+    files[7].write_bytes(files[7].read_bytes()[:-20_000])  # an unreadable slice inside a series
+    rows_per_read = []
+    real_read = inference.read_model_hu
+    monkeypatch.setattr(inference, "read_model_hu", lambda rows, *args: rows_per_read.append(len(rows)) or real_read(rows, *args))
+    out = tmp_path / "streamed"
+    csv_path = predict.main(["--run", "small", "--dicom-dir", str(folder), "--out", str(out), "--gradcam", "2",
+                             "--gradcam-studies", "0", *chain["common"]])
+    monkeypatch.undo()
+    index = read_index(out)
+    assert len(index) == len(files) - 1
+    largest_study = index.groupby("study_id").size().max() + 1  # the unreadable file was read too
+    assert max(rows_per_read) <= largest_study < len(files)
+
+    # the route before streaming: every slice of the folder in memory, the CNN over all their stacks at once
+    loaded = inference.load_chain("small", None, chain["common"][3], chain["common"][5])
+    hu, failures = real_read(index, IMAGE_SIZE)
+    assert not failures
+    stacks = stack_hu(hu, neighbour_rows(index, loaded.offsets))
+    for batch_size in (5, inference.CNN_BATCH):  # batches that cut series apart, and the route's own
+        embeddings, cnn = inference.cnn_outputs(loaded, stacks, batch_size)
+        [(streamed_embeddings, streamed_cnn)], _ = inference.folder_cnn_outputs([loaded], index, batch_size=batch_size)
+        np.testing.assert_array_equal(streamed_embeddings, embeddings)
+        np.testing.assert_array_equal(streamed_cnn, cnn)
+    other_cnn = keras.models.clone_model(loaded.cnn)
+    other_cnn.set_weights([weights * 1.1 for weights in loaded.cnn.get_weights()])
+    other = dataclasses.replace(loaded, cnn=other_cnn)
+    members, _ = inference.folder_cnn_outputs([loaded, other], index)  # a fold ensemble reads the folder once
+    [(other_embeddings, _)], _ = inference.folder_cnn_outputs([other], index)
+    np.testing.assert_array_equal(members[0][0], embeddings)
+    np.testing.assert_array_equal(members[1][0], other_embeddings)
+    assert not np.allclose(other_embeddings, embeddings)
+    lstm = inference.lstm_probabilities(loaded, embeddings, cnn, index)
+    table = pd.read_csv(csv_path)
+    assert table["image_id"].tolist() == index["image_id"].tolist()
+    np.testing.assert_allclose(table[list(SUBTYPES)], lstm, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(table[[f"cnn_{s}" for s in SUBTYPES]], cnn, rtol=1e-5, atol=1e-7)
+
+    in_memory = tmp_path / "in_memory"
+    predictions = inference.Predictions(index, cnn, lstm, embeddings)
+    pictures = inference.draw_study_pictures(loaded, predictions, lambda rows: hu[rows], in_memory, 2)
+    streamed = sorted(p.name for p in out.glob("*.png"))
+    assert streamed == sorted(p.name for p in pictures) and len(streamed) == 3 * index["study_id"].nunique()
+    for name in streamed:
+        assert (out / name).read_bytes() == (in_memory / name).read_bytes(), name
+
+
+def test_pictures_are_capped_to_the_studies_most_likely_to_bleed(chain, tmp_path, capsys):
+    folder = chain["dataset"] / "raw" / "stage_2_test"
+    csv_path = predict.main(["--run", "small", "--dicom-dir", str(folder), "--out", str(tmp_path / "out"),
+                             "--gradcam", "1", "--gradcam-studies", "1", *chain["common"]])
+    table = pd.read_csv(csv_path)
+    highest = table.groupby("study_id")["any"].max().sort_values(ascending=False)
+    assert len(highest) > 1 and highest.iloc[0] > highest.iloc[1], "the check below must tell the studies apart"
+    montages = {p.name.removesuffix("_montage.png") for p in (tmp_path / "out").glob("*_montage.png")}
+    assert montages == {highest.index[0]}
+    assert f"(the 1 of {len(highest)} studies most likely to bleed; --gradcam-studies 0 draws every study)" in \
+        capsys.readouterr().out

@@ -35,7 +35,7 @@ def test_the_lstm_preset_gives_its_selection_unless_one_is_named():
     assert train_lstm.parse_args(["--run", "r", "--preset", "paper", "--selection", "all"]).selections == ["all"]
     settings = train_lstm.parse_args(["--run", "r", "--preset", "paper"])
     assert (settings.head, settings.batch_size, settings.dropout, settings.selection_sample_rows,
-            settings.standardize, settings.clipnorm) == ("paper", 1, 0.3, 32000, False, 0.0)
+            settings.standardize, settings.clipnorm) == ("paper", 1, 0.3, 32000, "none", 0.0)
 
 
 def test_the_prepare_preset_splits_by_series_order():

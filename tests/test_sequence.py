@@ -4,10 +4,12 @@ import pytest
 
 from ihd.labels import SUBTYPES
 from ihd.metrics import weighted_log_loss
+from ihd.row_files import RowFile
 from ihd.sequence import (
     PAD_VALUE,
     NeighbourDifferences,
     SeriesBatches,
+    SeriesSet,
     build_lstm,
     compile_lstm,
     fit_lstm,
@@ -16,9 +18,11 @@ from ihd.sequence import (
     pad_batch,
     plan_batches,
     predict_series,
+    row_runs,
     sequence_inputs,
     series_bounds,
     series_set,
+    standardizing_moments,
 )
 
 
@@ -64,12 +68,37 @@ def test_series_set_keeps_whole_series_and_rejects_partial_ones():
         series_set(np.zeros((7, 2)), index, np.arange(7) < 3)
 
 
-def test_sequence_inputs_puts_probabilities_last():
-    selected = np.ones((4, 3), np.float16)
+def test_sequence_inputs_puts_probabilities_last_at_the_stored_precision():
+    selected = np.full((4, 3), 1 / 3, np.float32)
     probabilities = np.full((4, 6), 0.25, np.float16)
     inputs = sequence_inputs(selected, probabilities)
     assert inputs.shape == (4, 9) and inputs.dtype == np.float32
     assert np.all(inputs[:, 3:] == 0.25)
+    assert np.all(inputs[:, :3] == np.float32(np.float16(1 / 3))) and np.float16(1 / 3) != np.float32(1 / 3)
+    selected[2, 1] = 1e6
+    with pytest.raises(ValueError, match=r"row 2, input 1 is 1000000.0: not a finite float16"):
+        sequence_inputs(selected, probabilities)
+
+
+def test_row_runs_join_adjacent_blocks_and_cut_long_ones():
+    assert row_runs(np.array([5, 0, 3, 10]), np.array([2, 3, 2, 4]), 4) == [(0, 4), (4, 7), (10, 14)]
+    assert row_runs(np.array([0, 3]), np.array([3, 2]), 100) == [(0, 5)]
+
+
+def test_batches_moments_and_predictions_read_from_a_row_file_as_from_memory(tmp_path):
+    index, data = _data([3, 5, 1, 4, 4, 2])
+    np.save(tmp_path / "inputs.npy", data.inputs.astype(np.float16))
+    from_file = SeriesSet(RowFile(tmp_path / "inputs.npy", read_as=np.float32), data.starts[1:], data.lengths[1:],
+                          data.labels)
+    in_memory = SeriesSet(data.inputs, data.starts[1:], data.lengths[1:], data.labels)
+    for got, expected in zip(input_moments(from_file), input_moments(in_memory)):
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert not np.allclose(input_moments(from_file)[0], input_moments(data)[0]), "the first series is left out"
+    series = np.array([0, 2, 4])
+    for got, expected in zip(pad_batch(from_file, series), pad_batch(in_memory, series)):
+        np.testing.assert_array_equal(got, expected)
+    model = build_lstm(8, layers=1, units=4, dropout=0.0)
+    np.testing.assert_array_equal(predict_series(model, from_file, batch_size=2), predict_series(model, in_memory, batch_size=2))
 
 
 def test_bucketing_keeps_every_series_exactly_once_and_groups_lengths():
@@ -189,3 +218,19 @@ def test_the_papers_head_reads_the_lstm_output_beside_the_raw_cnn_probabilities(
     dense.set_weights([kernel, np.zeros(6, np.float32)])
     predicted = predict_series(model, data)
     np.testing.assert_allclose(predicted, 1 / (1 + np.exp(-data.inputs[:, -6:])), atol=1e-5)
+
+
+def test_shared_standardisation_keeps_the_features_relative_scales():
+    index = _index([3, 3])
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(6, 3)) * [10.0, 1.0, 0.1]  # a PCA-like spectrum
+    data = series_set(sequence_inputs(features, rng.uniform(0.01, 0.99, (6, 6))), index, np.ones(6, bool))
+    mean, variance = standardizing_moments(data, "per-feature")
+    np.testing.assert_allclose(variance, data.inputs.var(axis=0), rtol=1e-5)
+    shared_mean, shared = standardizing_moments(data, "shared")
+    np.testing.assert_allclose(shared_mean, mean)
+    np.testing.assert_allclose(shared[:3], variance[:3].mean(), rtol=1e-6)
+    np.testing.assert_allclose(shared[3:], variance[3:], rtol=1e-6), "the probabilities keep their own"
+    assert standardizing_moments(data, "none") is None
+    with pytest.raises(ValueError, match="unknown standardisation 'whiten'"):
+        standardizing_moments(data, "whiten")
