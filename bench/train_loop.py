@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(settings.rounds):
             for side in SIDES:
                 seconds[side].append(measured(side, backbone, image_size, settings))
+        for side, values in seconds.items():
+            print(f"{backbone} {image_size}: {side}: epoch seconds by round {[round(v, 3) for v in values]}", flush=True)
         rows.append((backbone, image_size, {side: statistics.median(values) for side, values in seconds.items()}))
     print(f"\n| network | {SIDES[0]}, steps/s | {SIDES[1]}, steps/s | loop / fit |\n|---|---:|---:|---:|")
     for backbone, image_size, median in rows:
