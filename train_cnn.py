@@ -28,12 +28,22 @@ from ihd.cnn import (
     SCHEDULES,
     build_cnn,
     compile_cnn,
-    distribution_strategy,
     fit_cnn,
     load_cnn,
     publish_committed,
     set_prior_bias,
     use_mixed_precision_on_gpu,
+)
+from ihd.distributed import (
+    check_same_on_every_machine,
+    chief_value,
+    cluster_size,
+    distribution_strategy,
+    is_chief,
+    pipeline_seed,
+    pipeline_share,
+    steps_per_epoch,
+    worker_folder,
 )
 from ihd.end_to_end import train_end_to_end
 from ihd.features import TTAS, extract_features
@@ -47,7 +57,7 @@ from ihd.losses import LOSSES
 from ihd.metrics import prior_baseline, weighted_log_loss
 from ihd.normalization import INPUT_NORMS, normalising_affine, window_moments
 from ihd.presets import apply_preset
-from ihd.slices import SliceStore
+from ihd.slices import MANIFEST_FILE, SliceStore
 from ihd.windows import parse_recipe
 
 # Settings that define what a run learns: a rerun with the same --run must keep them.
@@ -146,15 +156,17 @@ def check_same_run(run_dir: Path, config: dict) -> None:
         raise ValueError(f"{run_dir} was started with other settings ({details}): choose another --run")
 
 
-def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: Path, index_path: Path) -> None:
-    """Train (or resume) the CNN of ``settings`` on its fold and write the run folder."""
+def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: Path, index_path: Path,
+          strategy) -> None:
+    """Train (or resume) the CNN of ``settings`` on its fold under ``strategy`` and write the run folder
+    (on the chief; another worker of several machines writes a scratch copy it discards)."""
     import keras
 
+    run_dir = worker_folder(run_dir, strategy)
     recipe = parse_recipe(settings.recipe)
     train_rows, val_rows = fold_rows(index, settings.fold)
     labels = label_array(index)
     mixed_precision = use_mixed_precision_on_gpu()
-    strategy = distribution_strategy()
     baseline = weighted_log_loss(labels[val_rows], prior_baseline(labels[train_rows], len(val_rows)))
     moments = None if settings.input_norm == "backbone" else window_moments(
         index, store, recipe, train_rows, settings.image_size, seed=settings.seed)
@@ -170,43 +182,55 @@ def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: P
         "val_prior_baseline": baseline,
         "mixed_precision": mixed_precision,
         "replicas": strategy.num_replicas_in_sync,
+        "machines": cluster_size(),
         "input_moments": None if moments is None else {"mean": moments[0], "std": moments[1]},
     }
+    check_same_on_every_machine(strategy, {**config, "slices_sha256": file_sha256(store.root / MANIFEST_FILE)})
     check_same_run(run_dir, config)
     write_json(run_dir / "config.json", config)
     print(f"{len(train_rows)} training and {len(val_rows)} validation slices (fold {settings.fold}); "
           f"prior baseline val weighted log loss {baseline:.4f}")
 
-    done = publish_committed(run_dir)
+    done = chief_value(strategy, publish_committed(run_dir))
     if done >= settings.epochs:
         print(f"{run_dir}: already trained for {done} epochs")
         return
     if done:
         print(f"{run_dir}: resuming at epoch {done + 1} of {settings.epochs}")
     keras.utils.set_random_seed(settings.seed)
-    train_data = training_dataset(
-        index, store, recipe, train_rows, settings.image_size, settings.batch_size,
-        seed=settings.seed, augment=settings.augment, positive_copies=settings.positive_copies,
-    )
+    epoch_rows = oversampled(train_rows, labels, settings.positive_copies)
+    steps = steps_per_epoch(len(epoch_rows), settings.batch_size, strategy)
+
+    def train_data(context):
+        """One input pipeline's share of every epoch, in per-replica batches (ihd.distributed)."""
+        return training_dataset(
+            index, store, recipe, pipeline_share(epoch_rows, context), settings.image_size,
+            context.get_per_replica_batch_size(settings.batch_size), seed=pipeline_seed(settings.seed, context),
+            augment=settings.augment,
+        )
+
     val_data = inference_dataset(index, store, recipe, val_rows, settings.image_size, settings.extract_batch_size)
-    epoch_rows = len(oversampled(train_rows, labels, settings.positive_copies))
-    total_steps = settings.epochs * max(1, epoch_rows // settings.batch_size)
+    total_steps = settings.epochs * steps
     with strategy.scope():
         model = build_cnn(settings.backbone, settings.image_size, recipe, settings.weights, settings.dropout, scaling)
         if settings.prior_bias:
             set_prior_bias(model, labels[train_rows].mean(axis=0))
         compile_cnn(model, settings.learning_rate, total_steps, int(settings.warmup_fraction * total_steps),
                     settings.loss, settings.schedule)
-    fit_cnn(model, train_data, val_data, labels[val_rows], run_dir, settings.epochs, settings.keep)
+    fit_cnn(model, train_data, steps, val_data, labels[val_rows], run_dir, settings.epochs, settings.keep)
 
 
-def train_and_extract(settings: Settings, index: pd.DataFrame, index_path: Path, store: SliceStore) -> Path:
-    """Train (or resume) one fold's CNN and cache its features, as the flags say; returns the features
-    folder (or the run folder when nothing is extracted)."""
+def train_and_extract(settings: Settings, index: pd.DataFrame, index_path: Path, store: SliceStore,
+                      strategy) -> Path:
+    """Train (or resume) one fold's CNN under ``strategy`` and cache its features, as the flags say; returns
+    the features folder (or the run folder when nothing is extracted, or on a worker other than the chief)."""
     run_dir = Path(settings.models_dir) / settings.run
     features_dir = Path(settings.features_dir) / settings.run
     if not settings.extract_only:
-        train(settings, index, store, run_dir, index_path)
+        train(settings, index, store, run_dir, index_path, strategy)
+        if not is_chief(strategy):
+            print(f"worker done: the model is in the chief's {run_dir}", flush=True)
+            return run_dir
         print(f"model: {run_dir / 'cnn.keras'} (best epoch in best.json), history: {run_dir / 'history.csv'}, "
               f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     if not (settings.extract or settings.extract_only):
@@ -226,6 +250,10 @@ def main(argv: list[str] | None = None) -> Path:
     --fold all the ensemble's folder)."""
     settings = parse_args(argv)
     run_header(argv, settings)
+    if cluster_size() > 1 and (settings.extract_only or settings.study_labels):
+        raise SystemExit("TF_CONFIG names several machines, and only the slice CNN's training runs across machines: "
+                         "run --extract-only and --study-labels on one machine, without TF_CONFIG")
+    strategy = distribution_strategy()  # before any TensorFlow op: several machines configure their collectives here
     data_dir = Path(settings.data_dir) / settings.dataset
     index_path = data_dir / "index.parquet"
     if not index_path.exists():
@@ -248,12 +276,14 @@ def main(argv: list[str] | None = None) -> Path:
                          settings.batch_size, settings.patience, settings.seed, dataclasses.asdict(settings))
         return run_dir
     if settings.fold != ALL_FOLDS:
-        return train_and_extract(settings, index, index_path, store)
+        return train_and_extract(settings, index, index_path, store, strategy)
     folds = labeled_folds(index)
     members = member_runs(settings.run, folds)
     for number, (fold, member) in enumerate(zip(folds, members), start=1):
         print(f"fold {fold} ({number} of {len(folds)}): run {member}", flush=True)
-        train_and_extract(dataclasses.replace(settings, fold=fold, run=member), index, index_path, store)
+        train_and_extract(dataclasses.replace(settings, fold=fold, run=member), index, index_path, store, strategy)
+    if not is_chief(strategy):
+        return Path(settings.models_dir) / settings.run
     record = write_ensemble(settings.models_dir, settings.run, members, folds, dataclasses.asdict(settings))
     print(f"fold ensemble: {record} ({len(members)} CNNs, one per validation fold)")
     return record.parent

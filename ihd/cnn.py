@@ -12,12 +12,15 @@ Training minimises binary cross-entropy weighted like the challenge (`any` count
 as the paper did), with Adam under a warmup + cosine schedule (or a constant rate); the epoch kept is
 the one with the best validation weighted log loss (or the last). Every epoch is committed as one unit with the optimizer state (EpochCheckpoint), so rerunning
 the same command after a kill picks up at the epoch reached, and the history holds each epoch once.
+The training loop is ihd.distributed's, the same on one machine and on several: there, every
+machine runs these callbacks, and all but the chief write into a scratch folder they discard.
 """
 
 import math
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -26,6 +29,7 @@ import pandas as pd
 import tensorflow as tf
 
 from ihd.backbones import backbone_features, backbone_input_affine, resolve_weights
+from ihd.distributed import ReplicaSyncedLossScaleOptimizer, chief_value, is_chief, train_epochs
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES
 from ihd.losses import loss_function
@@ -121,7 +125,7 @@ def compile_cnn(model: keras.Model, learning_rate: float, total_steps: int, warm
                 loss: str = "weighted", schedule: str = "cosine") -> None:
     """Adam and the loss named ``loss`` (`ihd.losses.LOSSES`). Schedule ``cosine``: a linear warmup to
     ``learning_rate`` over ``warmup_steps``, then cosine decay to 0 at ``total_steps``; ``constant``:
-    ``learning_rate`` throughout."""
+    ``learning_rate`` throughout. Under mixed float16, Adam is wrapped in ReplicaSyncedLossScaleOptimizer."""
     if schedule == "constant":
         rate = learning_rate
     elif schedule == "cosine":
@@ -133,13 +137,10 @@ def compile_cnn(model: keras.Model, learning_rate: float, total_steps: int, warm
         )
     else:
         raise ValueError(f"unknown learning-rate schedule {schedule!r}: use {' or '.join(SCHEDULES)}")
-    model.compile(optimizer=keras.optimizers.Adam(rate), loss=loss_function(loss))
-
-
-def distribution_strategy() -> tf.distribute.Strategy:
-    """MirroredStrategy across GPUs when more than one is visible, else the default strategy."""
-    gpus = tf.config.list_logical_devices("GPU")
-    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    optimizer = keras.optimizers.Adam(rate)
+    if keras.mixed_precision.global_policy().name == "mixed_float16":  # where compile would add Keras' own
+        optimizer = ReplicaSyncedLossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer, loss=loss_function(loss))
 
 
 def use_mixed_precision_on_gpu() -> bool:
@@ -268,16 +269,18 @@ class EpochCheckpoint(keras.callbacks.Callback):
         os.rename(staging, committed)
         self.history, self.best = history, best
         publish_committed(self.run_dir)
+        saved = improved and is_chief(self.model.distribute_strategy)  # other machines write a scratch copy
         print(
             f"epoch {epoch + 1}: loss {logs.get('loss', math.nan):.4f} val_weighted_log_loss {loss:.4f} "
-            f"val_auc_any {logs.get('val_auc_any', math.nan):.3f}{self._saved_note(improved)}",
+            f"val_auc_any {logs.get('val_auc_any', math.nan):.3f}{self._saved_note(saved)}",
             flush=True,
         )
 
 
 def fit_cnn(
     model: keras.Model,
-    train_data: tf.data.Dataset,
+    train_data: Callable[[tf.distribute.InputContext], tf.data.Dataset],
+    steps: int,
     val_data: tf.data.Dataset,
     val_labels: np.ndarray,
     run_dir: str | Path,
@@ -286,10 +289,14 @@ def fit_cnn(
 ) -> None:
     """Train up to ``epochs``, resuming from the last epoch committed in ``run_dir/checkpoint``.
 
-    Writes cnn.keras (best validation epoch), best.json, history.csv and TensorBoard logs in tb/ in
-    ``run_dir`` (see EpochCheckpoint). A terminal gets Keras' progress bar (rate and ETA) within
-    each epoch; a log file only the line per epoch.
+    ``train_data(context)`` gives one input pipeline's per-replica batches of an epoch and ``steps``
+    is the number of global batches per epoch (see ihd.distributed: the model trains under the
+    strategy it was built in, on one machine or several). Writes cnn.keras (best validation epoch),
+    best.json, history.csv and TensorBoard logs in tb/ in ``run_dir`` (see EpochCheckpoint). The
+    chief's terminal gets Keras' progress bar (rate and ETA) within each epoch; a log file only the
+    line per epoch.
     """
+    strategy = model.distribute_strategy
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [
@@ -297,9 +304,8 @@ def fit_cnn(
         EpochCheckpoint(run_dir, keep),
         keras.callbacks.TensorBoard(str(run_dir / "tb"), write_graph=False),
     ]
-    verbose = 1 if sys.stdout.isatty() else 0
-    model.fit(train_data, epochs=epochs, initial_epoch=epochs_done(run_dir), callbacks=callbacks, shuffle=False,
-              verbose=verbose)
+    verbose = 1 if is_chief(strategy) and sys.stdout.isatty() else 0
+    train_epochs(model, train_data, steps, epochs, chief_value(strategy, epochs_done(run_dir)), callbacks, verbose)
 
 
 def embedding_extractor(model: keras.Model) -> keras.Model:

@@ -95,7 +95,7 @@ def _fit_tiny(run_dir, epochs, seed=0, learning_rate=3e-2, keep="best", **compil
     val = tf.data.Dataset.from_tensor_slices(hu[32:]).batch(8)
     model = build_cnn("tiny", image_size=16, recipe="windows", weights=None)
     compile_cnn(model, learning_rate=learning_rate, total_steps=4 * epochs, warmup_steps=0, **compile_options)
-    fit_cnn(model, train, val, labels[32:], run_dir, epochs, keep)
+    fit_cnn(model, lambda context: train, 4, val, labels[32:], run_dir, epochs, keep)
     return val, labels[32:]
 
 
