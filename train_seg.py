@@ -8,7 +8,7 @@
 Training masks: the training split of every ``--synthetic`` dataset (``truth/masks/`` beside
 ``stage_2_train/``; the phantoms, and bleeds inserted into real anatomy when a dataset holds them),
 plus any ``--png-masks`` folder (``images/<name>.dcm`` + ``masks/<name>.png``) and NIfTI label volumes
-(``--nifti-dir`` with ``--nifti-dicom-dir``). A fraction of the training cases (series) is held out
+(``--nifti-dir`` with ``--nifti-dicom-dir``). A fraction of each source's patients is held out
 for validation (all their slices); of the training slices without blood only ``--empty-share`` is
 kept. The epoch kept is the one with the best validation Dice of `any`. The synthetic test
 splits and every ``--score-png-masks`` folder are scored after training, never trained on.
@@ -50,7 +50,8 @@ class Settings:
     batch_size: int = 16  # fits a 256x256 MobileNetV2 U-Net in a few GB
     learning_rate: float = 1e-3  # Adam under cosine decay
     empty_share: float = 0.3  # share of training slices without blood that are kept: most slices have none
-    val_fraction: float = 0.2  # share of training cases (series) held out to pick the epoch
+    val_fraction: float = 0.2  # share of each source's patients held out to pick the epoch
+    val_seed: int = 0  # which patients are held out: apart from --seed, so runs of several seeds validate alike
     augment: bool = True  # left-right flip and shift: heads lie in different places
     seed: int = 0  # split, weights and augmentation are reproducible
     models_dir: str = "models"  # where runs go
@@ -77,28 +78,30 @@ def folders(value: str) -> list[str]:
     return [v for v in value.split(",") if v]
 
 
-def training_masks(settings: Settings, bad: list[BadInput]) -> MaskSet:
-    """Every training source the flags name, at the model's size."""
+def training_sources(settings: Settings, bad: list[BadInput]) -> dict[str, MaskSet]:
+    """Every training source the flags name, at the model's size, by the folder it came from."""
     size = settings.image_size
-    sets = [synthetic_set(folder, "train", size, bad) for folder in folders(settings.synthetic)]
-    sets += [png_mask_set(folder, size, bad, settings.read_non_ct_as_hu) for folder in folders(settings.png_masks)]
+    sources = {folder: synthetic_set(folder, "train", size, bad) for folder in folders(settings.synthetic)}
+    sources |= {folder: png_mask_set(folder, size, bad, settings.read_non_ct_as_hu) for folder in folders(settings.png_masks)}
     if settings.nifti_dir:
         if not settings.nifti_dicom_dir:
             raise SystemExit("--nifti-dir needs --nifti-dicom-dir, the DICOM folder its series come from")
-        sets.append(nifti_label_set(settings.nifti_dir, settings.nifti_dicom_dir, size, bad))
-    masks = concatenate(sets, size)
-    if not len(masks):
+        sources[settings.nifti_dir] = nifti_label_set(settings.nifti_dir, settings.nifti_dicom_dir, size, bad)
+    if not any(len(masks) for masks in sources.values()):
         raise SystemExit("no training masks: give --synthetic, --png-masks or --nifti-dir (see bad_inputs.csv)")
-    return masks
+    return sources
 
 
-def split_cases(masks: MaskSet, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Training and validation rows, whole cases on one side; at least one case on each when there are two."""
-    cases = np.unique(masks.cases)
-    order = np.random.default_rng(seed).permutation(len(cases))
-    n_val = min(len(cases) - 1, max(1, round(val_fraction * len(cases)))) if len(cases) > 1 else 0
-    val_cases = set(cases[order[:n_val]])
-    is_val = np.array([c in val_cases for c in masks.cases], bool)
+def split_patients(masks: MaskSet, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation rows, each patient's slices on one side; at least one patient on each when there are two.
+
+    Bleeds inserted into one background head make several studies of one patient: splitting by series
+    would validate on heads the model trained on.
+    """
+    patients = np.unique(masks.patients)
+    order = np.random.default_rng(seed).permutation(len(patients))
+    n_val = min(len(patients) - 1, max(1, round(val_fraction * len(patients)))) if len(patients) > 1 else 0
+    is_val = np.isin(masks.patients, patients[order[:n_val]])
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
@@ -130,10 +133,13 @@ def main(argv: list[str] | None = None) -> Path:
     run_header(argv, settings)
     run_dir = Path(settings.models_dir) / settings.run
     bad: list[BadInput] = []
-    masks = training_masks(settings, bad)
-    train_rows, val_rows = split_cases(masks, settings.val_fraction, settings.seed)
-    train_rows = keep_some_empty(masks, train_rows, settings.empty_share, settings.seed)
-    train, validation = masks.subset(train_rows), masks.subset(val_rows)
+    train_parts, validation_parts = [], []
+    for masks in training_sources(settings, bad).values():
+        train_rows, val_rows = split_patients(masks, settings.val_fraction, settings.val_seed)
+        train_parts.append(masks.subset(keep_some_empty(masks, train_rows, settings.empty_share, settings.seed)))
+        validation_parts.append(masks.subset(val_rows))
+    train = concatenate(train_parts, settings.image_size)
+    validation = concatenate(validation_parts, settings.image_size)
     bad_path = write_bad_inputs(run_dir / "bad_inputs.csv", bad)
     print(f"{len(train)} training and {len(validation)} validation slices; {len(bad)} inputs skipped -> {bad_path}")
     write_json(run_dir / "config.json", {**dataclasses.asdict(settings), "train_slices": len(train),

@@ -1,4 +1,5 @@
 """The U-Net, its loss and mask rule, the segmentation scores, and train_seg.py end to end (tiny sizes)."""
+import dataclasses
 import json
 import math
 
@@ -124,7 +125,8 @@ def _squares(n=24, size=32, seed=0) -> MaskSet:
         col += 0 if i % 2 else size // 2
         hu[i, row:row + 7, col:col + 7] = 60.0
         masks[i, row:row + 7, col:col + 7, subtype] = masks[i, row:row + 7, col:col + 7, ANY] = 1
-    return MaskSet(hu, masks, np.array([f"case{i}" for i in range(n)]), np.ones((n, 3)), [""] * n)
+    cases = np.array([f"case{i}" for i in range(n)])
+    return MaskSet(hu, masks, cases, cases, np.ones((n, 3)), [""] * n)
 
 
 def test_a_tiny_unet_learns_to_outline_bleeds():
@@ -148,8 +150,7 @@ def test_augmentation_moves_image_and_mask_together():
     assert np.array_equal(bright, np.asarray(batch_masks)[..., ANY] > 0.5)
     unknown = squares.masks.copy()
     unknown[..., :ANY] = UNKNOWN
-    _, masks = next(iter(training_dataset(MaskSet(squares.hu, unknown, squares.cases, squares.voxel_mm, squares.names),
-                                          8, seed=1, augment=True)))
+    _, masks = next(iter(training_dataset(dataclasses.replace(squares, masks=unknown), 8, seed=1, augment=True)))
     assert (np.asarray(masks)[..., :ANY] == UNKNOWN).all()
 
 
@@ -221,6 +222,21 @@ def test_segment_index_writes_aligned_outputs_and_the_table(real_data, tmp_path)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_id
     assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 32
     assert len(list(out.glob(f"{series_id}_*.png"))) == 32
+
+
+def test_validation_holds_out_whole_patients():
+    """Several series of one head (bleeds inserted into one background) are never split between the sides."""
+    from train_seg import split_patients
+
+    squares = _squares(n=24)
+    squares.patients = np.array([f"patient{i // 4}" for i in range(24)])  # 6 patients of 4 series each
+    for seed in range(5):
+        train, validation = split_patients(squares, 0.34, seed)
+        assert len(train) + len(validation) == 24 and not set(train) & set(validation)
+        assert not set(squares.patients[train]) & set(squares.patients[validation])
+        assert len(set(squares.patients[validation])) == 2  # a third of the patients, whatever their slices
+    lone = dataclasses.replace(squares, patients=np.full(24, "one"))
+    assert len(split_patients(lone, 0.2, 0)[1]) == 0  # one patient: nothing to hold out
 
 
 def test_training_keeps_every_bleeding_slice_and_a_share_of_empty_ones():
