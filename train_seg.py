@@ -10,7 +10,8 @@ Training masks: the training split of every ``--synthetic`` dataset (``truth/mas
 plus any ``--png-masks`` folder (``images/<name>.dcm`` + ``masks/<name>.png``) and NIfTI label volumes
 (``--nifti-dir`` with ``--nifti-dicom-dir``). A fraction of each source's patients is held out
 for validation (all their slices); of the training slices without blood only ``--empty-share`` is
-kept. The epoch kept is the one with the best validation Dice of `any`. The synthetic test
+kept. After each epoch the threshold on `any` with the best pooled validation Dice is found; the epoch
+kept is the one with the best such Dice, and its threshold is the run's mask rule. The synthetic test
 splits and every ``--score-png-masks`` folder are scored after training, never trained on.
 
 Writes models/<run>/: unet.keras, best.json, config.json (settings and data counts), history.csv,
@@ -50,7 +51,7 @@ class Settings:
     batch_size: int = 16  # fits a 256x256 MobileNetV2 U-Net in a few GB
     learning_rate: float = 1e-3  # Adam under cosine decay
     empty_share: float = 0.3  # share of training slices without blood that are kept: most slices have none
-    val_fraction: float = 0.2  # share of each source's patients held out to pick the epoch
+    val_fraction: float = 0.2  # share of each source's patients held out to pick the epoch and the threshold
     val_seed: int = 0  # which patients are held out: apart from --seed, so runs of several seeds validate alike
     augment: bool = True  # left-right flip and shift: heads lie in different places
     seed: int = 0  # split, weights and augmentation are reproducible
@@ -133,13 +134,13 @@ def main(argv: list[str] | None = None) -> Path:
     run_header(argv, settings)
     run_dir = Path(settings.models_dir) / settings.run
     bad: list[BadInput] = []
-    train_parts, validation_parts = [], []
-    for masks in training_sources(settings, bad).values():
+    train_parts, validation_by_source = [], {}
+    for folder, masks in training_sources(settings, bad).items():
         train_rows, val_rows = split_patients(masks, settings.val_fraction, settings.val_seed)
         train_parts.append(masks.subset(keep_some_empty(masks, train_rows, settings.empty_share, settings.seed)))
-        validation_parts.append(masks.subset(val_rows))
+        validation_by_source[folder] = masks.subset(val_rows)
     train = concatenate(train_parts, settings.image_size)
-    validation = concatenate(validation_parts, settings.image_size)
+    validation = concatenate(list(validation_by_source.values()), settings.image_size)
     bad_path = write_bad_inputs(run_dir / "bad_inputs.csv", bad)
     print(f"{len(train)} training and {len(validation)} validation slices; {len(bad)} inputs skipped -> {bad_path}")
     write_json(run_dir / "config.json", {**dataclasses.asdict(settings), "train_slices": len(train),
@@ -154,13 +155,21 @@ def main(argv: list[str] | None = None) -> Path:
     fit_unet(model, data, validation if len(validation) else train, run_dir, settings.epochs)
     train_seconds = time.perf_counter() - start
 
-    model, _ = load_unet(run_dir)
-    scores = {"train_seconds": round(train_seconds, 1)}
+    model, config = load_unet(run_dir)
+    threshold = config["mask_threshold"]
+    print(f"mask rule: blood where `any` >= {threshold:.2f} (chosen on validation)")
+    scores = {"train_seconds": round(train_seconds, 1), "mask_threshold": threshold}
+    for folder, held_out in validation_by_source.items():
+        if len(held_out):
+            scores[f"{folder} validation"] = evaluate(model, held_out, threshold)
+            print(f"validation ({folder}, {len(np.unique(held_out.patients))} patients held out):\n"
+                  f"{format_scores(scores[f'{folder} validation'])}")
     for folder in folders(settings.synthetic):
-        scores[f"{folder} test"] = evaluate(model, synthetic_set(folder, "test", settings.image_size, bad))
+        scores[f"{folder} test"] = evaluate(model, synthetic_set(folder, "test", settings.image_size, bad), threshold)
         print(f"synthetic test split ({folder}):\n{format_scores(scores[f'{folder} test'])}")
     for folder in folders(settings.score_png_masks):
-        scores[folder] = evaluate(model, png_mask_set(folder, settings.image_size, bad, settings.read_non_ct_as_hu))
+        scores[folder] = evaluate(model, png_mask_set(folder, settings.image_size, bad, settings.read_non_ct_as_hu),
+                                  threshold)
         print(f"held out ({folder}):\n{format_scores(scores[folder])}")
     write_bad_inputs(bad_path, bad)
     write_json(run_dir / "scores.json", scores)

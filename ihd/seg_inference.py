@@ -26,7 +26,7 @@ from ihd.io import atomic_path, write_json
 from ihd.location import TABLE_COLUMNS, locate_bleeds
 from ihd.mask_export import write_nifti, write_overlay, write_seg
 from ihd.masks import BadInput, write_bad_inputs
-from ihd.segmentation import load_unet, predict_probabilities, subtype_masks
+from ihd.segmentation import MASK_THRESHOLD, load_unet, predict_probabilities, subtype_masks
 from ihd.slices import to_model_hu
 
 ALGORITHM = "ihd-unet"
@@ -39,12 +39,14 @@ def native_probabilities(model, hu: np.ndarray, size: int) -> np.ndarray:
     return np.stack([cv2.resize(p, (cols, rows), interpolation=cv2.INTER_LINEAR) for p in small])
 
 
-def segment_series(model, size: int, paths: list[str], series_id: str, out_dir: Path, run: str) -> pd.DataFrame:
-    """Segment one series (paths in slice order), write its outputs; returns its bleeds (TABLE_COLUMNS)."""
+def segment_series(model, size: int, paths: list[str], series_id: str, out_dir: Path, run: str,
+                   threshold: float = MASK_THRESHOLD) -> pd.DataFrame:
+    """Segment one series (paths in slice order) with the mask rule's ``threshold``, write its outputs; returns its
+    bleeds (TABLE_COLUMNS)."""
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     geometry = series_geometry(headers, series_id)
     hu = np.stack([read_hu(p) for p in paths])
-    masks = subtype_masks(native_probabilities(model, hu, size))
+    masks = subtype_masks(native_probabilities(model, hu, size), threshold)
     write_nifti(out_dir / f"{series_id}.nii.gz", masks, geometry)
     write_seg(out_dir / f"{series_id}_seg.dcm", headers, masks, geometry, ALGORITHM, run)
     for k in np.flatnonzero(masks.any(axis=(1, 2, 3))):
@@ -64,7 +66,8 @@ def segment_index(run_dir: str | Path, index: pd.DataFrame, out_dir: str | Path)
         paths = list(rows.sort_values("position")["path"])
         start = time.perf_counter()
         try:
-            table = segment_series(model, int(config["image_size"]), paths, series_id, out_dir, Path(run_dir).name)
+            table = segment_series(model, int(config["image_size"]), paths, series_id, out_dir, Path(run_dir).name,
+                                   config["mask_threshold"])
         except (GeometryError, DicomError) as error:
             skipped.append(BadInput(str(Path(paths[0]).parent), f"series {series_id} not segmented: {error}"))
             continue

@@ -30,13 +30,14 @@ from ihd.dicom import AIR_HU
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES
 from ihd.masks import ANY, UNKNOWN, MaskSet
-from ihd.seg_metrics import score_masks
+from ihd.seg_metrics import dice, score_masks
 from ihd.windows import parse_recipe
 
 PLAIN = "plain"
 MODEL_FILE = "unet.keras"
 BEST_FILE = "best.json"
-MASK_THRESHOLD = 0.5
+MASK_THRESHOLD = 0.5  # the rule of a run that chose none
+THRESHOLD_CANDIDATES = tuple(round(0.05 * k, 2) for k in range(2, 19))  # 0.10 .. 0.90: what validation chooses from
 # Layers whose outputs feed the decoder, shallowest (1/2 of the input size) to deepest (1/32).
 ENCODER_SKIPS = {
     "MobileNetV2": ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu",
@@ -212,19 +213,35 @@ def predict_probabilities(model: keras.Model, hu: np.ndarray, batch_size: int = 
     return np.concatenate(parts) if parts else np.zeros((0, *hu.shape[1:3], len(SUBTYPES)), np.float32)
 
 
-def predicted_masks(probabilities: np.ndarray) -> np.ndarray:
-    """Boolean (..., 6) masks in SUBTYPES order: the exclusive subtype masks and `any` at the threshold."""
-    return np.concatenate([subtype_masks(probabilities), probabilities[..., ANY:] >= MASK_THRESHOLD], axis=-1)
+def predicted_masks(probabilities: np.ndarray, threshold: float = MASK_THRESHOLD) -> np.ndarray:
+    """Boolean (..., 6) masks in SUBTYPES order: the exclusive subtype masks and `any` at ``threshold``."""
+    return np.concatenate([subtype_masks(probabilities, threshold), probabilities[..., ANY:] >= threshold], axis=-1)
 
 
-def evaluate(model: keras.Model, masks: MaskSet) -> dict:
-    """Dice and volume errors per subtype and `any` of ``model`` on a MaskSet (see `ihd.seg_metrics.score_masks`)."""
-    predicted = predicted_masks(predict_probabilities(model, masks.hu))
-    return score_masks(predicted, masks.masks, masks.cases, masks.voxel_mm, SUBTYPES)
+def score_probabilities(probabilities: np.ndarray, masks: MaskSet, threshold: float) -> dict:
+    """Dice and volume errors per subtype and `any` of probabilities (n, size, size, 6) against a MaskSet's truth
+    (see `ihd.seg_metrics.score_masks`)."""
+    return score_masks(predicted_masks(probabilities, threshold), masks.masks, masks.cases, masks.voxel_mm, SUBTYPES)
+
+
+def evaluate(model: keras.Model, masks: MaskSet, threshold: float = MASK_THRESHOLD) -> dict:
+    """Dice and volume errors per subtype and `any` of ``model`` on a MaskSet at ``threshold``."""
+    return score_probabilities(predict_probabilities(model, masks.hu), masks, threshold)
+
+
+def choose_threshold(probabilities_any: np.ndarray, truth_any: np.ndarray,
+                     candidates: tuple[float, ...] = THRESHOLD_CANDIDATES) -> tuple[float, dict[float, float]]:
+    """The threshold on `any` with the best pooled Dice over (validation) slices, the lowest on ties; and the Dice
+    at every candidate. With no blood predicted or true at any candidate, ``MASK_THRESHOLD``."""
+    truth_any = np.asarray(truth_any) > 0.5
+    dices = {float(t): dice(np.asarray(probabilities_any) >= t, truth_any) for t in candidates}
+    defined = {t: d for t, d in dices.items() if not math.isnan(d)}
+    return (max(defined, key=lambda t: (defined[t], -t)) if defined else MASK_THRESHOLD), dices
 
 
 class ValidationDice(keras.callbacks.Callback):
-    """After each epoch: pooled Dice of `any` on validation, logged; the best epoch saved as unet.keras."""
+    """After each epoch: the threshold with the best pooled validation Dice of `any`, and that Dice, logged;
+    the best epoch saved as unet.keras, its threshold in best.json (the run's mask rule)."""
 
     def __init__(self, validation: MaskSet, run_dir: str | Path):
         super().__init__()
@@ -234,10 +251,12 @@ class ValidationDice(keras.callbacks.Callback):
         self.best_dice = -math.inf
 
     def on_epoch_end(self, epoch, logs=None):
-        """Score validation, log it, keep the model when it is the best so far."""
-        scores = evaluate(self.model, self.validation)
+        """Score validation at its best threshold, log it, keep the model when it is the best so far."""
+        probabilities = predict_probabilities(self.model, self.validation.hu)
+        threshold, dices = choose_threshold(probabilities[..., ANY], self.validation.masks[..., ANY])
+        scores = score_probabilities(probabilities, self.validation, threshold)
         if logs is not None:
-            logs.update({f"val_dice_{name}": s["dice_pooled"] for name, s in scores.items()})
+            logs.update({f"val_dice_{name}": s["dice_pooled"] for name, s in scores.items()} | {"val_threshold": threshold})
         dice_any = scores["any"]["dice_pooled"]
         dice_any = -1.0 if math.isnan(dice_any) else dice_any
         improved = dice_any > self.best_dice
@@ -245,9 +264,10 @@ class ValidationDice(keras.callbacks.Callback):
             self.best_dice = dice_any
             with atomic_path(self.model_path) as tmp:
                 self.model.save(tmp)
-            write_json(self.best_path, {"epoch": epoch + 1, "val_dice_any": dice_any})
-        print(f"epoch {epoch + 1}: loss {(logs or {}).get('loss', math.nan):.4f} val_dice_any {dice_any:.3f}"
-              f"{' (best, saved)' if improved else ''}", flush=True)
+            write_json(self.best_path, {"epoch": epoch + 1, "val_dice_any": dice_any, "threshold": threshold,
+                                        "val_dice_any_by_threshold": dices})
+        print(f"epoch {epoch + 1}: loss {(logs or {}).get('loss', math.nan):.4f} val_dice_any {dice_any:.3f} "
+              f"at threshold {threshold:.2f}{' (best, saved)' if improved else ''}", flush=True)
 
 
 def fit_unet(model: keras.Model, train_data, validation: MaskSet, run_dir: str | Path, epochs: int) -> None:
@@ -260,9 +280,13 @@ def fit_unet(model: keras.Model, train_data, validation: MaskSet, run_dir: str |
 
 
 def load_unet(run_dir: str | Path) -> tuple[keras.Model, dict]:
-    """The best-epoch U-Net of a segmentation run and the run's config.json."""
+    """The best-epoch U-Net of a segmentation run and the run's config.json, with ``"mask_threshold"``: the
+    threshold on `any` chosen on validation with that epoch (best.json), ``MASK_THRESHOLD`` for a run without one."""
     run_dir = Path(run_dir)
     path = run_dir / MODEL_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: train the U-Net first (train_seg.py --run {run_dir.name})")
-    return keras.models.load_model(path, compile=False), read_json(run_dir / "config.json")
+    best_path = run_dir / BEST_FILE
+    threshold = read_json(best_path).get("threshold", MASK_THRESHOLD) if best_path.is_file() else MASK_THRESHOLD
+    config = read_json(run_dir / "config.json") | {"mask_threshold": float(threshold)}
+    return keras.models.load_model(path, compile=False), config

@@ -11,7 +11,8 @@ from ihd.labels import SUBTYPES
 from ihd.masks import ANY, UNKNOWN, MaskSet
 from ihd.seg_metrics import dice, pointing_hit, score_masks, volume_errors, volume_ml
 from ihd.segmentation import (
-    bce_dice_loss, build_unet, compile_unet, evaluate, predict_probabilities, subtype_masks, training_dataset,
+    MASK_THRESHOLD, THRESHOLD_CANDIDATES, bce_dice_loss, build_unet, choose_threshold, compile_unet, evaluate,
+    load_unet, predict_probabilities, subtype_masks, training_dataset,
 )
 from ihd.synthetic import BLEEDS
 
@@ -166,6 +167,10 @@ def test_train_seg_end_to_end(prepared_synthetic, real_data, tmp_path):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["encoder"] == "plain" and config["train_slices"] > config["val_slices"] > 0
     scores = json.loads((run_dir / "scores.json").read_text())
+    best = json.loads((run_dir / "best.json").read_text())
+    assert best["threshold"] in THRESHOLD_CANDIDATES and scores["mask_threshold"] == best["threshold"]
+    assert load_unet(run_dir)[1]["mask_threshold"] == best["threshold"]  # the rule every output then uses
+    assert "any" in scores[f"{prepared_synthetic / 'raw'} validation"]
     synthetic_test = scores[f"{prepared_synthetic / 'raw'} test"]
     assert set(synthetic_test) <= set(SUBTYPES) and "any" in synthetic_test
     assert "any" in scores[str(real_data / "ctich_masks")]
@@ -237,6 +242,16 @@ def test_validation_holds_out_whole_patients():
         assert len(set(squares.patients[validation])) == 2  # a third of the patients, whatever their slices
     lone = dataclasses.replace(squares, patients=np.full(24, "one"))
     assert len(split_patients(lone, 0.2, 0)[1]) == 0  # one patient: nothing to hold out
+
+
+def test_threshold_is_chosen_for_the_best_pooled_dice():
+    probabilities = np.array([0.2, 0.42, 0.6, 0.8, 0.05])
+    truth = np.array([0, 1, 1, 1, 0])
+    threshold, dices = choose_threshold(probabilities, truth)
+    assert threshold == 0.25  # the lowest of 0.25 .. 0.40, which all find the three and nothing else
+    assert dices[0.5] == pytest.approx(2 * 2 / (2 + 3)) and dices[threshold] == 1.0
+    assert choose_threshold(np.zeros(4), np.zeros(4)) == (MASK_THRESHOLD, {t: pytest.approx(math.nan, nan_ok=True)
+                                                                            for t in dices})
 
 
 def test_training_keeps_every_bleeding_slice_and_a_share_of_empty_ones():
