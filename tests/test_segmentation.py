@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 
+from ihd.dicom import AIR_HU
 from ihd.labels import SUBTYPES
 from ihd.masks import ANY, UNKNOWN, MaskSet
 from ihd.seg_metrics import dice, pointing_hit, score_masks, volume_errors, volume_ml
@@ -160,12 +161,13 @@ def test_train_seg_end_to_end(prepared_synthetic, real_data, tmp_path):
 
     run_dir = train_seg.main([
         "--synthetic", str(prepared_synthetic / "raw"), "--encoder", "plain", "--weights", "none", "--image-size", "32",
-        "--base-filters", "4", "--epochs", "2", "--batch-size", "8", "--run", "tiny",
+        "--base-filters", "4", "--crop-size", "16", "--epochs", "2", "--batch-size", "8", "--run", "tiny",
         "--score-png-masks", str(real_data / "ctich_masks"), "--read-non-ct-as-hu", "--models-dir", str(tmp_path),
     ])
     assert (run_dir / "unet.keras").is_file() and (run_dir / "history.csv").is_file()
     config = json.loads((run_dir / "config.json").read_text())
     assert config["encoder"] == "plain" and config["train_slices"] > config["val_slices"] > 0
+    assert load_unet(run_dir)[0].input.shape[1:3] == (32, 32)  # trained on 16x16 crops, saved at the slice size
     scores = json.loads((run_dir / "scores.json").read_text())
     best = json.loads((run_dir / "best.json").read_text())
     assert best["threshold"] in THRESHOLD_CANDIDATES and scores["mask_threshold"] == best["threshold"]
@@ -227,6 +229,23 @@ def test_segment_index_writes_aligned_outputs_and_the_table(real_data, tmp_path)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_id
     assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 32
     assert len(list(out.glob(f"{series_id}_*.png"))) == 32
+
+
+def test_training_crops_keep_the_blood_in_view():
+    squares = _squares(n=16, size=64)
+    squares.hu[8:] = 30.0
+    squares.masks[8:] = 0  # slices 8-15: no blood
+    squares.hu[8:, :, :40] = AIR_HU  # only columns 40-63 are head
+    for augment in (False, True):
+        hu, masks = (np.asarray(t) for t in next(iter(training_dataset(squares, 16, seed=3, augment=augment,
+                                                                        crop_size=16))))
+        assert hu.shape == (16, 16, 16, 1) and masks.shape == (16, 16, 16, len(SUBTYPES))
+        with_blood = masks[..., ANY].any(axis=(1, 2))
+        assert with_blood.sum() == 8  # every crop of a bleeding slice holds blood, the others none
+        assert np.array_equal(hu[with_blood, ..., 0] > 45, masks[with_blood, ..., ANY] > 0.5)  # cut together
+        assert (hu[~with_blood] > AIR_HU).mean() > 0.5  # crops of the empty slices are on the head
+    with pytest.raises(ValueError, match="crop size 24"):
+        training_dataset(squares, 8, seed=0, crop_size=24)
 
 
 def test_validation_holds_out_whole_patients():
