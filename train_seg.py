@@ -10,8 +10,9 @@ Training masks: the training split of every ``--synthetic`` dataset (``truth/mas
 plus any ``--png-masks`` folder (``images/<name>.dcm`` + ``masks/<name>.png``) and NIfTI label volumes
 (``--nifti-dir`` with ``--nifti-dicom-dir``). A fraction of each source's patients is held out
 for validation (all their slices); of the training slices without blood only ``--empty-share`` is
-kept. After each epoch the threshold on `any` with the best pooled validation Dice is found; the epoch
-kept is the one with the best such Dice, and its threshold is the run's mask rule. The synthetic test
+kept. After each epoch the mask rule with the best pooled validation Dice of `any` is found (the
+threshold, and whether blood is kept only inside the skull's hull); the epoch kept is the one with the
+best such Dice, and its rule is the run's. The synthetic test
 splits and every ``--score-png-masks`` folder are scored after training, never trained on.
 
 Writes models/<run>/: unet.keras, best.json, config.json (settings and data counts), history.csv,
@@ -52,7 +53,7 @@ class Settings:
     batch_size: int = 16  # fits a 256x256 MobileNetV2 U-Net in a few GB
     learning_rate: float = 1e-3  # Adam under cosine decay
     empty_share: float = 0.3  # share of training slices without blood that are kept: most slices have none
-    val_fraction: float = 0.2  # share of each source's patients held out to pick the epoch and the threshold
+    val_fraction: float = 0.2  # share of each source's patients held out to pick the epoch and the mask rule
     val_seed: int = 0  # which patients are held out: apart from --seed, so runs of several seeds validate alike
     augment: bool = True  # left-right flip and shift: heads lie in different places
     seed: int = 0  # split, weights and augmentation are reproducible
@@ -161,20 +162,20 @@ def main(argv: list[str] | None = None) -> Path:
     train_seconds = time.perf_counter() - start
 
     model, config = load_unet(run_dir)
-    threshold = config["mask_threshold"]
-    print(f"mask rule: blood where `any` >= {threshold:.2f} (chosen on validation)")
-    scores = {"train_seconds": round(train_seconds, 1), "mask_threshold": threshold}
+    rule = config["mask_threshold"], config["within_skull"]
+    print(f"mask rule: blood where `any` >= {rule[0]:.2f}{' inside the skull hull' if rule[1] else ''} (chosen on validation)")
+    scores = {"train_seconds": round(train_seconds, 1), "mask_threshold": rule[0], "within_skull": rule[1]}
     for folder, held_out in validation_by_source.items():
         if len(held_out):
-            scores[f"{folder} validation"] = evaluate(model, held_out, threshold)
+            scores[f"{folder} validation"] = evaluate(model, held_out, *rule)
             print(f"validation ({folder}, {len(np.unique(held_out.patients))} patients held out):\n"
                   f"{format_scores(scores[f'{folder} validation'])}")
     for folder in folders(settings.synthetic):
-        scores[f"{folder} test"] = evaluate(model, synthetic_set(folder, "test", settings.image_size, bad), threshold)
+        scores[f"{folder} test"] = evaluate(model, synthetic_set(folder, "test", settings.image_size, bad), *rule)
         print(f"synthetic test split ({folder}):\n{format_scores(scores[f'{folder} test'])}")
     for folder in folders(settings.score_png_masks):
         scores[folder] = evaluate(model, png_mask_set(folder, settings.image_size, bad, settings.read_non_ct_as_hu),
-                                  threshold)
+                                  *rule)
         print(f"held out ({folder}):\n{format_scores(scores[folder])}")
     write_bad_inputs(bad_path, bad)
     write_json(run_dir / "scores.json", scores)

@@ -21,9 +21,12 @@ import math
 import sys
 from pathlib import Path
 
+import cv2
 import keras
 import numpy as np
+from scipy import ndimage
 
+from ihd.anatomy import BONE_HU
 from ihd.backbones import application_on, input_affine, keras_application, resolve_weights
 from ihd.cnn import Windowing
 from ihd.dicom import AIR_HU
@@ -50,6 +53,7 @@ BLOOD_PRIOR = 0.01  # the output starts near the share of blood pixels, not at 0
 SCRATCH_BN_MOMENTUM = 0.9
 PLAIN_LEVELS = 4  # four poolings: the input size must be a multiple of 16
 HEAD_HU = -300.0  # tissue lies above; air, foam and padding below
+SKULL_REACH = 0.03  # pieces of bone this close to the skull's largest piece (share of the slice size) are skull
 
 
 def encoder_names() -> list[str]:
@@ -166,6 +170,40 @@ def subtype_masks(probabilities: np.ndarray, threshold: float = MASK_THRESHOLD) 
     return blood[..., None] & (best[..., None] == np.arange(ANY))
 
 
+def inside_skull(hu: np.ndarray) -> np.ndarray:
+    """Where blood inside the head can lie on one slice of HU (rows, cols): the convex hull of its skull.
+
+    The head is the largest connected region of tissue (above ``HEAD_HU``), which leaves out the
+    scanner's table and head holder unless they touch it. The skull is the head's largest piece of
+    bone (above ``BONE_HU``) and every other piece within ``SKULL_REACH`` (a share of the slice's
+    size) of that piece's hull, since the skull base comes in many pieces; a table under the head
+    lies further off. Outside the hull lie the scalp, the face and the table: dense tissue there (a
+    scalp haematoma, muscle, the table's edge) is not intracranial blood. Without bone in the head
+    (a slice below the skull, an image that is no head CT), the whole slice.
+    """
+    hu = np.asarray(hu, np.float32)
+    everywhere = np.ones(hu.shape, bool)
+    labels, count = ndimage.label(hu > HEAD_HU)
+    if count == 0:
+        return everywhere
+    head = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    labels, count = ndimage.label(head & (hu > BONE_HU), structure=np.ones((3, 3)))
+    if count == 0:
+        return everywhere
+    largest = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    reach_px = max(1, round(SKULL_REACH * max(hu.shape)))
+    near = cv2.dilate(_convex_hull(largest).astype(np.uint8), np.ones((2 * reach_px + 1,) * 2, np.uint8)) > 0
+    skull = np.isin(labels, np.unique(labels[near & (labels > 0)]))
+    return _convex_hull(skull)
+
+
+def _convex_hull(mask: np.ndarray) -> np.ndarray:
+    """The filled convex hull of a boolean image's true pixels."""
+    hull = np.zeros(mask.shape, np.uint8)
+    cv2.fillConvexPoly(hull, cv2.convexHull(np.argwhere(mask)[:, ::-1].astype(np.int32)), 1)
+    return hull > 0
+
+
 def compile_unet(model: keras.Model, learning_rate: float, total_steps: int) -> None:
     """Adam under cosine decay from ``learning_rate`` to 0 at ``total_steps``, with the BCE + Dice loss."""
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, total_steps))
@@ -232,12 +270,20 @@ def training_dataset(masks: MaskSet, batch_size: int, seed: int, augment: bool =
     return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def predict_probabilities(model: keras.Model, hu: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Mask probabilities (n, size, size, 6) of HU slices (n, size, size) at the model's size."""
-    hu = np.asarray(hu, np.float32)[..., None]
-    parts = [np.asarray(model.predict_on_batch(hu[begin:begin + batch_size]))
+def predict_probabilities(model: keras.Model, hu: np.ndarray, batch_size: int = 16,
+                          within_skull: bool = False) -> np.ndarray:
+    """Mask probabilities (n, size, size, 6) of HU slices (n, size, size) at the model's size; with
+    ``within_skull``, 0 outside each slice's skull hull (`inside_skull`)."""
+    hu = np.asarray(hu, np.float32)
+    parts = [np.asarray(model.predict_on_batch(hu[begin:begin + batch_size, ..., None]))
              for begin in range(0, len(hu), batch_size)]
-    return np.concatenate(parts) if parts else np.zeros((0, *hu.shape[1:3], len(SUBTYPES)), np.float32)
+    probabilities = np.concatenate(parts) if parts else np.zeros((*hu.shape[:3], len(SUBTYPES)), np.float32)
+    return skull_hulls(hu)[..., None] * probabilities if within_skull else probabilities
+
+
+def skull_hulls(hu: np.ndarray) -> np.ndarray:
+    """`inside_skull` of every slice of HU (n, rows, cols)."""
+    return np.stack([inside_skull(s) for s in hu]) if len(hu) else np.zeros(np.shape(hu), bool)
 
 
 def predicted_masks(probabilities: np.ndarray, threshold: float = MASK_THRESHOLD) -> np.ndarray:
@@ -251,9 +297,10 @@ def score_probabilities(probabilities: np.ndarray, masks: MaskSet, threshold: fl
     return score_masks(predicted_masks(probabilities, threshold), masks.masks, masks.cases, masks.voxel_mm, SUBTYPES)
 
 
-def evaluate(model: keras.Model, masks: MaskSet, threshold: float = MASK_THRESHOLD) -> dict:
-    """Dice and volume errors per subtype and `any` of ``model`` on a MaskSet at ``threshold``."""
-    return score_probabilities(predict_probabilities(model, masks.hu), masks, threshold)
+def evaluate(model: keras.Model, masks: MaskSet, threshold: float = MASK_THRESHOLD, within_skull: bool = False) -> dict:
+    """Dice and volume errors per subtype and `any` of ``model`` on a MaskSet under the mask rule (``threshold``,
+    ``within_skull``)."""
+    return score_probabilities(predict_probabilities(model, masks.hu, within_skull=within_skull), masks, threshold)
 
 
 def choose_threshold(probabilities_any: np.ndarray, truth_any: np.ndarray,
@@ -266,9 +313,24 @@ def choose_threshold(probabilities_any: np.ndarray, truth_any: np.ndarray,
     return (max(defined, key=lambda t: (defined[t], -t)) if defined else MASK_THRESHOLD), dices
 
 
+def choose_mask_rule(probabilities_any: np.ndarray, truth_any: np.ndarray, skull: np.ndarray) -> dict:
+    """The mask rule with the best pooled Dice of `any` over (validation) slices: whether to keep only the
+    blood inside the skull hulls ``skull`` (same shape), and the threshold (`choose_threshold`). The whole
+    slice wins ties: the hull must earn its place. Returns threshold, within_skull, the Dice at that rule
+    and the Dice at every threshold of both."""
+    probabilities_any = np.asarray(probabilities_any)
+    rules = {within: choose_threshold(probabilities_any * skull if within else probabilities_any, truth_any)
+             for within in (False, True)}
+    dice_at = {within: rules[within][1][rules[within][0]] for within in rules}
+    dice_at = {within: -1.0 if math.isnan(d) else d for within, d in dice_at.items()}
+    within = dice_at[True] > dice_at[False]
+    return {"threshold": rules[within][0], "within_skull": bool(within), "val_dice_any": dice_at[within],
+            "val_dice_any_by_threshold": {"whole slice": rules[False][1], "within skull": rules[True][1]}}
+
+
 class ValidationDice(keras.callbacks.Callback):
-    """After each epoch: the threshold with the best pooled validation Dice of `any`, and that Dice, logged;
-    the best epoch saved as unet.keras, its threshold in best.json (the run's mask rule).
+    """After each epoch: the mask rule with the best pooled validation Dice of `any` (`choose_mask_rule`) and
+    that Dice, logged; the best epoch saved as unet.keras, its rule in best.json (the run's mask rule).
 
     ``full_size``: the U-Net at the slices' size when training runs on crops (another input size, the
     same weights): it gets the trained weights, predicts the validation slices and is the one saved.
@@ -281,18 +343,23 @@ class ValidationDice(keras.callbacks.Callback):
         self.model_path = Path(run_dir) / MODEL_FILE
         self.best_path = Path(run_dir) / BEST_FILE
         self.best_dice = -math.inf
+        self.skull = skull_hulls(validation.hu)  # once: the slices do not change
 
     def on_epoch_end(self, epoch, logs=None):
-        """Score validation at its best threshold, log it, keep the model when it is the best so far."""
+        """Score validation under its best mask rule, log it, keep the model when it is the best so far."""
         model = self.model
         if self.full_size is not None:
             self.full_size.set_weights(self.model.get_weights())
             model = self.full_size
         probabilities = predict_probabilities(model, self.validation.hu)
-        threshold, dices = choose_threshold(probabilities[..., ANY], self.validation.masks[..., ANY])
+        rule = choose_mask_rule(probabilities[..., ANY], self.validation.masks[..., ANY], self.skull)
+        threshold = rule["threshold"]
+        if rule["within_skull"]:
+            probabilities = probabilities * self.skull[..., None]
         scores = score_probabilities(probabilities, self.validation, threshold)
         if logs is not None:
-            logs.update({f"val_dice_{name}": s["dice_pooled"] for name, s in scores.items()} | {"val_threshold": threshold})
+            logs.update({f"val_dice_{name}": s["dice_pooled"] for name, s in scores.items()}
+                        | {"val_threshold": threshold, "val_within_skull": int(rule["within_skull"])})
         dice_any = scores["any"]["dice_pooled"]
         dice_any = -1.0 if math.isnan(dice_any) else dice_any
         improved = dice_any > self.best_dice
@@ -300,10 +367,10 @@ class ValidationDice(keras.callbacks.Callback):
             self.best_dice = dice_any
             with atomic_path(self.model_path) as tmp:
                 model.save(tmp)
-            write_json(self.best_path, {"epoch": epoch + 1, "val_dice_any": dice_any, "threshold": threshold,
-                                        "val_dice_any_by_threshold": dices})
+            write_json(self.best_path, {"epoch": epoch + 1} | rule | {"val_dice_any": dice_any})
         print(f"epoch {epoch + 1}: loss {(logs or {}).get('loss', math.nan):.4f} val_dice_any {dice_any:.3f} "
-              f"at threshold {threshold:.2f}{' (best, saved)' if improved else ''}", flush=True)
+              f"at threshold {threshold:.2f}{' within the skull' if rule['within_skull'] else ''}"
+              f"{' (best, saved)' if improved else ''}", flush=True)
 
 
 def fit_unet(model: keras.Model, train_data, validation: MaskSet, run_dir: str | Path, epochs: int,
@@ -320,13 +387,15 @@ def fit_unet(model: keras.Model, train_data, validation: MaskSet, run_dir: str |
 
 
 def load_unet(run_dir: str | Path) -> tuple[keras.Model, dict]:
-    """The best-epoch U-Net of a segmentation run and the run's config.json, with ``"mask_threshold"``: the
-    threshold on `any` chosen on validation with that epoch (best.json), ``MASK_THRESHOLD`` for a run without one."""
+    """The best-epoch U-Net of a segmentation run and the run's config.json, with its mask rule chosen on
+    validation with that epoch (best.json): ``"mask_threshold"`` on `any` (``MASK_THRESHOLD`` for a run without
+    one) and ``"within_skull"`` (False for a run without one)."""
     run_dir = Path(run_dir)
     path = run_dir / MODEL_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: train the U-Net first (train_seg.py --run {run_dir.name})")
     best_path = run_dir / BEST_FILE
-    threshold = read_json(best_path).get("threshold", MASK_THRESHOLD) if best_path.is_file() else MASK_THRESHOLD
-    config = read_json(run_dir / "config.json") | {"mask_threshold": float(threshold)}
+    best = read_json(best_path) if best_path.is_file() else {}
+    config = read_json(run_dir / "config.json") | {"mask_threshold": float(best.get("threshold", MASK_THRESHOLD)),
+                                                   "within_skull": bool(best.get("within_skull", False))}
     return keras.models.load_model(path, compile=False), config

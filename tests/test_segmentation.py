@@ -12,8 +12,8 @@ from ihd.labels import SUBTYPES
 from ihd.masks import ANY, UNKNOWN, MaskSet
 from ihd.seg_metrics import dice, pointing_hit, score_masks, volume_errors, volume_ml
 from ihd.segmentation import (
-    MASK_THRESHOLD, THRESHOLD_CANDIDATES, bce_dice_loss, build_unet, choose_threshold, compile_unet, evaluate,
-    load_unet, predict_probabilities, subtype_masks, training_dataset,
+    MASK_THRESHOLD, THRESHOLD_CANDIDATES, bce_dice_loss, build_unet, choose_mask_rule, choose_threshold, compile_unet,
+    evaluate, inside_skull, load_unet, predict_probabilities, subtype_masks, training_dataset,
 )
 from ihd.synthetic import BLEEDS
 
@@ -171,7 +171,9 @@ def test_train_seg_end_to_end(prepared_synthetic, real_data, tmp_path):
     scores = json.loads((run_dir / "scores.json").read_text())
     best = json.loads((run_dir / "best.json").read_text())
     assert best["threshold"] in THRESHOLD_CANDIDATES and scores["mask_threshold"] == best["threshold"]
-    assert load_unet(run_dir)[1]["mask_threshold"] == best["threshold"]  # the rule every output then uses
+    assert scores["within_skull"] == best["within_skull"] in (True, False)
+    config = load_unet(run_dir)[1]
+    assert (config["mask_threshold"], config["within_skull"]) == (best["threshold"], best["within_skull"])  # every output's rule
     assert "any" in scores[f"{prepared_synthetic / 'raw'} validation"]
     synthetic_test = scores[f"{prepared_synthetic / 'raw'} test"]
     assert set(synthetic_test) <= set(SUBTYPES) and "any" in synthetic_test
@@ -271,6 +273,48 @@ def test_threshold_is_chosen_for_the_best_pooled_dice():
     assert dices[0.5] == pytest.approx(2 * 2 / (2 + 3)) and dices[threshold] == 1.0
     assert choose_threshold(np.zeros(4), np.zeros(4)) == (MASK_THRESHOLD, {t: pytest.approx(math.nan, nan_ok=True)
                                                                             for t in dices})
+
+
+def _head(size=128):
+    """A slice of HU: scalp (40) around a skull ring (1000) around brain (35), a table (400) below, apart."""
+    rows, cols = np.mgrid[:size, :size]
+    radius = np.hypot(rows - 56, cols - size / 2)
+    hu = np.full((size, size), AIR_HU, np.float32)
+    hu[radius < 50] = 40.0  # scalp
+    hu[radius < 46] = 1000.0  # skull
+    hu[radius < 42] = 35.0  # brain
+    hu[118:122, 10:118] = 400.0  # the table, 12 pixels below the head
+    return hu, radius
+
+
+def test_inside_skull_is_the_skull_hull():
+    hu, radius = _head()
+    inside = inside_skull(hu)
+    assert inside[radius < 45].all()  # the brain and the skull itself
+    assert not inside[(radius > 47) & (hu > AIR_HU)].any() and not inside[118:122].any()  # scalp and table out
+    gap = hu.copy()
+    gap[:, 63:65] = np.where(gap[:, 63:65] == 1000.0, 35.0, gap[:, 63:65])  # a skull in two pieces (sutures, the base)
+    assert inside_skull(gap)[radius < 40].all()
+    no_bone = np.where(hu >= 400, 40.0, hu)  # below the skull, or no head CT: nothing to go by
+    assert inside_skull(no_bone).all() and inside_skull(np.full((32, 32), AIR_HU)).all()
+
+
+def test_mask_rule_keeps_the_skull_hull_only_where_validation_gains():
+    hu, _ = _head(64)
+    skull = np.stack([inside_skull(hu)] * 2)
+    truth = np.zeros((2, 64, 64), bool)
+    truth[:, 20:28, 28:36] = True  # a bleed inside
+    probabilities = truth * 0.8
+    plain = choose_mask_rule(probabilities, truth, skull)
+    assert not plain["within_skull"] and plain["val_dice_any"] == 1.0  # a tie: the whole slice
+    probabilities[:, 2:4, 30:34] = 0.9  # bright scalp called blood, outside the skull
+    rule = choose_mask_rule(probabilities, truth, skull)
+    assert rule["within_skull"] and rule["val_dice_any"] == 1.0 and rule["threshold"] == 0.1
+    assert rule["val_dice_any_by_threshold"]["whole slice"][0.85] == pytest.approx(0.0)  # only the scalp is left
+    outside = probabilities.copy()
+    outside[:, 20:28, 28:36] = 0.0  # all the truth lies outside the hull: the hull would lose it
+    truth_outside = outside > 0.5
+    assert not choose_mask_rule(outside, truth_outside, skull)["within_skull"]
 
 
 def test_training_keeps_every_bleeding_slice_and_a_share_of_empty_ones():
