@@ -38,13 +38,12 @@ from ihd.io import run_header  # noqa: E402
 from ihd.masks import ANY, MaskSet, png_mask_set, synthetic_set  # noqa: E402
 from ihd.seg_inference import native_probabilities, segment_series  # noqa: E402
 from ihd.seg_metrics import dice, pointing_hit  # noqa: E402
-from ihd.segmentation import load_unet, predict_probabilities  # noqa: E402
+from ihd.segmentation import HEAD_HU, load_unet, predict_probabilities  # noqa: E402
 from ihd.slices import to_model_hu  # noqa: E402
 from ihd.windows import parse_recipe  # noqa: E402
 
 CTICH = ROOT.parent / "shared" / "data" / "real" / "ctich_masks"
 BLOOD_HU = (50.0, 90.0)  # fresh blood; the baseline segmenter calls every pixel in this range blood
-HEAD_HU = -300.0
 
 
 @dataclass
