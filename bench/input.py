@@ -63,24 +63,17 @@ class Settings:
 def tensorflow_png_reader(reader):
     """The read path the kit had before the store decoded its own PNGs, as (read, decode): ``read`` maps
     a batch of row numbers to the checked PNG bytes of their sources (one Python call, tf.string
-    (B, S)), ``decode`` one row's PNG bytes to HU (size, size, S) with TensorFlow's ``decode_png`` (zlib)."""
-    import numpy as np
+    (B, S)), ``decode`` one row's PNG bytes to HU (size, size, S) with TensorFlow's ``decode_png``."""
     import tensorflow as tf
 
-    from ihd.slices import tf_hu
-
-    store = reader.store
-
-    def read_pngs(slots):
-        return np.array([store.read_png(slot) for slot in slots.ravel()], dtype=object).reshape(slots.shape)
+    from bench.fixtures import tf_decode_png_hu, tf_read_png_bytes
 
     def read(rows):
-        slots = tf.gather(reader.slots, tf.gather(reader.neighbours, rows))
-        return tf.ensure_shape(tf.numpy_function(read_pngs, [slots], tf.string, stateful=False), slots.shape)
+        return tf_read_png_bytes(reader.store, tf.gather(reader.slots, tf.gather(reader.neighbours, rows)))
 
     def decode(pngs):
-        stored = [tf.io.decode_png(pngs[s], channels=1, dtype=tf.uint16) for s in range(reader.neighbours.shape[1])]
-        return tf.ensure_shape(tf_hu(tf.concat(stored, axis=-1)), (store.size, store.size, len(stored)))
+        stack = tf.stack([tf_decode_png_hu(pngs[s]) for s in range(reader.neighbours.shape[1])], axis=-1)
+        return tf.ensure_shape(stack, (reader.store.size, reader.store.size, reader.neighbours.shape[1]))
 
     return read, decode
 
