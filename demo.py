@@ -2,8 +2,10 @@
 
     python demo.py
     python demo.py --seed 7 --root /tmp/demo-7 --selection random:32
+    python demo.py --backgrounds ../shared/data/real/rsna_normal --root /tmp/demo-inserted
 
-Writes a synthetic dataset of 80 training and 30 test studies (folds by patient), trains one tiny CNN
+Writes a synthetic dataset of 80 training and 30 test studies (folds by patient; phantoms, or with
+``--backgrounds`` bleeds inserted into those bleed-free series), trains one tiny CNN
 per fold at 128x128 from scratch and caches their embeddings, trains every member's LSTM for each
 feature selection, then predicts the test set with the fold ensemble: a validated submission, Grad-CAM
 pictures and the test weighted log loss of the prior, the CNNs alone and CNN+LSTM. Each stage is the
@@ -21,7 +23,7 @@ import predict
 import prepare_data
 import train_cnn
 import train_lstm
-from ihd.flags import non_negative_int, selection_spec
+from ihd.flags import existing_folder, non_negative_int, selection_spec
 
 RUN = "demo"
 DATASET = "synthetic"
@@ -39,6 +41,7 @@ class Settings:
     root: str = "."  # data/, models/, features/ and submissions/ go under this folder
     selections: list[str] = field(default_factory=lambda: list(SELECTIONS))
     gradcam: int = 2  # Grad-CAM pictures per test study
+    backgrounds: str | None = None  # bleed-free DICOM series to insert bleeds into, instead of phantoms
 
 
 def parse_args(argv: list[str] | None) -> Settings:
@@ -49,6 +52,8 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--selection", dest="selections", action="append", type=selection_spec,
                         help=f"repeatable; default {' '.join(SELECTIONS)}")
     parser.add_argument("--gradcam", type=non_negative_int, default=Settings.gradcam)
+    parser.add_argument("--backgrounds", type=existing_folder, default=Settings.backgrounds,
+                        help="insert bleeds into these bleed-free DICOM series instead of drawing phantoms")
     args = vars(parser.parse_args(argv))
     args["selections"] = args["selections"] or list(SELECTIONS)
     return Settings(**args)
@@ -70,8 +75,9 @@ def _flags(settings: Settings, *names: str) -> list[str]:
 def stages(settings: Settings) -> list[tuple[object, list[str]]]:
     """Each stage's entry point and its flags, in order."""
     selections = [item for name in settings.selections for item in ("--selection", name)]
+    source = ["--backgrounds", settings.backgrounds] if settings.backgrounds else []
     return [
-        (prepare_data, ["--synthetic", "--dataset", DATASET, "--size", "128", "--folds", str(FOLDS),
+        (prepare_data, ["--synthetic", *source, "--dataset", DATASET, "--size", "128", "--folds", str(FOLDS),
                         "--seed", str(settings.seed), *_flags(settings, "--data-dir")]),
         (train_cnn, ["--dataset", DATASET, "--run", RUN, "--fold", "all", *CNN,
                      *_flags(settings, "--data-dir", "--models-dir", "--features-dir")]),
