@@ -273,7 +273,7 @@ class SliceStore:
         return image_id in self.image_ids
 
     def slots(self, image_ids) -> np.ndarray:
-        """Manifest rows (int64) of ``image_ids``, the keys ``tf_read_pngs`` reads by; refuses absent ids."""
+        """Manifest rows (int64) of ``image_ids``, the keys ``tf_read_stored`` reads by; refuses absent ids."""
         wanted = pd.Index(image_ids)
         slots = self.image_ids.get_indexer(wanted)
         missing = np.flatnonzero(slots < 0)
