@@ -2,8 +2,10 @@
 
     python demo.py
     python demo.py --seed 7 --root /tmp/demo-7 --selection random:32
+    python demo.py --backgrounds ../shared/data/real/rsna_normal --root /tmp/demo-inserted
 
-Writes a synthetic dataset of 80 training and 30 test studies (folds by patient), trains one tiny CNN
+Writes a synthetic dataset of 80 training and 30 test studies (folds by patient; phantoms, or with
+``--backgrounds`` bleeds inserted into those bleed-free series), trains one tiny CNN
 per fold at 128x128 from scratch and caches their embeddings, trains every member's LSTM for each
 feature selection, then predicts the test set with the fold ensemble: a validated submission, Grad-CAM
 pictures and the test weighted log loss of the prior, the CNNs alone and CNN+LSTM. Each stage is the
@@ -21,13 +23,16 @@ import predict
 import prepare_data
 import train_cnn
 import train_lstm
-from ihd.flags import non_negative_int, selection_spec
+from ihd.flags import existing_folder, non_negative_int, selection_spec
 
 RUN = "demo"
 DATASET = "synthetic"
 FOLDS = 3  # a CNN per fold: 3 keeps the demo within minutes on a CPU (each CNN trains on two thirds)
 CNN = ["--backbone", "tiny", "--weights", "none", "--image-size", "128", "--epochs", "6"]  # small enough for a CPU
-LSTM = ["--layers", "2", "--units", "128", "--dropout", "0.5"]  # 64 training series overfit the paper's 3x256
+# The paper's 3x256, dropout 0.5, the selected features scaled by one shared variance (PCA components keep their
+# spectrum): the best out-of-fold validation loss of the candidates bench/demo_choices.py scored on development
+# seeds (BENCHMARKS.md, "The demo").
+LSTM = ["--layers", "3", "--units", "256", "--dropout", "0.5", "--standardize", "shared"]
 SELECTIONS = ["pca:32", "weights:32"]  # compared by out-of-fold validation loss; the best one predicts
 
 
@@ -39,6 +44,7 @@ class Settings:
     root: str = "."  # data/, models/, features/ and submissions/ go under this folder
     selections: list[str] = field(default_factory=lambda: list(SELECTIONS))
     gradcam: int = 2  # Grad-CAM pictures per test study
+    backgrounds: str | None = None  # bleed-free DICOM series to insert bleeds into, instead of phantoms
 
 
 def parse_args(argv: list[str] | None) -> Settings:
@@ -49,6 +55,8 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--selection", dest="selections", action="append", type=selection_spec,
                         help=f"repeatable; default {' '.join(SELECTIONS)}")
     parser.add_argument("--gradcam", type=non_negative_int, default=Settings.gradcam)
+    parser.add_argument("--backgrounds", type=existing_folder, default=Settings.backgrounds,
+                        help="insert bleeds into these bleed-free DICOM series instead of drawing phantoms")
     args = vars(parser.parse_args(argv))
     args["selections"] = args["selections"] or list(SELECTIONS)
     return Settings(**args)
@@ -70,8 +78,9 @@ def _flags(settings: Settings, *names: str) -> list[str]:
 def stages(settings: Settings) -> list[tuple[object, list[str]]]:
     """Each stage's entry point and its flags, in order."""
     selections = [item for name in settings.selections for item in ("--selection", name)]
+    source = ["--backgrounds", settings.backgrounds] if settings.backgrounds else []
     return [
-        (prepare_data, ["--synthetic", "--dataset", DATASET, "--size", "128", "--folds", str(FOLDS),
+        (prepare_data, ["--synthetic", *source, "--dataset", DATASET, "--size", "128", "--folds", str(FOLDS),
                         "--seed", str(settings.seed), *_flags(settings, "--data-dir")]),
         (train_cnn, ["--dataset", DATASET, "--run", RUN, "--fold", "all", *CNN,
                      *_flags(settings, "--data-dir", "--models-dir", "--features-dir")]),

@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if any(seed >= 101 for seed in args.seeds):
         raise SystemExit("seeds 101 and up are kept for bench/seeds.py's test report: choose on others")
     print(f"{cpu_description()}; {load_description()}", flush=True)
-    rows = score_all(args.seeds, Path(args.root), candidates, selections, [])
+    saved = Path(args.root) / "choices.json"
+    rows = score_all(args.seeds, Path(args.root), candidates, selections,
+                     json.loads(saved.read_text()) if saved.exists() else [])
     if not args.candidate:
         best = ranked(rows).index[0]
         rows = score_all(args.seeds, Path(args.root), [f"{best} --neighbour-differences", f"{best} --tta flip"],
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
 
 def score_all(seeds: list[int], root: Path, candidates: list[str], selections: list[str], rows: list[dict]) -> list[dict]:
-    """``rows`` and, for every seed and candidate not scored yet, its scores (saved as they come)."""
+    """``rows`` (the scores saved so far) and, for every seed and candidate not scored yet, its scores, saved to
+    <root>/choices.json as they come: a rerun resumes."""
     rows = list(rows)
     for seed in seeds:
         seed_root = root / f"seed-{seed}"

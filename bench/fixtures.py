@@ -25,3 +25,23 @@ def store_of_real_slices(work_dir: Path, count: int, size: int) -> tuple[pd.Data
     if failures:
         raise RuntimeError(f"unreadable fixture files: {failures}")
     return index, SliceStore(work_dir / "slices")
+
+
+def tf_read_png_bytes(store: SliceStore, slots):
+    """tf.data map function, the store's read path before it decoded its own PNGs: manifest rows
+    (int64 tensor of any shape) -> their checked PNG bytes (tf.string, same shape), in one Python call."""
+    import tensorflow as tf
+
+    def read(slot_array):
+        return np.array([store.read_png(slot) for slot in slot_array.ravel()], dtype=object).reshape(slot_array.shape)
+
+    return tf.ensure_shape(tf.numpy_function(read, [slots], tf.string, stateful=False), slots.shape)
+
+
+def tf_decode_png_hu(png):
+    """TensorFlow's own decoder: the bytes of a stored PNG (string tensor) -> tf.float32 HU (height, width)."""
+    import tensorflow as tf
+
+    from ihd.slices import tf_hu
+
+    return tf_hu(tf.io.decode_png(png, channels=1, dtype=tf.uint16)[:, :, 0])

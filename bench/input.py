@@ -1,20 +1,23 @@
-"""Slices per second of the CNN's training input alone, slice store to augmented batch: the augmentation
-in the `tf.data` graph against the albumentations path it replaced, on one core and on two.
+"""Slices per second of the CNN's training input alone, slice store to augmented batch: the store's own
+PNG decoder and the augmentation in the `tf.data` graph against the path they replaced (TensorFlow's
+PNG decoder, albumentations), on one core and on two.
 
-    python bench/input.py            # about 5 minutes on 2 cores
+    python bench/input.py            # about 7 minutes on 2 cores
     python bench/input.py --quick    # under a minute
 
-Both sides read the same 256x256 slice store (real RSNA slices, repeated) through
-`ihd.inputs.StackReader` (one Python call reads and checks 64 rows' PNGs, TensorFlow decodes them),
+All sides read the same 256x256 slice store (real RSNA slices, repeated), 64 rows per Python call,
 shuffle, augment (flip, shift-scale-rotate, brightness/contrast in HU) and batch; the batches are
-pulled and dropped, so only the input pipeline is timed. The baseline runs albumentations per
-element inside `tf.numpy_function`, as the kit did before: one seeded `Compose` per tf.data thread,
-reseeded per element, under the Python lock. Ours is `ihd.inputs.training_dataset`: parameters
-drawn per element from stateless seeds, the affine resampled by `ihd.augment.resample_bilinear`
-(compiled by XLA). A third line runs ours without augmentation (read, decode, three channels,
-batch): the floor that augmentation adds to. Every measurement runs in a fresh process confined to
-its cores (its affinity is set before TensorFlow starts, so TensorFlow sizes its thread pools to
-them); rounds alternate the sides and the core counts, and each figure is the median of its rounds.
+pulled and dropped, so only the input pipeline is timed. The baseline is the path the kit had
+before: the checked PNG bytes of 64 rows per Python call, each decoded by TensorFlow's
+``decode_png``, then albumentations per element inside `tf.numpy_function`: one seeded `Compose`
+per tf.data thread, reseeded per element, under the Python lock. The second line is the same with
+the store's own decoder (`SliceStore.tf_read_stored`: 64 rows read and decoded per Python call).
+Ours is `ihd.inputs.training_dataset`: the store's decoder, parameters drawn per element from
+stateless seeds, the affine resampled by `ihd.augment.resample_bilinear` (compiled by XLA). The
+last line runs ours without augmentation (read, decode, three channels, batch): the floor that
+augmentation adds to. Every measurement runs in a fresh process confined to its cores (its
+affinity is set before TensorFlow starts, so TensorFlow sizes its thread pools to them); rounds
+alternate the sides and the core counts, and each figure is the median of its rounds.
 """
 from __future__ import annotations
 
@@ -38,8 +41,11 @@ from ihd.io import run_header  # noqa: E402
 
 PER_CORE_BAR = 3.0  # ours against the baseline, one core
 SCALING_BAR = 1.8  # ours, two cores against one
-SIDES = ("albumentations in tf.numpy_function (baseline)", "TensorFlow ops in the graph (ihd.inputs)",
+SIDES = ("albumentations in tf.numpy_function, PNGs decoded by TensorFlow (baseline: the path before)",
+         "albumentations in tf.numpy_function, PNGs decoded by the store",
+         "ihd.inputs: the store's decoder, augmentation in the graph (ours)",
          "ihd.inputs without augmentation (read, decode, channels)")
+BASELINE, OURS = 0, 2
 
 
 @dataclass
@@ -54,14 +60,33 @@ class Settings:
     quick: bool = False  # fewer batches and rounds, for a smoke run
 
 
-def baseline_dataset(index, store, rows, image_size: int, batch_size: int, seed: int):
-    """The albumentations path: per-element augmentation in `tf.numpy_function`, then batching."""
+def tensorflow_png_reader(reader):
+    """The read path the kit had before the store decoded its own PNGs, as (read, decode): ``read`` maps
+    a batch of row numbers to the checked PNG bytes of their sources (one Python call, tf.string
+    (B, S)), ``decode`` one row's PNG bytes to HU (size, size, S) with TensorFlow's ``decode_png``."""
+    import tensorflow as tf
+
+    from bench.fixtures import tf_decode_png_hu, tf_read_png_bytes
+
+    def read(rows):
+        return tf_read_png_bytes(reader.store, tf.gather(reader.slots, tf.gather(reader.neighbours, rows)))
+
+    def decode(pngs):
+        stack = tf.stack([tf_decode_png_hu(pngs[s]) for s in range(reader.neighbours.shape[1])], axis=-1)
+        return tf.ensure_shape(stack, (reader.store.size, reader.store.size, reader.neighbours.shape[1]))
+
+    return read, decode
+
+
+def baseline_dataset(index, store, rows, image_size: int, batch_size: int, seed: int, store_decoder: bool):
+    """The albumentations path: per-element augmentation in `tf.numpy_function`, then batching; the
+    slices decoded by TensorFlow as before (or by the store's own decoder, ``store_decoder``)."""
     import albumentations as A
     import numpy as np
     import tensorflow as tf
 
     from ihd.augment import AIR_HU, Augmentation
-    from ihd.inputs import StackReader
+    from ihd.inputs import READ_BATCH, StackReader
     from ihd.windows import RECIPES
 
     settings = Augmentation()
@@ -90,14 +115,17 @@ def baseline_dataset(index, store, rows, image_size: int, batch_size: int, seed:
 
     reader = StackReader(index, store, RECIPES["windows"], image_size)
     data = tf.data.Dataset.from_tensor_slices(rows).shuffle(len(rows), seed=seed).repeat()
-    data = reader.read_batches(tf.data.Dataset.zip(data, tf.data.Dataset.random(seed=seed)))
+    data = tf.data.Dataset.zip(data, tf.data.Dataset.random(seed=seed))
+    read, decode = (reader.read_sources, reader.decode_sources) if store_decoder else tensorflow_png_reader(reader)
+    data = data.batch(READ_BATCH).map(lambda rows, seeds: (rows, seeds, read(rows)),
+                                      num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
-    def read(row, element_seed, pngs):
-        stack = reader.expand(reader.decode_sources(pngs))
+    def augmented(row, element_seed, read_out):
+        stack = reader.expand(decode(read_out))
         out = tf.numpy_function(augment, [stack, element_seed], tf.float32, stateful=False)
         return tf.ensure_shape(out, stack.shape), tf.zeros(6)
 
-    return data.map(read, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return data.map(augmented, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def measure(side: int, cores: list[int], store_root: str, settings: Settings) -> float:
@@ -118,11 +146,12 @@ def measure(side: int, cores: list[int], store_root: str, settings: Settings) ->
     for subtype in SUBTYPES:
         index[subtype] = 0.0
     rows = np.arange(settings.slices)
-    if side == 0:
-        data = baseline_dataset(index, store, rows, settings.image_size, settings.batch_size, seed=0)
+    if side < OURS:
+        data = baseline_dataset(index, store, rows, settings.image_size, settings.batch_size, seed=0,
+                                store_decoder=side == 1)
     else:
         data = training_dataset(index, store, RECIPES["windows"], rows, settings.image_size,
-                                settings.batch_size, seed=0, augment=side == 1).repeat()
+                                settings.batch_size, seed=0, augment=side == OURS).repeat()
     batches = iter(data)
     next(batches)
     start = time.perf_counter()
@@ -168,12 +197,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n### Training input, slice store to augmented batch: {settings.image_size}x{settings.image_size}, "
           f"3 channels, batch {settings.batch_size}, median of {settings.rounds} alternating rounds")
     print(f"\nCPU: {cpu_description()}; {load_description()}\n")
-    print("| augmentation | 1 core, slices/s | 2 cores, slices/s | 2 cores / 1 |")
+    print("| pipeline | 1 core, slices/s | 2 cores, slices/s | 2 cores / 1 |")
     print("|---|---:|---:|---:|")
     for side, name in enumerate(SIDES):
         print(f"| {name} | {median[side, 1]:.0f} | {median[side, 2]:.0f} | {median[side, 2] / median[side, 1]:.2f}x |")
-    per_core = median[1, 1] / median[0, 1]
-    scaling = median[1, 2] / median[1, 1]
+    per_core = median[OURS, 1] / median[BASELINE, 1]
+    scaling = median[OURS, 2] / median[OURS, 1]
     print(f"\nOne core, ours against the baseline: {per_core:.2f}x "
           f"({'meets' if per_core >= PER_CORE_BAR else 'misses'} the bar of {PER_CORE_BAR}x).")
     print(f"Ours, two cores against one: {scaling:.2f}x "

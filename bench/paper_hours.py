@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from bench.fixtures import REAL_SLICES  # noqa: E402
-from bench.lstm import TRAIN_SLICES, BatchClock, random_series  # noqa: E402
+from bench.lstm import TRAIN_SLICES, BatchClock, series_lengths  # noqa: E402
 from bench.machine import cpu_description, load_description  # noqa: E402
 from ihd.presets import stage_values  # noqa: E402
 
@@ -99,9 +99,9 @@ PUBLISHED = {
 }
 
 # Figures measured earlier and recorded in BENCHMARKS.md (section named in each comment).
-PREPARE_MS_PER_SLICE = 1.26  # Preprocessing: whole preparation, one process, glibc malloc defaults
-TRAIN_INPUT_SLICES_S_PER_CORE = 814  # Training input: augmented batches, TensorFlow ops, one core
-READ_INPUT_SLICES_S_PER_CORE = 1134 / 2  # Preprocessing (Layout): checked pack reads by tf.data, two cores
+PREPARE_MS_PER_SLICE = 0.84  # Preprocessing: whole preparation, one process, glibc malloc defaults
+TRAIN_INPUT_SLICES_S_PER_CORE = 1905  # Training input: augmented batches, TensorFlow ops, one core
+READ_INPUT_SLICES_S_PER_CORE = 2240 / 2  # Preprocessing (Reading): packs checked and decoded by the store, two cores
 CACHE_CHECK_GB_S = 0.70  # Checking the feature cache: verified_rows over the memory-mapped cache
 STORE_KB_PER_SLICE = 55.1  # Preprocessing: bytes per stored slice
 
@@ -180,6 +180,20 @@ def paper_cnn(image_size: int):
 def hu_batch(rng: np.random.Generator, batch: int, size: int) -> np.ndarray:
     """Random slices in Hounsfield units, three channels."""
     return rng.uniform(-1024, 1500, (batch, size, size, 3)).astype(np.float32)
+
+
+def random_series(total_slices: int, selected: int, seed: int):
+    """Random float16 inputs (``selected`` features + 6 probabilities) and binary labels in series of the
+    real data's lengths, as an ``ihd.sequence.SeriesSet``."""
+    from ihd.labels import SUBTYPES
+    from ihd.sequence import SeriesSet
+
+    rng = np.random.default_rng(seed)
+    lengths = series_lengths(total_slices, rng)
+    inputs = rng.standard_normal((total_slices, selected + len(SUBTYPES)), dtype=np.float32).astype(np.float16)
+    inputs[:, selected:] = rng.random((total_slices, len(SUBTYPES)), dtype=np.float32)
+    labels = (rng.random((total_slices, len(SUBTYPES))) < 0.1).astype(np.float32)
+    return SeriesSet(inputs, np.r_[0, np.cumsum(lengths)[:-1]], lengths, labels)
 
 
 def timed_calls(call, repeats: int) -> list[float]:

@@ -61,13 +61,14 @@ import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.fixtures import tf_decode_png_hu, tf_read_png_bytes  # noqa: E402
 from bench.machine import cpu_description, load_description  # noqa: E402
 from ihd.dicom import read_header, read_hu  # noqa: E402
 from ihd.index import header_row, pixel_reading  # noqa: E402
 from ihd.io import atomic_path, run_header  # noqa: E402
 from ihd.parallel import available_cores  # noqa: E402
 from ihd.slices import (  # noqa: E402
-    SliceStore, encode_uint16_png, read_manifest, shard_name, slice_png, stored_values, tf_decode_hu, to_model_hu,
+    SliceStore, encode_uint16_png, read_manifest, shard_name, slice_png, stored_values, tf_hu, to_model_hu,
     write_pack, write_slices,
 )
 
@@ -328,11 +329,12 @@ def stored_kb(files: list[Path]) -> float:
 
 def read_rates(files: list[Path], rounds: int) -> dict[str, float]:
     """Slices per second read and decoded by ``tf.data`` in shuffled order, median of ``rounds``
-    alternating rounds, the same 360 slices (10 series of 36) each way: from packs, checked, by
-    ``SliceStore.tf_read_pngs`` with one Python call per 64 slices (ours) or one per slice (before);
-    from packs through ``FixedLengthRecordDataset``, TensorFlow's native reader of a byte range (no
-    check), which reads the slices before the one it returns; from one PNG file per slice (native
-    ``read_file``, no check)."""
+    alternating rounds, the same 360 slices (10 series of 36) each way: from packs, checked and
+    decoded by the store (``SliceStore.tf_read_stored``, one Python call per 64 slices: ours); from
+    packs, checked, the PNG bytes of 64 slices or of one per Python call, decoded by TensorFlow's
+    ``decode_png`` (before); from packs through ``FixedLengthRecordDataset``, TensorFlow's native
+    reader of a byte range (no check), which reads the slices before the one it returns; from one PNG
+    file per slice (native ``read_file``, no check). All but ours decode with TensorFlow."""
     import pandas as pd
     import tensorflow as tf
 
@@ -358,17 +360,22 @@ def read_rates(files: list[Path], rounds: int) -> dict[str, float]:
                                                     buffer_size=lengths[slot]).get_single_element()
 
         def decoded(data):
-            return data.map(lambda png: tf_decode_hu(png, SIZE), num_parallel_calls=tf.data.AUTOTUNE)
+            return data.map(tf_decode_png_hu, num_parallel_calls=tf.data.AUTOTUNE)
+
+        def png_bytes(slots):
+            return tf_read_png_bytes(store, slots)
 
         def slot_data(batch):
             return tf.data.Dataset.from_tensor_slices(slots).batch(batch)
 
         single = tf.data.Dataset.from_tensor_slices(slots)
         readers = {
-            "packs, checked, one Python call per 64 slices (ours)": lambda: decoded(
-                slot_data(64).map(store.tf_read_pngs, num_parallel_calls=tf.data.AUTOTUNE).unbatch()),
-            "packs, checked, one Python call per slice (before)": lambda: decoded(
-                slot_data(1).map(store.tf_read_pngs, num_parallel_calls=tf.data.AUTOTUNE).unbatch()),
+            "packs, checked and decoded by the store, one Python call per 64 slices (ours)": lambda: slot_data(64).map(
+                store.tf_read_stored, num_parallel_calls=tf.data.AUTOTUNE).unbatch().map(tf_hu),
+            "packs, checked, one Python call per 64 slices, TensorFlow's decode_png (before)": lambda: decoded(
+                slot_data(64).map(png_bytes, num_parallel_calls=tf.data.AUTOTUNE).unbatch()),
+            "packs, checked, one Python call per slice, TensorFlow's decode_png": lambda: decoded(
+                slot_data(1).map(png_bytes, num_parallel_calls=tf.data.AUTOTUNE).unbatch()),
             "packs, FixedLengthRecordDataset (native, reads the pack up to the slice, no check)": lambda: decoded(
                 single.map(native_range, num_parallel_calls=tf.data.AUTOTUNE)),
             "one PNG file per slice (native read_file, no check)": lambda: decoded(

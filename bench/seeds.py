@@ -9,8 +9,8 @@ validation loss), then one more LSTM per member on `random:<k>` (k of the demo's
 with the same settings: the control every selection must beat. `predict.py` then scores every
 selection on the test truth. Nothing here feeds back into a choice: the demo's settings were chosen on
 development seeds (bench/demo_choices.py), and these seeds are used once, for this report.
-Prints one row per seed and the mean and standard deviation over seeds, and writes them to
-<root>/seeds.json.
+Prints one row per seed and the mean and standard deviation over seeds. Each finished seed is saved
+to <root>/seeds.json at once, and a rerun with the same root resumes after it.
 """
 from __future__ import annotations
 
@@ -110,14 +110,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     root = Path(args.root)
     print(f"{cpu_description()}; {load_description()}", flush=True)
-    results = []
+    saved = root / "seeds.json"
+    done = {r["seed"]: r for r in json.loads(saved.read_text())} if saved.exists() else {}
     for seed in args.seeds:
-        results.append(run_seed(seed, root / f"seed-{seed}"))
-        if not args.keep:
+        if seed not in done:  # a rerun resumes after the last finished seed
+            done[seed] = run_seed(seed, root / f"seed-{seed}")
+            saved.write_text(json.dumps(list(done.values()), indent=2) + "\n")
+        if not args.keep and (root / f"seed-{seed}").exists():
             shutil.rmtree(root / f"seed-{seed}")
+    results = [done[seed] for seed in args.seeds]
     control = control_selection(demo.SELECTIONS)
     table = report(results, control)
-    (root / "seeds.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"{cpu_description()}; {load_description()}")
     print(table)
     return results

@@ -4,9 +4,9 @@
     python bench/synthetic_to_real.py --modes inserted --work /tmp/s2r  # one mode; datasets and runs kept in --work
 
 For each mode (``phantom``: the pure phantom; ``inserted``: bleeds inserted into the bleed-free
-series of ``--backgrounds``) the demo's settings run unchanged: 80 training and 30 test studies,
-slices stored at 128, the tiny CNN from scratch for 6 epochs, LSTMs on pca:32 and weights:32 (2x128),
-the one with the better validation loss kept (validation folds of the synthetic data). The chain then
+series of ``--backgrounds``) demo.py's stages run unchanged (`demo.stages`: 80 training and 30 test
+studies, a fold ensemble of tiny CNNs, an LSTM per member for each of the demo's selections, the
+selection with the better out-of-fold validation loss kept; no Grad-CAM). The chain then
 predicts the synthetic test split (in-domain reference) and the real labeled series of ``--labeled``
 (``predict.py --dicom-dir --labels``), which take no part in training or in any choice. The prior is
 each run's training label means. Prints one Markdown table and writes ``<work>/synthetic_to_real.json``.
@@ -21,34 +21,32 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import demo  # noqa: E402
 import predict  # noqa: E402
-import prepare_data  # noqa: E402
-import train_cnn  # noqa: E402
-import train_lstm  # noqa: E402
 from bench.machine import device_description  # noqa: E402
 from ihd.io import read_json, write_json  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real"
-DEMO_CNN = ["--backbone", "tiny", "--weights", "none", "--image-size", "128", "--epochs", "6"]
-DEMO_LSTM = ["--selection", "pca:32", "--selection", "weights:32", "--layers", "2", "--units", "128"]
 
 
 def run_mode(mode: str, work: Path, backgrounds: Path, labeled: Path) -> dict:
     """Prepare, train and score one synthetic mode; returns its scores and stage times."""
-    dirs = ["--data-dir", str(work / "data"), "--models-dir", str(work / "models"),
-            "--features-dir", str(work / "features")]
+    settings = demo.parse_args(["--root", str(work / mode), "--gradcam", "0",
+                                *(["--backgrounds", str(backgrounds)] if mode == "inserted" else [])])
+    (prepare, prepare_flags), (cnn, cnn_flags), (lstm, lstm_flags), (_, predict_flags) = demo.stages(settings)
     times = {}
     start = time.perf_counter()
-    source = ["--backgrounds", str(backgrounds)] if mode == "inserted" else []
-    prepare_data.main(["--synthetic", *source, "--dataset", mode, "--size", "128", *dirs[:2]])
+    prepare.main(prepare_flags)
     times["prepare"] = time.perf_counter() - start
     start = time.perf_counter()
-    train_cnn.main(["--dataset", mode, "--run", mode, *DEMO_CNN, *dirs])
-    train_lstm.main(["--run", mode, *DEMO_LSTM, *dirs[2:]])
+    cnn.main(cnn_flags)
+    lstm.main(lstm_flags)
     times["train"] = time.perf_counter() - start
-    submission = predict.main(["--run", mode, "--submissions-dir", str(work / "submissions"), *dirs])
+    submission = predict.main(predict_flags)
     synthetic = read_json(submission.with_name(f"{submission.stem}-scores.json"))
-    real_csv = predict.main(["--run", mode, "--dicom-dir", str(labeled / "stage_2_train"), "--labels",
+    dirs = [flag for name in ("--data-dir", "--models-dir", "--features-dir")
+            for flag in (name, demo.folders(settings)[name])]
+    real_csv = predict.main(["--run", demo.RUN, "--dicom-dir", str(labeled / "stage_2_train"), "--labels",
                              str(labeled / "stage_2_train.csv"), "--out", str(work / "real" / mode), *dirs])
     real = read_json(real_csv.parent / "scores.json")
     return {"selection": real["selection"], "synthetic_test": synthetic["scores"], "real": real["scores"],

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from ihd.augment import augment_hu, augmentation_parameters
 from ihd.labels import SUBTYPES
-from ihd.slices import SliceStore, tf_decode_hu
+from ihd.slices import SliceStore, tf_hu
 from ihd.windows import ChannelRecipe
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -72,7 +72,7 @@ def oversampled(rows: np.ndarray, labels: np.ndarray, positive_copies: int) -> n
     return np.concatenate([rows] + [positive] * (positive_copies - 1))
 
 
-READ_BATCH = 64  # rows whose slices one Python call reads: the lock is held about 10 microseconds a slice
+READ_BATCH = 64  # rows whose slices one Python call reads and decodes
 
 
 class StackReader:
@@ -82,8 +82,9 @@ class StackReader:
     current slice): each distinct source is read once, and `decode_sources` returns just those
     (size, size, S), so that training augments S channels rather than C; `expand` then lays them
     out as the recipe's C channels. Reading goes in two steps, so that Python runs once per batch
-    of rows, not once per slice: `read_sources` fetches the checked PNG bytes of a batch of rows
-    (one call into the store), `decode_sources` decodes one row's PNGs with TensorFlow's kernel.
+    of rows, not once per slice: `read_sources` reads, checks and decodes the slices of a batch of
+    rows (one call into the store, `SliceStore.tf_read_stored`), `decode_sources` turns one row's
+    stored pixels into HU at the model's size.
     """
 
     def __init__(self, index: pd.DataFrame, store: SliceStore, recipe: ChannelRecipe, image_size: int):
@@ -103,13 +104,12 @@ class StackReader:
         self.neighbours = tf.constant(neighbour_rows(index, distinct))
 
     def read_sources(self, rows):
-        """Row numbers (B,) int64 -> the checked PNG bytes of their distinct sources, tf.string (B, S)."""
-        return self.store.tf_read_pngs(tf.gather(self.slots, tf.gather(self.neighbours, rows)))
+        """Row numbers (B,) int64 -> the stored pixels of their distinct sources, tf.uint16 (B, S, size, size)."""
+        return self.store.tf_read_stored(tf.gather(self.slots, tf.gather(self.neighbours, rows)))
 
-    def decode_sources(self, pngs):
-        """One row's PNG bytes (S,) -> float32 (image_size, image_size, S) HU of its distinct sources."""
-        count = self.neighbours.shape[1]
-        stack = tf.stack([tf_decode_hu(pngs[s], self.store.size) for s in range(count)], axis=-1)
+    def decode_sources(self, stored):
+        """One row's stored pixels (S, size, size) -> float32 (image_size, image_size, S) HU of its distinct sources."""
+        stack = tf_hu(tf.transpose(stored, (1, 2, 0)))
         if self.image_size < self.store.size:
             stack = tf.image.resize(stack, (self.image_size, self.image_size), method="area")
         return stack
@@ -130,11 +130,11 @@ class StackReader:
 
     def read_batches(self, data: tf.data.Dataset) -> tf.data.Dataset:
         """A dataset whose elements are tuples led by a row number -> the same tuples, each followed by
-        its row's PNG bytes (S,), read ``READ_BATCH`` rows at a time, in the same order."""
-        def with_pngs(*batch):
+        its row's stored pixels (S, size, size), read ``READ_BATCH`` rows at a time, in the same order."""
+        def with_stored(*batch):
             return (*batch, self.read_sources(batch[0]))
 
-        return data.batch(READ_BATCH).map(with_pngs, num_parallel_calls=AUTOTUNE).unbatch()
+        return data.batch(READ_BATCH).map(with_stored, num_parallel_calls=AUTOTUNE).unbatch()
 
 
 def training_dataset(
@@ -160,8 +160,8 @@ def training_dataset(
     element_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     data = reader.read_batches(tf.data.Dataset.zip(data, element_seeds))
 
-    def prepared(row, element_seed, pngs):
-        sources = reader.decode_sources(pngs)
+    def prepared(row, element_seed, stored):
+        sources = reader.decode_sources(stored)
         if augment:
             sources = augment_hu(sources, augmentation_parameters(element_seed))
         return reader.expand(sources), tf.gather(label_table, row)
@@ -183,7 +183,7 @@ def inference_dataset(
     """HU stack batches of ``rows`` in the given order, unaugmented (validation, extraction)."""
     reader = StackReader(index, store, recipe, image_size)
     data = reader.read_batches(tf.data.Dataset.from_tensor_slices(np.asarray(rows, dtype=np.int64)))
-    data = data.map(lambda row, pngs: reader.expand(reader.decode_sources(pngs)), num_parallel_calls=AUTOTUNE)
+    data = data.map(lambda row, stored: reader.expand(reader.decode_sources(stored)), num_parallel_calls=AUTOTUNE)
     return with_batches(data.batch(batch_size), -(-len(rows) // batch_size))
 
 

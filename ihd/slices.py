@@ -20,16 +20,17 @@ overwritten with zeros fails), writes the damaged and the unlisted slices again 
 and deletes the packs and temporary files nothing valid points to.
 
 Reading checks the same size and CRC for every slice it returns, and never decodes a damaged
-slice: ``SliceStore.read_hu`` raises ``DamagedSliceError``, and ``SliceStore.tf_read_pngs`` (for
-``tf.data``) an ``InvalidArgumentError``, each naming the pack and the image. ``tf_read_pngs``
-reads a whole batch of slices in one Python call (``pread`` and the CRC, about 10 microseconds a
-slice, mostly outside the Python lock); ``tf_decode_hu`` decodes each PNG with TensorFlow's own
-kernel, in parallel. TensorFlow has no op that reads a byte range of a file without reading what
-precedes it (``FixedLengthRecordDataset`` skips its header by reading it), so a native read of
-slice k of a pack would read the k slices before it too: ``bench/preprocess.py`` measures both.
-TensorFlow's PNG decoder keeps libpng's default and refuses a PNG whose chunk CRC-32 does not match
-(``tests/test_slices.py`` holds it to that), but its error names neither pack nor image: the
-store's own check comes first.
+slice: ``SliceStore.read_hu`` raises ``DamagedSliceError``, and ``SliceStore.tf_read_stored`` (for
+``tf.data``) an ``InvalidArgumentError``, each naming the pack and the image. ``tf_read_stored``
+reads and decodes a whole batch of slices in one Python call (``pread``, the CRC, then
+``decode_pngs``); ``tf_hu`` turns the pixels into HU in the graph. The store decodes its PNGs
+itself, for the one form its writer produces, with the same checks as libpng (every chunk's
+CRC-32, the stream's Adler-32) and the same pixels (``tests/test_slices.py`` compares them on every
+stored slice): ISA-L inflates outside the Python lock in half of zlib's time, and the "up" filter
+is undone for the whole batch at once. Any other PNG is refused by name. TensorFlow has no op that
+reads a byte range of a file without reading what precedes it (``FixedLengthRecordDataset`` skips
+its header by reading it), so a native read of slice k of a pack would read the k slices before it
+too: ``bench/preprocess.py`` measures both.
 
 Through libpng, encoding a PNG cost more than reading the DICOM file, so the store writes its PNGs
 itself: every row gets the "up" filter (difference to the row above) and the image data is
@@ -67,6 +68,7 @@ MAX_PACK_SLICES = 256  # thin-slice series reach 500+ slices: packs stay under a
 MANIFEST_FLUSH_SECONDS = 30.0  # an interrupted run writes again at most this long's slices
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_FILTER_UP = 2
+PNG_HEADER = ">IIBBBBB"  # IHDR: width, height, bit depth, colour type, compression, filter method, interlace method
 DEFLATE_LEVEL = 1  # ISA-L's levels 1-3 differ by under 1% in size here; 0 is 13% larger
 
 
@@ -95,12 +97,12 @@ def _png_chunk(kind: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
 def encode_uint16_png(image: np.ndarray) -> bytes:
     """A 2-D uint16 array -> bytes of a 16-bit grayscale PNG (up filter, ISA-L deflate)."""
     rows, cols = image.shape
-    raw = image.astype(">u2").view(np.uint8).reshape(rows, 2 * cols)
+    raw = image.astype(">u2", order="C").view(np.uint8).reshape(rows, 2 * cols)
     filtered = np.empty((rows, 2 * cols + 1), np.uint8)
     filtered[:, 0] = PNG_FILTER_UP
     filtered[0, 1:] = raw[0]
     np.subtract(raw[1:], raw[:-1], out=filtered[1:, 1:])
-    header = struct.pack(">IIBBBBB", cols, rows, 16, 0, 0, 0, 0)
+    header = struct.pack(PNG_HEADER, cols, rows, 16, 0, 0, 0, 0)
     return b"".join((
         PNG_SIGNATURE,
         *_png_chunk(b"IHDR", header),
@@ -133,27 +135,88 @@ def stored_values_of_offset_hu(offset_hu: np.ndarray, size: int) -> np.ndarray |
     return cv2.resize(offset_hu, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def decode_png(png: bytes, where: str) -> np.ndarray:
-    """The bytes of a stored PNG -> float32 HU; ``where`` names the slice in errors."""
-    stored = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
-    if stored is None:
-        raise DamagedSliceError(f"{where}: not a decodable PNG")
-    if stored.dtype != np.uint16 or stored.ndim != 2:
-        raise DamagedSliceError(f"{where}: expected a 16-bit grayscale PNG, found {stored.dtype} {stored.shape}")
-    hu = stored.astype(np.float32)
+def _image_data(png: bytes, where: str, size: int) -> bytes | memoryview:
+    """The zlib stream of a PNG in ``encode_uint16_png``'s form at ``size`` x ``size``: IHDR (16-bit
+    grayscale, no interlacing), IDAT chunks, IEND, nothing after it, every chunk's CRC-32 as libpng
+    checks it. Anything else raises ``DamagedSliceError`` naming ``where``."""
+    view = memoryview(png)
+    if view[:len(PNG_SIGNATURE)] != PNG_SIGNATURE:
+        raise DamagedSliceError(f"{where}: not a PNG (no PNG signature)")
+    position, kinds, header, data = len(PNG_SIGNATURE), [], None, []
+    while not kinds or kinds[-1] != b"IEND":
+        if position + 12 > len(png):
+            raise DamagedSliceError(f"{where}: PNG ends before its IEND chunk")
+        length, kind = struct.unpack_from(">I4s", png, position)
+        end = position + 12 + length
+        if end > len(png):
+            raise DamagedSliceError(f"{where}: PNG chunk {kind!r} cut short")
+        body = view[position + 8:end - 4]
+        if isal_zlib.crc32(body, isal_zlib.crc32(kind)) != struct.unpack_from(">I", png, end - 4)[0]:
+            raise DamagedSliceError(f"{where}: PNG chunk {kind!r} fails its CRC-32")
+        if kind == b"IHDR":
+            header = body
+        elif kind == b"IEND" and length:
+            raise DamagedSliceError(f"{where}: PNG IEND chunk holds {length} bytes, not none")
+        elif kind == b"IDAT":
+            data.append(body)
+        kinds.append(kind)
+        position = end
+    if position != len(png):
+        raise DamagedSliceError(f"{where}: {len(png) - position} bytes after the PNG's IEND chunk")
+    if kinds[0] != b"IHDR" or set(kinds[1:-1]) != {b"IDAT"}:
+        raise DamagedSliceError(f"{where}: PNG chunks {[kind.decode('latin-1') for kind in kinds]}, "
+                                "not the IHDR, IDAT, IEND this store writes")
+    if header != struct.pack(PNG_HEADER, size, size, 16, 0, 0, 0, 0):
+        raise DamagedSliceError(f"{where}: expected a {size}x{size} 16-bit grayscale PNG without interlacing, "
+                                f"found the header {bytes(header).hex()} (width, height, bit depth, colour "
+                                "type, compression, filter, interlacing)")
+    return data[0] if len(data) == 1 else b"".join(data)
+
+
+def decode_pngs(pngs: list[bytes], wheres: list[str], size: int) -> np.ndarray:
+    """The store's PNGs (``encode_uint16_png``'s form, ``size`` x ``size``) -> their pixels, uint16
+    (len(pngs), size, size), as libpng decodes them; ``wheres`` name each in errors (``DamagedSliceError``).
+
+    The one form the store writes, decoded for a whole batch at once: every chunk's CRC-32 checked,
+    the image data inflated by ISA-L outside the Python lock (its Adler-32 checked), the "up" filter
+    undone for all the slices together, one numpy addition of bytes modulo 256 per row, and the
+    big-endian words swapped. Anything else (another chunk, header, filter or interlacing, a stream
+    cut short or of another length) is refused, never decoded as zeros.
+    """
+    row_bytes = 2 * size + 1
+    up_rows = bytes([PNG_FILTER_UP]) * size
+    filtered = np.empty((size, len(pngs), row_bytes), np.uint8)  # row-major across the batch
+    for k, (png, where) in enumerate(zip(pngs, wheres)):
+        stream = isal_zlib.decompressobj()
+        try:
+            rows = stream.decompress(_image_data(png, where, size), size * row_bytes + 1)
+        except isal_zlib.error as error:
+            raise DamagedSliceError(f"{where}: PNG image data does not inflate ({error})") from None
+        if not stream.eof:
+            raise DamagedSliceError(f"{where}: PNG image data ends before its zlib stream does")
+        if len(rows) != size * row_bytes or stream.unused_data:
+            raise DamagedSliceError(f"{where}: PNG image data inflates to {len(rows)} bytes "
+                                    f"(then {len(stream.unused_data)} more), not {size * row_bytes}")
+        if rows[::row_bytes] != up_rows:
+            raise DamagedSliceError(f"{where}: PNG rows use filters other than up, which this store never writes")
+        filtered[:, k] = np.frombuffer(rows, np.uint8).reshape(size, row_bytes)
+    for row in range(1, size):
+        np.add(filtered[row], filtered[row - 1], out=filtered[row])
+    return filtered[:, :, 1:].view(">u2").transpose(1, 0, 2).astype(np.uint16)
+
+
+def decode_png(png: bytes, where: str, size: int) -> np.ndarray:
+    """The bytes of a stored PNG -> float32 HU (size, size); ``where`` names the slice in errors."""
+    hu = decode_pngs([png], [where], size)[0].astype(np.float32)
     hu -= HU_OFFSET
     return hu
 
 
-def tf_decode_hu(png, size: int | None = None):
-    """TensorFlow ops: the bytes of a stored PNG (string tensor) -> tf.float32 (size, size) HU."""
+def tf_hu(stored):
+    """TensorFlow ops: stored pixels (uint16 tensor, any shape) -> float32 HU."""
     import tensorflow as tf
 
-    stored = tf.io.decode_png(png, channels=1, dtype=tf.uint16)
-    hu = tf.cast(stored[:, :, 0], tf.float32) - float(HU_OFFSET)
-    if size is not None:
-        hu = tf.ensure_shape(hu, (size, size))
-    return hu
+    return tf.cast(stored, tf.float32) - float(HU_OFFSET)
 
 
 def read_manifest(root: str | Path) -> pd.DataFrame:
@@ -210,7 +273,7 @@ class SliceStore:
         return image_id in self.image_ids
 
     def slots(self, image_ids) -> np.ndarray:
-        """Manifest rows (int64) of ``image_ids``, the keys ``tf_read_pngs`` reads by; refuses absent ids."""
+        """Manifest rows (int64) of ``image_ids``, the keys ``tf_read_stored`` reads by; refuses absent ids."""
         wanted = pd.Index(image_ids)
         slots = self.image_ids.get_indexer(wanted)
         missing = np.flatnonzero(slots < 0)
@@ -230,7 +293,7 @@ class SliceStore:
         slot = int(slot)
         pack = self.root / self._packs[slot]
         offset, length = int(self._offsets[slot]), int(self._lengths[slot])
-        where = f"{pack}: slice {self.image_ids[slot]} (bytes {offset}-{offset + length})"
+        where = f"{self._where(slot)} (bytes {offset}-{offset + length})"
         try:
             descriptor = os.open(pack, os.O_RDONLY)
         except FileNotFoundError:
@@ -244,23 +307,31 @@ class SliceStore:
             raise DamagedSliceError(f"{where}: {reason}; rerun prepare_data.py to write it again")
         return png
 
-    def read_pngs(self, slots: np.ndarray) -> np.ndarray:
-        """The checked PNG bytes of manifest rows ``slots`` (any shape), as an object array of that shape."""
-        slots = np.asarray(slots)
-        return np.array([self.read_png(slot) for slot in slots.ravel()], dtype=object).reshape(slots.shape)
-
     def read_hu(self, image_id: str) -> np.ndarray:
         """The stored slice as float32 HU, shape (size, size)."""
         slot = int(self.slots([image_id])[0])
-        return decode_png(self.read_png(slot), f"{self.root / self._packs[slot]}: slice {image_id}")
+        return decode_png(self.read_png(slot), self._where(slot), self.size)
 
-    def tf_read_pngs(self, slots):
+    def read_stored(self, slots: np.ndarray) -> np.ndarray:
+        """The stored pixels (uint16, HU + ``HU_OFFSET``) of manifest rows ``slots`` (any shape), checked
+        and decoded (``decode_pngs``): an array of shape ``slots.shape + (size, size)``."""
+        slots = np.asarray(slots)
+        flat = [int(slot) for slot in slots.ravel()]
+        stored = decode_pngs([self.read_png(slot) for slot in flat], [self._where(slot) for slot in flat], self.size)
+        return stored.reshape(*slots.shape, self.size, self.size)
+
+    def tf_read_stored(self, slots):
         """tf.data map function on a batch: manifest rows (int64 tensor of any shape, from ``slots``) ->
-        their checked PNG bytes (tf.string, same shape), in one Python call; decode with ``tf_decode_hu``."""
+        their checked, decoded pixels (tf.uint16, shape + (size, size)) in one Python call; ``tf_hu``
+        makes them HU. A damaged slice is an ``InvalidArgumentError`` naming pack and image."""
         import tensorflow as tf
 
-        pngs = tf.numpy_function(self.read_pngs, [slots], tf.string, stateful=False)
-        return tf.ensure_shape(pngs, slots.shape)
+        stored = tf.numpy_function(self.read_stored, [slots], tf.uint16, stateful=False)
+        return tf.ensure_shape(stored, (*slots.shape, self.size, self.size))
+
+    def _where(self, slot: int) -> str:
+        """The pack and image of manifest row ``slot``, as errors name them."""
+        return f"{self.root / self._packs[slot]}: slice {self.image_ids[slot]}"
 
 
 def store_config(size: int) -> dict:

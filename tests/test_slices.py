@@ -1,6 +1,9 @@
 """Tests for ihd.slices: the 16-bit HU store round trip, packs per series, resume after a kill,
 damaged packs caught on read and rewritten on resume, unreadable files, tf reading."""
 
+import struct
+import zlib
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -9,7 +12,7 @@ import pytest
 from ihd.dicom import read_hu
 from ihd.io import write_json
 from ihd.slices import (
-    CONFIG_FILE, DamagedSliceError, SliceStore, encode_png, encode_uint16_png, read_manifest, tf_decode_hu, to_model_hu,
+    CONFIG_FILE, DamagedSliceError, SliceStore, decode_pngs, encode_png, encode_uint16_png, read_manifest, to_model_hu,
     write_manifest, write_slices,
 )
 
@@ -174,7 +177,7 @@ def test_damaged_pack_is_refused_on_read_and_rewritten_on_resume(real_data, tmp_
 
     with pytest.raises(DamagedSliceError, match=f"{pack.name}: slice {index['image_id'][2]}.*{expected_reason}"):
         store.read_hu(index["image_id"][2])
-    data_set = tf.data.Dataset.from_tensor_slices(store.slots(index["image_id"][2:4])).batch(2).map(store.tf_read_pngs)
+    data_set = tf.data.Dataset.from_tensor_slices(store.slots(index["image_id"][2:4])).batch(2).map(store.tf_read_stored)
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=f"{pack.name}: slice {index['image_id'][2]}.*{expected_reason}"):
         list(data_set)
@@ -212,40 +215,148 @@ def test_other_size_or_layout_in_same_store_refused(real_data, tmp_path):
         write_slices(index, tmp_path, size=SIZE, workers=1)
 
 
-def test_tf_read_pngs_reads_a_batch_that_decodes_as_the_store_does(real_data, tmp_path):
+def libpng(png: bytes) -> np.ndarray:
+    """A PNG's pixels as libpng decodes them (through OpenCV)."""
+    return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def test_every_stored_slice_decodes_as_libpng_does_in_batches_and_through_tf(real_data, tmp_path):
     tf = pytest.importorskip("tensorflow")
-    index = series_index(real_data, 3)
+    index = pd.concat([series_index(real_data, 40), series_index(real_data, 24, "cq500_series"),
+                       series_index(real_data, 30, "rsna_slices")], ignore_index=True)
     write_slices(index, tmp_path, size=SIZE, workers=1)
     store = SliceStore(tmp_path)
-    slots = store.slots(index["image_id"][::-1])
-    batches = tf.data.Dataset.from_tensor_slices(slots).batch(2).map(store.tf_read_pngs).unbatch()
-    stacked = np.stack(list(batches.map(lambda png: tf_decode_hu(png, SIZE)).as_numpy_iterator()))
-    assert stacked.dtype == np.float32 and stacked.shape == (3, SIZE, SIZE)
-    assert np.array_equal(stacked, np.stack([store.read_hu(i) for i in index["image_id"][::-1]]))
-    assert not np.array_equal(stacked[0], stacked[1])
-    grid = store.tf_read_pngs(tf.constant(slots[[[0, 1], [2, 0]]]))
-    assert grid.shape == (2, 2) and grid[1, 1].numpy() == grid[0, 0].numpy() == store.read_png(slots[0])
+    slots = store.slots(index["image_id"])[::-1]
+    pngs = [store.read_png(slot) for slot in slots]
+    expected = np.stack([libpng(png) for png in pngs])
+    big_endian = expected.astype(">u2").view(np.uint8).reshape(len(slots), SIZE, 2 * SIZE)
+    assert (big_endian[:, 1:] < big_endian[:, :-1]).mean() > 0.1  # the up filter's sums wrap modulo 256
+    np.testing.assert_array_equal(store.read_stored(slots), expected)
+    np.testing.assert_array_equal(store.read_stored(slots[:1]), expected[:1])
+    assert not np.array_equal(expected[0], expected[1])
+    batches = tf.data.Dataset.from_tensor_slices(slots).batch(7).map(store.tf_read_stored).unbatch()
+    stacked = np.stack(list(batches.as_numpy_iterator()))
+    assert stacked.dtype == np.uint16
+    np.testing.assert_array_equal(stacked, expected)
+    np.testing.assert_array_equal(store.read_hu(index["image_id"].iloc[-1]), expected[0].astype(np.float32) - 1024)
+    grid = store.tf_read_stored(tf.constant(slots[[[0, 1], [2, 0]]])).numpy()
+    assert grid.shape == (2, 2, SIZE, SIZE)
+    np.testing.assert_array_equal(grid, expected[[[0, 1], [2, 0]]])
 
 
-def test_tensorflows_png_decoder_refuses_a_chunk_whose_crc_does_not_match():
-    """TensorFlow keeps libpng's default for critical chunks: a CRC-32 mismatch is an error, never a
-    picture of zeros. Its message names no pack or image, hence the store's own check before it."""
-    tf = pytest.importorskip("tensorflow")
+def test_rows_whose_up_filter_wraps_decode_exactly():
+    """Each pixel steps across a byte boundary from one row to the next, so every filtered byte wraps."""
+    column = np.array([0x00FF, 0x0100, 0xFFFF, 0x0000, 0x7F80, 0x8000, 0x0001, 0xFF00], np.uint16)
+    image = np.tile(column[:, None], (4, 32)) ^ np.arange(32, dtype=np.uint16)
+    png = encode_uint16_png(image)
+    np.testing.assert_array_equal(libpng(png), image)
+    np.testing.assert_array_equal(decode_pngs([png, encode_uint16_png(image.T)], ["a", "b"], 32),
+                                  np.stack([image, image.T]))
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png(header: bytes, image_data: bytes, *chunks: bytes) -> bytes:
+    """A PNG of the given IHDR fields and (already deflated) image data, with correct chunk CRCs."""
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", image_data) + b"".join(chunks) + _chunk(b"IEND", b"")
+
+
+def test_a_png_this_store_does_not_write_is_refused_by_name_never_decoded():
     image = np.random.default_rng(0).integers(0, 4096, size=(16, 16), dtype=np.uint16)
-    png = bytearray(encode_uint16_png(image))
-    np.testing.assert_array_equal(tf.io.decode_png(bytes(png), dtype=tf.uint16).numpy()[..., 0], image)
+    big_endian = image.astype(">u2").view(np.uint8).reshape(16, 32)
+    rows = np.concatenate([np.full((16, 1), 2, np.uint8), np.diff(big_endian, axis=0, prepend=0).astype(np.uint8)], axis=1)
+    header = struct.pack(">IIBBBBB", 16, 16, 16, 0, 0, 0, 0)
+    deflated = zlib.compress(rows.tobytes())
+    split = _png(header, deflated[:100]).replace(_chunk(b"IEND", b""), _chunk(b"IDAT", deflated[100:]) + _chunk(b"IEND", b""))
+    np.testing.assert_array_equal(decode_pngs([_png(header, deflated), split], ["a", "b"], 16), np.stack([image, image]))
+    sub_filter = rows.copy()
+    sub_filter[3, 0] = 1
+    bad_crc = bytearray(_png(header, deflated))
+    bad_crc[-20] ^= 0x10
+    cases = {
+        "ends before its zlib stream does": _png(header, deflated[: len(deflated) // 2]),
+        "does not inflate": _png(header, deflated[:2] + bytes(len(deflated) - 2)),
+        "inflates to 272 bytes": _png(header, zlib.compress(rows[:, :17].tobytes())),
+        "inflates to 528 bytes .then 3 more.": _png(header, deflated + b"end"),
+        "filters other than up": _png(header, zlib.compress(sub_filter.tobytes())),
+        "expected a 16x16 16-bit grayscale PNG without interlacing": _png(struct.pack(">IIBBBBB", 16, 16, 8, 0, 0, 0, 0), deflated),
+        "without interlacing, found the header 00000010000000101000000001": _png(struct.pack(">IIBBBBB", 16, 16, 16, 0, 0, 0, 1), deflated),
+        "without interlacing, found the header 00000020": _png(struct.pack(">IIBBBBB", 32, 16, 16, 0, 0, 0, 0), deflated),
+        "chunk b'IDAT' fails its CRC-32": bytes(bad_crc),
+        "'tEXt'.*not the IHDR, IDAT, IEND": _png(header, deflated, _chunk(b"tEXt", b"a\0b")),
+        "'IDAT', 'IHDR'.*not the IHDR, IDAT, IEND": (b"\x89PNG\r\n\x1a\n" + _chunk(b"IDAT", deflated) + _chunk(b"IHDR", header)
+                                                     + _chunk(b"IEND", b"")),
+        "IEND chunk holds 1 bytes": _png(header, deflated)[:-12] + _chunk(b"IEND", b"x"),
+        "4 bytes after the PNG's IEND chunk": _png(header, deflated) + b"more",
+        "ends before its IEND chunk": _png(header, deflated)[:-12],
+        "chunk b'IDAT' cut short": _png(header, deflated)[:60],
+        "not a PNG": b"GIF89a" + bytes(100),
+    }
+    for reason, png in cases.items():
+        with pytest.raises(DamagedSliceError, match=f"^pack 7, slice ID_x: .*{reason}"):
+            decode_pngs([encode_uint16_png(image), png], ["pack 0, slice ID_0", "pack 7, slice ID_x"], 16)
+    with pytest.raises(DamagedSliceError, match="expected a 8x8"):
+        decode_pngs([encode_uint16_png(image)], ["here"], 8)
+
+
+def test_bit_flips_in_a_stored_slice_are_refused_or_change_nothing(real_data, tmp_path):
+    """With the chunk CRCs left as they were, every flip is refused; with the IDAT CRC made to match
+    again, a flip in the deflated data is refused by inflate or by the stream's Adler-32, or falls on
+    bits that do not matter (the padding after the last code): never other pixels."""
+    index = series_index(real_data, 1)
+    write_slices(index, tmp_path, size=SIZE, workers=1)
+    png = SliceStore(tmp_path).read_png(0)
+    original = libpng(png)
     idat = png.index(b"IDAT")
-    png[idat + 10] ^= 0x01  # one bit of the compressed pixels; the chunk's CRC no longer matches
-    with pytest.raises(tf.errors.InvalidArgumentError):
-        tf.io.decode_png(bytes(png), dtype=tf.uint16)
+    length = struct.unpack(">I", png[idat - 4:idat])[0]
+    rng = np.random.default_rng(0)
+    refused = 0
+    for bit in np.concatenate([np.arange(8 * 48), rng.choice(8 * len(png), 300, replace=False)]):
+        flipped = bytearray(png)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(DamagedSliceError):
+            decode_pngs([bytes(flipped)], ["here"], SIZE)
+        if idat + 4 <= bit // 8 < idat + 4 + length:
+            flipped[idat + 4 + length: idat + 8 + length] = struct.pack(">I", zlib.crc32(flipped[idat:idat + 4 + length]))
+            try:
+                np.testing.assert_array_equal(decode_pngs([bytes(flipped)], ["here"], SIZE)[0], original)
+            except DamagedSliceError:
+                refused += 1
+    assert refused > 250
 
 
-def test_png_encoder_round_trips_exactly_through_opencv_and_tensorflow():
+def test_a_truncated_image_stream_with_a_matching_crc_is_refused_naming_pack_and_image(real_data, tmp_path):
+    """The store's CRC-32 matches what was written; the PNG inside is whole but its deflate stream ends early."""
+    tf = pytest.importorskip("tensorflow")
+    index = series_index(real_data, 2)
+    write_slices(index, tmp_path, size=SIZE, workers=1)
+    manifest = read_manifest(tmp_path)
+    png = SliceStore(tmp_path).read_png(1)
+    idat = png.index(b"IDAT")
+    data = png[idat + 4: idat + 4 + struct.unpack(">I", png[idat - 4:idat])[0]]
+    broken = _png(png[16:29], data[: len(data) - 200])
+    pack = tmp_path / manifest["pack"][1]
+    pack.write_bytes(pack.read_bytes() + broken)
+    manifest.loc[1, ["offset", "length", "crc32"]] = [pack.stat().st_size - len(broken), len(broken), zlib.crc32(broken)]
+    write_manifest(tmp_path, manifest)
+    store = SliceStore(tmp_path)
+    where = f"{pack.name}: slice {index['image_id'][1]}: PNG image data ends before its zlib stream does"
+    with pytest.raises(DamagedSliceError, match=where):
+        store.read_hu(index["image_id"][1])
+    with pytest.raises(tf.errors.InvalidArgumentError, match=where):
+        list(tf.data.Dataset.from_tensor_slices(store.slots(index["image_id"])).batch(2).map(store.tf_read_stored))
+    assert store.read_hu(index["image_id"][0]).shape == (SIZE, SIZE)
+
+
+def test_png_encoder_round_trips_exactly_through_opencv_tensorflow_and_the_store_decoder():
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 65536, size=(37, 53), dtype=np.uint16)
+    image = rng.integers(0, 65536, size=(53, 53), dtype=np.uint16)
     image[0, :5] = [0, 65535, 1, 256, 65280]
     encoded = encode_uint16_png(image)
-    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_UNCHANGED), image)
+    np.testing.assert_array_equal(libpng(encoded), image)
     np.testing.assert_array_equal(tf.io.decode_png(encoded, channels=1, dtype=tf.uint16).numpy()[..., 0], image)
+    np.testing.assert_array_equal(decode_pngs([encoded, encoded], ["a", "b"], 53), np.stack([image, image]))

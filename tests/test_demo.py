@@ -1,0 +1,36 @@
+"""demo.py's stages: every flag it passes is one its stage accepts, with the value it means."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import demo
+import prepare_data
+import train_cnn
+import train_lstm
+
+
+def test_every_stage_accepts_the_flags_the_demo_passes(tmp_path):
+    settings = demo.parse_args(["--root", str(tmp_path), "--seed", "7", "--selection", "random:8"])
+    parsed = {module.__name__: module.parse_args(flags) for module, flags in demo.stages(settings)}
+    assert list(parsed) == ["prepare_data", "train_cnn", "train_lstm", "predict"]
+    assert parsed["prepare_data"].seed == 7 and parsed["prepare_data"].backgrounds is None
+    assert parsed["prepare_data"].data_dir == str(tmp_path / "data")
+    assert parsed["train_cnn"].fold == "all" and parsed["train_cnn"].backbone == "tiny"
+    assert parsed["train_lstm"].selections == ["random:8"]
+    assert parsed["predict"].submissions_dir == str(tmp_path / "submissions")
+
+
+def test_backgrounds_make_the_dataset_of_inserted_bleeds(tmp_path):
+    backgrounds = tmp_path / "normal"
+    backgrounds.mkdir()
+    settings = demo.parse_args(["--root", str(tmp_path), "--backgrounds", str(backgrounds)])
+    (prepare, flags), *rest = demo.stages(settings)
+    assert prepare is prepare_data
+    assert Path(prepare_data.parse_args(flags).backgrounds) == backgrounds
+    assert all("--backgrounds" not in other_flags for _, other_flags in rest)
+
+
+def test_the_demo_trains_every_fold_and_an_lstm_per_selection(tmp_path):
+    stages = dict((module, flags) for module, flags in demo.stages(demo.parse_args(["--root", str(tmp_path)])))
+    assert train_cnn.parse_args(stages[train_cnn]).run == train_lstm.parse_args(stages[train_lstm]).run == demo.RUN
+    assert train_lstm.parse_args(stages[train_lstm]).selections == demo.SELECTIONS
