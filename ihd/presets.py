@@ -77,7 +77,8 @@ PAPER = (
            "residual: the last layer starts at zero and adds a change to the CNN's logits, so training starts "
            "from the CNN's answer"),
     Choice("lstm", "standardize", "none", "inputs as they come (PCA components, probabilities)",
-           "inputs standardised by their training means and variances"),
+           "inputs standardised by their training means and variances (the demo scales the selected features by "
+           "one shared variance instead: better on its validation, BENCHMARKS.md)"),
     Choice("lstm", "loss", "bce", "binary cross-entropy, the six labels alike", "weighted like the metric"),
     Choice("lstm", "learning_rate", 3e-5, "Adam at 3e-5", "1e-3 with series of similar length batched together"),
     Choice("lstm", "clipnorm", 0.0, "no gradient clipping", "gradients clipped at norm 1"),
