@@ -8,9 +8,11 @@
 Training masks: the training split of every ``--synthetic`` dataset (``truth/masks/`` beside
 ``stage_2_train/``; the phantoms, and bleeds inserted into real anatomy when a dataset holds them),
 plus any ``--png-masks`` folder (``images/<name>.dcm`` + ``masks/<name>.png``) and NIfTI label volumes
-(``--nifti-dir`` with ``--nifti-dicom-dir``). A fraction of the training cases (series) is held out
+(``--nifti-dir`` with ``--nifti-dicom-dir``). A fraction of each source's patients is held out
 for validation (all their slices); of the training slices without blood only ``--empty-share`` is
-kept. The epoch kept is the one with the best validation Dice of `any`. The synthetic test
+kept. After each epoch the mask rule with the best pooled validation Dice of `any` is found (the
+threshold, and whether blood is kept only inside the skull's hull); the epoch kept is the one with the
+best such Dice, and its rule is the run's. The synthetic test
 splits and every ``--score-png-masks`` folder are scored after training, never trained on.
 
 Writes models/<run>/: unet.keras, best.json, config.json (settings and data counts), history.csv,
@@ -45,12 +47,14 @@ class Settings:
     encoder: str = "MobileNetV2"  # the paper's family; plain for a small U-Net trained from scratch
     weights: str = "imagenet"  # ImageNet encoder weights train faster; none offline (plain always none)
     image_size: int = 256  # slices resized to this; bleeds a few mm wide need 256 or more on real scans
+    crop_size: int = 0  # train on squares this size cut around blood or the head (0: whole slices): cheaper steps
     base_filters: int = 16  # first width of the plain U-Net and of every decoder level
     epochs: int = 8  # about a thousand synthetic slices an epoch converge in a few epochs
     batch_size: int = 16  # fits a 256x256 MobileNetV2 U-Net in a few GB
     learning_rate: float = 1e-3  # Adam under cosine decay
     empty_share: float = 0.3  # share of training slices without blood that are kept: most slices have none
-    val_fraction: float = 0.2  # share of training cases (series) held out to pick the epoch
+    val_fraction: float = 0.2  # share of each source's patients held out to pick the epoch and the mask rule
+    val_seed: int = 0  # which patients are held out: apart from --seed, so runs of several seeds validate alike
     augment: bool = True  # left-right flip and shift: heads lie in different places
     seed: int = 0  # split, weights and augmentation are reproducible
     models_dir: str = "models"  # where runs go
@@ -77,28 +81,30 @@ def folders(value: str) -> list[str]:
     return [v for v in value.split(",") if v]
 
 
-def training_masks(settings: Settings, bad: list[BadInput]) -> MaskSet:
-    """Every training source the flags name, at the model's size."""
+def training_sources(settings: Settings, bad: list[BadInput]) -> dict[str, MaskSet]:
+    """Every training source the flags name, at the model's size, by the folder it came from."""
     size = settings.image_size
-    sets = [synthetic_set(folder, "train", size, bad) for folder in folders(settings.synthetic)]
-    sets += [png_mask_set(folder, size, bad, settings.read_non_ct_as_hu) for folder in folders(settings.png_masks)]
+    sources = {folder: synthetic_set(folder, "train", size, bad) for folder in folders(settings.synthetic)}
+    sources |= {folder: png_mask_set(folder, size, bad, settings.read_non_ct_as_hu) for folder in folders(settings.png_masks)}
     if settings.nifti_dir:
         if not settings.nifti_dicom_dir:
             raise SystemExit("--nifti-dir needs --nifti-dicom-dir, the DICOM folder its series come from")
-        sets.append(nifti_label_set(settings.nifti_dir, settings.nifti_dicom_dir, size, bad))
-    masks = concatenate(sets, size)
-    if not len(masks):
+        sources[settings.nifti_dir] = nifti_label_set(settings.nifti_dir, settings.nifti_dicom_dir, size, bad)
+    if not any(len(masks) for masks in sources.values()):
         raise SystemExit("no training masks: give --synthetic, --png-masks or --nifti-dir (see bad_inputs.csv)")
-    return masks
+    return sources
 
 
-def split_cases(masks: MaskSet, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Training and validation rows, whole cases on one side; at least one case on each when there are two."""
-    cases = np.unique(masks.cases)
-    order = np.random.default_rng(seed).permutation(len(cases))
-    n_val = min(len(cases) - 1, max(1, round(val_fraction * len(cases)))) if len(cases) > 1 else 0
-    val_cases = set(cases[order[:n_val]])
-    is_val = np.array([c in val_cases for c in masks.cases], bool)
+def split_patients(masks: MaskSet, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation rows, each patient's slices on one side; at least one patient on each when there are two.
+
+    Bleeds inserted into one background head make several studies of one patient: splitting by series
+    would validate on heads the model trained on.
+    """
+    patients = np.unique(masks.patients)
+    order = np.random.default_rng(seed).permutation(len(patients))
+    n_val = min(len(patients) - 1, max(1, round(val_fraction * len(patients)))) if len(patients) > 1 else 0
+    is_val = np.isin(masks.patients, patients[order[:n_val]])
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
@@ -130,10 +136,13 @@ def main(argv: list[str] | None = None) -> Path:
     run_header(argv, settings)
     run_dir = Path(settings.models_dir) / settings.run
     bad: list[BadInput] = []
-    masks = training_masks(settings, bad)
-    train_rows, val_rows = split_cases(masks, settings.val_fraction, settings.seed)
-    train_rows = keep_some_empty(masks, train_rows, settings.empty_share, settings.seed)
-    train, validation = masks.subset(train_rows), masks.subset(val_rows)
+    train_parts, validation_by_source = [], {}
+    for folder, masks in training_sources(settings, bad).items():
+        train_rows, val_rows = split_patients(masks, settings.val_fraction, settings.val_seed)
+        train_parts.append(masks.subset(keep_some_empty(masks, train_rows, settings.empty_share, settings.seed)))
+        validation_by_source[folder] = masks.subset(val_rows)
+    train = concatenate(train_parts, settings.image_size)
+    validation = concatenate(list(validation_by_source.values()), settings.image_size)
     bad_path = write_bad_inputs(run_dir / "bad_inputs.csv", bad)
     print(f"{len(train)} training and {len(validation)} validation slices; {len(bad)} inputs skipped -> {bad_path}")
     write_json(run_dir / "config.json", {**dataclasses.asdict(settings), "train_slices": len(train),
@@ -141,20 +150,32 @@ def main(argv: list[str] | None = None) -> Path:
 
     keras.utils.set_random_seed(settings.seed)
     model = build_unet(settings.encoder, settings.image_size, settings.weights, settings.base_filters)
+    trainer = model
+    if settings.crop_size:  # the same layers at the crop's size; ``model`` gets its weights to validate and save
+        trainer = build_unet(settings.encoder, settings.crop_size, settings.weights, settings.base_filters)
     steps = settings.epochs * math.ceil(len(train) / settings.batch_size)
-    compile_unet(model, settings.learning_rate, steps)
-    data = training_dataset(train, settings.batch_size, settings.seed, settings.augment)
+    compile_unet(trainer, settings.learning_rate, steps)
+    data = training_dataset(train, settings.batch_size, settings.seed, settings.augment, crop_size=settings.crop_size)
     start = time.perf_counter()
-    fit_unet(model, data, validation if len(validation) else train, run_dir, settings.epochs)
+    fit_unet(trainer, data, validation if len(validation) else train, run_dir, settings.epochs,
+             model if settings.crop_size else None)
     train_seconds = time.perf_counter() - start
 
-    model, _ = load_unet(run_dir)
-    scores = {"train_seconds": round(train_seconds, 1)}
+    model, config = load_unet(run_dir)
+    rule = config["mask_threshold"], config["within_skull"]
+    print(f"mask rule: blood where `any` >= {rule[0]:.2f}{' inside the skull hull' if rule[1] else ''} (chosen on validation)")
+    scores = {"train_seconds": round(train_seconds, 1), "mask_threshold": rule[0], "within_skull": rule[1]}
+    for folder, held_out in validation_by_source.items():
+        if len(held_out):
+            scores[f"{folder} validation"] = evaluate(model, held_out, *rule)
+            print(f"validation ({folder}, {len(np.unique(held_out.patients))} patients held out):\n"
+                  f"{format_scores(scores[f'{folder} validation'])}")
     for folder in folders(settings.synthetic):
-        scores[f"{folder} test"] = evaluate(model, synthetic_set(folder, "test", settings.image_size, bad))
+        scores[f"{folder} test"] = evaluate(model, synthetic_set(folder, "test", settings.image_size, bad), *rule)
         print(f"synthetic test split ({folder}):\n{format_scores(scores[f'{folder} test'])}")
     for folder in folders(settings.score_png_masks):
-        scores[folder] = evaluate(model, png_mask_set(folder, settings.image_size, bad, settings.read_non_ct_as_hu))
+        scores[folder] = evaluate(model, png_mask_set(folder, settings.image_size, bad, settings.read_non_ct_as_hu),
+                                  *rule)
         print(f"held out ({folder}):\n{format_scores(scores[folder])}")
     write_bad_inputs(bad_path, bad)
     write_json(run_dir / "scores.json", scores)

@@ -38,13 +38,12 @@ from ihd.io import run_header  # noqa: E402
 from ihd.masks import ANY, MaskSet, png_mask_set, synthetic_set  # noqa: E402
 from ihd.seg_inference import native_probabilities, segment_series  # noqa: E402
 from ihd.seg_metrics import dice, pointing_hit  # noqa: E402
-from ihd.segmentation import MASK_THRESHOLD, load_unet, predict_probabilities  # noqa: E402
+from ihd.segmentation import HEAD_HU, load_unet, predict_probabilities  # noqa: E402
 from ihd.slices import to_model_hu  # noqa: E402
 from ihd.windows import parse_recipe  # noqa: E402
 
 CTICH = ROOT.parent / "shared" / "data" / "real" / "ctich_masks"
 BLOOD_HU = (50.0, 90.0)  # fresh blood; the baseline segmenter calls every pixel in this range blood
-HEAD_HU = -300.0
 
 
 @dataclass
@@ -57,7 +56,7 @@ class Settings:
     models_dir: str = "models"
 
 
-def time_study(model, size: int, run: str, settings: Settings) -> dict:
+def time_study(model, size: int, rule: dict, run: str, settings: Settings) -> dict:
     """Median seconds of segment_series on a 40-slice study, and of the bare U-Net on its inputs in memory."""
     with tempfile.TemporaryDirectory() as folder:
         study = Path(folder) / "study"
@@ -69,7 +68,8 @@ def time_study(model, size: int, run: str, settings: Settings) -> dict:
         full, bare = [], []
         for run_number in range(settings.runs + 1):
             start = time.perf_counter()
-            segment_series(model, size, paths, series_id, Path(folder) / f"out{run_number}", run)
+            segment_series(model, size, paths, series_id, Path(folder) / f"out{run_number}", run,
+                           rule["mask_threshold"], rule["within_skull"])
             full.append(time.perf_counter() - start)
             start = time.perf_counter()
             predict_probabilities(model, inputs)
@@ -78,15 +78,15 @@ def time_study(model, size: int, run: str, settings: Settings) -> dict:
             "bare_unet_s": statistics.median(bare[1:])}
 
 
-def pointing_game(unet, unet_size: int, cnn, cnn_config: dict | None, masks: MaskSet) -> dict:
+def pointing_game(unet, unet_size: int, rule: dict, cnn, cnn_config: dict | None, masks: MaskSet) -> dict:
     """Per slice (at the masks' own size): Dice of `any`, and whether the U-Net's and Grad-CAM's peaks fall inside the true mask."""
-    probabilities = native_probabilities(unet, masks.hu, unet_size)  # back on the masks' own grid
+    probabilities = native_probabilities(unet, masks.hu, unet_size, rule["within_skull"])  # back on the masks' own grid
     rows = []
     for k in range(len(masks)):
         truth = masks.masks[k, ..., ANY] > 0.5
         unet_any = probabilities[k, ..., ANY]
         hu = masks.hu[k]
-        row = {"name": masks.names[k], "dice": dice(unet_any >= MASK_THRESHOLD, truth),
+        row = {"name": masks.names[k], "dice": dice(unet_any >= rule["mask_threshold"], truth),
                "threshold_dice": dice((hu >= BLOOD_HU[0]) & (hu <= BLOOD_HU[1]), truth),
                "chance_hit": float(truth.sum() / max(1, (hu > HEAD_HU).sum())),
                "unet_hit": pointing_hit(unet_any, truth)}
@@ -115,17 +115,19 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device: {device_description()}")
     unet, unet_config = load_unet(Path(settings.models_dir) / settings.unet_run)
     size = int(unet_config["image_size"])
+    rule = {k: unet_config[k] for k in ("mask_threshold", "within_skull")}
+    print(f"mask rule: {rule}")
     cnn, cnn_config = (None, None)
     if settings.cnn_run:
         cnn, cnn_config = load_cnn(Path(settings.models_dir) / settings.cnn_run)
         if any(parse_recipe(cnn_config["recipe"]).offsets):
             raise SystemExit(f"{settings.cnn_run} reads neighbouring slices: the CT-ICH slices come alone")
-    result = {"timing": time_study(unet, size, settings.unet_run, settings)}
+    result = {"timing": time_study(unet, size, rule, settings.unet_run, settings)}
     timing = result["timing"]
     print(f"{timing['slices']}-slice study: segment_series {timing['segment_series_s']:.2f} s "
           f"(bare U-Net on inputs in memory {timing['bare_unet_s']:.2f} s)")
     bad = []
-    result["ctich"] = pointing_game(unet, size, cnn, cnn_config, png_mask_set(CTICH, 512, bad, non_ct_as_hu=True))
+    result["ctich"] = pointing_game(unet, size, rule, cnn, cnn_config, png_mask_set(CTICH, 512, bad, non_ct_as_hu=True))
     for row in result["ctich"]["slices"]:
         print(f"  {row['name']}: dice {row['dice']:.3f} (HU threshold {row['threshold_dice']:.3f})  U-Net peak {'in' if row['unet_hit'] else 'out'}"
               + (f"  Grad-CAM peak {'in' if row['gradcam_hit'] else 'out'}" if cnn is not None else ""))
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     if settings.synthetic:
         test = synthetic_set(settings.synthetic, "test", size, bad)
         with_blood = np.flatnonzero((test.masks[..., ANY] > 0.5).any(axis=(1, 2)))
-        game = pointing_game(unet, size, cnn, cnn_config, test.subset(with_blood))
+        game = pointing_game(unet, size, rule, cnn, cnn_config, test.subset(with_blood))
         result["synthetic_pointing"] = {k: v for k, v in game.items() if k != "slices"} | {"slices": len(with_blood)}
         print(f"synthetic test slices with blood ({len(with_blood)}): {result['synthetic_pointing']}")
     return result

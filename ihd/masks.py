@@ -61,7 +61,8 @@ class MaskSet:
 
     hu: np.ndarray  # (n, size, size) float32 HU
     masks: np.ndarray  # (n, size, size, 6) int8: 1 blood, 0 none, UNKNOWN not said, SUBTYPES order
-    cases: np.ndarray  # (n,) str: the series (or patient) each slice belongs to
+    cases: np.ndarray  # (n,) str: the series (or lone slice) each slice belongs to: volumes and mean Dice are per case
+    patients: np.ndarray  # (n,) str: the patient of each slice; training and validation never share one
     voxel_mm: np.ndarray  # (n, 3): row, column and slice spacing of a model-size voxel (NaN slice spacing if unknown)
     names: list[str] = field(default_factory=list)  # one source name per slice, for reports
 
@@ -70,21 +71,22 @@ class MaskSet:
 
     def subset(self, rows: np.ndarray) -> "MaskSet":
         """The slices at ``rows``."""
-        return MaskSet(self.hu[rows], self.masks[rows], self.cases[rows], self.voxel_mm[rows],
+        return MaskSet(self.hu[rows], self.masks[rows], self.cases[rows], self.patients[rows], self.voxel_mm[rows],
                        [self.names[i] for i in rows])
 
 
 def empty_set(size: int) -> MaskSet:
     """A MaskSet with no slices."""
     return MaskSet(np.zeros((0, size, size), np.float32), np.zeros((0, size, size, len(SUBTYPES)), np.int8),
-                   np.zeros(0, str), np.zeros((0, 3)), [])
+                   np.zeros(0, str), np.zeros(0, str), np.zeros((0, 3)), [])
 
 
 def concatenate(sets: list[MaskSet], size: int) -> MaskSet:
     """One MaskSet holding the slices of ``sets`` in order."""
     sets = [s for s in sets if len(s)] or [empty_set(size)]
     return MaskSet(np.concatenate([s.hu for s in sets]), np.concatenate([s.masks for s in sets]),
-                   np.concatenate([s.cases for s in sets]), np.concatenate([s.voxel_mm for s in sets]),
+                   np.concatenate([s.cases for s in sets]), np.concatenate([s.patients for s in sets]),
+                   np.concatenate([s.voxel_mm for s in sets]),
                    [n for s in sets for n in s.names])
 
 
@@ -166,23 +168,28 @@ def _series_with_masks(series: str, paths: list[Path], masks_5: list[np.ndarray]
         voxel = model_voxel_mm(geometry.voxel_mm, geometry.rows, geometry.cols, size)
     except GeometryError:  # say, a slice left out above: each slice still trains, volumes cannot be measured
         voxel = (math.nan, math.nan, math.nan)
-    return MaskSet(np.stack(hu), np.stack(truth), np.full(len(hu), series), np.tile(voxel, (len(hu), 1)), names)
+    patient = str(headers[0].get("PatientID", "")) or series
+    return MaskSet(np.stack(hu), np.stack(truth), np.full(len(hu), series), np.full(len(hu), patient),
+                   np.tile(voxel, (len(hu), 1)), names)
 
 
 # ---------------------------------------------------------------- PNG mask folders
 
-def slice_subtypes(labels_csv: Path) -> dict[str, dict[str, int]]:
+def slice_labels(labels_csv: Path) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
     """Per slice name (file stem), the 0/1 subtypes of a CT-ICH style ``labels.csv`` (columns named like the
-    subtypes, any case; a ``file`` column with the image file name); {} when there is no such file."""
+    subtypes, any case; a ``file`` column with the image file name), and its patient where a ``patient``
+    column says; ({}, {}) when there is no such file."""
     if not labels_csv.is_file():
-        return {}
+        return {}, {}
     table = pd.read_csv(labels_csv)
     columns = {c.lower(): c for c in table.columns}
     missing = [s for s in BLEEDS if s not in columns]
     if "file" not in columns or missing:
         raise ValueError(f"{labels_csv}: needs a file column and one column per subtype (missing {missing or 'file'})")
-    return {Path(str(row[columns["file"]])).stem: {s: int(row[columns[s]]) for s in BLEEDS}
-            for _, row in table.iterrows()}
+    stems = [Path(str(f)).stem for f in table[columns["file"]]]
+    subtypes = {stem: {s: int(row[columns[s]]) for s in BLEEDS} for stem, (_, row) in zip(stems, table.iterrows())}
+    patients = dict(zip(stems, table[columns["patient"]].astype(str))) if "patient" in columns else {}
+    return subtypes, patients
 
 
 def png_truth(blood: np.ndarray, subtypes: dict[str, int] | None) -> np.ndarray:
@@ -203,7 +210,8 @@ def png_truth(blood: np.ndarray, subtypes: dict[str, int] | None) -> np.ndarray:
 
 def png_mask_set(folder: str | Path, size: int, bad: list[BadInput], non_ct_as_hu: bool = False) -> MaskSet:
     """Slices ``images/<name>.dcm`` and masks ``masks/<name>.png`` matched by name (see `png_truth` for
-    what ``labels.csv``, when present, adds to the blood-or-not of the mask). ``non_ct_as_hu`` reads
+    what ``labels.csv``, when present, adds to the blood-or-not of the mask; its ``patient`` column keeps a
+    patient's slices on one side of the training/validation split). ``non_ct_as_hu`` reads
     slices of other modalities as HU (CT-ICH's exports are Modality OT holding raw HU); without it
     they are bad inputs, named with the reason.
 
@@ -217,7 +225,7 @@ def png_mask_set(folder: str | Path, size: int, bad: list[BadInput], non_ct_as_h
         raise FileNotFoundError(f"{folder}: no images/*.dcm and no masks/*.png")
     bad.extend(BadInput(str(masks[n]), "mask without a slice (no images/" + n + ".dcm)") for n in sorted(masks.keys() - images.keys()))
     bad.extend(BadInput(str(images[n]), "slice without a mask (no masks/" + n + ".png)") for n in sorted(images.keys() - masks.keys()))
-    subtypes = slice_subtypes(folder / "labels.csv")
+    subtypes, patients = slice_labels(folder / "labels.csv")
     hu, truth, names = [], [], []
     for name in sorted(images.keys() & masks.keys()):
         mask = cv2.imread(str(masks[name]), cv2.IMREAD_GRAYSCALE)
@@ -238,7 +246,9 @@ def png_mask_set(folder: str | Path, size: int, bad: list[BadInput], non_ct_as_h
     if not hu:
         return empty_set(size)
     # Each slice is its own case: a folder of single slices has no volumes, and "mean Dice" is per slice.
-    return MaskSet(np.stack(hu), np.stack(truth), np.array(names), np.full((len(hu), 3), np.nan), names)
+    # Its patient is the labels' (several slices of one head), else the slice itself.
+    return MaskSet(np.stack(hu), np.stack(truth), np.array(names), np.array([patients.get(n, n) for n in names]),
+                   np.full((len(hu), 3), np.nan), names)
 
 
 # ---------------------------------------------------------------- NIfTI label volumes

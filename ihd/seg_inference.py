@@ -26,25 +26,28 @@ from ihd.io import atomic_path, write_json
 from ihd.location import TABLE_COLUMNS, locate_bleeds
 from ihd.mask_export import write_nifti, write_overlay, write_seg
 from ihd.masks import BadInput, write_bad_inputs
-from ihd.segmentation import load_unet, predict_probabilities, subtype_masks
+from ihd.segmentation import MASK_THRESHOLD, load_unet, predict_probabilities, subtype_masks
 from ihd.slices import to_model_hu
 
 ALGORITHM = "ihd-unet"
 
 
-def native_probabilities(model, hu: np.ndarray, size: int) -> np.ndarray:
-    """U-Net probabilities (n, rows, cols, 6) of native HU slices (n, rows, cols), resized back to their grid."""
-    small = predict_probabilities(model, np.stack([to_model_hu(s, size) for s in hu]))
+def native_probabilities(model, hu: np.ndarray, size: int, within_skull: bool = False) -> np.ndarray:
+    """U-Net probabilities (n, rows, cols, 6) of native HU slices (n, rows, cols), resized back to their grid;
+    ``within_skull``: 0 outside the skull hull of each slice at the model's size (see `predict_probabilities`)."""
+    small = predict_probabilities(model, np.stack([to_model_hu(s, size) for s in hu]), within_skull=within_skull)
     rows, cols = hu.shape[1:]
     return np.stack([cv2.resize(p, (cols, rows), interpolation=cv2.INTER_LINEAR) for p in small])
 
 
-def segment_series(model, size: int, paths: list[str], series_id: str, out_dir: Path, run: str) -> pd.DataFrame:
-    """Segment one series (paths in slice order), write its outputs; returns its bleeds (TABLE_COLUMNS)."""
+def segment_series(model, size: int, paths: list[str], series_id: str, out_dir: Path, run: str,
+                   threshold: float = MASK_THRESHOLD, within_skull: bool = False) -> pd.DataFrame:
+    """Segment one series (paths in slice order) under the run's mask rule (``threshold``, ``within_skull``), write
+    its outputs; returns its bleeds (TABLE_COLUMNS)."""
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     geometry = series_geometry(headers, series_id)
     hu = np.stack([read_hu(p) for p in paths])
-    masks = subtype_masks(native_probabilities(model, hu, size))
+    masks = subtype_masks(native_probabilities(model, hu, size, within_skull), threshold)
     write_nifti(out_dir / f"{series_id}.nii.gz", masks, geometry)
     write_seg(out_dir / f"{series_id}_seg.dcm", headers, masks, geometry, ALGORITHM, run)
     for k in np.flatnonzero(masks.any(axis=(1, 2, 3))):
@@ -64,7 +67,8 @@ def segment_index(run_dir: str | Path, index: pd.DataFrame, out_dir: str | Path)
         paths = list(rows.sort_values("position")["path"])
         start = time.perf_counter()
         try:
-            table = segment_series(model, int(config["image_size"]), paths, series_id, out_dir, Path(run_dir).name)
+            table = segment_series(model, int(config["image_size"]), paths, series_id, out_dir, Path(run_dir).name,
+                                   config["mask_threshold"], config["within_skull"])
         except (GeometryError, DicomError) as error:
             skipped.append(BadInput(str(Path(paths[0]).parent), f"series {series_id} not segmented: {error}"))
             continue

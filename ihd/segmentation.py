@@ -21,22 +21,26 @@ import math
 import sys
 from pathlib import Path
 
+import cv2
 import keras
 import numpy as np
+from scipy import ndimage
 
+from ihd.anatomy import BONE_HU
 from ihd.backbones import application_on, input_affine, keras_application, resolve_weights
 from ihd.cnn import Windowing
 from ihd.dicom import AIR_HU
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES
 from ihd.masks import ANY, UNKNOWN, MaskSet
-from ihd.seg_metrics import score_masks
+from ihd.seg_metrics import dice, score_masks
 from ihd.windows import parse_recipe
 
 PLAIN = "plain"
 MODEL_FILE = "unet.keras"
 BEST_FILE = "best.json"
-MASK_THRESHOLD = 0.5
+MASK_THRESHOLD = 0.5  # the rule of a run that chose none
+THRESHOLD_CANDIDATES = tuple(round(0.05 * k, 2) for k in range(2, 19))  # 0.10 .. 0.90: what validation chooses from
 # Layers whose outputs feed the decoder, shallowest (1/2 of the input size) to deepest (1/32).
 ENCODER_SKIPS = {
     "MobileNetV2": ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu",
@@ -48,6 +52,8 @@ ENCODER_SKIPS = {
 BLOOD_PRIOR = 0.01  # the output starts near the share of blood pixels, not at 0.5: training starts calm
 SCRATCH_BN_MOMENTUM = 0.9
 PLAIN_LEVELS = 4  # four poolings: the input size must be a multiple of 16
+HEAD_HU = -300.0  # tissue lies above; air, foam and padding below
+SKULL_REACH = 0.03  # pieces of bone this close to the skull's largest piece (share of the slice size) are skull
 
 
 def encoder_names() -> list[str]:
@@ -164,21 +170,63 @@ def subtype_masks(probabilities: np.ndarray, threshold: float = MASK_THRESHOLD) 
     return blood[..., None] & (best[..., None] == np.arange(ANY))
 
 
+def inside_skull(hu: np.ndarray) -> np.ndarray:
+    """Where blood inside the head can lie on one slice of HU (rows, cols): the convex hull of its skull.
+
+    The head is the largest connected region of tissue (above ``HEAD_HU``), which leaves out the
+    scanner's table and head holder unless they touch it. The skull is the head's largest piece of
+    bone (above ``BONE_HU``) and every other piece within ``SKULL_REACH`` (a share of the slice's
+    size) of that piece's hull, since the skull base comes in many pieces; a table under the head
+    lies further off. Outside the hull lie the scalp, the face and the table: dense tissue there (a
+    scalp haematoma, muscle, the table's edge) is not intracranial blood. Without bone in the head
+    (a slice below the skull, an image that is no head CT), the whole slice.
+    """
+    hu = np.asarray(hu, np.float32)
+    everywhere = np.ones(hu.shape, bool)
+    labels, count = ndimage.label(hu > HEAD_HU)
+    if count == 0:
+        return everywhere
+    head = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    labels, count = ndimage.label(head & (hu > BONE_HU), structure=np.ones((3, 3)))
+    if count == 0:
+        return everywhere
+    largest = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    reach_px = max(1, round(SKULL_REACH * max(hu.shape)))
+    near = cv2.dilate(_convex_hull(largest).astype(np.uint8), np.ones((2 * reach_px + 1,) * 2, np.uint8)) > 0
+    skull = np.isin(labels, np.unique(labels[near & (labels > 0)]))
+    return _convex_hull(skull)
+
+
+def _convex_hull(mask: np.ndarray) -> np.ndarray:
+    """The filled convex hull of a boolean image's true pixels."""
+    hull = np.zeros(mask.shape, np.uint8)
+    cv2.fillConvexPoly(hull, cv2.convexHull(np.argwhere(mask)[:, ::-1].astype(np.int32)), 1)
+    return hull > 0
+
+
 def compile_unet(model: keras.Model, learning_rate: float, total_steps: int) -> None:
     """Adam under cosine decay from ``learning_rate`` to 0 at ``total_steps``, with the BCE + Dice loss."""
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, total_steps))
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss=bce_dice_loss)
 
 
-def training_dataset(masks: MaskSet, batch_size: int, seed: int, augment: bool = True, shift_fraction: float = 0.1):
+def training_dataset(masks: MaskSet, batch_size: int, seed: int, augment: bool = True, shift_fraction: float = 0.1,
+                     crop_size: int = 0):
     """Shuffled, batched (HU, masks) pairs; with ``augment`` a random left-right flip and shift, the same for both.
 
     A flip keeps every label true (subtypes have no side); the shift moves the head within the slice
     as patient positioning does. The shift pads with air (HU) and with "no blood" (masks).
+
+    With ``crop_size`` (0: whole slices) each pair is then cut to a ``crop_size`` square holding a
+    random pixel of blood, or of the head where the slice has none, at a random place in the square:
+    training at a fraction of the cost per slice, on the head rather than on the air around it. The
+    U-Net is fully convolutional: it still predicts whole slices.
     """
     import tensorflow as tf
 
     size = masks.hu.shape[1]
+    if crop_size and not (0 < crop_size <= size and crop_size % 2 ** PLAIN_LEVELS == 0):
+        raise ValueError(f"crop size {crop_size} must be a multiple of {2 ** PLAIN_LEVELS} up to the slice size {size}")
     pad = int(round(shift_fraction * size))
     data = tf.data.Dataset.from_tensor_slices((masks.hu[..., None], masks.masks))
     data = data.shuffle(len(masks), seed=seed, reshuffle_each_iteration=True)
@@ -186,9 +234,7 @@ def training_dataset(masks: MaskSet, batch_size: int, seed: int, augment: bool =
     def as_float(hu, truth):
         return hu, tf.cast(truth, tf.float32)
 
-    def flip_and_shift(pair, element_seed):
-        hu, truth = pair
-        seeds = tf.random.experimental.stateless_split(tf.stack([element_seed, tf.constant(0, tf.int64)]), 2)
+    def flip_and_shift(hu, truth, seeds):
         unknown = tf.reduce_all(truth < 0, axis=(0, 1))  # channels the source does not say
         joined = tf.concat([hu - AIR_HU, truth], axis=-1)  # pads as air and as "no blood"
         joined = tf.image.stateless_random_flip_left_right(joined, seeds[0])
@@ -196,73 +242,160 @@ def training_dataset(masks: MaskSet, batch_size: int, seed: int, augment: bool =
         joined = tf.image.stateless_random_crop(joined, (size, size, joined.shape[-1]), seeds[1])
         return joined[..., :1] + AIR_HU, tf.where(unknown, tf.cast(UNKNOWN, tf.float32), joined[..., 1:])
 
+    def crop(hu, truth, seed):
+        draws = tf.random.stateless_uniform([3], seed)
+        blood = tf.where(truth[..., ANY] > 0.5)
+        head = tf.concat([tf.where(hu[..., 0] > HEAD_HU), [[size // 2, size // 2]]], axis=0)  # never empty
+        pixels = tf.cond(tf.shape(blood)[0] > 0, lambda: blood, lambda: head)
+        count = tf.shape(pixels, out_type=tf.int64)[0]
+        centre = pixels[tf.minimum(tf.cast(draws[0] * tf.cast(count, tf.float32), tf.int64), count - 1)]
+        corner = tf.clip_by_value(centre - tf.cast(draws[1:] * crop_size, tf.int64), 0, size - crop_size)
+        return (tf.slice(hu, [corner[0], corner[1], 0], [crop_size, crop_size, 1]),
+                tf.slice(truth, [corner[0], corner[1], 0], [crop_size, crop_size, truth.shape[-1]]))
+
+    def transform(pair, element_seed):
+        hu, truth = pair
+        seeds = tf.random.experimental.stateless_split(tf.stack([element_seed, tf.constant(0, tf.int64)]), 3)
+        if augment:
+            hu, truth = flip_and_shift(hu, truth, seeds)
+        if crop_size:
+            hu, truth = crop(hu, truth, seeds[2])
+        return hu, truth
+
     data = data.map(as_float, num_parallel_calls=tf.data.AUTOTUNE)
-    if augment:
+    if augment or crop_size:
         # Each element draws from its own seed, so the same seed gives the same batches on any thread count.
         element_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        data = tf.data.Dataset.zip(data, element_seeds).map(flip_and_shift, num_parallel_calls=tf.data.AUTOTUNE)
+        data = tf.data.Dataset.zip(data, element_seeds).map(transform, num_parallel_calls=tf.data.AUTOTUNE)
     return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def predict_probabilities(model: keras.Model, hu: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """Mask probabilities (n, size, size, 6) of HU slices (n, size, size) at the model's size."""
-    hu = np.asarray(hu, np.float32)[..., None]
-    parts = [np.asarray(model.predict_on_batch(hu[begin:begin + batch_size]))
+def predict_probabilities(model: keras.Model, hu: np.ndarray, batch_size: int = 16,
+                          within_skull: bool = False) -> np.ndarray:
+    """Mask probabilities (n, size, size, 6) of HU slices (n, size, size) at the model's size; with
+    ``within_skull``, 0 outside each slice's skull hull (`inside_skull`)."""
+    hu = np.asarray(hu, np.float32)
+    parts = [np.asarray(model.predict_on_batch(hu[begin:begin + batch_size, ..., None]))
              for begin in range(0, len(hu), batch_size)]
-    return np.concatenate(parts) if parts else np.zeros((0, *hu.shape[1:3], len(SUBTYPES)), np.float32)
+    probabilities = np.concatenate(parts) if parts else np.zeros((*hu.shape[:3], len(SUBTYPES)), np.float32)
+    return skull_hulls(hu)[..., None] * probabilities if within_skull else probabilities
 
 
-def predicted_masks(probabilities: np.ndarray) -> np.ndarray:
-    """Boolean (..., 6) masks in SUBTYPES order: the exclusive subtype masks and `any` at the threshold."""
-    return np.concatenate([subtype_masks(probabilities), probabilities[..., ANY:] >= MASK_THRESHOLD], axis=-1)
+def skull_hulls(hu: np.ndarray) -> np.ndarray:
+    """`inside_skull` of every slice of HU (n, rows, cols)."""
+    return np.stack([inside_skull(s) for s in hu]) if len(hu) else np.zeros(np.shape(hu), bool)
 
 
-def evaluate(model: keras.Model, masks: MaskSet) -> dict:
-    """Dice and volume errors per subtype and `any` of ``model`` on a MaskSet (see `ihd.seg_metrics.score_masks`)."""
-    predicted = predicted_masks(predict_probabilities(model, masks.hu))
-    return score_masks(predicted, masks.masks, masks.cases, masks.voxel_mm, SUBTYPES)
+def predicted_masks(probabilities: np.ndarray, threshold: float = MASK_THRESHOLD) -> np.ndarray:
+    """Boolean (..., 6) masks in SUBTYPES order: the exclusive subtype masks and `any` at ``threshold``."""
+    return np.concatenate([subtype_masks(probabilities, threshold), probabilities[..., ANY:] >= threshold], axis=-1)
+
+
+def score_probabilities(probabilities: np.ndarray, masks: MaskSet, threshold: float) -> dict:
+    """Dice and volume errors per subtype and `any` of probabilities (n, size, size, 6) against a MaskSet's truth
+    (see `ihd.seg_metrics.score_masks`)."""
+    return score_masks(predicted_masks(probabilities, threshold), masks.masks, masks.cases, masks.voxel_mm, SUBTYPES)
+
+
+def evaluate(model: keras.Model, masks: MaskSet, threshold: float = MASK_THRESHOLD, within_skull: bool = False) -> dict:
+    """Dice and volume errors per subtype and `any` of ``model`` on a MaskSet under the mask rule (``threshold``,
+    ``within_skull``)."""
+    return score_probabilities(predict_probabilities(model, masks.hu, within_skull=within_skull), masks, threshold)
+
+
+def choose_threshold(probabilities_any: np.ndarray, truth_any: np.ndarray,
+                     candidates: tuple[float, ...] = THRESHOLD_CANDIDATES) -> tuple[float, dict[float, float]]:
+    """The threshold on `any` with the best pooled Dice over (validation) slices, the lowest on ties; and the Dice
+    at every candidate. With no blood predicted or true at any candidate, ``MASK_THRESHOLD``."""
+    truth_any = np.asarray(truth_any) > 0.5
+    dices = {float(t): dice(np.asarray(probabilities_any) >= t, truth_any) for t in candidates}
+    defined = {t: d for t, d in dices.items() if not math.isnan(d)}
+    return (max(defined, key=lambda t: (defined[t], -t)) if defined else MASK_THRESHOLD), dices
+
+
+def choose_mask_rule(probabilities_any: np.ndarray, truth_any: np.ndarray, skull: np.ndarray) -> dict:
+    """The mask rule with the best pooled Dice of `any` over (validation) slices: whether to keep only the
+    blood inside the skull hulls ``skull`` (same shape), and the threshold (`choose_threshold`). The whole
+    slice wins ties: the hull must earn its place. Returns threshold, within_skull, the Dice at that rule
+    and the Dice at every threshold of both."""
+    probabilities_any = np.asarray(probabilities_any)
+    rules = {within: choose_threshold(probabilities_any * skull if within else probabilities_any, truth_any)
+             for within in (False, True)}
+    dice_at = {within: rules[within][1][rules[within][0]] for within in rules}
+    dice_at = {within: -1.0 if math.isnan(d) else d for within, d in dice_at.items()}
+    within = dice_at[True] > dice_at[False]
+    return {"threshold": rules[within][0], "within_skull": bool(within), "val_dice_any": dice_at[within],
+            "val_dice_any_by_threshold": {"whole slice": rules[False][1], "within skull": rules[True][1]}}
 
 
 class ValidationDice(keras.callbacks.Callback):
-    """After each epoch: pooled Dice of `any` on validation, logged; the best epoch saved as unet.keras."""
+    """After each epoch: the mask rule with the best pooled validation Dice of `any` (`choose_mask_rule`) and
+    that Dice, logged; the best epoch saved as unet.keras, its rule in best.json (the run's mask rule).
 
-    def __init__(self, validation: MaskSet, run_dir: str | Path):
+    ``full_size``: the U-Net at the slices' size when training runs on crops (another input size, the
+    same weights): it gets the trained weights, predicts the validation slices and is the one saved.
+    """
+
+    def __init__(self, validation: MaskSet, run_dir: str | Path, full_size: keras.Model | None = None):
         super().__init__()
         self.validation = validation
+        self.full_size = full_size
         self.model_path = Path(run_dir) / MODEL_FILE
         self.best_path = Path(run_dir) / BEST_FILE
         self.best_dice = -math.inf
+        self.skull = skull_hulls(validation.hu)  # once: the slices do not change
 
     def on_epoch_end(self, epoch, logs=None):
-        """Score validation, log it, keep the model when it is the best so far."""
-        scores = evaluate(self.model, self.validation)
+        """Score validation under its best mask rule, log it, keep the model when it is the best so far."""
+        model = self.model
+        if self.full_size is not None:
+            self.full_size.set_weights(self.model.get_weights())
+            model = self.full_size
+        probabilities = predict_probabilities(model, self.validation.hu)
+        rule = choose_mask_rule(probabilities[..., ANY], self.validation.masks[..., ANY], self.skull)
+        threshold = rule["threshold"]
+        if rule["within_skull"]:
+            probabilities = probabilities * self.skull[..., None]
+        scores = score_probabilities(probabilities, self.validation, threshold)
         if logs is not None:
-            logs.update({f"val_dice_{name}": s["dice_pooled"] for name, s in scores.items()})
+            logs.update({f"val_dice_{name}": s["dice_pooled"] for name, s in scores.items()}
+                        | {"val_threshold": threshold, "val_within_skull": int(rule["within_skull"])})
         dice_any = scores["any"]["dice_pooled"]
         dice_any = -1.0 if math.isnan(dice_any) else dice_any
         improved = dice_any > self.best_dice
         if improved:
             self.best_dice = dice_any
             with atomic_path(self.model_path) as tmp:
-                self.model.save(tmp)
-            write_json(self.best_path, {"epoch": epoch + 1, "val_dice_any": dice_any})
-        print(f"epoch {epoch + 1}: loss {(logs or {}).get('loss', math.nan):.4f} val_dice_any {dice_any:.3f}"
+                model.save(tmp)
+            write_json(self.best_path, {"epoch": epoch + 1} | rule | {"val_dice_any": dice_any})
+        print(f"epoch {epoch + 1}: loss {(logs or {}).get('loss', math.nan):.4f} val_dice_any {dice_any:.3f} "
+              f"at threshold {threshold:.2f}{' within the skull' if rule['within_skull'] else ''}"
               f"{' (best, saved)' if improved else ''}", flush=True)
 
 
-def fit_unet(model: keras.Model, train_data, validation: MaskSet, run_dir: str | Path, epochs: int) -> None:
-    """Train for ``epochs``; unet.keras keeps the epoch with the best validation Dice of `any`, history.csv every epoch."""
+def fit_unet(model: keras.Model, train_data, validation: MaskSet, run_dir: str | Path, epochs: int,
+             full_size: keras.Model | None = None) -> None:
+    """Train for ``epochs``; unet.keras keeps the epoch with the best validation Dice of `any`, history.csv every epoch.
+
+    ``full_size``: the same U-Net at the slices' size when ``model`` trains on crops (see `ValidationDice`).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    callbacks = [ValidationDice(validation, run_dir),
+    callbacks = [ValidationDice(validation, run_dir, full_size),
                  keras.callbacks.CSVLogger(str(run_dir / "history.csv"))]
     model.fit(train_data, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 0)
 
 
 def load_unet(run_dir: str | Path) -> tuple[keras.Model, dict]:
-    """The best-epoch U-Net of a segmentation run and the run's config.json."""
+    """The best-epoch U-Net of a segmentation run and the run's config.json, with its mask rule chosen on
+    validation with that epoch (best.json): ``"mask_threshold"`` on `any` (``MASK_THRESHOLD`` for a run without
+    one) and ``"within_skull"`` (False for a run without one)."""
     run_dir = Path(run_dir)
     path = run_dir / MODEL_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: train the U-Net first (train_seg.py --run {run_dir.name})")
-    return keras.models.load_model(path, compile=False), read_json(run_dir / "config.json")
+    best_path = run_dir / BEST_FILE
+    best = read_json(best_path) if best_path.is_file() else {}
+    config = read_json(run_dir / "config.json") | {"mask_threshold": float(best.get("threshold", MASK_THRESHOLD)),
+                                                   "within_skull": bool(best.get("within_skull", False))}
+    return keras.models.load_model(path, compile=False), config

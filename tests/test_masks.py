@@ -185,6 +185,7 @@ def test_png_mask_folder_with_bad_files(real_data, tmp_path):
     assert "without a mask" in reasons[str(folder / "images" / "050_21.dcm")]
     assert "differs in size" in reasons[str(folder / "masks" / "050_24.png")]
     assert loaded.names == ["051_23", "051_31", "052_17", "066_19", "071_14", "071_19"]
+    assert loaded.patients.tolist() == ["51", "51", "52", "66", "71", "71"]  # labels.csv's patient column
     # labels.csv: 071_19 is subdural only, so its mask is subdural; 071_14 is subdural and
     # intraparenchymal, so those two are unknown there and the other three known absent.
     mask_071_14 = loaded.masks[loaded.names.index("071_14")]
@@ -193,7 +194,9 @@ def test_png_mask_folder_with_bad_files(real_data, tmp_path):
     assert (mask_071_14[..., [SUBDURAL, PARENCHYMAL]] == UNKNOWN).all()
     assert (mask_071_14[..., BLEEDS.index("epidural")] == 0).all()
     (folder / "labels.csv").unlink()
-    assert (png_mask_set(folder, 64, [], non_ct_as_hu=True).masks[..., :ANY] == UNKNOWN).all()  # only `any` is known
+    unlabeled = png_mask_set(folder, 64, [], non_ct_as_hu=True)
+    assert (unlabeled.masks[..., :ANY] == UNKNOWN).all()  # only `any` is known
+    assert unlabeled.patients.tolist() == unlabeled.names  # without labels each slice is its own patient
     mask = cv2.imread(str(source / "masks" / "071_19.png"), cv2.IMREAD_GRAYSCALE) > 0
     assert np.array_equal(loaded.masks[-1, ..., ANY] > 0, resize_mask(mask, 64))
     raw = pydicom.dcmread(source / "images" / "071_19.dcm").pixel_array
@@ -213,9 +216,10 @@ def test_synthetic_truth_matches_the_saved_masks(prepared_synthetic):
     image_ids, masks = load_masks(mask_path)
     rows = np.flatnonzero(test.cases == mask_path.stem)
     assert len(rows) == len(image_ids)
+    header = pydicom.dcmread(raw / "stage_2_test" / f"{image_ids[0]}.dcm", stop_before_pixels=True)
+    assert set(test.patients[rows]) == {header.PatientID}
     for k in range(len(BLEEDS)):
         assert np.array_equal(test.masks[rows, ..., k] > 0, np.stack([resize_mask(m[k], 64) for m in masks]))
-    header = pydicom.dcmread(raw / "stage_2_test" / f"{image_ids[0]}.dcm", stop_before_pixels=True)
     assert test.voxel_mm[rows[0], 0] == pytest.approx(float(header.PixelSpacing[0]) * 512 / 64)
 
 

@@ -1,4 +1,5 @@
 """The U-Net, its loss and mask rule, the segmentation scores, and train_seg.py end to end (tiny sizes)."""
+import dataclasses
 import json
 import math
 
@@ -6,11 +7,13 @@ import keras
 import numpy as np
 import pytest
 
+from ihd.dicom import AIR_HU
 from ihd.labels import SUBTYPES
 from ihd.masks import ANY, UNKNOWN, MaskSet
 from ihd.seg_metrics import dice, pointing_hit, score_masks, volume_errors, volume_ml
 from ihd.segmentation import (
-    bce_dice_loss, build_unet, compile_unet, evaluate, predict_probabilities, subtype_masks, training_dataset,
+    MASK_THRESHOLD, THRESHOLD_CANDIDATES, bce_dice_loss, build_unet, choose_mask_rule, choose_threshold, compile_unet,
+    evaluate, inside_skull, load_unet, predict_probabilities, subtype_masks, training_dataset,
 )
 from ihd.synthetic import BLEEDS
 
@@ -124,7 +127,8 @@ def _squares(n=24, size=32, seed=0) -> MaskSet:
         col += 0 if i % 2 else size // 2
         hu[i, row:row + 7, col:col + 7] = 60.0
         masks[i, row:row + 7, col:col + 7, subtype] = masks[i, row:row + 7, col:col + 7, ANY] = 1
-    return MaskSet(hu, masks, np.array([f"case{i}" for i in range(n)]), np.ones((n, 3)), [""] * n)
+    cases = np.array([f"case{i}" for i in range(n)])
+    return MaskSet(hu, masks, cases, cases, np.ones((n, 3)), [""] * n)
 
 
 def test_a_tiny_unet_learns_to_outline_bleeds():
@@ -148,8 +152,7 @@ def test_augmentation_moves_image_and_mask_together():
     assert np.array_equal(bright, np.asarray(batch_masks)[..., ANY] > 0.5)
     unknown = squares.masks.copy()
     unknown[..., :ANY] = UNKNOWN
-    _, masks = next(iter(training_dataset(MaskSet(squares.hu, unknown, squares.cases, squares.voxel_mm, squares.names),
-                                          8, seed=1, augment=True)))
+    _, masks = next(iter(training_dataset(dataclasses.replace(squares, masks=unknown), 8, seed=1, augment=True)))
     assert (np.asarray(masks)[..., :ANY] == UNKNOWN).all()
 
 
@@ -158,13 +161,20 @@ def test_train_seg_end_to_end(prepared_synthetic, real_data, tmp_path):
 
     run_dir = train_seg.main([
         "--synthetic", str(prepared_synthetic / "raw"), "--encoder", "plain", "--weights", "none", "--image-size", "32",
-        "--base-filters", "4", "--epochs", "2", "--batch-size", "8", "--run", "tiny",
+        "--base-filters", "4", "--crop-size", "16", "--epochs", "2", "--batch-size", "8", "--run", "tiny",
         "--score-png-masks", str(real_data / "ctich_masks"), "--read-non-ct-as-hu", "--models-dir", str(tmp_path),
     ])
     assert (run_dir / "unet.keras").is_file() and (run_dir / "history.csv").is_file()
     config = json.loads((run_dir / "config.json").read_text())
     assert config["encoder"] == "plain" and config["train_slices"] > config["val_slices"] > 0
+    assert load_unet(run_dir)[0].input.shape[1:3] == (32, 32)  # trained on 16x16 crops, saved at the slice size
     scores = json.loads((run_dir / "scores.json").read_text())
+    best = json.loads((run_dir / "best.json").read_text())
+    assert best["threshold"] in THRESHOLD_CANDIDATES and scores["mask_threshold"] == best["threshold"]
+    assert scores["within_skull"] == best["within_skull"] in (True, False)
+    config = load_unet(run_dir)[1]
+    assert (config["mask_threshold"], config["within_skull"]) == (best["threshold"], best["within_skull"])  # every output's rule
+    assert "any" in scores[f"{prepared_synthetic / 'raw'} validation"]
     synthetic_test = scores[f"{prepared_synthetic / 'raw'} test"]
     assert set(synthetic_test) <= set(SUBTYPES) and "any" in synthetic_test
     assert "any" in scores[str(real_data / "ctich_masks")]
@@ -221,6 +231,90 @@ def test_segment_index_writes_aligned_outputs_and_the_table(real_data, tmp_path)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_id
     assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 32
     assert len(list(out.glob(f"{series_id}_*.png"))) == 32
+
+
+def test_training_crops_keep_the_blood_in_view():
+    squares = _squares(n=16, size=64)
+    squares.hu[8:] = 30.0
+    squares.masks[8:] = 0  # slices 8-15: no blood
+    squares.hu[8:, :, :40] = AIR_HU  # only columns 40-63 are head
+    for augment in (False, True):
+        hu, masks = (np.asarray(t) for t in next(iter(training_dataset(squares, 16, seed=3, augment=augment,
+                                                                        crop_size=16))))
+        assert hu.shape == (16, 16, 16, 1) and masks.shape == (16, 16, 16, len(SUBTYPES))
+        with_blood = masks[..., ANY].any(axis=(1, 2))
+        assert with_blood.sum() == 8  # every crop of a bleeding slice holds blood, the others none
+        assert np.array_equal(hu[with_blood, ..., 0] > 45, masks[with_blood, ..., ANY] > 0.5)  # cut together
+        assert (hu[~with_blood] > AIR_HU).mean() > 0.5  # crops of the empty slices are on the head
+    with pytest.raises(ValueError, match="crop size 24"):
+        training_dataset(squares, 8, seed=0, crop_size=24)
+
+
+def test_validation_holds_out_whole_patients():
+    """Several series of one head (bleeds inserted into one background) are never split between the sides."""
+    from train_seg import split_patients
+
+    squares = _squares(n=24)
+    squares.patients = np.array([f"patient{i // 4}" for i in range(24)])  # 6 patients of 4 series each
+    for seed in range(5):
+        train, validation = split_patients(squares, 0.34, seed)
+        assert len(train) + len(validation) == 24 and not set(train) & set(validation)
+        assert not set(squares.patients[train]) & set(squares.patients[validation])
+        assert len(set(squares.patients[validation])) == 2  # a third of the patients, whatever their slices
+    lone = dataclasses.replace(squares, patients=np.full(24, "one"))
+    assert len(split_patients(lone, 0.2, 0)[1]) == 0  # one patient: nothing to hold out
+
+
+def test_threshold_is_chosen_for_the_best_pooled_dice():
+    probabilities = np.array([0.2, 0.42, 0.6, 0.8, 0.05])
+    truth = np.array([0, 1, 1, 1, 0])
+    threshold, dices = choose_threshold(probabilities, truth)
+    assert threshold == 0.25  # the lowest of 0.25 .. 0.40, which all find the three and nothing else
+    assert dices[0.5] == pytest.approx(2 * 2 / (2 + 3)) and dices[threshold] == 1.0
+    assert choose_threshold(np.zeros(4), np.zeros(4)) == (MASK_THRESHOLD, {t: pytest.approx(math.nan, nan_ok=True)
+                                                                            for t in dices})
+
+
+def _head(size=128):
+    """A slice of HU: scalp (40) around a skull ring (1000) around brain (35), a table (400) below, apart."""
+    rows, cols = np.mgrid[:size, :size]
+    radius = np.hypot(rows - 56, cols - size / 2)
+    hu = np.full((size, size), AIR_HU, np.float32)
+    hu[radius < 50] = 40.0  # scalp
+    hu[radius < 46] = 1000.0  # skull
+    hu[radius < 42] = 35.0  # brain
+    hu[118:122, 10:118] = 400.0  # the table, 12 pixels below the head
+    return hu, radius
+
+
+def test_inside_skull_is_the_skull_hull():
+    hu, radius = _head()
+    inside = inside_skull(hu)
+    assert inside[radius < 45].all()  # the brain and the skull itself
+    assert not inside[(radius > 47) & (hu > AIR_HU)].any() and not inside[118:122].any()  # scalp and table out
+    gap = hu.copy()
+    gap[:, 63:65] = np.where(gap[:, 63:65] == 1000.0, 35.0, gap[:, 63:65])  # a skull in two pieces (sutures, the base)
+    assert inside_skull(gap)[radius < 40].all()
+    no_bone = np.where(hu >= 400, 40.0, hu)  # below the skull, or no head CT: nothing to go by
+    assert inside_skull(no_bone).all() and inside_skull(np.full((32, 32), AIR_HU)).all()
+
+
+def test_mask_rule_keeps_the_skull_hull_only_where_validation_gains():
+    hu, _ = _head(64)
+    skull = np.stack([inside_skull(hu)] * 2)
+    truth = np.zeros((2, 64, 64), bool)
+    truth[:, 20:28, 28:36] = True  # a bleed inside
+    probabilities = truth * 0.8
+    plain = choose_mask_rule(probabilities, truth, skull)
+    assert not plain["within_skull"] and plain["val_dice_any"] == 1.0  # a tie: the whole slice
+    probabilities[:, 2:4, 30:34] = 0.9  # bright scalp called blood, outside the skull
+    rule = choose_mask_rule(probabilities, truth, skull)
+    assert rule["within_skull"] and rule["val_dice_any"] == 1.0 and rule["threshold"] == 0.1
+    assert rule["val_dice_any_by_threshold"]["whole slice"][0.85] == pytest.approx(0.0)  # only the scalp is left
+    outside = probabilities.copy()
+    outside[:, 20:28, 28:36] = 0.0  # all the truth lies outside the hull: the hull would lose it
+    truth_outside = outside > 0.5
+    assert not choose_mask_rule(outside, truth_outside, skull)["within_skull"]
 
 
 def test_training_keeps_every_bleeding_slice_and_a_share_of_empty_ones():
