@@ -11,7 +11,9 @@ BIN := $(VENV)/bin
 # The demo (demo.py, where its settings are): a synthetic dataset of 80 training and 30 test studies,
 # a tiny CNN per fold at 128x128 from scratch (offline, minutes on a CPU), two feature selections
 # compared out of fold, the fold ensemble's validated submission, Grad-CAM pictures and the test
-# scores of the prior, the CNNs alone and CNN+LSTM.
+# scores of the prior, the CNNs alone and CNN+LSTM; where the real labeled RSNA series are beside the
+# project (REAL_LABELED), the ensemble's scores on them at the end.
+REAL_LABELED ?= ../shared/data/real/rsna_labeled
 
 .PHONY: setup demo paper test bench
 
@@ -29,7 +31,7 @@ $(STAMP): $(REQUIREMENTS) requirements-base.txt
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/python demo.py
+	$(BIN)/python demo.py $(if $(wildcard $(REAL_LABELED)/stage_2_train.csv),--score-real $(REAL_LABELED))
 
 # The paper's recipe on the real challenge data, from download to submission: every stage with --preset
 # paper (README.md, "Reproduce the paper on a GPU"). Needs a Kaggle account with the competition's rules

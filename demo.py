@@ -3,12 +3,14 @@
     python demo.py
     python demo.py --seed 7 --root /tmp/demo-7 --selection random:32
     python demo.py --backgrounds ../shared/data/real/rsna_normal --root /tmp/demo-inserted
+    python demo.py --score-real ../shared/data/real/rsna_labeled
 
 Writes a synthetic dataset of 80 training and 30 test studies (folds by patient; phantoms, or with
 ``--backgrounds`` bleeds inserted into those bleed-free series), trains one tiny CNN
 per fold at 128x128 from scratch and caches their embeddings, trains every member's LSTM for each
 feature selection, then predicts the test set with the fold ensemble: a validated submission, Grad-CAM
-pictures and the test weighted log loss of the prior, the CNNs alone and CNN+LSTM. Each stage is the
+pictures and the test weighted log loss of the prior, the CNNs alone and CNN+LSTM; with ``--score-real``,
+the ensemble's scores on real labeled series it never saw (`predict.py --dicom-dir --labels`). Each stage is the
 same command a user would type (printed before it runs), so a rerun resumes where a killed one stopped.
 The settings below were chosen on the out-of-fold validation scores of development seeds, never on
 test truth (BENCHMARKS.md, "The demo").
@@ -45,6 +47,7 @@ class Settings:
     selections: list[str] = field(default_factory=lambda: list(SELECTIONS))
     gradcam: int = 2  # Grad-CAM pictures per test study
     backgrounds: str | None = None  # bleed-free DICOM series to insert bleeds into, instead of phantoms
+    score_real: str | None = None  # real labeled series in the Kaggle layout (stage_2_train/ and its CSV) to score on
 
 
 def parse_args(argv: list[str] | None) -> Settings:
@@ -57,6 +60,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--gradcam", type=non_negative_int, default=Settings.gradcam)
     parser.add_argument("--backgrounds", type=existing_folder, default=Settings.backgrounds,
                         help="insert bleeds into these bleed-free DICOM series instead of drawing phantoms")
+    parser.add_argument("--score-real", type=existing_folder, default=Settings.score_real,
+                        help="at the end, score the ensemble on these labeled real series (Kaggle layout: "
+                             "stage_2_train/ and stage_2_train.csv)")
     args = vars(parser.parse_args(argv))
     args["selections"] = args["selections"] or list(SELECTIONS)
     return Settings(**args)
@@ -87,7 +93,15 @@ def stages(settings: Settings) -> list[tuple[object, list[str]]]:
         (train_lstm, ["--run", RUN, *selections, *LSTM, *_flags(settings, "--models-dir", "--features-dir")]),
         (predict, ["--run", RUN, "--gradcam", str(settings.gradcam),
                    *_flags(settings, "--data-dir", "--models-dir", "--features-dir", "--submissions-dir")]),
+        *([(predict, real_scoring_flags(settings))] if settings.score_real else []),
     ]
+
+
+def real_scoring_flags(settings: Settings) -> list[str]:
+    """predict.py's flags that score the ensemble on ``settings.score_real``; scores.json goes to <root>/real/."""
+    labeled = Path(settings.score_real)
+    return ["--run", RUN, "--dicom-dir", str(labeled / "stage_2_train"), "--labels", str(labeled / "stage_2_train.csv"),
+            "--out", str(Path(settings.root) / "real"), *_flags(settings, "--data-dir", "--models-dir", "--features-dir")]
 
 
 def main(argv: list[str] | None = None) -> Path:

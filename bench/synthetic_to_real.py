@@ -31,9 +31,10 @@ REAL = ROOT.parent / "shared" / "data" / "real"
 
 def run_mode(mode: str, work: Path, backgrounds: Path, labeled: Path) -> dict:
     """Prepare, train and score one synthetic mode; returns its scores and stage times."""
-    settings = demo.parse_args(["--root", str(work / mode), "--gradcam", "0",
+    settings = demo.parse_args(["--root", str(work / mode), "--gradcam", "0", "--score-real", str(labeled),
                                 *(["--backgrounds", str(backgrounds)] if mode == "inserted" else [])])
-    (prepare, prepare_flags), (cnn, cnn_flags), (lstm, lstm_flags), (_, predict_flags) = demo.stages(settings)
+    (prepare, prepare_flags), (cnn, cnn_flags), (lstm, lstm_flags), (_, predict_flags), (_, real_flags) = \
+        demo.stages(settings)
     times = {}
     start = time.perf_counter()
     prepare.main(prepare_flags)
@@ -44,10 +45,7 @@ def run_mode(mode: str, work: Path, backgrounds: Path, labeled: Path) -> dict:
     times["train"] = time.perf_counter() - start
     submission = predict.main(predict_flags)
     synthetic = read_json(submission.with_name(f"{submission.stem}-scores.json"))
-    dirs = [flag for name in ("--data-dir", "--models-dir", "--features-dir")
-            for flag in (name, demo.folders(settings)[name])]
-    real_csv = predict.main(["--run", demo.RUN, "--dicom-dir", str(labeled / "stage_2_train"), "--labels",
-                             str(labeled / "stage_2_train.csv"), "--out", str(work / "real" / mode), *dirs])
+    real_csv = predict.main(real_flags)
     real = read_json(real_csv.parent / "scores.json")
     return {"selection": real["selection"], "synthetic_test": synthetic["scores"], "real": real["scores"],
             "seconds": {k: round(v, 1) for k, v in times.items()}}

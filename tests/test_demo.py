@@ -34,3 +34,16 @@ def test_the_demo_trains_every_fold_and_an_lstm_per_selection(tmp_path):
     stages = dict((module, flags) for module, flags in demo.stages(demo.parse_args(["--root", str(tmp_path)])))
     assert train_cnn.parse_args(stages[train_cnn]).run == train_lstm.parse_args(stages[train_lstm]).run == demo.RUN
     assert train_lstm.parse_args(stages[train_lstm]).selections == demo.SELECTIONS
+
+
+def test_score_real_adds_a_last_stage_that_scores_the_labeled_series(tmp_path):
+    labeled = tmp_path / "labeled"
+    labeled.mkdir()
+    plain = demo.stages(demo.parse_args(["--root", str(tmp_path)]))
+    scored = demo.stages(demo.parse_args(["--root", str(tmp_path), "--score-real", str(labeled)]))
+    assert scored[:-1] == plain
+    module, flags = scored[-1]
+    settings = module.parse_args(flags)
+    assert settings.dicom_dir == str(labeled / "stage_2_train")
+    assert settings.labels == str(labeled / "stage_2_train.csv")
+    assert settings.out == str(tmp_path / "real") and settings.run == demo.RUN
