@@ -38,6 +38,13 @@ LSTM = ["--layers", "3", "--units", "256", "--dropout", "0.5", "--standardize", 
 SELECTIONS = ["pca:32", "weights:32"]  # compared by out-of-fold validation loss; the best one predicts
 
 
+def chain_record(*parts: str) -> dict:
+    """The demo's fixed settings named by ``parts`` (of folds, cnn, lstm, selections): what a saved score of
+    the demo chain was made with, so that a benchmark resuming from saved scores drops those of other settings."""
+    settings = {"folds": FOLDS, "cnn": CNN, "lstm": LSTM, "selections": SELECTIONS}
+    return {part: settings[part] for part in parts}
+
+
 @dataclass
 class Settings:
     """Where the demo writes and what varies between its runs; every field is a command-line flag."""

@@ -35,6 +35,7 @@ from ihd.ensemble import read_ensemble  # noqa: E402
 # The candidates: the LSTM's depth and width (the paper's 3x256 among them) and its dropout.
 SIZES = (("1", "64"), ("2", "128"), ("3", "256"))
 DROPOUTS = ("0.3", "0.5")
+CHAIN = demo.chain_record("folds", "cnn")  # what every candidate shares (the selections are a flag, in each row)
 CANDIDATES = [f"--layers {layers} --units {units} --dropout {dropout}"
               for (layers, units), dropout in itertools.product(SIZES, DROPOUTS)]
 
@@ -95,9 +96,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if any(seed >= 101 for seed in args.seeds):
         raise SystemExit("seeds 101 and up are kept for bench/seeds.py's test report: choose on others")
     print(f"{cpu_description()}; {load_description()}", flush=True)
-    saved = Path(args.root) / "choices.json"
-    rows = score_all(args.seeds, Path(args.root), candidates, selections,
-                     json.loads(saved.read_text()) if saved.exists() else [])
+    rows = score_all(args.seeds, Path(args.root), candidates, selections, saved_rows(Path(args.root) / "choices.json"))
     if not args.candidate:
         best = ranked(rows).index[0]
         rows = score_all(args.seeds, Path(args.root), [f"{best} --neighbour-differences", f"{best} --tta flip"],
@@ -121,16 +120,26 @@ def score_all(seeds: list[int], root: Path, candidates: list[str], selections: l
         for candidate in candidates:
             if any(r["seed"] == seed and r["candidate"] == candidate for r in rows):
                 continue
-            rows.append({"seed": seed, "candidate": candidate,
+            rows.append({"seed": seed, "candidate": candidate, "chain": CHAIN,
                          **score_candidate(seed, seed_root, candidate, selections)})
             (root / "choices.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
 
 
+def saved_rows(path: Path) -> list[dict]:
+    """The scores saved at ``path`` by a run of the same demo chain (``CHAIN``); those of another are dropped, and said."""
+    rows = json.loads(path.read_text()) if path.exists() else []
+    kept = [row for row in rows if row.get("chain") == CHAIN]
+    if len(kept) < len(rows):
+        print(f"{path}: {len(rows) - len(kept)} saved scores were made with other demo settings than "
+              f"{CHAIN}: scored again", flush=True)
+    return kept
+
+
 def ranked(rows: list[dict]) -> pd.DataFrame:
     """Candidates by their mean out-of-fold validation loss (over selections, then seeds), best first."""
     table = pd.DataFrame(rows)
-    selections = [c for c in table.columns if c not in ("seed", "candidate", "cnn")]
+    selections = [c for c in table.columns if c not in ("seed", "candidate", "cnn", "chain")]
     table["mean_over_selections"] = table[selections].mean(axis=1)
     summary = table.groupby("candidate")[[*selections, "mean_over_selections"]].mean().sort_values("mean_over_selections")
     summary["spread_over_seeds"] = table.groupby("candidate")["mean_over_selections"].std()

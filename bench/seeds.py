@@ -10,7 +10,8 @@ with the same settings: the control every selection must beat. `predict.py` then
 selection on the test truth. Nothing here feeds back into a choice: the demo's settings were chosen on
 development seeds (bench/demo_choices.py), and these seeds are used once, for this report.
 Prints one row per seed and the mean and standard deviation over seeds. Each finished seed is saved
-to <root>/seeds.json at once, and a rerun with the same root resumes after it.
+to <root>/seeds.json at once with the demo settings that made it, and a rerun with the same root and
+settings resumes after it (a seed saved under other settings runs again).
 """
 from __future__ import annotations
 
@@ -111,10 +112,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     root = Path(args.root)
     print(f"{cpu_description()}; {load_description()}", flush=True)
     saved = root / "seeds.json"
-    done = {r["seed"]: r for r in json.loads(saved.read_text())} if saved.exists() else {}
+    chain = demo.chain_record("folds", "cnn", "lstm", "selections")
+    done = {r["seed"]: r for r in json.loads(saved.read_text()) if r.get("chain") == chain} if saved.exists() else {}
     for seed in args.seeds:
         if seed not in done:  # a rerun resumes after the last finished seed
-            done[seed] = run_seed(seed, root / f"seed-{seed}")
+            done[seed] = run_seed(seed, root / f"seed-{seed}") | {"chain": chain}
             saved.write_text(json.dumps(list(done.values()), indent=2) + "\n")
         if not args.keep and (root / f"seed-{seed}").exists():
             shutil.rmtree(root / f"seed-{seed}")

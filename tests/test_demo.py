@@ -1,6 +1,7 @@
 """demo.py's stages: every flag it passes is one its stage accepts, with the value it means."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import demo
@@ -47,3 +48,14 @@ def test_score_real_adds_a_last_stage_that_scores_the_labeled_series(tmp_path):
     assert settings.dicom_dir == str(labeled / "stage_2_train")
     assert settings.labels == str(labeled / "stage_2_train.csv")
     assert settings.out == str(tmp_path / "real") and settings.run == demo.RUN
+
+
+def test_saved_choice_scores_of_other_demo_settings_are_scored_again(tmp_path, monkeypatch):
+    from bench import demo_choices
+
+    path = tmp_path / "choices.json"
+    row = {"seed": 1, "candidate": "--layers 1", "pca:32": 0.1, "cnn": 0.2}
+    path.write_text(json.dumps([row | {"chain": demo_choices.CHAIN}, row | {"seed": 2}]))
+    assert [r["seed"] for r in demo_choices.saved_rows(path)] == [1]
+    monkeypatch.setattr(demo_choices, "CHAIN", demo.chain_record("folds") | {"cnn": [*demo.CNN, "--epochs", "1"]})
+    assert demo_choices.saved_rows(path) == []
