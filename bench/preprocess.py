@@ -22,7 +22,8 @@ The peers, written here from the logic their repositories describe (none of thei
   integer arithmetic is done in int32, as numpy 1 promoted it (numpy 2 would overflow uint16).
 
 Ours is the whole preparation of ``prepare_data.py`` for each slice: the index pass's header read
-(``ihd.index.header_row``, which notes where the pixel words lie), then ``ihd.slices.write_pack``
+(``ihd.index.header_row``: one pass over the file's first bytes by ``ihd.dicom_header``, pydicom only
+for files outside the common form; it notes where the pixel words lie), then ``ihd.slices.write_pack``
 for a series with those readings (one ``pread`` per file and no second parse, HU + 1024 in uint16,
 INTER_AREA resize, 16-bit PNG, CRC-32, one pack file per series). Beside it: the same with every
 file parsed a second time for its pixels (``read_hu``, as before the header pass kept the pixel

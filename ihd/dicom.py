@@ -20,7 +20,8 @@ in practice, and what this module does about it:
 - MONOCHROME1 only tells a viewer to display low values as white; the modality LUT still gives
   HU, so such files need no inversion to be read as HU.
 
-Reading a file's header (``read_header``) also notes where its pixel words lie and how to read them
+Reading a file's header (``read_header``: one pass over its first bytes by ``ihd.dicom_header``, or
+pydicom's parse for a file outside the common form) also notes where its pixel words lie and how to read them
 (``PixelLayout``, for uncompressed 16-bit data), so that the slice store reads the pixels again
 with one ``pread`` and no second parse (``read_hu_at``), as long as the file's size and
 modification time are those the header pass saw; otherwise it reads the file anew with ``read_hu``.
@@ -45,6 +46,8 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from ihd.dicom_header import HeaderValues, plain_header, pydicom_header
+
 # RSNA identifiers (``ID_...``) are not valid UIDs; pydicom would warn on every file of 874,035.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
@@ -57,7 +60,6 @@ MIN_IMAGE_SIDE = 64  # pixels: CT slices have 256 to 1024; fewer cannot show a h
 # scales): slopes and intercepts beyond these bounds are damaged tags or not Hounsfield units.
 RESCALE_SLOPE_RANGE = (1 / 64, 64.0)
 RESCALE_INTERCEPT_RANGE = (-32768.0, 32768.0)
-PIXEL_DATA_TAG = 0x7FE00010
 DEFER_BYTES = 4096  # values longer than this (the pixel data) are skipped, not read, while a header is read
 
 
@@ -152,7 +154,7 @@ def slice_normals(orientations) -> np.ndarray:
     return normals
 
 
-def _numbers(ds: pydicom.Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
+def _numbers(ds: pydicom.Dataset | HeaderValues, keyword: str, count: int) -> tuple[float, ...] | None:
     """A multi-valued numeric tag as ``count`` floats; None when absent, empty or of another length."""
     values = ds.get(keyword)
     if values is None or values == "":
@@ -161,7 +163,7 @@ def _numbers(ds: pydicom.Dataset, keyword: str, count: int) -> tuple[float, ...]
     return tuple(float(v) for v in values) if len(values) == count else None
 
 
-def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
+def _rescale(ds: pydicom.Dataset | HeaderValues) -> tuple[float, float]:
     """Slope and intercept of the modality LUT; missing tags mean the stored values are the output."""
     slope = ds.get("RescaleSlope")
     intercept = ds.get("RescaleIntercept")
@@ -196,47 +198,45 @@ def read_header(path: str | Path) -> SliceHeader:
     Raises ``DicomError`` for a file that is not DICOM, lacks its identifiers or has a tag that does
     not parse; whether the slice can be read as HU is ``interpretation_problem``'s call.
     """
-    ds = _open(path, defer_size=DEFER_BYTES)
-    missing = [tag for tag in ("StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns") if tag not in ds]
+    header = plain_header(path) or pydicom_header(_open(path, defer_size=DEFER_BYTES))
+    missing = [key for key in ("StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns") if key not in header.values]
     if missing:
         raise DicomError(path, f"header lacks {', '.join(missing)}")
-    slope, intercept = _rescale(ds)
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    study_id = str(ds.StudyInstanceUID)
-    instance_number = ds.get("InstanceNumber")
+    slope, intercept = _rescale(header)
+    rows, cols = int(header.get("Rows")), int(header.get("Columns"))
+    study_id = str(header.get("StudyInstanceUID"))
+    instance_number = header.get("InstanceNumber")
     return SliceHeader(
         image_id=Path(path).stem,
-        patient_id=str(ds.get("PatientID", "")) or study_id,
+        patient_id=str(header.get("PatientID", "")) or study_id,
         study_id=study_id,
-        series_id=str(ds.SeriesInstanceUID),
-        instance_uid=str(ds.get("SOPInstanceUID", "")) or None,
-        modality=str(ds.get("Modality", "")),
+        series_id=str(header.get("SeriesInstanceUID")),
+        instance_uid=str(header.get("SOPInstanceUID", "")) or None,
+        modality=str(header.get("Modality", "")),
         rows=rows,
         cols=cols,
         rescale_slope=slope,
         rescale_intercept=intercept,
-        position=_numbers(ds, "ImagePositionPatient", 3),
-        orientation=_numbers(ds, "ImageOrientationPatient", 6),
+        position=_numbers(header, "ImagePositionPatient", 3),
+        orientation=_numbers(header, "ImageOrientationPatient", 6),
         instance_number=None if instance_number in (None, "") else float(instance_number),
-        pixels=_pixel_layout(ds, path, rows * cols, intercept),
+        pixels=_pixel_layout(header, path, rows * cols, intercept),
     )
 
 
-def _pixel_layout(ds: pydicom.Dataset, path: str | Path, pixels: int, intercept: float) -> PixelLayout | None:
-    """The layout of a header-read dataset's uncompressed 16-bit single-frame pixel words; None otherwise."""
-    element = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    if (not isinstance(element, pydicom.dataelem.RawDataElement) or element.value is not None
-            or syntax is None or syntax.is_compressed or element.length < 2 * pixels
-            or int(ds.get("BitsAllocated", 0) or 0) != 16 or int(ds.get("SamplesPerPixel", 1) or 1) != 1
-            or int(ds.get("NumberOfFrames", 1) or 1) != 1):
+def _pixel_layout(header: HeaderValues, path: str | Path, pixels: int, intercept: float) -> PixelLayout | None:
+    """The layout of a slice's uncompressed 16-bit single-frame pixel words; None otherwise."""
+    syntax = header.syntax
+    if (header.pixel_offset is None or syntax is None or syntax.is_compressed or header.pixel_length < 2 * pixels
+            or int(header.get("BitsAllocated", 0) or 0) != 16 or int(header.get("SamplesPerPixel", 1) or 1) != 1
+            or int(header.get("NumberOfFrames", 1) or 1) != 1):
         return None
-    bits_stored = int(ds.get("BitsStored", 16) or 16)
-    representation = int(ds.get("PixelRepresentation", 0) or 0)
+    bits_stored = int(header.get("BitsStored", 16) or 16)
+    representation = int(header.get("PixelRepresentation", 0) or 0)
     if not 1 <= bits_stored <= 16:
         return None
     stat = os.stat(path)
-    return PixelLayout(offset=element.value_tell,
+    return PixelLayout(offset=header.pixel_offset,
                        word=f"{'<' if syntax.is_little_endian else '>'}{'i' if representation == 1 else 'u'}2",
                        bits_stored=bits_stored, rsna_wrap=_wraps(bits_stored, representation, intercept),
                        file_bytes=stat.st_size, file_mtime_ns=stat.st_mtime_ns)
