@@ -14,3 +14,16 @@ SCRIPTS = sorted(path.stem for path in (Path(__file__).resolve().parents[1] / "b
 def test_bench_script_imports(name):
     module = importlib.import_module(f"bench.{name}")
     assert callable(getattr(module, "main", None)) or name in ("fixtures", "machine")
+
+
+def test_rehearsal_counts_the_memory_of_a_stage_and_its_workers(tmp_path):
+    """A stage whose worker holds 300 MB: the rehearsal's peak counts it, though the stage's own process is small."""
+    import sys
+
+    from bench.rehearsal import measure
+    worker = "import time; block = bytearray(300 << 20); block[::4096] = b'x' * len(block[::4096]); time.sleep(2)"
+    stage = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {worker!r}], check=True)"
+    result = measure([sys.executable, "-c", stage], tmp_path / "stage.log")
+    assert result["peak_tree_pss_bytes"] >= 300 << 20
+    assert result["largest_process_rss_bytes"] >= 300 << 20
+    assert 2 <= result["seconds"] < 30
