@@ -9,8 +9,9 @@ then the embeddings of every slice), `train_lstm.py` (the demo's LSTM on the dem
 `predict.py` (the test set's submission, validated, with a few Grad-CAM pictures). For each stage:
 wall time, and peak memory as the largest sum of proportional set sizes (PSS) over the stage's process
 tree (its workers included), sampled every half second, beside the largest single process's peak
-resident set. A stage's seconds per 1,000 slices and its peak memory at two scales say what grows
-with the dataset and what the full 874,035 slices cost on this machine.
+resident set; and how busy the stage kept the cores (its processes' CPU time over wall time and
+cores). A stage's seconds per 1,000 slices and its peak memory at two scales say what grows with the
+dataset and what the full 874,035 slices cost on this machine.
 
 Results go to <root>/rehearsal.json as each stage ends, with the command that made it; a rerun skips
 stages already measured with the same command. A stage that was interrupted and rerun resumes its own
@@ -100,9 +101,9 @@ def measure(command: list[str], log: Path) -> dict:
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{command[1]} failed: see {log}")
-    # wait4's ru_maxrss is the largest of the process and its waited-for descendants
-    return {"seconds": round(seconds, 1), "peak_tree_pss_bytes": sampler.peak,
-            "largest_process_rss_bytes": usage.ru_maxrss * 1024}
+    # wait4's usage covers the process and its waited-for descendants: ru_maxrss is the largest of them
+    return {"seconds": round(seconds, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_tree_pss_bytes": sampler.peak, "largest_process_rss_bytes": usage.ru_maxrss * 1024}
 
 
 def stage_commands(root: Path, train_studies: int, test_studies: int) -> list[tuple[str, list[str]]]:
@@ -144,16 +145,17 @@ def report(record: dict) -> None:
     """A Markdown table of the stages, with each stage's cost per 1,000 slices and at the real size."""
     slices = record.get("slices")
     print(f"\n{record['studies']:,} studies, {slices or '?'} slices; {record['machine']}")
-    print("| stage | wall time | epochs | s per 1,000 slices | at 874,035 slices (this CPU) | peak memory (tree PSS) "
-          "| largest process |")
-    print("|---|---|---|---|---|---|---|")
+    print("| stage | wall time | CPU busy | epochs | s per 1,000 slices | at 874,035 slices (this CPU) "
+          "| peak memory (tree PSS) | largest process |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, result in record["stages"].items():
         if "seconds" not in result:
             continue
         per_k = result["seconds"] / slices * 1000 if slices else float("nan")
         hours = per_k * REAL_SLICES / 1000 / 3600
         resumed = " (resumed)" if result.get("resumed") else ""
-        print(f"| {name}{resumed} | {result['seconds'] / 60:.1f} min | {result.get('epochs', '')} | {per_k:.2f} | "
+        busy = f"{result['cpu_seconds'] / result['seconds'] / os.cpu_count():.0%}" if "cpu_seconds" in result else ""
+        print(f"| {name}{resumed} | {result['seconds'] / 60:.1f} min | {busy} | {result.get('epochs', '')} | {per_k:.2f} | "
               f"{hours:.1f} h | "
               f"{result['peak_tree_pss_bytes'] / 2**30:.2f} GB | {result['largest_process_rss_bytes'] / 2**30:.2f} GB |")
     for name, size in record.get("sizes", {}).items():
