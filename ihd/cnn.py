@@ -19,7 +19,6 @@ machine runs these callbacks, and all but the chief write into a scratch folder 
 import math
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES
 from ihd.losses import loss_function
 from ihd.metrics import summary
+from ihd.progress import epoch_progress
 from ihd.windows import ChannelRecipe, parse_recipe
 
 MODEL_FILE = "cnn.keras"
@@ -293,18 +293,19 @@ def fit_cnn(
     is the number of global batches per epoch (see ihd.distributed: the model trains under the
     strategy it was built in, on one machine or several). Writes cnn.keras (best validation epoch),
     best.json, history.csv and TensorBoard logs in tb/ in ``run_dir`` (see EpochCheckpoint). The
-    chief's terminal gets Keras' progress bar (rate and ETA) within each epoch; a log file only the
-    line per epoch.
+    chief's terminal gets Keras' progress bar (rate and ETA) within each epoch; a log file a line a
+    minute (``ihd.progress``).
     """
     strategy = model.distribute_strategy
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    verbose, progress = epoch_progress(show=is_chief(strategy))
     callbacks = [
         ValidationScore(val_data, val_labels),
         EpochCheckpoint(run_dir, keep),
         keras.callbacks.TensorBoard(str(run_dir / "tb"), write_graph=False),
+        *progress,
     ]
-    verbose = 1 if is_chief(strategy) and sys.stdout.isatty() else 0
     train_epochs(model, train_data, steps, epochs, chief_value(strategy, epochs_done(run_dir)), callbacks, verbose)
 
 

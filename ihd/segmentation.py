@@ -18,7 +18,6 @@ rewards overlap whatever the size of the bleed.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import cv2
@@ -33,6 +32,7 @@ from ihd.dicom import AIR_HU
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES
 from ihd.masks import ANY, UNKNOWN, MaskSet
+from ihd.progress import epoch_progress
 from ihd.seg_metrics import dice, score_masks
 from ihd.windows import parse_recipe
 
@@ -381,9 +381,10 @@ def fit_unet(model: keras.Model, train_data, validation: MaskSet, run_dir: str |
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    verbose, progress = epoch_progress()
     callbacks = [ValidationDice(validation, run_dir, full_size),
-                 keras.callbacks.CSVLogger(str(run_dir / "history.csv"))]
-    model.fit(train_data, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 0)
+                 keras.callbacks.CSVLogger(str(run_dir / "history.csv")), *progress]
+    model.fit(train_data, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=verbose)
 
 
 def load_unet(run_dir: str | Path) -> tuple[keras.Model, dict]:
