@@ -51,6 +51,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,7 @@ from ihd.index import header_row, pixel_reading  # noqa: E402
 from ihd.io import atomic_path, run_header  # noqa: E402
 from ihd.parallel import available_cores  # noqa: E402
 from ihd.slices import (  # noqa: E402
-    SliceStore, encode_uint16_png, read_manifest, shard_name, slice_png, stored_values, tf_hu, to_model_hu,
+    SliceStore, decode_pngs, encode_uint16_png, read_manifest, shard_name, slice_png, stored_values, tf_hu, to_model_hu,
     write_pack, write_slices,
 )
 
@@ -294,8 +295,10 @@ def work_series(files: list[Path], count: int) -> list[list[tuple[str, str]]]:
     return [items[start:start + SERIES_LENGTH] for start in range(0, len(items), SERIES_LENGTH)]
 
 
-def png_tradeoff(files: list[Path]) -> list[tuple[str, float, float]]:
-    """(encoder, mean KB per slice, encode ms per slice) for libpng's settings and ours on the real slices."""
+def png_tradeoff(files: list[Path]) -> list[tuple[str, float, float, float]]:
+    """(encoder, mean KB per slice, encode ms per slice, decode ms per slice) for libpng's settings and ours at
+    each ISA-L level on the real slices; decoded by the store's decoder (a batch at once) where it can
+    (ours), by libpng (cv2.imdecode) otherwise. Medians of 3 runs."""
     stored = [stored_values(to_model_hu(read_hu(p), SIZE)) for p in files]
     libpng = {
         "level 1, adaptive filters": (cv2.IMWRITE_PNG_COMPRESSION, 1),
@@ -309,15 +312,24 @@ def png_tradeoff(files: list[Path]) -> list[tuple[str, float, float]]:
     }
     encoders = {f"libpng (cv2.imencode), {name}": (lambda image, p=params: cv2.imencode(".png", image, p)[1])
                 for name, params in libpng.items()}
-    encoders["ours: up filter, ISA-L deflate level 1"] = encode_uint16_png
+    encoders |= {f"ours: up filter, ISA-L deflate level {level}": partial(encode_uint16_png, level=level)
+                 for level in range(4)}
+    wheres = [str(p) for p in files]
     rows = []
     for name, encode in encoders.items():
-        runs = []
+        encode_runs, decode_runs = [], []
         for _ in range(3):
             start = time.perf_counter()
-            sizes = [len(encode(image)) for image in stored]
-            runs.append(time.perf_counter() - start)
-        rows.append((name, float(np.mean(sizes)) / 1024, statistics.median(runs) / len(stored) * 1e3))
+            pngs = [bytes(encode(image)) for image in stored]
+            encode_runs.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            if name.startswith("ours"):
+                decode_pngs(pngs, wheres, SIZE)
+            else:
+                [cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED) for png in pngs]
+            decode_runs.append(time.perf_counter() - start)
+        rows.append((name, float(np.mean([len(png) for png in pngs])) / 1024,
+                     statistics.median(encode_runs) / len(stored) * 1e3, statistics.median(decode_runs) / len(stored) * 1e3))
     return rows
 
 
@@ -456,10 +468,10 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\nStored bytes: {stored_kb(files):.1f} KB per slice on average ({len(files)} real 512x512 RSNA slices "
           f"at {SIZE}x{SIZE}, lossless to 1 HU; bar 64 KB)\n")
-    print("| 16-bit PNG encoder | KB per slice | encode ms per slice |")
-    print("|---|---:|---:|")
-    for name, kb, ms in png_tradeoff(files):
-        print(f"| {name} | {kb:.1f} | {ms:.2f} |")
+    print("| 16-bit PNG encoder | KB per slice | encode ms per slice | decode ms per slice |")
+    print("|---|---:|---:|---:|")
+    for name, kb, encode_ms, decode_ms in png_tradeoff(files):
+        print(f"| {name} | {kb:.1f} | {encode_ms:.2f} | {decode_ms:.2f} |")
     with contextlib.redirect_stdout(io.StringIO()):
         read = read_rates(files, settings.rounds)
     print(f"\nReading in tf.data, shuffled, {available_cores()} cores (median of {settings.rounds} alternating rounds):\n")

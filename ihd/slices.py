@@ -94,8 +94,8 @@ def _png_chunk(kind: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
     return struct.pack(">I", len(data)) + kind, data, struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
-def encode_uint16_png(image: np.ndarray) -> bytes:
-    """A 2-D uint16 array -> bytes of a 16-bit grayscale PNG (up filter, ISA-L deflate)."""
+def encode_uint16_png(image: np.ndarray, level: int = DEFLATE_LEVEL) -> bytes:
+    """A 2-D uint16 array -> bytes of a 16-bit grayscale PNG (up filter, ISA-L deflate at ``level``, 0 to 3)."""
     rows, cols = image.shape
     raw = image.astype(">u2", order="C").view(np.uint8).reshape(rows, 2 * cols)
     filtered = np.empty((rows, 2 * cols + 1), np.uint8)
@@ -106,7 +106,7 @@ def encode_uint16_png(image: np.ndarray) -> bytes:
     return b"".join((
         PNG_SIGNATURE,
         *_png_chunk(b"IHDR", header),
-        *_png_chunk(b"IDAT", isal_zlib.compress(filtered.data, DEFLATE_LEVEL)),
+        *_png_chunk(b"IDAT", isal_zlib.compress(filtered.data, level)),
         *_png_chunk(b"IEND", b""),
     ))
 
