@@ -9,8 +9,8 @@ then the embeddings of every slice), `train_lstm.py` (the demo's LSTM on the dem
 `predict.py` (the test set's submission, validated, with a few Grad-CAM pictures). For each stage:
 wall time, and peak memory as the largest sum of proportional set sizes (PSS) over the stage's process
 tree (its workers included), sampled every half second, beside the largest single process's peak
-resident set; and how busy the stage kept the cores (its processes' CPU time over wall time and
-cores). A stage's seconds per 1,000 slices and its peak memory at two scales say what grows with the
+resident set; and how busy the stage kept the cores (the CPU time of its processes, sampled alike,
+over wall time and cores). A stage's seconds per 1,000 slices and its peak memory at two scales say what grows with the
 dataset and what the full 874,035 slices cost on this machine.
 
 Results go to <root>/rehearsal.json as each stage ends, with the command that made it; a rerun skips
@@ -41,6 +41,7 @@ TENTH = (1_950, 350)  # synthetic studies hold ~38 slices, a little more than re
 RUN = "rehearsal"
 CNN = ["--backbone", "tiny", "--weights", "none", "--image-size", "128", "--epochs", "1", "--fold", "0"]
 SAMPLE_SECONDS = 0.5
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def process_tree(root_pid: int) -> list[int]:
@@ -63,37 +64,53 @@ def process_tree(root_pid: int) -> list[int]:
     return tree
 
 
-def pss_bytes(pid: int) -> int:
-    """The proportional set size of one process (0 when it has gone)."""
+def process_usage(pid: int) -> tuple[int, int, float] | None:
+    """(PSS bytes now, peak resident bytes, CPU seconds so far) of one process; None when it has gone."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as rollup:
-            for line in rollup:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+            pss = next(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:"))
+        with open(f"/proc/{pid}/status") as status:
+            peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, StopIteration):
+        return None
+    return pss, peak, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime and stime
 
 
-class TreeMemory(threading.Thread):
-    """Samples the summed PSS of a process tree until stopped; ``peak`` holds the largest sum seen."""
+class TreeUsage(threading.Thread):
+    """Samples a process tree until stopped: ``peak_pss`` is the largest summed PSS seen, ``largest`` the
+    largest peak resident set of one process, ``cpu_seconds`` the CPU time of every process seen (as
+    last sampled: up to ``SAMPLE_SECONDS`` of each process's last moments are missed)."""
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
-        self.pid, self.peak, self.done = pid, 0, threading.Event()
+        self.pid, self.peak_pss, self.largest, self.done = pid, 0, 0, threading.Event()
+        self.cpu: dict[int, float] = {}
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu.values())
 
     def run(self) -> None:
         while not self.done.wait(SAMPLE_SECONDS):
-            self.peak = max(self.peak, sum(pss_bytes(pid) for pid in process_tree(self.pid)))
+            total = 0
+            for pid in process_tree(self.pid):
+                usage = process_usage(pid)
+                if usage is not None:
+                    total += usage[0]
+                    self.largest = max(self.largest, usage[1])
+                    self.cpu[pid] = usage[2]
+            self.peak_pss = max(self.peak_pss, total)
 
 
 def measure(command: list[str], log: Path) -> dict:
-    """Run ``command`` with its output in ``log``; its wall time and peak memory. Exits on failure."""
+    """Run ``command`` with its output in ``log``; its wall time, CPU time and peak memory. Exits on failure."""
     print(f"\n$ {' '.join(command)}   (output in {log})", flush=True)
     started = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        sampler = TreeMemory(process.pid)
+        sampler = TreeUsage(process.pid)
         sampler.start()
         _, status, usage = os.wait4(process.pid, 0)
         sampler.done.set()
@@ -101,9 +118,11 @@ def measure(command: list[str], log: Path) -> dict:
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{command[1]} failed: see {log}")
-    # wait4's usage covers the process and its waited-for descendants: ru_maxrss is the largest of them
-    return {"seconds": round(seconds, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
-            "peak_tree_pss_bytes": sampler.peak, "largest_process_rss_bytes": usage.ru_maxrss * 1024}
+    # wait4's ru_maxrss: the largest of the process and its waited-for descendants (not a pool's workers,
+    # which the forkserver waits for; the sampler sees those)
+    return {"seconds": round(seconds, 1), "cpu_seconds": round(sampler.cpu_seconds, 1),
+            "peak_tree_pss_bytes": sampler.peak_pss,
+            "largest_process_rss_bytes": max(sampler.largest, usage.ru_maxrss * 1024)}
 
 
 def stage_commands(root: Path, train_studies: int, test_studies: int) -> list[tuple[str, list[str]]]:

@@ -16,14 +16,19 @@ def test_bench_script_imports(name):
     assert callable(getattr(module, "main", None)) or name in ("fixtures", "machine")
 
 
-def test_rehearsal_counts_the_memory_of_a_stage_and_its_workers(tmp_path):
-    """A stage whose worker holds 300 MB: the rehearsal's peak counts it, though the stage's own process is small."""
+def test_rehearsal_counts_the_memory_and_cpu_of_a_stage_and_its_workers(tmp_path):
+    """A stage whose worker holds 300 MB and computes for 1.5 s: the rehearsal counts both, though the stage's own
+    process is small and idle and never waits for the worker."""
     import sys
 
     from bench.rehearsal import measure
-    worker = "import time; block = bytearray(300 << 20); block[::4096] = b'x' * len(block[::4096]); time.sleep(2)"
-    stage = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {worker!r}], check=True)"
+    worker = ("import time; block = bytearray(300 << 20); block[::4096] = b'x' * len(block[::4096]); "
+              "end = time.process_time() + 1.5\nwhile time.process_time() < end: pass\ntime.sleep(1)")
+    # as a pool's workers under multiprocessing's forkserver: the worker's parent is a process the stage never waits for
+    middle = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {worker!r}], check=True)"
+    stage = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {middle!r}]); time.sleep(4)"
     result = measure([sys.executable, "-c", stage], tmp_path / "stage.log")
     assert result["peak_tree_pss_bytes"] >= 300 << 20
     assert result["largest_process_rss_bytes"] >= 300 << 20
-    assert 2 <= result["seconds"] < 30
+    assert 4 <= result["seconds"] < 30
+    assert 1.4 <= result["cpu_seconds"] <= result["seconds"] * 2  # the worker's busy loop, not only the stage's
