@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
             record["slices"] = dataset_slices(args.root)
         if name.startswith("train"):
             log = (args.root / f"{name}.log").read_text()
-            record["stages"][name]["epochs"] = len(re.findall(r"^epoch \d+", log, re.MULTILINE))
+            # the line that ends each epoch, not the progress lines within it ("epoch 1: step ...")
+            record["stages"][name]["epochs"] = len(re.findall(r"^epoch \d+: (?!step)", log, re.MULTILINE))
         write_json(path, record)
         result = record["stages"][name]
         print(f"{name}: {result['seconds'] / 60:.1f} min, peak memory {result['peak_tree_pss_bytes'] / 2**30:.2f} GB",
