@@ -46,7 +46,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from ihd.dicom_header import HeaderValues, plain_header, pydicom_header
+from ihd.dicom_header import DEFER_BYTES, HeaderValues, plain_header, pydicom_header
 
 # RSNA identifiers (``ID_...``) are not valid UIDs; pydicom would warn on every file of 874,035.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
@@ -60,7 +60,6 @@ MIN_IMAGE_SIDE = 64  # pixels: CT slices have 256 to 1024; fewer cannot show a h
 # scales): slopes and intercepts beyond these bounds are damaged tags or not Hounsfield units.
 RESCALE_SLOPE_RANGE = (1 / 64, 64.0)
 RESCALE_INTERCEPT_RANGE = (-32768.0, 32768.0)
-DEFER_BYTES = 4096  # values longer than this (the pixel data) are skipped, not read, while a header is read
 
 
 class DicomError(Exception):

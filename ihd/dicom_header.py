@@ -2,24 +2,26 @@
 the common form, and through pydicom otherwise: the same values either way.
 
 Parsing a CT slice's header with pydicom and converting its values costs more than reading, resizing
-and storing its pixels. Nearly every file takes one plain form: the DICOM preamble, a little-endian
-data set (explicit or implicit VR), no sequence of undefined length before the pixel data, and the
-values the index reads in the VR the dictionary gives them, each in its plain encoding (one 16-bit
-word for US, printable ASCII for text, ASCII decimals for DS and IS). ``plain_header`` reads such a
-file in one pass over its first few kilobytes; for any other file it returns None and ``pydicom_header``
-reads it, so that pydicom decides what an unusual file holds (``tests/test_dicom_header.py`` checks
-that both give the same values on every real file, on the synthetic data's storage quirks, and on
-files built to fall outside the plain form).
+and storing its pixels. Nearly every uncompressed slice takes one plain form: the DICOM preamble, a
+transfer syntax of little-endian data (explicit or implicit VR), then the data set's elements in
+order, without a command set or a sequence, up to uncompressed pixel data that ends the file; and
+the values the index reads in the VR the dictionary gives them, each in its plain encoding (one
+16-bit word for US, printable ASCII for text, ASCII decimals for DS, a 32-bit integer for IS).
+``plain_header`` reads such a file in one pass over its first few kilobytes; for any other file
+(compressed ones included) it returns None and ``pydicom_header`` reads it, so that pydicom decides
+what an unusual file holds. ``tests/test_dicom_header.py`` checks that both give the same values on
+every real file and on files built to take, or to fall just outside, the plain form.
 """
 from __future__ import annotations
 
+import os
 import re
 import struct
 from dataclasses import dataclass, field
 
 import pydicom
 from pydicom.dataelem import RawDataElement
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import DicomDictionary, dictionary_VR, tag_for_keyword
 from pydicom.uid import UID
 
 KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID", "Modality", "Rows", "Columns",
@@ -31,6 +33,7 @@ IMPLICIT_LITTLE = "1.2.840.10008.1.2"
 # Data sets encoded other than in explicit VR little endian (after the file meta, which always is).
 OTHER_ENCODINGS = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # big endian, deflated
 PREAMBLE_BYTES = 128
+DEFER_BYTES = 4096  # pydicom reads a header with this defer_size: longer values (the pixel data) are skipped
 FIRST_READ_BYTES = 4096  # the header of a CT slice is one to two kilobytes
 MAX_HEADER_BYTES = 1 << 20  # past this without reaching the pixel data the file is left to pydicom
 LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
@@ -64,10 +67,14 @@ def _decimals(raw: bytes) -> float | list[float] | None:
     return values[0] if len(values) == 1 else values
 
 
+def _uid(raw: bytes) -> str:
+    return _plain_text(raw).strip()  # pydicom's UID strips spaces at both ends
+
+
 def _integer(raw: bytes) -> int | None:
     if not raw:
         return None
-    if not _INTEGER.fullmatch(raw):
+    if not _INTEGER.fullmatch(raw) or not -2**31 <= int(raw) < 2**31:  # IS is a 32-bit integer
         raise _NotPlain
     return int(raw)
 
@@ -80,7 +87,9 @@ def _word(raw: bytes) -> int | None:
     return struct.unpack("<H", raw)[0]
 
 
-_READERS = {"US": _word, "DS": _decimals, "IS": _integer, "CS": _plain_text, "LO": _plain_text, "UI": _plain_text}
+_READERS = {"US": _word, "DS": _decimals, "IS": _integer, "CS": _plain_text, "LO": _plain_text, "UI": _uid}
+# pydicom parses a sequence's items as it reads the data set; a sequence is left to it
+_SEQUENCE_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
 _WANTED = {tag_for_keyword(keyword): (keyword, dictionary_VR(tag_for_keyword(keyword))) for keyword in KEYWORDS}
 
 
@@ -105,7 +114,8 @@ def pydicom_header(ds: pydicom.Dataset) -> HeaderValues:
     element = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
     deferred = isinstance(element, RawDataElement) and element.value is None and element.length != UNDEFINED_LENGTH
     values = {keyword: ds.get(keyword) for keyword in KEYWORDS if keyword in ds}
-    return HeaderValues(values, ds.file_meta.get("TransferSyntaxUID"), element.value_tell if deferred else None,
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    return HeaderValues(values, syntax if isinstance(syntax, UID) else None, element.value_tell if deferred else None,
                         element.length if deferred else None)
 
 
@@ -114,6 +124,7 @@ class _Buffer:
 
     def __init__(self, file):
         self.file, self.data = file, file.read(FIRST_READ_BYTES)
+        self.size = os.fstat(file.fileno()).st_size
 
     def take(self, start: int, count: int) -> bytes:
         while len(self.data) < start + count:
@@ -147,12 +158,12 @@ def _read_plain(buffer: _Buffer) -> HeaderValues:
     at, syntax = PREAMBLE_BYTES + 4, None
     while struct.unpack("<H", buffer.take(at, 2))[0] == 2:  # the file meta: group 2, explicit VR little endian
         tag, vr, start, length = _explicit_element(buffer, at)
-        if length == UNDEFINED_LENGTH:
+        if length == UNDEFINED_LENGTH or (tag == TRANSFER_SYNTAX_TAG and (vr != b"UI" or syntax is not None)):
             raise _NotPlain
         if tag == TRANSFER_SYNTAX_TAG:
-            syntax = _plain_text(buffer.take(start, length)) or None
+            syntax = _uid(buffer.take(start, length))
         at = start + length
-    if syntax is None or syntax in OTHER_ENCODINGS:
+    if not syntax or syntax in OTHER_ENCODINGS:
         raise _NotPlain
     implicit = syntax == IMPLICIT_LITTLE
     if implicit and _VR_CODE.fullmatch(buffer.take(at + 4, 2)):
@@ -161,13 +172,15 @@ def _read_plain(buffer: _Buffer) -> HeaderValues:
     values, last_tag = {}, -1
     while True:
         tag, vr, start, length = next_element(buffer, at)
-        if tag <= last_tag:
+        # in order, no command set (group 0), no sequence, no undefined length before the pixel data
+        if (tag <= last_tag or tag >> 16 == 0 or vr == b"SQ" or (implicit and tag in _SEQUENCE_TAGS)
+                or length == UNDEFINED_LENGTH or tag > PIXEL_DATA_TAG):
             raise _NotPlain
-        if tag >= PIXEL_DATA_TAG:
-            defined = tag == PIXEL_DATA_TAG and length != UNDEFINED_LENGTH
-            return HeaderValues(values, UID(syntax), start if defined else None, length if defined else None)
-        if length == UNDEFINED_LENGTH:
-            raise _NotPlain
+        if tag == PIXEL_DATA_TAG:
+            if start + length != buffer.size or length == 0:
+                raise _NotPlain  # anything after the pixel data (pydicom reads it too), or no pixels
+            deferred = length > DEFER_BYTES
+            return HeaderValues(values, UID(syntax), start if deferred else None, length if deferred else None)
         wanted = _WANTED.get(tag)
         if wanted is not None:
             keyword, dictionary_vr = wanted
