@@ -96,8 +96,9 @@ _WANTED = {tag_for_keyword(keyword): (keyword, dictionary_VR(tag_for_keyword(key
 @dataclass(frozen=True)
 class HeaderValues:
     """What the index reads from one file: ``values`` as pydicom's ``Dataset.get`` gives them (an int
-    for US and IS, a float or list of floats for DS, a str for text; absent keywords left out), the
-    transfer syntax, and where the pixel data's value lies when it has a defined length."""
+    for US and IS, a float for DS and a list of them for several, a str for text; absent keywords left
+    out), the transfer syntax, and where the pixel data's value lies when pydicom would defer it (a
+    defined length over ``DEFER_BYTES``)."""
 
     values: dict[str, object] = field(default_factory=dict)
     syntax: UID | None = None
