@@ -10,8 +10,8 @@ then the embeddings of every slice), `train_lstm.py` (the demo's LSTM on the dem
 wall time, and peak memory as the largest sum of proportional set sizes (PSS) over the stage's process
 tree (its workers included), sampled every half second, beside the largest single process's peak
 resident set; and how busy the stage kept the cores (the CPU time of its processes, sampled alike,
-over wall time and cores). A stage's seconds per 1,000 slices and its peak memory at two scales say what grows with the
-dataset and what the full 874,035 slices cost on this machine.
+over wall time and cores). A stage's seconds per 1,000 slices and its peak memory at two scales say
+what grows with the dataset and what the full 874,035 slices cost on this machine.
 
 Results go to <root>/rehearsal.json as each stage ends, with the command that made it; a rerun skips
 stages already measured with the same command. A stage that was interrupted and rerun resumes its own
@@ -36,7 +36,6 @@ from ihd.flags import positive_float  # noqa: E402
 from ihd.io import read_json, write_json  # noqa: E402
 
 REAL_SLICES = 874_035
-REAL_STUDIES = 25_262  # stage 2 training (21,744) and test (3,518) studies
 TENTH = (1_950, 350)  # synthetic studies hold ~38 slices, a little more than real ones: ~87,000 slices
 RUN = "rehearsal"
 CNN = ["--backbone", "tiny", "--weights", "none", "--image-size", "128", "--epochs", "1", "--fold", "0"]
@@ -174,9 +173,9 @@ def report(record: dict) -> None:
         hours = per_k * REAL_SLICES / 1000 / 3600
         resumed = " (resumed)" if result.get("resumed") else ""
         busy = f"{result['cpu_seconds'] / result['seconds'] / os.cpu_count():.0%}" if "cpu_seconds" in result else ""
-        print(f"| {name}{resumed} | {result['seconds'] / 60:.1f} min | {busy} | {result.get('epochs', '')} | {per_k:.2f} | "
-              f"{hours:.1f} h | "
-              f"{result['peak_tree_pss_bytes'] / 2**30:.2f} GB | {result['largest_process_rss_bytes'] / 2**30:.2f} GB |")
+        memory = [result[key] / 2**30 for key in ("peak_tree_pss_bytes", "largest_process_rss_bytes")]
+        print(f"| {name}{resumed} | {result['seconds'] / 60:.1f} min | {busy} | {result.get('epochs', '')} | "
+              f"{per_k:.2f} | {hours:.1f} h | {memory[0]:.2f} GB | {memory[1]:.2f} GB |")
     for name, size in record.get("sizes", {}).items():
         print(f"{name}: {size / 2**20:,.0f} MB on disk")
 

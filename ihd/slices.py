@@ -34,11 +34,11 @@ too: ``bench/preprocess.py`` measures both.
 
 Through libpng, encoding a PNG cost more than reading the DICOM file, so the store writes its PNGs
 itself: every row gets the "up" filter (difference to the row above) and the image data is
-deflated by ISA-L at level 3: about 0.33 ms for 54 KB a slice at 256x256, against 0.9 ms for 51 KB
+deflated by ISA-L at level 3: about 0.31 ms for 54 KB a slice at 256x256, against 0.9 ms for 51 KB
 through libpng's best fast setting (Huffman-only after the "up" or "average" filter). Level 3 costs
-0.04 ms more to write than level 1 and saves 0.04 ms each time a slice is decoded, once an epoch
+0.03 ms more to write than level 1 and saves 0.03 ms each time a slice is decoded, once an epoch
 (``bench/preprocess.py``). Any PNG reader decodes the slices; a store written at another level
-holds the same pixels and is read as it is.
+holds the same pixels, is read as it is, and its config.json records both levels.
 """
 from __future__ import annotations
 
@@ -362,12 +362,19 @@ def check_store(root: str | Path, size: int) -> None:
 
 
 def _check_config(root: Path, size: int) -> None:
-    """Write the store's config, or check that an existing store was made the same way."""
+    """Write the store's config, or check that an existing store was made the same way. A store whose
+    earlier slices were deflated another way (the same pixels) keeps that in its record too."""
     try:
         check_store(root, size)
     except ValueError as error:
         raise ValueError(f"{error}: use another folder or delete this one") from None
-    write_json(root / CONFIG_FILE, store_config(size))
+    config = store_config(size)
+    earlier = read_json(root / CONFIG_FILE).get("png") if (root / CONFIG_FILE).is_file() else None
+    if earlier and not earlier.endswith(config["png"]):
+        config["png"] = f"{earlier}; slices written later: {config['png']}"
+    elif earlier:
+        config["png"] = earlier
+    write_json(root / CONFIG_FILE, config)
 
 
 def check_pack(item: tuple[str, np.ndarray, np.ndarray, np.ndarray], root: str) -> tuple[str, np.ndarray]:

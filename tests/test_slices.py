@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from ihd.dicom import read_hu
-from ihd.io import write_json
+from ihd.io import read_json, write_json
 from ihd.slices import (
-    CONFIG_FILE, DamagedSliceError, SliceStore, decode_pngs, encode_png, encode_uint16_png, read_manifest, to_model_hu,
-    write_manifest, write_slices,
+    CONFIG_FILE, DEFLATE_LEVEL, DamagedSliceError, SliceStore, decode_pngs, encode_png, encode_uint16_png,
+    read_manifest, to_model_hu, write_manifest, write_slices,
 )
 
 SIZE = 64
@@ -360,3 +360,18 @@ def test_png_encoder_round_trips_exactly_through_opencv_tensorflow_and_the_store
     np.testing.assert_array_equal(libpng(encoded), image)
     np.testing.assert_array_equal(tf.io.decode_png(encoded, channels=1, dtype=tf.uint16).numpy()[..., 0], image)
     np.testing.assert_array_equal(decode_pngs([encoded, encoded], ["a", "b"], 53), np.stack([image, image]))
+
+
+def test_a_store_written_at_another_deflate_level_records_both(real_data, tmp_path):
+    """Slices added to a store written at an earlier level: the same pixels, and the record says how each was made."""
+    index = series_index(real_data, 4)
+    write_slices(index.iloc[:2], tmp_path, size=SIZE, workers=1)
+    config = read_json(tmp_path / CONFIG_FILE)
+    assert config["png"] == f"up filter, ISA-L deflate level {DEFLATE_LEVEL}"
+    write_json(tmp_path / CONFIG_FILE, config | {"png": "up filter, ISA-L deflate level 1"})  # as an older kit wrote it
+    for _ in range(2):  # a second run records nothing new
+        assert write_slices(index, tmp_path, size=SIZE, workers=1) == []
+        assert read_json(tmp_path / CONFIG_FILE)["png"] == (
+            f"up filter, ISA-L deflate level 1; slices written later: up filter, ISA-L deflate level {DEFLATE_LEVEL}")
+    store = SliceStore(tmp_path)
+    assert all(store.has(image_id) for image_id in index["image_id"])
