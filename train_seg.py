@@ -4,16 +4,19 @@
     python train_seg.py --synthetic data/synthetic/raw --encoder MobileNetV2 --weights imagenet --image-size 256
     python train_seg.py --synthetic data/synthetic/raw,data/synthetic2/raw --png-masks my/masks \
         --score-png-masks ../shared/data/real/ctich_masks --read-non-ct-as-hu
+    python train_seg.py --run seg-plain-128 --rule-only    # a trained run's mask rule chosen again, on its own data
 
 Training masks: the training split of every ``--synthetic`` dataset (``truth/masks/`` beside
 ``stage_2_train/``; the phantoms, and bleeds inserted into real anatomy when a dataset holds them),
 plus any ``--png-masks`` folder (``images/<name>.dcm`` + ``masks/<name>.png``) and NIfTI label volumes
 (``--nifti-dir`` with ``--nifti-dicom-dir``). A fraction of each source's patients is held out
 for validation (all their slices); of the training slices without blood only ``--empty-share`` is
-kept. After each epoch the mask rule with the best pooled validation Dice of `any` is found (the
-threshold, and whether blood is kept only inside the skull's hull); the epoch kept is the one with the
-best such Dice, and its rule is the run's. The synthetic test
-splits and every ``--score-png-masks`` folder are scored after training, never trained on.
+kept. After each epoch the mask rule (`ihd.mask_rules`: a threshold on `any`, whether blood is kept only
+inside the skull's hull, an optional HU range of blood) with the best pooled validation Dice of `any` is
+found on the model's grid; the epoch kept is the one with the best such Dice. The run's rule is then
+chosen again for that epoch on the validation slices at ``--rule-size`` (the grid masks are made on: the
+maps resized back to 512x512 for CT), where a threshold that suits the model's grid no longer does. The
+synthetic test splits and every ``--score-png-masks`` folder are scored after training, never trained on.
 
 Writes models/<run>/: unet.keras, best.json, config.json (settings and data counts), history.csv,
 bad_inputs.csv (every skipped file and why) and scores.json.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -29,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ihd.io import run_header, write_json
+from ihd.io import read_json, run_header, write_json
 from ihd.masks import BadInput, MaskSet, concatenate, nifti_label_set, png_mask_set, synthetic_set, write_bad_inputs
 
 
@@ -47,6 +51,8 @@ class Settings:
     encoder: str = "MobileNetV2"  # the paper's family; plain for a small U-Net trained from scratch
     weights: str = "imagenet"  # ImageNet encoder weights train faster; none offline (plain always none)
     image_size: int = 256  # slices resized to this; bleeds a few mm wide need 256 or more on real scans
+    rule_size: int = 512  # the grid the run's mask rule is chosen on: the slices' own (512x512 for CT)
+    rule_only: bool = False  # no training: choose the mask rule of the trained run --run again, then score it
     crop_size: int = 0  # train on squares this size cut around blood or the head (0: whole slices): cheaper steps
     base_filters: int = 16  # first width of the plain U-Net and of every decoder level
     epochs: int = 8  # about a thousand synthetic slices an epoch converge in a few epochs
@@ -81,15 +87,26 @@ def folders(value: str) -> list[str]:
     return [v for v in value.split(",") if v]
 
 
-def training_sources(settings: Settings, bad: list[BadInput]) -> dict[str, MaskSet]:
-    """Every training source the flags name, at the model's size, by the folder it came from."""
-    size = settings.image_size
-    sources = {folder: synthetic_set(folder, "train", size, bad) for folder in folders(settings.synthetic)}
-    sources |= {folder: png_mask_set(folder, size, bad, settings.read_non_ct_as_hu) for folder in folders(settings.png_masks)}
+def source_loaders(settings: Settings) -> dict[str, functools.partial]:
+    """Every training source the flags name, by the folder it came from: a loader of (size, bad, cases=None)
+    -> MaskSet."""
+    loaders = {folder: functools.partial(synthetic_set, folder, "train") for folder in folders(settings.synthetic)}
+    loaders |= {folder: functools.partial(_png_masks, folder, settings.read_non_ct_as_hu)
+                for folder in folders(settings.png_masks)}
     if settings.nifti_dir:
         if not settings.nifti_dicom_dir:
             raise SystemExit("--nifti-dir needs --nifti-dicom-dir, the DICOM folder its series come from")
-        sources[settings.nifti_dir] = nifti_label_set(settings.nifti_dir, settings.nifti_dicom_dir, size, bad)
+        loaders[settings.nifti_dir] = functools.partial(nifti_label_set, settings.nifti_dir, settings.nifti_dicom_dir)
+    return loaders
+
+
+def _png_masks(folder: str, non_ct_as_hu: bool, size: int, bad: list[BadInput], cases: set[str] | None = None) -> MaskSet:
+    return png_mask_set(folder, size, bad, non_ct_as_hu, cases)
+
+
+def training_sources(settings: Settings, bad: list[BadInput]) -> dict[str, MaskSet]:
+    """Every training source the flags name, at the model's size, by the folder it came from."""
+    sources = {folder: load(settings.image_size, bad) for folder, load in source_loaders(settings).items()}
     if not any(len(masks) for masks in sources.values()):
         raise SystemExit("no training masks: give --synthetic, --png-masks or --nifti-dir (see bad_inputs.csv)")
     return sources
@@ -126,28 +143,56 @@ def format_scores(scores: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Train, keep the best validation epoch, score it; returns the run folder."""
+def epoch_choice(run_dir: Path, image_size: int) -> dict:
+    """How the run's epoch was chosen: epoch, rule (`MaskRule.as_json`), val_dice_any and rule_grid, from best.json
+    (as training wrote it, after `choose_run_rule`, or as runs saved before the HU gate kept it)."""
+    from ihd.mask_rules import MaskRule
+
+    best = read_json(run_dir / "best.json")
+    if "epoch_rule" in best:
+        return {"epoch": best["epoch"], "rule": best["epoch_rule"], "val_dice_any": best["epoch_val_dice_any"],
+                "rule_grid": best["epoch_rule_grid"]}
+    return {"epoch": best["epoch"], "rule": MaskRule.from_json(best.get("rule", best)).as_json(),
+            "val_dice_any": best["val_dice_any"], "rule_grid": best.get("rule_grid", image_size)}
+
+
+def choose_run_rule(model, settings: Settings, validation_by_source: dict[str, MaskSet], run_dir: Path):
+    """Choose the run's mask rule for its kept epoch on the validation slices at ``--rule-size``
+    (`choose_rule_on_grid`) and record it in best.json, beside the rule the epoch was chosen with; returns the
+    rule and its validation Dice of `any`."""
+    from ihd.seg_inference import choose_rule_on_grid
+
+    loaders = source_loaders(settings)
+    on_grid = concatenate([loaders[folder](settings.rule_size, [], set(held_out.cases.tolist()))
+                           for folder, held_out in validation_by_source.items() if len(held_out)], settings.rule_size)
+    rule, dice_any, by_rule = choose_rule_on_grid(model, settings.image_size, on_grid)
+    chosen = epoch_choice(run_dir, settings.image_size)
+    write_json(run_dir / "best.json", {"epoch": chosen["epoch"], "rule": rule.as_json(), "val_dice_any": dice_any,
+                                       "rule_grid": settings.rule_size, "val_dice_any_by_rule": by_rule,
+                                       "epoch_rule": chosen["rule"], "epoch_val_dice_any": chosen["val_dice_any"],
+                                       "epoch_rule_grid": chosen["rule_grid"]})
+    return rule, dice_any
+
+
+def settings_of_run(run_dir: Path, rule_size: int) -> Settings:
+    """The settings a run was trained with (its config.json), choosing its rule at ``rule_size``."""
+    if not (run_dir / "config.json").is_file() or not (run_dir / "best.json").is_file():
+        raise SystemExit(f"--rule-only: {run_dir} holds no trained run (config.json and best.json): train it first")
+    config = read_json(run_dir / "config.json")
+    names = {field.name for field in dataclasses.fields(Settings)}
+    return dataclasses.replace(Settings(**{k: v for k, v in config.items() if k in names}), rule_size=rule_size,
+                               rule_only=True)
+
+
+def train_unet(settings: Settings, train: MaskSet, validation: MaskSet, run_dir: Path, bad: list[BadInput]) -> float:
+    """Write the run's config.json, train the U-Net (best epoch and its rule in unet.keras and best.json); returns
+    the seconds training took."""
     import keras
 
-    from ihd.segmentation import build_unet, compile_unet, evaluate, fit_unet, load_unet, training_dataset
+    from ihd.segmentation import build_unet, compile_unet, fit_unet, training_dataset
 
-    settings = parse_args(argv)
-    run_header(argv, settings)
-    run_dir = Path(settings.models_dir) / settings.run
-    bad: list[BadInput] = []
-    train_parts, validation_by_source = [], {}
-    for folder, masks in training_sources(settings, bad).items():
-        train_rows, val_rows = split_patients(masks, settings.val_fraction, settings.val_seed)
-        train_parts.append(masks.subset(keep_some_empty(masks, train_rows, settings.empty_share, settings.seed)))
-        validation_by_source[folder] = masks.subset(val_rows)
-    train = concatenate(train_parts, settings.image_size)
-    validation = concatenate(list(validation_by_source.values()), settings.image_size)
-    bad_path = write_bad_inputs(run_dir / "bad_inputs.csv", bad)
-    print(f"{len(train)} training and {len(validation)} validation slices; {len(bad)} inputs skipped -> {bad_path}")
     write_json(run_dir / "config.json", {**dataclasses.asdict(settings), "train_slices": len(train),
                                          "val_slices": len(validation), "skipped_inputs": len(bad)})
-
     keras.utils.set_random_seed(settings.seed)
     model = build_unet(settings.encoder, settings.image_size, settings.weights, settings.base_filters)
     trainer = model
@@ -159,23 +204,54 @@ def main(argv: list[str] | None = None) -> Path:
     start = time.perf_counter()
     fit_unet(trainer, data, validation if len(validation) else train, run_dir, settings.epochs,
              model if settings.crop_size else None)
-    train_seconds = time.perf_counter() - start
+    return round(time.perf_counter() - start, 1)
 
-    model, config = load_unet(run_dir)
-    rule = config["mask_threshold"], config["within_skull"]
-    print(f"mask rule: blood where `any` >= {rule[0]:.2f}{' inside the skull hull' if rule[1] else ''} (chosen on validation)")
-    scores = {"train_seconds": round(train_seconds, 1), "mask_threshold": rule[0], "within_skull": rule[1]}
+
+def main(argv: list[str] | None = None) -> Path:
+    """Train, keep the best validation epoch, choose its mask rule, score it (``--rule-only``: the last two for a
+    trained run); returns the run folder."""
+    from ihd.mask_rules import MaskRule
+    from ihd.segmentation import evaluate, load_unet
+
+    settings = parse_args(argv)
+    run_dir = Path(settings.models_dir) / settings.run
+    if settings.rule_only:
+        settings = settings_of_run(run_dir, settings.rule_size)
+    run_header(argv, settings)
+    bad: list[BadInput] = []
+    train_parts, validation_by_source = [], {}
+    for folder, masks in training_sources(settings, bad).items():
+        train_rows, val_rows = split_patients(masks, settings.val_fraction, settings.val_seed)
+        train_parts.append(masks.subset(keep_some_empty(masks, train_rows, settings.empty_share, settings.seed)))
+        validation_by_source[folder] = masks.subset(val_rows)
+    train = concatenate(train_parts, settings.image_size)
+    validation = concatenate(list(validation_by_source.values()), settings.image_size)
+    bad_path = write_bad_inputs(run_dir / "bad_inputs.csv", bad)
+    print(f"{len(train)} training and {len(validation)} validation slices; {len(bad)} inputs skipped -> {bad_path}")
+    train_seconds = train_unet(settings, train, validation, run_dir, bad) if not settings.rule_only else (
+        read_json(run_dir / "scores.json").get("train_seconds") if (run_dir / "scores.json").is_file() else None)
+
+    model, _ = load_unet(run_dir)
+    rule = MaskRule.from_json(epoch_choice(run_dir, settings.image_size)["rule"])  # on the model's grid: scores below
+    scores = {"train_seconds": train_seconds, "epoch_rule": rule.as_json()}
+    if len(validation):
+        run_rule, scores["mask_rule_val_dice_any"] = choose_run_rule(model, settings, validation_by_source, run_dir)
+        scores["mask_rule"] = run_rule.as_json()
+        print(f"mask rule on the slices' grid ({settings.rule_size}x{settings.rule_size}): {run_rule.describe()}, "
+              f"validation Dice of `any` {scores['mask_rule_val_dice_any']:.3f}")
+    print(f"scores on the model's grid ({settings.image_size}x{settings.image_size}) under the epoch's rule: "
+          f"{rule.describe()}")
     for folder, held_out in validation_by_source.items():
         if len(held_out):
-            scores[f"{folder} validation"] = evaluate(model, held_out, *rule)
+            scores[f"{folder} validation"] = evaluate(model, held_out, rule)
             print(f"validation ({folder}, {len(np.unique(held_out.patients))} patients held out):\n"
                   f"{format_scores(scores[f'{folder} validation'])}")
     for folder in folders(settings.synthetic):
-        scores[f"{folder} test"] = evaluate(model, synthetic_set(folder, "test", settings.image_size, bad), *rule)
+        scores[f"{folder} test"] = evaluate(model, synthetic_set(folder, "test", settings.image_size, bad), rule)
         print(f"synthetic test split ({folder}):\n{format_scores(scores[f'{folder} test'])}")
     for folder in folders(settings.score_png_masks):
         scores[folder] = evaluate(model, png_mask_set(folder, settings.image_size, bad, settings.read_non_ct_as_hu),
-                                  *rule)
+                                  rule)
         print(f"held out ({folder}):\n{format_scores(scores[folder])}")
     write_bad_inputs(bad_path, bad)
     write_json(run_dir / "scores.json", scores)

@@ -12,7 +12,9 @@ Scores on the real CT-ICH slices (`../shared/data/real/ctich_masks/`, never trai
 per slice and their mean, beside the baseline of calling every pixel between 50 and 90 HU blood; the pointing game for both localizations on the same slices: is the U-Net's
 peak `any` probability inside the radiologist's mask, and is the CNN's Grad-CAM peak (for `any`)?
 Chance level: the share of the head's pixels that the mask covers.
-With ``--synthetic`` the pointing game is also played on every synthetic test slice with blood.
+With ``--synthetic``, on that dataset's test split at 512x512: the pooled Dice of `any` under the run's mask
+rule and under the rule its epoch was chosen with (on the model's grid), and the pointing game on every
+test slice with blood.
 """
 from __future__ import annotations
 
@@ -34,16 +36,18 @@ from ihd.cnn import load_cnn  # noqa: E402
 from ihd.dicom import read_hu  # noqa: E402
 from ihd.gradcam import gradcam_heatmap  # noqa: E402
 from ihd.index import build_index  # noqa: E402
-from ihd.io import run_header  # noqa: E402
+from ihd.io import read_json, run_header  # noqa: E402
+from ihd.mask_rules import MaskRule  # noqa: E402
 from ihd.masks import ANY, MaskSet, png_mask_set, synthetic_set  # noqa: E402
-from ihd.seg_inference import native_probabilities, segment_series  # noqa: E402
+from ihd.seg_inference import choose_rule_on_grid, native_probabilities, segment_series  # noqa: E402
 from ihd.seg_metrics import dice, pointing_hit  # noqa: E402
-from ihd.segmentation import HEAD_HU, load_unet, predict_probabilities  # noqa: E402
+from ihd.segmentation import BEST_FILE, HEAD_HU, load_unet, predict_probabilities  # noqa: E402
 from ihd.slices import to_model_hu  # noqa: E402
 from ihd.windows import parse_recipe  # noqa: E402
 
 CTICH = ROOT.parent / "shared" / "data" / "real" / "ctich_masks"
 BLOOD_HU = (50.0, 90.0)  # fresh blood; the baseline segmenter calls every pixel in this range blood
+CT_GRID = 512  # CT-ICH's and the synthetic slices' own grid, where masks are scored
 
 
 @dataclass
@@ -56,7 +60,7 @@ class Settings:
     models_dir: str = "models"
 
 
-def time_study(model, size: int, rule: dict, run: str, settings: Settings) -> dict:
+def time_study(model, size: int, rule: MaskRule, run: str, settings: Settings) -> dict:
     """Median seconds of segment_series on a 40-slice study, and of the bare U-Net on its inputs in memory."""
     with tempfile.TemporaryDirectory() as folder:
         study = Path(folder) / "study"
@@ -68,8 +72,7 @@ def time_study(model, size: int, rule: dict, run: str, settings: Settings) -> di
         full, bare = [], []
         for run_number in range(settings.runs + 1):
             start = time.perf_counter()
-            segment_series(model, size, paths, series_id, Path(folder) / f"out{run_number}", run,
-                           rule["mask_threshold"], rule["within_skull"])
+            segment_series(model, size, paths, series_id, Path(folder) / f"out{run_number}", run, rule)
             full.append(time.perf_counter() - start)
             start = time.perf_counter()
             predict_probabilities(model, inputs)
@@ -78,15 +81,16 @@ def time_study(model, size: int, rule: dict, run: str, settings: Settings) -> di
             "bare_unet_s": statistics.median(bare[1:])}
 
 
-def pointing_game(unet, unet_size: int, rule: dict, cnn, cnn_config: dict | None, masks: MaskSet) -> dict:
-    """Per slice (at the masks' own size): Dice of `any`, and whether the U-Net's and Grad-CAM's peaks fall inside the true mask."""
-    probabilities = native_probabilities(unet, masks.hu, unet_size, rule["within_skull"])  # back on the masks' own grid
+def pointing_game(unet, unet_size: int, rule: MaskRule, cnn, cnn_config: dict | None, masks: MaskSet) -> dict:
+    """Per slice (at the masks' own size): Dice of `any` under ``rule``, and whether the U-Net's and Grad-CAM's
+    peaks fall inside the true mask."""
+    probabilities = native_probabilities(unet, masks.hu, unet_size, rule.within_skull)  # back on the masks' own grid
     rows = []
     for k in range(len(masks)):
         truth = masks.masks[k, ..., ANY] > 0.5
         unet_any = probabilities[k, ..., ANY]
         hu = masks.hu[k]
-        row = {"name": masks.names[k], "dice": dice(unet_any >= rule["mask_threshold"], truth),
+        row = {"name": masks.names[k], "dice": dice(rule.blood(unet_any, hu), truth),
                "threshold_dice": dice((hu >= BLOOD_HU[0]) & (hu <= BLOOD_HU[1]), truth),
                "chance_hit": float(truth.sum() / max(1, (hu > HEAD_HU).sum())),
                "unet_hit": pointing_hit(unet_any, truth)}
@@ -114,9 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
     run_header(argv, settings)
     print(f"device: {device_description()}")
     unet, unet_config = load_unet(Path(settings.models_dir) / settings.unet_run)
+    best = read_json(Path(settings.models_dir) / settings.unet_run / BEST_FILE)
     size = int(unet_config["image_size"])
-    rule = {k: unet_config[k] for k in ("mask_threshold", "within_skull")}
-    print(f"mask rule: {rule}")
+    rule = MaskRule.from_json(unet_config["mask_rule"])
+    print(f"mask rule: {rule.describe()}")
     cnn, cnn_config = (None, None)
     if settings.cnn_run:
         cnn, cnn_config = load_cnn(Path(settings.models_dir) / settings.cnn_run)
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{timing['slices']}-slice study: segment_series {timing['segment_series_s']:.2f} s "
           f"(bare U-Net on inputs in memory {timing['bare_unet_s']:.2f} s)")
     bad = []
-    result["ctich"] = pointing_game(unet, size, rule, cnn, cnn_config, png_mask_set(CTICH, 512, bad, non_ct_as_hu=True))
+    result["ctich"] = pointing_game(unet, size, rule, cnn, cnn_config, png_mask_set(CTICH, CT_GRID, bad, non_ct_as_hu=True))
     for row in result["ctich"]["slices"]:
         print(f"  {row['name']}: dice {row['dice']:.3f} (HU threshold {row['threshold_dice']:.3f})  U-Net peak {'in' if row['unet_hit'] else 'out'}"
               + (f"  Grad-CAM peak {'in' if row['gradcam_hit'] else 'out'}" if cnn is not None else ""))
@@ -136,7 +141,13 @@ def main(argv: list[str] | None = None) -> dict:
           f"{ctich['threshold_mean_dice']:.3f}); pointing game U-Net {ctich['unet_pointing']:.2f}, Grad-CAM "
           f"{ctich['gradcam_pointing']}, a random point in the head {ctich['chance_pointing']:.3f}")
     if settings.synthetic:
-        test = synthetic_set(settings.synthetic, "test", size, bad)
+        test = synthetic_set(settings.synthetic, "test", CT_GRID, bad)
+        _, _, by_rule = choose_rule_on_grid(unet, size, test)  # every candidate's Dice, read here, chosen on nothing
+        rules = {"run": rule} | ({"epoch": MaskRule.from_json(best["epoch_rule"])} if "epoch_rule" in best else {})
+        result["synthetic_dice_any"] = {name: by_rule[r.describe()] for name, r in rules.items()}
+        for name, r in rules.items():
+            print(f"synthetic test ({len(test)} slices at {CT_GRID}x{CT_GRID}), pooled Dice of `any` under the "
+                  f"{name}'s rule ({r.describe()}): {result['synthetic_dice_any'][name]:.3f}")
         with_blood = np.flatnonzero((test.masks[..., ANY] > 0.5).any(axis=(1, 2)))
         game = pointing_game(unet, size, rule, cnn, cnn_config, test.subset(with_blood))
         result["synthetic_pointing"] = {k: v for k, v in game.items() if k != "slices"} | {"slices": len(with_blood)}

@@ -127,14 +127,18 @@ def _header(path: Path) -> pydicom.Dataset:
     return pydicom.dcmread(path, stop_before_pixels=True)
 
 
-def synthetic_set(raw_dir: str | Path, split: str, size: int, bad: list[BadInput]) -> MaskSet:
-    """The slices of one split of a synthetic dataset (``raw_dir`` in the Kaggle layout) with their true masks."""
+def synthetic_set(raw_dir: str | Path, split: str, size: int, bad: list[BadInput],
+                  cases: set[str] | None = None) -> MaskSet:
+    """The slices of one split of a synthetic dataset (``raw_dir`` in the Kaggle layout) with their true masks;
+    with ``cases``, only those series."""
     raw_dir = Path(raw_dir)
     folder = raw_dir / f"stage_2_{split}"
     mask_files = sorted((raw_dir / "truth" / "masks").glob("*.npz"))
     if not mask_files:
         raise FileNotFoundError(f"{raw_dir / 'truth' / 'masks'}: no mask files (write a synthetic dataset first)")
     parts = []
+    if cases is not None:
+        mask_files = [path for path in mask_files if path.stem in cases]
     for mask_path in tqdm(mask_files, desc=f"synthetic {split} masks", unit="series"):
         image_ids, masks = load_masks(mask_path)
         paths = [folder / f"{i}.dcm" for i in image_ids]
@@ -208,8 +212,10 @@ def png_truth(blood: np.ndarray, subtypes: dict[str, int] | None) -> np.ndarray:
     return labels
 
 
-def png_mask_set(folder: str | Path, size: int, bad: list[BadInput], non_ct_as_hu: bool = False) -> MaskSet:
-    """Slices ``images/<name>.dcm`` and masks ``masks/<name>.png`` matched by name (see `png_truth` for
+def png_mask_set(folder: str | Path, size: int, bad: list[BadInput], non_ct_as_hu: bool = False,
+                 cases: set[str] | None = None) -> MaskSet:
+    """Slices ``images/<name>.dcm`` and masks ``masks/<name>.png`` matched by name (with ``cases``, only those
+    names; see `png_truth` for
     what ``labels.csv``, when present, adds to the blood-or-not of the mask; its ``patient`` column keeps a
     patient's slices on one side of the training/validation split). ``non_ct_as_hu`` reads
     slices of other modalities as HU (CT-ICH's exports are Modality OT holding raw HU); without it
@@ -228,6 +234,8 @@ def png_mask_set(folder: str | Path, size: int, bad: list[BadInput], non_ct_as_h
     subtypes, patients = slice_labels(folder / "labels.csv")
     hu, truth, names = [], [], []
     for name in sorted(images.keys() & masks.keys()):
+        if cases is not None and name not in cases:
+            continue
         mask = cv2.imread(str(masks[name]), cv2.IMREAD_GRAYSCALE)
         if mask is None:
             bad.append(BadInput(str(masks[name]), "not a readable PNG image"))
@@ -305,8 +313,10 @@ def labels_on_series_grid(labels: np.ndarray, affine: np.ndarray, geometry: Seri
     return np.transpose(np.flip(reordered, flips) if flips else reordered, (2, 0, 1))
 
 
-def nifti_label_set(nifti_dir: str | Path, dicom_dir: str | Path, size: int, bad: list[BadInput]) -> MaskSet:
-    """Label volumes ``<SeriesInstanceUID>.nii[.gz]`` matched to the series of ``dicom_dir``, at the model's size."""
+def nifti_label_set(nifti_dir: str | Path, dicom_dir: str | Path, size: int, bad: list[BadInput],
+                    cases: set[str] | None = None) -> MaskSet:
+    """Label volumes ``<SeriesInstanceUID>.nii[.gz]`` matched to the series of ``dicom_dir``, at the model's size;
+    with ``cases``, only those series."""
     import nibabel
 
     volumes = {_nifti_series_uid(p): p for p in sorted(Path(nifti_dir).iterdir()) if p.name.endswith(NIFTI_SUFFIXES)}
@@ -317,6 +327,8 @@ def nifti_label_set(nifti_dir: str | Path, dicom_dir: str | Path, size: int, bad
                for s in sorted(series.keys() - volumes.keys()))
     parts = []
     for uid in sorted(volumes.keys() & series.keys()):
+        if cases is not None and uid not in cases:
+            continue
         paths = series[uid]
         try:
             geometry = series_geometry([_header(p) for p in paths], uid)

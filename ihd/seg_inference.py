@@ -1,8 +1,10 @@
 """A trained U-Net over the series of a DICOM folder: masks, overlays, NIfTI, DICOM SEG and a table of bleeds.
 
 Per series (slices in the order of `ihd.index`): read every slice in HU, run the U-Net at its size,
-resize the six probability maps back to the series' own grid (bilinear), and turn them into
-exclusive subtype masks (`ihd.segmentation.subtype_masks`). Then write, in ``out_dir/segmentation/``:
+resize the six probability maps back to the series' own grid (bilinear), call blood what the run's
+mask rule says on that grid (`ihd.mask_rules`), and give each pixel of blood its likeliest subtype
+(`ihd.segmentation.subtype_masks`). The rule is chosen on the grid it is applied to
+(`choose_rule_on_grid`): a threshold that suits the model's grid does not suit the maps resized back. Then write, in ``out_dir/segmentation/``:
 ``<series>.nii.gz`` (label volume on the series' grid), ``<series>_seg.dcm`` (DICOM Segmentation
 referencing the source slices), ``<series>_<image>.png`` (an overlay for every slice with blood), and
 for all series together ``bleeds.csv``: one row per bleed with its study, series, subtype, location,
@@ -25,8 +27,9 @@ from ihd.geometry import GeometryError, series_geometry
 from ihd.io import atomic_path, write_json
 from ihd.location import TABLE_COLUMNS, locate_bleeds
 from ihd.mask_export import write_nifti, write_overlay, write_seg
-from ihd.masks import BadInput, write_bad_inputs
-from ihd.segmentation import MASK_THRESHOLD, load_unet, predict_probabilities, subtype_masks
+from ihd.mask_rules import MaskRule, RuleChoice
+from ihd.masks import ANY, BadInput, MaskSet, write_bad_inputs
+from ihd.segmentation import load_unet, predict_probabilities, skull_hulls, subtype_masks
 from ihd.slices import to_model_hu
 
 ALGORITHM = "ihd-unet"
@@ -36,18 +39,39 @@ def native_probabilities(model, hu: np.ndarray, size: int, within_skull: bool = 
     """U-Net probabilities (n, rows, cols, 6) of native HU slices (n, rows, cols), resized back to their grid;
     ``within_skull``: 0 outside the skull hull of each slice at the model's size (see `predict_probabilities`)."""
     small = predict_probabilities(model, np.stack([to_model_hu(s, size) for s in hu]), within_skull=within_skull)
-    rows, cols = hu.shape[1:]
-    return np.stack([cv2.resize(p, (cols, rows), interpolation=cv2.INTER_LINEAR) for p in small])
+    return _to_grid(small, hu.shape[1:])
+
+
+def _to_grid(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Maps (n, size, size[, channels]) resized bilinearly to (n, rows, cols[, channels])."""
+    rows, cols = shape
+    return np.stack([cv2.resize(m, (cols, rows), interpolation=cv2.INTER_LINEAR) for m in maps])
+
+
+def choose_rule_on_grid(model, size: int, validation: MaskSet, batch_size: int = 32) -> tuple[MaskRule, float, dict]:
+    """The mask rule chosen on validation slices at their own grid (``validation`` at that size, larger than the
+    model's), where masks are made: `RuleChoice` over the maps resized back, batch by batch. Returns the rule,
+    its pooled Dice of `any` and the Dice of every candidate (keyed by the rule in words)."""
+    choice = RuleChoice()
+    for begin in tqdm(range(0, len(validation), batch_size), desc="mask rule on the slices' grid", unit="batch"):
+        hu = validation.hu[begin:begin + batch_size]
+        small_hu = np.stack([to_model_hu(s, size) for s in hu])
+        small_any = predict_probabilities(model, small_hu)[..., ANY]
+        choice.add(validation.masks[begin:begin + batch_size, ..., ANY], hu, _to_grid(small_any, hu.shape[1:]),
+                   _to_grid(small_any * skull_hulls(small_hu), hu.shape[1:]))
+    rule, dice_any = choice.best()
+    return rule, dice_any, {candidate.describe(): d for candidate, d in choice.dices().items()}
 
 
 def segment_series(model, size: int, paths: list[str], series_id: str, out_dir: Path, run: str,
-                   threshold: float = MASK_THRESHOLD, within_skull: bool = False) -> pd.DataFrame:
-    """Segment one series (paths in slice order) under the run's mask rule (``threshold``, ``within_skull``), write
-    its outputs; returns its bleeds (TABLE_COLUMNS)."""
+                   rule: MaskRule = MaskRule()) -> pd.DataFrame:
+    """Segment one series (paths in slice order) under the run's mask rule (on the series' own grid), write its
+    outputs; returns its bleeds (TABLE_COLUMNS)."""
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     geometry = series_geometry(headers, series_id)
     hu = np.stack([read_hu(p) for p in paths])
-    masks = subtype_masks(native_probabilities(model, hu, size, within_skull), threshold)
+    probabilities = native_probabilities(model, hu, size, rule.within_skull)
+    masks = subtype_masks(probabilities, rule.blood(probabilities[..., ANY], hu))
     write_nifti(out_dir / f"{series_id}.nii.gz", masks, geometry)
     write_seg(out_dir / f"{series_id}_seg.dcm", headers, masks, geometry, ALGORITHM, run)
     for k in np.flatnonzero(masks.any(axis=(1, 2, 3))):
@@ -68,7 +92,7 @@ def segment_index(run_dir: str | Path, index: pd.DataFrame, out_dir: str | Path)
         start = time.perf_counter()
         try:
             table = segment_series(model, int(config["image_size"]), paths, series_id, out_dir, Path(run_dir).name,
-                                   config["mask_threshold"], config["within_skull"])
+                                   MaskRule.from_json(config["mask_rule"]))
         except (GeometryError, DicomError) as error:
             skipped.append(BadInput(str(Path(paths[0]).parent), f"series {series_id} not segmented: {error}"))
             continue

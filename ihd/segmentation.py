@@ -31,16 +31,15 @@ from ihd.cnn import Windowing
 from ihd.dicom import AIR_HU
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES
+from ihd.mask_rules import MaskRule, RuleChoice
 from ihd.masks import ANY, UNKNOWN, MaskSet
 from ihd.progress import epoch_progress
-from ihd.seg_metrics import dice, score_masks
+from ihd.seg_metrics import score_masks
 from ihd.windows import parse_recipe
 
 PLAIN = "plain"
 MODEL_FILE = "unet.keras"
 BEST_FILE = "best.json"
-MASK_THRESHOLD = 0.5  # the rule of a run that chose none
-THRESHOLD_CANDIDATES = tuple(round(0.05 * k, 2) for k in range(2, 19))  # 0.10 .. 0.90: what validation chooses from
 # Layers whose outputs feed the decoder, shallowest (1/2 of the input size) to deepest (1/32).
 ENCODER_SKIPS = {
     "MobileNetV2": ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu",
@@ -161,13 +160,12 @@ def bce_dice_loss(truth, probabilities):
     return cross_entropy + dice_loss
 
 
-def subtype_masks(probabilities: np.ndarray, threshold: float = MASK_THRESHOLD) -> np.ndarray:
-    """Exclusive per-subtype masks (..., 5) from probabilities (..., 6): blood where `any` >= ``threshold``,
-    of the subtype whose channel is highest there. Every output (table, NIfTI, SEG, overlays) uses this rule."""
-    probabilities = np.asarray(probabilities)
-    blood = probabilities[..., ANY] >= threshold
-    best = np.argmax(probabilities[..., :ANY], axis=-1)
-    return blood[..., None] & (best[..., None] == np.arange(ANY))
+def subtype_masks(probabilities: np.ndarray, blood: np.ndarray) -> np.ndarray:
+    """Exclusive per-subtype masks (..., 5) from probabilities (..., 6) and the mask rule's blood (...): each
+    pixel of blood gets the subtype whose channel is highest there. Every output (table, NIfTI, SEG,
+    overlays) uses this rule."""
+    best = np.argmax(np.asarray(probabilities)[..., :ANY], axis=-1)
+    return np.asarray(blood)[..., None] & (best[..., None] == np.arange(ANY))
 
 
 def inside_skull(hu: np.ndarray) -> np.ndarray:
@@ -286,46 +284,33 @@ def skull_hulls(hu: np.ndarray) -> np.ndarray:
     return np.stack([inside_skull(s) for s in hu]) if len(hu) else np.zeros(np.shape(hu), bool)
 
 
-def predicted_masks(probabilities: np.ndarray, threshold: float = MASK_THRESHOLD) -> np.ndarray:
-    """Boolean (..., 6) masks in SUBTYPES order: the exclusive subtype masks and `any` at ``threshold``."""
-    return np.concatenate([subtype_masks(probabilities, threshold), probabilities[..., ANY:] >= threshold], axis=-1)
+def predicted_masks(probabilities: np.ndarray, hu: np.ndarray, rule: MaskRule) -> np.ndarray:
+    """Boolean (..., 6) masks in SUBTYPES order under ``rule``: the exclusive subtype masks and `any`."""
+    blood = rule.blood(np.asarray(probabilities)[..., ANY], hu)
+    return np.concatenate([subtype_masks(probabilities, blood), blood[..., None]], axis=-1)
 
 
-def score_probabilities(probabilities: np.ndarray, masks: MaskSet, threshold: float) -> dict:
-    """Dice and volume errors per subtype and `any` of probabilities (n, size, size, 6) against a MaskSet's truth
-    (see `ihd.seg_metrics.score_masks`)."""
-    return score_masks(predicted_masks(probabilities, threshold), masks.masks, masks.cases, masks.voxel_mm, SUBTYPES)
+def score_probabilities(probabilities: np.ndarray, masks: MaskSet, rule: MaskRule) -> dict:
+    """Dice and volume errors per subtype and `any` of probabilities (n, size, size, 6) under ``rule`` against a
+    MaskSet's truth (see `ihd.seg_metrics.score_masks`)."""
+    return score_masks(predicted_masks(probabilities, masks.hu, rule), masks.masks, masks.cases, masks.voxel_mm,
+                       SUBTYPES)
 
 
-def evaluate(model: keras.Model, masks: MaskSet, threshold: float = MASK_THRESHOLD, within_skull: bool = False) -> dict:
-    """Dice and volume errors per subtype and `any` of ``model`` on a MaskSet under the mask rule (``threshold``,
-    ``within_skull``)."""
-    return score_probabilities(predict_probabilities(model, masks.hu, within_skull=within_skull), masks, threshold)
+def evaluate(model: keras.Model, masks: MaskSet, rule: MaskRule = MaskRule()) -> dict:
+    """Dice and volume errors per subtype and `any` of ``model`` on a MaskSet under the mask rule ``rule``, on the
+    MaskSet's grid."""
+    return score_probabilities(predict_probabilities(model, masks.hu, within_skull=rule.within_skull), masks, rule)
 
 
-def choose_threshold(probabilities_any: np.ndarray, truth_any: np.ndarray,
-                     candidates: tuple[float, ...] = THRESHOLD_CANDIDATES) -> tuple[float, dict[float, float]]:
-    """The threshold on `any` with the best pooled Dice over (validation) slices, the lowest on ties; and the Dice
-    at every candidate. With no blood predicted or true at any candidate, ``MASK_THRESHOLD``."""
-    truth_any = np.asarray(truth_any) > 0.5
-    dices = {float(t): dice(np.asarray(probabilities_any) >= t, truth_any) for t in candidates}
-    defined = {t: d for t, d in dices.items() if not math.isnan(d)}
-    return (max(defined, key=lambda t: (defined[t], -t)) if defined else MASK_THRESHOLD), dices
-
-
-def choose_mask_rule(probabilities_any: np.ndarray, truth_any: np.ndarray, skull: np.ndarray) -> dict:
-    """The mask rule with the best pooled Dice of `any` over (validation) slices: whether to keep only the
-    blood inside the skull hulls ``skull`` (same shape), and the threshold (`choose_threshold`). The whole
-    slice wins ties: the hull must earn its place. Returns threshold, within_skull, the Dice at that rule
-    and the Dice at every threshold of both."""
+def choose_mask_rule(probabilities_any: np.ndarray, truth_any: np.ndarray, skull: np.ndarray,
+                     hu: np.ndarray) -> tuple[MaskRule, float]:
+    """The mask rule with the best pooled Dice of `any` over (validation) slices of one grid (`RuleChoice`):
+    probabilities, truth, skull hulls and HU all of the same shape. Returns the rule and its Dice."""
+    choice = RuleChoice()
     probabilities_any = np.asarray(probabilities_any)
-    rules = {within: choose_threshold(probabilities_any * skull if within else probabilities_any, truth_any)
-             for within in (False, True)}
-    dice_at = {within: rules[within][1][rules[within][0]] for within in rules}
-    dice_at = {within: -1.0 if math.isnan(d) else d for within, d in dice_at.items()}
-    within = dice_at[True] > dice_at[False]
-    return {"threshold": rules[within][0], "within_skull": bool(within), "val_dice_any": dice_at[within],
-            "val_dice_any_by_threshold": {"whole slice": rules[False][1], "within skull": rules[True][1]}}
+    choice.add(truth_any, hu, probabilities_any, probabilities_any * skull)
+    return choice.best()
 
 
 class ValidationDice(keras.callbacks.Callback):
@@ -352,14 +337,16 @@ class ValidationDice(keras.callbacks.Callback):
             self.full_size.set_weights(self.model.get_weights())
             model = self.full_size
         probabilities = predict_probabilities(model, self.validation.hu)
-        rule = choose_mask_rule(probabilities[..., ANY], self.validation.masks[..., ANY], self.skull)
-        threshold = rule["threshold"]
-        if rule["within_skull"]:
+        rule, _ = choose_mask_rule(probabilities[..., ANY], self.validation.masks[..., ANY], self.skull,
+                                   self.validation.hu)
+        if rule.within_skull:
             probabilities = probabilities * self.skull[..., None]
-        scores = score_probabilities(probabilities, self.validation, threshold)
+        scores = score_probabilities(probabilities, self.validation, rule)
         if logs is not None:
             logs.update({f"val_dice_{name}": s["dice_pooled"] for name, s in scores.items()}
-                        | {"val_threshold": threshold, "val_within_skull": int(rule["within_skull"])})
+                        | {"val_threshold": rule.threshold, "val_within_skull": int(rule.within_skull),
+                           "val_blood_hu_low": rule.blood_hu[0] if rule.blood_hu else math.nan,
+                           "val_blood_hu_high": rule.blood_hu[1] if rule.blood_hu else math.nan})
         dice_any = scores["any"]["dice_pooled"]
         dice_any = -1.0 if math.isnan(dice_any) else dice_any
         improved = dice_any > self.best_dice
@@ -367,10 +354,10 @@ class ValidationDice(keras.callbacks.Callback):
             self.best_dice = dice_any
             with atomic_path(self.model_path) as tmp:
                 model.save(tmp)
-            write_json(self.best_path, {"epoch": epoch + 1} | rule | {"val_dice_any": dice_any})
+            write_json(self.best_path, {"epoch": epoch + 1, "rule": rule.as_json(), "val_dice_any": dice_any,
+                                        "rule_grid": int(self.validation.hu.shape[1])})
         print(f"epoch {epoch + 1}: loss {(logs or {}).get('loss', math.nan):.4f} val_dice_any {dice_any:.3f} "
-              f"at threshold {threshold:.2f}{' within the skull' if rule['within_skull'] else ''}"
-              f"{' (best, saved)' if improved else ''}", flush=True)
+              f"({rule.describe()}){' (best, saved)' if improved else ''}", flush=True)
 
 
 def fit_unet(model: keras.Model, train_data, validation: MaskSet, run_dir: str | Path, epochs: int,
@@ -388,15 +375,14 @@ def fit_unet(model: keras.Model, train_data, validation: MaskSet, run_dir: str |
 
 
 def load_unet(run_dir: str | Path) -> tuple[keras.Model, dict]:
-    """The best-epoch U-Net of a segmentation run and the run's config.json, with its mask rule chosen on
-    validation with that epoch (best.json): ``"mask_threshold"`` on `any` (``MASK_THRESHOLD`` for a run without
-    one) and ``"within_skull"`` (False for a run without one)."""
+    """The best-epoch U-Net of a segmentation run and the run's config.json, with ``"mask_rule"``: the run's mask
+    rule (`MaskRule.as_json`) from best.json, the neutral rule (`MaskRule()`) for a run without one."""
     run_dir = Path(run_dir)
     path = run_dir / MODEL_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: train the U-Net first (train_seg.py --run {run_dir.name})")
     best_path = run_dir / BEST_FILE
     best = read_json(best_path) if best_path.is_file() else {}
-    config = read_json(run_dir / "config.json") | {"mask_threshold": float(best.get("threshold", MASK_THRESHOLD)),
-                                                   "within_skull": bool(best.get("within_skull", False))}
+    rule = MaskRule.from_json(best.get("rule", best))  # runs saved before the HU gate kept threshold and hull at the top
+    config = read_json(run_dir / "config.json") | {"mask_rule": rule.as_json()}
     return keras.models.load_model(path, compile=False), config

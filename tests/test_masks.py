@@ -79,6 +79,8 @@ def test_nifti_round_trip_and_alignment(rsna_series, tmp_path):
     expected = resize_mask(masks[4, ..., PARENCHYMAL], 64)
     assert np.array_equal(loaded.masks[4, ..., PARENCHYMAL] > 0, expected)
     assert np.array_equal(loaded.masks[..., ANY] > 0, loaded.masks[..., :ANY].max(axis=-1) > 0)
+    assert len(nifti_label_set(tmp_path / "labels", folder, 64, [], cases={"another series"})) == 0
+    assert len(nifti_label_set(tmp_path / "labels", folder, 64, [], cases={uid})) == geometry.n_slices
     assert loaded.voxel_mm[0] == pytest.approx([geometry.row_spacing_mm * 8, geometry.col_spacing_mm * 8,
                                                 geometry.slice_spacing_mm])
 
@@ -186,6 +188,9 @@ def test_png_mask_folder_with_bad_files(real_data, tmp_path):
     assert "differs in size" in reasons[str(folder / "masks" / "050_24.png")]
     assert loaded.names == ["051_23", "051_31", "052_17", "066_19", "071_14", "071_19"]
     assert loaded.patients.tolist() == ["51", "51", "52", "66", "71", "71"]  # labels.csv's patient column
+    only = png_mask_set(folder, 64, [], non_ct_as_hu=True, cases={"052_17", "071_19"})  # the named slices alone
+    assert only.names == ["052_17", "071_19"]
+    assert np.array_equal(only.masks, loaded.masks[[2, 5]]) and np.array_equal(only.hu, loaded.hu[[2, 5]])
     # labels.csv: 071_19 is subdural only, so its mask is subdural; 071_14 is subdural and
     # intraparenchymal, so those two are unknown there and the other three known absent.
     mask_071_14 = loaded.masks[loaded.names.index("071_14")]
@@ -221,6 +226,8 @@ def test_synthetic_truth_matches_the_saved_masks(prepared_synthetic):
     for k in range(len(BLEEDS)):
         assert np.array_equal(test.masks[rows, ..., k] > 0, np.stack([resize_mask(m[k], 64) for m in masks]))
     assert test.voxel_mm[rows[0], 0] == pytest.approx(float(header.PixelSpacing[0]) * 512 / 64)
+    one = synthetic_set(raw, "test", 64, [], cases={mask_path.stem})  # that series alone
+    assert set(one.cases) == {mask_path.stem} and np.array_equal(one.masks, test.masks[rows])
 
 
 def test_synthetic_series_with_an_unreadable_slice_still_trains_without_volumes(prepared_synthetic):

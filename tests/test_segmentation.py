@@ -9,11 +9,12 @@ import pytest
 
 from ihd.dicom import AIR_HU
 from ihd.labels import SUBTYPES
+from ihd.mask_rules import THRESHOLD_CANDIDATES, MaskRule, RuleChoice
 from ihd.masks import ANY, UNKNOWN, MaskSet
 from ihd.seg_metrics import dice, pointing_hit, score_masks, volume_errors, volume_ml
 from ihd.segmentation import (
-    MASK_THRESHOLD, THRESHOLD_CANDIDATES, bce_dice_loss, build_unet, choose_mask_rule, choose_threshold, compile_unet,
-    evaluate, inside_skull, load_unet, predict_probabilities, subtype_masks, training_dataset,
+    bce_dice_loss, build_unet, choose_mask_rule, compile_unet, evaluate, inside_skull, load_unet, predict_probabilities,
+    subtype_masks, training_dataset,
 )
 from ihd.synthetic import BLEEDS
 
@@ -72,7 +73,7 @@ def test_loss_is_small_when_right_and_ignores_unknown_channels():
 def test_subtype_masks_are_exclusive_and_follow_any():
     probabilities = np.array([[0.1, 0.7, 0.2, 0.3, 0.4, 0.6], [0.1, 0.7, 0.2, 0.3, 0.4, 0.4],
                               [0.2, 0.1, 0.1, 0.1, 0.3, 0.9]], np.float32)
-    masks = subtype_masks(probabilities)
+    masks = subtype_masks(probabilities, probabilities[:, ANY] >= 0.5)
     assert masks.tolist() == [[False, True, False, False, False], [False] * 5, [False, False, False, False, True]]
 
 
@@ -163,6 +164,7 @@ def test_train_seg_end_to_end(prepared_synthetic, real_data, tmp_path):
         "--synthetic", str(prepared_synthetic / "raw"), "--encoder", "plain", "--weights", "none", "--image-size", "32",
         "--base-filters", "4", "--crop-size", "16", "--epochs", "2", "--batch-size", "8", "--run", "tiny",
         "--score-png-masks", str(real_data / "ctich_masks"), "--read-non-ct-as-hu", "--models-dir", str(tmp_path),
+        "--rule-size", "64",
     ])
     assert (run_dir / "unet.keras").is_file() and (run_dir / "history.csv").is_file()
     config = json.loads((run_dir / "config.json").read_text())
@@ -170,10 +172,23 @@ def test_train_seg_end_to_end(prepared_synthetic, real_data, tmp_path):
     assert load_unet(run_dir)[0].input.shape[1:3] == (32, 32)  # trained on 16x16 crops, saved at the slice size
     scores = json.loads((run_dir / "scores.json").read_text())
     best = json.loads((run_dir / "best.json").read_text())
-    assert best["threshold"] in THRESHOLD_CANDIDATES and scores["mask_threshold"] == best["threshold"]
-    assert scores["within_skull"] == best["within_skull"] in (True, False)
-    config = load_unet(run_dir)[1]
-    assert (config["mask_threshold"], config["within_skull"]) == (best["threshold"], best["within_skull"])  # every output's rule
+    assert best["rule"]["threshold"] in THRESHOLD_CANDIDATES and scores["mask_rule"] == best["rule"]
+    assert (best["rule_grid"], best["epoch_rule_grid"]) == (64, 32)  # chosen again on the slices' own grid
+    assert scores["epoch_rule"] == best["epoch_rule"] and best["val_dice_any_by_rule"]
+    assert load_unet(run_dir)[1]["mask_rule"] == best["rule"]  # every output's rule
+
+    again = ["--run", "tiny", "--models-dir", str(tmp_path), "--rule-only", "--rule-size", "64"]
+    train_seg.main(again)  # the trained run's rule chosen again: the same data, the same rule, the epoch's choice kept
+    assert json.loads((run_dir / "best.json").read_text()) == best
+    assert json.loads((run_dir / "scores.json").read_text())["train_seconds"] == scores["train_seconds"]
+    (run_dir / "best.json").write_text(json.dumps({"epoch": 2, "threshold": 0.9, "within_skull": False,
+                                                   "val_dice_any": 0.5}))  # as runs before the HU gate saved it
+    train_seg.main(again)
+    upgraded = json.loads((run_dir / "best.json").read_text())
+    assert upgraded["rule"] == best["rule"] and upgraded["epoch"] == 2
+    assert upgraded["epoch_rule"] == MaskRule(0.9).as_json() and upgraded["epoch_rule_grid"] == 32
+    with pytest.raises(SystemExit, match="no trained run"):
+        train_seg.main(["--run", "absent", "--models-dir", str(tmp_path), "--rule-only"])
     assert "any" in scores[f"{prepared_synthetic / 'raw'} validation"]
     synthetic_test = scores[f"{prepared_synthetic / 'raw'} test"]
     assert set(synthetic_test) <= set(SUBTYPES) and "any" in synthetic_test
@@ -191,6 +206,7 @@ def test_segment_index_writes_aligned_outputs_and_the_table(real_data, tmp_path)
     import pandas as pd
     import pydicom
 
+    from ihd.dicom import read_hu
     from ihd.index import build_index
     from ihd.io import write_json
     from ihd.masks import LABEL_VALUES
@@ -232,6 +248,15 @@ def test_segment_index_writes_aligned_outputs_and_the_table(real_data, tmp_path)
     assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 32
     assert len(list(out.glob(f"{series_id}_*.png"))) == 32
 
+    gate = MaskRule(0.5, False, (50.0, 90.0))  # the same U-Net under a rule with the HU gate of fresh blood
+    write_json(run_dir / "best.json", {"epoch": 1, "rule": gate.as_json()})
+    segment_index(run_dir, index, tmp_path / "gated")
+    gated = np.asarray(nibabel.load(tmp_path / "gated" / "segmentation" / f"{series_id}.nii.gz").dataobj)
+    hu = np.stack([read_hu(p) for p in index.sort_values("position")["path"]])  # (slices, rows, cols)
+    blood_hu = np.transpose((hu >= 50) & (hu <= 90), (2, 1, 0))  # the NIfTI's (column, row, slice) order
+    assert 0 < blood_hu.sum() < blood_hu.size
+    np.testing.assert_array_equal(gated == LABEL_VALUES["intraparenchymal"], blood_hu)
+
 
 def test_training_crops_keep_the_blood_in_view():
     squares = _squares(n=16, size=64)
@@ -268,11 +293,48 @@ def test_validation_holds_out_whole_patients():
 def test_threshold_is_chosen_for_the_best_pooled_dice():
     probabilities = np.array([0.2, 0.42, 0.6, 0.8, 0.05])
     truth = np.array([0, 1, 1, 1, 0])
-    threshold, dices = choose_threshold(probabilities, truth)
-    assert threshold == 0.25  # the lowest of 0.25 .. 0.40, which all find the three and nothing else
-    assert dices[0.5] == pytest.approx(2 * 2 / (2 + 3)) and dices[threshold] == 1.0
-    assert choose_threshold(np.zeros(4), np.zeros(4)) == (MASK_THRESHOLD, {t: pytest.approx(math.nan, nan_ok=True)
-                                                                            for t in dices})
+    choice = RuleChoice()
+    choice.add(truth, np.zeros(5), probabilities)
+    rule, best = choice.best()
+    assert rule == MaskRule(0.25) and best == 1.0  # the lowest of 0.25 .. 0.40, which all find the three and nothing else
+    assert choice.dices()[MaskRule(0.5)] == pytest.approx(2 * 2 / (2 + 3))
+    empty = RuleChoice()
+    empty.add(np.zeros(4), np.zeros(4), np.zeros(4))
+    assert empty.best()[0] == MaskRule() and math.isnan(empty.best()[1])
+
+
+def test_rule_counts_match_dice_by_hand_over_batches():
+    """Pooled over batches, at every threshold (a value equal to a threshold is blood), gate and hull option."""
+    rng = np.random.default_rng(0)
+    probabilities = rng.choice([0.1, 0.3, 0.55, 0.97, 0.99, 0.995], size=(6, 20, 20))
+    hull = rng.random((6, 20, 20)) < 0.7
+    truth = rng.random((6, 20, 20)) < 0.3
+    hu = rng.uniform(20, 120, (6, 20, 20))
+    choice = RuleChoice()
+    for batch in (slice(0, 2), slice(2, 6)):
+        choice.add(truth[batch], hu[batch], probabilities[batch], probabilities[batch] * hull[batch])
+    for rule, pooled in choice.dices().items():
+        maps = probabilities * hull if rule.within_skull else probabilities
+        assert pooled == pytest.approx(dice(rule.blood(maps, hu), truth)), rule
+
+
+def test_hu_gate_is_kept_only_where_validation_gains():
+    """A map blurred past a 70 HU bleed into 35 HU brain: the gate of fresh blood cuts the blur."""
+    hu = np.full((1, 32, 32), 35.0)
+    hu[0, 10:20, 10:20] = 70.0
+    truth = hu > 50
+    blurred = np.zeros((1, 32, 32))
+    blurred[0, 8:22, 8:22] = 0.9
+    rule, best = choose_mask_rule(blurred, truth, np.ones_like(truth), hu)
+    assert rule == MaskRule(0.1, False, (40.0, 100.0)) and best == 1.0  # the widest gate that does it
+    sharp = truth * 0.9
+    assert choose_mask_rule(sharp, truth, np.ones_like(truth), hu)[0] == MaskRule(0.1)  # no gain: no gate
+    edge = hu.copy()
+    edge[0, 10, 10:20] = 42.0  # partial volume at the bleed's edge, still blood in the truth
+    truth_edge = (edge > 40) & (blurred > 0.5) & (hu > 50) | (edge == 42.0)
+    assert choose_mask_rule(blurred, truth_edge, np.ones_like(truth), edge)[0].blood_hu == (40.0, 100.0)
+    assert MaskRule.from_json({"threshold": 0.7, "within_skull": True}) == MaskRule(0.7, True)  # a run saved before the gate
+    assert MaskRule.from_json(MaskRule(0.3, False, (50.0, 90.0)).as_json()) == MaskRule(0.3, False, (50.0, 90.0))
 
 
 def _head(size=128):
@@ -301,20 +363,23 @@ def test_inside_skull_is_the_skull_hull():
 
 def test_mask_rule_keeps_the_skull_hull_only_where_validation_gains():
     hu, _ = _head(64)
-    skull = np.stack([inside_skull(hu)] * 2)
+    hu = np.stack([hu] * 2)
+    skull = np.stack([inside_skull(hu[0])] * 2)
     truth = np.zeros((2, 64, 64), bool)
     truth[:, 20:28, 28:36] = True  # a bleed inside
     probabilities = truth * 0.8
-    plain = choose_mask_rule(probabilities, truth, skull)
-    assert not plain["within_skull"] and plain["val_dice_any"] == 1.0  # a tie: the whole slice
+    plain, best = choose_mask_rule(probabilities, truth, skull, hu)
+    assert not plain.within_skull and best == 1.0  # a tie: the whole slice
     probabilities[:, 2:4, 30:34] = 0.9  # bright scalp called blood, outside the skull
-    rule = choose_mask_rule(probabilities, truth, skull)
-    assert rule["within_skull"] and rule["val_dice_any"] == 1.0 and rule["threshold"] == 0.1
-    assert rule["val_dice_any_by_threshold"]["whole slice"][0.85] == pytest.approx(0.0)  # only the scalp is left
+    rule, best = choose_mask_rule(probabilities, truth, skull, hu)
+    assert rule == MaskRule(0.1, True) and best == 1.0
+    choice = RuleChoice()
+    choice.add(truth, hu, probabilities, probabilities * skull)
+    assert choice.dices()[MaskRule(0.85)] == pytest.approx(0.0)  # only the scalp is left
     outside = probabilities.copy()
     outside[:, 20:28, 28:36] = 0.0  # all the truth lies outside the hull: the hull would lose it
     truth_outside = outside > 0.5
-    assert not choose_mask_rule(outside, truth_outside, skull)["within_skull"]
+    assert not choose_mask_rule(outside, truth_outside, skull, hu)[0].within_skull
 
 
 def test_training_keeps_every_bleeding_slice_and_a_share_of_empty_ones():
