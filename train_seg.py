@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     return settings
 
 
+CASES_PER_PART = 8  # validation series (or lone slices) loaded at once at --rule-size: 8 series of 40 slices, about 0.8 GB
+
+
 def folders(value: str) -> list[str]:
     """The comma-separated folders of a flag."""
     return [v for v in value.split(",") if v]
@@ -146,32 +149,54 @@ def format_scores(scores: dict) -> str:
 def epoch_choice(run_dir: Path, image_size: int) -> dict:
     """How the run's epoch was chosen: epoch, rule (`MaskRule.as_json`), val_dice_any and rule_grid, from best.json
     (as training wrote it, after `choose_run_rule`, or as runs saved before the HU gate kept it)."""
-    from ihd.mask_rules import MaskRule
+    from ihd.segmentation import rule_of_best
 
     best = read_json(run_dir / "best.json")
     if "epoch_rule" in best:
         return {"epoch": best["epoch"], "rule": best["epoch_rule"], "val_dice_any": best["epoch_val_dice_any"],
                 "rule_grid": best["epoch_rule_grid"]}
-    return {"epoch": best["epoch"], "rule": MaskRule.from_json(best.get("rule", best)).as_json(),
-            "val_dice_any": best["val_dice_any"], "rule_grid": best.get("rule_grid", image_size)}
+    return {"epoch": best["epoch"], "rule": rule_of_best(best).as_json(), "val_dice_any": best["val_dice_any"],
+            "rule_grid": best.get("rule_grid", image_size)}
 
 
 def choose_run_rule(model, settings: Settings, validation_by_source: dict[str, MaskSet], run_dir: Path):
     """Choose the run's mask rule for its kept epoch on the validation slices at ``--rule-size``
-    (`choose_rule_on_grid`) and record it in best.json, beside the rule the epoch was chosen with; returns the
-    rule and its validation Dice of `any`."""
+    (`choose_rule_on_grid`, a few cases loaded at a time) and record it in best.json, beside the rule the
+    epoch was chosen with; returns the rule and its validation Dice of `any` (NaN when undefined)."""
     from ihd.seg_inference import choose_rule_on_grid
 
     loaders = source_loaders(settings)
-    on_grid = concatenate([loaders[folder](settings.rule_size, [], set(held_out.cases.tolist()))
-                           for folder, held_out in validation_by_source.items() if len(held_out)], settings.rule_size)
-    rule, dice_any, by_rule = choose_rule_on_grid(model, settings.image_size, on_grid)
+
+    def parts():  # the files that cannot be read were named when the sources were loaded at the model's size
+        for folder, held_out in validation_by_source.items():
+            cases = sorted(set(held_out.cases.tolist()))
+            for begin in range(0, len(cases), CASES_PER_PART):
+                yield loaders[folder](settings.rule_size, [], set(cases[begin:begin + CASES_PER_PART]))
+
+    choice = choose_rule_on_grid(model, settings.image_size, parts())
+    rule, dice_any = choice.best()
     chosen = epoch_choice(run_dir, settings.image_size)
-    write_json(run_dir / "best.json", {"epoch": chosen["epoch"], "rule": rule.as_json(), "val_dice_any": dice_any,
-                                       "rule_grid": settings.rule_size, "val_dice_any_by_rule": by_rule,
+    write_json(run_dir / "best.json", {"epoch": chosen["epoch"], "rule": rule.as_json(),
+                                       "val_dice_any": None if math.isnan(dice_any) else dice_any,
+                                       "rule_grid": settings.rule_size, "val_dice_any_by_rule": choice.table(),
                                        "epoch_rule": chosen["rule"], "epoch_val_dice_any": chosen["val_dice_any"],
                                        "epoch_rule_grid": chosen["rule_grid"]})
     return rule, dice_any
+
+
+def check_same_validation(run_dir: Path, validation: MaskSet) -> None:
+    """Refuse (SystemExit) a validation split that differs from the one the run was trained with, as its
+    config.json records it (the cases, or for runs that did not record them the slice count): the data on
+    disk changed, and the rule would be chosen on other slices, perhaps ones the U-Net trained on."""
+    config = read_json(run_dir / "config.json")
+    cases = sorted(set(validation.cases.tolist()))
+    if "val_cases" in config and config["val_cases"] != cases:
+        changed = sorted(set(config["val_cases"]) ^ set(cases))
+        raise SystemExit(f"--rule-only: the validation series of {run_dir} differ from those it was trained with "
+                         f"({len(changed)} differ, first {changed[:3]}): its data changed; train it again")
+    if config.get("val_slices", len(validation)) != len(validation):
+        raise SystemExit(f"--rule-only: {len(validation)} validation slices now, {config['val_slices']} when "
+                         f"{run_dir} was trained: its data changed; train it again")
 
 
 def settings_of_run(run_dir: Path, rule_size: int) -> Settings:
@@ -185,14 +210,15 @@ def settings_of_run(run_dir: Path, rule_size: int) -> Settings:
 
 
 def train_unet(settings: Settings, train: MaskSet, validation: MaskSet, run_dir: Path, bad: list[BadInput]) -> float:
-    """Write the run's config.json, train the U-Net (best epoch and its rule in unet.keras and best.json); returns
+    """Write the run's config.json (its settings and data, the validation cases named), train the U-Net (best epoch and its rule in unet.keras and best.json); returns
     the seconds training took."""
     import keras
 
     from ihd.segmentation import build_unet, compile_unet, fit_unet, training_dataset
 
     write_json(run_dir / "config.json", {**dataclasses.asdict(settings), "train_slices": len(train),
-                                         "val_slices": len(validation), "skipped_inputs": len(bad)})
+                                         "val_slices": len(validation), "skipped_inputs": len(bad),
+                                         "val_cases": sorted(set(validation.cases.tolist()))})
     keras.utils.set_random_seed(settings.seed)
     model = build_unet(settings.encoder, settings.image_size, settings.weights, settings.base_filters)
     trainer = model
@@ -217,6 +243,8 @@ def main(argv: list[str] | None = None) -> Path:
     run_dir = Path(settings.models_dir) / settings.run
     if settings.rule_only:
         settings = settings_of_run(run_dir, settings.rule_size)
+        print(f"--rule-only: {run_dir}'s own settings (config.json), choosing at {settings.rule_size}x"
+              f"{settings.rule_size}; other flags are not used")
     run_header(argv, settings)
     bad: list[BadInput] = []
     train_parts, validation_by_source = [], {}
@@ -228,17 +256,23 @@ def main(argv: list[str] | None = None) -> Path:
     validation = concatenate(list(validation_by_source.values()), settings.image_size)
     bad_path = write_bad_inputs(run_dir / "bad_inputs.csv", bad)
     print(f"{len(train)} training and {len(validation)} validation slices; {len(bad)} inputs skipped -> {bad_path}")
-    train_seconds = train_unet(settings, train, validation, run_dir, bad) if not settings.rule_only else (
-        read_json(run_dir / "scores.json").get("train_seconds") if (run_dir / "scores.json").is_file() else None)
+    if settings.rule_only:
+        check_same_validation(run_dir, validation)
+        scores_path = run_dir / "scores.json"
+        train_seconds = read_json(scores_path).get("train_seconds") if scores_path.is_file() else None
+    else:
+        train_seconds = train_unet(settings, train, validation, run_dir, bad)
 
     model, _ = load_unet(run_dir)
     rule = MaskRule.from_json(epoch_choice(run_dir, settings.image_size)["rule"])  # on the model's grid: scores below
-    scores = {"train_seconds": train_seconds, "epoch_rule": rule.as_json()}
+    scores = {"train_seconds": train_seconds, "epoch_rule": rule.as_json(),
+              "scored_on": f"the model's grid ({settings.image_size}x{settings.image_size}) under epoch_rule"}
     if len(validation):
-        run_rule, scores["mask_rule_val_dice_any"] = choose_run_rule(model, settings, validation_by_source, run_dir)
+        run_rule, run_dice = choose_run_rule(model, settings, validation_by_source, run_dir)
         scores["mask_rule"] = run_rule.as_json()
+        scores["mask_rule_val_dice_any"] = None if math.isnan(run_dice) else run_dice
         print(f"mask rule on the slices' grid ({settings.rule_size}x{settings.rule_size}): {run_rule.describe()}, "
-              f"validation Dice of `any` {scores['mask_rule_val_dice_any']:.3f}")
+              f"validation Dice of `any` {run_dice:.3f} (bench/segment.py scores it on held-out slices)")
     print(f"scores on the model's grid ({settings.image_size}x{settings.image_size}) under the epoch's rule: "
           f"{rule.describe()}")
     for folder, held_out in validation_by_source.items():

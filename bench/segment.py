@@ -12,13 +12,15 @@ Scores on the real CT-ICH slices (`../shared/data/real/ctich_masks/`, never trai
 per slice and their mean, beside the baseline of calling every pixel between 50 and 90 HU blood; the pointing game for both localizations on the same slices: is the U-Net's
 peak `any` probability inside the radiologist's mask, and is the CNN's Grad-CAM peak (for `any`)?
 Chance level: the share of the head's pixels that the mask covers.
-With ``--synthetic``, on that dataset's test split at 512x512: the pooled Dice of `any` under the run's mask
-rule and under the rule its epoch was chosen with (on the model's grid), and the pointing game on every
-test slice with blood.
+Beside the run's mask rule, CT-ICH is also scored (for comparison, chosen on nothing here) under the rule
+its epoch was chosen with on the model's grid and under the best rule without an HU gate on the
+slices' grid, both from its best.json. With ``--synthetic``, on that dataset's test split at 512x512: the
+pooled Dice of `any` under the same rules, and the pointing game on every test slice with blood.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -37,7 +39,7 @@ from ihd.dicom import read_hu  # noqa: E402
 from ihd.gradcam import gradcam_heatmap  # noqa: E402
 from ihd.index import build_index  # noqa: E402
 from ihd.io import read_json, run_header  # noqa: E402
-from ihd.mask_rules import MaskRule  # noqa: E402
+from ihd.mask_rules import MaskRule, in_range  # noqa: E402
 from ihd.masks import ANY, MaskSet, png_mask_set, synthetic_set  # noqa: E402
 from ihd.seg_inference import choose_rule_on_grid, native_probabilities, segment_series  # noqa: E402
 from ihd.seg_metrics import dice, pointing_hit  # noqa: E402
@@ -58,6 +60,21 @@ class Settings:
     slices: int = 40  # a typical RSNA series holds 24 to 60 slices
     runs: int = 5  # timed runs after the warm-up; the median is reported
     models_dir: str = "models"
+
+
+def compared_rules(best_path: Path) -> dict[str, MaskRule]:
+    """The rules a run's rule is compared with, from its best.json when recorded: the rule its epoch was chosen
+    with (on the model's grid), and the best rule without an HU gate on the slices' grid (its validation table)."""
+    if not best_path.is_file():
+        return {}
+    best = read_json(best_path)
+    rules = {"the epoch's rule": MaskRule.from_json(best["epoch_rule"])} if "epoch_rule" in best else {}
+    ungated = [row for row in best.get("val_dice_any_by_rule", []) if row["dice_any"] is not None
+               and MaskRule.from_json(row["rule"]).blood_hu is None]
+    if ungated:
+        top = max(row["dice_any"] for row in ungated)
+        rules["the best rule without a gate"] = MaskRule.from_json(next(r["rule"] for r in ungated if r["dice_any"] == top))
+    return rules
 
 
 def time_study(model, size: int, rule: MaskRule, run: str, settings: Settings) -> dict:
@@ -91,7 +108,7 @@ def pointing_game(unet, unet_size: int, rule: MaskRule, cnn, cnn_config: dict | 
         unet_any = probabilities[k, ..., ANY]
         hu = masks.hu[k]
         row = {"name": masks.names[k], "dice": dice(rule.blood(unet_any, hu), truth),
-               "threshold_dice": dice((hu >= BLOOD_HU[0]) & (hu <= BLOOD_HU[1]), truth),
+               "threshold_dice": dice(in_range(hu, BLOOD_HU), truth),
                "chance_hit": float(truth.sum() / max(1, (hu > HEAD_HU).sum())),
                "unet_hit": pointing_hit(unet_any, truth)}
         if cnn is not None:
@@ -117,10 +134,11 @@ def main(argv: list[str] | None = None) -> dict:
     settings = Settings(**vars(parser.parse_args(argv)))
     run_header(argv, settings)
     print(f"device: {device_description()}")
-    unet, unet_config = load_unet(Path(settings.models_dir) / settings.unet_run)
-    best = read_json(Path(settings.models_dir) / settings.unet_run / BEST_FILE)
+    run_dir = Path(settings.models_dir) / settings.unet_run
+    unet, unet_config = load_unet(run_dir)
     size = int(unet_config["image_size"])
     rule = MaskRule.from_json(unet_config["mask_rule"])
+    rules = {"the run's rule": rule} | compared_rules(run_dir / BEST_FILE)
     print(f"mask rule: {rule.describe()}")
     cnn, cnn_config = (None, None)
     if settings.cnn_run:
@@ -132,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{timing['slices']}-slice study: segment_series {timing['segment_series_s']:.2f} s "
           f"(bare U-Net on inputs in memory {timing['bare_unet_s']:.2f} s)")
     bad = []
-    result["ctich"] = pointing_game(unet, size, rule, cnn, cnn_config, png_mask_set(CTICH, CT_GRID, bad, non_ct_as_hu=True))
+    ctich_masks = png_mask_set(CTICH, CT_GRID, bad, non_ct_as_hu=True)
+    result["ctich"] = pointing_game(unet, size, rule, cnn, cnn_config, ctich_masks)
     for row in result["ctich"]["slices"]:
         print(f"  {row['name']}: dice {row['dice']:.3f} (HU threshold {row['threshold_dice']:.3f})  U-Net peak {'in' if row['unet_hit'] else 'out'}"
               + (f"  Grad-CAM peak {'in' if row['gradcam_hit'] else 'out'}" if cnn is not None else ""))
@@ -140,14 +159,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"CT-ICH ({len(ctich['slices'])} slices): mean Dice {ctich['mean_dice']:.3f} (HU threshold baseline "
           f"{ctich['threshold_mean_dice']:.3f}); pointing game U-Net {ctich['unet_pointing']:.2f}, Grad-CAM "
           f"{ctich['gradcam_pointing']}, a random point in the head {ctich['chance_pointing']:.3f}")
+    result["ctich_mean_dice_by_rule"] = {name: pointing_game(unet, size, r, None, None, ctich_masks)["mean_dice"]
+                                         for name, r in rules.items()}
+    print("CT-ICH mean Dice of `any` by rule: " + "; ".join(f"{name} ({rules[name].describe()}) {d:.3f}"
+                                                           for name, d in result["ctich_mean_dice_by_rule"].items()))
     if settings.synthetic:
         test = synthetic_set(settings.synthetic, "test", CT_GRID, bad)
-        _, _, by_rule = choose_rule_on_grid(unet, size, test)  # every candidate's Dice, read here, chosen on nothing
-        rules = {"run": rule} | ({"epoch": MaskRule.from_json(best["epoch_rule"])} if "epoch_rule" in best else {})
-        result["synthetic_dice_any"] = {name: by_rule[r.describe()] for name, r in rules.items()}
+        by_rule = choose_rule_on_grid(unet, size, [test]).dices()  # every candidate's Dice, read here, chosen on nothing
+        result["synthetic_dice_any"] = {name: by_rule.get(r, math.nan) for name, r in rules.items()}
         for name, r in rules.items():
-            print(f"synthetic test ({len(test)} slices at {CT_GRID}x{CT_GRID}), pooled Dice of `any` under the "
-                  f"{name}'s rule ({r.describe()}): {result['synthetic_dice_any'][name]:.3f}")
+            print(f"synthetic test ({len(test)} slices at {CT_GRID}x{CT_GRID}), pooled Dice of `any` under "
+                  f"{name} ({r.describe()}): {result['synthetic_dice_any'][name]:.3f}")
         with_blood = np.flatnonzero((test.masks[..., ANY] > 0.5).any(axis=(1, 2)))
         game = pointing_game(unet, size, rule, cnn, cnn_config, test.subset(with_blood))
         result["synthetic_pointing"] = {k: v for k, v in game.items() if k != "slices"} | {"slices": len(with_blood)}

@@ -94,15 +94,24 @@ class RuleChoice:
         for hull, maps in enumerate((whole, within)):
             if maps is None:
                 continue
+            maps = np.asarray(maps)
+            if np.isnan(maps).any():
+                raise ValueError("the probability maps hold NaN: the U-Net's output cannot be scored")
             for g, gate in enumerate(self.gates):
                 allowed = np.ones(truth.shape, bool) if gate is None else in_range(hu, gate)
-                self.predicted[hull, g] += self._at_least(np.asarray(maps)[allowed])
-                self.overlap[hull, g] += self._at_least(np.asarray(maps)[allowed & truth])
+                self.predicted[hull, g] += self._at_least(maps[allowed])
+                self.overlap[hull, g] += self._at_least(maps[allowed & truth])
 
     def _at_least(self, values: np.ndarray) -> np.ndarray:
-        """How many ``values`` reach each threshold."""
-        below = np.bincount(np.searchsorted(self.thresholds, values, side="right"), minlength=len(self.thresholds) + 1)
+        """How many ``values`` reach each threshold, compared in the values' own precision as `MaskRule.blood`
+        compares them (a float32 map against float32(threshold))."""
+        thresholds = self.thresholds.astype(values.dtype) if values.dtype.kind == "f" else self.thresholds
+        below = np.bincount(np.searchsorted(thresholds, values, side="right"), minlength=len(thresholds) + 1)
         return len(values) - np.cumsum(below)[:-1]
+
+    def table(self) -> list[dict]:
+        """Every candidate and its pooled Dice (None where undefined), as JSON values in the order of preference."""
+        return [{"rule": rule.as_json(), "dice_any": None if math.isnan(d) else d} for rule, d in self.dices().items()]
 
     def dices(self) -> dict[MaskRule, float]:
         """Pooled Dice of every candidate rule, NaN where nothing is predicted or true; in the order of preference."""

@@ -14,6 +14,7 @@ placed or measured: it is named in ``skipped.csv`` with the reason, and the othe
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
@@ -48,19 +49,20 @@ def _to_grid(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.stack([cv2.resize(m, (cols, rows), interpolation=cv2.INTER_LINEAR) for m in maps])
 
 
-def choose_rule_on_grid(model, size: int, validation: MaskSet, batch_size: int = 32) -> tuple[MaskRule, float, dict]:
-    """The mask rule chosen on validation slices at their own grid (``validation`` at that size, larger than the
-    model's), where masks are made: `RuleChoice` over the maps resized back, batch by batch. Returns the rule,
-    its pooled Dice of `any` and the Dice of every candidate (keyed by the rule in words)."""
+def choose_rule_on_grid(model, size: int, validation: Iterable[MaskSet], batch_size: int = 32) -> RuleChoice:
+    """The pooled Dice of `any` of every candidate mask rule (`RuleChoice`) on validation slices at their own grid,
+    where masks are made: the U-Net's maps at ``size`` resized back, with and without the skull hull.
+    ``validation`` comes in parts (MaskSets at that grid, larger than the model's), so that memory holds one
+    part at a time; ``.best()`` of the result is the rule to keep."""
     choice = RuleChoice()
-    for begin in tqdm(range(0, len(validation), batch_size), desc="mask rule on the slices' grid", unit="batch"):
-        hu = validation.hu[begin:begin + batch_size]
-        small_hu = np.stack([to_model_hu(s, size) for s in hu])
-        small_any = predict_probabilities(model, small_hu)[..., ANY]
-        choice.add(validation.masks[begin:begin + batch_size, ..., ANY], hu, _to_grid(small_any, hu.shape[1:]),
-                   _to_grid(small_any * skull_hulls(small_hu), hu.shape[1:]))
-    rule, dice_any = choice.best()
-    return rule, dice_any, {candidate.describe(): d for candidate, d in choice.dices().items()}
+    for part in tqdm(validation, desc="mask rule on the slices' grid", unit="part"):
+        for begin in range(0, len(part), batch_size):
+            hu = part.hu[begin:begin + batch_size]
+            small_hu = np.stack([to_model_hu(s, size) for s in hu])
+            small_any = predict_probabilities(model, small_hu)[..., ANY]
+            choice.add(part.masks[begin:begin + batch_size, ..., ANY], hu, _to_grid(small_any, hu.shape[1:]),
+                       _to_grid(small_any * skull_hulls(small_hu), hu.shape[1:]))
+    return choice
 
 
 def segment_series(model, size: int, paths: list[str], series_id: str, out_dir: Path, run: str,
@@ -83,6 +85,10 @@ def segment_series(model, size: int, paths: list[str], series_id: str, out_dir: 
 def segment_index(run_dir: str | Path, index: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
     """Segment every series of a DICOM folder's index with the U-Net of ``run_dir``; returns the table of bleeds."""
     model, config = load_unet(run_dir)
+    if config["mask_rule_grid"] in (None, config["image_size"]):
+        print(f"note: the mask rule of {run_dir} was chosen on the model's grid ({config['image_size']}x"
+              f"{config['image_size']}), and masks are made on each series' own: choose it there with "
+              f"python train_seg.py --run {Path(run_dir).name} --models-dir {Path(run_dir).parent} --rule-only")
     out_dir = Path(out_dir) / "segmentation"
     tables, skipped = [], []
     seconds = {}

@@ -314,8 +314,9 @@ def choose_mask_rule(probabilities_any: np.ndarray, truth_any: np.ndarray, skull
 
 
 class ValidationDice(keras.callbacks.Callback):
-    """After each epoch: the mask rule with the best pooled validation Dice of `any` (`choose_mask_rule`) and
-    that Dice, logged; the best epoch saved as unet.keras, its rule in best.json (the run's mask rule).
+    """After each epoch: the mask rule with the best pooled validation Dice of `any` on the model's grid
+    (`choose_mask_rule`) and that Dice, logged; the best epoch saved as unet.keras, its rule in best.json
+    (the run's rule until train_seg.py chooses it again on the slices' grid).
 
     ``full_size``: the U-Net at the slices' size when training runs on crops (another input size, the
     same weights): it gets the trained weights, predicts the validation slices and is the one saved.
@@ -376,13 +377,19 @@ def fit_unet(model: keras.Model, train_data, validation: MaskSet, run_dir: str |
 
 def load_unet(run_dir: str | Path) -> tuple[keras.Model, dict]:
     """The best-epoch U-Net of a segmentation run and the run's config.json, with ``"mask_rule"``: the run's mask
-    rule (`MaskRule.as_json`) from best.json, the neutral rule (`MaskRule()`) for a run without one."""
+    rule (`MaskRule.as_json`) from best.json, the neutral rule (`MaskRule()`) for a run without one, and
+    ``"mask_rule_grid"``: the size of the slices it was chosen on (None when not recorded)."""
     run_dir = Path(run_dir)
     path = run_dir / MODEL_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: train the U-Net first (train_seg.py --run {run_dir.name})")
     best_path = run_dir / BEST_FILE
     best = read_json(best_path) if best_path.is_file() else {}
-    rule = MaskRule.from_json(best.get("rule", best))  # runs saved before the HU gate kept threshold and hull at the top
-    config = read_json(run_dir / "config.json") | {"mask_rule": rule.as_json()}
+    config = read_json(run_dir / "config.json") | {"mask_rule": rule_of_best(best).as_json(),
+                                                   "mask_rule_grid": best.get("rule_grid")}
     return keras.models.load_model(path, compile=False), config
+
+
+def rule_of_best(best: dict) -> MaskRule:
+    """The mask rule a best.json holds; runs saved before the HU gate kept threshold and hull at its top level."""
+    return MaskRule.from_json(best.get("rule", best))

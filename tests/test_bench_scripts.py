@@ -32,3 +32,18 @@ def test_rehearsal_counts_the_memory_and_cpu_of_a_stage_and_its_workers(tmp_path
     assert result["largest_process_rss_bytes"] >= 300 << 20
     assert 4 <= result["seconds"] < 30
     assert 1.4 <= result["cpu_seconds"] <= result["seconds"] * 2  # the worker's busy loop, not only the stage's
+
+
+def test_segment_bench_compares_the_runs_rule_with_the_epochs_and_the_best_without_a_gate(tmp_path):
+    from bench.segment import compared_rules
+    from ihd.io import write_json
+    from ihd.mask_rules import MaskRule
+
+    assert compared_rules(tmp_path / "best.json") == {}  # a run without one: nothing to compare
+    table = [{"rule": MaskRule(0.5).as_json(), "dice_any": 0.6}, {"rule": MaskRule(0.6, True).as_json(), "dice_any": 0.7},
+             {"rule": MaskRule(0.7, True).as_json(), "dice_any": 0.7}, {"rule": MaskRule(0.1).as_json(), "dice_any": None},
+             {"rule": MaskRule(0.3, True, (50.0, 90.0)).as_json(), "dice_any": 0.9}]
+    write_json(tmp_path / "best.json", {"rule": MaskRule(0.3, True, (50.0, 90.0)).as_json(), "val_dice_any_by_rule": table,
+                                        "epoch_rule": MaskRule(0.9, True).as_json()})
+    assert compared_rules(tmp_path / "best.json") == {"the epoch's rule": MaskRule(0.9, True),
+                                                       "the best rule without a gate": MaskRule(0.6, True)}

@@ -178,8 +178,10 @@ def test_train_seg_end_to_end(prepared_synthetic, real_data, tmp_path):
     assert load_unet(run_dir)[1]["mask_rule"] == best["rule"]  # every output's rule
 
     again = ["--run", "tiny", "--models-dir", str(tmp_path), "--rule-only", "--rule-size", "64"]
+    config_text = (run_dir / "config.json").read_text()
     train_seg.main(again)  # the trained run's rule chosen again: the same data, the same rule, the epoch's choice kept
     assert json.loads((run_dir / "best.json").read_text()) == best
+    assert (run_dir / "config.json").read_text() == config_text
     assert json.loads((run_dir / "scores.json").read_text())["train_seconds"] == scores["train_seconds"]
     (run_dir / "best.json").write_text(json.dumps({"epoch": 2, "threshold": 0.9, "within_skull": False,
                                                    "val_dice_any": 0.5}))  # as runs before the HU gate saved it
@@ -189,6 +191,10 @@ def test_train_seg_end_to_end(prepared_synthetic, real_data, tmp_path):
     assert upgraded["epoch_rule"] == MaskRule(0.9).as_json() and upgraded["epoch_rule_grid"] == 32
     with pytest.raises(SystemExit, match="no trained run"):
         train_seg.main(["--run", "absent", "--models-dir", str(tmp_path), "--rule-only"])
+    recorded = json.loads(config_text)
+    (run_dir / "config.json").write_text(json.dumps(recorded | {"val_cases": recorded["val_cases"][1:]}))
+    with pytest.raises(SystemExit, match="validation series .* differ"):  # the data on disk changed since training
+        train_seg.main(again)
     assert "any" in scores[f"{prepared_synthetic / 'raw'} validation"]
     synthetic_test = scores[f"{prepared_synthetic / 'raw'} test"]
     assert set(synthetic_test) <= set(SUBTYPES) and "any" in synthetic_test
@@ -316,6 +322,35 @@ def test_rule_counts_match_dice_by_hand_over_batches():
     for rule, pooled in choice.dices().items():
         maps = probabilities * hull if rule.within_skull else probabilities
         assert pooled == pytest.approx(dice(rule.blood(maps, hu), truth)), rule
+    on_thresholds = np.float32(THRESHOLD_CANDIDATES)[rng.integers(0, len(THRESHOLD_CANDIDATES), (2, 20, 20))]
+    single = RuleChoice()  # float32 maps holding float32 thresholds exactly: blood in the count as in the rule
+    single.add(truth[:2], hu[:2], on_thresholds)
+    for rule, pooled in single.dices().items():
+        assert pooled == dice(rule.blood(on_thresholds, hu[:2]), truth[:2]), rule
+    with pytest.raises(ValueError, match="NaN"):
+        RuleChoice().add(truth[:1], hu[:1], np.full((1, 20, 20), np.nan))
+
+
+def test_rule_chosen_on_the_grid_is_the_rule_applied_there():
+    """`choose_rule_on_grid`'s Dice of each candidate is that of the masks the rule makes from the resized maps."""
+    from ihd.seg_inference import choose_rule_on_grid, native_probabilities
+
+    class Brightness:  # a stand-in U-Net: `any` rises with HU around 60
+        def predict_on_batch(self, x):
+            return np.repeat((1 / (1 + np.exp(-(x[..., :1] - 60) / 15))).astype(np.float32), len(SUBTYPES), -1)
+
+    rng = np.random.default_rng(0)
+    hu, _ = _head(64)
+    hu = np.where(hu == 35.0, rng.uniform(-20, 120, (5, 64, 64)), hu).astype(np.float32)
+    masks = np.zeros((5, 64, 64, len(SUBTYPES)), np.int8)
+    masks[..., ANY] = (hu > 55) & (hu < 95) & (rng.random((5, 64, 64)) < 0.8)
+    slices = MaskSet(hu, masks, np.array(["c"] * 5), np.array(["p"] * 5), np.ones((5, 3)), [""] * 5)
+    dices = choose_rule_on_grid(Brightness(), 32, [slices.subset(np.arange(2)), slices.subset(np.arange(2, 5))],
+                                batch_size=2).dices()
+    for within in (False, True):
+        maps = native_probabilities(Brightness(), hu, 32, within)[..., ANY]
+        for rule in [r for r in dices if r.within_skull == within]:
+            assert dices[rule] == pytest.approx(dice(rule.blood(maps, hu), masks[..., ANY] > 0)), rule
 
 
 def test_hu_gate_is_kept_only_where_validation_gains():
