@@ -11,8 +11,11 @@ BIN := $(VENV)/bin
 # The demo (demo.py, where its settings are): a synthetic dataset of 80 training and 30 test studies,
 # a tiny CNN per fold at 128x128 from scratch (offline, minutes on a CPU), two feature selections
 # compared out of fold, the fold ensemble's validated submission, Grad-CAM pictures and the test
-# scores of the prior, the CNNs alone and CNN+LSTM; where the real labeled RSNA series are beside the
-# project (REAL_LABELED), the ensemble's scores on them at the end.
+# scores of the prior, the CNNs alone and CNN+LSTM. Where real bleed-free RSNA series are beside the
+# project (REAL_NORMAL), the dataset's bleeds are inserted into them (real anatomy); without them, the
+# phantom (no real data needed). Where the real labeled RSNA series are (REAL_LABELED), the
+# ensemble's scores on them at the end.
+REAL_NORMAL ?= ../shared/data/real/rsna_normal
 REAL_LABELED ?= ../shared/data/real/rsna_labeled
 
 .PHONY: setup demo paper test bench
@@ -31,7 +34,8 @@ $(STAMP): $(REQUIREMENTS) requirements-base.txt
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/python demo.py $(if $(wildcard $(REAL_LABELED)/stage_2_train.csv),--score-real $(REAL_LABELED))
+	$(BIN)/python demo.py $(if $(wildcard $(REAL_NORMAL)/stage_2_train),--backgrounds $(REAL_NORMAL)) \
+		$(if $(wildcard $(REAL_LABELED)/stage_2_train.csv),--score-real $(REAL_LABELED))
 
 # The paper's recipe on the real challenge data, from download to submission: every stage with --preset
 # paper (README.md, "Reproduce the paper on a GPU"). Needs a Kaggle account with the competition's rules
