@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   the whole pipeline on the built-in synthetic dataset
+#   make demo   the whole pipeline on a synthetic dataset (bleeds inserted into real normal series, else phantoms)
 #   make test   the test suite
 # NVIDIA GPU users: make demo REQUIREMENTS=requirements-gpu.txt
 
