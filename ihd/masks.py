@@ -136,9 +136,9 @@ def synthetic_set(raw_dir: str | Path, split: str, size: int, bad: list[BadInput
     mask_files = sorted((raw_dir / "truth" / "masks").glob("*.npz"))
     if not mask_files:
         raise FileNotFoundError(f"{raw_dir / 'truth' / 'masks'}: no mask files (write a synthetic dataset first)")
-    parts = []
     if cases is not None:
         mask_files = [path for path in mask_files if path.stem in cases]
+    parts = []
     for mask_path in tqdm(mask_files, desc=f"synthetic {split} masks", unit="series"):
         image_ids, masks = load_masks(mask_path)
         paths = [folder / f"{i}.dcm" for i in image_ids]
