@@ -33,7 +33,7 @@ def tf_read_png_bytes(store: SliceStore, slots):
     import tensorflow as tf
 
     def read(slot_array):
-        return np.array([store.read_png(slot) for slot in slot_array.ravel()], dtype=object).reshape(slot_array.shape)
+        return np.array(store.read_pngs(slot_array.ravel()), dtype=object).reshape(slot_array.shape)
 
     return tf.ensure_shape(tf.numpy_function(read, [slots], tf.string, stateful=False), slots.shape)
 

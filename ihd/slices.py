@@ -23,10 +23,13 @@ Reading checks the same size and CRC for every slice it returns, and never decod
 slice: ``SliceStore.read_hu`` raises ``DamagedSliceError``, and ``SliceStore.tf_read_stored`` (for
 ``tf.data``) an ``InvalidArgumentError``, each naming the pack and the image. ``tf_read_stored``
 reads and decodes a whole batch of slices in one Python call (``pread``, the CRC, then
-``decode_pngs``); ``tf_hu`` turns the pixels into HU in the graph. The store decodes its PNGs
+``decode_pngs``); ``tf_hu`` turns the pixels into HU in the graph. tf.data's threads share the Python
+lock, so the per-slice Python work is kept to the read and the checks: a batch gathers its manifest
+rows with numpy, and the names that errors need are made only for a slice that fails. The store decodes its PNGs
 itself, for the one form its writer produces, with the same checks as libpng (every chunk's
 CRC-32, the stream's Adler-32) and the same pixels (``tests/test_slices.py`` compares them on every
-stored slice): ISA-L inflates outside the Python lock in half of zlib's time, and the "up" filter
+stored slice); the writer's own layout, one IDAT chunk, is recognised by comparing bytes, and any
+other layout is parsed chunk by chunk: ISA-L inflates outside the Python lock in half of zlib's time, and the "up" filter
 is undone for the whole batch at once. Any other PNG is refused by name. TensorFlow has no op that
 reads a byte range of a file without reading what precedes it (``FixedLengthRecordDataset`` skips
 its header by reading it), so a native read of slice k of a pack would read the k slices before it
@@ -137,47 +140,86 @@ def stored_values_of_offset_hu(offset_hu: np.ndarray, size: int) -> np.ndarray |
     return cv2.resize(offset_hu, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def _image_data(png: bytes, where: str, size: int) -> bytes | memoryview:
+@functools.lru_cache(maxsize=8)
+def _one_idat_frame(size: int) -> tuple[bytes, bytes]:
+    """What surrounds the image data of a PNG in ``encode_uint16_png``'s form at ``size`` x ``size``
+    written as one IDAT chunk: the signature and IHDR chunk before it, the IEND chunk after it."""
+    header = b"".join(_png_chunk(b"IHDR", struct.pack(PNG_HEADER, size, size, 16, 0, 0, 0, 0)))
+    return PNG_SIGNATURE + header, b"".join(_png_chunk(b"IEND", b""))
+
+
+def _image_data(png: bytes, size: int) -> bytes | memoryview:
     """The zlib stream of a PNG in ``encode_uint16_png``'s form at ``size`` x ``size``: IHDR (16-bit
     grayscale, no interlacing), IDAT chunks, IEND, nothing after it, every chunk's CRC-32 as libpng
-    checks it. Anything else raises ``DamagedSliceError`` naming ``where``."""
+    checks it. Anything else raises ``DamagedSliceError`` saying what is wrong.
+
+    The form the store writes, one IDAT chunk between fixed IHDR and IEND chunks, is recognised by
+    comparing bytes; any other layout is parsed chunk by chunk, with the same checks."""
     view = memoryview(png)
+    before, after = _one_idat_frame(size)
+    end = len(png) - len(after) - 4
+    if (png.startswith(before) and png.endswith(after) and png[len(before) + 4:len(before) + 8] == b"IDAT"
+            and struct.unpack_from(">I", png, len(before))[0] == end - len(before) - 8):
+        body = view[len(before) + 8:end]
+        if isal_zlib.crc32(body, isal_zlib.crc32(b"IDAT")) != struct.unpack_from(">I", png, end)[0]:
+            raise DamagedSliceError("PNG chunk b'IDAT' fails its CRC-32")
+        return body
     if view[:len(PNG_SIGNATURE)] != PNG_SIGNATURE:
-        raise DamagedSliceError(f"{where}: not a PNG (no PNG signature)")
+        raise DamagedSliceError("not a PNG (no PNG signature)")
     position, kinds, header, data = len(PNG_SIGNATURE), [], None, []
     while not kinds or kinds[-1] != b"IEND":
         if position + 12 > len(png):
-            raise DamagedSliceError(f"{where}: PNG ends before its IEND chunk")
+            raise DamagedSliceError("PNG ends before its IEND chunk")
         length, kind = struct.unpack_from(">I4s", png, position)
         end = position + 12 + length
         if end > len(png):
-            raise DamagedSliceError(f"{where}: PNG chunk {kind!r} cut short")
+            raise DamagedSliceError(f"PNG chunk {kind!r} cut short")
         body = view[position + 8:end - 4]
         if isal_zlib.crc32(body, isal_zlib.crc32(kind)) != struct.unpack_from(">I", png, end - 4)[0]:
-            raise DamagedSliceError(f"{where}: PNG chunk {kind!r} fails its CRC-32")
+            raise DamagedSliceError(f"PNG chunk {kind!r} fails its CRC-32")
         if kind == b"IHDR":
             header = body
         elif kind == b"IEND" and length:
-            raise DamagedSliceError(f"{where}: PNG IEND chunk holds {length} bytes, not none")
+            raise DamagedSliceError(f"PNG IEND chunk holds {length} bytes, not none")
         elif kind == b"IDAT":
             data.append(body)
         kinds.append(kind)
         position = end
     if position != len(png):
-        raise DamagedSliceError(f"{where}: {len(png) - position} bytes after the PNG's IEND chunk")
+        raise DamagedSliceError(f"{len(png) - position} bytes after the PNG's IEND chunk")
     if kinds[0] != b"IHDR" or set(kinds[1:-1]) != {b"IDAT"}:
-        raise DamagedSliceError(f"{where}: PNG chunks {[kind.decode('latin-1') for kind in kinds]}, "
+        raise DamagedSliceError(f"PNG chunks {[kind.decode('latin-1') for kind in kinds]}, "
                                 "not the IHDR, IDAT, IEND this store writes")
     if header != struct.pack(PNG_HEADER, size, size, 16, 0, 0, 0, 0):
-        raise DamagedSliceError(f"{where}: expected a {size}x{size} 16-bit grayscale PNG without interlacing, "
+        raise DamagedSliceError(f"expected a {size}x{size} 16-bit grayscale PNG without interlacing, "
                                 f"found the header {bytes(header).hex()} (width, height, bit depth, colour "
                                 "type, compression, filter, interlacing)")
     return data[0] if len(data) == 1 else b"".join(data)
 
 
-def decode_pngs(pngs: list[bytes], wheres: list[str], size: int) -> np.ndarray:
+def _filtered_rows(png: bytes, size: int) -> bytes:
+    """The filtered rows of one of the store's PNGs, inflated and checked (the up filter on every row);
+    ``DamagedSliceError`` saying what is wrong otherwise."""
+    row_bytes = 2 * size + 1
+    stream = isal_zlib.decompressobj()
+    try:
+        rows = stream.decompress(_image_data(png, size), size * row_bytes + 1)
+    except isal_zlib.error as error:
+        raise DamagedSliceError(f"PNG image data does not inflate ({error})") from None
+    if not stream.eof:
+        raise DamagedSliceError("PNG image data ends before its zlib stream does")
+    if len(rows) != size * row_bytes or stream.unused_data:
+        raise DamagedSliceError(f"PNG image data inflates to {len(rows)} bytes "
+                                f"(then {len(stream.unused_data)} more), not {size * row_bytes}")
+    if rows[::row_bytes] != bytes([PNG_FILTER_UP]) * size:
+        raise DamagedSliceError("PNG rows use filters other than up, which this store never writes")
+    return rows
+
+
+def decode_pngs(pngs: list[bytes], wheres, size: int) -> np.ndarray:
     """The store's PNGs (``encode_uint16_png``'s form, ``size`` x ``size``) -> their pixels, uint16
-    (len(pngs), size, size), as libpng decodes them; ``wheres`` name each in errors (``DamagedSliceError``).
+    (len(pngs), size, size), as libpng decodes them. ``wheres[k]`` names PNG k in errors
+    (``DamagedSliceError``); it is looked up only for a PNG that fails.
 
     The one form the store writes, decoded for a whole batch at once: every chunk's CRC-32 checked,
     the image data inflated by ISA-L outside the Python lock (its Adler-32 checked), the "up" filter
@@ -186,21 +228,12 @@ def decode_pngs(pngs: list[bytes], wheres: list[str], size: int) -> np.ndarray:
     cut short or of another length) is refused, never decoded as zeros.
     """
     row_bytes = 2 * size + 1
-    up_rows = bytes([PNG_FILTER_UP]) * size
     filtered = np.empty((size, len(pngs), row_bytes), np.uint8)  # row-major across the batch
-    for k, (png, where) in enumerate(zip(pngs, wheres)):
-        stream = isal_zlib.decompressobj()
+    for k, png in enumerate(pngs):
         try:
-            rows = stream.decompress(_image_data(png, where, size), size * row_bytes + 1)
-        except isal_zlib.error as error:
-            raise DamagedSliceError(f"{where}: PNG image data does not inflate ({error})") from None
-        if not stream.eof:
-            raise DamagedSliceError(f"{where}: PNG image data ends before its zlib stream does")
-        if len(rows) != size * row_bytes or stream.unused_data:
-            raise DamagedSliceError(f"{where}: PNG image data inflates to {len(rows)} bytes "
-                                    f"(then {len(stream.unused_data)} more), not {size * row_bytes}")
-        if rows[::row_bytes] != up_rows:
-            raise DamagedSliceError(f"{where}: PNG rows use filters other than up, which this store never writes")
+            rows = _filtered_rows(png, size)
+        except DamagedSliceError as error:
+            raise DamagedSliceError(f"{wheres[k]}: {error}") from None
         filtered[:, k] = np.frombuffer(rows, np.uint8).reshape(size, row_bytes)
     for row in range(1, size):
         np.add(filtered[row], filtered[row - 1], out=filtered[row])
@@ -265,7 +298,9 @@ class SliceStore:
         self.size = int(self.config["size"])
         manifest = read_manifest(self.root)
         self.image_ids = pd.Index(manifest["image_id"])
-        self._packs = manifest["pack"].to_numpy()
+        pack_of_slot, packs = pd.factorize(manifest["pack"])
+        self._pack_of_slot = pack_of_slot.astype(np.int64)
+        self._pack_paths = [os.path.join(self.root, pack) for pack in packs]
         self._offsets = manifest["offset"].to_numpy(np.int64)
         self._lengths = manifest["length"].to_numpy(np.int64)
         self._crcs = manifest["crc32"].to_numpy(np.int64)
@@ -288,26 +323,36 @@ class SliceStore:
     def location(self, image_id: str) -> tuple[Path, int, int]:
         """(pack file, byte offset, byte length) of ``image_id``'s PNG."""
         slot = int(self.slots([image_id])[0])
-        return self.root / self._packs[slot], int(self._offsets[slot]), int(self._lengths[slot])
+        return Path(self._pack_paths[self._pack_of_slot[slot]]), int(self._offsets[slot]), int(self._lengths[slot])
 
     def read_png(self, slot: int) -> bytes:
         """The checked PNG bytes of manifest row ``slot``; ``DamagedSliceError`` when they differ."""
-        slot = int(slot)
-        pack = self.root / self._packs[slot]
-        offset, length = int(self._offsets[slot]), int(self._lengths[slot])
-        where = f"{self._where(slot)} (bytes {offset}-{offset + length})"
-        try:
-            descriptor = os.open(pack, os.O_RDONLY)
-        except FileNotFoundError:
-            raise DamagedSliceError(f"{where}: pack file missing; rerun prepare_data.py") from None
-        try:
-            png = os.pread(descriptor, length, offset)
-        finally:
-            os.close(descriptor)
-        reason = check_slice(png, length, int(self._crcs[slot]))
-        if reason is not None:
-            raise DamagedSliceError(f"{where}: {reason}; rerun prepare_data.py to write it again")
-        return png
+        return self.read_pngs(np.array([slot]))[0]
+
+    def read_pngs(self, slots: np.ndarray) -> list[bytes]:
+        """The checked PNG bytes of manifest rows ``slots`` (1-D); ``DamagedSliceError`` names the first
+        that differs from what was written. The per-slice work is a ``pread`` and a CRC: the names
+        that errors need are only made for the slice that fails."""
+        paths = self._pack_paths
+        pngs = []
+        for slot, pack, offset, length, crc in zip(slots.tolist(), self._pack_of_slot[slots].tolist(),
+                                                   self._offsets[slots].tolist(), self._lengths[slots].tolist(),
+                                                   self._crcs[slots].tolist()):
+            try:
+                descriptor = os.open(paths[pack], os.O_RDONLY)
+            except FileNotFoundError:
+                raise DamagedSliceError(f"{self._where(slot)} (bytes {offset}-{offset + length}): pack file "
+                                        "missing; rerun prepare_data.py") from None
+            try:
+                png = os.pread(descriptor, length, offset)
+            finally:
+                os.close(descriptor)
+            reason = check_slice(png, length, crc)
+            if reason is not None:
+                raise DamagedSliceError(f"{self._where(slot)} (bytes {offset}-{offset + length}): {reason}; "
+                                        "rerun prepare_data.py to write it again")
+            pngs.append(png)
+        return pngs
 
     def read_hu(self, image_id: str) -> np.ndarray:
         """The stored slice as float32 HU, shape (size, size)."""
@@ -317,9 +362,9 @@ class SliceStore:
     def read_stored(self, slots: np.ndarray) -> np.ndarray:
         """The stored pixels (uint16, HU + ``HU_OFFSET``) of manifest rows ``slots`` (any shape), checked
         and decoded (``decode_pngs``): an array of shape ``slots.shape + (size, size)``."""
-        slots = np.asarray(slots)
-        flat = [int(slot) for slot in slots.ravel()]
-        stored = decode_pngs([self.read_png(slot) for slot in flat], [self._where(slot) for slot in flat], self.size)
+        slots = np.asarray(slots, dtype=np.int64)
+        flat = slots.ravel()
+        stored = decode_pngs(self.read_pngs(flat), _SliceNames(self, flat), self.size)
         return stored.reshape(*slots.shape, self.size, self.size)
 
     def tf_read_stored(self, slots):
@@ -333,7 +378,17 @@ class SliceStore:
 
     def _where(self, slot: int) -> str:
         """The pack and image of manifest row ``slot``, as errors name them."""
-        return f"{self.root / self._packs[slot]}: slice {self.image_ids[slot]}"
+        return f"{self._pack_paths[self._pack_of_slot[slot]]}: slice {self.image_ids[slot]}"
+
+
+class _SliceNames:
+    """The names of a batch of slices as errors give them, made only when one is asked for."""
+
+    def __init__(self, store: SliceStore, slots: np.ndarray):
+        self.store, self.slots = store, slots
+
+    def __getitem__(self, k: int) -> str:
+        return self.store._where(int(self.slots[k]))
 
 
 def store_config(size: int) -> dict:
