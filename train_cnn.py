@@ -50,7 +50,14 @@ from ihd.features import TTAS, extract_features
 from ihd.fingerprint import file_sha256
 from ihd.ensemble import ALL_FOLDS, labeled_folds, member_runs, write_ensemble
 from ihd.flags import backbone_name, fold_spec, fraction, non_negative_int, positive_float, positive_int, recipe_spec
-from ihd.inputs import fold_rows, inference_dataset, label_array, oversampled, training_dataset
+from ihd.inputs import (
+    fold_rows,
+    inference_dataset,
+    label_array,
+    limit_intra_op_threads_on_gpu,
+    oversampled,
+    training_dataset,
+)
 from ihd.io import read_json, run_header, write_json
 from ihd.labels import SUBTYPES
 from ihd.losses import LOSSES
@@ -253,6 +260,7 @@ def main(argv: list[str] | None = None) -> Path:
     if cluster_size() > 1 and (settings.extract_only or settings.study_labels):
         raise SystemExit("TF_CONFIG names several machines, and only the slice CNN's training runs across machines: "
                          "run --extract-only and --study-labels on one machine, without TF_CONFIG")
+    limit_intra_op_threads_on_gpu()  # before any TensorFlow op, like the strategy
     strategy = distribution_strategy()  # before any TensorFlow op: several machines configure their collectives here
     data_dir = Path(settings.data_dir) / settings.dataset
     index_path = data_dir / "index.parquet"

@@ -187,6 +187,22 @@ def inference_dataset(
     return with_batches(data.batch(batch_size), -(-len(rows) // batch_size))
 
 
+def limit_intra_op_threads_on_gpu(on_gpu: bool | None = None) -> bool:
+    """On a GPU machine, one thread for TensorFlow's intra-op pool; returns whether it set that.
+
+    There the model runs on the GPU and the input pipeline on tf.data's own threads, but the
+    augmentation's XLA computation (`ihd.augment`) splits each slice's work across the intra-op pool,
+    whose threads then compete with tf.data's for the same cores: with one, the training input gains
+    more from a second core (``bench/input.py``). On a CPU-only machine the model needs the pool, so it
+    is left alone. ``on_gpu`` None looks for a GPU. Call it before TensorFlow runs its first op.
+    """
+    if on_gpu is None:
+        on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    if on_gpu:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+    return on_gpu
+
+
 def with_batches(data: tf.data.Dataset, batches: int) -> tf.data.Dataset:
     """``data`` prefetched and declared to hold ``batches`` batches: reading a batch at a time (`read_batches`)
     hides the count from tf.data, and Keras needs it for its progress bar's ETA and to know where an

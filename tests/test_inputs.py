@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,6 +19,8 @@ from ihd.inputs import (
 from ihd.labels import SUBTYPES
 from ihd.slices import SliceStore
 from ihd.windows import parse_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _two_series():
@@ -181,3 +187,28 @@ def test_training_dataset_augments_the_same_way_for_the_same_seed(prepared_synth
     np.testing.assert_array_equal(first_batch(3), first_batch(3))
     assert not np.array_equal(first_batch(3), first_batch(4))
     assert not np.array_equal(first_batch(3, augment=False), first_batch(3)), "augmentation changed nothing"
+
+
+def test_one_intra_op_thread_on_a_gpu_machine_gives_the_same_training_batches(prepared_synthetic, tmp_path):
+    index = pd.read_parquet(prepared_synthetic / "index.parquet")
+    store = SliceStore(prepared_synthetic / "slices")
+    train, _ = fold_rows(index, 0)
+    default_threads = training_dataset(index, store, parse_recipe("windows"), train, 64, 8, seed=5)
+    # A fresh interpreter: TensorFlow's thread pools can only be set before its first op.
+    script = f"""
+import sys
+import numpy as np, pandas as pd, tensorflow as tf
+sys.path.insert(0, {str(ROOT)!r})
+from ihd.inputs import fold_rows, limit_intra_op_threads_on_gpu, training_dataset
+from ihd.slices import SliceStore
+from ihd.windows import parse_recipe
+assert limit_intra_op_threads_on_gpu(on_gpu=True)
+assert tf.config.threading.get_intra_op_parallelism_threads() == 1
+index = pd.read_parquet({str(prepared_synthetic / "index.parquet")!r})
+train, _ = fold_rows(index, 0)
+data = training_dataset(index, SliceStore({str(prepared_synthetic / "slices")!r}), parse_recipe("windows"), train, 64, 8,
+                        seed=5)
+np.save({str(tmp_path / "batch.npy")!r}, next(iter(data))[0].numpy())
+"""
+    subprocess.run([sys.executable, "-c", script], check=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "batch.npy"), next(iter(default_threads))[0].numpy())
