@@ -17,9 +17,10 @@ stateless seeds, the affine resampled by `ihd.augment.resample_bilinear` (compil
 next line is ours with TensorFlow's intra-op pool cut to one thread, as `train_cnn.py` sets it on a
 GPU machine (`ihd.inputs.limit_intra_op_threads_on_gpu`); a CPU-only run keeps the pool for its
 model, as the line above does. The last line runs ours without augmentation (read, decode, three
-channels, batch): the floor that augmentation adds to. Every measurement runs in a fresh process confined to its cores (its
-affinity is set before TensorFlow starts, so TensorFlow sizes its thread pools to them); rounds
-alternate the sides and the core counts, and each figure is the median of its rounds.
+channels, batch): the floor that augmentation adds to. Every measurement runs in a fresh process
+confined to its cores (its affinity is set before TensorFlow starts, so TensorFlow sizes its thread
+pools to them); rounds alternate the sides and the core counts, and each figure is the median of
+its rounds.
 """
 from __future__ import annotations
 
