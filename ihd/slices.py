@@ -23,17 +23,17 @@ Reading checks the same size and CRC for every slice it returns, and never decod
 slice: ``SliceStore.read_hu`` raises ``DamagedSliceError``, and ``SliceStore.tf_read_stored`` (for
 ``tf.data``) an ``InvalidArgumentError``, each naming the pack and the image. ``tf_read_stored``
 reads and decodes a whole batch of slices in one Python call (``pread``, the CRC, then
-``decode_pngs``); ``tf_hu`` turns the pixels into HU in the graph. tf.data's threads share the Python
-lock, so the per-slice Python work is kept to the read and the checks: a batch gathers its manifest
-rows with numpy, and the names that errors need are made only for a slice that fails. The store decodes its PNGs
-itself, for the one form its writer produces, with the same checks as libpng (every chunk's
-CRC-32, the stream's Adler-32) and the same pixels (``tests/test_slices.py`` compares them on every
-stored slice); the writer's own layout, one IDAT chunk, is recognised by comparing bytes, and any
-other layout is parsed chunk by chunk: ISA-L inflates outside the Python lock in half of zlib's time, and the "up" filter
-is undone for the whole batch at once. Any other PNG is refused by name. TensorFlow has no op that
-reads a byte range of a file without reading what precedes it (``FixedLengthRecordDataset`` skips
-its header by reading it), so a native read of slice k of a pack would read the k slices before it
-too: ``bench/preprocess.py`` measures both.
+``decode_pngs``); ``tf_hu`` turns the pixels into HU in the graph. tf.data's threads share the
+Python lock, so the per-slice Python work is kept to the read and the checks: a batch gathers its
+manifest rows with numpy, and the names that errors need are made only for a slice that fails. The
+store decodes its PNGs itself, for the one form its writer produces, with the same checks as libpng
+(every chunk's CRC-32, the stream's Adler-32) and the same pixels (``tests/test_slices.py`` compares
+them on every stored slice): the writer's layout, one IDAT chunk, is recognised by comparing bytes
+(any other layout is parsed chunk by chunk), ISA-L inflates outside the Python lock in half of
+zlib's time, and the "up" filter is undone for the whole batch at once. Any other PNG is refused by
+name. TensorFlow has no op that reads a byte range of a file without reading what precedes it
+(``FixedLengthRecordDataset`` skips its header by reading it), so a native read of slice k of a pack
+would read the k slices before it too: ``bench/preprocess.py`` measures both.
 
 Through libpng, encoding a PNG cost more than reading the DICOM file, so the store writes its PNGs
 itself: every row gets the "up" filter (difference to the row above) and the image data is
@@ -140,11 +140,16 @@ def stored_values_of_offset_hu(offset_hu: np.ndarray, size: int) -> np.ndarray |
     return cv2.resize(offset_hu, (size, size), interpolation=cv2.INTER_AREA)
 
 
+def _square_header(size: int) -> bytes:
+    """The IHDR data of the store's PNGs at ``size`` x ``size``: 16-bit grayscale, no interlacing."""
+    return struct.pack(PNG_HEADER, size, size, 16, 0, 0, 0, 0)
+
+
 @functools.lru_cache(maxsize=8)
 def _one_idat_frame(size: int) -> tuple[bytes, bytes]:
     """What surrounds the image data of a PNG in ``encode_uint16_png``'s form at ``size`` x ``size``
     written as one IDAT chunk: the signature and IHDR chunk before it, the IEND chunk after it."""
-    header = b"".join(_png_chunk(b"IHDR", struct.pack(PNG_HEADER, size, size, 16, 0, 0, 0, 0)))
+    header = b"".join(_png_chunk(b"IHDR", _square_header(size)))
     return PNG_SIGNATURE + header, b"".join(_png_chunk(b"IEND", b""))
 
 
@@ -190,7 +195,7 @@ def _image_data(png: bytes, size: int) -> bytes | memoryview:
     if kinds[0] != b"IHDR" or set(kinds[1:-1]) != {b"IDAT"}:
         raise DamagedSliceError(f"PNG chunks {[kind.decode('latin-1') for kind in kinds]}, "
                                 "not the IHDR, IDAT, IEND this store writes")
-    if header != struct.pack(PNG_HEADER, size, size, 16, 0, 0, 0, 0):
+    if header != _square_header(size):
         raise DamagedSliceError(f"expected a {size}x{size} 16-bit grayscale PNG without interlacing, "
                                 f"found the header {bytes(header).hex()} (width, height, bit depth, colour "
                                 "type, compression, filter, interlacing)")
