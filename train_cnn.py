@@ -51,6 +51,7 @@ from ihd.fingerprint import file_sha256
 from ihd.ensemble import ALL_FOLDS, labeled_folds, member_runs, write_ensemble
 from ihd.flags import backbone_name, fold_spec, fraction, non_negative_int, positive_float, positive_int, recipe_spec
 from ihd.inputs import (
+    channel_layout,
     fold_rows,
     inference_dataset,
     label_array,
@@ -224,7 +225,8 @@ def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: P
             set_prior_bias(model, labels[train_rows].mean(axis=0))
         compile_cnn(model, settings.learning_rate, total_steps, int(settings.warmup_fraction * total_steps),
                     settings.loss, settings.schedule)
-    fit_cnn(model, train_data, steps, val_data, labels[val_rows], run_dir, settings.epochs, settings.keep)
+    fit_cnn(model, train_data, steps, val_data, labels[val_rows], run_dir, settings.epochs, settings.keep,
+            channel_layout(recipe))
 
 
 def train_and_extract(settings: Settings, index: pd.DataFrame, index_path: Path, store: SliceStore,

@@ -1,6 +1,7 @@
 """Slices per second of the CNN's training input alone, slice store to augmented batch: the store's own
-PNG decoder and the augmentation in the `tf.data` graph against the path they replaced (TensorFlow's
-PNG decoder, albumentations), on one core and on two.
+PNG decoder, the augmentation in the `tf.data` graph and batches of distinct sources against the path
+they replaced (TensorFlow's PNG decoder, albumentations, batches of three channels), on one core and
+on two.
 
     python bench/input.py            # about 6 minutes on 2 cores
     python bench/input.py --quick    # under a minute
@@ -10,14 +11,17 @@ shuffle, augment (flip, shift-scale-rotate, brightness/contrast in HU) and batch
 pulled and dropped, so only the input pipeline is timed. The baseline is the path the kit had
 before: the checked PNG bytes of 64 rows per Python call, each decoded by TensorFlow's
 ``decode_png``, then albumentations per element inside `tf.numpy_function`: one seeded `Compose`
-per tf.data thread, reseeded per element, under the Python lock. The second line is the same with
-the store's own decoder (`SliceStore.tf_read_stored`: 64 rows read and decoded per Python call).
-Ours is `ihd.inputs.training_dataset`: the store's decoder, parameters drawn per element from
-stateless seeds, the affine resampled by `ihd.augment.resample_bilinear` (compiled by XLA). The
+per tf.data thread, reseeded per element, under the Python lock, on the recipe's three channels
+(laid out per element by a product with a one-hot matrix), batched as three channels. The second
+line is the same with the store's own decoder (`SliceStore.tf_read_stored`: 64 rows read and
+decoded per Python call). Ours is `ihd.inputs.training_dataset`: the store's decoder, parameters
+drawn per element from stateless seeds, the affine resampled by `ihd.augment.resample_bilinear`
+(compiled by XLA), batched as the recipe's one distinct source (the training step lays out the three
+channels on the device that trains, `ihd.inputs.channel_layout`, which is not timed here). The
 next line is ours with TensorFlow's intra-op pool cut to one thread, as `train_cnn.py` sets it on a
 GPU machine (`ihd.inputs.limit_intra_op_threads_on_gpu`); a CPU-only run keeps the pool for its
-model, as the line above does. The last line runs ours without augmentation (read, decode, three
-channels, batch): the floor that augmentation adds to. Every measurement runs in a fresh process
+model, as the line above does. The last line runs ours without augmentation (read, decode,
+batch): the floor that augmentation adds to. Every measurement runs in a fresh process
 confined to its cores (its affinity is set before TensorFlow starts, so TensorFlow sizes its thread
 pools to them); rounds alternate the sides and the core counts, and each figure is the median of
 its rounds.
@@ -48,7 +52,7 @@ SIDES = ("albumentations in tf.numpy_function, PNGs decoded by TensorFlow (basel
          "albumentations in tf.numpy_function, PNGs decoded by the store",
          "ihd.inputs: the store's decoder, augmentation in the graph (ours)",
          "ours, TensorFlow's threads as train_cnn.py sets them on a GPU machine (one intra-op thread)",
-         "ihd.inputs without augmentation (read, decode, channels)")
+         "ihd.inputs without augmentation (read, decode, batch)")
 BASELINE, OURS, OURS_ON_GPU_MACHINE, FLOOR = 0, 2, 3, 4
 
 
@@ -82,9 +86,19 @@ def tensorflow_png_reader(reader):
     return read, decode
 
 
+def three_channels(stack, recipe):
+    """One element's distinct sources (size, size, S) laid out as the recipe's channels (size, size, C),
+    as the path before did it in tf.data: a product with a one-hot (S, C) matrix."""
+    import tensorflow as tf
+
+    selection = tf.one_hot(recipe.channel_sources, len(recipe.sources), axis=0)
+    return tf.reshape(tf.linalg.matmul(tf.reshape(stack, (-1, len(recipe.sources))), selection),
+                      (*stack.shape[:-1], len(recipe.offsets)))
+
+
 def baseline_dataset(index, store, rows, image_size: int, batch_size: int, seed: int, store_decoder: bool):
-    """The albumentations path: per-element augmentation in `tf.numpy_function`, then batching; the
-    slices decoded by TensorFlow as before (or by the store's own decoder, ``store_decoder``)."""
+    """The albumentations path: per-element augmentation of three channels in `tf.numpy_function`, then
+    batching; the slices decoded by TensorFlow as before (or by the store's own decoder, ``store_decoder``)."""
     import albumentations as A
     import numpy as np
     import tensorflow as tf
@@ -125,7 +139,7 @@ def baseline_dataset(index, store, rows, image_size: int, batch_size: int, seed:
                                       num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
     def augmented(row, element_seed, read_out):
-        stack = reader.expand(decode(read_out))
+        stack = three_channels(decode(read_out), RECIPES["windows"])
         out = tf.numpy_function(augment, [stack, element_seed], tf.float32, stateful=False)
         return tf.ensure_shape(out, stack.shape), tf.zeros(6)
 
@@ -162,7 +176,8 @@ def measure(side: int, cores: list[int], store_root: str, settings: Settings) ->
     start = time.perf_counter()
     for _ in range(settings.batches):
         stacks, _ = next(batches)
-    assert stacks.shape == (settings.batch_size, settings.image_size, settings.image_size, 3)
+    channels = 3 if side < OURS else len(RECIPES["windows"].sources)
+    assert stacks.shape == (settings.batch_size, settings.image_size, settings.image_size, channels)
     del tf
     return settings.batches * settings.batch_size / (time.perf_counter() - start)
 
@@ -200,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
 
     median = {key: statistics.median(values) for key, values in rates.items()}
     print(f"\n### Training input, slice store to augmented batch: {settings.image_size}x{settings.image_size}, "
-          f"3 channels, batch {settings.batch_size}, median of {settings.rounds} alternating rounds")
+          f"the windows recipe, batch {settings.batch_size}, median of {settings.rounds} alternating rounds")
     print(f"\nCPU: {cpu_description()}; {load_description()}\n")
     print("| pipeline | 1 core, slices/s | 2 cores, slices/s | 2 cores / 1 |")
     print("|---|---:|---:|---:|")

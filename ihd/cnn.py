@@ -286,12 +286,14 @@ def fit_cnn(
     run_dir: str | Path,
     epochs: int,
     keep: str = "best",
+    lay_out: Callable[[tf.Tensor], tf.Tensor] = tf.identity,
 ) -> None:
     """Train up to ``epochs``, resuming from the last epoch committed in ``run_dir/checkpoint``.
 
     ``train_data(context)`` gives one input pipeline's per-replica batches of an epoch and ``steps``
     is the number of global batches per epoch (see ihd.distributed: the model trains under the
-    strategy it was built in, on one machine or several). Writes cnn.keras (best validation epoch),
+    strategy it was built in, on one machine or several); ``lay_out`` turns a training batch's inputs
+    into the model's on the training device (`ihd.inputs.channel_layout`). Writes cnn.keras (best validation epoch),
     best.json, history.csv and TensorBoard logs in tb/ in ``run_dir`` (see EpochCheckpoint). The
     chief's terminal gets Keras' progress bar (rate and ETA) within each epoch; a log file a line a
     minute (``ihd.progress``).
@@ -306,7 +308,8 @@ def fit_cnn(
         keras.callbacks.TensorBoard(str(run_dir / "tb"), write_graph=False),
         *progress,
     ]
-    train_epochs(model, train_data, steps, epochs, chief_value(strategy, epochs_done(run_dir)), callbacks, verbose)
+    train_epochs(model, train_data, steps, epochs, chief_value(strategy, epochs_done(run_dir)), callbacks, verbose,
+                 lay_out)
 
 
 def embedding_extractor(model: keras.Model) -> keras.Model:

@@ -226,12 +226,15 @@ def train_epochs(
     initial_epoch: int,
     callbacks: list[keras.callbacks.Callback],
     verbose: int,
+    lay_out: Callable[[tf.Tensor], tf.Tensor] = tf.identity,
 ) -> None:
     """Train the compiled ``model`` from ``initial_epoch`` up to ``epochs`` under its own strategy.
 
-    ``train_data(context)`` is one input pipeline's dataset of per-replica batches for one epoch
-    (iterated once per epoch), holding at least ``steps`` of them per local replica; ``steps`` is the
-    number of optimizer steps per epoch, each on one global batch. The callbacks get what
+    ``train_data(context)`` is one input pipeline's dataset of per-replica (inputs, labels) batches for
+    one epoch (iterated once per epoch), holding at least ``steps`` of them per local replica; ``steps``
+    is the number of optimizer steps per epoch, each on one global batch. ``lay_out`` turns a batch's
+    inputs into the model's, inside the step, on each replica's own device (`ihd.inputs.channel_layout`
+    lays out a recipe's channels there). The callbacks get what
     `Model.fit` gives them; ``verbose`` 1 adds the progress bar. After the callbacks' `on_train_begin`
     (where a resumed run restores its state) every worker takes the chief's weights and optimizer state.
     """
@@ -246,9 +249,17 @@ def train_epochs(
 
     data = strategy.distribute_datasets_from_function(pipeline_data)
 
+    def replica_step(inputs, labels):
+        inputs = lay_out(inputs)
+        expected = tf.TensorShape(model.inputs[0].shape)
+        if not inputs.shape[1:].is_compatible_with(expected[1:]):
+            raise ValueError(f"training batches of shape {inputs.shape[1:]} do not fit {model.name}'s input "
+                             f"{expected[1:]}: lay them out for the model (see ihd.inputs.channel_layout)")
+        return model.train_step((inputs, labels))
+
     @tf.function(jit_compile=model.jit_compile, autograph=False)  # as Model.fit: Keras' code traced as written
     def step_on_batch(batch):
-        strategy.run(model.train_step, args=(batch,))
+        strategy.run(replica_step, args=batch)
         return model.get_metrics_result()  # read across replicas: means over every replica's slices
 
     @tf.function(autograph=False)

@@ -10,8 +10,13 @@ usual case, since folds keep series whole).
 Pipelines: `training_dataset` (shuffled, optional oversampling of positive slices, augmented with
 `ihd.augment` inside the graph, each element from its own seed), `inference_dataset` (index order,
 no augmentation). Both read the store a batch of rows at a time, decode and augment each element in
-parallel, resize to the model's size when it is smaller than the store's, batch and prefetch.
+parallel, resize to the model's size when it is smaller than the store's, batch and prefetch. Each
+slice a recipe reads is read once, however many channels show it: training batches hold those
+distinct sources, which the training step lays out as the model's channels on its own device
+(`channel_layout`); inference batches are laid out already.
 """
+
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -49,6 +54,18 @@ def stack_hu(hu_rows: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
     return np.stack([hu_rows[neighbours[:, c]] for c in range(neighbours.shape[1])], axis=-1)
 
 
+def channel_layout(recipe: ChannelRecipe) -> Callable[[tf.Tensor], tf.Tensor]:
+    """A function that lays out stacks of the recipe's distinct sources (..., S) as its channels (..., C).
+
+    A gather along the last axis: exact on any device (a product with a one-hot matrix would be
+    rounded by TensorFloat-32 on a GPU). The identity when every channel has a source of its own.
+    """
+    channel_sources = list(recipe.channel_sources)
+    if channel_sources == list(range(len(recipe.sources))):
+        return tf.identity
+    return lambda sources: tf.gather(sources, channel_sources, axis=-1)
+
+
 def label_array(index: pd.DataFrame) -> np.ndarray:
     """The six labels of every row, float32 (N, 6) in SUBTYPES order (NaN when unlabeled)."""
     return index[list(SUBTYPES)].to_numpy(dtype=np.float32)
@@ -76,15 +93,15 @@ READ_BATCH = 64  # rows whose slices one Python call reads and decodes
 
 
 class StackReader:
-    """Reads the HU stacks of rows from the store: their channel sources, resized to the model's size.
+    """Reads the stacks of rows from the store: their distinct sources, in HU at the model's size.
 
     A recipe may feed several channels from the same slice (the paper's three windows all read the
     current slice): each distinct source is read once, and `decode_sources` returns just those
-    (size, size, S), so that training augments S channels rather than C; `expand` then lays them
-    out as the recipe's C channels. Reading goes in two steps, so that Python runs once per batch
-    of rows, not once per slice: `read_sources` reads, checks and decodes the slices of a batch of
-    rows (one call into the store, `SliceStore.tf_read_stored`), `decode_sources` turns one row's
-    stored pixels into HU at the model's size.
+    (size, size, S), so that training augments S channels rather than C and its batches carry S
+    (`channel_layout` then lays them out as the recipe's C channels). Reading goes in two steps, so
+    that Python runs once per batch of rows, not once per slice: `read_sources` reads, checks and
+    decodes the slices of a batch of rows (one call into the store, `SliceStore.tf_read_stored`),
+    `decode_sources` turns one row's stored pixels into HU at the model's size.
     """
 
     def __init__(self, index: pd.DataFrame, store: SliceStore, recipe: ChannelRecipe, image_size: int):
@@ -95,13 +112,8 @@ class StackReader:
             )
         self.store = store
         self.image_size = image_size
-        offsets = list(recipe.offsets)
-        distinct = sorted(set(offsets))
-        channel_sources = [distinct.index(offset) for offset in offsets]
-        identity = channel_sources == list(range(len(distinct)))
-        self.selection = None if identity else tf.one_hot(channel_sources, len(distinct), axis=0)
         self.slots = tf.constant(store.slots(index["image_id"]))
-        self.neighbours = tf.constant(neighbour_rows(index, distinct))
+        self.neighbours = tf.constant(neighbour_rows(index, recipe.sources))
 
     def read_sources(self, rows):
         """Row numbers (B,) int64 -> the stored pixels of their distinct sources, tf.uint16 (B, S, size, size)."""
@@ -113,20 +125,6 @@ class StackReader:
         if self.image_size < self.store.size:
             stack = tf.image.resize(stack, (self.image_size, self.image_size), method="area")
         return stack
-
-    def expand(self, sources):
-        """Distinct sources (..., S) of known shape -> the recipe's channels (..., C), exactly.
-
-        A product with a one-hot (S, C) matrix: each output value is one source times 1 plus the
-        others times 0, which is exact for finite HU in float32, and several times faster than
-        concatenating channel slices. It runs inside tf.data, on the CPU; on a GPU, TensorFloat-32
-        matmuls would round it.
-        """
-        if self.selection is None:
-            return sources
-        count, channels = self.selection.shape
-        selected = tf.linalg.matmul(tf.reshape(sources, (-1, count)), self.selection)
-        return tf.reshape(selected, (*sources.shape[:-1], channels))
 
     def read_batches(self, data: tf.data.Dataset) -> tf.data.Dataset:
         """A dataset whose elements are tuples led by a row number -> the same tuples, each followed by
@@ -148,7 +146,12 @@ def training_dataset(
     augment: bool = True,
     positive_copies: int = 1,
 ) -> tf.data.Dataset:
-    """Shuffled, augmented (HU stack, labels) batches of ``rows`` for one epoch, positives repeated."""
+    """Shuffled, augmented (sources, labels) batches of ``rows`` for one epoch, positives repeated.
+
+    A batch holds each row's distinct sources (batch, size, size, S), not the recipe's C channels:
+    the training step lays them out (`channel_layout`) on the device that trains, so that the input
+    pipeline moves S channels rather than C (one rather than three for the paper's windows).
+    """
     labels = label_array(index)
     epoch_rows = oversampled(np.asarray(rows), labels, positive_copies)
     if np.isnan(labels[epoch_rows]).any():
@@ -164,7 +167,7 @@ def training_dataset(
         sources = reader.decode_sources(stored)
         if augment:
             sources = augment_hu(sources, augmentation_parameters(element_seed))
-        return reader.expand(sources), tf.gather(label_table, row)
+        return sources, tf.gather(label_table, row)
 
     data = data.map(prepared, num_parallel_calls=AUTOTUNE)
     drop_remainder = len(epoch_rows) >= batch_size
@@ -180,10 +183,11 @@ def inference_dataset(
     image_size: int,
     batch_size: int,
 ) -> tf.data.Dataset:
-    """HU stack batches of ``rows`` in the given order, unaugmented (validation, extraction)."""
+    """HU stack batches (batch, size, size, C) of ``rows`` in the given order, unaugmented (validation, extraction)."""
     reader = StackReader(index, store, recipe, image_size)
+    lay_out = channel_layout(recipe)
     data = reader.read_batches(tf.data.Dataset.from_tensor_slices(np.asarray(rows, dtype=np.int64)))
-    data = data.map(lambda row, stored: reader.expand(reader.decode_sources(stored)), num_parallel_calls=AUTOTUNE)
+    data = data.map(lambda row, stored: lay_out(reader.decode_sources(stored)), num_parallel_calls=AUTOTUNE)
     return with_batches(data.batch(batch_size), -(-len(rows) // batch_size))
 
 

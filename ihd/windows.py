@@ -55,6 +55,16 @@ class ChannelRecipe:
         return ",".join(f"{o}:{w.center_hu:g}/{w.width_hu:g}" for o, w in zip(self.offsets, self.windows))
 
     @property
+    def sources(self) -> tuple[int, ...]:
+        """The distinct offsets the channels show, in increasing order: the slices a stack is made of."""
+        return tuple(sorted(set(self.offsets)))
+
+    @property
+    def channel_sources(self) -> tuple[int, ...]:
+        """For each channel, the position in ``sources`` of the slice it shows."""
+        return tuple(self.sources.index(offset) for offset in self.offsets)
+
+    @property
     def uses_neighbours(self) -> bool:
         """True when a channel shows another slice than the current one."""
         return any(self.offsets)

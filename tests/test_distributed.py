@@ -18,7 +18,7 @@ import tensorflow as tf
 import train_cnn
 from ihd.cnn import build_cnn, compile_cnn
 from ihd.distributed import cluster_size, pipeline_seed, pipeline_share, steps_per_epoch, train_epochs
-from ihd.inputs import fold_rows, inference_dataset, label_array
+from ihd.inputs import channel_layout, fold_rows, inference_dataset, label_array
 from ihd.io import read_json
 from ihd.metrics import weighted_log_loss
 from ihd.slices import SliceStore
@@ -51,6 +51,29 @@ def _trained_tiny(with_loop: bool, epochs: int):
     else:
         model.fit(data, epochs=epochs, callbacks=[record], shuffle=False, verbose=0)
     return model, record.losses
+
+
+def test_the_step_lays_out_source_batches_as_the_model_reads_them_and_refuses_them_left_as_sources():
+    # A recipe whose three channels show two slices: batches of the two sources, laid out in the step,
+    # must train exactly as batches laid out beforehand; left as sources they are refused by name.
+    recipe = parse_recipe("0:40/80,0:80/200,1:40/80")
+    sources = np.random.default_rng(0).uniform(-100, 200, (16, 16, 16, 2)).astype(np.float32)
+    labels = (np.random.default_rng(1).random((16, 6)) < 0.4).astype(np.float32)
+
+    def trained(hu, lay_out=tf.identity):
+        keras.utils.set_random_seed(1)
+        model = build_cnn("tiny", 16, recipe)
+        compile_cnn(model, learning_rate=3e-2, total_steps=2, warmup_steps=0)
+        data = tf.data.Dataset.from_tensor_slices((hu, labels)).batch(8)
+        train_epochs(model, lambda context: data, 2, 1, 0, [], verbose=0, lay_out=lay_out)
+        return model
+
+    in_the_step = trained(sources, channel_layout(recipe))
+    beforehand = trained(sources[..., [0, 0, 1]])
+    for mine, expected in zip(in_the_step.weights, beforehand.weights):
+        np.testing.assert_array_equal(mine.numpy(), expected.numpy(), err_msg=mine.path)
+    with pytest.raises(ValueError, match="lay them out for the model"):
+        trained(sources)
 
 
 def test_an_epoch_of_the_loop_is_an_epoch_of_model_fit():

@@ -8,6 +8,7 @@ import pytest
 
 from ihd.augment import AIR_HU, PARAMETER_COUNT, Augmentation, augment_hu, augmentation_parameters
 from ihd.inputs import (
+    channel_layout,
     fold_rows,
     inference_dataset,
     label_array,
@@ -169,10 +170,28 @@ def test_training_dataset_yields_labeled_batches(prepared_synthetic):
     data = training_dataset(index, store, parse_recipe("windows"), train, 32, batch_size=8, positive_copies=2)
     labels = label_array(index)
     x, y = next(iter(data))
-    assert x.shape == (8, 32, 32, 3) and y.shape == (8, len(SUBTYPES))
+    assert x.shape == (8, 32, 32, 1) and y.shape == (8, len(SUBTYPES))  # the three windows' one source
     assert {tuple(row) for row in y.numpy()} <= {tuple(row) for row in labels[train]}
     with pytest.raises(ValueError, match="unlabeled"):
         training_dataset(index, store, parse_recipe("windows"), np.flatnonzero(index["split"] == "test"), 32, 8)
+
+
+def test_training_batches_hold_each_distinct_source_once_and_lay_out_as_the_inference_stacks(prepared_synthetic):
+    index = pd.read_parquet(prepared_synthetic / "index.parquet")
+    store = SliceStore(prepared_synthetic / "slices")
+    train, _ = fold_rows(index, 0)
+    recipe = parse_recipe("1:40/80,0:80/200,1:40/380")  # two sources, the later one shown twice and first
+    assert recipe.sources == (0, 1) and recipe.channel_sources == (1, 0, 1)
+    row = train[len(train) // 2]
+    data = training_dataset(index, store, recipe, np.full(4, row), store.size, batch_size=4, augment=False)
+    sources, _ = next(iter(data))
+    assert sources.shape == (4, store.size, store.size, 2)
+    assert not np.array_equal(sources[0, ..., 0], sources[0, ..., 1]), "pick a row whose next slice is another"
+    laid_out = channel_layout(recipe)(sources).numpy()
+    expected = next(iter(inference_dataset(index, store, recipe, np.array([row]), store.size, batch_size=1))).numpy()
+    np.testing.assert_array_equal(laid_out, np.repeat(expected, 4, axis=0))
+    hu = np.stack([store.read_hu(i) for i in index["image_id"]])
+    np.testing.assert_array_equal(expected, stack_hu(hu, neighbour_rows(index, recipe.offsets)[[row]]))
 
 
 def test_training_dataset_augments_the_same_way_for_the_same_seed(prepared_synthetic):
