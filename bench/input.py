@@ -12,12 +12,13 @@ pulled and dropped, so only the input pipeline is timed. The baseline is the pat
 before: the checked PNG bytes of 64 rows per Python call, each decoded by TensorFlow's
 ``decode_png``, then albumentations per element inside `tf.numpy_function`: one seeded `Compose`
 per tf.data thread, reseeded per element, under the Python lock, on the recipe's three channels
-(laid out per element by a product with a one-hot matrix), batched as three channels. The second
-line is the same with the store's own decoder (`SliceStore.tf_read_stored`: 64 rows read and
-decoded per Python call). Ours is `ihd.inputs.training_dataset`: the store's decoder, parameters
-drawn per element from stateless seeds, the affine resampled by `ihd.augment.resample_bilinear`
-(compiled by XLA), batched as the recipe's one distinct source (the training step lays out the three
-channels on the device that trains, `ihd.inputs.channel_layout`, which is not timed here). The
+(laid out per element by `StackReader.expand`, as inference still does), batched as three
+channels. The second line is the same with the store's own decoder (`SliceStore.tf_read_stored`:
+64 rows read and decoded per Python call). Ours is `ihd.inputs.training_dataset`: the store's
+decoder, parameters drawn per element from stateless seeds, the affine resampled by
+`ihd.augment.resample_bilinear` (compiled by XLA), batched as the recipe's one distinct source (the
+training step lays out the three channels on the device that trains, `ihd.inputs.channel_layout`,
+which is not timed here). The
 next line is ours with TensorFlow's intra-op pool cut to one thread, as `train_cnn.py` sets it on a
 GPU machine (`ihd.inputs.limit_intra_op_threads_on_gpu`); a CPU-only run keeps the pool for its
 model, as the line above does. The last line runs ours without augmentation (read, decode,
@@ -86,16 +87,6 @@ def tensorflow_png_reader(reader):
     return read, decode
 
 
-def three_channels(stack, recipe):
-    """One element's distinct sources (size, size, S) laid out as the recipe's channels (size, size, C),
-    as the path before did it in tf.data: a product with a one-hot (S, C) matrix."""
-    import tensorflow as tf
-
-    selection = tf.one_hot(recipe.channel_sources, len(recipe.sources), axis=0)
-    return tf.reshape(tf.linalg.matmul(tf.reshape(stack, (-1, len(recipe.sources))), selection),
-                      (*stack.shape[:-1], len(recipe.offsets)))
-
-
 def baseline_dataset(index, store, rows, image_size: int, batch_size: int, seed: int, store_decoder: bool):
     """The albumentations path: per-element augmentation of three channels in `tf.numpy_function`, then
     batching; the slices decoded by TensorFlow as before (or by the store's own decoder, ``store_decoder``)."""
@@ -139,7 +130,7 @@ def baseline_dataset(index, store, rows, image_size: int, batch_size: int, seed:
                                       num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
     def augmented(row, element_seed, read_out):
-        stack = three_channels(decode(read_out), RECIPES["windows"])
+        stack = reader.expand(decode(read_out))
         out = tf.numpy_function(augment, [stack, element_seed], tf.float32, stateful=False)
         return tf.ensure_shape(out, stack.shape), tf.zeros(6)
 

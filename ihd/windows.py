@@ -65,6 +65,11 @@ class ChannelRecipe:
         return tuple(self.sources.index(offset) for offset in self.offsets)
 
     @property
+    def one_source_per_channel(self) -> bool:
+        """True when the channels show distinct slices in increasing offset order: the sources are the channels."""
+        return self.channel_sources == tuple(range(len(self.sources)))
+
+    @property
     def uses_neighbours(self) -> bool:
         """True when a channel shows another slice than the current one."""
         return any(self.offsets)

@@ -56,6 +56,14 @@ def test_stack_hu_puts_sources_in_channels():
     np.testing.assert_array_equal(stacks[1, 1, 1], [1, 2, 2])
 
 
+@pytest.mark.parametrize("spec", ["windows", "adjacent", "0:40/80,0:80/200,1:40/80", "1:40/80,0:80/200,1:40/380"])
+def test_channel_layout_shows_each_channel_the_slice_at_its_offset(spec):
+    # identity, tf.repeat (sources in channel order) and the gather (any other order)
+    recipe = parse_recipe(spec)
+    sources = np.stack([np.full((2, 2), offset, np.float32) for offset in recipe.sources], axis=-1)[None]
+    assert channel_layout(recipe)(sources).numpy()[0, 1, 1].tolist() == list(recipe.offsets)
+
+
 def test_fold_rows_keep_only_labeled_train_rows():
     index = pd.DataFrame({"split": ["train", "train", "train", "test", "train"], "fold": [0, 1, 1, -1, -1]})
     train, val = fold_rows(index, 1)
