@@ -100,7 +100,8 @@ PUBLISHED = {
 
 # Figures measured earlier and recorded in BENCHMARKS.md (section named in each comment).
 PREPARE_MS_PER_SLICE = 0.51  # Preprocessing: whole preparation, one process, glibc malloc defaults
-TRAIN_INPUT_SLICES_S_PER_CORE = 2519  # Training input: augmented batches, TensorFlow ops, one core, a GPU machine's threads
+# Training input: augmented batches, TensorFlow ops, one core, a GPU machine's threads
+TRAIN_INPUT_SLICES_S_PER_CORE = 2519
 READ_INPUT_SLICES_S_PER_CORE = 2240 / 2  # Preprocessing (Reading): packs checked and decoded by the store, two cores
 CACHE_CHECK_GB_S = 0.70  # Checking the feature cache: verified_rows over the memory-mapped cache
 STORE_KB_PER_SLICE = 55.1  # Preprocessing: bytes per stored slice

@@ -293,10 +293,10 @@ def fit_cnn(
     ``train_data(context)`` gives one input pipeline's per-replica batches of an epoch and ``steps``
     is the number of global batches per epoch (see ihd.distributed: the model trains under the
     strategy it was built in, on one machine or several); ``lay_out`` turns a training batch's inputs
-    into the model's on the training device (`ihd.inputs.channel_layout`). Writes cnn.keras (best validation epoch),
-    best.json, history.csv and TensorBoard logs in tb/ in ``run_dir`` (see EpochCheckpoint). The
-    chief's terminal gets Keras' progress bar (rate and ETA) within each epoch; a log file a line a
-    minute (``ihd.progress``).
+    into the model's on the training device (`ihd.inputs.channel_layout`). Writes cnn.keras (best
+    validation epoch), best.json, history.csv and TensorBoard logs in tb/ in ``run_dir`` (see
+    EpochCheckpoint). The chief's terminal gets Keras' progress bar (rate and ETA) within each epoch;
+    a log file a line a minute (``ihd.progress``).
     """
     strategy = model.distribute_strategy
     run_dir = Path(run_dir)

@@ -18,8 +18,10 @@ pipeline, batch for batch.
 
 Step. Keras' own `Model.train_step` (forward pass, the compiled loss scaled for the replicas, loss
 scaling under mixed precision, gradients summed over replicas by the optimizer) runs under
-`strategy.run`, XLA-compiled wherever `Model.fit` would compile it. `Model.fit` itself does not run
-under MultiWorkerMirroredStrategy in Keras 3 (https://github.com/keras-team/keras/issues/20585), so
+`strategy.run`, on each replica's batch as laid out there for the model (``lay_out``: a recipe's
+channels from its distinct slices, `ihd.inputs.channel_layout`), XLA-compiled wherever `Model.fit`
+would compile it. `Model.fit` itself does not run under MultiWorkerMirroredStrategy in Keras 3
+(https://github.com/keras-team/keras/issues/20585), so
 `train_epochs` is the loop for every strategy: it drives the callbacks `fit` would (the caller's,
 a progress bar with rate and ETA, TensorBoard) with the same calls, and its logged loss is the mean
 over every replica's slices, not one replica's.

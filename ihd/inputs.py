@@ -58,18 +58,16 @@ def channel_layout(recipe: ChannelRecipe) -> Callable[[tf.Tensor], tf.Tensor]:
     """A function that lays out batches of the recipe's distinct sources (..., S) as its channels (..., C)
     on the device that trains: a copy, exact on any device.
 
-    The identity when every channel has a source of its own; `tf.repeat` when the channels show the
-    sources in order (every preset: the windows' one slice three times); otherwise a gather along the
-    last axis, which a CPU runs about four times slower. Not a product with a one-hot matrix, which
-    TensorFloat-32 would round on a GPU (`StackReader.expand`, in tf.data, runs on the CPU).
+    The identity when no two channels share a slice (`adjacent`); `tf.repeat` when all show one slice
+    (`windows`, `brain_blood_bone`); otherwise a gather along the last axis, which a CPU runs about
+    four times slower. Not a product with a one-hot matrix, which TensorFloat-32 would round on a GPU
+    (`StackReader.expand`, in tf.data, runs on the CPU).
     """
-    if recipe.one_source_per_channel:
+    if recipe.sources_are_channels:
         return tf.identity
-    channel_sources = list(recipe.channel_sources)
-    if channel_sources == sorted(channel_sources):
-        repeats = [channel_sources.count(source) for source in range(len(recipe.sources))]
-        return lambda sources: tf.repeat(sources, repeats, axis=-1)
-    return lambda sources: tf.gather(sources, channel_sources, axis=-1)
+    if len(recipe.sources) == 1:
+        return lambda sources: tf.repeat(sources, len(recipe.offsets), axis=-1)
+    return lambda sources: tf.gather(sources, list(recipe.channel_sources), axis=-1)
 
 
 def label_array(index: pd.DataFrame) -> np.ndarray:
@@ -119,7 +117,7 @@ class StackReader:
             )
         self.store = store
         self.image_size = image_size
-        self.selection = None if recipe.one_source_per_channel else tf.one_hot(
+        self.selection = None if recipe.sources_are_channels else tf.one_hot(
             recipe.channel_sources, len(recipe.sources), axis=0)
         self.slots = tf.constant(store.slots(index["image_id"]))
         self.neighbours = tf.constant(neighbour_rows(index, recipe.sources))

@@ -56,8 +56,9 @@ class ChannelRecipe:
 
     @property
     def sources(self) -> tuple[int, ...]:
-        """The distinct offsets the channels show, in increasing order: the slices a stack is made of."""
-        return tuple(sorted(set(self.offsets)))
+        """The distinct offsets the channels show, in the order of the first channel to show each: the
+        slices a stack is made of, which are the channels themselves when no two channels share one."""
+        return tuple(dict.fromkeys(self.offsets))
 
     @property
     def channel_sources(self) -> tuple[int, ...]:
@@ -65,9 +66,9 @@ class ChannelRecipe:
         return tuple(self.sources.index(offset) for offset in self.offsets)
 
     @property
-    def one_source_per_channel(self) -> bool:
-        """True when the channels show distinct slices in increasing offset order: the sources are the channels."""
-        return self.channel_sources == tuple(range(len(self.sources)))
+    def sources_are_channels(self) -> bool:
+        """True when no two channels show the same slice: the sources, in their order, are the channels."""
+        return len(self.sources) == len(self.offsets)
 
     @property
     def uses_neighbours(self) -> bool:

@@ -56,12 +56,15 @@ def test_stack_hu_puts_sources_in_channels():
     np.testing.assert_array_equal(stacks[1, 1, 1], [1, 2, 2])
 
 
-@pytest.mark.parametrize("spec", ["windows", "adjacent", "0:40/80,0:80/200,1:40/80", "1:40/80,0:80/200,1:40/380"])
-def test_channel_layout_shows_each_channel_the_slice_at_its_offset(spec):
-    # identity, tf.repeat (sources in channel order) and the gather (any other order)
+@pytest.mark.parametrize("spec", ["windows", "adjacent", "1:40/80,0:80/200,-1:40/380", "0:40/80,0:80/200,1:40/80",
+                                  "1:40/80,0:80/200,1:40/380"])
+def test_channel_layout_shows_each_channel_the_slice_at_its_offset_exactly(spec):
+    # identity (no two channels share a slice, in any order), tf.repeat (one slice), the gather (the rest);
+    # HU with a fraction that TensorFloat-32 or bfloat16 would round
     recipe = parse_recipe(spec)
-    sources = np.stack([np.full((2, 2), offset, np.float32) for offset in recipe.sources], axis=-1)[None]
-    assert channel_layout(recipe)(sources).numpy()[0, 1, 1].tolist() == list(recipe.offsets)
+    sources = np.stack([np.full((2, 2), 1234.567 + offset, np.float32) for offset in recipe.sources], axis=-1)[None]
+    expected = np.float32(1234.567) + np.array(recipe.offsets, np.float32)
+    np.testing.assert_array_equal(channel_layout(recipe)(sources).numpy()[0, 1, 1], expected)
 
 
 def test_fold_rows_keep_only_labeled_train_rows():
@@ -188,8 +191,8 @@ def test_training_batches_hold_each_distinct_source_once_and_lay_out_as_the_infe
     index = pd.read_parquet(prepared_synthetic / "index.parquet")
     store = SliceStore(prepared_synthetic / "slices")
     train, _ = fold_rows(index, 0)
-    recipe = parse_recipe("1:40/80,0:80/200,1:40/380")  # two sources, the later one shown twice and first
-    assert recipe.sources == (0, 1) and recipe.channel_sources == (1, 0, 1)
+    recipe = parse_recipe("1:40/80,0:80/200,1:40/380")  # two sources, the first shown twice
+    assert recipe.sources == (1, 0) and recipe.channel_sources == (0, 1, 0)
     row = train[len(train) // 2]
     data = training_dataset(index, store, recipe, np.full(4, row), store.size, batch_size=4, augment=False)
     sources, _ = next(iter(data))

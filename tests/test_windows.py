@@ -31,3 +31,13 @@ def test_paper_000_recipe_is_brain_blood_and_bone():
     recipe = parse_recipe("brain_blood_bone")
     assert [(w.center_hu, w.width_hu) for w in recipe.windows] == [(40, 80), (80, 200), (600, 2800)]
     assert not recipe.uses_neighbours
+
+
+def test_sources_are_the_distinct_slices_in_first_use_order_and_each_channel_names_its_own():
+    windows, adjacent = RECIPES["windows"], RECIPES["adjacent"]
+    assert (windows.sources, windows.channel_sources, windows.sources_are_channels) == ((0,), (0, 0, 0), False)
+    assert (adjacent.sources, adjacent.channel_sources, adjacent.sources_are_channels) == ((-1, 0, 1), (0, 1, 2), True)
+    unordered = parse_recipe("1:40/80,-1:80/200,0:40/380")
+    assert unordered.sources == (1, -1, 0) and unordered.sources_are_channels
+    shared = parse_recipe("2:40/80,0:80/200,2:40/380")
+    assert shared.sources == (2, 0) and shared.channel_sources == (0, 1, 0) and not shared.sources_are_channels
