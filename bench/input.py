@@ -1,31 +1,32 @@
 """Slices per second of the CNN's training input alone, slice store to augmented batch: the store's own
 PNG decoder, the augmentation in the `tf.data` graph and batches of distinct sources against the path
 they replaced (TensorFlow's PNG decoder, albumentations, batches of three channels), on one core and
-on two.
+on two; and, beside them, the input of feature extraction.
 
-    python bench/input.py            # about 6 minutes on 2 cores
+    python bench/input.py            # about 7 minutes on 2 cores
     python bench/input.py --quick    # under a minute
 
-All sides read the same 256x256 slice store (real RSNA slices, repeated), 64 rows per Python call,
-shuffle, augment (flip, shift-scale-rotate, brightness/contrast in HU) and batch; the batches are
-pulled and dropped, so only the input pipeline is timed. The baseline is the path the kit had
-before: the checked PNG bytes of 64 rows per Python call, each decoded by TensorFlow's
-``decode_png``, then albumentations per element inside `tf.numpy_function`: one seeded `Compose`
-per tf.data thread, reseeded per element, under the Python lock, on the recipe's three channels
-(laid out per element by `StackReader.expand`, as inference still does), batched as three
+Every side reads the same 256x256 slice store (real RSNA slices, repeated), 64 rows per Python
+call; the training sides shuffle, augment (flip, shift-scale-rotate, brightness/contrast in HU) and
+batch. The batches are pulled and dropped, so only the input pipeline is timed. The baseline is
+the path the kit had before: the checked PNG bytes of 64 rows per Python call, each decoded by
+TensorFlow's ``decode_png``, then albumentations per element inside `tf.numpy_function`: one seeded
+`Compose` per tf.data thread, reseeded per element, under the Python lock, on the recipe's three
+channels (laid out per element by `StackReader.expand`, as inference still does), batched as three
 channels. The second line is the same with the store's own decoder (`SliceStore.tf_read_stored`:
 64 rows read and decoded per Python call). Ours is `ihd.inputs.training_dataset`: the store's
 decoder, parameters drawn per element from stateless seeds, the affine resampled by
 `ihd.augment.resample_bilinear` (compiled by XLA), batched as the recipe's one distinct source (the
 training step lays out the three channels on the device that trains, `ihd.inputs.channel_layout`,
-which is not timed here). The
-next line is ours with TensorFlow's intra-op pool cut to one thread, as `train_cnn.py` sets it on a
-GPU machine (`ihd.inputs.limit_intra_op_threads_on_gpu`); a CPU-only run keeps the pool for its
-model, as the line above does. The last line runs ours without augmentation (read, decode,
-batch): the floor that augmentation adds to. Every measurement runs in a fresh process
-confined to its cores (its affinity is set before TensorFlow starts, so TensorFlow sizes its thread
-pools to them); rounds alternate the sides and the core counts, and each figure is the median of
-its rounds.
+which is not timed here). The next line is ours with TensorFlow's intra-op pool cut to one thread,
+as `train_cnn.py` sets it on a GPU machine (`ihd.inputs.limit_intra_op_threads_on_gpu`); a CPU-only
+run keeps the pool for its model, as the line above does. The next runs ours without augmentation
+(read, decode, batch): the floor that augmentation adds to. The last line is not training's: the
+input of feature extraction and validation (`ihd.inputs.inference_dataset`: rows in order, no
+augmentation, three channels laid out in tf.data), with a GPU machine's threads. Every measurement
+runs in a fresh process confined to its cores (its affinity is set before TensorFlow starts, so
+TensorFlow sizes its thread pools to them); rounds alternate the sides and the core counts, and
+each figure is the median of its rounds.
 """
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ SIDES = ("albumentations in tf.numpy_function, PNGs decoded by TensorFlow (basel
          "albumentations in tf.numpy_function, PNGs decoded by the store",
          "ihd.inputs: the store's decoder, augmentation in the graph (ours)",
          "ours, TensorFlow's threads as train_cnn.py sets them on a GPU machine (one intra-op thread)",
-         "ihd.inputs without augmentation (read, decode, batch)")
-BASELINE, OURS, OURS_ON_GPU_MACHINE, FLOOR = 0, 2, 3, 4
+         "ihd.inputs without augmentation (read, decode, batch)",
+         "ihd.inputs.inference_dataset: extraction's input (read, decode, three channels, batch, in order)")
+BASELINE, OURS, OURS_ON_GPU_MACHINE, FLOOR, INFERENCE = 0, 2, 3, 4, 5
 
 
 @dataclass
@@ -144,7 +146,7 @@ def measure(side: int, cores: list[int], store_root: str, settings: Settings) ->
     import pandas as pd
     import tensorflow as tf
 
-    from ihd.inputs import limit_intra_op_threads_on_gpu, training_dataset
+    from ihd.inputs import inference_dataset, limit_intra_op_threads_on_gpu, training_dataset
     from ihd.labels import SUBTYPES
     from ihd.slices import SliceStore
     from ihd.windows import RECIPES
@@ -155,10 +157,13 @@ def measure(side: int, cores: list[int], store_root: str, settings: Settings) ->
     for subtype in SUBTYPES:
         index[subtype] = 0.0
     rows = np.arange(settings.slices)
-    limit_intra_op_threads_on_gpu(on_gpu=side == OURS_ON_GPU_MACHINE)
+    limit_intra_op_threads_on_gpu(on_gpu=side in (OURS_ON_GPU_MACHINE, INFERENCE))
     if side < OURS:
         data = baseline_dataset(index, store, rows, settings.image_size, settings.batch_size, seed=0,
                                 store_decoder=side == 1)
+    elif side == INFERENCE:
+        data = inference_dataset(index, store, RECIPES["windows"], rows, settings.image_size,
+                                 settings.batch_size).repeat()
     else:
         data = training_dataset(index, store, RECIPES["windows"], rows, settings.image_size,
                                 settings.batch_size, seed=0, augment=side != FLOOR).repeat()
@@ -166,8 +171,10 @@ def measure(side: int, cores: list[int], store_root: str, settings: Settings) ->
     next(batches)
     start = time.perf_counter()
     for _ in range(settings.batches):
-        stacks, _ = next(batches)
-    channels = 3 if side < OURS else len(RECIPES["windows"].sources)
+        stacks = next(batches)
+    if side != INFERENCE:
+        stacks, _ = stacks
+    channels = 3 if side in (BASELINE, 1, INFERENCE) else len(RECIPES["windows"].sources)
     assert stacks.shape == (settings.batch_size, settings.image_size, settings.image_size, channels)
     del tf
     return settings.batches * settings.batch_size / (time.perf_counter() - start)

@@ -102,7 +102,7 @@ PUBLISHED = {
 PREPARE_MS_PER_SLICE = 0.51  # Preprocessing: whole preparation, one process, glibc malloc defaults
 # Training input: augmented batches, TensorFlow ops, one core, a GPU machine's threads
 TRAIN_INPUT_SLICES_S_PER_CORE = 2519
-READ_INPUT_SLICES_S_PER_CORE = 2240 / 2  # Preprocessing (Reading): packs checked and decoded by the store, two cores
+READ_INPUT_SLICES_S_PER_CORE = 2749  # Training input: extraction's input (inference_dataset), one core
 CACHE_CHECK_GB_S = 0.70  # Checking the feature cache: verified_rows over the memory-mapped cache
 STORE_KB_PER_SLICE = 55.1  # Preprocessing: bytes per stored slice
 
