@@ -181,7 +181,7 @@ def measure(side: int, cores: list[int], store_root: str, settings: Settings) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Time both sides on one core and on two and print a Markdown table with the bar verdicts."""
+    """Time every side on one core and on two and print a Markdown table with the bar verdicts."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = Settings()
     for name in ("slices", "batches", "batch_size", "image_size", "rounds"):
