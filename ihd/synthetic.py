@@ -11,6 +11,13 @@ Tissue in Hounsfield units: air -1000, scalp ~45 with a layer of fat (-60 to -11
 (densest at the base, with petrous ridges and the clivus), grey matter ~38, white matter ~27, CSF ~6,
 fresh blood 50-90. What is dense but no bleed is there too, as in real scans: the scanner's head
 holder and table behind the head, and calcifications of the pineal, the choroid plexus and the falx.
+So is what is as dense as blood and no bleed: the temporal and neck muscles (45-65) outside the
+skull, muscle and fat between the bones below the skull base, the falx, and the blood of the dural
+venous sinuses (45-70) against the inner table. A slice has a thickness: it is the mean of
+``SECTION_SAMPLES`` sections through it, so a surface it crosses obliquely (the skull at the vertex
+and the base) spreads into values between bone and brain, as in a real scan. A phantom without those
+lets a model learn "blood-dense outside a bleed never happens", which real heads contradict on every
+slice (BENCHMARKS.md, "Trained on synthetic, scored on real").
 
 Bleeds are 3D: each has a centre height and a half-height, and on a slice at distance ``u`` (in
 half-heights) from its centre its cross-section is scaled by ``sqrt(1 - u**2)``. Its contrast
@@ -80,6 +87,7 @@ CO_OCCURRENCE = {
 MIN_LABEL_AREA_MM2 = 10.0
 SKIN_HU = 45.0  # skin and galea; the scalp's fat between them is drawn per head
 GALEA_MM = 1.2  # dense layer of the scalp against the skull, under the fat
+SECTION_SAMPLES = 3  # sections averaged through a slice's thickness (the slice step), odd: the middle one is the slice's height
 TAPER_SLICES = 1.5
 END_CONTRAST = 0.3
 SMALL = dict(train_studies=4, test_studies=2)
@@ -264,7 +272,7 @@ def draw_anatomy(rng: np.random.Generator, n_slices: int) -> Anatomy:
         grey_hu=float(rng.uniform(36, 42)),
         white_hu=float(rng.uniform(24, 30)),
         csf_hu=float(rng.uniform(3, 10)),
-        noise_hu=float(rng.uniform(3.0, 5.5)),
+        noise_hu=float(rng.uniform(2.0, 4.0)),
         gantry_tilt_deg=float(rng.choice([0.0, rng.uniform(5, 25)])),
         z_first_mm=float(rng.uniform(-60, 160)),
         window=WINDOW_TAGS[int(rng.integers(0, len(WINDOW_TAGS)))],
@@ -331,6 +339,12 @@ class Cues:
     falx_hu: float
     falx_y_mm: float  # anterior end of the falx plaque (negative: frontal)
     falx_h_mm: float
+    temporalis_mm: float  # temporal muscle over the squama, thickest at the temporal fossa
+    neck_mm: float  # muscles behind and beside the skull base, thickest at the bottom of the series
+    muscle_hu: float
+    sinus_hu: float  # blood in the dural venous sinuses: as dense as a fresh bleed, and no bleed
+    sinus_mm: float
+    dura_hu: float  # the falx
 
 
 def draw_cues(rng: np.random.Generator) -> Cues:
@@ -344,6 +358,9 @@ def draw_cues(rng: np.random.Generator) -> Cues:
         choroid_hu=float(rng.uniform(100, 350)) if rng.random() < 0.5 else 0.0,
         falx_hu=float(rng.uniform(200, 600)) if rng.random() < 0.2 else 0.0,
         falx_y_mm=float(rng.uniform(-55, -10)), falx_h_mm=float(rng.uniform(55, 95)),
+        temporalis_mm=float(rng.uniform(4, 12)), neck_mm=float(rng.uniform(10, 25)),
+        muscle_hu=float(rng.uniform(45, 65)), sinus_hu=float(rng.uniform(45, 70)), sinus_mm=float(rng.uniform(5, 9)),
+        dura_hu=float(rng.uniform(45, 65)),
     )
 
 
@@ -498,16 +515,27 @@ class StudyPhantom:
     def render(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Slice ``index`` in HU (float32) and its bleed masks (bool, 5 x pixels x pixels, BLEEDS order).
 
-        Without ``rng`` no acquisition noise is added (the masks do not depend on it).
+        A slice has a thickness: its HU are the mean of ``SECTION_SAMPLES`` sections through it, so that
+        a surface crossed obliquely (the skull at the vertex and the base) blurs over its partial volume
+        as in a real scan. The masks are those of the middle section. Without ``rng`` no acquisition
+        noise is added (the masks do not depend on it).
         """
         a = self.anatomy
         h = float(self.heights_mm()[index])
         masks = np.zeros((len(BLEEDS), self.pixels, self.pixels), bool)
-        scale = self._scale(h, a.h_vertex_mm)
+        heights = h + a.slice_step_mm * ((np.arange(SECTION_SAMPLES) + 0.5) / SECTION_SAMPLES - 0.5)
+        scales = [self._scale(float(z), a.h_vertex_mm) for z in heights]
         hu = np.full((self.pixels, self.pixels), -1000.0, np.float32)
-        if scale > 0.02:
-            box = self._head_box(scale)
-            hu[box] = self._cropped(box)._render_head(h, scale, masks[(slice(None),) + box])
+        if max(scales) > 0.02:
+            box = self._head_box(max(scales))
+            view = self._cropped(box)
+            head = np.zeros(hu[box].shape, np.float32)
+            for section, (z, scale) in enumerate(zip(heights, scales)):
+                section_masks = masks[(slice(None),) + box]
+                if section != SECTION_SAMPLES // 2:
+                    section_masks = np.zeros_like(section_masks)
+                head += view._render_head(float(z), scale, section_masks) if scale > 0.02 else np.float32(-1000)
+            hu[box] = head / SECTION_SAMPLES
         if self.finding is not None:
             hu = paint_finding(hu, self.finding, h, self.x, self.y, masks.any(axis=0))
         hu = np.where(hu < -500, np.maximum(hu, self.holder), hu)
@@ -516,7 +544,8 @@ class StudyPhantom:
     def _head_box(self, scale: float) -> tuple[slice, slice]:
         """Rows and columns that hold the head at this scale (the rest of the slice is air)."""
         a = self.anatomy
-        reach_px = (1.1 * scale * max(a.half_width_mm, a.half_length_mm) + a.scalp_mm + 3) / self.mm_per_pixel
+        muscle_mm = self.cues.temporalis_mm + self.cues.neck_mm
+        reach_px = (1.1 * scale * max(a.half_width_mm, a.half_length_mm) + a.scalp_mm + muscle_mm + 3) / self.mm_per_pixel
         middle = (self.pixels - 1) / 2
         col, row = middle + a.centre_mm[0] / self.mm_per_pixel, middle + a.centre_mm[1] / self.mm_per_pixel
         return (slice(max(0, int(row - reach_px)), min(self.pixels, int(row + reach_px) + 2)),
@@ -540,9 +569,12 @@ class StudyPhantom:
         inner = inner_scale * self.boundary - skull - self.r  # mm inside the inner table
         brain_depth = inner - a.csf_rim_mm
         gyri = self.gyri.at(h, self.pixels, self.box)
-        hu = np.where(depth > -a.scalp_mm, np.float32(SKIN_HU), np.float32(-1000))
-        fat = (depth < -GALEA_MM) & (depth > -(a.scalp_mm - self.cues.skin_mm))
+        muscle = self._muscle_mm(h)
+        over_muscle = depth + muscle  # mm inside the muscles' outer surface (the outer table where there is none)
+        hu = np.where(over_muscle > -a.scalp_mm, np.float32(SKIN_HU), np.float32(-1000))
+        fat = (over_muscle < -GALEA_MM) & (over_muscle > -(a.scalp_mm - self.cues.skin_mm))
         hu = np.where(fat, np.float32(self.cues.fat_hu), hu)
+        hu = np.where((over_muscle > 0) & (depth <= 0), np.float32(self.cues.muscle_hu), hu)
         diploe = np.clip(1 - ((depth - inner) / (depth + 1e-3) - 0.5) ** 2 * 6, 0, 1)
         skull_hu = a.skull_hu * (1 - 0.35 * np.clip((h - 20) / (a.h_vertex_mm - 20), 0, 1))
         hu = np.where(depth > 0, (skull_hu * (1 - 0.35 * diploe)).astype(np.float32), hu)
@@ -574,8 +606,10 @@ class StudyPhantom:
             csf |= fissure & (np.abs(self.y) > 32)
         tissue = np.where(csf, np.float32(a.csf_hu), tissue)
         if h > 35:
-            tissue = np.where((np.abs(self.x) < 0.45) & (np.abs(self.y) > 32), np.float32(48), tissue)
+            falx = (np.abs(self.x) < 0.7) & (np.abs(self.y) > 32)
+            tissue = np.where(falx, np.float32(self.cues.dura_hu), tissue)
         tissue = self._add_calcifications(tissue, h)
+        tissue = self._add_venous_sinuses(tissue, h, inner)
         tissue = self._add_bleeds(tissue, masks, h, inner, brain_depth, gyri, sulci, ventricles)
         hu = np.where(inner > 0, tissue, hu)
         if h < 25:
@@ -598,6 +632,29 @@ class StudyPhantom:
             tissue = np.where(plaque, np.float32(cues.falx_hu), tissue)
         return tissue
 
+    def _muscle_mm(self, h: float) -> np.ndarray:
+        """Thickness of muscle on the outer table: the temporal muscles at the sides, the neck's behind the base."""
+        cues = self.cues
+        lateral = np.clip(1.6 * np.abs(np.cos(self.theta)) - 0.6, 0, 1)
+        temporal = cues.temporalis_mm * max(0.0, 1 - ((h - 20) / 50) ** 2) * lateral
+        behind = np.clip(1.5 * np.sin(self.theta) - 0.3, 0, 1)
+        neck = cues.neck_mm * float(np.clip((15 - h) / 35, 0, 1)) * behind
+        return (temporal + neck).astype(np.float32)
+
+    def _add_venous_sinuses(self, tissue: np.ndarray, h: float, inner: np.ndarray) -> np.ndarray:
+        """Blood in the dural venous sinuses against the inner table, as dense as a bleed: the superior sagittal
+        sinus at the midline front and back, the transverse sinuses along the back of the posterior fossa."""
+        cues = self.cues
+        if h > 40:
+            sagittal = (inner < cues.sinus_mm) & (np.abs(self.x) < 0.6 * (cues.sinus_mm - inner)) & (np.abs(self.y) > 30)
+            tissue = np.where(sagittal, np.float32(cues.sinus_hu), tissue)
+        if 0 < h < 28:
+            depth_mm = 0.7 * cues.sinus_mm * math.sin(math.pi * h / 28) ** 0.5
+            along = np.minimum(np.abs(wrap_angle(self.theta - (np.pi / 2 - 0.8))), np.abs(wrap_angle(self.theta - (np.pi / 2 + 0.8))))
+            transverse = (inner < depth_mm) & (along < 0.45)
+            tissue = np.where(transverse, np.float32(cues.sinus_hu), tissue)
+        return tissue
+
     def _skull_base(self, hu: np.ndarray, h: float, inner: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """Below the cerebrum the cranial cavity narrows to the anterior, middle and posterior fossae.
 
@@ -615,6 +672,13 @@ class StudyPhantom:
         texture = self.texture.at(h, self.pixels, self.box)
         air_cells = (texture > 0.3) & ((self.sinus < 1) | ((self.posterior_fossa < 1.5) & (np.abs(self.x) > 0.6 * a.half_width_mm)))
         base_hu = np.where(air_cells, np.float32(-850), (a.skull_hu * (0.75 + 0.15 * texture)).astype(np.float32))
+        # below the fossae's floor, muscle and fat between the bones (the face, the neck), more of it lower down
+        soft_share = float(np.clip((10 - h) / 30, 0, 1))
+        if soft_share > 0:
+            between = self.warp.at(h, self.pixels, self.box)
+            soft = ~air_cells & (between < -0.6 + 1.1 * soft_share)
+            fat = soft & (between < -0.9 + 0.6 * soft_share)
+            base_hu = np.where(soft, np.where(fat, np.float32(self.cues.fat_hu), np.float32(self.cues.muscle_hu)), base_hu)
         hu = np.where(bone, base_hu, hu)
         if -20 < h < 8:
             hu = np.where(bone & (self.orbits < 1), np.where(self.orbits < 0.45, np.float32(12), np.float32(-90)), hu)

@@ -1,4 +1,5 @@
 """The synthetic dataset: Kaggle layout, files readable through ihd.dicom, labels following masks, resumable writing."""
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -268,3 +269,37 @@ def test_real_anatomy_cues_are_drawn_and_never_labeled():
     assert scalp.sum() * mm ** 2 > 100  # subcutaneous fat in the scalp
     calcified = [ph for ph in phantoms if ph.cues.choroid_hu or ph.cues.falx_hu]
     assert calcified and all(not ph.render(i)[1].any() for ph in calcified[:2] for i in range(0, ph.anatomy.n_slices, 4))
+
+
+def test_blood_dense_anatomy_outside_bleeds_is_drawn_and_never_labeled():
+    """Muscles outside the skull, the falx and the venous sinuses are as dense as blood, and unlabeled."""
+    plans = synthetic.plan_dataset(30, 0, seed=2, quirks=synthetic.QuirkRates.off())
+    phantom = next(synthetic.build_phantom(p, 2) for p in plans if not p.subtypes)
+    mm2 = phantom.mm_per_pixel ** 2
+    a = phantom.anatomy
+    temporal = int(np.argmin(np.abs(phantom.heights_mm() - 20.0)))
+    hu, masks = phantom.render(temporal)
+    outside = phantom.r > 0.8 * a.half_width_mm
+    blood_dense = (hu > 40) & (hu < 70) & outside & (np.abs(phantom.x) > np.abs(phantom.y))
+    without_muscle = synthetic.StudyPhantom.__new__(synthetic.StudyPhantom)
+    vars(without_muscle).update(vars(phantom), cues=dataclasses.replace(phantom.cues, temporalis_mm=0.0, neck_mm=0.0))
+    bare = without_muscle.render(temporal)[0]
+    bare_dense = (bare > 40) & (bare < 70) & outside & (np.abs(phantom.x) > np.abs(phantom.y))
+    assert not masks.any() and (blood_dense.sum() - bare_dense.sum()) * mm2 > 300  # the temporal muscles
+    high = int(np.argmin(np.abs(phantom.heights_mm() - 70.0)))
+    hu, masks = phantom.render(high)
+    midline = (np.abs(phantom.x) < 3) & (np.abs(phantom.y) > 30) & (phantom.r < 0.9 * a.half_length_mm)
+    assert not masks.any() and ((hu > 44) & midline).sum() * mm2 > 20  # the falx and the superior sagittal sinus
+
+
+def test_a_slice_is_the_mean_of_sections_through_its_thickness(monkeypatch):
+    plans = synthetic.plan_dataset(30, 0, seed=2, quirks=synthetic.QuirkRates.off())
+    phantom = synthetic.build_phantom(next(p for p in plans if p.subtypes), 2, pixels=128)
+    top = phantom.anatomy.n_slices - 2
+    thick = [phantom.render(i) for i in range(phantom.anatomy.n_slices)]
+    monkeypatch.setattr(synthetic, "SECTION_SAMPLES", 1)
+    thin = [phantom.render(i) for i in range(phantom.anatomy.n_slices)]
+    between = [((image > 150) & (image < 600)).sum() for image in (thick[top][0], thin[top][0])]
+    assert between[0] > 1.5 * between[1]  # the skull crossed obliquely near the vertex: partial volume
+    assert sum(masks.sum() for _, masks in thick) > 0
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(thick, thin))  # the masks are the middle section's
