@@ -465,6 +465,10 @@ class StudyPhantom:
                                  _ellipse(self.x, self.y, (0.4 * w, -0.78 * l), (12, 13))).astype(np.float32)
         self.sinus = _ellipse(self.x, self.y, (0, -0.6 * l), (14, 24)).astype(np.float32)
         self.arc = (self.theta / (2 * np.pi)).astype(np.float32)
+        self.lateral = np.clip(1.6 * np.abs(np.cos(self.theta)) - 0.6, 0, 1).astype(np.float32)  # temporal muscles
+        self.behind = np.clip(1.5 * np.sin(self.theta) - 0.3, 0, 1).astype(np.float32)  # neck muscles
+        self.transverse_sinuses = np.minimum(np.abs(wrap_angle(self.theta - (np.pi / 2 - 0.8))),
+                                             np.abs(wrap_angle(self.theta - (np.pi / 2 + 0.8)))) < 0.45
         h_range = (a.h_start_mm - 10, a.h_start_mm + a.slice_step_mm * a.n_slices + 10)
         self.gyri = Field(rng, 40, 6.0, h_range, cv2.INTER_CUBIC)
         self.warp = Field(rng, 8, 12.0, h_range)
@@ -529,12 +533,17 @@ class StudyPhantom:
         if max(scales) > 0.02:
             box = self._head_box(max(scales))
             view = self._cropped(box)
-            head = np.zeros(hu[box].shape, np.float32)
-            for section, (z, scale) in enumerate(zip(heights, scales)):
+            head, tissue = np.zeros(hu[box].shape, np.float32), None
+            middle = SECTION_SAMPLES // 2
+            for section in [middle, *(k for k in range(SECTION_SAMPLES) if k != middle)]:
                 section_masks = masks[(slice(None),) + box]
-                if section != SECTION_SAMPLES // 2:
+                if section != middle:
                     section_masks = np.zeros_like(section_masks)
-                head += view._render_head(float(z), scale, section_masks) if scale > 0.02 else np.float32(-1000)
+                if scales[section] > 0.02:
+                    section_hu, tissue = view._render_head(float(heights[section]), scales[section], section_masks, tissue)
+                    head += section_hu
+                else:
+                    head -= 1000
             hu[box] = head / SECTION_SAMPLES
         if self.finding is not None:
             hu = paint_finding(hu, self.finding, h, self.x, self.y, masks.any(axis=0))
@@ -560,17 +569,17 @@ class StudyPhantom:
         view.box = box
         return view
 
-    def _render_head(self, h: float, scale: float, masks: np.ndarray) -> np.ndarray:
-        """HU inside the head box at height ``h``; fills ``masks`` (a view of the same box)."""
+    def _render_head(self, h: float, scale: float, masks: np.ndarray, tissue: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """HU inside the head box at height ``h``, and the cranial cavity's tissue it used; fills ``masks`` (a
+        view of the same box). ``tissue``: the cavity's HU of another section through the same slice, reused
+        (skull, scalp and skull base are drawn at ``h``), or None to draw them at ``h`` too."""
         a = self.anatomy
         skull = self._skull(h)
         inner_scale = self._scale(h, a.h_vertex_mm - skull)
         depth = scale * self.boundary - self.r  # mm inside the outer table
         inner = inner_scale * self.boundary - skull - self.r  # mm inside the inner table
-        brain_depth = inner - a.csf_rim_mm
-        gyri = self.gyri.at(h, self.pixels, self.box)
-        muscle = self._muscle_mm(h)
-        over_muscle = depth + muscle  # mm inside the muscles' outer surface (the outer table where there is none)
+        over_muscle = depth + self._muscle_mm(h)  # mm inside the muscles' outer surface (the outer table where there is none)
         hu = np.where(over_muscle > -a.scalp_mm, np.float32(SKIN_HU), np.float32(-1000))
         fat = (over_muscle < -GALEA_MM) & (over_muscle > -(a.scalp_mm - self.cues.skin_mm))
         hu = np.where(fat, np.float32(self.cues.fat_hu), hu)
@@ -578,6 +587,20 @@ class StudyPhantom:
         diploe = np.clip(1 - ((depth - inner) / (depth + 1e-3) - 0.5) ** 2 * 6, 0, 1)
         skull_hu = a.skull_hu * (1 - 0.35 * np.clip((h - 20) / (a.h_vertex_mm - 20), 0, 1))
         hu = np.where(depth > 0, (skull_hu * (1 - 0.35 * diploe)).astype(np.float32), hu)
+        if tissue is None:
+            tissue = self._cavity(h, inner_scale, inner, masks)
+        hu = np.where(inner > 0, tissue, hu)
+        if h < 25:
+            hu = self._skull_base(hu, h, inner, masks)
+        masks &= (inner > 0)[None]
+        return hu, tissue
+
+    def _cavity(self, h: float, inner_scale: float, inner: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """HU of the cranial cavity's content at height ``h`` (brain, CSF, dura, calcifications, bleeds), over
+        the whole box; fills ``masks``."""
+        a = self.anatomy
+        brain_depth = inner - a.csf_rim_mm
+        gyri = self.gyri.at(h, self.pixels, self.box)
         perimeter_mm = 2 * np.pi * inner_scale * (a.half_width_mm + a.half_length_mm) / 2
         folds = max(6, round(perimeter_mm / self.sulcus_mm))
         phase = self.arc * folds + 1.2 * self.warp.at(h, self.pixels, self.box) + 0.25 * gyri
@@ -610,12 +633,7 @@ class StudyPhantom:
             tissue = np.where(falx, np.float32(self.cues.dura_hu), tissue)
         tissue = self._add_calcifications(tissue, h)
         tissue = self._add_venous_sinuses(tissue, h, inner)
-        tissue = self._add_bleeds(tissue, masks, h, inner, brain_depth, gyri, sulci, ventricles)
-        hu = np.where(inner > 0, tissue, hu)
-        if h < 25:
-            hu = self._skull_base(hu, h, inner, masks)
-        masks &= (inner > 0)[None]
-        return hu
+        return self._add_bleeds(tissue, masks, h, inner, brain_depth, gyri, sulci, ventricles)
 
     def _add_calcifications(self, tissue: np.ndarray, h: float) -> np.ndarray:
         """Physiological calcifications, dense but no bleed: pineal, choroid plexus in the atria, a falx plaque."""
@@ -635,11 +653,9 @@ class StudyPhantom:
     def _muscle_mm(self, h: float) -> np.ndarray:
         """Thickness of muscle on the outer table: the temporal muscles at the sides, the neck's behind the base."""
         cues = self.cues
-        lateral = np.clip(1.6 * np.abs(np.cos(self.theta)) - 0.6, 0, 1)
-        temporal = cues.temporalis_mm * max(0.0, 1 - ((h - 20) / 50) ** 2) * lateral
-        behind = np.clip(1.5 * np.sin(self.theta) - 0.3, 0, 1)
-        neck = cues.neck_mm * float(np.clip((15 - h) / 35, 0, 1)) * behind
-        return (temporal + neck).astype(np.float32)
+        temporal = np.float32(cues.temporalis_mm * max(0.0, 1 - ((h - 20) / 50) ** 2))
+        neck = np.float32(cues.neck_mm * float(np.clip((15 - h) / 35, 0, 1)))
+        return temporal * self.lateral + neck * self.behind
 
     def _add_venous_sinuses(self, tissue: np.ndarray, h: float, inner: np.ndarray) -> np.ndarray:
         """Blood in the dural venous sinuses against the inner table, as dense as a bleed: the superior sagittal
@@ -650,8 +666,7 @@ class StudyPhantom:
             tissue = np.where(sagittal, np.float32(cues.sinus_hu), tissue)
         if 0 < h < 28:
             depth_mm = 0.7 * cues.sinus_mm * math.sin(math.pi * h / 28) ** 0.5
-            along = np.minimum(np.abs(wrap_angle(self.theta - (np.pi / 2 - 0.8))), np.abs(wrap_angle(self.theta - (np.pi / 2 + 0.8))))
-            transverse = (inner < depth_mm) & (along < 0.45)
+            transverse = (inner < depth_mm) & self.transverse_sinuses
             tissue = np.where(transverse, np.float32(cues.sinus_hu), tissue)
         return tissue
 
