@@ -2,6 +2,7 @@
 
     python bench/synthetic_to_real.py                                   # both modes, about 15 minutes on 2 cores
     python bench/synthetic_to_real.py --modes inserted --work /tmp/s2r  # one mode; datasets and runs kept in --work
+    python bench/synthetic_to_real.py --modes phantom --seed 101        # another seed of the synthetic dataset
 
 For each mode (``phantom``: the pure phantom; ``inserted``: bleeds inserted into the bleed-free
 series of ``--backgrounds``) demo.py's stages run unchanged (`demo.stages`: 80 training and 30 test
@@ -29,9 +30,10 @@ from ihd.io import read_json, write_json  # noqa: E402
 REAL = ROOT.parent / "shared" / "data" / "real"
 
 
-def run_mode(mode: str, work: Path, backgrounds: Path, labeled: Path) -> dict:
+def run_mode(mode: str, work: Path, backgrounds: Path, labeled: Path, seed: int = 0) -> dict:
     """Prepare, train and score one synthetic mode; returns its scores and stage times."""
-    settings = demo.parse_args(["--root", str(work / mode), "--gradcam", "0", "--score-real", str(labeled),
+    settings = demo.parse_args(["--root", str(work / mode), "--seed", str(seed), "--gradcam", "0",
+                                "--score-real", str(labeled),
                                 *(["--backgrounds", str(backgrounds)] if mode == "inserted" else [])])
     (prepare, prepare_flags), (cnn, cnn_flags), (lstm, lstm_flags), (_, predict_flags), (_, real_flags) = \
         demo.stages(settings)
@@ -77,10 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", default=None, help="datasets, runs and scores go here (default: a temporary folder)")
     parser.add_argument("--backgrounds", default=str(REAL / "rsna_normal"))
     parser.add_argument("--labeled", default=str(REAL / "rsna_labeled"))
+    parser.add_argument("--seed", type=int, default=0, help="the synthetic dataset's seed (demo.py --seed)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work or scratch)
-        results = {mode: run_mode(mode, work, Path(args.backgrounds), Path(args.labeled)) for mode in args.modes}
+        results = {mode: run_mode(mode, work, Path(args.backgrounds), Path(args.labeled), args.seed) for mode in args.modes}
         write_json(work / "synthetic_to_real.json", {"device": device_description(), "results": results})
     print(f"device: {device_description()}")
     print(table(results))

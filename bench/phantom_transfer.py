@@ -1,0 +1,99 @@
+"""How well a chain trained on the pure phantom finds bleeds in real heads, scored without the labeled real set.
+
+    python bench/phantom_transfer.py                    # development seeds 0 1 2, the demo's CNN and one candidate
+    python bench/phantom_transfer.py --seeds 0 --candidate "--epochs 12"
+
+The validation set is built once: bleeds inserted into the bleed-free real series of ``--backgrounds``
+(``prepare_data.py --synthetic --backgrounds``, 40 studies, seed ``--validation-seed``). Its slices without
+a bleed are real anatomy, its bleeds have known masks, and the labeled real series (``rsna_labeled/``)
+are never read: they are kept for the one report of "Trained on synthetic, scored on real".
+
+For each phantom seed, the phantom dataset (80 training studies; its test split is not used), then for
+each candidate (train_cnn.py flags laid over the demo's): one CNN on fold 0, its LSTM on pca:32 with
+the demo's settings, and ``predict.py --dicom-dir --labels`` on the validation set. Reported per seed:
+the slice AUC for ``any`` and the weighted log loss of the CNN and of CNN+LSTM on the validation set,
+and the CNN's own validation loss on its phantom fold. Results are saved to <root>/transfer.json as they
+come; a rerun resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import demo  # noqa: E402
+import predict  # noqa: E402
+import prepare_data  # noqa: E402
+import train_cnn  # noqa: E402
+import train_lstm  # noqa: E402
+from bench.machine import cpu_description, load_description  # noqa: E402
+from ihd.io import read_json  # noqa: E402
+
+REAL = ROOT.parent / "shared" / "data" / "real"
+VALIDATION_STUDIES = 40
+SELECTION = "pca:32"
+CANDIDATES = ["", "--batch-size 32 --learning-rate 5e-4"]  # "": the demo's CNN as it is; then the kit's default rate
+
+
+def validation_set(root: Path, backgrounds: Path, seed: int) -> Path:
+    """The inserted-bleed validation set's raw folder (built once)."""
+    prepare_data.main(["--synthetic", "--backgrounds", str(backgrounds), "--dataset", "validation",
+                       "--data-dir", str(root), "--seed", str(seed), "--train-studies", str(VALIDATION_STUDIES),
+                       "--test-studies", "2", "--size", "128", "--folds", str(demo.FOLDS)])
+    return root / "validation" / "raw"
+
+
+def score(seed: int, candidate: str, root: Path, validation: Path) -> dict:
+    """Train one fold's chain on the phantom of ``seed`` under ``candidate`` and score it on ``validation``."""
+    data = root / f"phantom-{seed}"
+    work = data / ("run-" + ("_".join(candidate.replace("--", "").split()) or "demo"))
+    dirs = ["--data-dir", str(data), "--models-dir", str(work / "models"), "--features-dir", str(work / "features")]
+    prepare_data.main(["--synthetic", "--dataset", demo.DATASET, "--size", "128", "--folds", str(demo.FOLDS),
+                       "--seed", str(seed), "--train-studies", "80", "--test-studies", "2", "--data-dir", str(data)])
+    train_cnn.main(["--dataset", demo.DATASET, "--run", demo.RUN, "--fold", "0", *demo.CNN, *candidate.split(), *dirs])
+    train_lstm.main(["--run", demo.RUN, "--selection", SELECTION, *demo.LSTM, *dirs[2:]])
+    predict.main(["--run", demo.RUN, "--dicom-dir", str(validation / "stage_2_train"),
+                  "--labels", str(validation / "stage_2_train.csv"), "--out", str(work / "validation"), *dirs])
+    models = read_json(work / "validation" / "scores.json")["scores"]["models"]
+    row = {"seed": seed, "candidate": candidate or "(the demo's)", "chain": demo.chain_record("cnn", "lstm"),
+           "phantom_fold_loss": read_json(work / "models" / demo.RUN / "best.json")["val_weighted_log_loss"]}
+    for model in ("prior", "cnn", "cnn+lstm"):
+        row[f"{model} loss"] = models[model]["weighted_log_loss"]
+        row[f"{model} auc"] = models[model]["slice_auc"]["any"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--candidate", action="append", help="train_cnn.py flags over the demo's; repeatable")
+    parser.add_argument("--root", default="/tmp/ihd-transfer")
+    parser.add_argument("--backgrounds", default=str(REAL / "rsna_normal"))
+    parser.add_argument("--validation-seed", type=int, default=101)
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    print(f"{cpu_description()}; {load_description()}", flush=True)
+    validation = validation_set(root, Path(args.backgrounds), args.validation_seed)
+    saved = root / "transfer.json"
+    rows = [r for r in (json.loads(saved.read_text()) if saved.exists() else [])
+            if r["chain"] == demo.chain_record("cnn", "lstm")]
+    for seed in args.seeds:
+        for candidate in args.candidate or CANDIDATES:
+            if not any(r["seed"] == seed and r["candidate"] == (candidate or "(the demo's)") for r in rows):
+                rows.append(score(seed, candidate, root, validation))
+                saved.write_text(json.dumps(rows, indent=2) + "\n")
+    table = pd.DataFrame(rows).drop(columns="chain")
+    print(f"{cpu_description()}; {load_description()}")
+    print(table.to_string(index=False, float_format="%.3f"))
+    print(table.groupby("candidate").mean(numeric_only=True).drop(columns="seed").to_string(float_format="%.3f"))
+    return table
+
+
+if __name__ == "__main__":
+    main()
