@@ -1064,14 +1064,17 @@ def dataset_state(out_dir: str | Path, settings: dict) -> str:
     """``"complete"``, ``"partial"`` (a generation of the same dataset was interrupted) or ``"absent"``.
 
     Raises DatasetMismatch when ``out_dir`` holds another dataset (a complete one made with other
-    ``train_studies``, ``test_studies``, ``seed`` or quirks; a partial one made with any other
-    setting or another version of the generator), or files that are no synthetic dataset. Writes nothing.
+    ``train_studies``, ``test_studies``, ``seed`` or quirks, a partial one made with any other
+    setting, either made by another version of the generator), or files that are no synthetic dataset.
+    Writes nothing.
     """
     out_dir = Path(out_dir)
     config_path, progress_path = out_dir / CONFIG_FILE, out_dir / PROGRESS_DIR / PROGRESS_SETTINGS
     if config_path.is_file():
+        config = read_json(config_path)
         requested = {key: settings[key] for key in REQUESTED_SETTINGS}
-        _check_same(out_dir, "a synthetic dataset", read_json(config_path)["settings"], requested)
+        _check_same(out_dir, "a synthetic dataset", config["settings"], requested)
+        _check_same(out_dir, "a synthetic dataset", config, {"generator": _generator_version()})
         return "complete"
     if progress_path.is_file():
         wanted = {**settings, "generator": _generator_version()}
@@ -1155,7 +1158,7 @@ def write_dataset(out_dir: str | Path, train_studies: int, test_studies: int, se
     summary["truncated_file"] = next((f"stage_2_train/{p.truncated_image}.dcm" for p in plans
                                       if p.truncated_image), "")
     summary["duplicated_label_image"] = repeated
-    write_json(out_dir / CONFIG_FILE, {"settings": settings, "summary": summary})
+    write_json(out_dir / CONFIG_FILE, {"settings": settings, "generator": _generator_version(), "summary": summary})
     shutil.rmtree(progress)
     return summary
 

@@ -1,5 +1,6 @@
 """The synthetic dataset: Kaggle layout, files readable through ihd.dicom, labels following masks, resumable writing."""
 import dataclasses
+import json
 import os
 import re
 from pathlib import Path
@@ -186,6 +187,15 @@ def test_another_dataset_in_the_folder_is_refused_before_anything_is_written(raw
     with pytest.raises(synthetic.DatasetMismatch, match="partly written.*generator"):
         synthetic.write_dataset(partial, **synthetic.SMALL, seed=0, quirks=QUIRKY)
     assert _tree(partial) == before
+
+    older = tmp_path / "older"
+    older.mkdir()
+    config = json.loads((out / synthetic.CONFIG_FILE).read_text())
+    for generator in ({**synthetic._generator_version(), "source_sha256": "older code"}, None):
+        write_json(older / synthetic.CONFIG_FILE, {**config, "generator": generator})
+        with pytest.raises(synthetic.DatasetMismatch, match="synthetic dataset made with generator"):
+            synthetic.write_dataset(older, **synthetic.SMALL, seed=0, quirks=QUIRKY)  # a finished one from other code
+    assert synthetic.dataset_state(out, settings) == "complete"
 
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine\n")
