@@ -22,6 +22,8 @@ import json
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +35,31 @@ import prepare_data  # noqa: E402
 import train_cnn  # noqa: E402
 import train_lstm  # noqa: E402
 from bench.machine import cpu_description, load_description  # noqa: E402
+from ihd.index import read_index  # noqa: E402
 from ihd.io import read_json  # noqa: E402
+from ihd.slices import SliceStore  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real"
 VALIDATION_STUDIES = 40
 SELECTION = "pca:32"
 CANDIDATES = ["", "--batch-size 32 --learning-rate 5e-4"]  # "": the demo's CNN as it is; then the kit's default rate
+
+
+def blood_dense_pixels(hu: np.ndarray) -> int:
+    """Pixels at 55-90 HU (fresh blood's range) that do not touch bone (over 250 HU) on a slice."""
+    bone = cv2.dilate((hu > 250).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    return int(((hu >= 55) & (hu <= 90) & ~bone).sum())
+
+
+def blood_dense_by_fifth(dataset: Path) -> list[float]:
+    """Median `blood_dense_pixels` of a prepared dataset's training slices without a bleed, at the store's
+    size, by fifth of the series from the first slice (the skull base) to the last."""
+    index = read_index(dataset)
+    rows = index[(index["split"] == "train") & (index["any"] == 0)]
+    store = SliceStore(dataset / "slices")
+    counts = pd.Series([blood_dense_pixels(store.read_hu(image_id)) for image_id in rows["image_id"]])
+    fifth = np.minimum(rows["position"].to_numpy() * 5 // rows["series_length"].to_numpy(), 4)
+    return counts.groupby(fifth).median().tolist()
 
 
 def validation_set(root: Path, backgrounds: Path, seed: int) -> Path:
@@ -80,6 +101,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     root = Path(args.root)
     print(f"{cpu_description()}; {load_description()}", flush=True)
     validation = validation_set(root, Path(args.backgrounds), args.validation_seed)
+    print("pixels at 55-90 HU not next to bone, median on a slice without a bleed, by fifth from the skull base up:")
+    print(f"  real heads (the validation set): {blood_dense_by_fifth(validation.parent)}", flush=True)
     saved = root / "transfer.json"
     rows = [r for r in (json.loads(saved.read_text()) if saved.exists() else [])
             if r["chain"] == demo.chain_record("cnn", "lstm")]
@@ -88,6 +111,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             if not any(r["seed"] == seed and r["candidate"] == (candidate or "(the demo's)") for r in rows):
                 rows.append(score(seed, candidate, root, validation))
                 saved.write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"  phantom seed {seed}: {blood_dense_by_fifth(root / f'phantom-{seed}' / demo.DATASET)}", flush=True)
     table = pd.DataFrame(rows).drop(columns="chain")
     print(f"{cpu_description()}; {load_description()}")
     print(table.to_string(index=False, float_format="%.3f"))
