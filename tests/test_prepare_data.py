@@ -22,7 +22,8 @@ def fake_kaggle_layout(real_data):
         shutil.copy(real_data / "rsna_slices" / "labels.csv", out_dir / "stage_2_train.csv")
         summary = {"train": {"images": 26}, "test": {"images": 32}}
         settings = synthetic.dataset_settings(train_studies, test_studies, seed)
-        write_json(out_dir / "config.json", {"settings": settings, "summary": summary})
+        write_json(out_dir / "config.json",
+                   {"settings": settings, "generator": synthetic._generator_version(), "summary": summary})
         return summary
 
     return calls, write_dataset
