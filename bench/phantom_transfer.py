@@ -35,6 +35,7 @@ import prepare_data  # noqa: E402
 import train_cnn  # noqa: E402
 import train_lstm  # noqa: E402
 from bench.machine import cpu_description, load_description  # noqa: E402
+from ihd import synthetic  # noqa: E402
 from ihd.index import read_index  # noqa: E402
 from ihd.io import read_json  # noqa: E402
 from ihd.slices import SliceStore  # noqa: E402
@@ -43,6 +44,7 @@ REAL = ROOT.parent / "shared" / "data" / "real"
 VALIDATION_STUDIES = 40
 SELECTION = "pca:32"
 CANDIDATES = ["", "--batch-size 32 --learning-rate 5e-4"]  # "": the demo's CNN as it is; then the kit's default rate
+DEMOS_CNN = "(the demo's)"
 
 
 def blood_dense_pixels(hu: np.ndarray) -> int:
@@ -70,6 +72,13 @@ def validation_set(root: Path, backgrounds: Path, seed: int) -> Path:
     return root / "validation" / "raw"
 
 
+def made_with(validation: Path) -> dict:
+    """What a saved row depends on besides its seed and candidate: the demo's chain, the phantom's generator and the
+    validation set's settings (its backgrounds and seed); rows made with other ones are scored again."""
+    return {"chain": demo.chain_record("cnn", "lstm"), "generator": synthetic.generator_version(),
+            "validation": read_json(validation / "config.json")["settings"]}
+
+
 def score(seed: int, candidate: str, root: Path, validation: Path) -> dict:
     """Train one fold's chain on the phantom of ``seed`` under ``candidate`` and score it on ``validation``."""
     data = root / f"phantom-{seed}"
@@ -82,7 +91,7 @@ def score(seed: int, candidate: str, root: Path, validation: Path) -> dict:
     predict.main(["--run", demo.RUN, "--dicom-dir", str(validation / "stage_2_train"),
                   "--labels", str(validation / "stage_2_train.csv"), "--out", str(work / "validation"), *dirs])
     models = read_json(work / "validation" / "scores.json")["scores"]["models"]
-    row = {"seed": seed, "candidate": candidate or "(the demo's)", "chain": demo.chain_record("cnn", "lstm"),
+    row = {"seed": seed, "candidate": candidate or DEMOS_CNN, "made_with": made_with(validation),
            "phantom_fold_loss": read_json(work / "models" / demo.RUN / "best.json")["val_weighted_log_loss"]}
     for model in ("prior", "cnn", "cnn+lstm"):
         row[f"{model} loss"] = models[model]["weighted_log_loss"]
@@ -105,14 +114,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     print(f"  real heads (the validation set): {blood_dense_by_fifth(validation.parent)}", flush=True)
     saved = root / "transfer.json"
     rows = [r for r in (json.loads(saved.read_text()) if saved.exists() else [])
-            if r["chain"] == demo.chain_record("cnn", "lstm")]
+            if r.get("made_with") == made_with(validation)]
     for seed in args.seeds:
         for candidate in args.candidate or CANDIDATES:
-            if not any(r["seed"] == seed and r["candidate"] == (candidate or "(the demo's)") for r in rows):
+            if not any(r["seed"] == seed and r["candidate"] == (candidate or DEMOS_CNN) for r in rows):
                 rows.append(score(seed, candidate, root, validation))
                 saved.write_text(json.dumps(rows, indent=2) + "\n")
         print(f"  phantom seed {seed}: {blood_dense_by_fifth(root / f'phantom-{seed}' / demo.DATASET)}", flush=True)
-    table = pd.DataFrame(rows).drop(columns="chain")
+    table = pd.DataFrame(rows).drop(columns="made_with")
     print(f"{cpu_description()}; {load_description()}")
     print(table.to_string(index=False, float_format="%.3f"))
     print(table.groupby("candidate").mean(numeric_only=True).drop(columns="seed").to_string(float_format="%.3f"))

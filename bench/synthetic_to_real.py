@@ -31,8 +31,9 @@ REAL = ROOT.parent / "shared" / "data" / "real"
 
 
 def run_mode(mode: str, work: Path, backgrounds: Path, labeled: Path, seed: int = 0) -> dict:
-    """Prepare, train and score one synthetic mode; returns its scores and stage times."""
-    settings = demo.parse_args(["--root", str(work / mode), "--seed", str(seed), "--gradcam", "0",
+    """Prepare, train and score one synthetic mode on the synthetic dataset of ``seed`` (in <work>/<mode>-seed<seed>);
+    returns its scores and stage times."""
+    settings = demo.parse_args(["--root", str(work / f"{mode}-seed{seed}"), "--seed", str(seed), "--gradcam", "0",
                                 "--score-real", str(labeled),
                                 *(["--backgrounds", str(backgrounds)] if mode == "inserted" else [])])
     (prepare, prepare_flags), (cnn, cnn_flags), (lstm, lstm_flags), (_, predict_flags), (_, real_flags) = \
@@ -49,7 +50,7 @@ def run_mode(mode: str, work: Path, backgrounds: Path, labeled: Path, seed: int 
     synthetic = read_json(submission.with_name(f"{submission.stem}-scores.json"))
     real_csv = predict.main(real_flags)
     real = read_json(real_csv.parent / "scores.json")
-    return {"selection": real["selection"], "synthetic_test": synthetic["scores"], "real": real["scores"],
+    return {"seed": seed, "selection": real["selection"], "synthetic_test": synthetic["scores"], "real": real["scores"],
             "seconds": {k: round(v, 1) for k, v in times.items()}}
 
 
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work or scratch)
-        results = {mode: run_mode(mode, work, Path(args.backgrounds), Path(args.labeled), args.seed) for mode in args.modes}
+        results = {mode: run_mode(mode, work, Path(args.backgrounds), Path(args.labeled), args.seed)
+                   for mode in args.modes}
         write_json(work / "synthetic_to_real.json", {"device": device_description(), "results": results})
     print(f"device: {device_description()}")
     print(table(results))

@@ -87,7 +87,7 @@ CO_OCCURRENCE = {
 MIN_LABEL_AREA_MM2 = 10.0
 SKIN_HU = 45.0  # skin and galea; the scalp's fat between them is drawn per head
 GALEA_MM = 1.2  # dense layer of the scalp against the skull, under the fat
-SECTION_SAMPLES = 3  # sections averaged through a slice's thickness (the slice step), odd: the middle one is the slice's height
+SECTION_SAMPLES = 3  # sections averaged through a slice's thickness (the slice step); odd: the middle one is at its height
 TAPER_SLICES = 1.5
 END_CONTRAST = 0.3
 SMALL = dict(train_studies=4, test_studies=2)
@@ -342,9 +342,9 @@ class Cues:
     temporalis_mm: float  # temporal muscle over the squama, thickest at the temporal fossa
     neck_mm: float  # muscles behind and beside the skull base, thickest at the bottom of the series
     muscle_hu: float
-    sinus_hu: float  # blood in the dural venous sinuses: as dense as a fresh bleed, and no bleed
-    sinus_mm: float
-    dura_hu: float  # the falx
+    venous_sinus_hu: float  # blood in the dural venous sinuses: as dense as a fresh bleed, and no bleed
+    venous_sinus_mm: float
+    falx_dura_hu: float  # the falx
 
 
 def draw_cues(rng: np.random.Generator) -> Cues:
@@ -359,8 +359,9 @@ def draw_cues(rng: np.random.Generator) -> Cues:
         falx_hu=float(rng.uniform(200, 600)) if rng.random() < 0.2 else 0.0,
         falx_y_mm=float(rng.uniform(-55, -10)), falx_h_mm=float(rng.uniform(55, 95)),
         temporalis_mm=float(rng.uniform(4, 12)), neck_mm=float(rng.uniform(10, 25)),
-        muscle_hu=float(rng.uniform(45, 65)), sinus_hu=float(rng.uniform(45, 70)), sinus_mm=float(rng.uniform(5, 9)),
-        dura_hu=float(rng.uniform(45, 65)),
+        muscle_hu=float(rng.uniform(45, 65)), venous_sinus_hu=float(rng.uniform(45, 70)),
+        venous_sinus_mm=float(rng.uniform(5, 9)),
+        falx_dura_hu=float(rng.uniform(45, 65)),
     )
 
 
@@ -533,15 +534,15 @@ class StudyPhantom:
         if max(scales) > 0.02:
             box = self._head_box(max(scales))
             view = self._cropped(box)
-            head, tissue = np.zeros(hu[box].shape, np.float32), None
             middle = SECTION_SAMPLES // 2
-            for section in [middle, *(k for k in range(SECTION_SAMPLES) if k != middle)]:
-                section_masks = masks[(slice(None),) + box]
-                if section != middle:
-                    section_masks = np.zeros_like(section_masks)
+            # the middle section first, head or not: its cavity (and only its bleeds, labeled) fills every section's
+            head, tissue = view._render_head(h, scales[middle], masks[(slice(None),) + box])
+            if scales[middle] <= 0.02:
+                head = np.full(head.shape, -1000.0, np.float32)
+            for section in (k for k in range(SECTION_SAMPLES) if k != middle):
                 if scales[section] > 0.02:
-                    section_hu, tissue = view._render_head(float(heights[section]), scales[section], section_masks, tissue)
-                    head += section_hu
+                    scratch = np.zeros_like(masks[(slice(None),) + box])
+                    head += view._render_head(float(heights[section]), scales[section], scratch, tissue)[0]
                 else:
                     head -= 1000
             hu[box] = head / SECTION_SAMPLES
@@ -554,7 +555,8 @@ class StudyPhantom:
         """Rows and columns that hold the head at this scale (the rest of the slice is air)."""
         a = self.anatomy
         muscle_mm = self.cues.temporalis_mm + self.cues.neck_mm
-        reach_px = (1.1 * scale * max(a.half_width_mm, a.half_length_mm) + a.scalp_mm + muscle_mm + 3) / self.mm_per_pixel
+        reach_mm = 1.1 * scale * max(a.half_width_mm, a.half_length_mm) + a.scalp_mm + muscle_mm + 3
+        reach_px = reach_mm / self.mm_per_pixel
         middle = (self.pixels - 1) / 2
         col, row = middle + a.centre_mm[0] / self.mm_per_pixel, middle + a.centre_mm[1] / self.mm_per_pixel
         return (slice(max(0, int(row - reach_px)), min(self.pixels, int(row + reach_px) + 2)),
@@ -572,14 +574,14 @@ class StudyPhantom:
     def _render_head(self, h: float, scale: float, masks: np.ndarray, tissue: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
         """HU inside the head box at height ``h``, and the cranial cavity's tissue it used; fills ``masks`` (a
-        view of the same box). ``tissue``: the cavity's HU of another section through the same slice, reused
-        (skull, scalp and skull base are drawn at ``h``), or None to draw them at ``h`` too."""
+        view of the same box). Skull, scalp and skull base are drawn at ``h``; the cavity's content is
+        ``tissue`` (another section's through the same slice) when given, else drawn at ``h`` too."""
         a = self.anatomy
         skull = self._skull(h)
         inner_scale = self._scale(h, a.h_vertex_mm - skull)
         depth = scale * self.boundary - self.r  # mm inside the outer table
         inner = inner_scale * self.boundary - skull - self.r  # mm inside the inner table
-        over_muscle = depth + self._muscle_mm(h)  # mm inside the muscles' outer surface (the outer table where there is none)
+        over_muscle = depth + self._muscle_mm(h)  # mm inside the muscles' outer surface (or the outer table's)
         hu = np.where(over_muscle > -a.scalp_mm, np.float32(SKIN_HU), np.float32(-1000))
         fat = (over_muscle < -GALEA_MM) & (over_muscle > -(a.scalp_mm - self.cues.skin_mm))
         hu = np.where(fat, np.float32(self.cues.fat_hu), hu)
@@ -630,7 +632,7 @@ class StudyPhantom:
         tissue = np.where(csf, np.float32(a.csf_hu), tissue)
         if h > 35:
             falx = (np.abs(self.x) < 0.7) & (np.abs(self.y) > 32)
-            tissue = np.where(falx, np.float32(self.cues.dura_hu), tissue)
+            tissue = np.where(falx, np.float32(self.cues.falx_dura_hu), tissue)
         tissue = self._add_calcifications(tissue, h)
         tissue = self._add_venous_sinuses(tissue, h, inner)
         return self._add_bleeds(tissue, masks, h, inner, brain_depth, gyri, sulci, ventricles)
@@ -662,12 +664,13 @@ class StudyPhantom:
         sinus at the midline front and back, the transverse sinuses along the back of the posterior fossa."""
         cues = self.cues
         if h > 40:
-            sagittal = (inner < cues.sinus_mm) & (np.abs(self.x) < 0.6 * (cues.sinus_mm - inner)) & (np.abs(self.y) > 30)
-            tissue = np.where(sagittal, np.float32(cues.sinus_hu), tissue)
+            wedge = np.abs(self.x) < 0.6 * (cues.venous_sinus_mm - inner)
+            sagittal = (inner < cues.venous_sinus_mm) & wedge & (np.abs(self.y) > 30)
+            tissue = np.where(sagittal, np.float32(cues.venous_sinus_hu), tissue)
         if 0 < h < 28:
-            depth_mm = 0.7 * cues.sinus_mm * math.sin(math.pi * h / 28) ** 0.5
+            depth_mm = 0.7 * cues.venous_sinus_mm * math.sin(math.pi * h / 28) ** 0.5
             transverse = (inner < depth_mm) & self.transverse_sinuses
-            tissue = np.where(transverse, np.float32(cues.sinus_hu), tissue)
+            tissue = np.where(transverse, np.float32(cues.venous_sinus_hu), tissue)
         return tissue
 
     def _skull_base(self, hu: np.ndarray, h: float, inner: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -690,10 +693,11 @@ class StudyPhantom:
         # below the fossae's floor, muscle and fat between the bones (the face, the neck), more of it lower down
         soft_share = float(np.clip((10 - h) / 30, 0, 1))
         if soft_share > 0:
-            between = self.warp.at(h, self.pixels, self.box)
-            soft = ~air_cells & (between < -0.6 + 1.1 * soft_share)
-            fat = soft & (between < -0.9 + 0.6 * soft_share)
-            base_hu = np.where(soft, np.where(fat, np.float32(self.cues.fat_hu), np.float32(self.cues.muscle_hu)), base_hu)
+            soft_field = self.warp.at(h, self.pixels, self.box)
+            soft = ~air_cells & (soft_field < -0.6 + 1.1 * soft_share)
+            fat = soft & (soft_field < -0.9 + 0.6 * soft_share)
+            soft_hu = np.where(fat, np.float32(self.cues.fat_hu), np.float32(self.cues.muscle_hu))
+            base_hu = np.where(soft, soft_hu, base_hu)
         hu = np.where(bone, base_hu, hu)
         if -20 < h < 8:
             hu = np.where(bone & (self.orbits < 1), np.where(self.orbits < 0.45, np.float32(12), np.float32(-90)), hu)
@@ -1035,7 +1039,7 @@ def dataset_settings(train_studies: int, test_studies: int, seed: int = 0, quirk
             "end_contrast": END_CONTRAST, "subtypes": list(SUBTYPES), "other_finding_fraction": OTHER_FINDING_FRACTION}
 
 
-def _generator_version() -> dict:
+def generator_version() -> dict:
     """What decides the bytes of a study besides the settings: this module's code (and its findings') and the
     libraries it renders with."""
     sources = Path(__file__).read_bytes() + Path(synthetic_findings.__file__).read_bytes()
@@ -1074,10 +1078,10 @@ def dataset_state(out_dir: str | Path, settings: dict) -> str:
         config = read_json(config_path)
         requested = {key: settings[key] for key in REQUESTED_SETTINGS}
         _check_same(out_dir, "a synthetic dataset", config["settings"], requested)
-        _check_same(out_dir, "a synthetic dataset", config, {"generator": _generator_version()})
+        _check_same(out_dir, "a synthetic dataset", config, {"generator": generator_version()})
         return "complete"
     if progress_path.is_file():
-        wanted = {**settings, "generator": _generator_version()}
+        wanted = {**settings, "generator": generator_version()}
         _check_same(out_dir, "a partly written synthetic dataset", read_json(progress_path), wanted)
         return "partial"
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -1133,7 +1137,7 @@ def write_dataset(out_dir: str | Path, train_studies: int, test_studies: int, se
         print(f"{out_dir} already holds this synthetic dataset")
         return read_json(out_dir / CONFIG_FILE)["summary"]
     if state == "absent":
-        write_json(progress / PROGRESS_SETTINGS, {**settings, "generator": _generator_version()})
+        write_json(progress / PROGRESS_SETTINGS, {**settings, "generator": generator_version()})
     _remove_interrupted_writes(out_dir)
     plans = plan_dataset(train_studies, test_studies, seed, quirks)
     finished = {p.number: _finished_result(out_dir, p) for p in plans}
@@ -1158,7 +1162,7 @@ def write_dataset(out_dir: str | Path, train_studies: int, test_studies: int, se
     summary["truncated_file"] = next((f"stage_2_train/{p.truncated_image}.dcm" for p in plans
                                       if p.truncated_image), "")
     summary["duplicated_label_image"] = repeated
-    write_json(out_dir / CONFIG_FILE, {"settings": settings, "generator": _generator_version(), "summary": summary})
+    write_json(out_dir / CONFIG_FILE, {"settings": settings, "generator": generator_version(), "summary": summary})
     shutil.rmtree(progress)
     return summary
 

@@ -23,7 +23,7 @@ def fake_kaggle_layout(real_data):
         summary = {"train": {"images": 26}, "test": {"images": 32}}
         settings = synthetic.dataset_settings(train_studies, test_studies, seed)
         write_json(out_dir / "config.json",
-                   {"settings": settings, "generator": synthetic._generator_version(), "summary": summary})
+                   {"settings": settings, "generator": synthetic.generator_version(), "summary": summary})
         return summary
 
     return calls, write_dataset
@@ -169,7 +169,7 @@ def test_a_partial_synthetic_dataset_of_older_code_is_refused_without_a_rerun_th
     raw = tmp_path / "data" / "old" / "raw"
     settings = synthetic.dataset_settings(**synthetic.SMALL, seed=0)
     write_json(raw / synthetic.PROGRESS_DIR / synthetic.PROGRESS_SETTINGS,
-               {**settings, "generator": {**synthetic._generator_version(), "source_sha256": "older code"}})
+               {**settings, "generator": {**synthetic.generator_version(), "source_sha256": "older code"}})
     with pytest.raises(SystemExit) as stop:
         prepare_data.main(["--synthetic", "--small", "--dataset", "old"])
     message = str(stop.value)

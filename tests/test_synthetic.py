@@ -1,10 +1,12 @@
 """The synthetic dataset: Kaggle layout, files readable through ihd.dicom, labels following masks, resumable writing."""
+import copy
 import dataclasses
 import json
 import os
 import re
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pydicom
@@ -182,7 +184,7 @@ def test_another_dataset_in_the_folder_is_refused_before_anything_is_written(raw
     partial = tmp_path / "partial"
     settings = synthetic.dataset_settings(**synthetic.SMALL, seed=0, quirks=QUIRKY)
     write_json(partial / synthetic.PROGRESS_DIR / synthetic.PROGRESS_SETTINGS,
-               {**settings, "generator": {**synthetic._generator_version(), "source_sha256": "older code"}})
+               {**settings, "generator": {**synthetic.generator_version(), "source_sha256": "older code"}})
     before = _tree(partial)
     with pytest.raises(synthetic.DatasetMismatch, match="partly written.*generator"):
         synthetic.write_dataset(partial, **synthetic.SMALL, seed=0, quirks=QUIRKY)
@@ -191,7 +193,7 @@ def test_another_dataset_in_the_folder_is_refused_before_anything_is_written(raw
     older = tmp_path / "older"
     older.mkdir()
     config = json.loads((out / synthetic.CONFIG_FILE).read_text())
-    for generator in ({**synthetic._generator_version(), "source_sha256": "older code"}, None):
+    for generator in ({**synthetic.generator_version(), "source_sha256": "older code"}, None):
         write_json(older / synthetic.CONFIG_FILE, {**config, "generator": generator})
         with pytest.raises(synthetic.DatasetMismatch, match="synthetic dataset made with generator"):
             synthetic.write_dataset(older, **synthetic.SMALL, seed=0, quirks=QUIRKY)  # a finished one from other code
@@ -313,3 +315,23 @@ def test_a_slice_is_the_mean_of_sections_through_its_thickness(monkeypatch):
     assert between[0] > 1.5 * between[1]  # the skull crossed obliquely near the vertex: partial volume
     assert sum(masks.sum() for _, masks in thick) > 0
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(thick, thin))  # the masks are the middle section's
+
+
+def test_a_bleeds_blood_shows_only_where_its_slice_is_labeled():
+    """Every section of a slice shows the middle section's cavity, so a bleed's blood lies within that slice's
+    masks: sections drawing their own cavities would show blood a few mm above or below, unlabeled (here on the
+    slice below the top one). The top slice's middle section is above the vertex, its lower one cuts the skull."""
+    plans = synthetic.plan_dataset(60, 0, seed=2, quirks=synthetic.QuirkRates.off())
+    phantom = synthetic.build_phantom(plans[1], 2, pixels=128)  # its top slice: the middle section above the vertex
+    top = phantom.anatomy.n_slices - 1
+    h = float(phantom.heights_mm()[top])
+    assert phantom._scale(h, phantom.anatomy.h_vertex_mm) <= 0.02
+    phantom.bleeds = [synthetic.Bleed("subdural", h - 8.0, 12.0, 80.0, 0.0, 1.2, 12.0)]
+    phantom.finding = None
+    bare = copy.copy(phantom)
+    bare.bleeds = []
+    for index in (top - 2, top - 1, top):
+        hu, masks = phantom.render(index)
+        near_masks = cv2.dilate(masks.any(axis=0).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        assert np.abs(hu - bare.render(index)[0])[~near_masks].max() < 1.0
+    assert phantom.render(top - 2)[1].any() and not phantom.render(top)[1].any()
