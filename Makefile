@@ -54,7 +54,8 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # The self-contained benchmarks; bench/segment.py needs a trained U-Net run,
-# bench/synthetic_to_real.py trains two demo chains (about 15 minutes), bench/folder.py writes a
+# bench/synthetic_to_real.py trains two demo chains (about 15 minutes), bench/phantom_transfer.py six
+# one-fold chains (about 15 minutes), bench/folder.py writes a
 # 10,000-slice DICOM folder (5 GB, about 20 minutes on 2 cores) and bench/rehearsal.py runs every stage on
 # a synthetic tenth of the real dataset (43 GB of DICOM, about 25 minutes): run those by hand.
 BENCHMARKS := machine preprocess input embed cache_check lstm study_latency study_mode_latency gradcam
