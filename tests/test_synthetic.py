@@ -293,15 +293,17 @@ def test_blood_dense_anatomy_outside_bleeds_is_drawn_and_never_labeled():
     hu, masks = phantom.render(temporal)
     outside = phantom.r > 0.8 * a.half_width_mm
     blood_dense = (hu > 40) & (hu < 70) & outside & (np.abs(phantom.x) > np.abs(phantom.y))
-    without_muscle = synthetic.StudyPhantom.__new__(synthetic.StudyPhantom)
-    vars(without_muscle).update(vars(phantom), cues=dataclasses.replace(phantom.cues, temporalis_mm=0.0, neck_mm=0.0))
+    without_muscle = copy.copy(phantom)
+    without_muscle.cues = dataclasses.replace(phantom.cues, temporalis_mm=0.0, neck_mm=0.0)
     bare = without_muscle.render(temporal)[0]
     bare_dense = (bare > 40) & (bare < 70) & outside & (np.abs(phantom.x) > np.abs(phantom.y))
     assert not masks.any() and (blood_dense.sum() - bare_dense.sum()) * mm2 > 300  # the temporal muscles
     high = int(np.argmin(np.abs(phantom.heights_mm() - 70.0)))
-    hu, masks = phantom.render(high)
     midline = (np.abs(phantom.x) < 3) & (np.abs(phantom.y) > 30) & (phantom.r < 0.9 * a.half_length_mm)
-    assert not masks.any() and ((hu > 44) & midline).sum() * mm2 > 20  # the falx and the superior sagittal sinus
+    without_falx = copy.copy(phantom)
+    without_falx.cues = dataclasses.replace(phantom.cues, falx_dura_hu=float(a.white_hu))
+    for hu, masks in (phantom.render(high), without_falx.render(high)):
+        assert not masks.any() and ((hu > 44) & midline).sum() * mm2 > 20  # the superior sagittal sinus, the falx
 
 
 def test_a_slice_is_the_mean_of_sections_through_its_thickness(monkeypatch):
