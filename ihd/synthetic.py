@@ -1078,7 +1078,12 @@ def dataset_state(out_dir: str | Path, settings: dict) -> str:
         config = read_json(config_path)
         requested = {key: settings[key] for key in REQUESTED_SETTINGS}
         _check_same(out_dir, "a synthetic dataset", config["settings"], requested)
-        _check_same(out_dir, "a synthetic dataset", config, {"generator": generator_version()})
+        found, wanted = config.get("generator") or {}, generator_version()
+        if found != wanted:
+            parts = ", ".join(f"{key} {found.get(key, 'unrecorded')} (this one: {wanted[key]})"
+                              for key in wanted if found.get(key) != wanted[key])
+            raise DatasetMismatch(f"{out_dir} holds a synthetic dataset made by another version of the generator: "
+                                  f"{parts}", config["settings"], ("generator",))
         return "complete"
     if progress_path.is_file():
         wanted = {**settings, "generator": generator_version()}
