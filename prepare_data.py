@@ -115,9 +115,15 @@ def refusal(settings: Settings, dataset_dir: Path, raw: Path) -> str | None:
         wanted = {"backgrounds": str(Path(settings.backgrounds).resolve()), "train_studies": settings.train_studies,
                   "test_studies": settings.test_studies, "seed": settings.seed}
         if (raw / "config.json").is_file():
-            found = {key: read_json(raw / "config.json")["settings"].get(key) for key in wanted}
+            config = read_json(raw / "config.json")
+            found = {key: config["settings"].get(key) for key in wanted}
             if found != wanted:
                 return f"{raw} holds a synthetic dataset made with {found}, not {wanted}: choose another --dataset or delete that folder"
+            try:
+                synthetic.check_generator(raw, "a dataset of inserted bleeds", config.get("generator"),
+                                          insertion.generator_version(), config["settings"])
+            except synthetic.DatasetMismatch as error:
+                return f"{error}: choose another --dataset, or delete that folder"
         elif raw.is_dir() and any(raw.iterdir()):
             return (f"{raw} is not empty and holds no finished synthetic dataset (inserted bleeds are written in one "
                     "go: an interrupted run starts again): delete that folder, or choose another --dataset")

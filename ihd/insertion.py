@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -56,6 +57,7 @@ from ihd.synthetic import (
     labels_from_masks,
     lateral_angle,
     save_masks,
+    source_version,
     study_rng,
     study_subtypes,
     summarize,
@@ -466,5 +468,11 @@ def write_dataset(out_dir: str | Path, backgrounds_dir: str | Path, train_studie
                 "primary_shares": PRIMARY_SHARES, "co_occurrence": CO_OCCURRENCE, "subtypes": SUBTYPES,
                 "augmentation": {"flip_probability": FLIP_PROBABILITY, "rotation_deg": ROTATION_DEG,
                                  "shift_mm": SHIFT_MM, "gain": GAIN, "offset_hu": OFFSET_HU}}
-    write_json(out_dir / "config.json", {"settings": settings, "summary": summary})
+    write_json(out_dir / "config.json", {"settings": settings, "generator": generator_version(), "summary": summary})
     return summary
+
+
+def generator_version() -> dict:
+    """What decides the bytes of an inserted dataset besides its settings and backgrounds: the code that finds
+    the anatomy, draws the bleeds and writes the files, and the libraries."""
+    return source_version(sys.modules[__name__], sys.modules["ihd.anatomy"], sys.modules["ihd.synthetic"])

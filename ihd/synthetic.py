@@ -47,6 +47,7 @@ import hashlib
 import io
 import math
 import shutil
+import sys
 import time
 import zipfile
 from dataclasses import dataclass
@@ -87,7 +88,7 @@ CO_OCCURRENCE = {
 MIN_LABEL_AREA_MM2 = 10.0
 SKIN_HU = 45.0  # skin and galea; the scalp's fat between them is drawn per head
 GALEA_MM = 1.2  # dense layer of the scalp against the skull, under the fat
-SECTION_SAMPLES = 3  # sections averaged through a slice's thickness (the slice step); odd: the middle one is at its height
+SECTION_SAMPLES = 3  # sections averaged through a slice's thickness (its step); odd: the middle one is at its height
 TAPER_SLICES = 1.5
 END_CONTRAST = 0.3
 SMALL = dict(train_studies=4, test_studies=2)
@@ -1039,12 +1040,18 @@ def dataset_settings(train_studies: int, test_studies: int, seed: int = 0, quirk
             "end_contrast": END_CONTRAST, "subtypes": list(SUBTYPES), "other_finding_fraction": OTHER_FINDING_FRACTION}
 
 
-def generator_version() -> dict:
-    """What decides the bytes of a study besides the settings: this module's code (and its findings') and the
-    libraries it renders with."""
-    sources = Path(__file__).read_bytes() + Path(synthetic_findings.__file__).read_bytes()
+def source_version(*modules) -> dict:
+    """The code of ``modules`` (a SHA-256 of their sources) and the versions of the libraries studies are drawn
+    and written with: what decides a synthetic dataset's bytes besides its settings."""
+    sources = b"".join(Path(module.__file__).read_bytes() for module in modules)
     return {"source_sha256": hashlib.sha256(sources).hexdigest(), "numpy": np.__version__,
             "opencv": cv2.__version__, "pydicom": pydicom.__version__}
+
+
+def generator_version() -> dict:
+    """What decides the bytes of a phantom study besides the settings: this module's code, its findings', and
+    the libraries."""
+    return source_version(sys.modules[__name__], synthetic_findings)
 
 
 class DatasetMismatch(ValueError):
@@ -1054,6 +1061,17 @@ class DatasetMismatch(ValueError):
     def __init__(self, message: str, found: dict | None = None, different: tuple[str, ...] = ()):
         super().__init__(message)
         self.found, self.different = found, different
+
+
+def check_generator(out_dir: Path, what: str, found: dict | None, wanted: dict, settings: dict) -> None:
+    """Raise DatasetMismatch when ``found`` (the generator version a dataset recorded, or None) is not ``wanted``,
+    naming what differs; ``settings`` are the dataset's, for the error."""
+    found = found or {}
+    if found != wanted:
+        parts = ", ".join(f"{key} {found.get(key, 'unrecorded')} (this one: {wanted[key]})"
+                          for key in wanted if found.get(key) != wanted[key])
+        raise DatasetMismatch(f"{out_dir} holds {what} made by another version of the generator: {parts}",
+                              settings, ("generator",))
 
 
 def _check_same(out_dir: Path, what: str, found: dict, wanted: dict) -> None:
@@ -1078,16 +1096,14 @@ def dataset_state(out_dir: str | Path, settings: dict) -> str:
         config = read_json(config_path)
         requested = {key: settings[key] for key in REQUESTED_SETTINGS}
         _check_same(out_dir, "a synthetic dataset", config["settings"], requested)
-        found, wanted = config.get("generator") or {}, generator_version()
-        if found != wanted:
-            parts = ", ".join(f"{key} {found.get(key, 'unrecorded')} (this one: {wanted[key]})"
-                              for key in wanted if found.get(key) != wanted[key])
-            raise DatasetMismatch(f"{out_dir} holds a synthetic dataset made by another version of the generator: "
-                                  f"{parts}", config["settings"], ("generator",))
+        check_generator(out_dir, "a synthetic dataset", config.get("generator"), generator_version(),
+                        config["settings"])
         return "complete"
     if progress_path.is_file():
-        wanted = {**settings, "generator": generator_version()}
-        _check_same(out_dir, "a partly written synthetic dataset", read_json(progress_path), wanted)
+        progress = read_json(progress_path)
+        _check_same(out_dir, "a partly written synthetic dataset", progress, settings)
+        check_generator(out_dir, "a partly written synthetic dataset", progress.get("generator"), generator_version(),
+                        progress)
         return "partial"
     if out_dir.is_dir() and any(out_dir.iterdir()):
         raise DatasetMismatch(f"{out_dir} is not empty and holds no synthetic dataset")

@@ -93,6 +93,20 @@ def test_prepare_data_indexes_every_inserted_slice_with_its_label(prepared, inse
     assert (train["fold"] >= 0).all() and index.loc[index["split"] == "test", "any"].isna().all()
 
 
+def test_a_dataset_inserted_by_other_code_is_refused_by_name(prepared, backgrounds_dir, tmp_path):
+    config = json.loads((prepared / "raw" / "config.json").read_text())
+    assert config["generator"] == insertion.generator_version()
+    older = tmp_path / "older" / "raw"
+    older.mkdir(parents=True)
+    (older / "config.json").write_text(json.dumps({**config, "generator": {**config["generator"], "source_sha256": "x"}}))
+    flags = ["--synthetic", "--backgrounds", str(backgrounds_dir), "--train-studies", "2", "--test-studies", "1",
+             "--seed", "1", "--size", "64", "--folds", "2", "--dataset", "older", "--data-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="older/raw holds a dataset of inserted bleeds made by another version of "
+                                         "the generator: source_sha256 x"):
+        prepare_data.main(flags)
+    assert [p.name for p in older.iterdir()] == ["config.json"]
+
+
 def test_studies_of_one_background_share_a_new_patient_id(inserted):
     out, _ = inserted
     records = pd.read_json(out / "truth" / "insertions.json")

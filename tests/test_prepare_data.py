@@ -173,6 +173,7 @@ def test_a_partial_synthetic_dataset_of_older_code_is_refused_without_a_rerun_th
     with pytest.raises(SystemExit) as stop:
         prepare_data.main(["--synthetic", "--small", "--dataset", "old"])
     message = str(stop.value)
-    assert "partly written synthetic dataset made with generator" in message and "rerun with" not in message
+    assert "partly written synthetic dataset made by another version of the generator: source_sha256 older code" in message
+    assert "rerun with" not in message
     assert message.endswith("choose another --dataset (or --raw), or delete that folder")
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["settings.json"]
