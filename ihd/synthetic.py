@@ -346,6 +346,8 @@ class Cues:
     venous_sinus_hu: float  # blood in the dural venous sinuses: as dense as a fresh bleed, and no bleed
     venous_sinus_mm: float
     falx_dura_hu: float  # the falx
+    rim_hu: float  # brightening of what lies against the inner table, fading inwards (beam hardening, partial volume)
+    rim_mm: float  # how fast it fades: 1/e every rim_mm
 
 
 def draw_cues(rng: np.random.Generator) -> Cues:
@@ -363,6 +365,7 @@ def draw_cues(rng: np.random.Generator) -> Cues:
         muscle_hu=float(rng.uniform(45, 65)), venous_sinus_hu=float(rng.uniform(45, 70)),
         venous_sinus_mm=float(rng.uniform(5, 9)),
         falx_dura_hu=float(rng.uniform(45, 65)),
+        rim_hu=float(rng.uniform(250, 450)), rim_mm=float(rng.uniform(0.35, 0.65)),
     )
 
 
@@ -592,11 +595,20 @@ class StudyPhantom:
         hu = np.where(depth > 0, (skull_hu * (1 - 0.35 * diploe)).astype(np.float32), hu)
         if tissue is None:
             tissue = self._cavity(h, inner_scale, inner, masks)
-        hu = np.where(inner > 0, tissue, hu)
+        rim = np.float32(self.cues.rim_hu) * np.exp(-np.maximum(inner, 0) / np.float32(self._rim_mm(h)))
+        hu = np.where(inner > 0, tissue + rim, hu)
         if h < 25:
             hu = self._skull_base(hu, h, inner, masks)
         masks &= (inner > 0)[None]
         return hu, tissue
+
+    def _rim_mm(self, h: float) -> float:
+        """How fast the inner table's rim fades at height ``h``: wider where the table runs obliquely through the
+        slice (towards the vertex), by how far it moves inwards across the slice's thickness."""
+        a = self.anatomy
+        vertex, half_step = a.h_vertex_mm - self._skull(h), a.slice_step_mm / 2
+        moved_mm = abs(self._scale(h + half_step, vertex) - self._scale(h - half_step, vertex)) * a.half_width_mm
+        return min(self.cues.rim_mm + 0.15 * moved_mm, 3.0)
 
     def _cavity(self, h: float, inner_scale: float, inner: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """HU of the cranial cavity's content at height ``h`` (brain, CSF, dura, calcifications, bleeds), over

@@ -307,6 +307,28 @@ def test_blood_dense_anatomy_outside_bleeds_is_drawn_and_never_labeled():
         assert not masks.any() and ((hu > 44) & midline).sum() * mm2 > 20  # the superior sagittal sinus, the falx
 
 
+def test_the_inner_tables_rim_is_dense_fades_inwards_widens_to_the_vertex_and_is_never_labeled():
+    """Real slices are brighter than the brain against the inner table (partial volume of the bone, beam
+    hardening), within a few mm: as dense as a thin subdural, and no bleed. Near the vertex, where the table
+    crosses the slice obliquely, the rim spreads further in."""
+    plans = synthetic.plan_dataset(30, 0, seed=2, quirks=synthetic.QuirkRates.off())
+    phantom = next(synthetic.build_phantom(p, 2) for p in plans if not p.subtypes)
+    without_rim = copy.copy(phantom)
+    without_rim.cues = dataclasses.replace(phantom.cues, rim_hu=0.0)
+    at_2_mm = []  # what the rim adds 2 mm inside the table
+    for height in (70.0, 0.85 * phantom.anatomy.h_vertex_mm):
+        index = int(np.argmin(np.abs(phantom.heights_mm() - height)))
+        (hu, masks), bare = phantom.render(index), without_rim.render(index)[0]
+        bone = (bare > 250).astype(np.uint8)
+        to_bone_mm = cv2.distanceTransform(1 - bone, cv2.DIST_L2, 5) * phantom.mm_per_pixel
+        added = hu - bare
+        assert not masks.any()
+        assert added[(to_bone_mm > 0) & (to_bone_mm < 1.0)].max() > 40  # blood-dense against the table
+        assert np.abs(added[to_bone_mm > 8]).max() < 1.0  # gone a few mm in, and nothing outside the skull
+        at_2_mm.append(float(np.median(added[(np.abs(to_bone_mm - 2) < 0.25) & (added > 0)])))
+    assert at_2_mm[1] > 2 * at_2_mm[0]
+
+
 def test_a_slice_is_the_mean_of_sections_through_its_thickness(monkeypatch):
     plans = synthetic.plan_dataset(30, 0, seed=2, quirks=synthetic.QuirkRates.off())
     phantom = synthetic.build_phantom(next(p for p in plans if p.subtypes), 2, pixels=128)
