@@ -13,7 +13,9 @@ each candidate (train_cnn.py flags laid over the demo's): one CNN on fold 0, its
 the demo's settings, and ``predict.py --dicom-dir --labels`` on the validation set. Reported per seed:
 the slice AUC for ``any`` and the weighted log loss of the CNN and of CNN+LSTM on the validation set,
 and the CNN's own validation loss on its phantom fold. Results are saved to <root>/transfer.json as they
-come; a rerun resumes.
+come; a rerun resumes. Printed beside them, real heads (the validation set's slices without a bleed)
+against each phantom: how many pixels are as dense as blood without touching bone, by fifth of the
+series (`blood_dense_by_fifth`), and how dense the brain is against the inner table (`inner_table_profile`).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -62,6 +65,28 @@ def blood_dense_by_fifth(dataset: Path) -> list[float]:
     counts = pd.Series([blood_dense_pixels(store.read_hu(image_id)) for image_id in rows["image_id"]])
     fifth = np.minimum(rows["position"].to_numpy() * 5 // rows["series_length"].to_numpy(), 4)
     return counts.groupby(fifth).median().tolist()
+
+
+def inner_table_profile(dataset: Path, distances_px=(1, 2, 3, 6)) -> list[float]:
+    """Median HU inside the skull at each of ``distances_px`` from bone (over 250 HU), on a prepared dataset's
+    training slices without a bleed in the middle three fifths of their series, at the store's size: how
+    dense real heads are against the inner table, where a thin subdural would lie."""
+    index = read_index(dataset)
+    rows = index[(index["split"] == "train") & (index["any"] == 0)]
+    middle = rows[(rows["position"] * 5 // rows["series_length"]).between(1, 3)]
+    store = SliceStore(dataset / "slices")
+    values: dict[int, list[float]] = {d: [] for d in distances_px}
+    for image_id in middle["image_id"]:
+        hu = store.read_hu(image_id)
+        bone = hu > 250
+        closed = ndimage.binary_closing(bone, iterations=3)
+        cavity = ndimage.binary_fill_holes(closed) & ~closed
+        if cavity.sum() < 500:  # the skull not closed on this slice
+            continue
+        to_bone = np.round(ndimage.distance_transform_edt(~bone))
+        for d in distances_px:
+            values[d].append(float(np.median(hu[cavity & (to_bone == d)])))
+    return [round(float(np.nanmedian(values[d])), 1) for d in distances_px]
 
 
 def validation_set(root: Path, backgrounds: Path, seed: int) -> Path:
@@ -112,6 +137,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     validation = validation_set(root, Path(args.backgrounds), args.validation_seed)
     print("pixels at 55-90 HU not next to bone, median on a slice without a bleed, by fifth from the skull base up:")
     print(f"  real heads (the validation set): {blood_dense_by_fifth(validation.parent)}", flush=True)
+    print("median HU inside the skull 1, 2, 3 and 6 pixels from bone, middle three fifths, slices without a bleed:")
+    print(f"  real heads (the validation set): {inner_table_profile(validation.parent)}", flush=True)
     saved = root / "transfer.json"
     rows = [r for r in (json.loads(saved.read_text()) if saved.exists() else [])
             if r.get("made_with") == made_with(validation)]
@@ -120,7 +147,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             if not any(r["seed"] == seed and r["candidate"] == (candidate or DEMOS_CNN) for r in rows):
                 rows.append(score(seed, candidate, root, validation))
                 saved.write_text(json.dumps(rows, indent=2) + "\n")
-        print(f"  phantom seed {seed}: {blood_dense_by_fifth(root / f'phantom-{seed}' / demo.DATASET)}", flush=True)
+        phantom = root / f"phantom-{seed}" / demo.DATASET
+        print(f"  phantom seed {seed}: blood-dense {blood_dense_by_fifth(phantom)}, "
+              f"against the inner table {inner_table_profile(phantom)}", flush=True)
     table = pd.DataFrame(rows).drop(columns="made_with")
     print(f"{cpu_description()}; {load_description()}")
     print(table.to_string(index=False, float_format="%.3f"))
