@@ -58,7 +58,7 @@ test: setup
 # one-fold chains (about 15 minutes), bench/folder.py writes a
 # 10,000-slice DICOM folder (5 GB, about 20 minutes on 2 cores) and bench/rehearsal.py runs every stage on
 # a synthetic tenth of the real dataset (43 GB of DICOM, about 25 minutes): run those by hand.
-BENCHMARKS := machine preprocess input embed cache_check lstm study_latency study_mode_latency gradcam
+BENCHMARKS := machine preprocess input embed cache_check lstm study_latency study_mode_latency gradcam inner_table
 
 bench: setup
 	for name in $(BENCHMARKS); do $(BIN)/python bench/$$name.py || exit 1; done

@@ -27,7 +27,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,6 +36,7 @@ import predict  # noqa: E402
 import prepare_data  # noqa: E402
 import train_cnn  # noqa: E402
 import train_lstm  # noqa: E402
+from bench.inner_table import cavity_rings  # noqa: E402
 from bench.machine import cpu_description, load_description  # noqa: E402
 from ihd import synthetic  # noqa: E402
 from ihd.index import read_index  # noqa: E402
@@ -48,6 +48,7 @@ VALIDATION_STUDIES = 40
 SELECTION = "pca:32"
 CANDIDATES = ["", "--batch-size 32 --learning-rate 5e-4"]  # "": the demo's CNN as it is; then the kit's default rate
 DEMOS_CNN = "(the demo's)"
+PROFILE_PIXELS = (1, 2, 3, 6)  # distances from bone at which `inner_table_profile` reads a slice
 
 
 def blood_dense_pixels(hu: np.ndarray) -> int:
@@ -56,37 +57,30 @@ def blood_dense_pixels(hu: np.ndarray) -> int:
     return int(((hu >= 55) & (hu <= 90) & ~bone).sum())
 
 
+def bleed_free_slices(dataset: Path) -> tuple[pd.DataFrame, SliceStore]:
+    """A prepared dataset's training slices without a bleed (index rows) and its slice store."""
+    index = read_index(dataset)
+    return index[(index["split"] == "train") & (index["any"] == 0)], SliceStore(dataset / "slices")
+
+
 def blood_dense_by_fifth(dataset: Path) -> list[float]:
     """Median `blood_dense_pixels` of a prepared dataset's training slices without a bleed, at the store's
     size, by fifth of the series from the first slice (the skull base) to the last."""
-    index = read_index(dataset)
-    rows = index[(index["split"] == "train") & (index["any"] == 0)]
-    store = SliceStore(dataset / "slices")
+    rows, store = bleed_free_slices(dataset)
     counts = pd.Series([blood_dense_pixels(store.read_hu(image_id)) for image_id in rows["image_id"]])
     fifth = np.minimum(rows["position"].to_numpy() * 5 // rows["series_length"].to_numpy(), 4)
     return counts.groupby(fifth).median().tolist()
 
 
-def inner_table_profile(dataset: Path, distances_px=(1, 2, 3, 6)) -> list[float]:
-    """Median HU inside the skull at each of ``distances_px`` from bone (over 250 HU), on a prepared dataset's
-    training slices without a bleed in the middle three fifths of their series, at the store's size: how
-    dense real heads are against the inner table, where a thin subdural would lie."""
-    index = read_index(dataset)
-    rows = index[(index["split"] == "train") & (index["any"] == 0)]
+def inner_table_profile(dataset: Path) -> list[float]:
+    """Median over a prepared dataset's training slices without a bleed, in the middle three fifths of their
+    series, of the cranial cavity's median HU at each of `PROFILE_PIXELS` from bone, at the store's size
+    (`bench.inner_table.cavity_rings`): how dense a head is against the inner table, where a thin subdural lies."""
+    rows, store = bleed_free_slices(dataset)
     middle = rows[(rows["position"] * 5 // rows["series_length"]).between(1, 3)]
-    store = SliceStore(dataset / "slices")
-    values: dict[int, list[float]] = {d: [] for d in distances_px}
-    for image_id in middle["image_id"]:
-        hu = store.read_hu(image_id)
-        bone = hu > 250
-        closed = ndimage.binary_closing(bone, iterations=3)
-        cavity = ndimage.binary_fill_holes(closed) & ~closed
-        if cavity.sum() < 500:  # the skull not closed on this slice
-            continue
-        to_bone = np.round(ndimage.distance_transform_edt(~bone))
-        for d in distances_px:
-            values[d].append(float(np.median(hu[cavity & (to_bone == d)])))
-    return [round(float(np.nanmedian(values[d])), 1) for d in distances_px]
+    rings = [cavity_rings(store.read_hu(image_id), PROFILE_PIXELS, ring_px=0.5, closing_px=3, min_cavity_px=500)
+             for image_id in middle["image_id"]]
+    return [round(float(v), 1) for v in np.nanmedian(np.array(rings), axis=0)]
 
 
 def validation_set(root: Path, backgrounds: Path, seed: int) -> Path:
@@ -137,7 +131,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     validation = validation_set(root, Path(args.backgrounds), args.validation_seed)
     print("pixels at 55-90 HU not next to bone, median on a slice without a bleed, by fifth from the skull base up:")
     print(f"  real heads (the validation set): {blood_dense_by_fifth(validation.parent)}", flush=True)
-    print("median HU inside the skull 1, 2, 3 and 6 pixels from bone, middle three fifths, slices without a bleed:")
+    print(f"median HU inside the skull {', '.join(map(str, PROFILE_PIXELS))} pixels from bone, middle three fifths, "
+          "slices without a bleed:")
     print(f"  real heads (the validation set): {inner_table_profile(validation.parent)}", flush=True)
     saved = root / "transfer.json"
     rows = [r for r in (json.loads(saved.read_text()) if saved.exists() else [])

@@ -13,11 +13,13 @@ fresh blood 50-90. What is dense but no bleed is there too, as in real scans: th
 holder and table behind the head, and calcifications of the pineal, the choroid plexus and the falx.
 So is what is as dense as blood and no bleed: the temporal and neck muscles (45-65) outside the
 skull, muscle and fat between the bones below the skull base, the falx, and the blood of the dural
-venous sinuses (45-70) against the inner table, and a rim along the inner table where the brain is
-brighter (partial volume of the bone, beam hardening: 60 to 200 HU more half a millimetre in, fading
-over about 2 mm, as measured on real bleed-free slices). A slice has a thickness: it is the mean of
-``SECTION_SAMPLES`` sections through it, so a surface it crosses obliquely (the skull at the vertex
-and the base) spreads into values between bone and brain, as in a real scan. A phantom without those
+venous sinuses (45-70) against the inner table. Against the inner table the brain is brighter, as
+measured on real bleed-free slices (partial volume of the bone, beam hardening): 60 to 200 HU more
+half a millimetre in, fading within about 2 mm in the middle of the head and more slowly towards the
+vertex (down to 1/e every 3 mm), where the table crosses the slice obliquely. A slice has a
+thickness: it is the mean of ``SECTION_SAMPLES`` sections through it, so a surface it crosses
+obliquely (the skull at the vertex and the base) spreads into values between bone and brain, as in
+a real scan. A phantom without those
 lets a model learn "blood-dense outside a bleed never happens", which real heads contradict on every
 slice (BENCHMARKS.md, "Trained on synthetic, scored on real").
 
@@ -90,7 +92,11 @@ CO_OCCURRENCE = {
 MIN_LABEL_AREA_MM2 = 10.0
 SKIN_HU = 45.0  # skin and galea; the scalp's fat between them is drawn per head
 GALEA_MM = 1.2  # dense layer of the scalp against the skull, under the fat
-RIM_REACH = 9.0  # the inner table's rim is drawn this many fading lengths in (beyond, it adds under 0.06 HU)
+# The rim against the inner table (Cues.rim_hu, Cues.rim_mm) fades more slowly where the table crosses the slice
+# obliquely: its fading length grows by this share of how far the table moves inwards across the slice's thickness,
+RIM_WIDENING = 0.15
+RIM_MAX_MM = 3.0  # up to this fading length (reached near the vertex)
+RIM_REACH = 9.0  # fading lengths drawn; beyond, the rim would add under 0.06 HU (rim_hu at most 450, draw_cues)
 SECTION_SAMPLES = 3  # sections averaged through a slice's thickness (its step); odd: the middle one is at its height
 TAPER_SLICES = 1.5
 END_CONTRAST = 0.3
@@ -601,7 +607,7 @@ class StudyPhantom:
             tissue = self._cavity(h, inner_scale, inner, masks)
         cavity = inner > 0
         hu[cavity] = tissue[cavity]
-        rim_mm = np.float32(self._rim_mm(h))
+        rim_mm = np.float32(self._rim_mm(h, a.h_vertex_mm - skull))
         band = cavity & (inner < RIM_REACH * rim_mm)
         hu[band] += np.float32(self.cues.rim_hu) * np.exp(-inner[band] / rim_mm)
         if h < 25:
@@ -609,13 +615,14 @@ class StudyPhantom:
         masks &= cavity[None]
         return hu, tissue
 
-    def _rim_mm(self, h: float) -> float:
-        """How fast the inner table's rim fades at height ``h``: wider where the table runs obliquely through the
-        slice (towards the vertex), by how far it moves inwards across the slice's thickness."""
+    def _rim_mm(self, h: float, inner_vertex: float) -> float:
+        """How fast the inner table's rim fades at height ``h`` (the inner table's top at ``inner_vertex``): wider
+        where the table runs obliquely through the slice (towards the vertex), by how far it moves inwards across
+        the slice's thickness."""
         a = self.anatomy
-        vertex, half_step = a.h_vertex_mm - self._skull(h), a.slice_step_mm / 2
-        moved_mm = abs(self._scale(h + half_step, vertex) - self._scale(h - half_step, vertex)) * a.half_width_mm
-        return min(self.cues.rim_mm + 0.15 * moved_mm, 3.0)
+        above, below = (self._scale(h + sign * a.slice_step_mm / 2, inner_vertex) for sign in (1, -1))
+        moved_mm = abs(above - below) * a.half_width_mm
+        return min(self.cues.rim_mm + RIM_WIDENING * moved_mm, RIM_MAX_MM)
 
     def _cavity(self, h: float, inner_scale: float, inner: np.ndarray, masks: np.ndarray) -> np.ndarray:
         """HU of the cranial cavity's content at height ``h`` (brain, CSF, dura, calcifications, bleeds), over

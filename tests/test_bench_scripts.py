@@ -47,3 +47,20 @@ def test_segment_bench_compares_the_runs_rule_with_the_epochs_and_the_best_witho
                                         "epoch_rule": MaskRule(0.9, True).as_json()})
     assert compared_rules(tmp_path / "best.json") == {"the epoch's rule": MaskRule(0.9, True),
                                                        "the best rule without a gate": MaskRule(0.6, True)}
+
+
+def test_inner_table_rings_read_the_cavity_at_each_distance_from_bone():
+    """A skull ring enclosing 30 HU with a 100 HU band 2 pixels in: the rings find the band and the brain, and
+    a slice whose skull is open has no cavity to read."""
+    import numpy as np
+
+    from bench.inner_table import cavity_rings
+
+    rows, cols = np.mgrid[:128, :128]
+    radius = np.hypot(rows - 64, cols - 64)
+    hu = np.where(radius < 50, 30.0, -1000.0)
+    hu[(radius >= 50) & (radius < 55)] = 1200.0
+    hu[(radius > 47.5) & (radius < 48.5)] = 100.0
+    assert cavity_rings(hu, [2, 10], ring_px=0.5, closing_px=3, min_cavity_px=500) == [100.0, 30.0]
+    hu[:, 60:68] = np.where(radius[:, 60:68] >= 50, -1000.0, hu[:, 60:68])  # a gap through the skull
+    assert np.isnan(cavity_rings(hu, [2, 10], ring_px=0.5, closing_px=3, min_cavity_px=500)).all()
