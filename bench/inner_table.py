@@ -35,17 +35,21 @@ DISTANCES_MM = (0.5, 1.0, 1.5, 2.0, 2.5, 6.0)
 PARTS = {"middle": (0.45, 0.75), "towards the vertex": (0.75, 0.9)}
 
 
-def cavity_rings(hu: np.ndarray, distances_px, ring_px: float, closing_px: int, min_cavity_px: int) -> list[float]:
-    """Median HU of the cranial cavity at each of ``distances_px`` from bone (over 250 HU), over rings
-    ``2 * ring_px`` wide. The cavity is what the bone, closed over ``closing_px`` pixels, encloses; NaN
-    everywhere when it holds under ``min_cavity_px`` pixels (the skull not closed on this slice), and for an
-    empty ring."""
-    bone = hu > 250
-    closed = ndimage.binary_closing(bone, iterations=closing_px)
+def cranial_cavity(hu: np.ndarray, closing_px: int, min_cavity_px: int) -> np.ndarray | None:
+    """What the bone (over 250 HU), closed over ``closing_px`` pixels, encloses; None when that holds under
+    ``min_cavity_px`` pixels (the skull not closed on this slice)."""
+    closed = ndimage.binary_closing(hu > 250, iterations=closing_px)
     cavity = ndimage.binary_fill_holes(closed) & ~closed
-    if cavity.sum() < min_cavity_px:
+    return cavity if cavity.sum() >= min_cavity_px else None
+
+
+def cavity_rings(hu: np.ndarray, distances_px, ring_px: float, closing_px: int, min_cavity_px: int) -> list[float]:
+    """Median HU of the cranial cavity (`cranial_cavity`) at each of ``distances_px`` from bone (over 250 HU),
+    over rings ``2 * ring_px`` wide; NaN everywhere without a cavity, and for an empty ring."""
+    cavity = cranial_cavity(hu, closing_px, min_cavity_px)
+    if cavity is None:
         return [np.nan] * len(distances_px)
-    to_bone = ndimage.distance_transform_edt(~bone)
+    to_bone = ndimage.distance_transform_edt(hu <= 250)
     rings = (cavity & (np.abs(to_bone - d) < ring_px) for d in distances_px)
     return [float(np.median(hu[ring])) if ring.any() else np.nan for ring in rings]
 

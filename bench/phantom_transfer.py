@@ -15,7 +15,8 @@ the slice AUC for ``any`` and the weighted log loss of the CNN and of CNN+LSTM o
 and the CNN's own validation loss on its phantom fold. Results are saved to <root>/transfer.json as they
 come; a rerun resumes. Printed beside them, real heads (the validation set's slices without a bleed)
 against each phantom: how many pixels are as dense as blood without touching bone, by fifth of the
-series (`blood_dense_by_fifth`), and how dense the brain is against the inner table (`inner_table_profile`).
+series (`blood_dense_by_fifth`), how dense the brain is against the inner table (`inner_table_profile`), and
+how many slices hold a dense spot inside the skull (`dense_spot_share`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,7 +38,7 @@ import predict  # noqa: E402
 import prepare_data  # noqa: E402
 import train_cnn  # noqa: E402
 import train_lstm  # noqa: E402
-from bench.inner_table import cavity_rings  # noqa: E402
+from bench.inner_table import cavity_rings, cranial_cavity  # noqa: E402
 from bench.machine import cpu_description, load_description  # noqa: E402
 from ihd import synthetic  # noqa: E402
 from ihd.index import read_index  # noqa: E402
@@ -81,6 +83,21 @@ def inner_table_profile(dataset: Path) -> list[float]:
     rings = [cavity_rings(store.read_hu(image_id), PROFILE_PIXELS, ring_px=0.5, closing_px=3, min_cavity_px=500)
              for image_id in middle["image_id"]]
     return [round(float(v), 1) for v in np.nanmedian(np.array(rings), axis=0)]
+
+
+def dense_spot_share(dataset: Path) -> float:
+    """Share of a prepared dataset's training slices without a bleed, in the middle three fifths of their series,
+    that hold a pixel over 100 HU at least 3 pixels inside the cranial cavity (`bench.inner_table.cranial_cavity`),
+    at the store's size: calcifications, vessels and bone inside the cavity, which are no bleed."""
+    rows, store = bleed_free_slices(dataset)
+    middle = rows[(rows["position"] * 5 // rows["series_length"]).between(1, 3)]
+    held = []
+    for image_id in middle["image_id"]:
+        hu = store.read_hu(image_id)
+        cavity = cranial_cavity(hu, closing_px=3, min_cavity_px=500)
+        if cavity is not None:
+            held.append(bool((hu[ndimage.binary_erosion(cavity, iterations=3)] > 100).any()))
+    return round(float(np.mean(held)), 2)
 
 
 def validation_set(root: Path, backgrounds: Path, seed: int) -> Path:
@@ -134,6 +151,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     print(f"median HU inside the skull {', '.join(map(str, PROFILE_PIXELS))} pixels from bone, middle three fifths, "
           "slices without a bleed:")
     print(f"  real heads (the validation set): {inner_table_profile(validation.parent)}", flush=True)
+    print("share of those slices with a pixel over 100 HU 3 pixels or more inside the skull:")
+    print(f"  real heads (the validation set): {dense_spot_share(validation.parent)}", flush=True)
     saved = root / "transfer.json"
     rows = [r for r in (json.loads(saved.read_text()) if saved.exists() else [])
             if r.get("made_with") == made_with(validation)]
@@ -144,7 +163,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 saved.write_text(json.dumps(rows, indent=2) + "\n")
         phantom = root / f"phantom-{seed}" / demo.DATASET
         print(f"  phantom seed {seed}: blood-dense {blood_dense_by_fifth(phantom)}, "
-              f"against the inner table {inner_table_profile(phantom)}", flush=True)
+              f"against the inner table {inner_table_profile(phantom)}, dense spots {dense_spot_share(phantom)}",
+              flush=True)
     table = pd.DataFrame(rows).drop(columns="made_with")
     print(f"{cpu_description()}; {load_description()}")
     print(table.to_string(index=False, float_format="%.3f"))
