@@ -478,6 +478,7 @@ class StudyPhantom:
         self.orbits = np.minimum(_ellipse(self.x, self.y, (-0.4 * w, -0.78 * l), (12, 13)),
                                  _ellipse(self.x, self.y, (0.4 * w, -0.78 * l), (12, 13))).astype(np.float32)
         self.sinus = _ellipse(self.x, self.y, (0, -0.6 * l), (14, 24)).astype(np.float32)
+        self.petrous_offset_mm = self._petrous_offset_mm()
         self.arc = (self.theta / (2 * np.pi)).astype(np.float32)
         self.lateral = np.clip(1.6 * np.abs(np.cos(self.theta)) - 0.6, 0, 1).astype(np.float32)  # temporal muscles
         self.behind = np.clip(1.5 * np.sin(self.theta) - 0.3, 0, 1).astype(np.float32)  # neck muscles
@@ -730,18 +731,26 @@ class StudyPhantom:
             hu = np.where(bone & (self.orbits < 1), np.where(self.orbits < 0.45, np.float32(12), np.float32(-90)), hu)
         return hu
 
+    def _petrous_offset_mm(self) -> np.ndarray:
+        """Distance (mm) from the nearer petrous ridge's axis, where a pixel lies beside one (infinite elsewhere);
+        the same at every height."""
+        w, l = self.anatomy.half_width_mm, self.anatomy.half_length_mm
+        start, end = np.array([10.0, 0.02 * l]), np.array([0.8 * w, 0.3 * l])
+        direction = (end - start) / np.linalg.norm(end - start)
+        offset = np.full(self.x.shape, np.inf)
+        for side in (-1, 1):
+            along = (side * self.x - start[0]) * direction[0] + (self.y - start[1]) * direction[1]
+            across = -(side * self.x - start[0]) * direction[1] + (self.y - start[1]) * direction[0]
+            beside = (along > 0) & (along < np.linalg.norm(end - start))
+            offset = np.where(beside, np.minimum(offset, np.abs(across)), offset)
+        return offset
+
     def _petrous_and_clivus(self, h: float) -> np.ndarray:
         """The dense ridges between the middle and posterior fossae, and the clivus in front of the brainstem."""
-        w, l = self.anatomy.half_width_mm, self.anatomy.half_length_mm
+        l = self.anatomy.half_length_mm
         ridges = np.zeros(self.x.shape, bool)
         if -20 < h < 12:
-            width = 4.0 * (1 - (h + 4) ** 2 / 16 ** 2) + 1.0
-            start, end = np.array([10.0, 0.02 * l]), np.array([0.8 * w, 0.3 * l])
-            direction = (end - start) / np.linalg.norm(end - start)
-            for side in (-1, 1):
-                along = (side * self.x - start[0]) * direction[0] + (self.y - start[1]) * direction[1]
-                across = -(side * self.x - start[0]) * direction[1] + (self.y - start[1]) * direction[0]
-                ridges |= (along > 0) & (along < np.linalg.norm(end - start)) & (np.abs(across) < width)
+            ridges |= self.petrous_offset_mm < 4.0 * (1 - (h + 4) ** 2 / 16 ** 2) + 1.0
         if -25 < h < 8:
             ridges |= (np.abs(self.x) < 7) & (self.y > -0.02 * l - 6) & (self.y < -0.02 * l + 4)
         return ridges
