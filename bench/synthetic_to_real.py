@@ -10,7 +10,8 @@ studies, a fold ensemble of tiny CNNs, an LSTM per member for each of the demo's
 selection with the better out-of-fold validation loss kept; no Grad-CAM). The chain then
 predicts the synthetic test split (in-domain reference) and the real labeled series of ``--labeled``
 (``predict.py --dicom-dir --labels``), which take no part in training or in any choice. The prior is
-each run's training label means. Prints one Markdown table and writes ``<work>/synthetic_to_real.json``.
+each run's training label means. Prints one Markdown table and writes ``<work>/synthetic_to_real-seed<seed>.json``
+(one file a seed, so that runs of several seeds in one --work keep each other's scores).
 """
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(args.work or scratch)
         results = {mode: run_mode(mode, work, Path(args.backgrounds), Path(args.labeled), args.seed)
                    for mode in args.modes}
-        write_json(work / "synthetic_to_real.json", {"device": device_description(), "results": results})
+        write_json(work / f"synthetic_to_real-seed{args.seed}.json",
+                   {"device": device_description(), "results": results})
     print(f"device: {device_description()}")
     print(table(results))
     return results

@@ -19,9 +19,8 @@ half a millimetre in, fading within about 2 mm in the middle of the head and mor
 vertex (down to 1/e every 3 mm), where the table crosses the slice obliquely. A slice has a
 thickness: it is the mean of ``SECTION_SAMPLES`` sections through it, so a surface it crosses
 obliquely (the skull at the vertex and the base) spreads into values between bone and brain, as in
-a real scan. A phantom without those
-lets a model learn "blood-dense outside a bleed never happens", which real heads contradict on every
-slice (BENCHMARKS.md, "Trained on synthetic, scored on real").
+a real scan. A phantom without those lets a model learn "blood-dense outside a bleed never happens",
+which real heads contradict on every slice (BENCHMARKS.md, "Trained on synthetic, scored on real").
 
 Bleeds are 3D: each has a centre height and a half-height, and on a slice at distance ``u`` (in
 half-heights) from its centre its cross-section is scaled by ``sqrt(1 - u**2)``. Its contrast
@@ -93,7 +92,7 @@ MIN_LABEL_AREA_MM2 = 10.0
 SKIN_HU = 45.0  # skin and galea; the scalp's fat between them is drawn per head
 GALEA_MM = 1.2  # dense layer of the scalp against the skull, under the fat
 # The rim against the inner table (Cues.rim_hu, Cues.rim_mm) fades more slowly where the table crosses the slice
-# obliquely: its fading length grows by this share of how far the table moves inwards across the slice's thickness,
+# obliquely: its fading length grows by this share of how far the table moves inwards across the slice's thickness.
 RIM_WIDENING = 0.15
 RIM_MAX_MM = 3.0  # up to this fading length (reached near the vertex)
 RIM_REACH = 9.0  # fading lengths drawn; beyond, the rim would add under 0.06 HU (rim_hu at most 450, draw_cues)
