@@ -13,8 +13,8 @@ the path the kit had before: the checked PNG bytes of 64 rows per Python call, e
 TensorFlow's ``decode_png``, then albumentations per element inside `tf.numpy_function`: one seeded
 `Compose` per tf.data thread, reseeded per element, under the Python lock, on the recipe's three
 channels (laid out per element by `StackReader.expand`, as inference still does), batched as three
-channels. The second line is the same with the store's own decoder (`SliceStore.tf_read_stored`:
-64 rows read and decoded per Python call). Ours is `ihd.inputs.training_dataset`: the store's
+channels. The second line is the same with the store's own decoder (`SliceStore.tf_read_rows`:
+64 rows read, inflated and unfiltered per Python call, the words made HU per slice in the graph). Ours is `ihd.inputs.training_dataset`: the store's
 decoder, parameters drawn per element from stateless seeds, the affine resampled by
 `ihd.augment.resample_bilinear` (compiled by XLA), batched as the recipe's one distinct source (the
 training step lays out the three channels on the device that trains, `ihd.inputs.channel_layout`,

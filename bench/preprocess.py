@@ -70,8 +70,8 @@ from ihd.index import header_row, pixel_reading  # noqa: E402
 from ihd.io import atomic_path, run_header  # noqa: E402
 from ihd.parallel import available_cores  # noqa: E402
 from ihd.slices import (  # noqa: E402
-    SliceStore, decode_pngs, encode_uint16_png, read_manifest, shard_name, slice_png, stored_values, tf_hu, to_model_hu,
-    write_pack, write_slices,
+    SliceStore, decode_pngs, encode_uint16_png, read_manifest, shard_name, slice_png, stored_values, tf_hu_of_rows,
+    to_model_hu, write_pack, write_slices,
 )
 
 REAL_DATA = ROOT.parent / "shared" / "data" / "real"
@@ -343,7 +343,7 @@ def stored_kb(files: list[Path]) -> float:
 def read_rates(files: list[Path], rounds: int) -> dict[str, float]:
     """Slices per second read and decoded by ``tf.data`` in shuffled order, median of ``rounds``
     alternating rounds, the same 360 slices (10 series of 36) each way: from packs, checked and
-    decoded by the store (``SliceStore.tf_read_stored``, one Python call per 64 slices: ours); from
+    decoded by the store (``SliceStore.tf_read_rows``, one Python call per 64 slices, then ``tf_hu_of_rows``: ours); from
     packs, checked, the PNG bytes of 64 slices or of one per Python call, decoded by TensorFlow's
     ``decode_png`` (before); from packs through ``FixedLengthRecordDataset``, TensorFlow's native
     reader of a byte range (no check), which reads the slices before the one it returns; from one PNG
@@ -384,7 +384,7 @@ def read_rates(files: list[Path], rounds: int) -> dict[str, float]:
         single = tf.data.Dataset.from_tensor_slices(slots)
         readers = {
             "packs, checked and decoded by the store, one Python call per 64 slices (ours)": lambda: slot_data(64).map(
-                store.tf_read_stored, num_parallel_calls=tf.data.AUTOTUNE).unbatch().map(tf_hu),
+                store.tf_read_rows, num_parallel_calls=tf.data.AUTOTUNE).unbatch().map(tf_hu_of_rows),
             "packs, checked, one Python call per 64 slices, TensorFlow's decode_png (before)": lambda: decoded(
                 slot_data(64).map(png_bytes, num_parallel_calls=tf.data.AUTOTUNE).unbatch()),
             "packs, checked, one Python call per slice, TensorFlow's decode_png": lambda: decoded(

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from ihd.augment import augment_hu, augmentation_parameters
 from ihd.labels import SUBTYPES
-from ihd.slices import SliceStore, tf_hu
+from ihd.slices import SliceStore, tf_hu_of_rows
 from ihd.windows import ChannelRecipe
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -96,6 +96,12 @@ def oversampled(rows: np.ndarray, labels: np.ndarray, positive_copies: int) -> n
 READ_BATCH = 64  # rows whose slices one Python call reads and decodes
 
 
+@tf.function(jit_compile=True)
+def _sources_hu(image_rows: tf.Tensor) -> tf.Tensor:
+    """One row's image rows (S, size, 2 size + 1) -> HU (size, size, S): one XLA computation, one pass over a slice."""
+    return tf.transpose(tf_hu_of_rows(image_rows), (1, 2, 0))
+
+
 class StackReader:
     """Reads the stacks of rows from the store: their distinct sources, in HU at the model's size.
 
@@ -104,9 +110,9 @@ class StackReader:
     (size, size, S), so that training augments S channels rather than C and its batches carry S
     (`channel_layout` lays them out as the recipe's C channels in the training step, `expand` in
     tf.data for inference). Reading goes in two steps, so that Python runs once per batch of rows,
-    not once per slice: `read_sources` reads, checks and decodes the slices of a batch of rows (one
-    call into the store, `SliceStore.tf_read_stored`), `decode_sources` turns one row's stored
-    pixels into HU at the model's size.
+    not once per slice: `read_sources` reads, checks, inflates and unfilters the slices of a batch of
+    rows (one call into the store, `SliceStore.tf_read_rows`), `decode_sources` turns one row's image
+    rows into HU at the model's size.
     """
 
     def __init__(self, index: pd.DataFrame, store: SliceStore, recipe: ChannelRecipe, image_size: int):
@@ -123,12 +129,13 @@ class StackReader:
         self.neighbours = tf.constant(neighbour_rows(index, recipe.sources))
 
     def read_sources(self, rows):
-        """Row numbers (B,) int64 -> the stored pixels of their distinct sources, tf.uint16 (B, S, size, size)."""
-        return self.store.tf_read_stored(tf.gather(self.slots, tf.gather(self.neighbours, rows)))
+        """Row numbers (B,) int64 -> the image rows of their distinct sources, tf.uint8 (B, S, size, 2 size + 1)
+        (`SliceStore.tf_read_rows`)."""
+        return self.store.tf_read_rows(tf.gather(self.slots, tf.gather(self.neighbours, rows)))
 
-    def decode_sources(self, stored):
-        """One row's stored pixels (S, size, size) -> float32 (image_size, image_size, S) HU of its distinct sources."""
-        stack = tf_hu(tf.transpose(stored, (1, 2, 0)))
+    def decode_sources(self, image_rows):
+        """One row's image rows (S, size, 2 size + 1) -> float32 (image_size, image_size, S) HU of its distinct sources."""
+        stack = _sources_hu(image_rows)
         if self.image_size < self.store.size:
             stack = tf.image.resize(stack, (self.image_size, self.image_size), method="area")
         return stack
@@ -149,11 +156,11 @@ class StackReader:
 
     def read_batches(self, data: tf.data.Dataset) -> tf.data.Dataset:
         """A dataset whose elements are tuples led by a row number -> the same tuples, each followed by
-        its row's stored pixels (S, size, size), read ``READ_BATCH`` rows at a time, in the same order."""
-        def with_stored(*batch):
+        its row's image rows (S, size, 2 size + 1), read ``READ_BATCH`` rows at a time, in the same order."""
+        def with_rows(*batch):
             return (*batch, self.read_sources(batch[0]))
 
-        return data.batch(READ_BATCH).map(with_stored, num_parallel_calls=AUTOTUNE).unbatch()
+        return data.batch(READ_BATCH).map(with_rows, num_parallel_calls=AUTOTUNE).unbatch()
 
 
 def training_dataset(
@@ -184,8 +191,8 @@ def training_dataset(
     element_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     data = reader.read_batches(tf.data.Dataset.zip(data, element_seeds))
 
-    def prepared(row, element_seed, stored):
-        sources = reader.decode_sources(stored)
+    def prepared(row, element_seed, image_rows):
+        sources = reader.decode_sources(image_rows)
         if augment:
             sources = augment_hu(sources, augmentation_parameters(element_seed))
         return sources, tf.gather(label_table, row)
@@ -207,7 +214,8 @@ def inference_dataset(
     """HU stack batches (batch, size, size, C) of ``rows`` in the given order, unaugmented (validation, extraction)."""
     reader = StackReader(index, store, recipe, image_size)
     data = reader.read_batches(tf.data.Dataset.from_tensor_slices(np.asarray(rows, dtype=np.int64)))
-    data = data.map(lambda row, stored: reader.expand(reader.decode_sources(stored)), num_parallel_calls=AUTOTUNE)
+    data = data.map(lambda row, image_rows: reader.expand(reader.decode_sources(image_rows)),
+                    num_parallel_calls=AUTOTUNE)
     return with_batches(data.batch(batch_size), -(-len(rows) // batch_size))
 
 

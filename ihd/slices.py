@@ -20,11 +20,13 @@ overwritten with zeros fails), writes the damaged and the unlisted slices again 
 and deletes the packs and temporary files nothing valid points to.
 
 Reading checks the same size and CRC for every slice it returns, and never decodes a damaged
-slice: ``SliceStore.read_hu`` raises ``DamagedSliceError``, and ``SliceStore.tf_read_stored`` (for
-``tf.data``) an ``InvalidArgumentError``, each naming the pack and the image. ``tf_read_stored``
-reads and decodes a whole batch of slices in one Python call (``pread``, the CRC, then
-``decode_pngs``); ``tf_hu`` turns the pixels into HU in the graph. tf.data's threads share the
-Python lock, so the per-slice Python work is kept to the read and the checks: a batch gathers its
+slice: ``SliceStore.read_hu`` raises ``DamagedSliceError``, and ``SliceStore.tf_read_rows`` (for
+``tf.data``) an ``InvalidArgumentError``, each naming the pack and the image. ``tf_read_rows``
+reads, checks, inflates and unfilters a whole batch of slices in one Python call (``pread``, the
+CRC, then ``unfiltered_rows``); ``tf_hu_of_rows`` turns the rows' big-endian words into HU in the
+graph, per slice, where the byte swap that numpy did for the whole batch costs less and needs no
+Python lock. tf.data's threads share that lock, so the per-slice Python work is kept to the read,
+the checks and the inflation: a batch gathers its
 manifest rows with numpy, and the names that errors need are made only for a slice that fails. The
 store decodes its PNGs itself, for the one form its writer produces, with the same checks as libpng
 (every chunk's CRC-32, the stream's Adler-32) and the same pixels (``tests/test_slices.py`` compares
@@ -221,28 +223,36 @@ def _filtered_rows(png: bytes, size: int) -> bytes:
     return rows
 
 
-def decode_pngs(pngs: list[bytes], wheres, size: int) -> np.ndarray:
-    """The store's PNGs (``encode_uint16_png``'s form, ``size`` x ``size``) -> their pixels, uint16
-    (len(pngs), size, size), as libpng decodes them. ``wheres[k]`` names PNG k in errors
-    (``DamagedSliceError``); it is looked up only for a PNG that fails.
+def unfiltered_rows(pngs: list[bytes], wheres, size: int) -> np.ndarray:
+    """The store's PNGs (``encode_uint16_png``'s form, ``size`` x ``size``) -> their image rows, inflated and
+    unfiltered, uint8 (len(pngs), size, 2 * size + 1): after each row's first byte, which is not image data,
+    its pixels as big-endian 16-bit words. ``wheres[k]`` names PNG k in errors (``DamagedSliceError``); it
+    is looked up only for a PNG that fails.
 
-    The one form the store writes, decoded for a whole batch at once: every chunk's CRC-32 checked,
-    the image data inflated by ISA-L outside the Python lock (its Adler-32 checked), the "up" filter
-    undone for all the slices together, one numpy addition of bytes modulo 256 per row, and the
-    big-endian words swapped. Anything else (another chunk, header, filter or interlacing, a stream
-    cut short or of another length) is refused, never decoded as zeros.
+    The one form the store writes, for a whole batch at once: every chunk's CRC-32 checked, the image
+    data inflated by ISA-L outside the Python lock (its Adler-32 checked), the "up" filter undone for all
+    the slices together, one numpy addition of bytes modulo 256 per row. Anything else (another chunk,
+    header, filter or interlacing, a stream cut short or of another length) is refused, never decoded as
+    zeros. The words are left in PNG byte order: ``decode_pngs`` swaps them in numpy, ``tf_hu_of_rows`` in
+    the graph.
     """
     row_bytes = 2 * size + 1
-    filtered = np.empty((size, len(pngs), row_bytes), np.uint8)  # row-major across the batch
+    rows = np.empty((len(pngs), size, row_bytes), np.uint8)
     for k, png in enumerate(pngs):
         try:
-            rows = _filtered_rows(png, size)
+            filtered = _filtered_rows(png, size)
         except DamagedSliceError as error:
             raise DamagedSliceError(f"{wheres[k]}: {error}") from None
-        filtered[:, k] = np.frombuffer(rows, np.uint8).reshape(size, row_bytes)
+        rows[k] = np.frombuffer(filtered, np.uint8).reshape(size, row_bytes)
     for row in range(1, size):
-        np.add(filtered[row], filtered[row - 1], out=filtered[row])
-    return filtered[:, :, 1:].view(">u2").transpose(1, 0, 2).astype(np.uint16)
+        np.add(rows[:, row], rows[:, row - 1], out=rows[:, row])
+    return rows
+
+
+def decode_pngs(pngs: list[bytes], wheres, size: int) -> np.ndarray:
+    """The store's PNGs -> their pixels, uint16 (len(pngs), size, size), as libpng decodes them
+    (``unfiltered_rows``, then the big-endian words swapped)."""
+    return unfiltered_rows(pngs, wheres, size)[:, :, 1:].view(">u2").astype(np.uint16)
 
 
 def decode_png(png: bytes, where: str, size: int) -> np.ndarray:
@@ -257,6 +267,17 @@ def tf_hu(stored):
     import tensorflow as tf
 
     return tf.cast(stored, tf.float32) - float(HU_OFFSET)
+
+
+def tf_hu_of_rows(rows):
+    """TensorFlow ops: image rows as ``SliceStore.tf_read_rows`` gives them (uint8, (..., size, 2 * size + 1))
+    -> float32 HU (..., size, size): each big-endian word's high byte times 256 plus its low byte, less
+    ``HU_OFFSET``. Exact: every stored value is an integer under 2^16, which float32 holds."""
+    import tensorflow as tf
+
+    size = rows.shape[-2]
+    words = tf.reshape(rows[..., 1:], tf.concat([tf.shape(rows)[:-1], [size, 2]], axis=0))
+    return tf.cast(words[..., 0], tf.float32) * 256.0 + tf.cast(words[..., 1], tf.float32) - float(HU_OFFSET)
 
 
 def read_manifest(root: str | Path) -> pd.DataFrame:
@@ -315,7 +336,7 @@ class SliceStore:
         return image_id in self.image_ids
 
     def slots(self, image_ids) -> np.ndarray:
-        """Manifest rows (int64) of ``image_ids``, the keys ``tf_read_stored`` reads by; refuses absent ids."""
+        """Manifest rows (int64) of ``image_ids``, the keys ``tf_read_rows`` reads by; refuses absent ids."""
         wanted = pd.Index(image_ids)
         slots = self.image_ids.get_indexer(wanted)
         missing = np.flatnonzero(slots < 0)
@@ -364,22 +385,22 @@ class SliceStore:
         slot = int(self.slots([image_id])[0])
         return decode_png(self.read_png(slot), self._where(slot), self.size)
 
-    def read_stored(self, slots: np.ndarray) -> np.ndarray:
-        """The stored pixels (uint16, HU + ``HU_OFFSET``) of manifest rows ``slots`` (any shape), checked
-        and decoded (``decode_pngs``): an array of shape ``slots.shape + (size, size)``."""
+    def read_rows(self, slots: np.ndarray) -> np.ndarray:
+        """The image rows of manifest rows ``slots`` (any shape), checked, inflated and unfiltered
+        (``unfiltered_rows``): uint8, shape ``slots.shape + (size, 2 * size + 1)``."""
         slots = np.asarray(slots, dtype=np.int64)
         flat = slots.ravel()
-        stored = decode_pngs(self.read_pngs(flat), _SliceNames(self, flat), self.size)
-        return stored.reshape(*slots.shape, self.size, self.size)
+        rows = unfiltered_rows(self.read_pngs(flat), _SliceNames(self, flat), self.size)
+        return rows.reshape(*slots.shape, self.size, 2 * self.size + 1)
 
-    def tf_read_stored(self, slots):
-        """tf.data map function on a batch: manifest rows (int64 tensor of any shape, from ``slots``) ->
-        their checked, decoded pixels (tf.uint16, shape + (size, size)) in one Python call; ``tf_hu``
-        makes them HU. A damaged slice is an ``InvalidArgumentError`` naming pack and image."""
+    def tf_read_rows(self, slots):
+        """tf.data map function on a batch: manifest rows (int64 tensor of any shape, from ``slots``) -> their
+        checked image rows (tf.uint8, shape + (size, 2 * size + 1), ``read_rows``) in one Python call;
+        ``tf_hu_of_rows`` makes them HU. A damaged slice is an ``InvalidArgumentError`` naming pack and image."""
         import tensorflow as tf
 
-        stored = tf.numpy_function(self.read_stored, [slots], tf.uint16, stateful=False)
-        return tf.ensure_shape(stored, (*slots.shape, self.size, self.size))
+        rows = tf.numpy_function(self.read_rows, [slots], tf.uint8, stateful=False)
+        return tf.ensure_shape(rows, (*slots.shape, self.size, 2 * self.size + 1))
 
     def _where(self, slot: int) -> str:
         """The pack and image of manifest row ``slot``, as errors name them."""

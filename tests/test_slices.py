@@ -13,7 +13,7 @@ from ihd.dicom import read_hu
 from ihd.io import read_json, write_json
 from ihd.slices import (
     CONFIG_FILE, DEFLATE_LEVEL, DamagedSliceError, SliceStore, decode_pngs, encode_png, encode_uint16_png,
-    read_manifest, to_model_hu, write_manifest, write_slices,
+    read_manifest, tf_hu_of_rows, to_model_hu, write_manifest, write_slices,
 )
 
 SIZE = 64
@@ -177,7 +177,7 @@ def test_damaged_pack_is_refused_on_read_and_rewritten_on_resume(real_data, tmp_
 
     with pytest.raises(DamagedSliceError, match=f"{pack.name}: slice {index['image_id'][2]}.*{expected_reason}"):
         store.read_hu(index["image_id"][2])
-    data_set = tf.data.Dataset.from_tensor_slices(store.slots(index["image_id"][2:4])).batch(2).map(store.tf_read_stored)
+    data_set = tf.data.Dataset.from_tensor_slices(store.slots(index["image_id"][2:4])).batch(2).map(store.tf_read_rows)
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=f"{pack.name}: slice {index['image_id'][2]}.*{expected_reason}"):
         list(data_set)
@@ -231,17 +231,18 @@ def test_every_stored_slice_decodes_as_libpng_does_in_batches_and_through_tf(rea
     expected = np.stack([libpng(png) for png in pngs])
     big_endian = expected.astype(">u2").view(np.uint8).reshape(len(slots), SIZE, 2 * SIZE)
     assert (big_endian[:, 1:] < big_endian[:, :-1]).mean() > 0.1  # the up filter's sums wrap modulo 256
-    np.testing.assert_array_equal(store.read_stored(slots), expected)
-    np.testing.assert_array_equal(store.read_stored(slots[:1]), expected[:1])
+    np.testing.assert_array_equal(decode_pngs(pngs, None, SIZE), expected)
+    np.testing.assert_array_equal(store.read_rows(slots)[:, :, 1:], big_endian)
+    np.testing.assert_array_equal(store.read_rows(slots[:1])[:, :, 1:], big_endian[:1])
     assert not np.array_equal(expected[0], expected[1])
-    batches = tf.data.Dataset.from_tensor_slices(slots).batch(7).map(store.tf_read_stored).unbatch()
+    batches = tf.data.Dataset.from_tensor_slices(slots).batch(7).map(store.tf_read_rows).unbatch().map(tf_hu_of_rows)
     stacked = np.stack(list(batches.as_numpy_iterator()))
-    assert stacked.dtype == np.uint16
-    np.testing.assert_array_equal(stacked, expected)
+    assert stacked.dtype == np.float32
+    np.testing.assert_array_equal(stacked, expected.astype(np.float32) - 1024)
     np.testing.assert_array_equal(store.read_hu(index["image_id"].iloc[-1]), expected[0].astype(np.float32) - 1024)
-    grid = store.tf_read_stored(tf.constant(slots[[[0, 1], [2, 0]]])).numpy()
+    grid = tf_hu_of_rows(store.tf_read_rows(tf.constant(slots[[[0, 1], [2, 0]]]))).numpy()
     assert grid.shape == (2, 2, SIZE, SIZE)
-    np.testing.assert_array_equal(grid, expected[[[0, 1], [2, 0]]])
+    np.testing.assert_array_equal(grid, expected[[[0, 1], [2, 0]]].astype(np.float32) - 1024)
 
 
 def test_rows_whose_up_filter_wraps_decode_exactly():
@@ -346,7 +347,7 @@ def test_a_truncated_image_stream_with_a_matching_crc_is_refused_naming_pack_and
     with pytest.raises(DamagedSliceError, match=where):
         store.read_hu(index["image_id"][1])
     with pytest.raises(tf.errors.InvalidArgumentError, match=where):
-        list(tf.data.Dataset.from_tensor_slices(store.slots(index["image_id"])).batch(2).map(store.tf_read_stored))
+        list(tf.data.Dataset.from_tensor_slices(store.slots(index["image_id"])).batch(2).map(store.tf_read_rows))
     assert store.read_hu(index["image_id"][0]).shape == (SIZE, SIZE)
 
 
