@@ -382,9 +382,10 @@ def read_rates(files: list[Path], rounds: int) -> dict[str, float]:
             return tf.data.Dataset.from_tensor_slices(slots).batch(batch)
 
         single = tf.data.Dataset.from_tensor_slices(slots)
+        hu_of_rows = tf.function(tf_hu_of_rows, jit_compile=True)  # one XLA computation a slice, as ihd.inputs runs it
         readers = {
             "packs, checked and decoded by the store, one Python call per 64 slices (ours)": lambda: slot_data(64).map(
-                store.tf_read_rows, num_parallel_calls=tf.data.AUTOTUNE).unbatch().map(tf_hu_of_rows),
+                store.tf_read_rows, num_parallel_calls=tf.data.AUTOTUNE).unbatch().map(hu_of_rows),
             "packs, checked, one Python call per 64 slices, TensorFlow's decode_png (before)": lambda: decoded(
                 slot_data(64).map(png_bytes, num_parallel_calls=tf.data.AUTOTUNE).unbatch()),
             "packs, checked, one Python call per slice, TensorFlow's decode_png": lambda: decoded(
