@@ -122,7 +122,7 @@ def score(seed: int, candidate: str, root: Path, validation: Path) -> dict:
     dirs = ["--data-dir", str(data), "--models-dir", str(work / "models"), "--features-dir", str(work / "features")]
     prepare_data.main(["--synthetic", "--dataset", demo.DATASET, "--size", "128", "--folds", str(demo.FOLDS),
                        "--seed", str(seed), "--train-studies", "80", "--test-studies", "2", "--data-dir", str(data)])
-    train_cnn.main(["--dataset", demo.DATASET, "--run", demo.RUN, "--fold", "0", *demo.CNN, *candidate.split(), *dirs])
+    train_cnn.main(["--dataset", demo.DATASET, "--run", demo.RUN, "--fold", "0", *demo.cnn_flags(), *candidate.split(), *dirs])
     train_lstm.main(["--run", demo.RUN, "--selection", SELECTION, *demo.LSTM, *dirs[2:]])
     predict.main(["--run", demo.RUN, "--dicom-dir", str(validation / "stage_2_train"),
                   "--labels", str(validation / "stage_2_train.csv"), "--out", str(work / "validation"), *dirs])

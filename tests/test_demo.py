@@ -31,6 +31,15 @@ def test_backgrounds_make_the_dataset_of_inserted_bleeds(tmp_path):
     assert all("--backgrounds" not in other_flags for _, other_flags in rest)
 
 
+def test_the_cnn_trains_for_the_epochs_chosen_for_its_data(tmp_path):
+    backgrounds = tmp_path / "normal"
+    backgrounds.mkdir()
+    for extra, mode in (([], "phantom"), (["--backgrounds", str(backgrounds)], "inserted")):
+        stages = dict(demo.stages(demo.parse_args(["--root", str(tmp_path), *extra])))
+        assert train_cnn.parse_args(stages[train_cnn]).epochs == demo.CNN_EPOCHS[mode]
+    assert demo.CNN_EPOCHS["phantom"] != demo.CNN_EPOCHS["inserted"]
+
+
 def test_the_demo_trains_every_fold_and_an_lstm_per_selection(tmp_path):
     stages = dict((module, flags) for module, flags in demo.stages(demo.parse_args(["--root", str(tmp_path)])))
     assert train_cnn.parse_args(stages[train_cnn]).run == train_lstm.parse_args(stages[train_lstm]).run == demo.RUN
@@ -57,5 +66,5 @@ def test_saved_choice_scores_of_other_demo_settings_are_scored_again(tmp_path, m
     row = {"seed": 1, "candidate": "--layers 1", "pca:32": 0.1, "cnn": 0.2}
     path.write_text(json.dumps([row | {"chain": demo_choices.CHAIN}, row | {"seed": 2}]))
     assert [r["seed"] for r in demo_choices.saved_rows(path)] == [1]
-    monkeypatch.setattr(demo_choices, "CHAIN", demo.chain_record("folds") | {"cnn": [*demo.CNN, "--epochs", "1"]})
+    monkeypatch.setattr(demo_choices, "CHAIN", demo.chain_record("folds") | {"cnn": [*demo.cnn_flags(), "--epochs", "1"]})
     assert demo_choices.saved_rows(path) == []
