@@ -78,7 +78,7 @@ from ihd.features import load_features
 from ihd.report import folder_scores, format_folder_scores, format_scores, scores_on_truth, truth_path
 from ihd.seg_inference import segment_index
 from ihd.slices import SliceStore
-from ihd.submission import submit, write_submission
+from ihd.submission import SubmissionError, submit, write_submission
 
 SAMPLE_SUBMISSION = "stage_2_sample_submission.csv"
 
@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> Path:
     run_header(argv, settings)
     if settings.labels and not settings.dicom_dir:
         raise SystemExit("--labels scores a --dicom-dir folder (the dataset route reads its test labels from --truth)")
+    if settings.truth and settings.dicom_dir:
+        raise SystemExit("--truth scores the dataset's test split; a --dicom-dir folder is scored with --labels")
     if settings.segment and not settings.dicom_dir:
         raise SystemExit("--segment works on --dicom-dir folders (the test set has no series to write masks for)")
     try:
@@ -322,7 +324,7 @@ def main(argv: list[str] | None = None) -> Path:
         if study is not None:
             return predict_dataset_studies(settings, chains[0], study)
         return predict_dataset(settings, chains)
-    except ChainError as error:
+    except (ChainError, SubmissionError) as error:
         raise SystemExit(str(error)) from None
 
 

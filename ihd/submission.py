@@ -49,10 +49,18 @@ def submission_table(predictions: pd.DataFrame, sample: pd.DataFrame, prior: np.
 
     ``predictions``: index image_id, columns SUBTYPES. Test images the sample lists but the
     predictions lack (unreadable DICOM files left out of the index) get the training ``prior``
-    (six label means) and a warning naming them.
+    (six label means) and a warning naming them. A sample of another test set is refused: one that
+    lacks a predicted image, or shares none with the predictions.
     """
     images = sample_image_ids(sample)
     missing = images.difference(predictions.index, sort=False)
+    if len(missing) == len(images):
+        raise SubmissionError(f"none of the sample submission's {len(images)} images has a prediction: it lists "
+                              f"another test set ({_named(images)})")
+    unlisted = predictions.index.difference(images, sort=False)
+    if len(unlisted):
+        raise SubmissionError(f"{len(unlisted)} predicted test images are not in the sample submission, which must "
+                              f"be the test set's own: {_named(unlisted)}")
     if len(missing):
         warnings.warn(f"{len(missing)} test images have no prediction and get the training prior: {_named(missing)}")
     wide = predictions.reindex(images)[list(SUBTYPES)]
@@ -94,8 +102,11 @@ def write_submission(
 ) -> pd.DataFrame:
     """Build, validate and atomically write a submission CSV; returns the table written."""
     sample = read_sample_submission(sample_path)
-    table = submission_table(predictions, sample, prior)
-    validate_submission(table, sample)
+    try:
+        table = submission_table(predictions, sample, prior)
+        validate_submission(table, sample)
+    except SubmissionError as error:
+        raise SubmissionError(f"{sample_path}: {error}") from error
     with atomic_path(out_path) as tmp:
         table.to_csv(tmp, index=False, float_format=FLOAT_FORMAT)
     return table

@@ -212,6 +212,9 @@ def test_dicom_folder_scored_against_labels_reports_unlabeled_images(chain, tmp_
     assert 0 <= scores["models"]["cnn+lstm"]["study_auc"]["any"] <= 1
     with pytest.raises(SystemExit, match="--labels scores a --dicom-dir folder"):
         predict.main(["--run", "small", "--labels", str(tmp_path / "labels.csv"), *chain["common"]])
+    with pytest.raises(SystemExit, match="a --dicom-dir folder is scored with --labels"):
+        predict.main(["--run", "small", "--dicom-dir", str(raw / "stage_2_test"), "--truth", str(tmp_path / "labels.csv"),
+                      *chain["common"]])
 
 
 def test_the_streamed_folder_route_gives_what_the_whole_folder_in_memory_gave(chain, tmp_path, monkeypatch):

@@ -97,3 +97,16 @@ def test_a_missing_id_raises_the_packages_own_error_naming_it(sample_path, dropp
     with pytest.raises(SubmissionError, match=f"ID {first_missing} of the sample submission is missing") as caught:
         validate_submission(table, sample)
     assert type(caught.value) is SubmissionError
+
+
+@pytest.mark.parametrize(
+    "images, named",
+    [(IMAGES + ["ID_00000000d"], "ID_00000000d"), (["ID_00000000d", "ID_00000000e"], "none of the sample submission's 3")],
+    ids=["a predicted image it lacks", "no image in common"],
+)
+def test_a_sample_of_another_test_set_is_refused_naming_the_file(sample_path, tmp_path, images, named):
+    out = tmp_path / "submission.csv"
+    with pytest.raises(SubmissionError, match=named) as caught:
+        write_submission(_predictions(images), sample_path, out, prior=np.zeros(6))
+    assert str(sample_path) in str(caught.value)
+    assert not out.exists()
