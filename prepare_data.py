@@ -202,6 +202,9 @@ def index_sources(settings: Settings, raw: Path) -> tuple[list[tuple[Path, str]]
     if not sources:
         raise SystemExit(f"{raw} holds neither {TRAIN_DIR}/ nor {TEST_DIR}/ after the download: see what it unpacked there")
     labels = raw / TRAIN_LABELS
+    if (raw / TRAIN_DIR).is_dir() and not labels.is_file():
+        raise SystemExit(f"{raw / TRAIN_DIR} holds training images but {labels} is missing: the training split needs "
+                         f"the challenge's labels ({TRAIN_LABELS})")
     return sources, labels if labels.is_file() else None
 
 

@@ -469,6 +469,10 @@ def build_index(
         index.to_parquet(tmp, index=False)
     bad_path = write_bad_files(dataset_dir, bad)
     labeled = index["fold"] >= 0
+    unlabeled_train = index["image_id"][(index["split"] == "train") & ~labeled].tolist()
+    if labels_csv is not None and (unlabeled_train or unmatched_labels):
+        warnings.warn(f"{labels_csv}: {len(unlabeled_train)} training images have no labels there and are left out of "
+                      f"every fold ({_named(unlabeled_train)}); {unmatched_labels} labeled images are not among those read")
     write_json(dataset_dir / CONFIG_FILE, {
         "sources": [{"folder": folder, "split": split} for folder, split in sources],
         "labels_csv": None if labels_csv is None else str(Path(labels_csv).resolve()),
@@ -483,7 +487,7 @@ def build_index(
         "slices_by_fold": index.loc[labeled, "fold"].value_counts().sort_index().to_dict(),
         "patients_by_fold": index[labeled].groupby("fold")["patient_id"].nunique().to_dict(),
         "labels_without_image": unmatched_labels,
-        "unlabeled_train_rows": int(((index["split"] == "train") & ~labeled).sum()),
+        "unlabeled_train_rows": len(unlabeled_train),
         "bad_files": len(bad),
         "non_ct_as_hu": non_ct_as_hu,
         "non_ct_read_as_hu": int((headers["modality"] != "CT").sum()),

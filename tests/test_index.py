@@ -69,6 +69,20 @@ def test_labels_merged_and_duplicates_dropped(dataset, real_data):
     assert np.isnan(train.loc["ID_000624786", "any"]) and train.loc["ID_000624786", "fold"] == -1
 
 
+def test_training_images_without_labels_are_named_in_a_warning(real_data, tmp_path):
+    images = ["ID_2008dd408", "ID_1b5ac170c", "ID_0fe31b044"]
+    for image in images:
+        shutil.copy(real_data / "rsna_slices" / f"{image}.dcm", tmp_path / f"{image}.dcm")
+    labels = pd.read_csv(real_data / "rsna_slices" / "labels.csv")
+    labels = labels[labels["ID"].str.rpartition("_")[0].isin(images[1:])]
+    nameless = pd.DataFrame({"ID": [f"ID_00000nope_{subtype}" for subtype in SUBTYPES], "Label": 0})
+    pd.concat([labels, nameless]).to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.warns(UserWarning, match=r"labels.csv: 1 training images have no labels there and are left out of every "
+                                         r"fold \(ID_2008dd408\); 1 labeled images are not among those read"):
+        build_index([(tmp_path, "train")], tmp_path / "out", labels_csv=tmp_path / "labels.csv", folds=2, workers=1)
+    assert json.loads((tmp_path / "out" / "index_config.json").read_text())["unlabeled_train_rows"] == 1
+
+
 def test_folds_group_patients_and_balance(dataset):
     _, _, index = dataset
     labeled = index[index["fold"] >= 0]

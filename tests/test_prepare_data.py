@@ -86,6 +86,14 @@ def test_a_refused_rerun_touches_nothing(real_data, tmp_path, monkeypatch):
     assert _tree(tmp_path) == before
 
 
+def test_training_images_without_the_label_file_are_refused(real_data, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(real_data / "rsna_slices", raw / "stage_2_train", ignore=shutil.ignore_patterns("*.csv"))
+    with pytest.raises(SystemExit, match=r"stage_2_train holds training images but .*stage_2_train.csv is missing"):
+        prepare_data.main(["--raw", str(raw), "--data-dir", str(tmp_path / "data"), "--size", "32"])
+    assert not (tmp_path / "data").exists()
+
+
 def test_dicom_dir_unlabeled_test_rows_and_resume(real_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "export"
