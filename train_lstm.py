@@ -44,6 +44,7 @@ from ihd.features import (
 )
 from ihd.fingerprint import SHORT, file_sha256, fingerprint, what_changed
 from ihd.flags import fraction, non_negative_float, non_negative_int, positive_float, positive_int, selection_spec
+from ihd.inference import ChainError
 from ihd.inputs import fold_rows, label_array
 from ihd.io import atomic_path, read_json, run_header, write_json
 from ihd.labels import SUBTYPES
@@ -173,10 +174,14 @@ def train_study_selection(settings: Settings, features, selection: str) -> dict:
     """Train one study model on the selection's inputs; returns its JSON record."""
     options = StudyOptions(settings.study_labels, settings.label_set, settings.study_model, settings.init,
                            settings.frames)
-    return train_study(options, features, per_slice_inputs(settings, features, selection), selection,
-                       int(features.config["fold"]), settings.models_dir, settings.run, settings.layers,
-                       settings.units, settings.dropout, settings.learning_rate, settings.epochs, settings.batch_size,
-                       settings.min_steps, settings.patience, settings.seed, dataclasses.asdict(settings))
+    try:
+        return train_study(options, features, per_slice_inputs(settings, features, selection), selection,
+                           int(features.config["fold"]), settings.models_dir, settings.run, settings.layers,
+                           settings.units, settings.dropout, settings.learning_rate, settings.epochs,
+                           settings.batch_size, settings.min_steps, settings.patience, settings.seed,
+                           dataclasses.asdict(settings))
+    except ChainError as error:  # --init pretrained without a finished per-slice LSTM of these features
+        raise SystemExit(str(error)) from None
 
 
 def train_selection(settings: Settings, features, selection: str) -> dict:

@@ -111,6 +111,26 @@ def lstm_records(models_dir: str | Path, run: str, features_fingerprint: str) ->
     return [r for r in records if r.get("inputs", {}).get("features") == features_fingerprint]
 
 
+def finished_lstm(run_dir: Path, selection: str, features_fingerprint: str, train: str) -> tuple[Path, dict]:
+    """The per-slice LSTM file of ``selection`` in ``run_dir`` and its record; refused (ChainError, naming
+    ``train``, the command to run) unless its training finished on the features of ``features_fingerprint``
+    and the file is the one the record describes."""
+    slug = selection_slug(selection)
+    lstm_path, record_path = run_dir / f"lstm-{slug}.keras", run_dir / f"lstm-{slug}.json"
+    if not record_path.exists():
+        state = "exists but training never finished" if lstm_path.exists() else "not found"
+        raise ChainError(f"{record_path} {state}: run {train} first")
+    record = read_json(record_path)
+    trained_on = record.get("inputs", {}).get("features")
+    if trained_on != features_fingerprint:
+        raise ChainError(f"{lstm_path} was trained on other features than the run holds now "
+                         f"({what_changed({'features': trained_on}, {'features': features_fingerprint})}): run {train} first")
+    if not lstm_path.exists() or file_sha256(lstm_path) != record.get("model_sha256"):
+        raise ChainError(f"{lstm_path} is not the model its record {record_path} describes "
+                         f"(training interrupted or file replaced): run {train} first")
+    return lstm_path, record
+
+
 def load_chain(run: str, selection: str | None = None, models_dir="models", features_dir="features") -> Chain:
     """The CNN, the fitted selection and the LSTM of a run; `selection=None` takes the best validated one.
 
@@ -140,17 +160,7 @@ def load_chain(run: str, selection: str | None = None, models_dir="models", feat
             raise ChainError(f"no LSTM in {run_dir} was trained on the current features {features_run_dir}: run {train} first")
         selection = min(records, key=lambda r: r["validation"]["weighted_log_loss"])["selection"]
         extract, train = _commands(run, selection, cnn_config, models_dir, features_dir)
-    slug = selection_slug(selection)
-    lstm_path, record_path = run_dir / f"lstm-{slug}.keras", run_dir / f"lstm-{slug}.json"
-    if not record_path.exists():
-        state = "exists but training never finished" if lstm_path.exists() else "not found"
-        raise ChainError(f"{record_path} {state}: run {train} first")
-    record = read_json(record_path)
-    if record.get("inputs", {}).get("features") != features_config["fingerprint"]:
-        raise ChainError(f"{lstm_path} was trained on other features than {features_run_dir} holds now: run {train} first")
-    if not lstm_path.exists() or file_sha256(lstm_path) != record.get("model_sha256"):
-        raise ChainError(f"{lstm_path} is not the model its record {record_path} describes "
-                         f"(training interrupted or file replaced): run {train} first")
+    lstm_path, record = finished_lstm(run_dir, selection, features_config["fingerprint"], train)
     fitted_path = selection_path(features_run_dir, selection)
     fitted = load_selection(fitted_path) if fitted_path.exists() else None
     if fitted is None or fitted.inputs is None or not fitted.inputs.items() <= record["inputs"].items():

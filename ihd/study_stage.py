@@ -26,6 +26,7 @@ import pandas as pd
 from ihd.features import Features, selection_slug
 from ihd.fingerprint import file_sha256
 from ihd.index import assign_folds
+from ihd.inference import ChainError, finished_lstm
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES
 from ihd.sequence import input_moments, load_lstm, predict_series, series_set
@@ -153,12 +154,18 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, s
     model_path, record_path = study_paths(models_dir, run, options, selection)
     keras.utils.set_random_seed(seed)
     model = build_study_model(options, chosen, inputs.shape[1], train, layers, units, dropout)
-    slice_lstm_path = Path(models_dir) / run / f"lstm-{selection_slug(selection)}.keras"
+    pretrained = options.model == "attention" and options.init == "pretrained"
+    command = f"train_lstm.py --run {run} --selection {selection}"
+    if pretrained:
+        command += " (--init pretrained starts from it) or use --init scratch"
+    try:
+        slice_lstm_path = finished_lstm(Path(models_dir) / run, selection, features.fingerprint, command)[0]
+    except ChainError:
+        if pretrained:
+            raise
+        slice_lstm_path = None  # no per-slice LSTM of these features to compare with at study level
     pretrained_from = None
-    if options.model == "attention" and options.init == "pretrained":
-        if not slice_lstm_path.exists():
-            raise FileNotFoundError(f"{slice_lstm_path} not found: --init pretrained starts from the per-slice LSTM; "
-                                    f"train it first (train_lstm.py --run {run} --selection {selection}) or use --init scratch")
+    if pretrained:
         copy_slice_lstm_weights(model, load_lstm(slice_lstm_path))
         pretrained_from = str(slice_lstm_path)
     compile_study_model(model, chosen, learning_rate)
@@ -184,7 +191,7 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, s
         weights = slice_weights(model, val, EVIDENCE_LAYERS[options.model], class_index=chosen.positive_column)
         record["validation_localization"] = localization_scores([flag_slices(w) for w in weights], truth)
     bleed = val.labels[:, chosen.positive_column]
-    if slice_lstm_path.exists() and truth is not None and 0 < bleed.sum() < len(bleed):
+    if slice_lstm_path is not None and truth is not None and 0 < bleed.sum() < len(bleed):
         exam_any, flags = slice_model_study_outputs(load_lstm(slice_lstm_path), inputs, index, val)
         record["validation_slice_model"] = {
             "exam": binary_scores(bleed, exam_any, youden_threshold(bleed, exam_any)),

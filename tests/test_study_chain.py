@@ -2,6 +2,7 @@
 (attention pretrained and from scratch, the paper-000 volume model, the paper-002 end-to-end model)
 -> predict.py --study on the test split and on a real DICOM series."""
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -48,6 +49,20 @@ def test_study_records_hold_validation_scores_and_pretraining(chain):
     assert volume["columns"] == ["hemorrhage", "no_finding", "other"] and volume["frames"] == 8
     assert STUDY in chain["table"].index and "lstm-pca8 (slice labels)" in chain["table"].index
     assert (models / "study.md").read_text().count("\n") == len(chain["table"]) + 2
+
+
+def test_pretraining_refuses_a_per_slice_lstm_that_is_not_finished_or_not_its_record(chain, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(chain["workspace"] / "models", models)
+    with open(models / "r" / "lstm-pca8.keras", "ab") as lstm:
+        lstm.write(b"\0")
+    study = ["--run", "r", "--layers", "1", "--units", "8", "--epochs", "1", "--study-labels", "derive", "--init",
+             "pretrained", "--models-dir", str(models), "--features-dir", str(chain["workspace"] / "features")]
+    with pytest.raises(SystemExit, match=r"lstm-pca8.keras is not the model its record .* describes .*or use --init scratch"):
+        train_lstm.main([*study, "--selection", "pca:8"])
+    with pytest.raises(SystemExit, match=r"lstm-pca4.json not found: run train_lstm.py --run r --selection pca:4"):
+        train_lstm.main([*study, "--selection", "pca:4"])
+    assert not list((models / "r").glob("study-*-pca4-*"))
 
 
 def test_predict_study_mode_scores_the_test_studies(chain):
