@@ -380,15 +380,17 @@ def open_features(settings: Settings):
     if not cnn_path.exists():
         raise SystemExit(f"{cnn_path} not found: train the CNN of run {settings.run} first "
                          f"(train_cnn.py --dataset DATASET --run {settings.run})")
-    extract = extraction_command(read_json(run_dir / "config.json"), settings.run, settings.models_dir,
-                                 settings.features_dir)
+    cnn_config = read_json(run_dir / "config.json")
     try:
         features = load_features(Path(settings.features_dir) / settings.run)
     except FeaturesNotReady as error:
+        extract = extraction_command(cnn_config, settings.run, settings.models_dir, settings.features_dir)
         raise SystemExit(f"{error}: run {extract} first") from None
     cnn_sha256 = file_sha256(cnn_path)
     if features.config["cnn_sha256"] != cnn_sha256:
         changed = what_changed({"cnn_sha256": features.config["cnn_sha256"]}, {"cnn_sha256": cnn_sha256})
+        extract = extraction_command(cnn_config, settings.run, settings.models_dir, settings.features_dir,
+                                     features.config["tta"])
         raise SystemExit(f"{features.path} was extracted from an earlier {cnn_path} ({changed}): run {extract} first")
     return features
 

@@ -95,9 +95,11 @@ class ChainError(RuntimeError):
     """The parts of a trained chain are missing or do not belong together; the message says what to run."""
 
 
-def _commands(run: str, selection: str | None, cnn_config: dict, models_dir, features_dir) -> tuple[str, str]:
-    """The commands that rewrite the run's feature cache and that (re)train one selection's LSTM."""
-    extract = extraction_command(cnn_config, run, models_dir, features_dir)
+def _commands(run: str, selection: str | None, cnn_config: dict, models_dir, features_dir, tta: str | None
+              ) -> tuple[str, str]:
+    """The commands that rewrite the run's feature cache (with ``tta``, None: the run's) and that (re)train one
+    selection's LSTM."""
+    extract = extraction_command(cnn_config, run, models_dir, features_dir, tta)
     train = f"train_lstm.py --run {run} --selection {selection or 'pca:120'}"
     for flag, value, default in (("--models-dir", models_dir, "models"), ("--features-dir", features_dir, "features")):
         if str(value) != default:
@@ -146,9 +148,9 @@ def load_chain(run: str, selection: str | None = None, models_dir="models", feat
                          f"--run {run}), then its LSTMs (train_lstm.py --run {run})")
     cnn, cnn_config = load_cnn(run_dir)
     cnn_sha256 = file_sha256(run_dir / MODEL_FILE)
-    extract, train = _commands(run, selection, cnn_config, models_dir, features_dir)
     features_config_path = features_run_dir / CONFIG_FILE
     features_config = read_json(features_config_path) if features_config_path.exists() else {}
+    extract, train = _commands(run, selection, cnn_config, models_dir, features_dir, features_config.get("tta"))
     if features_config.get("cnn_sha256") != cnn_sha256:
         found = ("not found" if not features_config else
                  f"was extracted from another {run_dir / MODEL_FILE} "
@@ -159,7 +161,7 @@ def load_chain(run: str, selection: str | None = None, models_dir="models", feat
         if not records:
             raise ChainError(f"no LSTM in {run_dir} was trained on the current features {features_run_dir}: run {train} first")
         selection = min(records, key=lambda r: r["validation"]["weighted_log_loss"])["selection"]
-        extract, train = _commands(run, selection, cnn_config, models_dir, features_dir)
+        extract, train = _commands(run, selection, cnn_config, models_dir, features_dir, features_config.get("tta"))
     lstm_path, record = finished_lstm(run_dir, selection, features_config["fingerprint"], train)
     fitted_path = selection_path(features_run_dir, selection)
     fitted = load_selection(fitted_path) if fitted_path.exists() else None
@@ -224,7 +226,7 @@ def cached_test_features(chain: Chain, data_dir="data", features_dir="features",
                      SliceStore(dataset_dir / "slices"), run_dir, tta=chain.tta)
     features = load_features(run_dir)
     if features.fingerprint != chain.features_fingerprint:
-        _, train = _commands(chain.run, chain.selection_name, chain.cnn_config, models_dir, features_dir)
+        _, train = _commands(chain.run, chain.selection_name, chain.cnn_config, models_dir, features_dir, chain.tta)
         raise ChainError(f"{run_dir} now holds features of another index or CNN than {chain.selection_name} "
                          f"was trained on: run {train} first")
     return features

@@ -14,6 +14,7 @@ from ihd.features import (
     FeaturesNotReady,
     embed_batch,
     extract_features,
+    extraction_command,
     fit_selection,
     fitted_selection,
     load_features,
@@ -291,3 +292,12 @@ def test_a_selection_on_a_sample_of_rows_records_it_and_differs(extracted):
     chosen = np.sort(np.random.default_rng(1).choice(train_rows, size=40, replace=False))
     np.testing.assert_allclose(sampled.mean, features.embeddings[chosen].astype(np.float64).mean(axis=0), atol=1e-3)
     assert np.abs(sampled.mean - whole.mean).max() > 1e-3
+
+
+def test_the_extraction_command_repeats_the_test_time_augmentation_and_the_folders():
+    flipped = {"dataset": "rsna", "tta": "flip"}
+    assert extraction_command(flipped, "r") == "train_cnn.py --dataset rsna --run r --extract-only --tta flip"
+    assert extraction_command({"dataset": "rsna", "tta": "none"}, "r", features_dir="f", tta="flip") == (
+        "train_cnn.py --dataset rsna --run r --extract-only --tta flip --features-dir f")
+    assert extraction_command(flipped, "r", models_dir="m", tta="none") == (
+        "train_cnn.py --dataset rsna --run r --extract-only --models-dir m")
