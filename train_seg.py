@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ihd.flags import held_out_share, non_negative_int, positive_float, positive_int, share
 from ihd.io import read_json, run_header, write_json
 from ihd.masks import BadInput, MaskSet, concatenate, nifti_label_set, png_mask_set, synthetic_set, write_bad_inputs
 
@@ -66,8 +67,15 @@ class Settings:
     models_dir: str = "models"  # where runs go
 
 
+FLAG_TYPES = {
+    "image_size": positive_int, "rule_size": positive_int, "crop_size": non_negative_int, "base_filters": positive_int,
+    "epochs": positive_int, "batch_size": positive_int, "learning_rate": positive_float, "empty_share": share,
+    "val_fraction": held_out_share, "val_seed": non_negative_int, "seed": non_negative_int,
+}
+
+
 def parse_args(argv: list[str] | None) -> Settings:
-    """Command-line flags -> Settings (defaults from the dataclass)."""
+    """Command-line flags -> Settings (defaults from the dataclass); sizes, rates and shares are checked as parsed."""
     defaults = Settings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(Settings):
@@ -76,7 +84,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
-            parser.add_argument(flag, type=type(default), default=default)
+            parser.add_argument(flag, type=FLAG_TYPES.get(field.name, type(default)), default=default)
     settings = Settings(**vars(parser.parse_args(argv)))
     settings.run = settings.run or f"seg-{settings.encoder.lower()}-{settings.image_size}"
     return settings

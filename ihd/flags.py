@@ -54,6 +54,22 @@ def fraction(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """A number from 0 to 1, both included (shares of slices kept)."""
+    value = _number(text, float, "a number")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in [0, 1]")
+    return value
+
+
+def held_out_share(text: str) -> float:
+    """A number strictly between 0 and 1 (a share held out, which leaves some on each side)."""
+    value = _number(text, float, "a number")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in (0, 1)")
+    return value
+
+
 def fold_spec(text: str) -> int | str:
     """A validation fold number, or ``all`` (one run per fold)."""
     if text == "all":

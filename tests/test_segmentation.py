@@ -427,3 +427,21 @@ def test_training_keeps_every_bleeding_slice_and_a_share_of_empty_ones():
     assert keep_some_empty(squares, rows, 1.0, seed=0).tolist() == list(range(20))
     half = keep_some_empty(squares, rows, 0.5, seed=0)
     assert set(range(10)) <= set(half) and 10 < len(half) < 20
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--epochs", "0", "0 is out of range: it must be at least 1"),
+    ("--image-size", "-32", "-32 is out of range"),
+    ("--crop-size", "-1", "-1 is out of range: it must be at least 0"),
+    ("--learning-rate", "0", "'0' is not a positive number"),
+    ("--empty-share", "1.5", "'1.5' is not in [0, 1]"),
+    ("--val-fraction", "1", "'1' is not in (0, 1)"),
+    ("--val-fraction", "0", "'0' is not in (0, 1)"),
+])
+def test_bad_flags_are_refused_when_parsed(flag, value, message, capsys):
+    import train_seg
+
+    with pytest.raises(SystemExit):
+        train_seg.parse_args([flag, value])
+    assert message in capsys.readouterr().err
+    assert train_seg.parse_args(["--empty-share", "1"]).empty_share == 1.0
