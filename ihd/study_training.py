@@ -90,12 +90,25 @@ def study_series(inputs: np.ndarray, index: pd.DataFrame, rows: np.ndarray, labe
     """The series wholly inside the boolean ``rows``; with a label table, only those whose study is labeled."""
     data = series_set(inputs, index, rows)
     z = index["z"].to_numpy(np.float64)
-    if labels is None:
-        return StudySeries(data, z, None, frames)
-    values = series_labels(index, data.starts, labels)
-    known = ~np.isnan(values).any(axis=1)
-    data = SeriesSet(inputs, data.starts[known], data.lengths[known])
-    return StudySeries(data, z, values[known], frames)
+    values = None
+    if labels is not None:
+        values = series_labels(index, data.starts, labels)
+        known = ~np.isnan(values).any(axis=1)
+        data, values = SeriesSet(inputs, data.starts[known], data.lengths[known]), values[known]
+    if frames is not None:
+        _refuse_repeated_positions(index, z, data)
+    return StudySeries(data, z, values, frames)
+
+
+def _refuse_repeated_positions(index: pd.DataFrame, z: np.ndarray, data: SeriesSet) -> None:
+    """Raise ValueError naming the series with two slices at one position: a model that reslices a series by
+    position (``frames``) cannot order them."""
+    repeated = [start for start, length in zip(data.starts, data.lengths) if np.any(np.diff(z[start:start + length]) <= 0)]
+    if repeated:
+        names = index["series_id"].to_numpy()[repeated].tolist()
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise ValueError(f"{len(names)} series have two slices at one position, which a model that reslices by "
+                         f"position cannot order: {shown}; remove the repeated slices")
 
 
 def volume_series(index: pd.DataFrame, rows: np.ndarray, store: SliceStore, frames: int, image_size: int,
