@@ -25,14 +25,6 @@ def long_id(image_id: str, subtype: str) -> str:
     return f"{image_id}_{subtype}"
 
 
-def split_long_id(text: str) -> tuple[str, str]:
-    """``ID_abc_epidural`` -> (``ID_abc``, ``epidural``); raises ValueError on an unknown subtype."""
-    image_id, _, subtype = text.rpartition("_")
-    if not image_id or subtype not in SUBTYPES:
-        raise ValueError(f"{text!r} is not ID_<image>_<subtype> with a subtype in {SUBTYPES}")
-    return image_id, subtype
-
-
 def read_long_labels(path: str | Path) -> pd.DataFrame:
     """Read a long ``ID,Label`` CSV into a wide table: index ``image_id``, columns SUBTYPES, float32.
 
@@ -44,16 +36,16 @@ def read_long_labels(path: str | Path) -> pd.DataFrame:
     table = pd.read_csv(path, dtype={"ID": str, "Label": str})
     if list(table.columns) != ["ID", "Label"]:
         raise LabelFileError(f"{path}: header must be ID,Label, found {','.join(table.columns)}")
-    table = table.drop_duplicates()
+    table = table.drop_duplicates()  # keeps each row's number in the file (its index, header = row 1)
     parts = table["ID"].str.rpartition("_")
     bad = ~parts[2].isin(SUBTYPES) | (parts[0] == "")
     if bad.any():
-        row = bad.to_numpy().argmax()
-        raise LabelFileError(f"{path}: row {row + 2}: {table['ID'].iloc[row]!r} is not ID_<image>_<subtype>")
+        row = bad.idxmax()
+        raise LabelFileError(f"{path}: row {row + 2}: {table['ID'][row]!r} is not ID_<image>_<subtype>")
     labels = pd.to_numeric(table["Label"], errors="coerce")
     if labels.isna().any():
-        row = labels.isna().to_numpy().argmax()
-        raise LabelFileError(f"{path}: row {row + 2}: label {table['Label'].iloc[row]!r} is not a number")
+        row = labels.isna().idxmax()
+        raise LabelFileError(f"{path}: row {row + 2}: label {table['Label'][row]!r} is not a number")
     long = pd.DataFrame({"image_id": parts[0], "subtype": parts[2], "label": labels.astype(np.float32)})
     conflicting = long.duplicated(["image_id", "subtype"])
     if conflicting.any():

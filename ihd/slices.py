@@ -126,11 +126,6 @@ def stored_values(hu: np.ndarray) -> np.ndarray:
     return stored.astype(np.uint16)
 
 
-def encode_png(hu: np.ndarray) -> bytes:
-    """HU (float) -> bytes of a 16-bit PNG of ``stored_values(hu)``."""
-    return encode_uint16_png(stored_values(hu))
-
-
 def stored_values_of_offset_hu(offset_hu: np.ndarray, size: int) -> np.ndarray | None:
     """``stored_values(to_model_hu(hu, size))`` from whole-number ``hu + 1024`` held in uint16, for a
     side of ``size`` or twice that: OpenCV's INTER_AREA on uint16 adds each 2x2 block and rounds the

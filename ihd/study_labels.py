@@ -95,7 +95,7 @@ def _refuse_row(path: Path, table: pd.DataFrame, bad: np.ndarray, what: str) -> 
     """Raise naming the first row where ``bad`` holds (rows counted as in the file, header = 1)."""
     if bad.any():
         row = int(np.argmax(bad))
-        raise StudyLabelError(f"{path}: row {row + 2} (study {table[STUDY_ID].iloc[row]}): {what}")
+        raise StudyLabelError(f"{path}: row {table.index[row] + 2} (study {table[STUDY_ID].iloc[row]}): {what}")
 
 
 def read_study_labels(path: str | Path, set_name: str | None = None) -> tuple[pd.DataFrame, LabelSet]:

@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ihd.labels import (LABEL_WEIGHTS, SUBTYPES, LabelFileError, read_long_labels, split_long_id, to_long,
+from ihd.labels import (LABEL_WEIGHTS, SUBTYPES, LabelFileError, read_long_labels, to_long,
                         write_long)
 
 
@@ -49,11 +49,22 @@ def test_missing_subtype_is_reported(tmp_path):
         read_long_labels(path)
 
 
-def test_ids_split_at_the_last_underscore_and_any_weighs_twice():
-    assert split_long_id("ID_0fe31b044_intraparenchymal") == ("ID_0fe31b044", "intraparenchymal")
-    with pytest.raises(ValueError):
-        split_long_id("ID_0fe31b044")
+def test_ids_split_at_the_last_underscore_and_any_weighs_twice(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("ID,Label\n" + "".join(f"ID_a_b_{subtype},1\n" for subtype in SUBTYPES))
+    assert read_long_labels(path).index.tolist() == ["ID_a_b"]
+    path.write_text("ID,Label\nID_0fe31b044,1\n")
+    with pytest.raises(LabelFileError, match="row 2: 'ID_0fe31b044' is not ID_<image>_<subtype>"):
+        read_long_labels(path)
     assert LABEL_WEIGHTS[SUBTYPES.index("any")] == 2 and LABEL_WEIGHTS.sum() == 7
+
+
+def test_a_bad_row_is_numbered_as_in_the_file_after_repeated_rows(tmp_path):
+    path = tmp_path / "labels.csv"
+    rows = [f"ID_a1_{subtype},0" for subtype in SUBTYPES]
+    path.write_text("ID,Label\n" + "\n".join(rows + rows[:2] + ["ID_a2_epidural,maybe"]) + "\n")
+    with pytest.raises(LabelFileError, match="row 10: label 'maybe' is not a number"):
+        read_long_labels(path)
 
 
 def test_atomic_writes_get_ordinary_permissions(tmp_path):

@@ -12,8 +12,8 @@ import pytest
 from ihd.dicom import read_hu
 from ihd.io import read_json, write_json
 from ihd.slices import (
-    CONFIG_FILE, DEFLATE_LEVEL, DamagedSliceError, SliceStore, decode_pngs, encode_png, encode_uint16_png,
-    read_manifest, tf_hu_of_rows, to_model_hu, write_manifest, write_slices,
+    CONFIG_FILE, DEFLATE_LEVEL, DamagedSliceError, SliceStore, decode_pngs, encode_uint16_png,
+    read_manifest, stored_values, tf_hu_of_rows, to_model_hu, write_manifest, write_slices,
 )
 
 SIZE = 64
@@ -82,7 +82,7 @@ def test_to_model_hu_is_area_mean():
 
 def test_uint16_resize_gives_the_float_paths_values_halves_and_clipping_included(real_data):
     from ihd.dicom import read_header, read_offset_hu_at
-    from ihd.slices import stored_values, stored_values_of_offset_hu
+    from ihd.slices import stored_values_of_offset_hu
 
     hu = np.array([[0, 1, 1, 2], [0, 1, 1, 2], [-1024, -1024, 64510, 64512], [-1024, -1023, 64512, 64512]],
                   np.float32)  # block means 0.5, 1.5, -1023.75, 64511.5: halves go up
@@ -104,7 +104,7 @@ def test_uint16_resize_gives_the_float_paths_values_halves_and_clipping_included
 
 def test_encode_clips_and_rounds():
     hu = np.array([[-3000.0, -1024.4], [39.6, 70000.0], [40.5, 41.5]], dtype=np.float32)
-    decoded = cv2.imdecode(np.frombuffer(encode_png(hu), np.uint8), cv2.IMREAD_UNCHANGED)
+    decoded = cv2.imdecode(np.frombuffer(encode_uint16_png(stored_values(hu)), np.uint8), cv2.IMREAD_UNCHANGED)
     assert decoded.tolist() == [[0, 0], [1064, 65535], [1065, 1066]]
 
 

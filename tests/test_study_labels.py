@@ -69,6 +69,7 @@ def test_round_trip_and_the_set_is_found_from_the_columns(tmp_path):
 @pytest.mark.parametrize("rows, message", [
     ("study_id,hemorrhage,no_finding,other\nA,1,1,0\n", "row 2 \\(study A\\): exactly one"),
     ("study_id,hemorrhage,no_finding,other\nA,1,0,0\nB,0.5,0.5,0\n", "row 3 \\(study B\\): every label must be 0 or 1"),
+    ("study_id,hemorrhage,no_finding,other\nA,1,0,0\nA,1,0,0\nB,0.5,0.5,0\n", "row 4 \\(study B\\): every label"),
     ("study_id,hemorrhage,no_finding,other\nA,1,0,0\nA,0,1,0\n", "study A\\): the study is given two different rows"),
     ("study_id,hemorrhage,no_finding,other,finding\nA,1,0,0,x\n", "unknown columns finding"),
     ("id,hemorrhage,no_finding,other\nA,1,0,0\n", "no study_id column"),
