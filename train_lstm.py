@@ -15,7 +15,7 @@ weighted log loss and per-subtype AUC of each model trained on the current featu
 command skips every selection already trained with the same fingerprint (features, selection, settings).
 With --study-labels (a study-label CSV, or "derive" for the highest slice label of each study) it trains
 study models instead (ihd.study_stage): models/<run>/study-<model>-<label set>-<selection>-<init>.{keras,json}
-and models/<run>/study.md.
+(-frames<N> in place of -<init> for the volume model) and models/<run>/study.md.
 """
 from __future__ import annotations
 

@@ -190,8 +190,13 @@ def slice_labels(labels_csv: Path) -> tuple[dict[str, dict[str, int]], dict[str,
     missing = [s for s in BLEEDS if s not in columns]
     if "file" not in columns or missing:
         raise ValueError(f"{labels_csv}: needs a file column and one column per subtype (missing {missing or 'file'})")
+    values = table[[columns[s] for s in BLEEDS]].apply(pd.to_numeric, errors="coerce").to_numpy()
+    bad = ~np.isin(values, (0, 1)).all(axis=1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(f"{labels_csv}: row {row + 2} ({table[columns['file']].iloc[row]}): every subtype must be 0 or 1")
     stems = [Path(str(f)).stem for f in table[columns["file"]]]
-    subtypes = {stem: {s: int(row[columns[s]]) for s in BLEEDS} for stem, (_, row) in zip(stems, table.iterrows())}
+    subtypes = {stem: dict(zip(BLEEDS, map(int, row))) for stem, row in zip(stems, values)}
     patients = dict(zip(stems, table[columns["patient"]].astype(str))) if "patient" in columns else {}
     return subtypes, patients
 

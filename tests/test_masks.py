@@ -10,8 +10,8 @@ import pytest
 from ihd.geometry import GeometryError, series_geometry
 from ihd.mask_export import COLOURS_RGB, label_volume, write_nifti, write_overlay, write_seg
 from ihd.masks import (
-    ANY, LABEL_VALUES, UNKNOWN, BadInput, dicom_series, nifti_label_set, png_mask_set, resize_mask, synthetic_set,
-    write_bad_inputs,
+    ANY, LABEL_VALUES, UNKNOWN, BadInput, dicom_series, nifti_label_set, png_mask_set, resize_mask, slice_labels,
+    synthetic_set, write_bad_inputs,
 )
 from ihd.synthetic import BLEEDS, load_masks
 
@@ -209,6 +209,17 @@ def test_png_mask_folder_with_bad_files(real_data, tmp_path):
                                                             interpolation=cv2.INTER_AREA).mean(), rel=1e-5)
     csv_path = write_bad_inputs(tmp_path / "bad.csv", bad)
     assert len(csv_path.read_text().splitlines()) == 1 + 3
+
+
+@pytest.mark.parametrize("value", ["", "yes", "2"])
+def test_a_subtype_that_is_not_0_or_1_in_labels_csv_is_refused_naming_file_and_row(real_data, tmp_path, value):
+    rows = (real_data / "ctich_masks" / "labels.csv").read_text().splitlines()
+    cells = rows[3].split(",")
+    cells[4] = value  # 050_24's intraparenchymal
+    (tmp_path / "labels.csv").write_text("\n".join([*rows[:3], ",".join(cells), *rows[4:]]) + "\n")
+    with pytest.raises(ValueError, match=r"labels.csv: row 4 \(050_24.dcm\): every subtype must be 0 or 1"):
+        slice_labels(tmp_path / "labels.csv")
+    assert slice_labels(real_data / "ctich_masks" / "labels.csv")[0]["050_24"]["intraparenchymal"] == 1
 
 
 def test_synthetic_truth_matches_the_saved_masks(prepared_synthetic):
