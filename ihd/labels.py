@@ -29,8 +29,9 @@ def read_long_labels(path: str | Path) -> pd.DataFrame:
     """Read a long ``ID,Label`` CSV into a wide table: index ``image_id``, columns SUBTYPES, float32.
 
     Exactly repeated rows are dropped (the real ``stage_2_train.csv`` repeats a few); an ID given
-    two different labels, an unknown subtype, a missing subtype or a non-numeric label raises
-    ``LabelFileError`` naming the file and the row.
+    two different labels, an unknown subtype, a missing subtype, a label other than 0 or 1, or an
+    image whose ``any`` is 0 beside a subtype of 1 raises ``LabelFileError`` naming the file and the
+    row or image.
     """
     path = Path(path)
     table = pd.read_csv(path, dtype={"ID": str, "Label": str})
@@ -46,6 +47,9 @@ def read_long_labels(path: str | Path) -> pd.DataFrame:
     if labels.isna().any():
         row = labels.isna().idxmax()
         raise LabelFileError(f"{path}: row {row + 2}: label {table['Label'][row]!r} is not a number")
+    if not labels.isin((0, 1)).all():
+        row = (~labels.isin((0, 1))).idxmax()
+        raise LabelFileError(f"{path}: row {row + 2}: label {table['Label'][row]!r} is not 0 or 1")
     long = pd.DataFrame({"image_id": parts[0], "subtype": parts[2], "label": labels.astype(np.float32)})
     conflicting = long.duplicated(["image_id", "subtype"])
     if conflicting.any():
@@ -57,6 +61,9 @@ def read_long_labels(path: str | Path) -> pd.DataFrame:
         image_id = wide.index[incomplete.to_numpy().argmax()]
         missing = [s for s in SUBTYPES if np.isnan(wide.loc[image_id, s])]
         raise LabelFileError(f"{path}: image {image_id} has no row for {', '.join(missing)}")
+    contradicted = wide["any"] < wide[list(SUBTYPES[:-1])].max(axis=1)
+    if contradicted.any():
+        raise LabelFileError(f"{path}: image {contradicted.idxmax()} has any 0 but a subtype 1")
     wide.columns.name = None
     return wide.astype(np.float32)
 

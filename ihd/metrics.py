@@ -15,7 +15,8 @@ EPS = 1e-7
 
 
 def _checked(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
-    """Both arrays as float64 (N, 6), after checking their shapes agree."""
+    """Both arrays as float64 (N, 6), after checking their shapes agree, the labels are 0 or 1 and the predictions
+    probabilities (a prediction outside [0, 1] would be clipped into a perfect score)."""
     y_true = np.asarray(y_true, dtype=np.float64)
     y_pred = np.asarray(y_pred, dtype=np.float64)
     expected = (len(SUBTYPES),)
@@ -27,6 +28,10 @@ def _checked(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("no rows to score")
     if np.isnan(y_true).any() or np.isnan(y_pred).any():
         raise ValueError("labels or predictions contain NaN")
+    if not np.isin(y_true, (0.0, 1.0)).all():
+        raise ValueError(f"labels must be 0 or 1, found {y_true[~np.isin(y_true, (0.0, 1.0))][0]:g}")
+    if ((y_pred < 0) | (y_pred > 1)).any():
+        raise ValueError(f"predictions must be probabilities in [0, 1], found {y_pred[(y_pred < 0) | (y_pred > 1)][0]:g}")
     return y_true, y_pred
 
 

@@ -17,7 +17,7 @@ def test_real_labels_parse_into_the_known_positives(real_data):
 
 
 def test_round_trip_and_duplicated_rows(tmp_path):
-    wide = pd.DataFrame(np.eye(2, 6, dtype=np.float32), index=pd.Index(["ID_a1", "ID_b2"], name="image_id"),
+    wide = pd.DataFrame(np.array([[1, 0, 0, 0, 0, 1], [0, 1, 0, 0, 0, 1]], np.float32), index=pd.Index(["ID_a1", "ID_b2"], name="image_id"),
                         columns=list(SUBTYPES))
     path = tmp_path / "labels.csv"
     write_long(wide, path)
@@ -64,6 +64,26 @@ def test_a_bad_row_is_numbered_as_in_the_file_after_repeated_rows(tmp_path):
     rows = [f"ID_a1_{subtype},0" for subtype in SUBTYPES]
     path.write_text("ID,Label\n" + "\n".join(rows + rows[:2] + ["ID_a2_epidural,maybe"]) + "\n")
     with pytest.raises(LabelFileError, match="row 10: label 'maybe' is not a number"):
+        read_long_labels(path)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("2", "row 4: label '2' is not 0 or 1"), ("0.5", "row 4: label '0.5' is not 0 or 1"),
+    ("-1", "row 4: label '-1' is not 0 or 1"), ("inf", "row 4: label 'inf' is not 0 or 1"),
+])
+def test_a_label_other_than_0_or_1_is_refused_by_row(tmp_path, value, message):
+    path = tmp_path / "labels.csv"
+    values = ["0", "0", value, "0", "0", "1"]
+    path.write_text("ID,Label\n" + "".join(f"ID_a1_{s},{v}\n" for s, v in zip(SUBTYPES, values)))
+    with pytest.raises(LabelFileError, match=message):
+        read_long_labels(path)
+
+
+def test_an_image_whose_any_is_0_beside_a_bleeding_subtype_is_refused(tmp_path):
+    path = tmp_path / "labels.csv"
+    values = [0, 1, 0, 0, 0, 0]
+    path.write_text("ID,Label\n" + "".join(f"ID_a1_{s},{v}\n" for s, v in zip(SUBTYPES, values)))
+    with pytest.raises(LabelFileError, match="image ID_a1 has any 0 but a subtype 1"):
         read_long_labels(path)
 
 

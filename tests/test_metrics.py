@@ -78,3 +78,17 @@ def test_summary_and_bad_shapes():
         weighted_log_loss(y_true[:, :5], y_pred[:, :5])
     with pytest.raises(ValueError, match="must both be"):
         weighted_log_loss(y_true, y_pred[:-1])
+
+
+@pytest.mark.parametrize("where, value, message", [
+    ("truth", 2.0, "labels must be 0 or 1, found 2"),
+    ("truth", 0.5, "labels must be 0 or 1, found 0.5"),
+    ("prediction", -3.0, r"predictions must be probabilities in \[0, 1\], found -3"),
+    ("prediction", 1.7, r"predictions must be probabilities in \[0, 1\], found 1.7"),
+    ("prediction", np.inf, r"found inf"),
+])
+def test_labels_that_are_not_0_or_1_and_predictions_outside_0_1_are_refused(where, value, message):
+    y_true, y_pred = _random_case(seed=4)
+    (y_true if where == "truth" else y_pred)[2, 1] = value
+    with pytest.raises(ValueError, match=message):
+        weighted_log_loss(y_true, y_pred)
