@@ -231,9 +231,9 @@ def _pixel_layout(header: HeaderValues, path: str | Path, pixels: int, intercept
             or int(header.get("NumberOfFrames", 1) or 1) != 1):
         return None
     bits_stored = int(header.get("BitsStored", 16) or 16)
-    representation = int(header.get("PixelRepresentation", 0) or 0)
-    if not 1 <= bits_stored <= 16:
-        return None
+    if header.get("PixelRepresentation") in (None, "") or not 1 <= bits_stored <= 16:
+        return None  # signed or not cannot be known: read_hu refuses the file by name
+    representation = int(header.get("PixelRepresentation"))
     stat = os.stat(path)
     return PixelLayout(offset=header.pixel_offset,
                        word=f"{'<' if syntax.is_little_endian else '>'}{'i' if representation == 1 else 'u'}2",
@@ -273,6 +273,8 @@ def _stored_values(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
         if not 1 <= bits_stored <= 16:
             raise DicomError(path, f"BitsStored {bits_stored} does not fit 16-bit words")
         order = ">" if not syntax.is_little_endian else "<"
+        if ds.get("PixelRepresentation") in (None, ""):
+            raise DicomError(path, "no PixelRepresentation: whether its pixel words are signed cannot be known")
         kind = "i" if int(ds.PixelRepresentation) == 1 else "u"
         data = ds.PixelData
         if len(data) < rows * cols * 2:

@@ -146,6 +146,15 @@ def test_signed_12_bit_words_without_sign_extension_read_as_signed(real_data, tm
     np.testing.assert_array_equal(_read_again(target), hu)
 
 
+def test_a_slice_without_pixel_representation_is_refused_on_both_read_paths(real_data, tmp_path):
+    ds = pydicom.dcmread(real_data / "rsna_slices" / "ID_000012eaf.dcm")  # signed words, -2000 padding
+    del ds.PixelRepresentation
+    ds.save_as(tmp_path / "ID_nosign.dcm")
+    for read in (read_hu, _read_again):
+        with pytest.raises(DicomError, match="ID_nosign.dcm.*no PixelRepresentation"):
+            read(tmp_path / "ID_nosign.dcm")
+
+
 def test_padding_outside_the_field_of_view_reads_as_air(real_data):
     path = real_data / "rsna_slices" / "ID_000012eaf.dcm"
     stored = pydicom.dcmread(path).pixel_array
