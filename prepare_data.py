@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ihd import insertion, synthetic
 from ihd.flags import dataset_name, existing_folder, int_in
-from ihd.index import FOLD_BALANCES, build_index, drop_unreadable, pixel_readings
+from ihd.index import FOLD_BALANCES, MAX_FOLDS, build_index, drop_unreadable, pixel_readings
 from ihd.io import read_json, run_header
 from ihd.kaggle_api import COMPETITION, KaggleAccessError, kaggle_api, network_hint
 from ihd.presets import apply_preset
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--size", type=int_in(MIN_SIZE, MAX_SIZE, " pixels a side (the challenge's slices are 512)"),
                         default=defaults.size)
-    parser.add_argument("--folds", type=int_in(2, meaning=": one fold validates while the others train"),
+    parser.add_argument("--folds", type=int_in(2, MAX_FOLDS, meaning=": one fold validates while the others train"),
                         default=defaults.folds)
     parser.add_argument("--fold-balance", choices=FOLD_BALANCES, default=defaults.fold_balance)
     parser.add_argument("--train-series", type=int_in(0, meaning=" series"), default=defaults.train_series)

@@ -53,6 +53,7 @@ BAD_FILES = "bad_files.csv"
 SPLITS = ("train", "test")
 FOLD_BALANCES = ("slices", "patients")
 ID_COLUMNS = ["image_id", "patient_id", "study_id", "series_id", "split", "path"]
+MAX_FOLDS = int(np.iinfo(np.int8).max)  # fold numbers are stored as int8, -1 for rows in no fold
 INDEX_COLUMNS = [*ID_COLUMNS, "z", "position", "series_length", *SUBTYPES, "fold"]
 POSITION_COLUMNS = ["position_x", "position_y", "position_z"]
 ORIENTATION_COLUMNS = [f"orientation_{i}" for i in range(6)]
@@ -377,8 +378,8 @@ def assign_folds(index: pd.DataFrame, folds: int = 5, balance: str = "slices", s
     Deterministic greedy dealing: patients in decreasing size (ties in a seeded hash order) each go
     to the fold that holds the fewest slices (``balance="slices"``) or patients (``"patients"``).
     """
-    if folds < 2:
-        raise ValueError(f"folds must be at least 2, got {folds}")
+    if not 2 <= folds <= MAX_FOLDS:
+        raise ValueError(f"folds must be from 2 to {MAX_FOLDS} (fold numbers are int8), got {folds}")
     if balance not in FOLD_BALANCES:
         raise ValueError(f"balance must be one of {FOLD_BALANCES}, got {balance!r}")
     fold = np.full(len(index), -1, dtype=np.int8)

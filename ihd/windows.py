@@ -9,6 +9,8 @@ slice ``offsets[c]`` away from the current one, in ``windows[c]``.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,6 +107,6 @@ def parse_recipe(spec: str) -> ChannelRecipe:
             f"recipe {spec!r} is neither a preset ({', '.join(RECIPES)}) nor 'offset:center/width,...' "
             "such as '0:40/80,0:80/200,0:40/380'"
         ) from None
-    if len(offsets) != 3 or any(w.width_hu <= 0 for w in windows):
-        raise ValueError(f"recipe {spec!r} must give three channels with positive widths")
+    if len(offsets) != 3 or not all(math.isfinite(w.center_hu) and 0 < w.width_hu < math.inf for w in windows):
+        raise ValueError(f"recipe {spec!r} must give three channels with finite centres and positive, finite widths")
     return ChannelRecipe(spec, tuple(offsets), tuple(windows))

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 
 from ihd.dicom import read_header
-from ihd.index import INDEX_COLUMNS, assign_folds, build_index, make_ids_unique, read_index, split_by_series_order
+from ihd.index import INDEX_COLUMNS, MAX_FOLDS, assign_folds, build_index, make_ids_unique, read_index, split_by_series_order
 from ihd.labels import SUBTYPES
 
 
@@ -103,6 +103,9 @@ def test_folds_never_split_a_patient_and_are_deterministic():
     by_patients = assign_folds(index, folds=5, balance="patients")
     assert np.bincount(pd.Series(by_patients).groupby(patients).first(), minlength=5).tolist() == [8] * 5
     assert not np.array_equal(folds, assign_folds(index, folds=5, seed=1))
+    assert assign_folds(index, folds=MAX_FOLDS).max() == 39  # 40 patients, one a fold
+    with pytest.raises(ValueError, match="folds must be from 2 to 127"):
+        assign_folds(index, folds=MAX_FOLDS + 1)
 
 
 def test_bad_files_reported_and_scan_goes_on(dataset):

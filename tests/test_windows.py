@@ -22,7 +22,8 @@ def test_spec_round_trips_and_bad_specs_say_what_is_expected():
     assert parse_recipe(RECIPES["adjacent"].spec).offsets == (-1, 0, 1)
     custom = parse_recipe("0:40/80,0:80/200,2:600/2800")
     assert custom.offsets == (0, 0, 2) and custom.windows[2].width_hu == 2800
-    for bad in ("brain", "0:40/80", "0:40/0,0:1/1,0:1/1", "a:b/c,0:1/1,0:1/1"):
+    for bad in ("brain", "0:40/80", "0:40/0,0:1/1,0:1/1", "a:b/c,0:1/1,0:1/1", "0:nan/80,0:1/1,0:1/1",
+                "0:40/inf,0:1/1,0:1/1", "0:40/nan,0:1/1,0:1/1"):
         with pytest.raises(ValueError, match="recipe"):
             parse_recipe(bad)
 
