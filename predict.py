@@ -162,7 +162,11 @@ def predict_dataset(settings: Settings, chains: list[Chain]) -> Path:
 
     truth = Path(settings.truth) if settings.truth else truth_path(dataset_dir)
     if truth.is_file():
-        scores = scores_on_truth(read_long_labels(truth), {"cnn": predictions.wide("cnn"), "cnn+lstm": predictions.wide()}, prior)
+        labels = read_long_labels(truth)
+        try:
+            scores = scores_on_truth(labels, {"cnn": predictions.wide("cnn"), "cnn+lstm": predictions.wide()}, prior)
+        except ValueError as error:
+            raise SystemExit(f"{truth}: {error}") from None
         print(f"test scores ({truth}):\n{format_scores(scores)}")
         write_json(out_path.with_name(f"{out_path.stem}-scores.json"),
                    {"scores": scores, "truth": truth, "selection": chain.selection_name,

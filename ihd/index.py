@@ -469,8 +469,7 @@ def build_index(
     with atomic_path(dataset_dir / INDEX_FILE) as tmp:
         index.to_parquet(tmp, index=False)
     bad_path = write_bad_files(dataset_dir, bad)
-    labeled = index["fold"] >= 0
-    unlabeled_train = index["image_id"][(index["split"] == "train") & ~labeled].tolist()
+    unlabeled_train = index["image_id"][(index["split"] == "train") & (index["fold"] < 0)].tolist()
     if labels_csv is not None and (unlabeled_train or unmatched_labels):
         warnings.warn(f"{labels_csv}: {len(unlabeled_train)} training images have no labels there and are left out of "
                       f"every fold ({_named(unlabeled_train)}); {unmatched_labels} labeled images are not among those read")
@@ -481,14 +480,8 @@ def build_index(
         "fold_balance": balance,
         "train_series": train_series,
         "seed": seed,
-        "rows": len(index),
-        "rows_by_split": index["split"].value_counts().sort_index().to_dict(),
-        "series": int(index.groupby(["split", "series_id"]).ngroups),
-        "patients": int(index["patient_id"].nunique()),
-        "slices_by_fold": index.loc[labeled, "fold"].value_counts().sort_index().to_dict(),
-        "patients_by_fold": index[labeled].groupby("fold")["patient_id"].nunique().to_dict(),
+        **index_counts(index),
         "labels_without_image": unmatched_labels,
-        "unlabeled_train_rows": len(unlabeled_train),
         "bad_files": len(bad),
         "non_ct_as_hu": non_ct_as_hu,
         "non_ct_read_as_hu": int((headers["modality"] != "CT").sum()),
@@ -498,6 +491,20 @@ def build_index(
     print(f"index: {len(index)} slices in {index.groupby(['split', 'series_id']).ngroups} series -> "
           f"{dataset_dir / INDEX_FILE}; {len(bad)} bad files -> {bad_path}")
     return index
+
+
+def index_counts(index: pd.DataFrame) -> dict:
+    """The counts ``index_config.json`` keeps of an index: rows, series, patients, folds, unlabeled training rows."""
+    labeled = index["fold"] >= 0
+    return {
+        "rows": len(index),
+        "rows_by_split": index["split"].value_counts().sort_index().to_dict(),
+        "series": int(index.groupby(["split", "series_id"]).ngroups),
+        "patients": int(index["patient_id"].nunique()),
+        "slices_by_fold": index.loc[labeled, "fold"].value_counts().sort_index().to_dict(),
+        "patients_by_fold": index[labeled].groupby("fold")["patient_id"].nunique().to_dict(),
+        "unlabeled_train_rows": int(((index["split"] == "train") & ~labeled).sum()),
+    }
 
 
 def drop_unreadable(dataset_dir: str | Path, failures: Sequence[tuple[str, str]]) -> pd.DataFrame:
@@ -516,8 +523,7 @@ def drop_unreadable(dataset_dir: str | Path, failures: Sequence[tuple[str, str]]
         index.to_parquet(tmp, index=False)
     write_bad_files(dataset_dir, bad, append=True)
     config = read_json(dataset_dir / CONFIG_FILE)
-    config.update(rows=len(index), bad_files=config["bad_files"] + len(bad),
-                  rows_by_split=index["split"].value_counts().sort_index().to_dict())
+    config.update(**index_counts(index), bad_files=config["bad_files"] + len(bad))
     write_json(dataset_dir / CONFIG_FILE, config)
     print(f"index: dropped {len(bad)} unreadable slices -> {dataset_dir / BAD_FILES}")
     return index

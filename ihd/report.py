@@ -9,6 +9,7 @@ and a label, with AUCs at slice and study level; the others are listed, not gues
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,20 @@ def aligned(predictions: pd.DataFrame, truth: pd.DataFrame, prior: np.ndarray) -
 
 
 def scores_on_truth(truth: pd.DataFrame, models: dict[str, pd.DataFrame], prior: np.ndarray) -> dict[str, float]:
-    """Weighted log loss of the prior and of each named model's predictions on the truth's images."""
+    """Weighted log loss of the prior and of each named model's predictions on the truth's images.
+
+    A truth image a model did not predict is scored at the prior, as the submission gives it, with a
+    warning; a truth sharing no image with a model's predictions (another test set's) raises ValueError.
+    """
     y_true = truth[list(SUBTYPES)].to_numpy(np.float64)
     scores = {"prior": weighted_log_loss(y_true, np.broadcast_to(prior, y_true.shape))}
     for name, predictions in models.items():
+        missing = truth.index.difference(predictions.index)
+        if len(missing) == len(truth):
+            raise ValueError(f"none of the truth's {len(truth)} images has a {name} prediction: it labels another test set")
+        if len(missing):
+            warnings.warn(f"{len(missing)} of the truth's {len(truth)} images have no {name} prediction and are scored "
+                          f"at the prior, as the submission gives them")
         scores[name] = weighted_log_loss(y_true, aligned(predictions, truth, prior))
     return scores
 

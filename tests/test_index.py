@@ -9,7 +9,10 @@ import pydicom
 import pytest
 
 from ihd.dicom import read_header
-from ihd.index import INDEX_COLUMNS, MAX_FOLDS, assign_folds, build_index, make_ids_unique, read_index, split_by_series_order
+from ihd.index import (
+    INDEX_COLUMNS, MAX_FOLDS, assign_folds, build_index, drop_unreadable, make_ids_unique, read_index,
+    split_by_series_order,
+)
 from ihd.labels import SUBTYPES
 
 
@@ -81,6 +84,19 @@ def test_training_images_without_labels_are_named_in_a_warning(real_data, tmp_pa
                                          r"fold \(ID_2008dd408\); 1 labeled images are not among those read"):
         build_index([(tmp_path, "train")], tmp_path / "out", labels_csv=tmp_path / "labels.csv", folds=2, workers=1)
     assert json.loads((tmp_path / "out" / "index_config.json").read_text())["unlabeled_train_rows"] == 1
+
+
+def test_slices_dropped_after_the_scan_leave_the_recorded_counts_true(real_data, tmp_path):
+    out = tmp_path / "out"
+    index = build_index([(real_data / "rsna_slices", "train")], out,
+                        labels_csv=real_data / "rsna_slices" / "labels.csv", folds=3, workers=1)
+    dropped = index[index["fold"] >= 0].iloc[:2]
+    left = drop_unreadable(out, [(path, "truncated pixel data") for path in dropped["path"]])
+    config = json.loads((out / "index_config.json").read_text())
+    assert config["rows"] == len(left) == len(index) - 2
+    assert sum(config["slices_by_fold"].values()) == (left["fold"] >= 0).sum() == 13
+    assert config["patients"] == left["patient_id"].nunique() and config["series"] == left["series_id"].nunique()
+    assert config["unlabeled_train_rows"] == 11 and config["bad_files"] == 1 + 2  # labels.csv, then the two
 
 
 def test_folds_group_patients_and_balance(dataset):

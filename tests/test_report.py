@@ -15,10 +15,17 @@ def test_scores_use_the_prior_for_images_without_prediction():
     truth = _wide([[0, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 1]], ["ID_a", "ID_b"])
     prior = np.full(6, 0.2)
     model = _wide([[0.9] * 6], ["ID_b"])
-    scores = scores_on_truth(truth, {"cnn": model}, prior)
+    with pytest.warns(UserWarning, match="1 of the truth's 2 images have no cnn prediction"):
+        scores = scores_on_truth(truth, {"cnn": model}, prior)
     expected_cnn = weighted_log_loss(truth.to_numpy(), np.array([[0.2] * 6, [0.9] * 6]))
     assert scores["cnn"] == pytest.approx(expected_cnn)
     assert scores["prior"] == pytest.approx(weighted_log_loss(truth.to_numpy(), np.full((2, 6), 0.2)))
+
+
+def test_a_truth_of_another_test_set_is_refused():
+    truth = _wide(np.zeros((2, 6)), ["ID_a", "ID_b"])
+    with pytest.raises(ValueError, match="none of the truth's 2 images has a cnn prediction"):
+        scores_on_truth(truth, {"cnn": _wide([[0.9] * 6], ["ID_c"])}, np.full(6, 0.2))
 
 
 def test_aligned_follows_the_truth_order():
