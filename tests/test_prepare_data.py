@@ -147,7 +147,7 @@ def test_empty_raw_folder_is_a_clear_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags, message", [
     (["--size", "0"], "argument --size: 0 is out of range: it must be from 16 to 1024 pixels a side"),
     (["--size", "64.5"], "argument --size: '64.5' is not a whole number"),
-    (["--folds", "1"], "argument --folds: 1 is out of range: it must be at least 2: one fold validates"),
+    (["--folds", "1"], "argument --folds: 1 is out of range: it must be from 2 to 127: one fold validates"),
     (["--synthetic", "--train-studies", "-1"], "argument --train-studies: -1 is out of range: it must be at least 0"),
     (["--synthetic", "--seed", "-3"], "argument --seed: -3 is out of range"),
     (["--workers", "0"], "argument --workers: 0 is out of range: it must be at least 1 (worker processes)"),
