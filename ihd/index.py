@@ -33,6 +33,7 @@ Outputs in the dataset folder:
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -58,8 +59,8 @@ INDEX_COLUMNS = [*ID_COLUMNS, "z", "position", "series_length", *SUBTYPES, "fold
 POSITION_COLUMNS = ["position_x", "position_y", "position_z"]
 ORIENTATION_COLUMNS = [f"orientation_{i}" for i in range(6)]
 PIXEL_COLUMNS = ["pixel_offset", "pixel_word", "bits_stored", "rsna_wrap", "file_bytes", "file_mtime_ns"]
-NO_PIXEL_LAYOUT = {"pixel_offset": -1, "pixel_word": "", "bits_stored": 0, "rsna_wrap": False, "file_bytes": -1,
-                   "file_mtime_ns": -1}  # a file the slice store reads with ``read_hu``
+NO_PIXEL_LAYOUT = {"pixel_offset": -1, "pixel_word": "", "bits_stored": 0,
+                   "rsna_wrap": False}  # a file the slice store reads with ``read_hu``
 SCAN_COLUMNS = [*ID_COLUMNS, "instance_uid", "modality", "rows", "cols", "rescale_slope", "rescale_intercept",
                 *POSITION_COLUMNS, *ORIENTATION_COLUMNS, "instance_number", "folder", *PIXEL_COLUMNS]
 SCAN_NUMBERS = ({"rows": np.int64, "cols": np.int64, "rescale_slope": np.float64, "rescale_intercept": np.float64,
@@ -79,8 +80,11 @@ def list_files(folder: str | Path) -> list[Path]:
 
 
 def header_row(item: tuple[str, str, str]) -> dict:
-    """Read one file's header into an index row; ``reason`` says why when it is unreadable."""
+    """Read one file's header into an index row; ``reason`` says why when it is unreadable. Every row keeps
+    the file's size and modification time (``file_bytes``, ``file_mtime_ns``), so a rerun reads a file
+    again once it has changed."""
     path, split, folder = item
+    size, mtime = _file_state(path) or (-1, -1)  # taken first: a file that changes during the read is read again
     try:
         header = read_header(path)
     except DicomError as error:
@@ -93,8 +97,8 @@ def header_row(item: tuple[str, str, str]) -> dict:
         row.update(zip(ORIENTATION_COLUMNS, orientation or [np.nan] * 6))
         row.update(NO_PIXEL_LAYOUT if pixels is None else {
             "pixel_offset": pixels.offset, "pixel_word": pixels.word, "bits_stored": pixels.bits_stored,
-            "rsna_wrap": pixels.rsna_wrap, "file_bytes": pixels.file_bytes, "file_mtime_ns": pixels.file_mtime_ns})
-    row.update(split=split, path=path, folder=folder)
+            "rsna_wrap": pixels.rsna_wrap})
+    row.update(split=split, path=path, folder=folder, file_bytes=size, file_mtime_ns=mtime)
     return row
 
 
@@ -170,7 +174,21 @@ def _read_scan_cache(cache: str | Path | None, items: list[tuple[str, str, str]]
         print(f"headers: {cache} was written by an older version, reading every header again")
         return empty
     present = pd.MultiIndex.from_tuples([item[:2] for item in items], names=["path", "split"])
-    return cached[pd.MultiIndex.from_frame(cached[["path", "split"]]).isin(present)].reset_index(drop=True)
+    cached = cached[pd.MultiIndex.from_frame(cached[["path", "split"]]).isin(present)].reset_index(drop=True)
+    unchanged = [_file_state(path) == (size, mtime) for path, size, mtime in
+                 zip(cached["path"], cached["file_bytes"], cached["file_mtime_ns"])]
+    if not all(unchanged):
+        print(f"headers: {len(unchanged) - sum(unchanged)} files changed since {cache} was written, reading them again")
+    return cached[unchanged].reset_index(drop=True)
+
+
+def _file_state(path: str) -> tuple[int, int] | None:
+    """A file's (size, modification time in ns); None when it cannot be seen."""
+    try:
+        state = os.stat(path)
+    except OSError:
+        return None
+    return state.st_size, state.st_mtime_ns
 
 
 def make_ids_unique(headers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

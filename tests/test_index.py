@@ -303,6 +303,28 @@ def test_a_patient_with_two_studies_never_straddles_folds(real_data, tmp_path):
     assert index["patient_id"].nunique() == 6 and index.groupby("patient_id")["fold"].nunique().max() == 1
 
 
+def test_files_changed_since_the_scan_are_read_again(real_data, tmp_path, monkeypatch, capsys):
+    import ihd.index
+
+    raw = tmp_path / "raw"
+    shutil.copytree(real_data / "rsna_series", raw)
+    shutil.copy(real_data / "rsna_slices" / "ID_000012eaf.dcm", tmp_path / "good.dcm")
+    (raw / "ID_fixedlater.dcm").write_bytes(b"not an image yet")
+    first = build_index([(raw, "test")], tmp_path / "out", workers=1, resume=True)
+    changed = sorted(raw.glob("ID_*.dcm"))[3]
+    ds = pydicom.dcmread(changed)
+    ds.PatientID = "ID_anotherpatient"
+    ds.save_as(changed)
+    shutil.copy(tmp_path / "good.dcm", raw / "ID_fixedlater.dcm")
+    reads = []
+    monkeypatch.setattr(ihd.index, "read_header", lambda path: reads.append(path) or read_header(path))
+    again = build_index([(raw, "test")], tmp_path / "out", workers=1, resume=True)
+    assert sorted(Path(p).name for p in reads) == sorted([changed.name, "ID_fixedlater.dcm"])
+    assert "2 files changed since" in capsys.readouterr().out
+    assert len(first) == 32 and len(again) == 33
+    assert again.set_index("image_id").loc[changed.stem, "patient_id"] == "ID_anotherpatient"
+
+
 def test_a_header_cache_from_an_older_version_is_read_again(real_data, tmp_path, monkeypatch, capsys):
     import ihd.index
 
