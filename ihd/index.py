@@ -33,7 +33,6 @@ Outputs in the dataset folder:
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -43,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from ihd.dicom import DicomError, PixelLayout, interpretation_problem, read_header, slice_normals
-from ihd.io import atomic_path, read_json, write_json
+from ihd.io import atomic_path, file_state, read_json, write_json
 from ihd.labels import SUBTYPES, read_long_labels
 from ihd.parallel import parallel_map
 
@@ -84,7 +83,7 @@ def header_row(item: tuple[str, str, str]) -> dict:
     the file's size and modification time (``file_bytes``, ``file_mtime_ns``), so a rerun reads a file
     again once it has changed."""
     path, split, folder = item
-    size, mtime = _file_state(path) or (-1, -1)  # taken first: a file that changes during the read is read again
+    size, mtime = file_state(path) or (-1, -1)  # taken first: a file that changes during the read is read again
     try:
         header = read_header(path)
     except DicomError as error:
@@ -175,20 +174,11 @@ def _read_scan_cache(cache: str | Path | None, items: list[tuple[str, str, str]]
         return empty
     present = pd.MultiIndex.from_tuples([item[:2] for item in items], names=["path", "split"])
     cached = cached[pd.MultiIndex.from_frame(cached[["path", "split"]]).isin(present)].reset_index(drop=True)
-    unchanged = [_file_state(path) == (size, mtime) for path, size, mtime in
+    unchanged = [file_state(path) == (size, mtime) for path, size, mtime in
                  zip(cached["path"], cached["file_bytes"], cached["file_mtime_ns"])]
     if not all(unchanged):
         print(f"headers: {len(unchanged) - sum(unchanged)} files changed since {cache} was written, reading them again")
     return cached[unchanged].reset_index(drop=True)
-
-
-def _file_state(path: str) -> tuple[int, int] | None:
-    """A file's (size, modification time in ns); None when it cannot be seen."""
-    try:
-        state = os.stat(path)
-    except OSError:
-        return None
-    return state.st_size, state.st_mtime_ns
 
 
 def make_ids_unique(headers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -31,6 +31,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def file_state(path: str | Path) -> tuple[int, int] | None:
+    """A file's (size in bytes, modification time in ns): what says it changed; None when it cannot be seen."""
+    try:
+        state = os.stat(path)
+    except OSError:
+        return None
+    return state.st_size, state.st_mtime_ns
+
+
 def is_temporary(path: Path) -> bool:
     """True for the leftovers of an interrupted ``atomic_path`` write."""
     return path.name.startswith(".") and ".tmp" in path.name

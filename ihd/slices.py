@@ -3,7 +3,8 @@
 Layout of a store folder::
 
     slices/config.json                           {"size": 256, "hu_offset": 1024, ...}
-    slices/manifest.parquet                      image_id, pack, offset, length, crc32: one row a slice
+    slices/manifest.parquet                      image_id, pack, offset, length, crc32, and the source
+                                                 file's path, size and mtime: one row a slice
     slices/<id[3:5]>/<first image id>.<tag>.pack  the slices of one series, back to back
 
 Every slice is a 16-bit grayscale PNG, pixel = round(HU) + 1024 (halves up): the store is window-agnostic
@@ -17,7 +18,8 @@ when complete; the manifest, rewritten atomically every ``MANIFEST_FLUSH_SECONDS
 lists only slices of renamed packs, with the size and CRC-32 of each PNG computed when it was
 encoded. A rerun checks every listed slice against its size and CRC (a pack cut short or
 overwritten with zeros fails), writes the damaged and the unlisted slices again into new packs,
-and deletes the packs and temporary files nothing valid points to.
+and deletes the packs and temporary files nothing valid points to. It also writes again a slice whose
+DICOM file has changed since (size or modification time), or whose id the index now gives another file.
 
 Reading checks the same size and CRC for every slice it returns, and never decodes a damaged
 slice: ``SliceStore.read_hu`` raises ``DamagedSliceError``, and ``SliceStore.tf_read_rows`` (for
@@ -62,13 +64,15 @@ from isal import isal_zlib
 
 from ihd.dicom import DicomError, read_hu, read_hu_at, read_offset_hu_at
 from ihd.index import pixel_reading
-from ihd.io import atomic_path, is_temporary, read_json, write_json
+from ihd.io import atomic_path, file_state, is_temporary, read_json, write_json
 from ihd.parallel import parallel_map
 
 HU_OFFSET = 1024
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.parquet"
-MANIFEST_COLUMNS = ["image_id", "pack", "offset", "length", "crc32"]
+MANIFEST_COLUMNS = ["image_id", "pack", "offset", "length", "crc32"]  # where each slice lies: what a reader needs
+SOURCE_COLUMNS = ["source_path", "source_bytes", "source_mtime_ns"]  # the DICOM file it was made from, as it was then
+UNKNOWN_SOURCE = {"source_path": None, "source_bytes": -1, "source_mtime_ns": -1}  # a slice stored before they were kept
 PACK_SUFFIX = ".pack"
 LAYOUT = "<image_id[3:5]>/<first image_id>.<tag>.pack: a series' PNGs back to back; manifest.parquet"
 MAX_PACK_SLICES = 256  # thin-slice series reach 500+ slices: packs stay under about 15 MB
@@ -275,19 +279,60 @@ def tf_hu_of_rows(rows):
     return tf.cast(words[..., 0], tf.float32) * 256.0 + tf.cast(words[..., 1], tf.float32) - float(HU_OFFSET)
 
 
-def read_manifest(root: str | Path) -> pd.DataFrame:
-    """The manifest of the store under ``root`` (columns ``MANIFEST_COLUMNS``); empty when absent."""
+def read_manifest(root: str | Path, sources: bool = False) -> pd.DataFrame:
+    """The manifest of the store under ``root`` (columns ``MANIFEST_COLUMNS``, with ``sources`` also
+    ``SOURCE_COLUMNS``, ``UNKNOWN_SOURCE`` where not recorded); empty when absent."""
     path = Path(root) / MANIFEST_FILE
+    columns = MANIFEST_COLUMNS + (SOURCE_COLUMNS if sources else [])
     if not path.is_file():
-        return pd.DataFrame({column: pd.Series(dtype=object if column in ("image_id", "pack") else np.int64)
-                             for column in MANIFEST_COLUMNS})
-    return pd.read_parquet(path, columns=MANIFEST_COLUMNS)
+        return pd.DataFrame({column: pd.Series(dtype=object if column in ("image_id", "pack", "source_path") else np.int64)
+                             for column in columns})
+    if not sources:
+        return pd.read_parquet(path, columns=columns)
+    return _with_sources(pd.read_parquet(path))
+
+
+def _with_sources(manifest: pd.DataFrame) -> pd.DataFrame:
+    """``manifest`` with every column of ``SOURCE_COLUMNS``, ``UNKNOWN_SOURCE`` where it has none."""
+    manifest = manifest.copy()
+    for column, unknown in UNKNOWN_SOURCE.items():
+        if column not in manifest.columns:
+            manifest[column] = unknown
+    return manifest[MANIFEST_COLUMNS + SOURCE_COLUMNS]
 
 
 def write_manifest(root: str | Path, manifest: pd.DataFrame) -> None:
-    """Replace the manifest of the store under ``root`` atomically."""
+    """Replace the manifest of the store under ``root`` atomically (source columns it lacks are written unknown)."""
     with atomic_path(Path(root) / MANIFEST_FILE) as tmp:
-        manifest[MANIFEST_COLUMNS].to_parquet(tmp, index=False)
+        _with_sources(manifest).to_parquet(tmp, index=False)
+
+
+def unchanged_sources(manifest: pd.DataFrame, wanted: pd.DataFrame) -> pd.DataFrame:
+    """The manifest rows (with ``SOURCE_COLUMNS``) still made from the files ``wanted`` (columns image_id, path)
+    names for them, as those files are now; rows of images not wanted stay.
+
+    A slice whose file changed since it was stored, or whose id another file now gives, is dropped, so
+    that it is stored again. A slice stored without a record of its file (by an earlier version) takes
+    the file's state as it is now.
+    """
+    path_of = pd.Series(wanted["path"].astype(str).to_numpy(), index=wanted["image_id"].astype(str).to_numpy())
+    paths = manifest["image_id"].map(path_of)
+    listed = paths.notna().to_numpy()
+    now = np.full((len(manifest), 2), -2, np.int64)  # -2: not wanted now, or the file cannot be seen
+    for row in np.flatnonzero(listed):
+        now[row] = file_state(paths.iat[row]) or (-2, -2)
+    manifest = manifest.copy()
+    unknown = listed & (manifest["source_bytes"].to_numpy() < 0)
+    manifest.loc[unknown, "source_path"] = paths[unknown]
+    manifest.loc[unknown, "source_bytes"] = now[unknown, 0]
+    manifest.loc[unknown, "source_mtime_ns"] = now[unknown, 1]
+    recorded = manifest[["source_bytes", "source_mtime_ns"]].to_numpy(np.int64)
+    changed = listed & ((now[:, 0] == -2) | (manifest["source_path"] != paths).to_numpy() | (recorded != now).any(axis=1))
+    if changed.any():
+        print(f"slice store: {int(changed.sum())} stored slices were made from a file that has changed since, or "
+              f"from another file of the same id (first {manifest['image_id'].iloc[int(np.argmax(changed))]}): "
+              f"storing them again")
+    return manifest[~changed].reset_index(drop=True)
 
 
 def check_slice(png: bytes, length: int, crc32: int) -> str | None:
@@ -471,7 +516,7 @@ def verified_manifest(root: Path, workers: int | None = None) -> pd.DataFrame:
     written. Temporary files of interrupted writes and packs that hold no intact slice (written
     but never listed, or wholly damaged) are deleted.
     """
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, sources=True)
     intact = np.zeros(len(manifest), bool)
     if len(manifest):
         groups = manifest.groupby("pack", sort=False).indices
@@ -536,12 +581,13 @@ def write_pack(items: list[tuple[str, str, tuple | None]], root: str, size: int,
     rows, pngs, failures = [], [], []
     offset = 0
     for image_id, dicom_path, reading in items:
+        state = file_state(dicom_path)  # taken first: a file that changes while it is read is stored again
         try:
             png = slice_png(dicom_path, reading, size, non_ct_as_hu)
         except DicomError as error:
             failures.append((dicom_path, error.reason))
             continue
-        rows.append((image_id, pack, offset, len(png), isal_zlib.crc32(png)))
+        rows.append((image_id, pack, offset, len(png), isal_zlib.crc32(png), dicom_path, *(state or (-1, -1))))
         pngs.append(png)
         offset += len(png)
     if pngs:
@@ -566,8 +612,8 @@ def write_slices(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _check_config(root, size)
-    manifest = verified_manifest(root, workers)
     wanted = index.drop_duplicates("image_id")
+    manifest = unchanged_sources(verified_manifest(root, workers), wanted)
     todo = wanted[~wanted["image_id"].astype(str).isin(set(manifest["image_id"]))]
     if readings is not None:
         todo = todo.merge(readings.drop_duplicates("path"), on="path", how="left", suffixes=("", "_header"))
@@ -579,10 +625,10 @@ def write_slices(
         new_rows += rows
         failures += bad
         if time.monotonic() - flushed_at > MANIFEST_FLUSH_SECONDS:
-            parts.append(pd.DataFrame(new_rows, columns=MANIFEST_COLUMNS))
+            parts.append(pd.DataFrame(new_rows, columns=MANIFEST_COLUMNS + SOURCE_COLUMNS))
             new_rows = []
             write_manifest(root, pd.concat(parts, ignore_index=True))
             flushed_at = time.monotonic()
-    parts.append(pd.DataFrame(new_rows, columns=MANIFEST_COLUMNS))
+    parts.append(pd.DataFrame(new_rows, columns=MANIFEST_COLUMNS + SOURCE_COLUMNS))
     write_manifest(root, pd.concat(parts, ignore_index=True))
     return sorted(failures)

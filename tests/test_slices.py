@@ -1,12 +1,14 @@
 """Tests for ihd.slices: the 16-bit HU store round trip, packs per series, resume after a kill,
 damaged packs caught on read and rewritten on resume, unreadable files, tf reading."""
-
+import shutil
 import struct
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 
 from ihd.dicom import read_hu
@@ -29,6 +31,33 @@ def series_index(real_data, count=6, folder="rsna_series", series=None):
 def packs_of(root):
     """Every pack file under a store, with its modification time."""
     return {path: path.stat().st_mtime_ns for path in root.glob("*/ID_*.pack")}
+
+
+def test_a_slice_whose_file_changed_or_whose_id_moved_to_another_file_is_stored_again(real_data, tmp_path, capsys):
+    source = tmp_path / "dicom"
+    shutil.copytree(real_data / "rsna_series", source)
+    index = series_index(tmp_path, 4, "dicom")
+    root = tmp_path / "store"
+    write_slices(index, root, size=SIZE, workers=1)
+    write_manifest(root, read_manifest(root))  # without the files' states, as an earlier version left it
+    assert write_slices(index, root, size=SIZE, workers=1) == [] and "writing 0" in capsys.readouterr().out
+    assert (read_manifest(root, sources=True)["source_bytes"] > 0).all()  # the files' states taken as they are now
+
+    changed = Path(index["path"][1])
+    ds = pydicom.dcmread(changed)
+    ds.RescaleIntercept = -1000  # every HU 24 higher
+    ds.save_as(changed)
+    moved = index.copy()
+    moved.loc[2, "path"] = str(real_data / "rsna_slices" / "ID_000012eaf.dcm")  # the id now names another file
+    before = SliceStore(root).read_hu(index["image_id"][0])
+    assert write_slices(moved, root, size=SIZE, workers=1) == []
+    assert "2 stored slices were made from a file that has changed since" in capsys.readouterr().out
+    store = SliceStore(root)
+    for row in (1, 2):
+        np.testing.assert_allclose(store.read_hu(moved["image_id"][row]), to_model_hu(read_hu(moved["path"][row]), SIZE),
+                                   atol=0.5)
+    np.testing.assert_array_equal(store.read_hu(index["image_id"][0]), before)
+    assert len(read_manifest(root)) == 4
 
 
 def test_round_trip_within_one_hu_one_pack_per_series(real_data, tmp_path):
