@@ -10,6 +10,7 @@ series and, per series, slice weights (attention, or temporal Grad-CAM for the v
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,8 @@ class VolumeSeries(StudySeries):
 
 def study_series(inputs: np.ndarray, index: pd.DataFrame, rows: np.ndarray, labels: pd.DataFrame | None = None,
                  frames: int | None = None) -> StudySeries:
-    """The series wholly inside the boolean ``rows``; with a label table, only those whose study is labeled."""
+    """The series wholly inside the boolean ``rows``; with a label table, only those whose study is labeled; with
+    ``frames`` (resliced by position), only those whose slices stand at distinct positions."""
     data = series_set(inputs, index, rows)
     z = index["z"].to_numpy(np.float64)
     values = None
@@ -96,19 +98,24 @@ def study_series(inputs: np.ndarray, index: pd.DataFrame, rows: np.ndarray, labe
         known = ~np.isnan(values).any(axis=1)
         data, values = SeriesSet(inputs, data.starts[known], data.lengths[known]), values[known]
     if frames is not None:
-        _refuse_repeated_positions(index, z, data)
+        kept = _without_repeated_positions(index, z, data)
+        data = SeriesSet(inputs, data.starts[kept], data.lengths[kept])
+        values = None if values is None else values[kept]
     return StudySeries(data, z, values, frames)
 
 
-def _refuse_repeated_positions(index: pd.DataFrame, z: np.ndarray, data: SeriesSet) -> None:
-    """Raise ValueError naming the series with two slices at one position: a model that reslices a series by
-    position (``frames``) cannot order them."""
-    repeated = [start for start, length in zip(data.starts, data.lengths) if np.any(np.diff(z[start:start + length]) <= 0)]
-    if repeated:
-        names = index["series_id"].to_numpy()[repeated].tolist()
+def _without_repeated_positions(index: pd.DataFrame, z: np.ndarray, data: SeriesSet) -> np.ndarray:
+    """Which series of ``data`` a model that reslices by position (``frames``) can read: a series with two
+    slices at one position (real RSNA series hold such pairs, with different pixels) is left out with a
+    warning naming it, since which slice stands there cannot be known."""
+    repeated = np.array([np.any(np.diff(z[start:start + length]) <= 0)
+                         for start, length in zip(data.starts, data.lengths)], bool)
+    if repeated.any():
+        names = index["series_id"].to_numpy()[data.starts[repeated]].tolist()
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        raise ValueError(f"{len(names)} series have two slices at one position, which a model that reslices by "
-                         f"position cannot order: {shown}; remove the repeated slices")
+        warnings.warn(f"{len(names)} series have two slices at one position, which a model that reslices by position "
+                      f"cannot order; left out: {shown}")
+    return ~repeated
 
 
 def volume_series(index: pd.DataFrame, rows: np.ndarray, store: SliceStore, frames: int, image_size: int,

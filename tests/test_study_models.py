@@ -89,14 +89,16 @@ def test_attention_model_learns_from_study_labels_and_points_at_the_bleeding_sli
     assert found["exams"] == hemorrhage.sum() and found["recall"] > 0.8 and found["precision"] > 0.6
 
 
-def test_a_series_with_two_slices_at_one_position_is_refused_by_name_where_it_is_resliced():
+def test_a_series_with_two_slices_at_one_position_is_left_out_by_name_where_it_is_resliced():
     index, features, _, labels = _toy(8)
     index.loc[(index["series_id"] == "S3") & (index["position"] == 2), "z"] = 5.0  # where position 1 is
     everything = np.ones(len(index), bool)
     assert len(study_series(features, index, everything, labels)) == 8  # read in order, not resliced: kept
-    with pytest.raises(ValueError, match=r"1 series have two slices at one position, .*cannot order: S3;"):
-        study_series(features, index, everything, labels, frames=5)
-    assert len(study_series(features, index, everything, labels.drop(index="S3"), frames=5)) == 7
+    with pytest.warns(UserWarning, match=r"1 series have two slices at one position, .*cannot order; left out: S3$"):
+        resliced = study_series(features, index, everything, labels, frames=5)
+    kept = index["series_id"].to_numpy()[resliced.data.starts].tolist()
+    assert kept == ["S0", "S1", "S2", "S4", "S5", "S6", "S7"]
+    np.testing.assert_array_equal(resliced.labels, labels.loc[kept].to_numpy())
 
 
 def test_volume_model_reads_resliced_frames_and_grad_cam_maps_back_to_slices():
