@@ -236,7 +236,10 @@ def write_folder_studies(settings: Settings, chain: Chain, study: StudyModel, pr
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     print(f"studies: {csv_path}\n{table[['study_id', 'verdict', 'flagged_positions']].to_string(index=False)}")
-    if settings.labels:
+    if settings.labels and study.labels.exclusive:
+        print(f"{settings.labels}: slice labels do not give the {study.labels.name} label set's study labels "
+              f"({', '.join(study.labels.columns)}): studies not scored (the slice probabilities are)")
+    elif settings.labels:
         slice_truth = read_long_labels(settings.labels)
         truth = study_truth_from_slices(predictions.index, slice_truth)
         scores = score_test(study, chain.lstm, inputs, predictions.index, series, table, truth, slice_truth)

@@ -96,6 +96,17 @@ def test_predict_dicom_folder_writes_one_row_per_study_and_scores_real_studies(c
     assert scores["localization"]["exams"] == 4 and scores["slice_model"]["localization"]["exams"] == 4
 
 
+def test_an_exam_label_study_model_on_a_labeled_folder_scores_the_slices_not_the_studies(chain, real_data, tmp_path,
+                                                                                          capsys):
+    labeled = real_data / "rsna_labeled"
+    predict.main(["--run", "r", "--study", "study-volume-exam-pca8-frames8", "--dicom-dir", str(labeled / "stage_2_train"),
+                  "--out", str(tmp_path), "--labels", str(labeled / "stage_2_train.csv"), "--gradcam", "0", *chain["dirs"]])
+    assert "do not give the exam label set's study labels (hemorrhage, no_finding, other)" in capsys.readouterr().out
+    assert len(pd.read_csv(tmp_path / "studies.csv")) == 6 and (tmp_path / "scores.json").is_file()  # one series:
+    # real pairs of slices at one position, which the volume model cannot reslice (left out with a warning)
+    assert not (tmp_path / "studies-scores.json").exists()
+
+
 def test_end_to_end_mode_of_the_cnn_stage(chain):
     run_dir = train_cnn.main(["--dataset", "studies", "--run", "e2e", "--backbone", "tiny", "--weights", "none",
                               "--image-size", "32", "--recipe", "brain_blood_bone", "--study-labels", chain["study_file"],
