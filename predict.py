@@ -284,7 +284,7 @@ def predict_folder(settings: Settings, chains: list[Chain], study: StudyModel | 
                                        settings.gradcam_method, settings.gradcam_studies)
         print(f"grad-cam: {len(pictures)} pictures in {out_dir}{studies_left_out(settings, index)}")
     if settings.segment:
-        segment_index(Path(settings.models_dir) / settings.segment, index, out_dir)
+        segment_index(Path(settings.models_dir) / settings.segment, index, out_dir, settings.read_non_ct_as_hu)
     return csv_path
 
 

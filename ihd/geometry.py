@@ -38,6 +38,7 @@ class SeriesGeometry:
     col_spacing_mm: float  # between columns (PixelSpacing[1])
     orientation: tuple[float, ...]  # ImageOrientationPatient: row direction, then column direction
     positions: np.ndarray  # (n, 3) ImagePositionPatient of each slice, in slice order
+    thickness_mm: float = float("nan")  # SliceThickness: the depth of a lone slice's voxels
 
     @property
     def n_slices(self) -> int:
@@ -58,8 +59,8 @@ class SeriesGeometry:
 
     @property
     def slice_spacing_mm(self) -> float:
-        """Distance between slice planes along the normal (NaN for a single slice)."""
-        return float(abs(self.step @ self.normal)) if self.n_slices > 1 else float("nan")
+        """Distance between slice planes along the normal; for a single slice, its thickness."""
+        return float(abs(self.step @ self.normal)) if self.n_slices > 1 else self.thickness_mm
 
     @property
     def voxel_mm(self) -> tuple[float, float, float]:
@@ -85,8 +86,14 @@ def series_geometry(headers: list[pydicom.Dataset], name: str = "series") -> Ser
     """The grid of ``headers`` (one series, already ordered along the normal); raises GeometryError if irregular."""
     first = headers[0]
     for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-        if tag not in first:
-            raise GeometryError(f"{name}: no {tag}, so its voxels cannot be placed or measured")
+        lacking = [k for k, ds in enumerate(headers) if tag not in ds]
+        if lacking:
+            raise GeometryError(f"{name}: no {tag} on {len(lacking)} of {len(headers)} slices (first: slice "
+                                f"{lacking[0]}), so its voxels cannot be placed or measured")
+    thickness = float(first.get("SliceThickness") or "nan")
+    if len(headers) == 1 and not thickness > 0:
+        raise GeometryError(f"{name}: a single slice without SliceThickness: the depth of its voxels, hence any "
+                            "volume, cannot be known")
     orientation = tuple(float(v) for v in first.ImageOrientationPatient)
     for ds in headers[1:]:
         if np.abs(np.asarray(ds.ImageOrientationPatient, float) - orientation).max() > ORIENTATION_TOLERANCE:
@@ -95,7 +102,7 @@ def series_geometry(headers: list[pydicom.Dataset], name: str = "series") -> Ser
             raise GeometryError(f"{name}: slices have different sizes")
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in headers])
     geometry = SeriesGeometry(int(first.Rows), int(first.Columns), float(first.PixelSpacing[0]),
-                              float(first.PixelSpacing[1]), orientation, positions)
+                              float(first.PixelSpacing[1]), orientation, positions, thickness)
     if len(headers) > 1:
         gaps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
         mean_gap = np.linalg.norm(geometry.step)

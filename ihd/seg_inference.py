@@ -66,12 +66,12 @@ def choose_rule_on_grid(model, size: int, validation: Iterable[MaskSet], batch_s
 
 
 def segment_series(model, size: int, paths: list[str], series_id: str, out_dir: Path, run: str,
-                   rule: MaskRule = MaskRule()) -> pd.DataFrame:
+                   rule: MaskRule = MaskRule(), non_ct_as_hu: bool = False) -> pd.DataFrame:
     """Segment one series (paths in slice order) under the run's mask rule (on the series' own grid), write its
-    outputs; returns its bleeds (TABLE_COLUMNS)."""
+    outputs; returns its bleeds (TABLE_COLUMNS). ``non_ct_as_hu``: see ``ihd.dicom.read_hu``."""
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     geometry = series_geometry(headers, series_id)
-    hu = np.stack([read_hu(p) for p in paths])
+    hu = np.stack([read_hu(p, non_ct_as_hu) for p in paths])
     probabilities = native_probabilities(model, hu, size, rule.within_skull)
     masks = subtype_masks(probabilities, rule.blood(probabilities[..., ANY], hu))
     write_nifti(out_dir / f"{series_id}.nii.gz", masks, geometry)
@@ -82,8 +82,10 @@ def segment_series(model, size: int, paths: list[str], series_id: str, out_dir: 
     return locate_bleeds(masks, hu, geometry)
 
 
-def segment_index(run_dir: str | Path, index: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
-    """Segment every series of a DICOM folder's index with the U-Net of ``run_dir``; returns the table of bleeds."""
+def segment_index(run_dir: str | Path, index: pd.DataFrame, out_dir: str | Path, non_ct_as_hu: bool = False
+                  ) -> pd.DataFrame:
+    """Segment every series of a DICOM folder's index with the U-Net of ``run_dir`` (``non_ct_as_hu``: see
+    ``ihd.dicom.read_hu``); returns the table of bleeds."""
     model, config = load_unet(run_dir)
     if config["mask_rule_grid"] in (None, config["image_size"]):
         print(f"note: the mask rule of {run_dir} was chosen on the model's grid ({config['image_size']}x"
@@ -98,7 +100,7 @@ def segment_index(run_dir: str | Path, index: pd.DataFrame, out_dir: str | Path)
         start = time.perf_counter()
         try:
             table = segment_series(model, int(config["image_size"]), paths, series_id, out_dir, Path(run_dir).name,
-                                   MaskRule.from_json(config["mask_rule"]))
+                                   MaskRule.from_json(config["mask_rule"]), non_ct_as_hu)
         except (GeometryError, DicomError) as error:
             skipped.append(BadInput(str(Path(paths[0]).parent), f"series {series_id} not segmented: {error}"))
             continue

@@ -1,4 +1,5 @@
 """Masks in and out: synthetic truth, PNG mask folders, NIfTI label volumes, DICOM SEG, overlays; bad input."""
+import copy
 import shutil
 from pathlib import Path
 
@@ -54,6 +55,20 @@ def test_geometry_refuses_a_gap(rsna_series):
     _, uid, headers, _ = rsna_series
     with pytest.raises(GeometryError, match="not a regular grid"):
         series_geometry(headers[:10] + headers[11:], uid)
+
+
+def test_geometry_refuses_a_slice_without_position_and_a_lone_slice_without_thickness(rsna_series):
+    _, uid, headers, _ = rsna_series
+    headers = copy.deepcopy(headers)
+    del headers[7].ImagePositionPatient
+    with pytest.raises(GeometryError, match="no ImagePositionPatient on 1 of 32 slices \\(first: slice 7\\)"):
+        series_geometry(headers, uid)
+    lone = headers[0]
+    lone.SliceThickness = "5.0"
+    assert series_geometry([lone], uid).voxel_mm[2] == 5.0
+    del lone.SliceThickness
+    with pytest.raises(GeometryError, match="a single slice without SliceThickness"):
+        series_geometry([lone], uid)
 
 
 def test_nifti_round_trip_and_alignment(rsna_series, tmp_path):

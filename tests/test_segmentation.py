@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -262,6 +263,17 @@ def test_segment_index_writes_aligned_outputs_and_the_table(real_data, tmp_path)
     blood_hu = np.transpose((hu >= 50) & (hu <= 90), (2, 1, 0))  # the NIfTI's (column, row, slice) order
     assert 0 < blood_hu.sum() < blood_hu.size
     np.testing.assert_array_equal(gated == LABEL_VALUES["intraparenchymal"], blood_hu)
+
+    exported = tmp_path / "exported"  # four slices of the series saved as Modality OT, raw HU as CT-ICH exports them
+    exported.mkdir()
+    for path in index.sort_values("position")["path"].tolist()[:4]:
+        ds = pydicom.dcmread(path)
+        ds.Modality = "OT"
+        ds.save_as(exported / Path(path).name)
+    ot_index = build_index([(exported, "test")], tmp_path / "ot", workers=1, non_ct_as_hu=True)
+    assert len(segment_index(run_dir, ot_index, tmp_path / "ot-refused")) == 0
+    assert "modality OT" in pd.read_csv(tmp_path / "ot-refused" / "segmentation" / "skipped.csv")["reason"].item()
+    assert len(segment_index(run_dir, ot_index, tmp_path / "ot-read", non_ct_as_hu=True)) > 0  # under the gated rule
 
 
 def test_training_crops_keep_the_blood_in_view():
