@@ -58,7 +58,8 @@ SEEDED_METHODS = ("random", "mi")
 STATS_CHUNK_ROWS = 8192
 FROM_CNN_CONFIG = ("dataset", "image_size", "recipe", "fold")
 # What the cached rows are made of; the fingerprint covers exactly these values.
-DEFINED_BY = ("cnn_sha256", "index_sha256", "store_size", "image_size", "recipe", "fold", "rows", "embedding_dim", "tta")
+DEFINED_BY = ("cnn_sha256", "index_sha256", "slices_sha256", "store_size", "image_size", "recipe", "fold", "rows",
+              "embedding_dim", "tta")
 TTAS = ("none", "flip")  # test-time augmentation of every cached row: none, or the mean with the left-right flip
 DISK_ADVICE = "free some space or choose another --features-dir"
 
@@ -68,10 +69,11 @@ class FeaturesNotReady(RuntimeError):
 
 
 def features_config(
-    cnn_config: dict, cnn_sha256: str, index_path: Path, store: SliceStore, out_dir: Path, rows: int, dim: int,
+    cnn_config: dict, cnn_sha256: str, index_path: Path, store: SliceStore, out_dir: Path, image_ids, dim: int,
     tta: str = "none",
 ) -> dict:
-    """The cache's config.json: the CNN settings it depends on, its inputs' sha256 and its fingerprint.
+    """The cache's config.json: the CNN settings it depends on, its inputs' sha256 (the index file, and the
+    store's slices of ``image_ids``, one a row) and its fingerprint.
 
     ``index_path`` is kept relative to ``out_dir``, so the record does not depend on the working directory.
     """
@@ -80,8 +82,9 @@ def features_config(
         cnn_sha256=cnn_sha256,
         index_sha256=file_sha256(index_path),
         index_path=os.path.relpath(Path(index_path).resolve(), Path(out_dir).resolve()),
+        slices_sha256=store.contents_sha256(image_ids),
         store_size=store.size,
-        rows=rows,
+        rows=len(image_ids),
         embedding_dim=dim,
         tta=tta,
     )
@@ -204,7 +207,7 @@ def extract_features(
     out_dir.mkdir(parents=True, exist_ok=True)
     extractor = embedding_extractor(model)
     dim = int(extractor.outputs[0].shape[-1])
-    config = features_config(cnn_config, cnn_sha256, Path(index_path), store, out_dir, len(index), dim, tta)
+    config = features_config(cnn_config, cnn_sha256, Path(index_path), store, out_dir, index["image_id"], dim, tta)
     start, chunks = _resume_point(out_dir, config)
     progress = {"rows_done": start, "chunks": chunks}
     if start == 0:
@@ -269,7 +272,8 @@ class Features:
 def load_features(run_dir: str | Path) -> Features:
     """Open ``features/<run>/`` (memory-mapped) after checking every row against its recorded checksum.
 
-    Raises FeaturesNotReady when the cache is missing, incomplete, damaged, or its index file changed.
+    Raises FeaturesNotReady when the cache is missing, incomplete, damaged, or its index file or the store's
+    slices of its rows changed.
     """
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG_FILE
@@ -288,8 +292,17 @@ def load_features(run_dir: str | Path) -> Features:
         raise FeaturesNotReady(f"{index_path}, the index of {run_dir}, not found")
     if file_sha256(index_path) != config["index_sha256"]:
         raise FeaturesNotReady(f"{index_path} changed since {run_dir} was extracted from it")
+    index = pd.read_parquet(index_path)
+    store_root = index_path.parent / "slices"
+    try:
+        slices_sha256 = SliceStore(store_root).contents_sha256(index["image_id"])
+    except (FileNotFoundError, KeyError) as error:
+        raise FeaturesNotReady(f"the slices {run_dir} was extracted from cannot be checked ({error})") from None
+    if slices_sha256 != config.get("slices_sha256"):
+        raise FeaturesNotReady(f"{store_root} holds other pixels for the index's slices than when {run_dir} was extracted "
+                               "(a DICOM file stored again)")
     embeddings, probabilities = _open_arrays(run_dir, config, "r")
-    return Features(embeddings, probabilities, pd.read_parquet(index_path), config, run_dir)
+    return Features(embeddings, probabilities, index, config, run_dir)
 
 
 def parse_selection(name: str) -> tuple[str, int | None]:

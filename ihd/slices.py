@@ -50,6 +50,7 @@ holds the same pixels, is read as it is, and its config.json records both levels
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import secrets
 import struct
@@ -385,6 +386,11 @@ class SliceStore:
             raise KeyError(f"{self.root}: {len(missing)} slices are not in the store (first {first}): "
                            "run prepare_data.py to store them")
         return slots.astype(np.int64)
+
+    def contents_sha256(self, image_ids) -> str:
+        """A sha256 of what the store holds for ``image_ids``, in their order (each slice's CRC-32): it changes
+        when any of them is stored again with other pixels; refuses absent ids."""
+        return hashlib.sha256(self._crcs[self.slots(image_ids)].astype("<i8").tobytes()).hexdigest()
 
     def location(self, image_id: str) -> tuple[Path, int, int]:
         """(pack file, byte offset, byte length) of ``image_id``'s PNG."""

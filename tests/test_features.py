@@ -1,5 +1,7 @@
 import errno
 import os
+import shutil
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +27,7 @@ from ihd.features import (
 )
 from ihd.inputs import fold_rows, neighbour_rows, stack_hu
 from ihd.io import write_json
-from ihd.slices import SliceStore
+from ihd.slices import SliceStore, encode_uint16_png, read_manifest, stored_values, write_manifest
 
 IMAGE_SIZE = 32
 CNN_SHA = "0" * 64  # stands for the sha256 of the untrained CNN's weights file
@@ -266,6 +268,29 @@ def test_the_cache_finds_its_index_from_any_working_directory(cnn_run, tmp_path,
     features = load_features(tmp_path / "features")
     assert not Path(features.config["index_path"]).is_absolute()
     pd.testing.assert_frame_equal(features.index, index)
+
+
+def test_a_slice_stored_again_with_other_pixels_makes_the_cache_stale(cnn_run, tmp_path):
+    model, config, index, index_path, store = cnn_run
+    dataset = tmp_path / "dataset"
+    shutil.copytree(index_path.parent / "slices", dataset / "slices")
+    shutil.copy(index_path, dataset / "index.parquet")
+    extract_features(model, config, CNN_SHA, index, dataset / "index.parquet", SliceStore(dataset / "slices"),
+                     tmp_path / "run", batch_size=64)
+    load_features(tmp_path / "run")
+    image_id = index["image_id"][5]  # stored again, 100 HU brighter, as write_slices does after its DICOM changed
+    png = encode_uint16_png(stored_values(SliceStore(dataset / "slices").read_hu(image_id) + 100))
+    (dataset / "slices" / "again.pack").write_bytes(png)
+    manifest = read_manifest(dataset / "slices", sources=True)
+    manifest.loc[manifest["image_id"] == image_id, ["pack", "offset", "length", "crc32"]] = [
+        "again.pack", 0, len(png), zlib.crc32(png)]
+    write_manifest(dataset / "slices", manifest)
+    with pytest.raises(FeaturesNotReady, match="holds other pixels for the index's slices"):
+        load_features(tmp_path / "run")
+    before = np.load(tmp_path / "run" / "embeddings.npy", mmap_mode="r")[5].copy()
+    extract_features(model, config, CNN_SHA, index, dataset / "index.parquet", SliceStore(dataset / "slices"),
+                     tmp_path / "run", batch_size=64)
+    assert not np.array_equal(load_features(tmp_path / "run").embeddings[5], before)
 
 
 def test_flip_tta_averages_each_stack_with_its_mirror(cnn_run):
