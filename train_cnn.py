@@ -59,6 +59,7 @@ from ihd.inputs import (
     oversampled,
     training_dataset,
 )
+from ihd.index import split_sha256
 from ihd.io import read_json, run_header, write_json
 from ihd.labels import SUBTYPES
 from ihd.losses import LOSSES
@@ -72,6 +73,7 @@ from ihd.windows import parse_recipe
 RUN_DEFINING = (
     "dataset", "backbone", "weights", "image_size", "recipe", "fold", "dropout",
     "learning_rate", "positive_copies", "augment", "seed", "input_norm", "loss", "schedule", "keep", "prior_bias",
+    "split_sha256",
 )
 # Settings that say where things are, not what is made: left out of config.json, whose contents
 # must not depend on the working directory.
@@ -184,6 +186,7 @@ def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: P
         "recipe": recipe.spec,
         "subtypes": list(SUBTYPES),
         "index_sha256": file_sha256(index_path),
+        "split_sha256": split_sha256(index),
         "store_size": store.size,
         "train_rows": len(train_rows),
         "val_rows": len(val_rows),
@@ -248,6 +251,9 @@ def train_and_extract(settings: Settings, index: pd.DataFrame, index_path: Path,
         raise SystemExit(f"{run_dir / MODEL_FILE} not found: train the CNN first, with this command "
                          "without --extract-only")
     model, config = load_cnn(run_dir)
+    if config.get("split_sha256") != split_sha256(index):
+        raise SystemExit(f"{index_path} gives training other labeled rows, folds or labels than {run_dir} was trained "
+                         f"on: its validation fold could hold slices the CNN trained on; train a new --run")
     extract_features(model, config, file_sha256(run_dir / MODEL_FILE), index, index_path, store, features_dir,
                      batch_size=settings.extract_batch_size, tta=settings.tta)
     print(f"features: {features_dir} ({len(index)} slices, float16 embeddings and probabilities)")

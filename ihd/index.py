@@ -407,6 +407,15 @@ def assign_folds(index: pd.DataFrame, folds: int = 5, balance: str = "slices", s
     return fold
 
 
+def split_sha256(index: pd.DataFrame) -> str:
+    """A sha256 of what the index gives training: every labeled training row's image id, fold and six labels
+    (test rows and row order aside). A model trained on one split must not be resumed or read on another, where
+    its validation fold could hold slices it trained on."""
+    labeled = index[(index["split"] == "train") & (index["fold"] >= 0)].sort_values("image_id")
+    table = labeled[["image_id", "fold", *SUBTYPES]].reset_index(drop=True)
+    return hashlib.sha256(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes()).hexdigest()
+
+
 def split_by_series_order(index: pd.DataFrame, train_series: int) -> np.ndarray:
     """Fold numbers (int8) of the paper's split: the first ``train_series`` labeled training series, in
     SeriesInstanceUID order, get fold 0 (training), the others fold 1 (validation); -1 for the rest.

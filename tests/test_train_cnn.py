@@ -106,6 +106,19 @@ def test_training_resumes_at_the_epoch_a_kill_reached(prepared_synthetic, tmp_pa
     with pytest.raises(ValueError, match="image_size: 32 -> 48"):
         train_cnn.main(_flags(prepared_synthetic, tmp_path, "--image-size", "48", "--epochs", "2"))
 
+    moved = tmp_path / "data" / prepared_synthetic.name  # the same slices, one patient dealt to another fold
+    moved.mkdir(parents=True)
+    (moved / "slices").symlink_to(prepared_synthetic / "slices")
+    index = pd.read_parquet(prepared_synthetic / "index.parquet")
+    patient = index.loc[index["fold"] == 2, "patient_id"].iloc[0]
+    index.loc[index["patient_id"] == patient, "fold"] = 1
+    index.to_parquet(moved / "index.parquet", index=False)
+    elsewhere = [*flags, "--data-dir", str(tmp_path / "data")]
+    with pytest.raises(ValueError, match="split_sha256"):
+        train_cnn.main(elsewhere)
+    with pytest.raises(SystemExit, match="gives training other labeled rows, folds or labels than .*tiny was trained on"):
+        train_cnn.main([*elsewhere, "--extract-only"])
+
 
 def test_cnn_keras_reloaded_scores_like_the_best_epochs_record(trained, prepared_synthetic):
     run_dir, _ = trained
