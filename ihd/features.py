@@ -45,7 +45,7 @@ from ihd.inputs import fold_rows, inference_dataset, label_array
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import LABEL_WEIGHTS, SUBTYPES
 from ihd.row_files import RowFile, reserve_blocks, verified_chunks
-from ihd.slices import SliceStore
+from ihd.slices import CONFIG_FILE as STORE_CONFIG_FILE, SliceStore
 from ihd.windows import parse_recipe
 
 CONFIG_FILE = "config.json"
@@ -272,8 +272,8 @@ class Features:
 def load_features(run_dir: str | Path) -> Features:
     """Open ``features/<run>/`` (memory-mapped) after checking every row against its recorded checksum.
 
-    Raises FeaturesNotReady when the cache is missing, incomplete, damaged, or its index file or the store's
-    slices of its rows changed.
+    Raises FeaturesNotReady when the cache is missing, incomplete, damaged, or its index file changed, or the
+    slice store beside the index (when it is still there) holds other pixels for its rows.
     """
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG_FILE
@@ -294,13 +294,14 @@ def load_features(run_dir: str | Path) -> Features:
         raise FeaturesNotReady(f"{index_path} changed since {run_dir} was extracted from it")
     index = pd.read_parquet(index_path)
     store_root = index_path.parent / "slices"
-    try:
-        slices_sha256 = SliceStore(store_root).contents_sha256(index["image_id"])
-    except (FileNotFoundError, KeyError) as error:
-        raise FeaturesNotReady(f"the slices {run_dir} was extracted from cannot be checked ({error})") from None
-    if slices_sha256 != config.get("slices_sha256"):
-        raise FeaturesNotReady(f"{store_root} holds other pixels for the index's slices than when {run_dir} was extracted "
-                               "(a DICOM file stored again)")
+    if (store_root / STORE_CONFIG_FILE).is_file():  # a store deleted to free its disk leaves the cache usable as it is
+        try:
+            slices_sha256 = SliceStore(store_root).contents_sha256(index["image_id"])
+        except KeyError as error:
+            raise FeaturesNotReady(f"{store_root} no longer holds every slice {run_dir} was extracted from ({error})") from None
+        if slices_sha256 != config.get("slices_sha256"):
+            raise FeaturesNotReady(f"{store_root} holds other pixels for the index's slices than when {run_dir} was "
+                                   "extracted (a DICOM file stored again)")
     embeddings, probabilities = _open_arrays(run_dir, config, "r")
     return Features(embeddings, probabilities, index, config, run_dir)
 
@@ -487,6 +488,14 @@ def selection_inputs(features: Features, name: str, seed: int = 0, mi_sample_row
     if sample_rows:
         inputs["sample_rows"] = sample_rows
     return inputs
+
+
+def selection_fits(selection_inputs: dict, trained_on: dict) -> bool:
+    """Whether a fitted selection's inputs are those a model was trained on (``trained_on``, its record's
+    inputs, which hold the selection's and more). A key whose absence means something, a sample of the rows
+    (``sample_rows``) or of mutual information's (``mi_sample_rows``), must be absent from both or equal."""
+    return (selection_inputs.items() <= trained_on.items()
+            and all(selection_inputs.get(key) == trained_on.get(key) for key in ("sample_rows", "mi_sample_rows")))
 
 
 def sampled_rows(rows: np.ndarray, sample_rows: int, seed: int) -> np.ndarray:

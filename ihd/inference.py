@@ -30,6 +30,7 @@ from ihd.features import (
     extraction_command,
     load_features,
     load_selection,
+    selection_fits,
     selection_path,
     selection_slug,
 )
@@ -165,7 +166,7 @@ def load_chain(run: str, selection: str | None = None, models_dir="models", feat
     lstm_path, record = finished_lstm(run_dir, selection, features_config["fingerprint"], train)
     fitted_path = selection_path(features_run_dir, selection)
     fitted = load_selection(fitted_path) if fitted_path.exists() else None
-    if fitted is None or fitted.inputs is None or not fitted.inputs.items() <= record["inputs"].items():
+    if fitted is None or fitted.inputs is None or not selection_fits(fitted.inputs, record["inputs"]):
         raise ChainError(f"{fitted_path} is missing or was fitted on other inputs than {lstm_path}: run {train} first")
     return Chain(run, selection, cnn, cnn_config, cnn_sha256, fitted, load_lstm(lstm_path),
                  features_config.get("tta", "none"))

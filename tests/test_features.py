@@ -24,6 +24,7 @@ from ihd.features import (
     parse_selection,
     rows_done,
     selected_features,
+    selection_fits,
 )
 from ihd.inputs import fold_rows, neighbour_rows, stack_hu
 from ihd.io import write_json
@@ -326,3 +327,16 @@ def test_the_extraction_command_repeats_the_test_time_augmentation_and_the_folde
         "train_cnn.py --dataset rsna --run r --extract-only --tta flip --features-dir f")
     assert extraction_command(flipped, "r", models_dir="m", tta="none") == (
         "train_cnn.py --dataset rsna --run r --extract-only --models-dir m")
+
+
+def test_a_selection_fits_a_model_only_when_fitted_on_the_same_sample_of_rows():
+    whole = {"selection": "pca:120", "features": "f", "fold": 0}
+    sampled = {**whole, "seed": 0, "sample_rows": 32000}
+    trained_on_sample = {**sampled, "units": 256, "input_dtype": "float16"}
+    trained_on_all = {**whole, "seed": 0, "units": 256, "input_dtype": "float16"}  # the LSTM's own seed
+    assert selection_fits(sampled, trained_on_sample) and selection_fits(whole, trained_on_all)
+    assert not selection_fits(whole, trained_on_sample)  # a refit on every row, where the model saw a sample
+    assert not selection_fits(sampled, trained_on_all)
+    assert not selection_fits({**sampled, "seed": 1}, trained_on_sample)
+    mi = {"selection": "mi:64", "features": "f", "fold": 0, "seed": 0, "mi_sample_rows": 5000}
+    assert not selection_fits(mi, {**mi, "mi_sample_rows": 9000})
