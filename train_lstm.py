@@ -36,6 +36,7 @@ from ihd.cnn import KEEPS, MODEL_FILE
 from ihd.ensemble import read_ensemble
 from ihd.features import (
     FeaturesNotReady,
+    Selection,
     extraction_command,
     fitted_selection,
     load_features,
@@ -163,19 +164,24 @@ def finished_record(model_path: Path, record_path: Path) -> dict | None:
     return record if record.get("model_sha256") == file_sha256(model_path) else None
 
 
+def chosen_selection(settings: Settings, features, selection: str) -> Selection:
+    """The selection named ``selection``, fitted on these features as the flags say (seed, row sample)."""
+    return fitted_selection(features, selection, seed=settings.seed, sample_rows=settings.selection_sample_rows)
+
+
 def per_slice_inputs(settings: Settings, features, selection: str) -> RowFile:
     """Per-slice inputs of the sequence models (the selection's features, then the CNN probabilities),
     read by rows from their float16 file beside the features, written there first if needed."""
-    chosen = fitted_selection(features, selection, seed=settings.seed, sample_rows=settings.selection_sample_rows)
-    return stored_inputs(features, chosen)
+    return stored_inputs(features, chosen_selection(settings, features, selection))
 
 
 def train_study_selection(settings: Settings, features, selection: str) -> dict:
     """Train one study model on the selection's inputs; returns its JSON record."""
     options = StudyOptions(settings.study_labels, settings.label_set, settings.study_model, settings.init,
                            settings.frames)
+    chosen = chosen_selection(settings, features, selection)
     try:
-        return train_study(options, features, per_slice_inputs(settings, features, selection), selection,
+        return train_study(options, features, stored_inputs(features, chosen), chosen,
                            int(features.config["fold"]), settings.models_dir, settings.run, settings.layers,
                            settings.units, settings.dropout, settings.learning_rate, settings.epochs,
                            settings.batch_size, settings.min_steps, settings.patience, settings.seed,

@@ -23,6 +23,7 @@ from ihd.inference import ChainError
 from ihd.io import read_json
 from ihd.labels import SUBTYPES
 from ihd.sequence import predict_series, series_set
+from ihd.series_inputs import transform_sha256
 from ihd.study_labels import STUDY_ID, LabelSet, label_set, read_study_labels
 from ihd.study_metrics import binary_scores, exam_scores, flag_slices, keep_runs, localization_scores
 from ihd.study_models import EVIDENCE_LAYERS
@@ -91,6 +92,10 @@ def check_study_belongs(study: StudyModel, chain, models_dir: str | Path) -> Non
     again = f"train_lstm.py --run {chain.run} --selection {study.record['selection']} --study-labels ... again"
     if study.record.get("features_fingerprint") != chain.features_fingerprint:
         raise ChainError(f"study model {study.name} was trained on other features than the run holds now: run {again}")
+    if study.record.get("selection_transform_sha256") != transform_sha256(chain.selection):
+        raise ChainError(f"study model {study.name} was trained on another fit of {study.record['selection']} than the "
+                         f"chain's (its record: {study.record.get('selection_inputs')}; now: {chain.selection.inputs}): "
+                         f"run {again}")
     if file_sha256(Path(models_dir) / chain.run / f"{study.name}.keras") != study.record.get("model_sha256"):
         raise ChainError(f"{study.name}.keras is not the model its record describes (file replaced): run {again}")
 

@@ -23,13 +23,14 @@ import keras
 import numpy as np
 import pandas as pd
 
-from ihd.features import Features, selection_slug
+from ihd.features import Features, Selection, selection_slug
 from ihd.fingerprint import file_sha256
 from ihd.index import assign_folds
 from ihd.inference import ChainError, finished_lstm
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import SUBTYPES
 from ihd.sequence import input_moments, load_lstm, predict_series, series_set
+from ihd.series_inputs import transform_sha256
 from ihd.study_labels import LABEL_SETS, STUDY_ID, LabelSet, derive_study_labels, read_study_labels
 from ihd.study_metrics import (
     binary_scores,
@@ -135,10 +136,12 @@ def build_study_model(options: StudyOptions, chosen: LabelSet, input_dim: int, t
     return build_volume_lstm(input_dim, chosen, options.frames, options.volume_units, dropout, moments)
 
 
-def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, selection: str, fold: int,
+def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, fitted: Selection, fold: int,
                 models_dir: str | Path, run: str, layers: int, units: int, dropout: float, learning_rate: float,
                 epochs: int, batch_size: int, min_steps: int, patience: int, seed: int, settings: dict) -> dict:
-    """Train one study model on the selection's ``inputs`` (N, D) and write its record; returns the record."""
+    """Train one study model on the ``inputs`` (N, D) of the ``fitted`` selection and write its record (with
+    what the selection does to a row, which prediction checks); returns the record."""
+    selection = fitted.name
     if options.model not in STUDY_MODELS or options.init not in INITS:
         raise ValueError(f"study model must be one of {STUDY_MODELS} and init one of {INITS}")
     index = features.index
@@ -178,6 +181,7 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, s
         "model": options.model, "label_set": chosen.name, "columns": list(chosen.columns),
         "init": options.init if options.model == "attention" else None,
         "pretrained_from": pretrained_from, "selection": selection, "slug": selection_slug(selection),
+        "selection_inputs": fitted.inputs, "selection_transform_sha256": transform_sha256(fitted),
         "input_dim": int(inputs.shape[1]), "frames": frames, "fold": fold, "batch_size": batch,
         "study_labels": options.labels, "options": options, "settings": settings, "cnn_config": features.config,
         "features_fingerprint": features.fingerprint, "model_sha256": file_sha256(model_path),

@@ -65,6 +65,18 @@ def test_pretraining_refuses_a_per_slice_lstm_that_is_not_finished_or_not_its_re
     assert not list((models / "r").glob("study-*-pca4-*"))
 
 
+def test_a_study_model_is_refused_with_a_selection_fitted_again_on_other_rows(chain, tmp_path):
+    for part in ("models", "features"):
+        shutil.copytree(chain["workspace"] / part, tmp_path / part)
+    (tmp_path / "data").symlink_to(chain["workspace"] / "data")  # where the features' index lies, relative to them
+    dirs = ["--models-dir", str(tmp_path / "models"), "--features-dir", str(tmp_path / "features")]
+    train_lstm.main(["--run", "r", "--selection", "pca:8", "--selection-sample-rows", "60", "--layers", "1", "--units",
+                     "8", "--epochs", "1", *dirs])  # pca:8 and its LSTM again, on a sample of the rows
+    with pytest.raises(SystemExit, match=f"study model {STUDY} was trained on another fit of pca:8 than the chain's"):
+        predict.main(["--run", "r", "--study", STUDY, "--data-dir", str(chain["dataset"].parent), "--submissions-dir",
+                      str(tmp_path / "submissions"), *dirs])
+
+
 def test_predict_study_mode_scores_the_test_studies(chain):
     out = predict.main(["--run", "r", "--study", STUDY, "--gradcam", "2", "--data-dir", str(chain["dataset"].parent),
                         "--submissions-dir", str(chain["workspace"] / "submissions"), *chain["dirs"]])
