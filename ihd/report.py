@@ -72,25 +72,32 @@ def folder_scores(probabilities: pd.DataFrame, truth: pd.DataFrame, prior: np.nd
     label are scored; the others are listed, never guessed. For CNN+LSTM, the CNN alone and the
     training ``prior``: the weighted log loss, the slice-level AUC of every subtype and ``any``, and
     the study-level AUC of every column (a study's score is its highest slice probability, its label
-    whether any slice is positive). An AUC is None where the scored set holds one class only.
+    whether any slice is positive), over the studies whose every slice is labeled: a study with an
+    unlabeled slice is listed, its label unknown. An AUC is None where the scored set holds one class only.
     """
     table = probabilities.set_index("image_id")
     scored = table.index.intersection(truth.index, sort=False)
     y_true = truth.loc[scored, list(SUBTYPES)].to_numpy(np.float64)
-    studies = table.loc[scored, "study_id"].to_numpy()
-    models = {"cnn+lstm": table.loc[scored, list(SUBTYPES)].to_numpy(np.float64),
-              "cnn": table.loc[scored, [f"cnn_{s}" for s in SUBTYPES]].to_numpy(np.float64),
-              "prior": np.broadcast_to(np.asarray(prior, np.float64), y_true.shape)}
-    study_truth = pd.DataFrame(y_true, columns=list(SUBTYPES)).groupby(studies).max()
+    models = {"cnn+lstm": table[list(SUBTYPES)].to_numpy(np.float64),
+              "cnn": table[[f"cnn_{s}" for s in SUBTYPES]].to_numpy(np.float64),
+              "prior": np.broadcast_to(np.asarray(prior, np.float64), (len(table), len(SUBTYPES)))}
+    labeled = table.index.isin(truth.index)
+    complete = pd.Series(labeled).groupby(table["study_id"].to_numpy()).all()
+    study_truth = (truth.reindex(table.index)[list(SUBTYPES)].set_axis(table["study_id"].to_numpy())
+                   .groupby(level=0).max().loc[complete[complete].index])
     report = {"images_scored": len(scored), "studies_scored": len(study_truth),
               "positive_images": dict(zip(SUBTYPES, y_true.sum(axis=0).astype(int).tolist())),
               "studies_with_bleed": int(study_truth["any"].sum()),
               "unlabeled_images": sorted(set(table.index) - set(truth.index)),
+              "partly_labeled_studies": sorted(complete[~complete].index),
               "labels_without_prediction": sorted(set(truth.index) - set(table.index)), "models": {}}
     if not len(scored):
         return report
-    for name, y_pred in models.items():
-        study_pred = pd.DataFrame(y_pred, columns=list(SUBTYPES)).groupby(studies).max().loc[study_truth.index]
+    rows = table.index.get_indexer(scored)
+    for name, every_row in models.items():
+        y_pred = every_row[rows]
+        study_pred = (pd.DataFrame(every_row, columns=list(SUBTYPES)).groupby(table["study_id"].to_numpy()).max()
+                      .loc[study_truth.index])
         report["models"][name] = {
             "weighted_log_loss": weighted_log_loss(y_true, y_pred),
             "slice_auc": {k: _finite_or_none(v) for k, v in per_subtype_auc(y_true, y_pred).items()},
@@ -111,11 +118,14 @@ def format_folder_scores(report: dict) -> str:
         cells = [name, f"{scores['weighted_log_loss']:.4f}", *[auc(scores["slice_auc"][s]) for s in SUBTYPES],
                  auc(scores["study_auc"]["any"])]
         lines.append("| " + " | ".join(cells) + " |")
-    counts = (f"{report['images_scored']} labeled images in {report['studies_scored']} studies "
+    counts = (f"{report['images_scored']} labeled images; {report['studies_scored']} studies labeled throughout "
               f"({report['positive_images']['any']} images and {report['studies_with_bleed']} studies with a bleed)")
     notes = [counts]
     if report["unlabeled_images"]:
         notes.append(f"{len(report['unlabeled_images'])} images have no label and are not scored")
+    if report["partly_labeled_studies"]:
+        notes.append(f"{len(report['partly_labeled_studies'])} studies with an unlabeled slice have no study label "
+                     "and no study score")
     if report["labels_without_prediction"]:
         notes.append(f"{len(report['labels_without_prediction'])} labeled images have no prediction "
                      "(absent or unreadable) and are not scored")

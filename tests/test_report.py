@@ -54,11 +54,12 @@ def test_folder_scores_score_labeled_images_only_with_study_auc_from_the_highest
     truth = _wide([[0, 0, 0, 0, y, y] for y in truth_any] + [[0] * 6], images[:6] + ["ID_not_predicted"])
     prior = np.full(6, 0.1)
     report = folder_scores(probabilities, truth, prior)
-    assert report["images_scored"] == 6 and report["studies_scored"] == 3 and report["studies_with_bleed"] == 1
+    assert report["images_scored"] == 6 and report["studies_scored"] == 2 and report["studies_with_bleed"] == 1
     assert report["unlabeled_images"] == ["ID_unlabeled"] and report["labels_without_prediction"] == ["ID_not_predicted"]
+    assert report["partly_labeled_studies"] == ["C"]  # its unlabeled slice could bleed: no study label, no study score
     lstm = report["models"]["cnn+lstm"]
     assert lstm["slice_auc"]["any"] == pytest.approx(0.8)  # 0.6 beats 4 of the 5 negative slices
-    assert lstm["study_auc"]["any"] == pytest.approx(0.5)  # B (0.6) beats C (0.5), not A (0.7); by the mean it beats neither
+    assert lstm["study_auc"]["any"] == pytest.approx(0.0)  # B (0.6) below A (0.7): the highest slice, not the mean
     assert lstm["slice_auc"]["epidural"] is None  # no positive epidural slice
     expected = np.array([[0.2, 0.2, 0.2, 0.2, 0.2, p] for p in any_prob[:6]])
     assert lstm["weighted_log_loss"] == pytest.approx(weighted_log_loss(truth.iloc[:6].to_numpy(), expected))
@@ -67,3 +68,4 @@ def test_folder_scores_score_labeled_images_only_with_study_auc_from_the_highest
     assert report["models"]["cnn"]["slice_auc"]["any"] == pytest.approx(0.5)
     text = format_folder_scores(report)
     assert "| cnn+lstm |" in text and "1 images have no label and are not scored" in text
+    assert "1 studies with an unlabeled slice have no study label" in text
