@@ -74,6 +74,7 @@ from ihd.study_inference import (
     study_truth_from_slices,
 )
 from ihd.metrics import prior_baseline
+from ihd.ensemble import read_ensemble
 from ihd.features import load_features
 from ihd.report import folder_scores, format_folder_scores, format_scores, scores_on_truth, truth_path
 from ihd.seg_inference import segment_index
@@ -315,6 +316,10 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         study = None
         if settings.study:
+            ensemble = read_ensemble(settings.models_dir, settings.run)
+            if ensemble is not None:
+                raise SystemExit(f"{settings.run} is a fold ensemble, and study models train on one run: give --run one "
+                                 f"of its members ({', '.join(ensemble['members'])})")
             study = load_study(settings.models_dir, settings.run, None if settings.study == "best" else settings.study)
             if settings.selection and settings.selection != study.record["selection"]:
                 raise SystemExit(f"--study {study.name} reads selection {study.record['selection']}, "
@@ -331,7 +336,7 @@ def main(argv: list[str] | None = None) -> Path:
         if study is not None:
             return predict_dataset_studies(settings, chains[0], study)
         return predict_dataset(settings, chains)
-    except (ChainError, SubmissionError) as error:
+    except (ChainError, SubmissionError, FileNotFoundError) as error:
         raise SystemExit(str(error)) from None
 
 

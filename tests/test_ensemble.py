@@ -99,3 +99,10 @@ def test_an_ensembles_gradcam_is_the_mean_of_its_members_heatmaps(ensemble, tmp_
     reader = inference.store_hu_reader(predictions.index, SliceStore(ensemble["dataset"] / "slices"), 32)
     inference.draw_study_pictures(chains, predictions, reader, tmp_path, 1, max_studies=2)
     assert len(drawn) == 2 and all(np.allclose(heatmap, 0.4) for heatmap in drawn)
+
+
+def test_a_study_model_is_asked_of_a_member_not_of_the_ensemble(ensemble):
+    with pytest.raises(SystemExit, match="tiny is a fold ensemble, and study models train on one run: give --run one of "
+                                         "its members \\(tiny-fold0, tiny-fold1\\)"):
+        predict.main(["--run", "tiny", "--study", "best", "--data-dir", str(ensemble["workspace"] / "data"),
+                      *ensemble["dirs"]])
