@@ -286,6 +286,11 @@ def train_ensemble(settings: Settings, members: list[str]) -> pd.DataFrame:
         parts = [(features, *validation_predictions(member, features, selection))
                  for member, features in zip(member_settings, member_features)]
         records = [read_json(lstm_paths(member.models_dir, member.run, selection)[1]) for member in member_settings]
+        differing = members_differ(records, member_features)
+        if differing:
+            print(f"{selection}: not pooled, its members were made differently ({differing}): train every member with "
+                  f"the same flags (train_lstm.py --run {settings.run} --selection {selection} ...)")
+            continue
         record = {
             "selection": selection,
             "members": {member.run: {key: member_record[key] for key in ("fingerprint", "model_sha256")}
@@ -332,6 +337,18 @@ def pooled_summary(parts: list[tuple]) -> dict:
     its features, the rows it predicted and its probabilities for them."""
     labels = np.concatenate([label_array(features.index)[rows] for features, rows, _ in parts])
     return summary(labels, np.concatenate([np.asarray(predicted, np.float32) for _, _, predicted in parts]))
+
+
+def members_differ(records: list[dict], member_features: list) -> str:
+    """What differs between the members' LSTMs of one selection beyond their own fold and features (their
+    settings and selection inputs, and their features' test-time augmentation); empty when nothing does."""
+    def made_with(record: dict, features) -> dict:
+        own = ("features", "fold")
+        return {**{k: v for k, v in record.get("inputs", {}).items() if k not in own}, "tta": features.config.get("tta")}
+
+    first = made_with(records[0], member_features[0])
+    changes = [what_changed(first, made_with(r, f)) for r, f in zip(records[1:], member_features[1:])]
+    return "; ".join(change for change in changes if change)
 
 
 def trained_in_every_member(member_settings: list[Settings], member_features: list) -> list[str]:

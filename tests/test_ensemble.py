@@ -71,7 +71,7 @@ def test_the_ensembles_cnn_scores_are_the_mean_of_its_members(ensemble):
     assert written["Label"].between(0, 1).all() and len(written) == len(test) * len(SUBTYPES)
 
 
-def test_a_member_retrained_alone_is_refused_until_the_ensemble_is_scored_again(ensemble, tmp_path):
+def test_a_member_retrained_alone_is_refused_until_the_ensemble_is_scored_again(ensemble, tmp_path, capsys):
     models = tmp_path / "models"
     shutil.copytree(ensemble["workspace"] / "models", models)
     train_lstm.main(["--run", "tiny-fold1", "--selection", "pca:4", "--layers", "1", "--units", "4", "--epochs", "1",
@@ -80,6 +80,11 @@ def test_a_member_retrained_alone_is_refused_until_the_ensemble_is_scored_again(
         load_chains("tiny", "pca:4", models, ensemble["workspace"] / "features")
     with pytest.raises(ChainError, match="has no LSTMs of selection all"):
         load_chains("tiny", "all", models, ensemble["workspace"] / "features")
+    dirs = ["--models-dir", str(models), "--features-dir", str(ensemble["workspace"] / "features")]
+    train_lstm.main(["--run", "tiny", "--ablation-only", *dirs])  # fold1's LSTM trained 1 epoch, fold0's 2: not pooled
+    assert "pca:4: not pooled, its members were made differently (epochs: 2 -> 1)" in capsys.readouterr().out
+    with pytest.raises(ChainError, match="tiny-fold1 .*not the one the ensemble tiny was scored with"):
+        load_chains("tiny", "pca:4", models, ensemble["workspace"] / "features")
 
 
 def test_an_ensembles_gradcam_is_the_mean_of_its_members_heatmaps(ensemble, tmp_path, monkeypatch):
