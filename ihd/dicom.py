@@ -138,6 +138,15 @@ class SliceHeader:
         return float(np.dot(slice_normals(self.orientation), self.position))
 
 
+MAX_AXIAL_TILT_DEG = 35.0  # an axial slice's normal against the body axis: gantry tilts reach about 30 degrees
+
+
+def tilt_degrees(normals) -> np.ndarray:
+    """Degrees between unit slice normals (..., 3) and the body (head-foot) axis; NaN where a normal is."""
+    with np.errstate(invalid="ignore"):
+        return np.degrees(np.arccos(np.minimum(1.0, np.abs(np.asarray(normals, np.float64)[..., 2]))))
+
+
 def slice_normals(orientations) -> np.ndarray:
     """Unit slice normals (..., 3) from ImageOrientationPatient values (..., 6): the cross product of
     the row and column direction cosines. NaN where the values are missing, not finite or degenerate

@@ -41,7 +41,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from ihd.dicom import DicomError, PixelLayout, interpretation_problem, read_header, slice_normals
+from ihd.dicom import (
+    MAX_AXIAL_TILT_DEG, DicomError, PixelLayout, interpretation_problem, read_header, slice_normals, tilt_degrees,
+)
 from ihd.io import atomic_path, file_state, read_json, write_json
 from ihd.labels import SUBTYPES, read_long_labels
 from ihd.parallel import parallel_map
@@ -53,6 +55,7 @@ BAD_FILES = "bad_files.csv"
 SPLITS = ("train", "test")
 FOLD_BALANCES = ("slices", "patients")
 ID_COLUMNS = ["image_id", "patient_id", "study_id", "series_id", "split", "path"]
+SERIES_PLANE_TOLERANCE_DEG = 2.0  # a slice further from its series' common plane is another reconstruction
 MAX_FOLDS = int(np.iinfo(np.int8).max)  # fold numbers are stored as int8, -1 for rows in no fold
 INDEX_COLUMNS = [*ID_COLUMNS, "z", "position", "series_length", *SUBTYPES, "fold"]
 POSITION_COLUMNS = ["position_x", "position_y", "position_z"]
@@ -215,6 +218,41 @@ def refuse_uninterpretable(headers: pd.DataFrame, non_ct_as_hu: bool = False) ->
     refused = problems.notna()
     bad = pd.DataFrame({"path": headers.loc[refused, "path"], "reason": problems[refused]})
     return headers[~refused].reset_index(drop=True), bad
+
+
+def refuse_off_plane(headers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split header rows into axial slices in their series' plane and bad files naming why the others are
+    not: a plane more than ``MAX_AXIAL_TILT_DEG`` from axial (a coronal or sagittal image, a localizer),
+    or one more than ``SERIES_PLANE_TOLERANCE_DEG`` from the plane most of its series' slices share (another
+    reconstruction mixed in). The models read axial slices in order along one normal. Slices without a
+    usable orientation stay, for the fallbacks of ``series_positions``."""
+    normals = slice_normals(headers[ORIENTATION_COLUMNS].to_numpy(np.float64))
+    tilt = tilt_degrees(normals)
+    with np.errstate(invalid="ignore"):
+        apart = np.degrees(np.arccos(np.minimum(1.0, np.abs(np.einsum("ij,ij->i", normals,
+                                                                       _common_normals(headers, normals))))))
+    not_axial = tilt > MAX_AXIAL_TILT_DEG
+    off_series = ~not_axial & (apart > SERIES_PLANE_TOLERANCE_DEG)
+    reasons = pd.Series(None, index=headers.index, dtype=object)
+    reasons[not_axial] = [f"not axial: its plane lies {t:.0f} degrees from axial (at most {MAX_AXIAL_TILT_DEG:.0f}): "
+                          "a coronal or sagittal image, or a localizer" for t in tilt[not_axial]]
+    reasons[off_series] = [f"its plane lies {a:.0f} degrees from the one most slices of series {series} share: "
+                           "another reconstruction or a localizer"
+                           for a, series in zip(apart[off_series], headers.loc[off_series, "series_id"])]
+    refused = reasons.notna()
+    bad = pd.DataFrame({"path": headers.loc[refused, "path"], "reason": reasons[refused]})
+    return headers[~refused].reset_index(drop=True), bad
+
+
+def _common_normals(headers: pd.DataFrame, normals: np.ndarray) -> np.ndarray:
+    """Per slice, the unit normal most slices of its series share (to 0.01); NaN where its series has none."""
+    rounded = pd.DataFrame(np.round(normals, 2), columns=["x", "y", "z"], index=headers.index)
+    keyed = pd.concat([headers[["split", "series_id"]], rounded], axis=1).dropna()
+    counts = keyed.groupby(["split", "series_id", "x", "y", "z"]).size().sort_values(ascending=False, kind="stable")
+    common = counts.reset_index().drop_duplicates(["split", "series_id"]).set_index(["split", "series_id"])
+    per_slice = common[["x", "y", "z"]].reindex(pd.MultiIndex.from_frame(headers[["split", "series_id"]])).to_numpy()
+    with np.errstate(invalid="ignore"):
+        return per_slice / np.linalg.norm(per_slice, axis=1, keepdims=True)
 
 
 def drop_repeated_instances(headers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -473,10 +511,11 @@ def build_index(
     labels = None if labels_csv is None else read_long_labels(labels_csv)  # a bad label file stops us before any write
     headers, unreadable = scan_headers(sources, workers=workers, cache=cache)
     headers, refused = refuse_uninterpretable(headers, non_ct_as_hu)
+    headers, off_plane = refuse_off_plane(headers)
     headers, repeated = drop_repeated_instances(headers)
     headers, clashes = make_ids_unique(headers)
     headers, unplaced, orderings = place_slices(headers)
-    bad = pd.concat([unreadable, refused, repeated, clashes, unplaced], ignore_index=True)
+    bad = pd.concat([unreadable, refused, off_plane, repeated, clashes, unplaced], ignore_index=True)
     index, unmatched_labels = merge_labels(order_series(headers), labels)
     index["fold"] = (split_by_series_order(index, train_series) if train_series
                      else assign_folds(index, folds=folds, balance=balance, seed=seed))

@@ -36,7 +36,7 @@ import pandas as pd
 import pydicom
 
 from ihd.anatomy import HeadAnatomy, enclosed_cavity, find_anatomy
-from ihd.dicom import DicomError, read_hu
+from ihd.dicom import MAX_AXIAL_TILT_DEG, DicomError, read_hu, slice_normals, tilt_degrees
 from ihd.index import order_series, place_slices, scan_headers
 from ihd.io import atomic_path, write_json
 from ihd.labels import SUBTYPES
@@ -67,7 +67,6 @@ from ihd.synthetic import (
 
 MIN_SLICES = 12
 MIN_COVERAGE_MM = 100.0  # skull base to vertex is ~150 mm; less is a partial head
-MAX_TILT_DEG = 35.0  # slice normal against the body axis; gantry tilts reach ~30 degrees
 MIN_GAP_MM = 0.1  # closer slices are repeats
 MAX_GAP_MM = 10.0  # uneven gaps are fine (real series are thinner through the posterior fossa), holes are not
 MIN_HEAD_CAVITY_MM2 = 5000.0  # the bone-enclosed brain on a slice of the upper half of a head series
@@ -154,10 +153,10 @@ def _series_background(series_id: str, rows) -> Background:
                               "ImageOrientationPatient: slices cannot be placed in 3D")
     if len({_text(ds.ImageOrientationPatient) for ds in datasets}) > 1:
         raise BackgroundError("slices of different orientations")
-    orientation = np.asarray(first.ImageOrientationPatient, float)
-    tilt = math.degrees(math.acos(min(1.0, abs(float(np.cross(orientation[:3], orientation[3:])[2])))))
-    if tilt > MAX_TILT_DEG:
-        raise BackgroundError(f"not axial: slice normal {tilt:.0f} degrees from the body axis (at most {MAX_TILT_DEG:.0f})")
+    tilt = float(tilt_degrees(slice_normals(np.asarray(first.ImageOrientationPatient, float))))
+    if not tilt <= MAX_AXIAL_TILT_DEG:
+        raise BackgroundError(f"not axial: slice normal {tilt:.0f} degrees from the body axis (at most "
+                              f"{MAX_AXIAL_TILT_DEG:.0f})")
     spacings = {_text(ds.PixelSpacing) for ds in datasets if "PixelSpacing" in ds}
     if len(spacings) != 1 or len({(ds.Rows, ds.Columns) for ds in datasets}) != 1:
         raise BackgroundError("PixelSpacing missing, or spacing or size differing between slices")

@@ -10,8 +10,8 @@ import pytest
 
 from ihd.dicom import read_header
 from ihd.index import (
-    INDEX_COLUMNS, MAX_FOLDS, assign_folds, build_index, drop_unreadable, make_ids_unique, read_index,
-    split_by_series_order,
+    INDEX_COLUMNS, MAX_FOLDS, ORIENTATION_COLUMNS, assign_folds, build_index, drop_unreadable, make_ids_unique,
+    read_index, refuse_off_plane, split_by_series_order,
 )
 from ihd.labels import SUBTYPES
 
@@ -163,6 +163,24 @@ def test_resumed_scan_reads_only_new_files_and_gives_the_same_index(real_data, t
     fresh = build_index([(raw, "test")], tmp_path / "fresh", workers=1)
     pd.testing.assert_frame_equal(resumed, fresh)
     assert "ID_badbad000" in (tmp_path / "out" / "bad_files.csv").read_text()
+
+
+def test_slices_off_the_axial_plane_or_off_their_series_plane_are_refused_by_name():
+    tilt = np.radians(25)  # a gantry tilt: still axial
+    axial, tilted = [1, 0, 0, 0, 1, 0], [1, 0, 0, 0, np.cos(tilt), -np.sin(tilt)]
+    coronal = [1, 0, 0, 0, 0, -1]
+    rows = ([("A", axial)] * 4 + [("A", coronal)]  # a localizer in an axial series
+            + [("B", tilted)] * 3 + [("B", axial)]  # another reconstruction, 25 degrees off its series
+            + [("C", coronal)] * 3 + [("D", [np.nan] * 6)] * 2)  # a coronal series; one without orientation
+    headers = pd.DataFrame([{"split": "test", "series_id": series, "path": f"{series}{n}.dcm",
+                             **dict(zip(ORIENTATION_COLUMNS, values))} for n, (series, values) in enumerate(rows)])
+    kept, bad = refuse_off_plane(headers)
+    assert kept["path"].tolist() == ["A0.dcm", "A1.dcm", "A2.dcm", "A3.dcm", "B5.dcm", "B6.dcm", "B7.dcm", "D12.dcm",
+                                     "D13.dcm"]
+    reasons = dict(zip(bad["path"], bad["reason"]))
+    assert reasons["A4.dcm"].startswith("not axial: its plane lies 90 degrees from axial")
+    assert reasons["B8.dcm"].startswith("its plane lies 25 degrees from the one most slices of series B share")
+    assert sorted(reasons) == ["A4.dcm", "B8.dcm", "C10.dcm", "C11.dcm", "C9.dcm"]
 
 
 def test_fewer_patients_than_folds_warns_about_the_empty_folds():
