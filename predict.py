@@ -27,7 +27,8 @@ flagged slices) to studies.csv beside probabilities.csv, or submissions/<run>-<s
 the test set, scored against the dataset's study and slice truth when it has them (with the per-slice
 LSTM read at study level beside it; a DICOM folder's studies are scored the same way against
 --labels, in studies-scores.json); --gradcam N draws the N slices of strongest study evidence of
-every study called hemorrhage as one montage.
+each study called hemorrhage (of the --gradcam-studies most likely) as one montage, every tile
+with the CNN's `any`, whose Grad-CAM it shows.
 Pictures: --gradcam N draws them for the --gradcam-studies studies (default 50) most likely to bleed
 (highest `any` of a slice, or study probability in study mode); --gradcam-studies 0 draws every study,
 which takes an hour for the real test set on a CPU (BENCHMARKS.md, "Grad-CAM on a whole test set").
@@ -248,7 +249,7 @@ def write_folder_studies(settings: Settings, chain: Chain, study: StudyModel, pr
         print(f"study scores against {settings.labels}: {scores}")
     if settings.gradcam > 0:
         draw_best_slices(chain, predictions.index, pictured_studies(table, study, settings.gradcam_studies), series,
-                         weights, predictions.lstm, hu_of_rows, out_dir, settings.gradcam, settings.gradcam_method)
+                         weights, predictions.cnn, hu_of_rows, out_dir, settings.gradcam, settings.gradcam_method)
     return csv_path
 
 

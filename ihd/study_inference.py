@@ -193,8 +193,9 @@ def score_test(study: StudyModel, slice_lstm, inputs: np.ndarray, index: pd.Data
 def draw_best_slices(chain, index: pd.DataFrame, table: pd.DataFrame, series: StudySeries, weights: list[np.ndarray],
                      slice_probabilities: np.ndarray, hu_of_rows, out_dir: str | Path, per_study: int,
                      method: str = "gradcam") -> list[Path]:
-    """For every study called hemorrhage: its ``per_study`` slices of strongest evidence (study weights),
-    in z order, with the CNN's Grad-CAM of each, as one montage (``<study>_best_slices.png``)."""
+    """For every study of ``table`` called hemorrhage: its ``per_study`` slices of strongest evidence (study
+    weights), in z order, with the CNN's Grad-CAM of each, labelled with ``slice_probabilities`` (the CNN's,
+    whose Grad-CAM it is), as one montage (``<study>_best_slices.png``)."""
     index = index.reset_index(drop=True)
     study_of_series = index[STUDY_ID].to_numpy()[series.data.starts]
     written = []
