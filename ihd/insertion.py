@@ -39,7 +39,7 @@ from ihd.anatomy import HeadAnatomy, enclosed_cavity, find_anatomy
 from ihd.dicom import MAX_AXIAL_TILT_DEG, DicomError, read_hu, slice_normals, tilt_degrees
 from ihd.index import order_series, place_slices, scan_headers
 from ihd.io import atomic_path, write_json
-from ihd.labels import SUBTYPES
+from ihd.labels import SUBTYPES, read_long_labels
 from ihd.parallel import parallel_map
 from ihd.synthetic import (
     BLEED_STUDY_FRACTION,
@@ -65,6 +65,7 @@ from ihd.synthetic import (
     write_label_tables,
 )
 
+LABEL_FILE = "stage_2_train.csv"  # the challenge's slice labels, where a background folder has them
 MIN_SLICES = 12
 MIN_COVERAGE_MM = 100.0  # skull base to vertex is ~150 mm; less is a partial head
 MIN_GAP_MM = 0.1  # closer slices are repeats
@@ -186,8 +187,10 @@ def find_backgrounds(folder: str | Path, workers: int | None = 1) -> tuple[list[
     """The usable background series under ``folder`` (searched recursively) and a message for each one skipped.
 
     A series is skipped when it is not CT of a head, too short, without positions, not axial, has
-    repeated positions or holes, or is unreadable; damaged DICOM files are skipped too (other files,
-    such as a label CSV, are ignored). Each message names the series (or file) and the reason.
+    repeated positions or holes, or is unreadable; damaged DICOM files are skipped too (other files
+    are ignored). Where the folder holds the challenge's label file (``stage_2_train.csv`` in the
+    Kaggle layout), a series any of whose slices it labels as bleeding is skipped: a bleed already there
+    could not be told from the pixels. Each message names the series (or file) and the reason.
     """
     if not Path(folder).is_dir():
         raise BackgroundError(f"{folder}: no such folder of background series")
@@ -196,13 +199,28 @@ def find_backgrounds(folder: str | Path, workers: int | None = 1) -> tuple[list[
     bad = pd.concat([unreadable, unplaced], ignore_index=True)
     dicom_like = ~bad["reason"].str.startswith("not a DICOM file") | bad["path"].str.lower().str.endswith(".dcm")
     skipped = [f"{row.path}: {row.reason}, skipped" for row in bad[dicom_like].itertuples()]
+    bleeding = _bleeding_images(Path(folder))
     usable = []
     for series_id, rows in order_series(headers).groupby("series_id", sort=True):
+        labeled_bleeding = rows["image_id"].isin(bleeding)
+        if labeled_bleeding.any():
+            skipped.append(f"series {series_id} ({Path(rows['path'].iloc[0]).parent}): {int(labeled_bleeding.sum())} of "
+                           f"its slices are labeled as bleeding in {Path(folder) / LABEL_FILE}, not bleed-free, skipped")
+            continue
         try:
             usable.append(_series_background(series_id, rows))
         except (BackgroundError, DicomError) as error:
             skipped.append(f"series {series_id} ({Path(rows['path'].iloc[0]).parent}): {error}, skipped")
     return usable, skipped
+
+
+def _bleeding_images(folder: Path) -> set[str]:
+    """The image ids the folder's label file (the Kaggle layout's ``stage_2_train.csv``) says bleed; none without one."""
+    path = folder / LABEL_FILE
+    if not path.is_file():
+        return set()
+    labels = read_long_labels(path)
+    return set(labels.index[labels["any"] > 0])
 
 
 # ---------------------------------------------------------------- dataset-level plan
@@ -472,6 +490,7 @@ def write_dataset(out_dir: str | Path, backgrounds_dir: str | Path, train_studie
 
 
 def generator_version() -> dict:
-    """What decides the bytes of an inserted dataset besides its settings and backgrounds: the code that finds
-    the anatomy, draws the bleeds and writes the files, and the libraries."""
-    return source_version(sys.modules[__name__], sys.modules["ihd.anatomy"], sys.modules["ihd.synthetic"])
+    """What decides the bytes of an inserted dataset besides its settings and backgrounds: the code that reads and
+    orders the backgrounds, finds the anatomy, draws the bleeds and writes the files, and the libraries."""
+    return source_version(sys.modules[__name__], sys.modules["ihd.anatomy"], sys.modules["ihd.synthetic"],
+                          sys.modules["ihd.dicom"], sys.modules["ihd.index"])

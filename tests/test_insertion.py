@@ -260,3 +260,10 @@ def test_backgrounds_flag_needs_synthetic_and_an_existing_folder(tmp_path, capsy
                            "--data-dir", str(tmp_path)])
     assert f"argument --backgrounds: {tmp_path / 'absent'} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_series_the_folders_labels_call_bleeding_are_no_backgrounds(real_data):
+    usable, skipped = insertion.find_backgrounds(real_data / "rsna_labeled", workers=1)
+    assert len(usable) == 3  # the three bleed-free series of the seven
+    labeled = [message for message in skipped if "labeled as bleeding in" in message]
+    assert len(labeled) == 4 and all(message.endswith("stage_2_train.csv, not bleed-free, skipped") for message in labeled)
