@@ -4,8 +4,10 @@
 
 Each output study is one real background series (any folder of bleed-free axial head CT series)
 with zero, one or several bleeds painted into it, in the Kaggle layout of ``ihd.synthetic``: the
-same files, label CSVs, ``truth/`` test labels and ``truth/masks``; labels follow from the masks
-by the same rule. Backgrounds must be bleed-free: a bleed already in one cannot be known from the
+same DICOM files, slice label CSVs, ``truth/`` test labels and ``truth/masks``; labels follow from
+the masks by the same rule. There are no study-label files: the phantom's exam labels come from its
+non-bleed findings, which inserted studies do not have (``--study-labels derive`` gives subtype
+study labels from the slice labels). Backgrounds must be bleed-free: a bleed already in one cannot be known from the
 pixels and would be labeled negative.
 
 Where a bleed goes is found from the background's own anatomy (``ihd.anatomy``): epidural lenses

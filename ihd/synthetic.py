@@ -1128,6 +1128,9 @@ def dataset_state(out_dir: str | Path, settings: dict) -> str:
     config_path, progress_path = out_dir / CONFIG_FILE, out_dir / PROGRESS_DIR / PROGRESS_SETTINGS
     if config_path.is_file():
         config = read_json(config_path)
+        if config["settings"].get("backgrounds"):
+            raise DatasetMismatch(f"{out_dir} holds bleeds inserted into the series of {config['settings']['backgrounds']}, "
+                                  "not phantoms: pass that folder as --backgrounds to use it")
         requested = {key: settings[key] for key in REQUESTED_SETTINGS}
         _check_same(out_dir, "a synthetic dataset", config["settings"], requested)
         check_generator(out_dir, "a synthetic dataset", config.get("generator"), generator_version(),
