@@ -40,6 +40,7 @@ from ihd.features import (
     extraction_command,
     fitted_selection,
     load_features,
+    selection_fits,
     selection_inputs,
     selection_slug,
 )
@@ -283,14 +284,21 @@ def train_ensemble(settings: Settings, members: list[str]) -> pd.DataFrame:
         cnn_parts.append((features, val_rows, features.probabilities[val_rows]))
     rows = {CNN_ROW: pooled_summary(cnn_parts)}
     for selection in trained_in_every_member(member_settings, member_features):
-        parts = [(features, *validation_predictions(member, features, selection))
-                 for member, features in zip(member_settings, member_features)]
         records = [read_json(lstm_paths(member.models_dir, member.run, selection)[1]) for member in member_settings]
+        asked = selection_inputs(member_features[0], selection, settings.seed, sample_rows=settings.selection_sample_rows)
+        if not selection_fits(asked, records[0]["inputs"]):  # scoring would fit the selection again, as asked
+            keys = {*asked, "sample_rows"}
+            print(f"{selection}: not scored, its LSTMs were trained on a selection fitted otherwise than these flags ask "
+                  f"({what_changed({k: records[0]['inputs'].get(k) for k in keys}, {k: asked.get(k) for k in keys})}): "
+                  "give the flags they were trained with")
+            continue
         differing = members_differ(records, member_features)
         if differing:
             print(f"{selection}: not pooled, its members were made differently ({differing}): train every member with "
                   f"the same flags (train_lstm.py --run {settings.run} --selection {selection} ...)")
             continue
+        parts = [(features, *validation_predictions(member, features, selection))
+                 for member, features in zip(member_settings, member_features)]
         record = {
             "selection": selection,
             "members": {member.run: {key: member_record[key] for key in ("fingerprint", "model_sha256")}

@@ -81,6 +81,9 @@ def test_a_member_retrained_alone_is_refused_until_the_ensemble_is_scored_again(
     with pytest.raises(ChainError, match="has no LSTMs of selection all"):
         load_chains("tiny", "all", models, ensemble["workspace"] / "features")
     dirs = ["--models-dir", str(models), "--features-dir", str(ensemble["workspace"] / "features")]
+    train_lstm.main(["--run", "tiny", "--ablation-only", "--selection-sample-rows", "50", *dirs])
+    assert "pca:4: not scored, its LSTMs were trained on a selection fitted otherwise than these flags ask " \
+           "(sample_rows: None -> 50)" in capsys.readouterr().out  # and the members' pca:4 is not fitted again
     train_lstm.main(["--run", "tiny", "--ablation-only", *dirs])  # fold1's LSTM trained 1 epoch, fold0's 2: not pooled
     assert "pca:4: not pooled, its members were made differently (epochs: 2 -> 1)" in capsys.readouterr().out
     with pytest.raises(ChainError, match="tiny-fold1 .*not the one the ensemble tiny was scored with"):
