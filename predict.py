@@ -267,7 +267,7 @@ def predict_folder(settings: Settings, chains: list[Chain], study: StudyModel | 
         raise SystemExit(f"{folder}: no readable DICOM slices (see {out_dir / 'bad_files.csv'})")
     predictions = average_predictions([chain_predictions(member, index, embeddings, cnn)
                                        for member, (embeddings, cnn) in zip(chains, outputs)])
-    hu_of_rows = dicom_hu_reader(index, chain.image_size, settings.read_non_ct_as_hu)
+    hu_of_rows = dicom_hu_reader(index, chain.image_size, chain.store_size, settings.read_non_ct_as_hu)
     table = index[["image_id", "patient_id", "study_id", "series_id", "position", "z", "path"]].copy()
     table[list(SUBTYPES)] = predictions.lstm
     table[[f"cnn_{s}" for s in SUBTYPES]] = predictions.cnn

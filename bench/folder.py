@@ -128,7 +128,7 @@ def whole_folder_route(settings: predict.Settings, chain) -> Path:
     """The DICOM route before streaming: the folder in one array, then the same table and pictures."""
     out_dir = Path(settings.out)
     index = build_index([(settings.dicom_dir, "test")], out_dir, workers=1)
-    hu, failures = read_model_hu(index, chain.image_size)
+    hu, failures = read_model_hu(index, chain.image_size, chain.store_size)
     assert not failures
     embeddings, cnn = cnn_outputs(chain, stack_hu(hu, neighbour_rows(index, chain.offsets)), BATCH_BEFORE)
     predictions = Predictions(index, cnn, lstm_probabilities(chain, embeddings, cnn, index), embeddings)

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         index = build_index([(folder, "test")], out_dir / "index", workers=1)
         probabilities = np.random.default_rng(0).random((len(index), 6)).astype(np.float32)
         predictions = Predictions(index, probabilities, probabilities)
-        hu_of_rows = dicom_hu_reader(index, chain.image_size)
+        hu_of_rows = dicom_hu_reader(index, chain.image_size, chain.store_size)
         runs = {"ours": lambda: draw_study_pictures(chain, predictions, hu_of_rows, out_dir, PER_STUDY),
                 "baseline": lambda: per_slice_pictures(chain, predictions, hu_of_rows, out_dir)}
         for run in runs.values():

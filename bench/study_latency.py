@@ -90,7 +90,7 @@ def one_study(chain: Chain, folder: Path, out_dir: Path) -> dict[str, float]:
 
     index = build_index([(folder, "test")], out_dir / "index", workers=1)
     lap("index headers")
-    hu, _ = read_model_hu(index, chain.image_size)
+    hu, _ = read_model_hu(index, chain.image_size, chain.store_size)
     stacks = stack_hu(hu, neighbour_rows(index, chain.offsets))
     lap("read DICOM + resize + stack")
     embeddings, cnn = cnn_outputs(chain, stacks)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         one_study(chain, folder, out_dir)
         runs = [one_study(chain, folder, out_dir) for _ in range(settings.runs)]
         index = build_index([(folder, "test")], out_dir / "index", workers=1)
-        stacks = stack_hu(read_model_hu(index, chain.image_size)[0], neighbour_rows(index, chain.offsets))
+        stacks = stack_hu(read_model_hu(index, chain.image_size, chain.store_size)[0], neighbour_rows(index, chain.offsets))
         bare = statistics.median(bare_cnn_seconds(chain, stacks) for _ in range(settings.runs))
 
     medians = {name: statistics.median(run[name] for run in runs) for name in runs[0]}

@@ -2,7 +2,7 @@
 
 Two routes lead to the same numbers. A prepared dataset's test rows read the cached CNN outputs of
 `features/<run>/` (extracted first if the cache is incomplete). A plain folder of DICOM files, indexed
-by `ihd.index`, is read one series at a time: `ihd.dicom.read_hu` -> `ihd.slices.to_model_hu` ->
+by `ihd.index`, is read one series at a time: `ihd.dicom.read_hu` -> `ihd.slices.model_hu_through_store` ->
 `ihd.inputs.stack_hu` (neighbours by `ihd.inputs.neighbour_rows`) -> CNN, so memory holds one series'
 images and one batch, never the folder's; the CNN outputs of every slice (an embedding each) are kept
 for the selection and the LSTM. Grad-CAM pictures are drawn for the slices with the highest `any`
@@ -42,7 +42,7 @@ from ihd.inputs import neighbour_rows, stack_hu
 from ihd.io import read_json
 from ihd.labels import SUBTYPES
 from ihd.sequence import load_lstm, predict_series, sequence_inputs, series_bounds, series_set
-from ihd.slices import SliceStore, to_model_hu
+from ihd.slices import SliceStore, model_hu_through_store, to_model_hu
 from ihd.windows import parse_recipe
 
 
@@ -85,6 +85,11 @@ class Chain:
     def image_size(self) -> int:
         """The CNN's input size in pixels."""
         return int(self.cnn_config["image_size"])
+
+    @property
+    def store_size(self) -> int:
+        """The side of the slice store the CNN was trained from, which a DICOM read must pass through."""
+        return int(self.cnn_config["store_size"])
 
     @property
     def offsets(self) -> tuple[int, ...]:
@@ -277,14 +282,16 @@ def cnn_outputs(chain: Chain, stacks: np.ndarray, batch_size: int = CNN_BATCH) -
     return np.concatenate([np.asarray(p[0]) for p in parts]), np.concatenate([np.asarray(p[1]) for p in parts])
 
 
-def read_model_hu(index: pd.DataFrame, size: int, non_ct_as_hu: bool = False) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """The readable rows' DICOM files as HU resized for the model, (n, size, size) float32 in index
-    order, and (path, reason) for each file that could not be read (left out of the array).
-    ``non_ct_as_hu`` reads modalities other than CT as HU (``ihd.dicom.read_hu``)."""
+def read_model_hu(index: pd.DataFrame, size: int, store_size: int, non_ct_as_hu: bool = False
+                  ) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """The readable rows' DICOM files as HU for a model of ``size`` trained from a store of ``store_size``
+    (`model_hu_through_store`: as training read them), (n, size, size) float32 in index order, and (path,
+    reason) for each file that could not be read (left out of the array). ``non_ct_as_hu`` reads modalities
+    other than CT as HU (``ihd.dicom.read_hu``)."""
     slices, failures = [], []
     for path in index["path"]:
         try:
-            slices.append(to_model_hu(read_hu(path, non_ct_as_hu), size))
+            slices.append(model_hu_through_store(read_hu(path, non_ct_as_hu), store_size, size))
         except DicomError as error:
             failures.append((path, error.reason))
     return np.stack(slices) if slices else np.zeros((0, size, size), np.float32), failures
@@ -300,7 +307,7 @@ def folder_cnn_outputs(chains: list[Chain], index: pd.DataFrame, non_ct_as_hu: b
     and one batch; each CNN still sees the batches `cnn_outputs` would give it on the whole folder's
     stacks at once (`batch_size` consecutive readable rows, across series).
     """
-    if len({(chain.image_size, chain.offsets) for chain in chains}) > 1:
+    if len({(chain.image_size, chain.store_size, chain.offsets) for chain in chains}) > 1:
         raise ValueError("the chains read slices at different sizes or channel offsets: predict with each alone")
     starts, lengths = series_bounds(index)
     pending, outputs, failures = [], [[] for _ in chains], []
@@ -312,7 +319,7 @@ def folder_cnn_outputs(chains: list[Chain], index: pd.DataFrame, non_ct_as_hu: b
     with tqdm(total=len(index), desc="cnn", unit="slice", dynamic_ncols=True, disable=len(starts) < 3) as bar:
         for start, length in zip(starts, lengths):
             series = index.iloc[start : start + length]
-            hu, failed = read_model_hu(series, chains[0].image_size, non_ct_as_hu)
+            hu, failed = read_model_hu(series, chains[0].image_size, chains[0].store_size, non_ct_as_hu)
             failures += failed
             readable = series[~series["path"].isin([path for path, _ in failed])]
             pending.append(stack_hu(hu, neighbour_rows(readable, chains[0].offsets)))
@@ -331,10 +338,11 @@ def chain_predictions(chain: Chain, index: pd.DataFrame, embeddings: np.ndarray,
     return Predictions(index, cnn, lstm_probabilities(chain, embeddings, cnn, index), embeddings)
 
 
-def dicom_hu_reader(index: pd.DataFrame, size: int, non_ct_as_hu: bool = False):
-    """`hu_of_rows` over a DICOM folder's (readable) index: rows -> (n, size, size) HU, read again from the files."""
+def dicom_hu_reader(index: pd.DataFrame, size: int, store_size: int, non_ct_as_hu: bool = False):
+    """`hu_of_rows` over a DICOM folder's (readable) index: rows -> (n, size, size) HU, read again from the files
+    as `read_model_hu` reads them."""
     def hu_of_rows(rows):
-        hu, failures = read_model_hu(index.iloc[np.asarray(rows)], size, non_ct_as_hu)
+        hu, failures = read_model_hu(index.iloc[np.asarray(rows)], size, store_size, non_ct_as_hu)
         if failures:
             path, reason = failures[0]
             raise DicomError(path, f"{reason} (it was readable earlier in this run: changed since?)")
