@@ -73,7 +73,7 @@ from ihd.windows import parse_recipe
 RUN_DEFINING = (
     "dataset", "backbone", "weights", "image_size", "recipe", "fold", "dropout",
     "learning_rate", "positive_copies", "augment", "seed", "input_norm", "loss", "schedule", "keep", "prior_bias",
-    "split_sha256",
+    "split_sha256", "batch_size", "warmup_fraction",  # the schedule a resumed optimizer's step count must meet
 )
 # Settings that say where things are, not what is made: left out of config.json, whose contents
 # must not depend on the working directory.

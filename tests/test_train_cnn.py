@@ -105,6 +105,9 @@ def test_training_resumes_at_the_epoch_a_kill_reached(prepared_synthetic, tmp_pa
     assert "already trained for 2 epochs" in capsys.readouterr().out
     with pytest.raises(ValueError, match="image_size: 32 -> 48"):
         train_cnn.main(_flags(prepared_synthetic, tmp_path, "--image-size", "48", "--epochs", "2"))
+    with pytest.raises(ValueError, match="batch_size: 16 -> 8"):  # the restored step count would miss the schedule
+        train_cnn.main([*_flags(prepared_synthetic, tmp_path, "--image-size", "32", "--epochs", "3", "--no-extract"),
+                        "--batch-size", "8"])
 
     moved = tmp_path / "data" / prepared_synthetic.name  # the same slices, one patient dealt to another fold
     moved.mkdir(parents=True)
