@@ -263,7 +263,7 @@ def test_the_streamed_folder_route_gives_what_the_whole_folder_in_memory_gave(ch
 
     # the route before streaming: every slice of the folder in memory, the CNN over all their stacks at once
     loaded = inference.load_chain("small", None, chain["common"][3], chain["common"][5])
-    hu, failures = real_read(index, IMAGE_SIZE)
+    hu, failures = real_read(index, IMAGE_SIZE, loaded.store_size)
     assert not failures
     stacks = stack_hu(hu, neighbour_rows(index, loaded.offsets))
     for batch_size in (5, inference.CNN_BATCH):  # batches that cut series apart, and the route's own
