@@ -44,7 +44,7 @@ import pandas as pd
 from ihd.dicom import (
     MAX_AXIAL_TILT_DEG, DicomError, PixelLayout, interpretation_problem, read_header, slice_normals, tilt_degrees,
 )
-from ihd.io import atomic_path, file_state, read_json, write_json
+from ihd.io import atomic_path, file_state, named, read_json, write_json
 from ihd.labels import SUBTYPES, read_long_labels
 from ihd.parallel import parallel_map
 
@@ -362,7 +362,7 @@ def series_positions(headers: pd.DataFrame) -> tuple[pd.Series, pd.DataFrame, di
     }
     for how, what in fallbacks.items():
         if orderings[how]:
-            warnings.warn(f"{len(orderings[how])} series: {what} ({_named(orderings[how])})")
+            warnings.warn(f"{len(orderings[how])} series: {what} ({named(orderings[how])})")
     unplaced = z.isna()
     has_position = headers[POSITION_COLUMNS].notna().all(axis=1)
     bad = pd.DataFrame({
@@ -382,11 +382,6 @@ def place_slices(headers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dic
     for the others; how many series were ordered each way (see ``series_positions``)."""
     z, unplaced, orderings = series_positions(headers)
     return headers.loc[z.index].assign(z=z), unplaced, orderings
-
-
-def _named(names: list[str], shown: int = 5) -> str:
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
 
 
 def order_series(headers: pd.DataFrame) -> pd.DataFrame:
@@ -528,7 +523,8 @@ def build_index(
     unlabeled_train = index["image_id"][(index["split"] == "train") & (index["fold"] < 0)].tolist()
     if labels_csv is not None and (unlabeled_train or unmatched_labels):
         warnings.warn(f"{labels_csv}: {len(unlabeled_train)} training images have no labels there and are left out of "
-                      f"every fold ({_named(unlabeled_train)}); {unmatched_labels} labeled images are not among those read")
+                      f"every fold ({named(unlabeled_train)}); {unmatched_labels} labeled images are not among "
+                      "those read")
     write_json(dataset_dir / CONFIG_FILE, {
         "sources": [{"folder": folder, "split": split} for folder, split in sources],
         "labels_csv": None if labels_csv is None else str(Path(labels_csv).resolve()),

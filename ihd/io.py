@@ -31,6 +31,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def named(items, shown: int = 5) -> str:
+    """The first ``shown`` of ``items`` for a message, and how many more there are."""
+    items = [str(item) for item in items]
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
 def file_state(path: str | Path) -> tuple[int, int] | None:
     """A file's (size in bytes, modification time in ns): what says it changed; None when it cannot be seen."""
     try:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from ihd.io import atomic_path
+from ihd.io import atomic_path, named
 from ihd.metrics import weighted_log_loss
 from ihd.reslice import reslice, slice_scores
 from ihd.sequence import SeriesSet, pad_batch, plan_batches, series_set
@@ -111,10 +111,9 @@ def _without_repeated_positions(index: pd.DataFrame, z: np.ndarray, data: Series
     repeated = np.array([np.any(np.diff(z[start:start + length]) <= 0)
                          for start, length in zip(data.starts, data.lengths)], bool)
     if repeated.any():
-        names = index["series_id"].to_numpy()[data.starts[repeated]].tolist()
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        names = index["series_id"].to_numpy()[data.starts[repeated]]
         warnings.warn(f"{len(names)} series have two slices at one position, which a model that reslices by position "
-                      f"cannot order; left out: {shown}")
+                      f"cannot order; left out: {named(names)}")
     return ~repeated
 
 

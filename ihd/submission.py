@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ihd.io import atomic_path
+from ihd.io import atomic_path, named
 from ihd.kaggle_api import COMPETITION, KaggleAccessError, kaggle_api, network_hint
 from ihd.labels import SUBTYPES, to_long
 
@@ -37,13 +37,6 @@ def sample_image_ids(sample: pd.DataFrame) -> pd.Index:
     return pd.Index(pd.unique(sample["ID"].str.rpartition("_")[0]))
 
 
-def _named(ids) -> str:
-    """Up to NAMES_SHOWN IDs, and how many more there are."""
-    ids = list(ids)
-    more = f" and {len(ids) - NAMES_SHOWN} more" if len(ids) > NAMES_SHOWN else ""
-    return ", ".join(map(str, ids[:NAMES_SHOWN])) + more
-
-
 def submission_table(predictions: pd.DataFrame, sample: pd.DataFrame, prior: np.ndarray) -> pd.DataFrame:
     """The long ``ID,Label`` table in the sample's row order from wide per-image predictions.
 
@@ -56,13 +49,14 @@ def submission_table(predictions: pd.DataFrame, sample: pd.DataFrame, prior: np.
     missing = images.difference(predictions.index, sort=False)
     if len(missing) == len(images):
         raise SubmissionError(f"none of the sample submission's {len(images)} images has a prediction: it lists "
-                              f"another test set ({_named(images)})")
+                              f"another test set ({named(images, NAMES_SHOWN)})")
     unlisted = predictions.index.difference(images, sort=False)
     if len(unlisted):
         raise SubmissionError(f"{len(unlisted)} predicted test images are not in the sample submission, which must "
-                              f"be the test set's own: {_named(unlisted)}")
+                              f"be the test set's own: {named(unlisted, NAMES_SHOWN)}")
     if len(missing):
-        warnings.warn(f"{len(missing)} test images have no prediction and get the training prior: {_named(missing)}")
+        warnings.warn(f"{len(missing)} test images have no prediction and get the training prior: "
+                      f"{named(missing, NAMES_SHOWN)}")
     wide = predictions.reindex(images)[list(SUBTYPES)]
     wide.loc[missing] = np.broadcast_to(np.asarray(prior, np.float64), (len(missing), len(SUBTYPES)))
     long = to_long(wide).set_index("ID")
@@ -77,21 +71,23 @@ def validate_submission(table: pd.DataFrame, sample: pd.DataFrame) -> None:
     ids = table["ID"].astype(str)
     repeated = ids[ids.duplicated()]
     if len(repeated):
-        raise SubmissionError(f"ID {repeated.iloc[0]} appears more than once ({_named(pd.unique(repeated))})")
+        raise SubmissionError(f"ID {repeated.iloc[0]} appears more than once "
+                              f"({named(pd.unique(repeated), NAMES_SHOWN)})")
     expected = set(sample["ID"])
     extra = ids[~ids.isin(expected)]
     if len(extra):
-        raise SubmissionError(f"ID {extra.iloc[0]} is not in the sample submission ({_named(extra)})")
+        raise SubmissionError(f"ID {extra.iloc[0]} is not in the sample submission ({named(extra, NAMES_SHOWN)})")
     missing = sample["ID"][~sample["ID"].isin(set(ids))]
     if len(missing):
-        raise SubmissionError(f"ID {missing.iloc[0]} of the sample submission is missing ({_named(missing)})")
+        raise SubmissionError(f"ID {missing.iloc[0]} of the sample submission is missing "
+                              f"({named(missing, NAMES_SHOWN)})")
     out_of_order = np.flatnonzero(ids.to_numpy() != sample["ID"].to_numpy())
     if len(out_of_order):
         raise SubmissionError(f"ID {ids.iloc[out_of_order[0]]} is out of the sample submission's row order")
     labels = pd.to_numeric(table["Label"], errors="coerce").to_numpy(np.float64)
     nan = np.flatnonzero(np.isnan(labels))
     if len(nan):
-        raise SubmissionError(f"ID {ids.iloc[nan[0]]} has no numeric label ({_named(ids.iloc[nan])})")
+        raise SubmissionError(f"ID {ids.iloc[nan[0]]} has no numeric label ({named(ids.iloc[nan], NAMES_SHOWN)})")
     outside = np.flatnonzero((labels < 0) | (labels > 1))
     if len(outside):
         raise SubmissionError(f"ID {ids.iloc[outside[0]]} has label {labels[outside[0]]}, outside [0, 1]")
