@@ -118,17 +118,26 @@ def made_with(validation: Path) -> dict:
 def score(seed: int, candidate: str, root: Path, validation: Path) -> dict:
     """Train one fold's chain on the phantom of ``seed`` under ``candidate`` and score it on ``validation``."""
     data = root / f"phantom-{seed}"
-    work = data / ("run-" + ("_".join(candidate.replace("--", "").split()) or "demo"))
-    dirs = ["--data-dir", str(data), "--models-dir", str(work / "models"), "--features-dir", str(work / "features")]
     prepare_data.main(["--synthetic", "--dataset", demo.DATASET, "--size", "128", "--folds", str(demo.FOLDS),
                        "--seed", str(seed), "--train-studies", "80", "--test-studies", "2", "--data-dir", str(data)])
-    train_cnn.main(["--dataset", demo.DATASET, "--run", demo.RUN, "--fold", "0", *demo.cnn_flags(), *candidate.split(), *dirs])
+    work = data / ("run-" + ("_".join(candidate.replace("--", "").split()) or "demo"))
+    scores = fold_chain_scores(data, work, [*demo.cnn_flags(), *candidate.split()], validation)
+    return {"seed": seed, "candidate": candidate or DEMOS_CNN, "made_with": made_with(validation),
+            "phantom_fold_loss": scores.pop("fold_loss"), **scores}
+
+
+def fold_chain_scores(data: Path, work: Path, cnn_flags: list[str], validation: Path) -> dict:
+    """Train one chain on fold 0 of the synthetic dataset under ``data`` (a CNN with ``cnn_flags``, its LSTM on
+    `SELECTION` with the demo's settings; models and features under ``work``), score it with ``predict.py
+    --dicom-dir --labels`` on the raw folder ``validation``: the CNN's own validation loss on its fold
+    (``fold_loss``), then the weighted log loss and the slice AUC for ``any`` of the prior, the CNN and CNN+LSTM."""
+    dirs = ["--data-dir", str(data), "--models-dir", str(work / "models"), "--features-dir", str(work / "features")]
+    train_cnn.main(["--dataset", demo.DATASET, "--run", demo.RUN, "--fold", "0", *cnn_flags, *dirs])
     train_lstm.main(["--run", demo.RUN, "--selection", SELECTION, *demo.LSTM, *dirs[2:]])
     predict.main(["--run", demo.RUN, "--dicom-dir", str(validation / "stage_2_train"),
                   "--labels", str(validation / "stage_2_train.csv"), "--out", str(work / "validation"), *dirs])
     models = read_json(work / "validation" / "scores.json")["scores"]["models"]
-    row = {"seed": seed, "candidate": candidate or DEMOS_CNN, "made_with": made_with(validation),
-           "phantom_fold_loss": read_json(work / "models" / demo.RUN / "best.json")["val_weighted_log_loss"]}
+    row = {"fold_loss": read_json(work / "models" / demo.RUN / "best.json")["val_weighted_log_loss"]}
     for model in ("prior", "cnn", "cnn+lstm"):
         row[f"{model} loss"] = models[model]["weighted_log_loss"]
         row[f"{model} auc"] = models[model]["slice_auc"]["any"]
