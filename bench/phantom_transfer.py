@@ -8,15 +8,15 @@ The validation set is built once: bleeds inserted into the bleed-free real serie
 a bleed are real anatomy, its bleeds have known masks, and the labeled real series (``rsna_labeled/``)
 are never read: they are kept for the one report of "Trained on synthetic, scored on real".
 
-For each phantom seed, the phantom dataset (80 training studies; its test split is not used), then for
-each candidate (train_cnn.py flags laid over the demo's): one CNN on fold 0, its LSTM on pca:32 with
-the demo's settings, and ``predict.py --dicom-dir --labels`` on the validation set. Reported per seed:
-the slice AUC for ``any`` and the weighted log loss of the CNN and of CNN+LSTM on the validation set,
-and the CNN's own validation loss on its phantom fold. Results are saved to <root>/transfer.json as they
-come; a rerun resumes. Printed beside them, real heads (the validation set's slices without a bleed)
-against each phantom: how many pixels are as dense as blood without touching bone, by fifth of the
-series (`blood_dense_by_fifth`), how dense the brain is against the inner table (`inner_table_profile`), and
-how many slices hold a dense spot inside the skull (`dense_spot_share`).
+For each phantom seed, the phantom dataset (``--train-studies``, the demo's 80 by default; its test split
+is not used), then for each candidate (train_cnn.py flags laid over the demo's): one CNN on fold 0, its
+LSTM on pca:32 with the demo's settings, and ``predict.py --dicom-dir --labels`` on the validation set.
+Reported per seed: the slice AUC for ``any`` and the weighted log loss of the CNN and of CNN+LSTM on the
+validation set, and the CNN's own validation loss on its phantom fold. Results are saved to
+<root>/transfer.json as they come; a rerun resumes. Printed beside them, real heads (the validation set's
+slices without a bleed) against each phantom: how many pixels are as dense as blood without touching
+bone, by fifth of the series (`blood_dense_by_fifth`), how dense the brain is against the inner table
+(`inner_table_profile`), and how many slices hold a dense spot inside the skull (`dense_spot_share`).
 """
 from __future__ import annotations
 
@@ -115,14 +115,22 @@ def made_with(validation: Path) -> dict:
             "validation": read_json(validation / "config.json")["settings"]}
 
 
-def score(seed: int, candidate: str, root: Path, validation: Path) -> dict:
-    """Train one fold's chain on the phantom of ``seed`` under ``candidate`` and score it on ``validation``."""
-    data = root / f"phantom-{seed}"
+def phantom_folder(root: Path, seed: int, studies: int) -> Path:
+    """Where the phantom dataset of ``seed`` with ``studies`` training studies is prepared."""
+    return root / (f"phantom-{seed}" if studies == demo.TRAIN_STUDIES["phantom"] else f"phantom-{seed}-{studies}")
+
+
+def score(seed: int, candidate: str, root: Path, validation: Path, studies: int) -> dict:
+    """Train one fold's chain on the phantom of ``seed`` (``studies`` training studies) under ``candidate`` and score
+    it on ``validation``."""
+    data = phantom_folder(root, seed, studies)
     prepare_data.main(["--synthetic", "--dataset", demo.DATASET, "--size", "128", "--folds", str(demo.FOLDS),
-                       "--seed", str(seed), "--train-studies", "80", "--test-studies", "2", "--data-dir", str(data)])
+                       "--seed", str(seed), "--train-studies", str(studies), "--test-studies", "2",
+                       "--data-dir", str(data)])
     work = data / ("run-" + ("_".join(candidate.replace("--", "").split()) or "demo"))
     scores = fold_chain_scores(data, work, [*demo.cnn_flags(), *candidate.split()], validation)
-    return {"seed": seed, "candidate": candidate or DEMOS_CNN, "made_with": made_with(validation),
+    return {"seed": seed, "candidate": candidate or DEMOS_CNN, "train_studies": studies,
+            "made_with": made_with(validation),
             "phantom_fold_loss": scores.pop("fold_loss"), **scores}
 
 
@@ -151,6 +159,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--root", default="/tmp/ihd-transfer")
     parser.add_argument("--backgrounds", default=str(REAL / "rsna_normal"))
     parser.add_argument("--validation-seed", type=int, default=101)
+    parser.add_argument("--train-studies", type=int, default=demo.TRAIN_STUDIES["phantom"],
+                        help="the phantom datasets' training studies")
     args = parser.parse_args(argv)
     root = Path(args.root)
     print(f"{cpu_description()}; {load_description()}", flush=True)
@@ -163,21 +173,24 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     print("share of those slices with a pixel over 100 HU 3 pixels or more inside the skull:")
     print(f"  real heads (the validation set): {dense_spot_share(validation.parent)}", flush=True)
     saved = root / "transfer.json"
-    rows = [r for r in (json.loads(saved.read_text()) if saved.exists() else [])
+    demos = {"train_studies": demo.TRAIN_STUDIES["phantom"]}  # what rows saved before --train-studies were made with
+    rows = [demos | r for r in (json.loads(saved.read_text()) if saved.exists() else [])
             if r.get("made_with") == made_with(validation)]
     for seed in args.seeds:
         for candidate in args.candidate or CANDIDATES:
-            if not any(r["seed"] == seed and r["candidate"] == (candidate or DEMOS_CNN) for r in rows):
-                rows.append(score(seed, candidate, root, validation))
+            if not any(r["seed"] == seed and r["candidate"] == (candidate or DEMOS_CNN)
+                       and r["train_studies"] == args.train_studies for r in rows):
+                rows.append(score(seed, candidate, root, validation, args.train_studies))
                 saved.write_text(json.dumps(rows, indent=2) + "\n")
-        phantom = root / f"phantom-{seed}" / demo.DATASET
+        phantom = phantom_folder(root, seed, args.train_studies) / demo.DATASET
         print(f"  phantom seed {seed}: blood-dense {blood_dense_by_fifth(phantom)}, "
               f"against the inner table {inner_table_profile(phantom)}, dense spots {dense_spot_share(phantom)}",
               flush=True)
     table = pd.DataFrame(rows).drop(columns="made_with")
     print(f"{cpu_description()}; {load_description()}")
     print(table.to_string(index=False, float_format="%.3f"))
-    print(table.groupby("candidate").mean(numeric_only=True).drop(columns="seed").to_string(float_format="%.3f"))
+    means = table.groupby(["train_studies", "candidate"]).mean(numeric_only=True).drop(columns="seed")
+    print(means.to_string(float_format="%.3f"))
     return table
 
 
