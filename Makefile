@@ -8,13 +8,13 @@ REQUIREMENTS ?= requirements.txt
 VENV := .venv
 BIN := $(VENV)/bin
 
-# The demo (demo.py, where its settings are): a synthetic dataset of 30 test studies and 160
-# training studies of inserted bleeds (80 of phantoms), a tiny CNN per fold at 128x128 from scratch
-# (offline, minutes on a CPU), two feature selections compared out of fold, the fold ensemble's
-# validated submission, Grad-CAM pictures and the test scores of the prior, the CNNs alone and
-# CNN+LSTM. Where real bleed-free RSNA series are beside the project (REAL_NORMAL), the dataset's
-# bleeds are inserted into them (real anatomy); without them, the phantom (no real data needed).
-# Where the real labeled RSNA series are (REAL_LABELED), the ensemble's scores on them at the end.
+# The demo (demo.py, where its settings are): a synthetic dataset of 80 training and 30 test studies,
+# a tiny CNN per fold at 128x128 from scratch (offline, minutes on a CPU), two feature selections
+# compared out of fold, the fold ensemble's validated submission, Grad-CAM pictures and the test
+# scores of the prior, the CNNs alone and CNN+LSTM. Where real bleed-free RSNA series are beside the
+# project (REAL_NORMAL), the dataset's bleeds are inserted into them (real anatomy); without them, the
+# phantom (no real data needed). Where the real labeled RSNA series are (REAL_LABELED), the
+# ensemble's scores on them at the end.
 REAL_NORMAL ?= ../shared/data/real/rsna_normal
 REAL_LABELED ?= ../shared/data/real/rsna_labeled
 
@@ -55,7 +55,8 @@ test: setup
 
 # The self-contained benchmarks; bench/segment.py needs a trained U-Net run,
 # bench/synthetic_to_real.py trains two demo chains (about 15 minutes), bench/phantom_transfer.py six
-# one-fold chains (about 15 minutes), bench/inserted_transfer.py eight (about 40 minutes), bench/folder.py writes a
+# one-fold chains (about 15 minutes), bench/inserted_transfer.py eight (about 40 minutes),
+# bench/folder.py writes a
 # 10,000-slice DICOM folder (5 GB, about 20 minutes on 2 cores) and bench/rehearsal.py runs every stage on
 # a synthetic tenth of the real dataset (43 GB of DICOM, about 25 minutes): run those by hand.
 BENCHMARKS := machine preprocess input embed cache_check lstm study_latency study_mode_latency gradcam inner_table

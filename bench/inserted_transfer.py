@@ -37,7 +37,7 @@ from bench.phantom_transfer import REAL, fold_chain_scores, validation_set  # no
 from ihd import synthetic  # noqa: E402
 from ihd.io import read_json  # noqa: E402
 
-CANDIDATES = ["80:12:3", "160:6:3", "160:12:3", "160:12:2"]  # the first is the demo's choice before this script
+CANDIDATES = ["80:12:3", "160:6:3", "160:12:3", "160:12:2"]  # the first is the demo's
 
 
 def split_heads(backgrounds: Path, training_heads: int, out: Path) -> tuple[Path, Path]:
@@ -66,12 +66,13 @@ def split_heads(backgrounds: Path, training_heads: int, out: Path) -> tuple[Path
 
 
 def score(seed: int, candidate: str, root: Path, training: Path, validation: Path, made_with: dict) -> dict:
-    """Train one fold's chain under ``candidate`` on bleeds inserted into ``training`` (``seed``), score it on ``validation``."""
+    """Train one fold's chain under ``candidate`` on bleeds inserted into ``training`` (``seed``), score it on
+    ``validation``."""
     studies, epochs, folds = (int(part) for part in candidate.split(":"))
     data = root / (f"data-{studies}-{seed}" if folds == demo.FOLDS else f"data-{studies}-f{folds}-{seed}")
     prepare_data.main(["--synthetic", "--backgrounds", str(training), "--dataset", demo.DATASET, "--size", "128",
-                       "--folds", str(folds), "--seed", str(seed), "--train-studies", str(studies), "--test-studies", "2",
-                       "--data-dir", str(data)])
+                       "--folds", str(folds), "--seed", str(seed), "--train-studies", str(studies),
+                       "--test-studies", "2", "--data-dir", str(data)])
     work = data / f"run-{epochs}-epochs"
     return {"seed": seed, "candidate": candidate, "made_with": made_with,
             **fold_chain_scores(data, work, [*demo.CNN, "--epochs", str(epochs)], validation)}

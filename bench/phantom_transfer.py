@@ -50,6 +50,7 @@ VALIDATION_STUDIES = 40
 SELECTION = "pca:32"
 CANDIDATES = ["", "--batch-size 32 --learning-rate 5e-4"]  # "": the demo's CNN as it is; then the kit's default rate
 DEMOS_CNN = "(the demo's)"
+DEMOS_STUDIES = synthetic.DEFAULT_SIZE["train_studies"]  # the phantom datasets' training studies in the demo
 PROFILE_PIXELS = (1, 2, 3, 6)  # distances from bone at which `inner_table_profile` reads a slice
 
 
@@ -117,7 +118,7 @@ def made_with(validation: Path) -> dict:
 
 def phantom_folder(root: Path, seed: int, studies: int) -> Path:
     """Where the phantom dataset of ``seed`` with ``studies`` training studies is prepared."""
-    return root / (f"phantom-{seed}" if studies == demo.TRAIN_STUDIES["phantom"] else f"phantom-{seed}-{studies}")
+    return root / (f"phantom-{seed}" if studies == DEMOS_STUDIES else f"phantom-{seed}-{studies}")
 
 
 def score(seed: int, candidate: str, root: Path, validation: Path, studies: int) -> dict:
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--root", default="/tmp/ihd-transfer")
     parser.add_argument("--backgrounds", default=str(REAL / "rsna_normal"))
     parser.add_argument("--validation-seed", type=int, default=101)
-    parser.add_argument("--train-studies", type=int, default=demo.TRAIN_STUDIES["phantom"],
+    parser.add_argument("--train-studies", type=int, default=DEMOS_STUDIES,
                         help="the phantom datasets' training studies")
     args = parser.parse_args(argv)
     root = Path(args.root)
@@ -173,8 +174,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     print("share of those slices with a pixel over 100 HU 3 pixels or more inside the skull:")
     print(f"  real heads (the validation set): {dense_spot_share(validation.parent)}", flush=True)
     saved = root / "transfer.json"
-    demos = {"train_studies": demo.TRAIN_STUDIES["phantom"]}  # what rows saved before --train-studies were made with
-    rows = [demos | r for r in (json.loads(saved.read_text()) if saved.exists() else [])
+    # rows saved before --train-studies were made with the demo's
+    rows = [{"train_studies": DEMOS_STUDIES} | r for r in (json.loads(saved.read_text()) if saved.exists() else [])
             if r.get("made_with") == made_with(validation)]
     for seed in args.seeds:
         for candidate in args.candidate or CANDIDATES:

@@ -5,8 +5,8 @@
     python bench/synthetic_to_real.py --modes phantom --seed 101        # another seed of the synthetic dataset
 
 For each mode (``phantom``: the pure phantom; ``inserted``: bleeds inserted into the bleed-free
-series of ``--backgrounds``) demo.py's stages run unchanged (`demo.stages`: 30 test studies and 80
-training studies of phantoms or 160 of inserted bleeds, a fold ensemble of tiny CNNs, an LSTM per member for each of the demo's selections, the
+series of ``--backgrounds``) demo.py's stages run unchanged (`demo.stages`: 80 training and 30 test
+studies, a fold ensemble of tiny CNNs, an LSTM per member for each of the demo's selections, the
 selection with the better out-of-fold validation loss kept; no Grad-CAM). The chain then
 predicts the synthetic test split (in-domain reference) and the real labeled series of ``--labeled``
 (``predict.py --dicom-dir --labels``), which take no part in training or in any choice. The prior is
