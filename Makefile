@@ -55,7 +55,7 @@ test: setup
 
 # The self-contained benchmarks; bench/segment.py needs a trained U-Net run,
 # bench/synthetic_to_real.py trains two demo chains (about 15 minutes), bench/phantom_transfer.py six
-# one-fold chains (about 15 minutes), bench/inserted_transfer.py eight (about 40 minutes),
+# one-fold chains (about 15 minutes), bench/inserted_transfer.py eight (about 45 minutes),
 # bench/folder.py writes a
 # 10,000-slice DICOM folder (5 GB, about 20 minutes on 2 cores) and bench/rehearsal.py runs every stage on
 # a synthetic tenth of the real dataset (43 GB of DICOM, about 25 minutes): run those by hand.

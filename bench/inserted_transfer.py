@@ -14,18 +14,21 @@ heads, dealt into that many folds, and the demo's CNN for that many epochs. For 
 the dataset, one chain on fold 0 (`bench.phantom_transfer.fold_chain_scores`: the CNN, its LSTM on pca:32,
 ``predict.py --dicom-dir --labels`` on the validation set). Reported: the slice AUC for ``any`` and the
 weighted log loss of the prior, the CNN and CNN+LSTM on the validation set, and the CNN's validation
-loss on its own fold. Results are saved to <root>/transfer.json as they come; a rerun resumes.
+loss on its own fold. Everything goes under <root>/<N>-training-heads/, the results to its transfer.json as
+they come; a rerun resumes.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pydicom
+from pydicom.errors import InvalidDicomError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,25 +44,30 @@ CANDIDATES = ["80:12:3", "160:6:3", "160:12:3", "160:12:2"]  # the first is the 
 
 
 def split_heads(backgrounds: Path, training_heads: int, out: Path) -> tuple[Path, Path]:
-    """Folders ``out``/training and ``out``/held-out in the Kaggle layout, of links to the files of the series of
-    ``backgrounds`` (first ``training_heads`` by SeriesInstanceUID, then the rest) and their rows of its labels."""
+    """Folders ``out``/training and ``out``/held-out in the Kaggle layout (made afresh), of links to the files of
+    the series of ``backgrounds`` (first ``training_heads`` by SeriesInstanceUID, then the rest) and their rows of
+    its labels. A file that is not DICOM or names no series is left out with a message."""
     by_series: dict[str, list[Path]] = {}
     for path in sorted((backgrounds / "stage_2_train").glob("*.dcm")):
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-        by_series.setdefault(str(header.SeriesInstanceUID), []).append(path)
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            by_series.setdefault(str(header.SeriesInstanceUID), []).append(path)
+        except (InvalidDicomError, AttributeError, OSError) as error:
+            print(f"{path}: left out, no series to place it in ({type(error).__name__}: {error})", flush=True)
     series = sorted(by_series)
     if not 0 < training_heads < len(series):
-        raise SystemExit(f"{backgrounds} holds {len(series)} series: --training-heads must leave some on each side")
+        raise SystemExit(f"{backgrounds} holds {len(series)} series in stage_2_train/ (the Kaggle layout): "
+                         f"--training-heads {training_heads} must leave some on each side")
     labels = pd.read_csv(backgrounds / "stage_2_train.csv")
+    shutil.rmtree(out, ignore_errors=True)  # links of an earlier split or of files since removed must not stay
     parts = {"training": series[:training_heads], "held-out": series[training_heads:]}
     for part, chosen in parts.items():
         folder = out / part / "stage_2_train"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True)
         ids = set()
         for name in chosen:
             for path in by_series[name]:
-                if not (folder / path.name).exists():
-                    os.symlink(path.resolve(), folder / path.name)
+                os.symlink(path.resolve(), folder / path.name)
                 ids.add(path.stem)
         labels[labels["ID"].str.rsplit("_", n=1).str[0].isin(ids)].to_csv(out / part / "stage_2_train.csv", index=False)
     return out / "training", out / "held-out"
@@ -87,7 +95,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--training-heads", type=int, default=10)
     parser.add_argument("--validation-seed", type=int, default=301)
     args = parser.parse_args(argv)
-    root = Path(args.root)
+    root = Path(args.root) / f"{args.training_heads}-training-heads"  # another split never shares a dataset
     print(f"{cpu_description()}; {load_description()}", flush=True)
     training, held_out = split_heads(Path(args.backgrounds), args.training_heads, root / "heads")
     validation = validation_set(root / "val", held_out, args.validation_seed)

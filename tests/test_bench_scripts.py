@@ -64,3 +64,35 @@ def test_inner_table_rings_read_the_cavity_at_each_distance_from_bone():
     assert cavity_rings(hu, [2, 10], ring_px=0.5, closing_px=3, min_cavity_px=500) == [100.0, 30.0]
     hu[:, 60:68] = np.where(radius[:, 60:68] >= 50, -1000.0, hu[:, 60:68])  # a gap through the skull
     assert np.isnan(cavity_rings(hu, [2, 10], ring_px=0.5, closing_px=3, min_cavity_px=500)).all()
+
+
+def test_held_out_heads_are_whole_series_and_a_new_split_leaves_no_link_of_the_old(tmp_path, capsys):
+    """Each series of the backgrounds lands on one side only, with its own label rows; a file that is not DICOM is
+    named and left out; splitting again with fewer training heads leaves no stale link on the training side."""
+    import os
+
+    import pandas as pd
+
+    from bench.inserted_transfer import split_heads
+    from bench.phantom_transfer import REAL
+
+    source = REAL / "rsna_normal"
+    backgrounds = tmp_path / "normal"
+    (backgrounds / "stage_2_train").mkdir(parents=True)
+    files = sorted((source / "stage_2_train").glob("*.dcm"))[:120]
+    for path in files:
+        os.symlink(path, backgrounds / "stage_2_train" / path.name)
+    (backgrounds / "stage_2_train" / "ID_broken.dcm").write_bytes(b"not a DICOM file")
+    (backgrounds / "stage_2_train.csv").write_text((source / "stage_2_train.csv").read_text())
+
+    def sides(training_heads):
+        training, held_out = split_heads(backgrounds, training_heads, tmp_path / "heads")
+        return [{p.stem for p in (side / "stage_2_train").iterdir()} for side in (training, held_out)], training
+
+    (train_ids, held_ids), training = sides(2)
+    assert "ID_broken.dcm" in capsys.readouterr().out
+    assert not train_ids & held_ids and train_ids | held_ids == {p.stem for p in files}
+    labels = pd.read_csv(training / "stage_2_train.csv")
+    assert set(labels["ID"].str.rsplit("_", n=1).str[0]) == train_ids
+    (fewer, _), _ = sides(1)
+    assert fewer < train_ids
