@@ -96,3 +96,28 @@ def test_held_out_heads_are_whole_series_and_a_new_split_leaves_no_link_of_the_o
     assert set(labels["ID"].str.rsplit("_", n=1).str[0]) == train_ids
     (fewer, _), _ = sides(1)
     assert fewer < train_ids
+
+
+def test_blood_statistics_read_density_unevenness_and_contrast_of_each_bleed():
+    """Two bleeds in 30 HU brain: one of 70 HU throughout, one whose halves are 55 and 75 HU. Each is measured
+    on its own core: the flat one has no unevenness, the split one about half their difference; a bleed too
+    thin for a core is left out; and the real CT-ICH slices give one row per masked bleed."""
+    import numpy as np
+
+    from bench.blood_appearance import bleed_statistics, real_bleeds
+
+    hu = np.full((128, 128), 30.0, np.float32)
+    mask = np.zeros((128, 128), bool)
+    mask[10:40, 10:40] = True
+    hu[10:40, 10:40] = 70.0
+    mask[60:100, 60:100] = True
+    hu[60:100, 60:80], hu[60:100, 80:100] = 55.0, 75.0
+    mask[120:122, 10:60] = True  # 2 pixels thick: no core
+    hu[120:122, 10:60] = 70.0
+    flat, split = sorted(bleed_statistics(hu, mask), key=lambda row: row["unevenness_hu"])
+    assert (flat["density_hu"], flat["unevenness_hu"], flat["contrast_hu"]) == (70.0, 0.0, 40.0)
+    assert flat["core_px"] == 24 * 24
+    assert split["density_hu"] == 65.0 and 7.0 < split["unevenness_hu"] < 10.0 and split["contrast_hu"] == 35.0
+    real = real_bleeds()
+    assert len(real) >= 8 and real["slice"].nunique() >= 8
+    assert real["density_hu"].between(40, 80).all()
