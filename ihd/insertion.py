@@ -13,10 +13,11 @@ pixels and would be labeled negative.
 Where a bleed goes is found from the background's own anatomy (``ihd.anatomy``): epidural lenses
 and subdural crescents against the inner table, intraparenchymal bleeds inside brain tissue,
 intraventricular blood layering in the dependent part of the ventricles, subarachnoid blood in the
-sulci, fissures and cisterns. Blood is 50-90 HU; the edges blend with what they cover (partial
-volume) and contrast tapers at the ends in z as in the phantom. Blood replaces the local mean of the
-tissue it covers and keeps the background's own pixel noise, so its noise is the scan's. Sizes and
-co-occurrence follow the phantom's draws.
+sulci, fissures and cisterns. Blood is 50-90 HU, uneven within a bleed as a real clot is (a smooth
+field over a few millimetres); the edges blend with what they cover (partial volume) and contrast
+tapers at the ends in z as in the phantom. Blood replaces the local mean of the tissue it covers and
+keeps the background's own pixel noise, so its noise is the scan's. Sizes and co-occurrence follow
+the phantom's draws.
 
 Every study augments its background first (left-right flip, a small rotation and shift, a small
 gain and offset in HU, applied before any window), so that a few heads give many studies. Training
@@ -77,6 +78,12 @@ HEAD_CHECK_HEIGHTS = (0.5, 0.65, 0.8)  # where along the series that slice is lo
 TEST_PATIENT_SHARE = 0.2
 PLACEMENT_AREA_SHARE = 0.35  # bleeds are centred on slices whose cranial cavity is at least this share of the largest
 EDGE_MM = 0.7  # partial volume at a bleed's edge (Gaussian blur of its mask)
+# A clot is not of one density: smoothed over 3.5 mm, real blood under radiologists' masks varies by 4.8-8.3 HU
+# (quartiles over CT-ICH's bleeds, bench/blood_appearance.py), one-density blood by 0.9-2.1 (the pixel noise). Each
+# bleed's HU varies about its own by a smooth field of this grain, its spread drawn in this range: 4.2-8.8 HU by the
+# same measure.
+UNEVENNESS_HU = (6.0, 14.0)
+UNEVENNESS_GRAIN_MM = 2.0
 STUDIES_PER_TASK = 4  # studies handed to a worker at once (consecutive ones share a background)
 FLIP_PROBABILITY = 0.5
 ROTATION_DEG = 10.0
@@ -378,13 +385,15 @@ def bleed_mask(bleed: Bleed, size: float, anatomy: HeadAnatomy, index: int, thet
     return spaces & sector & cavity & ~anatomy.ventricles[index]
 
 
-def insert_bleeds(hu: np.ndarray, anatomy: HeadAnatomy, bleeds: list[Bleed], heights_mm: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def insert_bleeds(hu: np.ndarray, anatomy: HeadAnatomy, bleeds: list[Bleed], heights_mm: np.ndarray,
+                  unevenness_hu: list[float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Paint ``bleeds`` into the series ``hu``: (HU, masks (n, 5, rows, cols) in BLEEDS order).
 
-    Inside a bleed the tissue's local mean gives way to blood; the pixel noise stays. The blend
-    weight is the mask blurred over ``EDGE_MM`` (partial volume at the edges) times the bleed's
-    contrast on that slice (partial volume at its ends in z), and never reaches outside the cavity.
+    Inside a bleed the tissue's local mean gives way to blood; the pixel noise stays. The blood's HU is
+    the bleed's own plus a smooth random field (grain ``UNEVENNESS_GRAIN_MM``, spread ``unevenness_hu``
+    per bleed, drawn from ``rng`` slice by slice). The blend weight is the mask blurred over ``EDGE_MM``
+    (partial volume at the edges) times the bleed's contrast on that slice (partial volume at its ends
+    in z), and never reaches outside the cavity.
     """
     out = hu.astype(np.float32).copy()
     masks = np.zeros((len(hu), len(BLEEDS)) + hu.shape[1:], bool)
@@ -397,7 +406,7 @@ def insert_bleeds(hu: np.ndarray, anatomy: HeadAnatomy, bleeds: list[Bleed], hei
         theta = np.arctan2(rows - centres[index][0], cols - centres[index][1])
         weight = np.zeros(hu.shape[1:], np.float32)
         blood = np.zeros(hu.shape[1:], np.float32)
-        for bleed in bleeds:
+        for bleed, spread in zip(bleeds, unevenness_hu, strict=True):
             section = bleed_section(bleed, float(height), step)
             if section is None:
                 continue
@@ -409,10 +418,18 @@ def insert_bleeds(hu: np.ndarray, anatomy: HeadAnatomy, bleeds: list[Bleed], hei
             masks[index, BLEEDS.index(bleed.subtype)] |= mask
             soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), edge_px) * np.float32(contrast)
             soft = np.maximum(soft, mask * np.float32(contrast)) * anatomy.cavity[index]
-            blood = np.where(soft > weight, np.float32(bleed.hu), blood)
+            blood = np.where(soft > weight, np.float32(bleed.hu) + spread * uneven_field(hu.shape[1:], anatomy, rng),
+                             blood)
             weight = np.maximum(weight, soft)
         out[index] += weight * (blood - anatomy.local_mean_hu[index])
     return out, masks
+
+
+def uneven_field(shape: tuple[int, int], anatomy: HeadAnatomy, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random field of unit spread, float32 ``shape``: white noise blurred over ``UNEVENNESS_GRAIN_MM``."""
+    field = cv2.GaussianBlur(rng.standard_normal(shape, dtype=np.float32), (0, 0),
+                             UNEVENNESS_GRAIN_MM / anatomy.spacing_mm)
+    return field / np.float32(max(float(field.std()), 1e-6))
 
 
 @lru_cache(maxsize=1)
@@ -432,12 +449,15 @@ def render_study(plan: InsertionPlan, seed: int) -> dict:
     heights = np.asarray(background.heights_mm)
     anatomy = find_anatomy(hu, background.spacing_mm, background.slice_step_mm)
     bleeds = draw_bleeds(plan.subtypes, anatomy, heights, rng)
-    painted, masks = insert_bleeds(hu, anatomy, bleeds, heights)
+    texture_rng = np.random.default_rng([seed, plan.number, 2])  # its own stream: the draws above stay as they were
+    unevenness = [float(texture_rng.uniform(*UNEVENNESS_HU)) for _ in bleeds]
+    painted, masks = insert_bleeds(hu, anatomy, bleeds, heights, unevenness, texture_rng)
     labels = labels_from_masks(masks, background.spacing_mm ** 2)
     record = {"study_id": plan.study_id, "series_id": plan.series_id, "split": plan.split,
               "background_series": background.series_id, "background_patient": background.patient_id,
               "augmentation": dataclasses.asdict(augmentation), "noise_hu": round(anatomy.noise_hu, 2),
-              "planned_subtypes": list(plan.subtypes), "bleeds": [dataclasses.asdict(b) for b in bleeds],
+              "planned_subtypes": list(plan.subtypes),
+              "bleeds": [{**dataclasses.asdict(b), "unevenness_hu": u} for b, u in zip(bleeds, unevenness)],
               "labeled_subtypes": [s for k, s in enumerate(BLEEDS) if labels[:, k].any()]}
     return {"hu": painted, "masks": masks, "labels": labels, "record": record, "anatomy": anatomy}
 

@@ -165,18 +165,36 @@ def test_every_subtype_sits_in_its_compartment_of_the_background(every_subtype):
     assert not (sah & ivh).any()
 
 
-def test_blood_is_50_to_90_hu_with_the_background_noise(every_subtype):
+@pytest.fixture(scope="module")
+def flat_blood(every_subtype) -> np.ndarray:
+    """The study of ``every_subtype`` painted again with each bleed of one density: its HU without the unevenness."""
     plan, study, background = every_subtype
-    hu, masks = study["hu"], study["masks"]
+    bleeds = [synthetic.Bleed(**{k: v for k, v in b.items() if k != "unevenness_hu"}) for b in study["record"]["bleeds"]]
+    hu, masks = insertion.insert_bleeds(background, study["anatomy"], bleeds, np.asarray(plan.background.heights_mm),
+                                        [0.0] * len(bleeds), np.random.default_rng(0))
+    np.testing.assert_array_equal(masks, study["masks"])
+    return hu
+
+
+def _full_cores(plan, masks: np.ndarray, bleed: dict) -> np.ndarray:
+    """The bleed's mask less its outer 2 pixels, on the slices it crosses at full contrast."""
+    k = synthetic.BLEEDS.index(bleed["subtype"])
+    heights = np.asarray(plan.background.heights_mm)
+    full = np.abs(heights - bleed["h_centre_mm"]) < bleed["h_half_mm"] - synthetic.TAPER_SLICES * plan.background.slice_step_mm
+    core = np.zeros_like(masks[:, k])
+    for index in np.flatnonzero(full):
+        core[index] = cv2.erode(masks[index, k].astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    return core
+
+
+def test_blood_is_50_to_90_hu_with_the_background_noise(every_subtype, flat_blood):
+    plan, study, background = every_subtype
+    hu, masks = flat_blood, study["masks"]
     noise = study["anatomy"].noise_hu
     assert 1.5 < noise < 10
     for bleed in study["record"]["bleeds"]:
         k = synthetic.BLEEDS.index(bleed["subtype"])
-        heights = np.asarray(plan.background.heights_mm)
-        full = np.abs(heights - bleed["h_centre_mm"]) < bleed["h_half_mm"] - synthetic.TAPER_SLICES * plan.background.slice_step_mm
-        core = np.zeros_like(masks[:, k])
-        for index in np.flatnonzero(full):
-            core[index] = cv2.erode(masks[index, k].astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        core = _full_cores(plan, masks, bleed)
         if core.sum() < 200:
             continue
         middle = np.median(hu[core])
@@ -191,6 +209,26 @@ def test_blood_is_50_to_90_hu_with_the_background_noise(every_subtype):
     untouched = ~masks.any(axis=1)
     outside = untouched & ~np.stack([cv2.dilate(m.any(0).astype(np.uint8), np.ones((9, 9), np.uint8)) > 0 for m in masks])
     np.testing.assert_allclose(hu[outside], background[outside], atol=0.5)  # below the files' 1 HU step
+
+
+def test_blood_is_uneven_over_millimetres_and_keeps_the_background_noise(every_subtype, flat_blood):
+    plan, study, _ = every_subtype
+    uneven = study["hu"] - flat_blood  # what the unevenness adds: each bleed's spread times a smooth field
+    checked = 0
+    for bleed in study["record"]["bleeds"]:
+        core = _full_cores(plan, study["masks"], bleed)
+        if core.sum() < 200:
+            continue
+        checked += 1
+        spread = bleed["unevenness_hu"]
+        assert insertion.UNEVENNESS_HU[0] <= spread <= insertion.UNEVENNESS_HU[1]
+        assert 0.5 * spread < uneven[core].std() < 1.5 * spread, bleed["subtype"]
+        assert abs(uneven[core].mean()) < 0.6 * spread, bleed["subtype"]
+        grain = uneven - np.stack([cv2.GaussianBlur(s, (0, 0), 1.0) for s in uneven])  # smooth over a millimetre
+        assert grain[core].std() < 0.3 * uneven[core].std(), bleed["subtype"]
+    assert checked >= 3
+    near = np.stack([cv2.dilate(m.any(0).astype(np.uint8), np.ones((9, 9), np.uint8)) > 0 for m in study["masks"]])
+    assert np.abs(uneven[~near]).max() < 0.05  # nothing beyond the blurred edges of the bleeds
 
 
 def test_edges_and_ends_blend_partially(every_subtype):
