@@ -43,9 +43,10 @@ CTICH_SUBTYPES = {"Epidural": "epidural", "Subdural": "subdural", "Intraparenchy
                   "Intraventricular": "intraventricular", "Subarachnoid": "subarachnoid"}
 
 
-def bleed_statistics(hu: np.ndarray, mask: np.ndarray) -> list[dict]:
+def bleed_statistics(hu: np.ndarray, mask: np.ndarray, blood: np.ndarray | None = None) -> list[dict]:
     """One slice's HU (rows, cols) and a bleed mask (rows, cols) -> density, unevenness and contrast of each
-    connected region whose core holds at least ``MIN_CORE_PX`` pixels."""
+    connected region whose core holds at least ``MIN_CORE_PX`` pixels; the brain around it leaves out ``blood``
+    (every bleed on the slice; ``mask`` when None)."""
     count, regions = cv2.connectedComponents(mask.astype(np.uint8))
     smooth = cv2.blur(hu.astype(np.float32), (SMOOTH_PX, SMOOTH_PX))
     square = np.ones((2 * CORE_PX + 1, 2 * CORE_PX + 1), np.uint8)
@@ -55,7 +56,8 @@ def bleed_statistics(hu: np.ndarray, mask: np.ndarray) -> list[dict]:
         core = cv2.erode(region, square).astype(bool)
         if core.sum() < MIN_CORE_PX:
             continue
-        ring = cv2.dilate(region, np.ones((2 * RING_PX + 1,) * 2, np.uint8)).astype(bool) & ~mask.astype(bool)
+        ring = cv2.dilate(region, np.ones((2 * RING_PX + 1,) * 2, np.uint8)).astype(bool)
+        ring &= ~(mask if blood is None else blood).astype(bool)
         ring &= (hu > 0) & (hu < 100)
         density = float(np.median(hu[core]))
         rows.append({"core_px": int(core.sum()), "density_hu": density, "unevenness_hu": float(smooth[core].std()),
@@ -79,21 +81,18 @@ def real_bleeds(folder: Path = CTICH) -> pd.DataFrame:
 
 
 def inserted_bleeds(raw: Path, limit: int | None = None) -> pd.DataFrame:
-    """Statistics of the bleeds inserted in the raw folder ``raw``, each with its subtype (the first ``limit``
-    series with a bleed, in name order)."""
+    """Statistics of the bleeds inserted in the raw folder ``raw``, each with its subtype: series in name order,
+    up to the one that brings the slices measured to ``limit``; the brain around a bleed leaves out every bleed."""
     rows = []
     for series in sorted((raw / "truth" / "masks").glob("*.npz")):
         image_ids, masks = load_masks(series)
-        bleeding = np.flatnonzero(masks.any(axis=(1, 2, 3)))
-        if not len(bleeding):
-            continue
-        for index in bleeding:
+        for index in np.flatnonzero(masks.any(axis=(1, 2, 3))):
             hu = read_hu(next(path for split in ("train", "test")
                               if (path := raw / f"stage_2_{split}" / f"{image_ids[index]}.dcm").exists()))
             for k, subtype in enumerate(BLEEDS):
                 if masks[index, k].any():
                     rows += [{"slice": image_ids[index], "subtype": subtype, **s}
-                             for s in bleed_statistics(hu, masks[index, k])]
+                             for s in bleed_statistics(hu, masks[index, k], masks[index].any(axis=0))]
         if limit is not None and len({r["slice"] for r in rows}) >= limit:
             break
     return pd.DataFrame(rows)
@@ -101,6 +100,8 @@ def inserted_bleeds(raw: Path, limit: int | None = None) -> pd.DataFrame:
 
 def summary(bleeds: pd.DataFrame) -> str:
     """Medians and quartiles of each statistic over the bleeds."""
+    if bleeds.empty:
+        return "no bleed with a core to measure"
     parts = [f"{len(bleeds)} bleeds on {bleeds['slice'].nunique()} slices"]
     for column in ("density_hu", "unevenness_hu", "contrast_hu"):
         q1, median, q3 = np.nanpercentile(bleeds[column], [25, 50, 75])
@@ -111,7 +112,8 @@ def summary(bleeds: pd.DataFrame) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("raw", nargs="+", type=Path, help="raw folders of inserted datasets")
-    parser.add_argument("--slices", type=int, default=300, help="at most this many bleeding slices a dataset")
+    parser.add_argument("--slices", type=int, default=300,
+                        help="stop reading a dataset after the series that brings its measured slices to this")
     args = parser.parse_args(argv)
     print(cpu_description())
     real = real_bleeds()

@@ -13,11 +13,11 @@ pixels and would be labeled negative.
 Where a bleed goes is found from the background's own anatomy (``ihd.anatomy``): epidural lenses
 and subdural crescents against the inner table, intraparenchymal bleeds inside brain tissue,
 intraventricular blood layering in the dependent part of the ventricles, subarachnoid blood in the
-sulci, fissures and cisterns. Blood is 50-90 HU, uneven within a bleed as a real clot is (a smooth
-field over a few millimetres); the edges blend with what they cover (partial volume) and contrast
-tapers at the ends in z as in the phantom. Blood replaces the local mean of the tissue it covers and
-keeps the background's own pixel noise, so its noise is the scan's. Sizes and co-occurrence follow
-the phantom's draws.
+sulci, fissures and cisterns. Each bleed's blood is drawn at 50-90 HU, its pixels uneven about that
+as a real clot's are (a smooth field over a few millimetres); the edges blend with what they cover
+(partial volume) and contrast tapers at the ends in z as in the phantom. Blood replaces the local
+mean of the tissue it covers and keeps the background's own pixel noise, so its noise is the scan's.
+Sizes and co-occurrence follow the phantom's draws.
 
 Every study augments its background first (left-right flip, a small rotation and shift, a small
 gain and offset in HU, applied before any window), so that a few heads give many studies. Training
@@ -418,17 +418,19 @@ def insert_bleeds(hu: np.ndarray, anatomy: HeadAnatomy, bleeds: list[Bleed], hei
             masks[index, BLEEDS.index(bleed.subtype)] |= mask
             soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), edge_px) * np.float32(contrast)
             soft = np.maximum(soft, mask * np.float32(contrast)) * anatomy.cavity[index]
-            blood = np.where(soft > weight, np.float32(bleed.hu) + spread * uneven_field(hu.shape[1:], anatomy, rng),
-                             blood)
+            uneven = spread * uneven_field(hu.shape[1:], anatomy.spacing_mm, rng)
+            blood = np.where(soft > weight, np.float32(bleed.hu) + uneven, blood)
             weight = np.maximum(weight, soft)
         out[index] += weight * (blood - anatomy.local_mean_hu[index])
     return out, masks
 
 
-def uneven_field(shape: tuple[int, int], anatomy: HeadAnatomy, rng: np.random.Generator) -> np.ndarray:
-    """A smooth random field of unit spread, float32 ``shape``: white noise blurred over ``UNEVENNESS_GRAIN_MM``."""
-    field = cv2.GaussianBlur(rng.standard_normal(shape, dtype=np.float32), (0, 0),
-                             UNEVENNESS_GRAIN_MM / anatomy.spacing_mm)
+def uneven_field(shape: tuple[int, int], spacing_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random field of unit spread, float32 ``shape``: white noise blurred over ``UNEVENNESS_GRAIN_MM``.
+
+    Drawn afresh on each slice: smooth in plane only, which suits slices thicker than the grain (RSNA's are
+    about 5 mm); on thin slices the blood would flicker from one to the next."""
+    field = cv2.GaussianBlur(rng.standard_normal(shape, dtype=np.float32), (0, 0), UNEVENNESS_GRAIN_MM / spacing_mm)
     return field / np.float32(max(float(field.std()), 1e-6))
 
 
