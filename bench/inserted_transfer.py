@@ -36,9 +36,8 @@ sys.path.insert(0, str(ROOT))
 import demo  # noqa: E402
 import prepare_data  # noqa: E402
 from bench.machine import cpu_description, load_description  # noqa: E402
-from bench.phantom_transfer import REAL, fold_chain_scores, validation_set  # noqa: E402
-from ihd import synthetic  # noqa: E402
-from ihd.io import read_json  # noqa: E402
+from bench.phantom_transfer import REAL, fold_chain_scores, validation_record, validation_set  # noqa: E402
+from ihd import insertion  # noqa: E402
 
 CANDIDATES = ["80:12:3", "160:6:3", "160:12:3", "160:12:2"]  # the first is the demo's
 
@@ -99,8 +98,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     print(f"{cpu_description()}; {load_description()}", flush=True)
     training, held_out = split_heads(Path(args.backgrounds), args.training_heads, root / "heads")
     validation = validation_set(root / "val", held_out, args.validation_seed)
-    made_with = {"cnn": demo.CNN, "lstm": demo.LSTM, "generator": synthetic.generator_version(),
-                 "training_heads": args.training_heads, "validation": read_json(validation / "config.json")["settings"]}
+    made_with = {"cnn": demo.CNN, "lstm": demo.LSTM, "generator": insertion.generator_version(),
+                 "training_heads": args.training_heads, "validation": validation_record(validation)}
     saved = root / "transfer.json"
     rows = [r for r in (json.loads(saved.read_text()) if saved.exists() else []) if r.get("made_with") == made_with]
     for seed in args.seeds:

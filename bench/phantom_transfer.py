@@ -110,10 +110,17 @@ def validation_set(root: Path, backgrounds: Path, seed: int) -> Path:
 
 
 def made_with(validation: Path) -> dict:
-    """What a saved row depends on besides its seed and candidate: the demo's chain, the phantom's generator and the
-    validation set's settings (its backgrounds and seed); rows made with other ones are scored again."""
+    """What a saved row depends on besides its seed and candidate: the demo's chain, the phantom's generator and what
+    made the validation set (`validation_record`); rows made with other ones are scored again."""
     return {"chain": demo.chain_record("cnn", "lstm"), "generator": synthetic.generator_version(),
-            "validation": read_json(validation / "config.json")["settings"]}
+            "validation": validation_record(validation)}
+
+
+def validation_record(validation: Path) -> dict:
+    """What made the validation set in the raw folder ``validation``: its settings (backgrounds, seed) and the
+    inserting code's version, so that rows scored on a set made otherwise are scored again."""
+    config = read_json(validation / "config.json")
+    return {"settings": config["settings"], "generator": config["generator"]}
 
 
 def phantom_folder(root: Path, seed: int, studies: int) -> Path:

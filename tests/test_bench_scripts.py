@@ -121,3 +121,18 @@ def test_blood_statistics_read_density_unevenness_and_contrast_of_each_bleed():
     real = real_bleeds()
     assert len(real) >= 8 and real["slice"].nunique() >= 8
     assert real["density_hu"].between(40, 80).all()
+
+
+def test_saved_transfer_rows_are_scored_again_when_the_validation_set_was_inserted_by_other_code(tmp_path):
+    """A validation set remade by a changed inserter keeps its settings: the record that decides whether saved rows
+    still hold must tell the two sets apart all the same."""
+    import json
+
+    from bench.phantom_transfer import validation_record
+
+    config = {"settings": {"backgrounds": "/heads", "seed": 301}, "generator": {"source": "a"}, "summary": {}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    before = validation_record(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "generator": {"source": "b"}}))
+    assert validation_record(tmp_path) != before
+    assert validation_record(tmp_path)["settings"] == before["settings"]
