@@ -23,11 +23,10 @@ from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
 from tf_keras_vis.utils.scores import CategoricalScore
 
 from ihd.io import atomic_path
-from ihd.labels import SUBTYPES
+from ihd.labels import ANY, SUBTYPES
 from ihd.windows import WINDOWS, window
 
 METHODS = {"gradcam": Gradcam, "gradcam++": GradcamPlusPlus}
-ANY = SUBTYPES.index("any")
 HEATMAP_ALPHA = 0.45
 SHORT_NAMES = {"epidural": "EDH", "intraparenchymal": "IPH", "intraventricular": "IVH",
                "subarachnoid": "SAH", "subdural": "SDH", "any": "any"}

@@ -14,6 +14,7 @@ from ihd.io import atomic_path
 
 SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
 LABEL_WEIGHTS = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 2.0])
+ANY = SUBTYPES.index("any")  # the column of "any bleed"
 
 
 class LabelFileError(ValueError):

@@ -36,13 +36,12 @@ from ihd.dicom import DicomError, read_header, read_hu
 from ihd.geometry import LPS_TO_RAS, GeometryError, SeriesGeometry, series_geometry
 from ihd.index import list_files
 from ihd.io import atomic_path
-from ihd.labels import SUBTYPES
+from ihd.labels import ANY, SUBTYPES
 from ihd.slices import to_model_hu
 from ihd.synthetic import BLEEDS, load_masks
 
 UNKNOWN = -1
 LABEL_VALUES = {subtype: k + 1 for k, subtype in enumerate(BLEEDS)}
-ANY = SUBTYPES.index("any")
 GRID_TOLERANCE_MM = 0.05
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 

@@ -21,7 +21,7 @@ from ihd.inputs import neighbour_rows, stack_hu
 from ihd.fingerprint import file_sha256
 from ihd.inference import ChainError
 from ihd.io import read_json
-from ihd.labels import SUBTYPES
+from ihd.labels import ANY, SUBTYPES
 from ihd.sequence import predict_series, series_set
 from ihd.series_inputs import transform_sha256
 from ihd.study_labels import STUDY_ID, LabelSet, label_set, read_study_labels
@@ -29,7 +29,6 @@ from ihd.study_metrics import binary_scores, exam_scores, flag_slices, keep_runs
 from ihd.study_models import EVIDENCE_LAYERS
 from ihd.study_training import StudySeries, load_study_model, outputs_and_weights, slice_weights, study_series
 
-ANY = SUBTYPES.index("any")
 SLICE_FLAG_PROBABILITY = 0.5
 
 

@@ -28,7 +28,7 @@ from ihd.fingerprint import file_sha256
 from ihd.index import assign_folds
 from ihd.inference import ChainError, finished_lstm
 from ihd.io import atomic_path, read_json, write_json
-from ihd.labels import SUBTYPES
+from ihd.labels import ANY
 from ihd.sequence import input_moments, load_lstm, predict_series, series_set
 from ihd.series_inputs import transform_sha256
 from ihd.study_labels import LABEL_SETS, STUDY_ID, LabelSet, derive_study_labels, read_study_labels
@@ -54,7 +54,6 @@ STUDY_MODELS = ("attention", "volume")
 INITS = ("pretrained", "scratch")
 DERIVE = "derive"
 DEFAULT_FOLDS = 5  # where the index has no folds of its own (no slice labels at all)
-ANY = SUBTYPES.index("any")
 SLICE_FLAG_PROBABILITY = 0.5  # a per-slice model flags a slice at p(any) >= 0.5, its calibrated even odds
 
 

@@ -106,8 +106,8 @@ def test_a_dataset_inserted_by_other_code_is_refused_by_name(prepared, backgroun
         prepare_data.main(flags)
     assert [p.name for p in older.iterdir()] == ["config.json"]
     phantoms = [flag for flag in flags if flag not in ("--backgrounds", str(backgrounds_dir))]
-    with pytest.raises(SystemExit, match=f"older/raw holds bleeds inserted into the series of .*, not phantoms: pass "
-                                         f"that folder as --backgrounds to use it"):
+    with pytest.raises(SystemExit, match="older/raw holds bleeds inserted into the series of .*, not phantoms: pass "
+                                         "that folder as --backgrounds to use it"):
         prepare_data.main(phantoms)
     assert [p.name for p in older.iterdir()] == ["config.json"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ihd.sequence import PAD_VALUE, build_lstm, input_moments, series_set
+from ihd.sequence import PAD_VALUE, build_lstm, input_moments
 from ihd.study_labels import LABEL_SETS
 from ihd.study_metrics import flag_slices, localization_scores
 from ihd.study_models import (
