@@ -48,11 +48,15 @@ def per_subtype_log_loss(y_true, y_pred) -> dict[str, float]:
     return dict(zip(SUBTYPES, losses.tolist()))
 
 
+def row_log_loss(y_true, y_pred) -> np.ndarray:
+    """Each image's weighted mean of its six binary log losses: the challenge's loss is their mean."""
+    y_true, y_pred = _checked(y_true, y_pred)
+    return _elementwise_log_loss(y_true, y_pred) @ LABEL_WEIGHTS / LABEL_WEIGHTS.sum()
+
+
 def weighted_log_loss(y_true, y_pred) -> float:
     """The challenge's weighted log loss over (N, 6) arrays in SUBTYPES order."""
-    y_true, y_pred = _checked(y_true, y_pred)
-    per_cell = _elementwise_log_loss(y_true, y_pred)
-    return float((per_cell @ LABEL_WEIGHTS).mean() / LABEL_WEIGHTS.sum())
+    return float(row_log_loss(y_true, y_pred).mean())
 
 
 def per_subtype_auc(y_true, y_pred) -> dict[str, float]:

@@ -5,7 +5,8 @@ The truth is `raw/truth/stage_2_test_labels.csv` in the challenge's long format.
 scored by the challenge's weighted log loss over the truth's images; an image a model has no
 prediction for (unreadable file) gets the training prior, as in the submission. A labeled folder
 (`predict.py --dicom-dir DIR --labels FILE`) is scored on the images that have both a prediction
-and a label, with AUCs at slice and study level; the others are listed, not guessed.
+and a label, with AUCs at slice and study level and intervals from resampling its studies; the others are
+listed, not guessed.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ihd.intervals import FEW_STUDIES, study_intervals
 from ihd.labels import SUBTYPES
 from ihd.metrics import per_subtype_auc, weighted_log_loss
 
@@ -74,6 +76,7 @@ def folder_scores(probabilities: pd.DataFrame, truth: pd.DataFrame, prior: np.nd
     the study-level AUC of every column (a study's score is its highest slice probability, its label
     whether any slice is positive), over the studies whose every slice is labeled: a study with an
     unlabeled slice is listed, its label unknown. An AUC is None where the scored set holds one class only.
+    ``intervals`` holds `ihd.intervals.study_intervals` over the scored slices (None below two studies).
     """
     table = probabilities.set_index("image_id")
     scored = table.index.intersection(truth.index, sort=False)
@@ -94,6 +97,8 @@ def folder_scores(probabilities: pd.DataFrame, truth: pd.DataFrame, prior: np.nd
     if not len(scored):
         return report
     rows = table.index.get_indexer(scored)
+    report["intervals"] = study_intervals(y_true, {name: every_row[rows] for name, every_row in models.items()},
+                                          table["study_id"].to_numpy()[rows])
     for name, every_row in models.items():
         y_pred = every_row[rows]
         study_pred = (pd.DataFrame(every_row, columns=list(SUBTYPES)).groupby(table["study_id"].to_numpy()).max()
@@ -129,4 +134,30 @@ def format_folder_scores(report: dict) -> str:
     if report["labels_without_prediction"]:
         notes.append(f"{len(report['labels_without_prediction'])} labeled images have no prediction "
                      "(absent or unreadable) and are not scored")
-    return "\n".join(lines + ["", "; ".join(notes)])
+    return "\n".join(lines + ["", "; ".join(notes)] + _format_intervals(report.get("intervals")))
+
+
+def _format_intervals(intervals: dict | None) -> list[str]:
+    """A second table: each model's intervals, and what they say about so few studies."""
+    if intervals is None:
+        return []
+
+    def span(bounds: list[float] | None, digits: int) -> str:
+        return "n/a" if bounds is None else f"{bounds[0]:.{digits}f} to {bounds[1]:.{digits}f}"
+
+    header = ["model", "weighted log loss", "loss minus the prior's", "slice AUC any"]
+    lines = ["", f"{intervals['level']:.0%} intervals over {intervals['resamples']:,} resamples of the "
+             f"{intervals['studies']} studies (slices resampled with their study):",
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for name, bounds in intervals["models"].items():
+        lines.append(f"| {name} | {span(bounds['weighted_log_loss'], 4)} | "
+                     f"{span(bounds.get('loss_minus_prior'), 4) if name != 'prior' else ''} | "
+                     f"{span(bounds['slice_auc_any'], 3)} |")
+    notes = []
+    if intervals["resamples_without_auc"]:
+        notes.append(f"{intervals['resamples_without_auc']} resamples drew one class only and have no AUC")
+    if intervals["studies"] < FEW_STUDIES:
+        notes.append(f"from fewer than {FEW_STUDIES} studies such intervals tend to be too narrow: "
+                     "read them as the least uncertainty these scores carry")
+    lines += ["", "; ".join(notes)] if notes else []
+    return lines

@@ -69,3 +69,8 @@ def test_folder_scores_score_labeled_images_only_with_study_auc_from_the_highest
     text = format_folder_scores(report)
     assert "| cnn+lstm |" in text and "1 images have no label and are not scored" in text
     assert "1 studies with an unlabeled slice have no study label" in text
+    intervals = report["intervals"]  # over the 6 scored slices: study C's unlabeled slice takes no part
+    assert intervals["studies"] == 3 and set(intervals["models"]) == {"cnn+lstm", "cnn", "prior"}
+    low, high = intervals["models"]["cnn+lstm"]["weighted_log_loss"]
+    assert low <= lstm["weighted_log_loss"] <= high
+    assert "95% intervals over 2,000 resamples of the 3 studies" in text and "tend to be too narrow" in text
