@@ -77,7 +77,14 @@ from ihd.study_inference import (
 from ihd.metrics import prior_baseline
 from ihd.ensemble import read_ensemble
 from ihd.features import load_features
-from ihd.report import folder_scores, format_folder_scores, format_scores, scores_on_truth, truth_path
+from ihd.report import (
+    folder_scores,
+    format_folder_scores,
+    format_scores,
+    intervals_on_truth,
+    scores_on_truth,
+    truth_path,
+)
 from ihd.seg_inference import segment_index
 from ihd.slices import SliceStore
 from ihd.submission import SubmissionError, submit, write_submission
@@ -166,12 +173,15 @@ def predict_dataset(settings: Settings, chains: list[Chain]) -> Path:
     if truth.is_file():
         labels = read_long_labels(truth)
         try:
-            scores = scores_on_truth(labels, {"cnn": predictions.wide("cnn"), "cnn+lstm": predictions.wide()}, prior)
+            models = {"cnn": predictions.wide("cnn"), "cnn+lstm": predictions.wide()}
+            scores = scores_on_truth(labels, models, prior)
         except ValueError as error:
             raise SystemExit(f"{truth}: {error}") from None
-        print(f"test scores ({truth}):\n{format_scores(scores)}")
+        intervals = intervals_on_truth(labels, models, prior,
+                                       predictions.index.set_index("image_id")["study_id"])
+        print(f"test scores ({truth}):\n{format_scores(scores, intervals=intervals)}")
         write_json(out_path.with_name(f"{out_path.stem}-scores.json"),
-                   {"scores": scores, "truth": truth, "selection": chain.selection_name,
+                   {"scores": scores, "intervals": intervals, "truth": truth, "selection": chain.selection_name,
                     "members": [member.run for member in chains], "settings": settings})
 
     if settings.gradcam > 0:

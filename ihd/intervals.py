@@ -64,10 +64,11 @@ def _percentiles(values: np.ndarray, level: float) -> list[float] | None:
     return np.quantile(values, [tail, 1.0 - tail]).tolist()
 
 
-def study_intervals(y_true, predictions: dict[str, np.ndarray], study_ids, baseline: str = "prior",
+def study_intervals(y_true, predictions: dict[str, np.ndarray], study_ids, baselines: tuple[str, ...] = ("prior",),
                     resamples: int = RESAMPLES, level: float = LEVEL, seed: int = SEED) -> dict | None:
-    """Intervals, over the same replicates, of each model's weighted log loss, its slice AUC for ``any``, and
-    (for every model but ``baseline``) its loss minus ``baseline``'s, the paired difference.
+    """Intervals, over the same replicates, of each model's weighted log loss, its slice AUC for ``any``, and its
+    loss minus each of ``baselines``' (``loss_minus_<baseline>``, the paired difference; a model is not compared
+    with itself).
 
     ``y_true`` and every prediction are (N, 6) over the same rows; ``study_ids`` names each row's study.
     None with fewer than two studies: there is nothing to resample.
@@ -91,7 +92,9 @@ def study_intervals(y_true, predictions: dict[str, np.ndarray], study_ids, basel
     for m, name in enumerate(names):
         models[name] = {"weighted_log_loss": _percentiles(loss[:, m], level),
                         "slice_auc_any": _percentiles(auc[:, m], level)}
-        if baseline in predictions and name != baseline:
-            models[name][f"loss_minus_{baseline}"] = _percentiles(loss[:, m] - loss[:, names.index(baseline)], level)
+        for baseline in baselines:
+            if baseline in predictions and name != baseline:
+                models[name][f"loss_minus_{baseline}"] = _percentiles(loss[:, m] - loss[:, names.index(baseline)],
+                                                                      level)
     return {"level": level, "resamples": resamples, "seed": seed, "studies": studies,
             "resamples_without_auc": int(np.isnan(auc[:, 0]).sum()), "models": models}

@@ -21,6 +21,7 @@ from ihd.labels import SUBTYPES
 from ihd.metrics import per_subtype_auc, weighted_log_loss
 
 TRUTH_FILE = Path("truth") / "stage_2_test_labels.csv"
+BASELINES = ("prior", "cnn")  # every model's loss is compared with theirs, in intervals of the paired difference
 
 
 def truth_path(dataset_dir: str | Path) -> Path:
@@ -53,13 +54,28 @@ def scores_on_truth(truth: pd.DataFrame, models: dict[str, pd.DataFrame], prior:
     return scores
 
 
-def format_scores(scores: dict[str, float], reference: str = "cnn") -> str:
-    """A Markdown table of the scores, each with its change against `reference`."""
+def intervals_on_truth(truth: pd.DataFrame, models: dict[str, pd.DataFrame], prior: np.ndarray,
+                       study_of_image: pd.Series) -> dict | None:
+    """`ihd.intervals.study_intervals` of ``scores_on_truth``'s scores, each model against the prior and the CNN.
+
+    ``study_of_image`` maps image ids to study ids; a truth image it does not name (one that was not read) is
+    resampled as a study of its own.
+    """
+    y_true = truth[list(SUBTYPES)].to_numpy(np.float64)
+    predictions = {"prior": np.broadcast_to(np.asarray(prior, np.float64), y_true.shape)}
+    predictions.update({name: aligned(table, truth, prior) for name, table in models.items()})
+    studies = study_of_image.reindex(truth.index)
+    studies = studies.where(studies.notna(), truth.index.to_series()).astype(str).to_numpy()
+    return study_intervals(y_true, predictions, studies, BASELINES)
+
+
+def format_scores(scores: dict[str, float], reference: str = "cnn", intervals: dict | None = None) -> str:
+    """A Markdown table of the scores, each with its change against `reference`, and their intervals if given."""
     lines = ["| model | test weighted log loss | vs " + reference + " |", "|---|---|---|"]
     for name, value in scores.items():
         change = f"{100 * (value / scores[reference] - 1):+.1f}%" if reference in scores else ""
         lines.append(f"| {name} | {value:.5f} | {change} |")
-    return "\n".join(lines)
+    return "\n".join(lines + _format_intervals(intervals))
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -76,7 +92,8 @@ def folder_scores(probabilities: pd.DataFrame, truth: pd.DataFrame, prior: np.nd
     the study-level AUC of every column (a study's score is its highest slice probability, its label
     whether any slice is positive), over the studies whose every slice is labeled: a study with an
     unlabeled slice is listed, its label unknown. An AUC is None where the scored set holds one class only.
-    ``intervals`` holds `ihd.intervals.study_intervals` over the scored slices (None below two studies).
+    ``intervals`` holds `ihd.intervals.study_intervals` over the scored slices, each model against the prior
+    and the CNN (None below two studies).
     """
     table = probabilities.set_index("image_id")
     scored = table.index.intersection(truth.index, sort=False)
@@ -98,7 +115,7 @@ def folder_scores(probabilities: pd.DataFrame, truth: pd.DataFrame, prior: np.nd
         return report
     rows = table.index.get_indexer(scored)
     report["intervals"] = study_intervals(y_true, {name: every_row[rows] for name, every_row in models.items()},
-                                          table["study_id"].to_numpy()[rows])
+                                          table["study_id"].to_numpy()[rows], BASELINES)
     for name, every_row in models.items():
         y_pred = every_row[rows]
         study_pred = (pd.DataFrame(every_row, columns=list(SUBTYPES)).groupby(table["study_id"].to_numpy()).max()
@@ -145,14 +162,15 @@ def _format_intervals(intervals: dict | None) -> list[str]:
     def span(bounds: list[float] | None, digits: int) -> str:
         return "n/a" if bounds is None else f"{bounds[0]:.{digits}f} to {bounds[1]:.{digits}f}"
 
-    header = ["model", "weighted log loss", "loss minus the prior's", "slice AUC any"]
+    baselines = [name for name in BASELINES if name in intervals["models"]]
+    header = ["model", "weighted log loss", *[f"loss minus the {name}'s" for name in baselines], "slice AUC any"]
     lines = ["", f"{intervals['level']:.0%} intervals over {intervals['resamples']:,} resamples of the "
              f"{intervals['studies']} studies (slices resampled with their study):",
              "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name, bounds in intervals["models"].items():
-        lines.append(f"| {name} | {span(bounds['weighted_log_loss'], 4)} | "
-                     f"{span(bounds.get('loss_minus_prior'), 4) if name != 'prior' else ''} | "
-                     f"{span(bounds['slice_auc_any'], 3)} |")
+        differences = [span(bounds[f"loss_minus_{b}"], 4) if f"loss_minus_{b}" in bounds else "" for b in baselines]
+        cells = [name, span(bounds["weighted_log_loss"], 4), *differences, span(bounds["slice_auc_any"], 3)]
+        lines.append("| " + " | ".join(cells) + " |")
     notes = []
     if intervals["resamples_without_auc"]:
         notes.append(f"{intervals['resamples_without_auc']} resamples drew one class only and have no AUC")

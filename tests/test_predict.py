@@ -58,10 +58,14 @@ def test_ablation_lists_the_cnn_and_both_selections(chain):
 
 
 def test_scores_report_and_gradcam_pictures(chain):
-    scores = json.loads(chain["submission"].with_name(chain["submission"].stem + "-scores.json").read_text())["scores"]
+    report = json.loads(chain["submission"].with_name(chain["submission"].stem + "-scores.json").read_text())
+    scores = report["scores"]
     assert set(scores) == {"prior", "cnn", "cnn+lstm"}
     index = pd.read_parquet(chain["dataset"] / "index.parquet")
     studies = index.loc[index["split"] == "test", "study_id"].unique()
+    assert report["intervals"]["studies"] == len(studies)  # the test split's studies, resampled with their slices
+    low, high = report["intervals"]["models"]["cnn+lstm"]["loss_minus_cnn"]
+    assert low <= scores["cnn+lstm"] - scores["cnn"] <= high
     pictures = sorted(p.name for p in (chain["submission"].parent / "small-gradcam").glob("*.png"))
     assert len(pictures) == 2 * len(studies)
     assert {f"{study}_montage.png" for study in studies} <= set(pictures)
