@@ -56,22 +56,30 @@ def run_mode(mode: str, work: Path, backgrounds: Path, labeled: Path, seed: int 
 
 
 def table(results: dict) -> str:
-    """One row per mode: real loss against the prior's, slice and study AUC, synthetic test loss."""
+    """One row per mode: real loss against the prior's, slice and study AUC, synthetic test loss; the real scores'
+    95% intervals from resampling the labeled studies (`ihd.intervals`)."""
     lines = ["| trained on | selection | synthetic test loss | real: prior loss | real: CNN+LSTM loss | "
-             "real: CNN alone loss | real: slice AUC any | real: study AUC any | real: slice AUC IPH / IVH / SAH |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "real: CNN+LSTM loss minus the prior's (interval) | real: CNN alone loss | "
+             "real: slice AUC any (interval) | real: study AUC any | real: slice AUC IPH / IVH / SAH |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for mode, result in results.items():
         models = result["real"]["models"]
         lstm = models["cnn+lstm"]
+        bounds = result["real"]["intervals"]["models"]["cnn+lstm"]
 
         def auc(value):
             return "n/a" if value is None else f"{value:.3f}"
 
+        def span(pair, digits):
+            return "n/a" if pair is None else f"{pair[0]:.{digits}f} to {pair[1]:.{digits}f}"
+
         subtypes = " / ".join(auc(lstm["slice_auc"][s]) for s in ("intraparenchymal", "intraventricular", "subarachnoid"))
+        difference = lstm["weighted_log_loss"] - models["prior"]["weighted_log_loss"]
         lines.append(f"| {mode} | {result['selection']} | {result['synthetic_test']['cnn+lstm']:.4f} | "
                      f"{models['prior']['weighted_log_loss']:.4f} | {lstm['weighted_log_loss']:.4f} | "
-                     f"{models['cnn']['weighted_log_loss']:.4f} | {auc(lstm['slice_auc']['any'])} | "
-                     f"{auc(lstm['study_auc']['any'])} | {subtypes} |")
+                     f"{difference:+.4f} ({span(bounds['loss_minus_prior'], 4)}) | "
+                     f"{models['cnn']['weighted_log_loss']:.4f} | {auc(lstm['slice_auc']['any'])} "
+                     f"({span(bounds['slice_auc_any'], 3)}) | {auc(lstm['study_auc']['any'])} | {subtypes} |")
     return "\n".join(lines)
 
 
