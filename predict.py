@@ -44,7 +44,7 @@ import numpy as np
 
 from ihd.flags import non_negative_int, selection_spec
 from ihd.gradcam import METHODS
-from ihd.index import build_index, drop_unreadable
+from ihd.index import build_index, drop_unreadable, read_index
 from ihd.inference import (
     Chain,
     ChainError,
@@ -177,8 +177,7 @@ def predict_dataset(settings: Settings, chains: list[Chain]) -> Path:
             scores = scores_on_truth(labels, models, prior)
         except ValueError as error:
             raise SystemExit(f"{truth}: {error}") from None
-        intervals = intervals_on_truth(labels, models, prior,
-                                       predictions.index.set_index("image_id")["study_id"])
+        intervals = intervals_on_truth(labels, models, prior, read_index(dataset_dir).set_index("image_id")["study_id"])
         print(f"test scores ({truth}):\n{format_scores(scores, intervals=intervals)}")
         write_json(out_path.with_name(f"{out_path.stem}-scores.json"),
                    {"scores": scores, "intervals": intervals, "truth": truth, "selection": chain.selection_name,

@@ -27,6 +27,7 @@ import demo  # noqa: E402
 import predict  # noqa: E402
 from bench.machine import device_description  # noqa: E402
 from ihd.io import read_json, write_json  # noqa: E402
+from ihd.report import auc_text, span_text  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real"
 
@@ -57,7 +58,7 @@ def run_mode(mode: str, work: Path, backgrounds: Path, labeled: Path, seed: int 
 
 def table(results: dict) -> str:
     """One row per mode: real loss against the prior's, slice and study AUC, synthetic test loss; the real scores'
-    95% intervals from resampling the labeled studies (`ihd.intervals`)."""
+    95% intervals from resampling the labeled studies (`ihd.intervals`; n/a below two studies)."""
     lines = ["| trained on | selection | synthetic test loss | real: prior loss | real: CNN+LSTM loss | "
              "real: CNN+LSTM loss minus the prior's (interval) | real: CNN alone loss | "
              "real: slice AUC any (interval) | real: study AUC any | real: slice AUC IPH / IVH / SAH |",
@@ -65,21 +66,21 @@ def table(results: dict) -> str:
     for mode, result in results.items():
         models = result["real"]["models"]
         lstm = models["cnn+lstm"]
-        bounds = result["real"]["intervals"]["models"]["cnn+lstm"]
-
-        def auc(value):
-            return "n/a" if value is None else f"{value:.3f}"
-
-        def span(pair, digits):
-            return "n/a" if pair is None else f"{pair[0]:.{digits}f} to {pair[1]:.{digits}f}"
-
-        subtypes = " / ".join(auc(lstm["slice_auc"][s]) for s in ("intraparenchymal", "intraventricular", "subarachnoid"))
+        intervals = result["real"]["intervals"]
+        bounds = intervals["models"]["cnn+lstm"] if intervals else {"loss_minus_prior": None, "slice_auc_any": None}
+        subtypes = " / ".join(auc_text(lstm["slice_auc"][s]) for s in ("intraparenchymal", "intraventricular",
+                                                                        "subarachnoid"))
         difference = lstm["weighted_log_loss"] - models["prior"]["weighted_log_loss"]
         lines.append(f"| {mode} | {result['selection']} | {result['synthetic_test']['cnn+lstm']:.4f} | "
                      f"{models['prior']['weighted_log_loss']:.4f} | {lstm['weighted_log_loss']:.4f} | "
-                     f"{difference:+.4f} ({span(bounds['loss_minus_prior'], 4)}) | "
-                     f"{models['cnn']['weighted_log_loss']:.4f} | {auc(lstm['slice_auc']['any'])} "
-                     f"({span(bounds['slice_auc_any'], 3)}) | {auc(lstm['study_auc']['any'])} | {subtypes} |")
+                     f"{difference:+.4f} ({span_text(bounds['loss_minus_prior'], 4)}) | "
+                     f"{models['cnn']['weighted_log_loss']:.4f} | {auc_text(lstm['slice_auc']['any'])} "
+                     f"({span_text(bounds['slice_auc_any'], 3)}) | {auc_text(lstm['study_auc']['any'])} | {subtypes} |")
+    intervals = next(iter(results.values()))["real"]["intervals"]
+    if intervals:
+        lines += ["", f"Intervals: {intervals['level']:.0%}, {intervals['resamples']:,} resamples of the "
+                      f"{intervals['studies']} real studies ({intervals['studies_with_bleed']} with a bleed), each "
+                      "study's slices drawn together; from so few studies they are likely too narrow."]
     return "\n".join(lines)
 
 

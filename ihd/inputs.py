@@ -23,7 +23,7 @@ import pandas as pd
 import tensorflow as tf
 
 from ihd.augment import augment_hu, augmentation_parameters
-from ihd.labels import SUBTYPES
+from ihd.labels import ANY, SUBTYPES
 from ihd.slices import SliceStore, tf_hu_of_rows
 from ihd.windows import ChannelRecipe
 
@@ -89,7 +89,7 @@ def oversampled(rows: np.ndarray, labels: np.ndarray, positive_copies: int) -> n
     """``rows`` with each row whose `any` label is positive repeated ``positive_copies`` times in all."""
     if positive_copies < 1:
         raise ValueError(f"positive_copies must be at least 1, got {positive_copies}")
-    positive = rows[labels[rows, SUBTYPES.index("any")] >= 0.5]
+    positive = rows[labels[rows, ANY] >= 0.5]
     return np.concatenate([rows] + [positive] * (positive_copies - 1))
 
 

@@ -4,13 +4,13 @@ The slices of one study share a patient, a scanner and usually a bleed, so they 
 draws: resampling slices would make an interval far too narrow. Each replicate draws as many studies
 as were scored, with replacement, and counts every slice as often as its study was drawn. The
 weighted log loss and the ROC AUC of a replicate are computed from those counts, which is the same as
-scoring the replicated rows (tested against scikit-learn on them). An interval holds the middle
+scoring the replicated rows (both tested against scoring them). An interval holds the middle
 ``LEVEL`` of the replicates (percentiles). A replicate that draws one class only has no AUC and is
-left out of the AUC's interval; how many were is reported.
+left out of the AUC's interval; how many were is reported. Studies of one patient are drawn apart,
+as if independent.
 
-With few studies a percentile bootstrap is too narrow (its coverage falls short of its level when
-there are fewer than a few dozen clusters): read such an interval as the least uncertainty the set
-carries, not as its bounds.
+From few studies (fewer than a few dozen), and for an AUC from few studies with a bleed, a percentile
+bootstrap tends to be too narrow: its intervals hold the truth less often than their level says.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ihd.metrics import row_log_loss
 RESAMPLES = 2000
 LEVEL = 0.95
 SEED = 0
-FEW_STUDIES = 30  # below this many studies, a percentile interval is said to be too narrow
+FEW_STUDIES = 30  # fewer studies with (or without) a bleed than this, and the intervals are called likely too narrow
 
 
 class RankedScores:
@@ -43,17 +43,15 @@ class RankedScores:
         if pairs == 0:
             return float("nan")
         negatives_below = np.cumsum(negative) - negative
-        return float(positive @ (negatives_below + 0.5 * negative) / pairs)
+        return float(np.einsum("i,i->", positive, negatives_below + 0.5 * negative) / pairs)
 
 
-def study_weights(study_ids, resamples: int, seed: int):
-    """Yields ``resamples`` row weights: each row counted as often as its study was drawn, the studies drawn
-    with replacement, as many as there are."""
-    studies, study_of_row = np.unique(np.asarray(study_ids), return_inverse=True)
+def study_draws(studies: int, resamples: int, seed: int):
+    """Yields ``resamples`` times how often each of ``studies`` studies was drawn, as many draws as studies, with
+    replacement."""
     rng = np.random.default_rng(seed)
     for _ in range(resamples):
-        drawn = np.bincount(rng.integers(len(studies), size=len(studies)), minlength=len(studies))
-        yield drawn[study_of_row].astype(np.float64)
+        yield np.bincount(rng.integers(studies, size=studies), minlength=studies).astype(np.float64)
 
 
 def _percentiles(values: np.ndarray, level: float) -> list[float] | None:
@@ -66,35 +64,44 @@ def _percentiles(values: np.ndarray, level: float) -> list[float] | None:
 
 def study_intervals(y_true, predictions: dict[str, np.ndarray], study_ids, baselines: tuple[str, ...] = ("prior",),
                     resamples: int = RESAMPLES, level: float = LEVEL, seed: int = SEED) -> dict | None:
-    """Intervals, over the same replicates, of each model's weighted log loss, its slice AUC for ``any``, and its
-    loss minus each of ``baselines``' (``loss_minus_<baseline>``, the paired difference; a model is not compared
-    with itself).
+    """Intervals, over the same replicates, of each model's weighted log loss, its slice AUC for ``any`` (None for a
+    model whose ``any`` is one value everywhere: it ranks nothing), and its loss minus each baseline's
+    (``loss_minus_<baseline>``, the paired difference). ``baselines`` are in order: a model that is not one is
+    compared with each, a baseline with those before it.
 
-    ``y_true`` and every prediction are (N, 6) over the same rows; ``study_ids`` names each row's study.
-    None with fewer than two studies: there is nothing to resample.
+    ``y_true`` and every prediction are (N, 6) over the same rows; ``study_ids`` names each row's study (compared
+    as text). None with fewer than two studies: there is nothing to resample.
     """
-    study_ids = np.asarray(study_ids)
-    studies = len(np.unique(study_ids))
-    if studies < 2:
+    names, study_of_row = np.unique(np.asarray(study_ids, dtype=str), return_inverse=True)
+    if len(names) < 2:
         return None
     y_true = np.asarray(y_true, np.float64)
-    losses = {name: row_log_loss(y_true, p) for name, p in predictions.items()}
-    ranked = {name: RankedScores(y_true[:, ANY], np.asarray(p)[:, ANY]) for name, p in predictions.items()}
-    names = list(predictions)
-    loss = np.empty((resamples, len(names)))
-    auc = np.empty((resamples, len(names)))
-    for r, weights in enumerate(study_weights(study_ids, resamples, seed)):
-        total = weights.sum()
-        for m, name in enumerate(names):
-            loss[r, m] = weights @ losses[name] / total
-            auc[r, m] = ranked[name].auc(weights)
-    models = {}
-    for m, name in enumerate(names):
-        models[name] = {"weighted_log_loss": _percentiles(loss[:, m], level),
-                        "slice_auc_any": _percentiles(auc[:, m], level)}
-        for baseline in baselines:
-            if baseline in predictions and name != baseline:
-                models[name][f"loss_minus_{baseline}"] = _percentiles(loss[:, m] - loss[:, names.index(baseline)],
-                                                                      level)
-    return {"level": level, "resamples": resamples, "seed": seed, "studies": studies,
-            "resamples_without_auc": int(np.isnan(auc[:, 0]).sum()), "models": models}
+    study_size = np.bincount(study_of_row, minlength=len(names)).astype(np.float64)
+    study_loss = {name: np.bincount(study_of_row, row_log_loss(y_true, p), minlength=len(names))
+                  for name, p in predictions.items()}
+    ranked = {name: RankedScores(y_true[:, ANY], np.asarray(p)[:, ANY]) for name, p in predictions.items()
+              if np.ptp(np.asarray(p)[:, ANY]) > 0}
+    models = list(predictions)
+    loss = np.empty((resamples, len(models)))
+    auc = np.full((resamples, len(models)), np.nan)
+    without_auc = 0
+    for r, drawn in enumerate(study_draws(len(names), resamples, seed)):
+        weights = drawn[study_of_row]
+        bleeding = np.einsum("i,i->", weights, y_true[:, ANY])
+        without_auc += bleeding == 0 or bleeding == weights.sum()
+        for m, name in enumerate(models):
+            loss[r, m] = np.einsum("i,i->", drawn, study_loss[name]) / np.einsum("i,i->", drawn, study_size)
+            if name in ranked:
+                auc[r, m] = ranked[name].auc(weights)
+    intervals = {}
+    for m, name in enumerate(models):
+        intervals[name] = {"weighted_log_loss": _percentiles(loss[:, m], level),
+                           "slice_auc_any": _percentiles(auc[:, m], level)}
+        compared = baselines[:baselines.index(name)] if name in baselines else baselines
+        for baseline in compared:
+            if baseline in predictions:
+                intervals[name][f"loss_minus_{baseline}"] = _percentiles(loss[:, m] - loss[:, models.index(baseline)],
+                                                                         level)
+    bleeding_studies = int((np.bincount(study_of_row, y_true[:, ANY], minlength=len(names)) > 0).sum())
+    return {"level": level, "resamples": resamples, "seed": seed, "studies": len(names),
+            "studies_with_bleed": bleeding_studies, "resamples_without_auc": int(without_auc), "models": intervals}

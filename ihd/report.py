@@ -35,35 +35,41 @@ def aligned(predictions: pd.DataFrame, truth: pd.DataFrame, prior: np.ndarray) -
     return table.fillna(pd.Series(np.asarray(prior, np.float64), index=list(SUBTYPES))).to_numpy(np.float64)
 
 
+def _truth_arrays(truth: pd.DataFrame, models: dict[str, pd.DataFrame],
+                  prior: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The truth's labels and the prior's and each model's predictions, in the truth's image order."""
+    y_true = truth[list(SUBTYPES)].to_numpy(np.float64)
+    predictions = {"prior": np.broadcast_to(np.asarray(prior, np.float64), y_true.shape)}
+    predictions.update({name: aligned(table, truth, prior) for name, table in models.items()})
+    return y_true, predictions
+
+
 def scores_on_truth(truth: pd.DataFrame, models: dict[str, pd.DataFrame], prior: np.ndarray) -> dict[str, float]:
     """Weighted log loss of the prior and of each named model's predictions on the truth's images.
 
     A truth image a model did not predict is scored at the prior, as the submission gives it, with a
     warning; a truth sharing no image with a model's predictions (another test set's) raises ValueError.
     """
-    y_true = truth[list(SUBTYPES)].to_numpy(np.float64)
-    scores = {"prior": weighted_log_loss(y_true, np.broadcast_to(prior, y_true.shape))}
     for name, predictions in models.items():
         missing = truth.index.difference(predictions.index)
         if len(missing) == len(truth):
-            raise ValueError(f"none of the truth's {len(truth)} images has a {name} prediction: it labels another test set")
+            raise ValueError(f"none of the truth's {len(truth)} images has a {name} prediction: "
+                             "it labels another test set")
         if len(missing):
             warnings.warn(f"{len(missing)} of the truth's {len(truth)} images have no {name} prediction and are scored "
                           f"at the prior, as the submission gives them")
-        scores[name] = weighted_log_loss(y_true, aligned(predictions, truth, prior))
-    return scores
+    y_true, predictions = _truth_arrays(truth, models, prior)
+    return {name: weighted_log_loss(y_true, values) for name, values in predictions.items()}
 
 
 def intervals_on_truth(truth: pd.DataFrame, models: dict[str, pd.DataFrame], prior: np.ndarray,
                        study_of_image: pd.Series) -> dict | None:
     """`ihd.intervals.study_intervals` of ``scores_on_truth``'s scores, each model against the prior and the CNN.
 
-    ``study_of_image`` maps image ids to study ids; a truth image it does not name (one that was not read) is
-    resampled as a study of its own.
+    ``study_of_image`` maps image ids to study ids; a truth image it does not name (one whose header was not
+    read) is resampled as a study of its own.
     """
-    y_true = truth[list(SUBTYPES)].to_numpy(np.float64)
-    predictions = {"prior": np.broadcast_to(np.asarray(prior, np.float64), y_true.shape)}
-    predictions.update({name: aligned(table, truth, prior) for name, table in models.items()})
+    y_true, predictions = _truth_arrays(truth, models, prior)
     studies = study_of_image.reindex(truth.index)
     studies = studies.where(studies.notna(), truth.index.to_series()).astype(str).to_numpy()
     return study_intervals(y_true, predictions, studies, BASELINES)
@@ -92,8 +98,8 @@ def folder_scores(probabilities: pd.DataFrame, truth: pd.DataFrame, prior: np.nd
     the study-level AUC of every column (a study's score is its highest slice probability, its label
     whether any slice is positive), over the studies whose every slice is labeled: a study with an
     unlabeled slice is listed, its label unknown. An AUC is None where the scored set holds one class only.
-    ``intervals`` holds `ihd.intervals.study_intervals` over the scored slices, each model against the prior
-    and the CNN (None below two studies).
+    ``intervals`` holds `ihd.intervals.study_intervals` over the scored slices (their studies resampled, a study
+    with an unlabeled slice included), each model against the prior and the CNN; None below two studies.
     """
     table = probabilities.set_index("image_id")
     scored = table.index.intersection(truth.index, sort=False)
@@ -110,7 +116,8 @@ def folder_scores(probabilities: pd.DataFrame, truth: pd.DataFrame, prior: np.nd
               "studies_with_bleed": int(study_truth["any"].sum()),
               "unlabeled_images": sorted(set(table.index) - set(truth.index)),
               "partly_labeled_studies": sorted(complete[~complete].index),
-              "labels_without_prediction": sorted(set(truth.index) - set(table.index)), "models": {}}
+              "labels_without_prediction": sorted(set(truth.index) - set(table.index)), "models": {},
+              "intervals": None}
     if not len(scored):
         return report
     rows = table.index.get_indexer(scored)
@@ -129,16 +136,23 @@ def folder_scores(probabilities: pd.DataFrame, truth: pd.DataFrame, prior: np.nd
     return report
 
 
-def format_folder_scores(report: dict) -> str:
-    """A Markdown table of ``folder_scores``: loss, slice AUC per column, study AUC of ``any``."""
-    def auc(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.3f}"
+def auc_text(value: float | None) -> str:
+    """An AUC to three decimals, or n/a."""
+    return "n/a" if value is None else f"{value:.3f}"
 
+
+def span_text(bounds: list[float] | None, digits: int) -> str:
+    """An interval's two ends, or n/a."""
+    return "n/a" if bounds is None else f"{bounds[0]:.{digits}f} to {bounds[1]:.{digits}f}"
+
+
+def format_folder_scores(report: dict) -> str:
+    """A Markdown table of ``folder_scores``: loss, slice AUC per column, study AUC of ``any``; then the intervals."""
     header = ["model", "weighted log loss", *[f"AUC {s}" for s in SUBTYPES], "study AUC any"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name, scores in report["models"].items():
-        cells = [name, f"{scores['weighted_log_loss']:.4f}", *[auc(scores["slice_auc"][s]) for s in SUBTYPES],
-                 auc(scores["study_auc"]["any"])]
+        cells = [name, f"{scores['weighted_log_loss']:.4f}", *[auc_text(scores["slice_auc"][s]) for s in SUBTYPES],
+                 auc_text(scores["study_auc"]["any"])]
         lines.append("| " + " | ".join(cells) + " |")
     counts = (f"{report['images_scored']} labeled images; {report['studies_scored']} studies labeled throughout "
               f"({report['positive_images']['any']} images and {report['studies_with_bleed']} studies with a bleed)")
@@ -151,31 +165,29 @@ def format_folder_scores(report: dict) -> str:
     if report["labels_without_prediction"]:
         notes.append(f"{len(report['labels_without_prediction'])} labeled images have no prediction "
                      "(absent or unreadable) and are not scored")
-    return "\n".join(lines + ["", "; ".join(notes)] + _format_intervals(report.get("intervals")))
+    return "\n".join(lines + ["", "; ".join(notes)] + _format_intervals(report["intervals"]))
 
 
 def _format_intervals(intervals: dict | None) -> list[str]:
-    """A second table: each model's intervals, and what they say about so few studies."""
+    """A second table: each model's intervals, and a warning where the studies are too few to trust them."""
     if intervals is None:
         return []
-
-    def span(bounds: list[float] | None, digits: int) -> str:
-        return "n/a" if bounds is None else f"{bounds[0]:.{digits}f} to {bounds[1]:.{digits}f}"
-
     baselines = [name for name in BASELINES if name in intervals["models"]]
     header = ["model", "weighted log loss", *[f"loss minus the {name}'s" for name in baselines], "slice AUC any"]
-    lines = ["", f"{intervals['level']:.0%} intervals over {intervals['resamples']:,} resamples of the "
-             f"{intervals['studies']} studies (slices resampled with their study):",
+    studies, bleeding = intervals["studies"], intervals["studies_with_bleed"]
+    lines = ["", f"{intervals['level']:.0%} intervals over {intervals['resamples']:,} resamples of the {studies} "
+             f"studies with a scored slice ({bleeding} with a bleed), each study's slices drawn together:",
              "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name, bounds in intervals["models"].items():
-        differences = [span(bounds[f"loss_minus_{b}"], 4) if f"loss_minus_{b}" in bounds else "" for b in baselines]
-        cells = [name, span(bounds["weighted_log_loss"], 4), *differences, span(bounds["slice_auc_any"], 3)]
+        differences = [span_text(bounds[f"loss_minus_{b}"], 4) if f"loss_minus_{b}" in bounds else ""
+                       for b in baselines]
+        cells = [name, span_text(bounds["weighted_log_loss"], 4), *differences, span_text(bounds["slice_auc_any"], 3)]
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
     if intervals["resamples_without_auc"]:
         notes.append(f"{intervals['resamples_without_auc']} resamples drew one class only and have no AUC")
-    if intervals["studies"] < FEW_STUDIES:
-        notes.append(f"from fewer than {FEW_STUDIES} studies such intervals tend to be too narrow: "
-                     "read them as the least uncertainty these scores carry")
+    fewer, which = min((bleeding, "with"), (studies - bleeding, "without"))
+    if fewer < FEW_STUDIES:
+        notes.append(f"from {fewer} studies {which} a bleed (under {FEW_STUDIES}) such intervals are likely too narrow")
     lines += ["", "; ".join(notes)] if notes else []
     return lines

@@ -70,24 +70,26 @@ def test_folder_scores_score_labeled_images_only_with_study_auc_from_the_highest
     assert "| cnn+lstm |" in text and "1 images have no label and are not scored" in text
     assert "1 studies with an unlabeled slice have no study label" in text
     intervals = report["intervals"]  # over the 6 scored slices: study C's unlabeled slice takes no part
-    assert intervals["studies"] == 3 and set(intervals["models"]) == {"cnn+lstm", "cnn", "prior"}
-    low, high = intervals["models"]["cnn+lstm"]["weighted_log_loss"]
-    assert low <= lstm["weighted_log_loss"] <= high
-    assert "95% intervals over 2,000 resamples of the 3 studies" in text and "tend to be too narrow" in text
+    assert intervals["studies"] == 3 and intervals["studies_with_bleed"] == 1
+    assert set(intervals["models"]["cnn+lstm"]) == {"weighted_log_loss", "slice_auc_any", "loss_minus_prior",
+                                                     "loss_minus_cnn"}
+    assert "95% intervals over 2,000 resamples of the 3 studies with a scored slice (1 with a bleed)" in text
+    assert "from 1 studies with a bleed (under 30) such intervals are likely too narrow" in text
 
 
 def test_intervals_on_truth_resample_the_studies_and_an_unread_image_alone():
     from ihd.report import intervals_on_truth
 
-    images = [f"ID_{k}" for k in range(8)]
-    truth = _wide([[0, 0, 0, 0, y, y] for y in (0, 1, 0, 0, 1, 0, 0, 1)], images)
+    images = [f"ID_{k}" for k in range(9)]
+    truth = _wide([[0, 0, 0, 0, y, y] for y in (0, 1, 0, 0, 1, 0, 0, 1, 0)], images)
     cnn = _wide([[0.1, 0.1, 0.1, 0.1, 0.2, p] for p in (0.1, 0.8, 0.3, 0.2, 0.6, 0.4, 0.1)], images[:7])
-    study_of_image = pd.Series(["A", "A", "B", "B", "C", "C", "D"], index=images[:7])  # ID_7 was not read
+    study_of_image = pd.Series(["A", "A", "B", "B", "C", "C", "D"], index=images[:7])  # ID_7, ID_8 were not read
     intervals = intervals_on_truth(truth, {"cnn": cnn, "cnn+lstm": cnn}, np.full(6, 0.2), study_of_image)
-    assert intervals["studies"] == 5
+    assert intervals["studies"] == 6  # each image not read is a study of its own
     assert set(intervals["models"]["cnn+lstm"]) == {"weighted_log_loss", "slice_auc_any", "loss_minus_prior",
                                                      "loss_minus_cnn"}
     assert intervals["models"]["cnn+lstm"]["loss_minus_cnn"] == [0.0, 0.0]
-    assert "loss_minus_cnn" not in intervals["models"]["cnn"]
+    assert set(intervals["models"]["cnn"]) == {"weighted_log_loss", "slice_auc_any", "loss_minus_prior"}
+    assert set(intervals["models"]["prior"]) == {"weighted_log_loss", "slice_auc_any"}  # not against the cnn
     text = format_scores({"prior": 0.3, "cnn": 0.2, "cnn+lstm": 0.2}, intervals=intervals)
     assert "| model | weighted log loss | loss minus the prior's | loss minus the cnn's | slice AUC any |" in text
