@@ -48,11 +48,13 @@ from ihd.fingerprint import SHORT, file_sha256, fingerprint, what_changed
 from ihd.flags import fraction, non_negative_float, non_negative_int, positive_float, positive_int, selection_spec
 from ihd.inference import ChainError
 from ihd.inputs import fold_rows, label_array
+from ihd.intervals import study_intervals
 from ihd.io import atomic_path, read_json, run_header, write_json
 from ihd.labels import SUBTYPES
 from ihd.losses import LOSSES
 from ihd.metrics import summary
 from ihd.presets import apply_preset, stage_values
+from ihd.report import format_intervals
 from ihd.sequence import (
     HEADS,
     INPUT_DTYPE,
@@ -283,6 +285,7 @@ def train_ensemble(settings: Settings, members: list[str]) -> pd.DataFrame:
         _, val_rows = fold_rows(features.index, int(features.config["fold"]))
         cnn_parts.append((features, val_rows, features.probabilities[val_rows]))
     rows = {CNN_ROW: pooled_summary(cnn_parts)}
+    out_of_fold = {CNN_ROW: cnn_parts}
     for selection in trained_in_every_member(member_settings, member_features):
         records = [read_json(lstm_paths(member.models_dir, member.run, selection)[1]) for member in member_settings]
         asked = selection_inputs(member_features[0], selection, settings.seed, sample_rows=settings.selection_sample_rows)
@@ -308,12 +311,36 @@ def train_ensemble(settings: Settings, members: list[str]) -> pd.DataFrame:
         }
         write_json(lstm_paths(settings.models_dir, settings.run, selection)[1], record)
         rows[f"cnn+lstm {selection}"] = record["validation"]
+        out_of_fold[f"cnn+lstm {selection}"] = parts
     table = summary_table(rows)
-    write_ablation(table, out_dir)
+    intervals = out_of_fold_intervals(out_of_fold, table)
+    write_ablation(table, out_dir, intervals)
     print("out of fold, every labeled series scored by the member that did not train on it:")
     print(table.to_string(float_format="%.4f"))
+    print("\n".join(format_intervals(intervals)))
     print(f"ablation: {out_dir / 'ablation.md'}, {out_dir / 'ablation.png'}")
     return table
+
+
+def out_of_fold_intervals(out_of_fold: dict[str, list[tuple]], table: pd.DataFrame) -> dict | None:
+    """`ihd.intervals.study_intervals` of the ensemble's out-of-fold scores: each model's parts (per member: its
+    features, the rows it predicted, its probabilities for them) lined up row by row, every LSTM compared with the
+    CNN and (where there are several) with the LSTM of the lowest loss: which differences its studies can tell."""
+    y_true, studies, predictions = [], [], {name: [] for name in out_of_fold}
+    for member, (features, cnn_rows, _) in enumerate(out_of_fold[CNN_ROW]):
+        rows = np.sort(cnn_rows)
+        y_true.append(label_array(features.index)[rows])
+        studies.append(features.index["study_id"].to_numpy()[rows])
+        for name, parts in out_of_fold.items():
+            _, predicted_rows_, predicted = parts[member]
+            order = np.argsort(predicted_rows_)
+            if not np.array_equal(np.asarray(predicted_rows_)[order], rows):
+                raise ValueError(f"{name} predicted other out-of-fold rows than the CNN in member {member}")
+            predictions[name].append(np.asarray(predicted, np.float64)[order])
+    lstms = table.drop(index=CNN_ROW)["weighted_log_loss"]
+    baselines = (CNN_ROW, lstms.idxmin()) if len(lstms) > 1 else (CNN_ROW,)
+    return study_intervals(np.concatenate(y_true), {name: np.concatenate(parts) for name, parts in predictions.items()},
+                           np.concatenate(studies), baselines)
 
 
 def ablation_table(settings: Settings, features) -> pd.DataFrame:
@@ -374,13 +401,15 @@ def trained_in_every_member(member_settings: list[Settings], member_features: li
     return sorted(trained or ())
 
 
-def write_ablation(table: pd.DataFrame, out_dir: Path) -> None:
-    """The table as CSV and Markdown, and a bar chart of both measures, in `out_dir/ablation.*`."""
+def write_ablation(table: pd.DataFrame, out_dir: Path, intervals: dict | None = None) -> None:
+    """The table as CSV and Markdown (with the intervals, if given, beneath), and a bar chart of both measures, in
+    `out_dir/ablation.*`."""
     with atomic_path(out_dir / "ablation.csv") as tmp:
         table.to_csv(tmp, float_format="%.5f")
     header = "| model | " + " | ".join(table.columns) + " |"
     lines = [header, "|---" * (len(table.columns) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(f"{v:.4f}" for v in row) + " |" for name, row in table.iterrows()]
+    lines += format_intervals(intervals)
     with atomic_path(out_dir / "ablation.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 

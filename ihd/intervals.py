@@ -103,5 +103,5 @@ def study_intervals(y_true, predictions: dict[str, np.ndarray], study_ids, basel
                 intervals[name][f"loss_minus_{baseline}"] = _percentiles(loss[:, m] - loss[:, models.index(baseline)],
                                                                          level)
     bleeding_studies = int((np.bincount(study_of_row, y_true[:, ANY], minlength=len(names)) > 0).sum())
-    return {"level": level, "resamples": resamples, "seed": seed, "studies": len(names),
+    return {"level": level, "resamples": resamples, "seed": seed, "baselines": list(baselines), "studies": len(names),
             "studies_with_bleed": bleeding_studies, "resamples_without_auc": int(without_auc), "models": intervals}

@@ -81,7 +81,7 @@ def format_scores(scores: dict[str, float], reference: str = "cnn", intervals: d
     for name, value in scores.items():
         change = f"{100 * (value / scores[reference] - 1):+.1f}%" if reference in scores else ""
         lines.append(f"| {name} | {value:.5f} | {change} |")
-    return "\n".join(lines + _format_intervals(intervals))
+    return "\n".join(lines + format_intervals(intervals))
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -165,14 +165,15 @@ def format_folder_scores(report: dict) -> str:
     if report["labels_without_prediction"]:
         notes.append(f"{len(report['labels_without_prediction'])} labeled images have no prediction "
                      "(absent or unreadable) and are not scored")
-    return "\n".join(lines + ["", "; ".join(notes)] + _format_intervals(report["intervals"]))
+    return "\n".join(lines + ["", "; ".join(notes)] + format_intervals(report["intervals"]))
 
 
-def _format_intervals(intervals: dict | None) -> list[str]:
-    """A second table: each model's intervals, and a warning where the studies are too few to trust them."""
+def format_intervals(intervals: dict | None) -> list[str]:
+    """`ihd.intervals.study_intervals` as the lines of a Markdown table, with a warning where the studies are too
+    few to trust them; none for None."""
     if intervals is None:
         return []
-    baselines = [name for name in BASELINES if name in intervals["models"]]
+    baselines = [name for name in intervals["baselines"] if name in intervals["models"]]
     header = ["model", "weighted log loss", *[f"loss minus the {name}'s" for name in baselines], "slice AUC any"]
     studies, bleeding = intervals["studies"], intervals["studies_with_bleed"]
     lines = ["", f"{intervals['level']:.0%} intervals over {intervals['resamples']:,} resamples of the {studies} "

@@ -12,8 +12,10 @@ import train_lstm
 from ihd.features import load_features
 from ihd.inference import ChainError, load_chains
 from ihd.inputs import fold_rows, label_array
+from ihd.intervals import study_intervals
 from ihd.labels import SUBTYPES, read_long_labels
 from ihd.metrics import summary
+from ihd.report import span_text
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,12 @@ def test_every_member_trains_its_own_lstm_and_the_ensemble_is_scored_out_of_fold
     assert pooled["validation_cnn"]["weighted_log_loss"] == pytest.approx(summary(labels, cnn)["weighted_log_loss"])
     assert ensemble["table"].index.tolist() == ["cnn", "cnn+lstm pca:4"]
     assert len(labels) == int((label_array(parts[0][0].index)[:, 0] >= 0).sum()), "every labeled row scored once"
+    # beneath the ablation, intervals from resampling the out-of-fold studies: the CNN's, computed here apart
+    studies = np.concatenate([f.index["study_id"].to_numpy()[rows] for f, rows in parts])
+    expected = study_intervals(labels, {"cnn": cnn.astype(np.float64)}, studies)["models"]["cnn"]
+    ablation = (models / "tiny" / "ablation.md").read_text()
+    assert f"| cnn | {span_text(expected['weighted_log_loss'], 4)} |" in ablation
+    assert "| model | weighted log loss | loss minus the cnn's | slice AUC any |" in ablation
 
 
 def test_the_ensembles_cnn_scores_are_the_mean_of_its_members(ensemble):
