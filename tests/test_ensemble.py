@@ -122,3 +122,36 @@ def test_a_study_model_is_asked_of_a_member_not_of_the_ensemble(ensemble):
                                          "its members \\(tiny-fold0, tiny-fold1\\)"):
         predict.main(["--run", "tiny", "--study", "best", "--data-dir", str(ensemble["workspace"] / "data"),
                       *ensemble["dirs"]])
+
+
+def test_out_of_fold_intervals_line_up_each_members_rows_and_compare_with_the_best_selection():
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(8)
+    members, truth = [], {}
+    for member in range(2):
+        index = pd.DataFrame({"study_id": np.repeat([f"m{member}s{k}" for k in range(10)], 6)})
+        labels = (rng.random((60, len(SUBTYPES))) < 0.25).astype(np.float32)
+        index[list(SUBTYPES)] = labels
+        members.append(SimpleNamespace(index=index))
+        truth[member] = labels
+    scores = {name: [np.clip(0.5 * truth[m] + rng.random((60, len(SUBTYPES))) * spread, 0.01, 0.99) for m in range(2)]
+              for name, spread in (("cnn", 0.6), ("cnn+lstm a", 0.4), ("cnn+lstm b", 0.5))}
+    out_of_fold = {}
+    for name, per_member in scores.items():
+        parts = []
+        for member, features in enumerate(members):
+            rows = np.arange(60) if name == "cnn" else rng.permutation(60)  # an LSTM's rows come in its own order
+            parts.append((features, rows, per_member[member][rows]))
+        out_of_fold[name] = parts
+    y_true = np.concatenate([truth[0], truth[1]])
+    predictions = {name: np.concatenate(per_member) for name, per_member in scores.items()}
+    table = pd.DataFrame({"weighted_log_loss": [summary(y_true, p)["weighted_log_loss"] for p in predictions.values()]},
+                         index=list(predictions))
+    best = table.drop(index="cnn")["weighted_log_loss"].idxmin()
+    result = train_lstm.out_of_fold_intervals(out_of_fold, table)
+    studies = np.concatenate([m.index["study_id"].to_numpy() for m in members])
+    assert result == study_intervals(y_true, predictions, studies, ("cnn", best))
+    assert result["baselines"] == ["cnn", best] and result["studies"] == 20
+    other = ({"cnn+lstm a", "cnn+lstm b"} - {best}).pop()
+    assert set(result["models"][other]) >= {"loss_minus_cnn", f"loss_minus_{best}"}
