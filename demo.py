@@ -11,7 +11,7 @@ per fold at 128x128 from scratch and caches their embeddings, trains every membe
 feature selection, then predicts the test set with the fold ensemble: a validated submission, Grad-CAM
 pictures and the test weighted log loss of the prior, the CNNs alone and CNN+LSTM; with ``--score-real``,
 the ensemble's scores on real labeled series it never saw (`predict.py --dicom-dir --labels`). Each stage is the
-same command a user would type (printed before it runs), so a rerun resumes where a killed one stopped.
+same command a user would type (its log begins with it), so a rerun resumes where a killed one stopped.
 The settings below were chosen on the out-of-fold validation scores of development seeds, never on
 test truth (BENCHMARKS.md, "The demo").
 """
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> Path:
     settings = parse_args(argv)
     result = None
     for module, flags in stages(settings):
-        print(f"\n$ python {Path(module.__file__).name} {' '.join(flags)}", flush=True)
+        print(flush=True)  # a blank line between stages; each stage's log begins with its command
         result = module.main(flags)
     return result
 

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where the stages' scripts are run from
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -73,8 +75,23 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def invocation(module_globals: dict) -> list[str]:
+    """How a user runs, from the project root, the script or module whose globals are ``module_globals``:
+    ``python -m package.module`` for a module of a package, else ``python path/to/script.py``."""
+    spec = module_globals.get("__spec__")
+    if spec is not None and spec.parent:
+        return ["python", "-m", spec.name]
+    script = Path(module_globals["__file__"]).resolve()
+    return ["python", str(script.relative_to(PROJECT_ROOT) if script.is_relative_to(PROJECT_ROOT) else script)]
+
+
 def run_header(argv: list[str] | None, settings: Any) -> None:
-    """Print the command line and the resolved settings, the first lines of every stage's log."""
-    command = [Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))
+    """Print the command that runs the calling stage with ``argv`` (``None``: this process's arguments) and the
+    resolved settings, the first lines of every stage's log.
+
+    The command names the caller's own script or module, not this process's: demo.py runs the stages in its
+    process, and each stage's log still shows the command that reruns that stage alone.
+    """
+    command = invocation(sys._getframe(1).f_globals) + (sys.argv[1:] if argv is None else list(argv))
     print("$ " + " ".join(command))
     print(json.dumps(settings, indent=2, default=_jsonable), flush=True)
