@@ -43,6 +43,7 @@ machine when one differs.
 """
 
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -164,15 +165,21 @@ def replica_averager(strategy: tf.distribute.Strategy, variables: list) -> Calla
 def _replica_sum(strategy: tf.distribute.Strategy, value: int, chief_only: bool) -> int:
     """The sum over replicas of an int, ``value`` on each (or on replica 0 only, the chief's first, and 0
     elsewhere), on every machine: a collective that all must join at the same point."""
-    def replica_fn():
+    result = _replica_sum_function(strategy, chief_only)(tf.constant(int(value), tf.int64))
+    return int(strategy.experimental_local_results(result)[0])
+
+
+@functools.lru_cache(maxsize=8)
+def _replica_sum_function(strategy: tf.distribute.Strategy, chief_only: bool):
+    """`_replica_sum`'s collective as a tf.function of the value, traced once per strategy and ``chief_only``."""
+    def replica_fn(value):
         context = tf.distribute.get_replica_context()
-        mine = tf.constant(int(value), tf.int64)
+        mine = tf.identity(value)  # this replica's copy, on its device: what the collective sums
         if chief_only:
             mine = tf.where(tf.equal(context.replica_id_in_sync_group, 0), mine, tf.zeros_like(mine))
         return context.all_reduce(tf.distribute.ReduceOp.SUM, mine)
 
-    result = tf.function(lambda: strategy.run(replica_fn))()
-    return int(strategy.experimental_local_results(result)[0])
+    return tf.function(lambda value: strategy.run(replica_fn, args=(value,)))
 
 
 def chief_value(strategy: tf.distribute.Strategy, value: int) -> int:

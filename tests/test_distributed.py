@@ -17,7 +17,15 @@ import tensorflow as tf
 
 import train_cnn
 from ihd.cnn import build_cnn, compile_cnn
-from ihd.distributed import cluster_size, pipeline_seed, pipeline_share, steps_per_epoch, train_epochs
+from ihd.distributed import (
+    _replica_sum_function,
+    chief_value,
+    cluster_size,
+    pipeline_seed,
+    pipeline_share,
+    steps_per_epoch,
+    train_epochs,
+)
 from ihd.inputs import channel_layout, fold_rows, inference_dataset, label_array
 from ihd.io import read_json
 from ihd.metrics import weighted_log_loss
@@ -151,6 +159,13 @@ def test_machines_share_an_epoch_without_overlap_and_every_one_can_take_the_same
         assert all(len(share) >= steps * 2 * replica_batch for share in shares)  # 2 local replicas per machine
         assert len({pipeline_seed(5, context) for context in contexts}) == machines
     assert pipeline_seed(5, tf.distribute.InputContext()) == 5  # one machine: the run's own seed
+
+
+def test_the_chief_value_is_shared_through_one_collective_traced_once():
+    strategy = tf.distribute.get_strategy()
+    values = [3, 2**59 + 1, 0, 7, 11, 13, 17]  # a 60-bit fingerprint, and more calls than a run makes
+    assert [chief_value(strategy, value) for value in values] == values
+    assert _replica_sum_function(strategy, True).experimental_get_tracing_count() == 1
 
 
 # Runs train_cnn.main as one worker of a cluster (TF_CONFIG in the environment) and records, for the
