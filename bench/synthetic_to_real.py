@@ -27,7 +27,7 @@ import demo  # noqa: E402
 import predict  # noqa: E402
 from bench.machine import device_description  # noqa: E402
 from ihd.io import read_json, write_json  # noqa: E402
-from ihd.report import auc_text, span_text  # noqa: E402
+from ihd.report import auc_text, interval_notes, span_text  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real"
 
@@ -78,9 +78,9 @@ def table(results: dict) -> str:
                      f"({span_text(bounds['slice_auc_any'], 3)}) | {auc_text(lstm['study_auc']['any'])} | {subtypes} |")
     intervals = next(iter(results.values()))["real"]["intervals"]
     if intervals:
-        lines += ["", f"Intervals: {intervals['level']:.0%}, {intervals['resamples']:,} resamples of the "
-                      f"{intervals['studies']} real studies ({intervals['studies_with_bleed']} with a bleed), each "
-                      "study's slices drawn together; from so few studies they are likely too narrow."]
+        lines += ["", "; ".join([f"Intervals: {intervals['level']:.0%}, {intervals['resamples']:,} resamples of the "
+                                 f"{intervals['studies']} real studies ({intervals['studies_with_bleed']} with a "
+                                 "bleed), each study's slices drawn together", *interval_notes(intervals)]) + "."]
     return "\n".join(lines)
 
 

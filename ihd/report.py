@@ -71,8 +71,12 @@ def intervals_on_truth(truth: pd.DataFrame, models: dict[str, pd.DataFrame], pri
     """
     y_true, predictions = _truth_arrays(truth, models, prior)
     studies = study_of_image.reindex(truth.index)
+    unknown = int(studies.isna().sum())
     studies = studies.where(studies.notna(), truth.index.to_series()).astype(str).to_numpy()
-    return study_intervals(y_true, predictions, studies, BASELINES)
+    intervals = study_intervals(y_true, predictions, studies, BASELINES)
+    if intervals is not None and unknown:
+        intervals["images_without_study"] = unknown
+    return intervals
 
 
 def format_scores(scores: dict[str, float], reference: str = "cnn", intervals: dict | None = None) -> str:
@@ -165,6 +169,8 @@ def format_folder_scores(report: dict) -> str:
     if report["labels_without_prediction"]:
         notes.append(f"{len(report['labels_without_prediction'])} labeled images have no prediction "
                      "(absent or unreadable) and are not scored")
+    if report["intervals"] is None:
+        notes.append("no intervals: they resample studies, and the scored images come from one")
     return "\n".join(lines + ["", "; ".join(notes)] + format_intervals(report["intervals"]))
 
 
@@ -184,11 +190,23 @@ def format_intervals(intervals: dict | None) -> list[str]:
                        for b in baselines]
         cells = [name, span_text(bounds["weighted_log_loss"], 4), *differences, span_text(bounds["slice_auc_any"], 3)]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = []
-    if intervals["resamples_without_auc"]:
-        notes.append(f"{intervals['resamples_without_auc']} resamples drew one class only and have no AUC")
-    fewer, which = min((bleeding, "with"), (studies - bleeding, "without"))
-    if fewer < FEW_STUDIES:
-        notes.append(f"from {fewer} studies {which} a bleed (under {FEW_STUDIES}) such intervals are likely too narrow")
+    notes = interval_notes(intervals)
     lines += ["", "; ".join(notes)] if notes else []
     return lines
+
+
+def interval_notes(intervals: dict) -> list[str]:
+    """What a reader of ``intervals`` must know beside them: the resamples that have no AUC, and why the
+    intervals are likely too narrow where they are (too few studies on one side, images of unknown study)."""
+    notes = []
+    if intervals["resamples_without_auc"]:
+        notes.append(f"{intervals['resamples_without_auc']} of the {intervals['resamples']:,} resamples drew one "
+                     "class only: the AUC's interval is over the others")
+    bleeding = intervals["studies_with_bleed"]
+    fewer, which = min((bleeding, "with"), (intervals["studies"] - bleeding, "without"))
+    if fewer < FEW_STUDIES:
+        notes.append(f"from {fewer} studies {which} a bleed (under {FEW_STUDIES}) such intervals are likely too narrow")
+    if intervals.get("images_without_study"):
+        notes.append(f"{intervals['images_without_study']} of the studies are single images whose study is unknown "
+                     "(header not read): each drawn alone, they make the intervals narrower than they should be")
+    return notes

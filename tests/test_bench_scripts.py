@@ -136,3 +136,29 @@ def test_saved_transfer_rows_are_scored_again_when_the_validation_set_was_insert
     (tmp_path / "config.json").write_text(json.dumps({**config, "generator": {"source": "b"}}))
     assert validation_record(tmp_path) != before
     assert validation_record(tmp_path)["settings"] == before["settings"]
+
+
+def test_the_real_scores_table_puts_each_interval_under_its_column_with_the_intervals_notes():
+    import numpy as np
+
+    from bench.synthetic_to_real import table
+    from ihd.intervals import study_intervals
+    from ihd.labels import SUBTYPES
+    from ihd.report import span_text
+
+    rng = np.random.default_rng(4)
+    study_ids = np.repeat(np.arange(6), 4)
+    y_true = np.zeros((24, len(SUBTYPES)))
+    y_true[:8] = 1  # 2 studies bleed, 4 do not
+    predictions = {name: np.clip(0.3 * y_true + rng.random(y_true.shape) * 0.6, 0.01, 0.99) for name in ("cnn", "cnn+lstm")}
+    intervals = study_intervals(y_true, {**predictions, "prior": np.full_like(y_true, 0.3)}, study_ids, ("prior", "cnn"))
+    aucs = {s: 0.5 for s in SUBTYPES}
+    real = {"models": {name: {"weighted_log_loss": loss, "slice_auc": aucs, "study_auc": {"any": 0.5}}
+                       for name, loss in (("cnn+lstm", 0.18), ("cnn", 0.19), ("prior", 0.23))},
+            "intervals": intervals}
+    text = table({"inserted": {"selection": "pca:32", "synthetic_test": {"cnn+lstm": 0.15}, "real": real}})
+    bounds = intervals["models"]["cnn+lstm"]
+    assert (f"| -0.0500 ({span_text(bounds['loss_minus_prior'], 4)}) | 0.1900 | 0.500 "
+            f"({span_text(bounds['slice_auc_any'], 3)}) |") in text
+    assert "resamples of the 6 real studies (2 with a bleed)" in text
+    assert "from 2 studies with a bleed (under 30) such intervals are likely too narrow" in text

@@ -93,3 +93,23 @@ def test_studies_that_disagree_widen_the_interval_beyond_resampling_slices_and_t
 def test_one_study_has_nothing_to_resample():
     y_true = np.zeros((4, len(SUBTYPES)))
     assert study_intervals(y_true, {"prior": y_true + 0.1}, ["s"] * 4) is None
+
+
+def test_resamples_of_one_class_count_whichever_class_and_the_auc_interval_is_over_the_rest():
+    # one study bleeds in every slice and two never do: a resample without the first has no positive, one of the
+    # first alone no negative; neither has an AUC, and leaving them out is what scoring the replicated rows does
+    study_ids = np.repeat(["all", "none1", "none2"], 5)
+    y_true = np.zeros((15, len(SUBTYPES)))
+    y_true[:5] = 1
+    model = np.clip(0.3 * y_true + 0.6 * np.random.default_rng(2).random(y_true.shape), 0.01, 0.99)
+    result = study_intervals(y_true, {"model": model}, study_ids, resamples=400, level=0.8, seed=9)
+    aucs, no_positive, no_negative = [], 0, 0
+    for drawn in study_draws(3, 400, seed=9):
+        rows = np.repeat(np.arange(15), drawn[np.unique(study_ids, return_inverse=True)[1]].astype(int))
+        no_positive += not y_true[rows, ANY].any()
+        no_negative += y_true[rows, ANY].all()
+        if y_true[rows, ANY].any() and not y_true[rows, ANY].all():
+            aucs.append(roc_auc_score(y_true[rows, ANY], model[rows, ANY]))
+    assert no_positive > 0 and no_negative > 0
+    assert result["resamples_without_auc"] == no_positive + no_negative
+    np.testing.assert_allclose(result["models"]["model"]["slice_auc_any"], np.quantile(aucs, [0.1, 0.9]))

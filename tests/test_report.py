@@ -4,7 +4,7 @@ import pytest
 
 from ihd.labels import SUBTYPES
 from ihd.metrics import weighted_log_loss
-from ihd.report import aligned, format_scores, scores_on_truth
+from ihd.report import aligned, format_intervals, format_scores, scores_on_truth, span_text
 
 
 def _wide(values, images):
@@ -75,6 +75,24 @@ def test_folder_scores_score_labeled_images_only_with_study_auc_from_the_highest
                                                      "loss_minus_cnn"}
     assert "95% intervals over 2,000 resamples of the 3 studies with a scored slice (1 with a bleed)" in text
     assert "from 1 studies with a bleed (under 30) such intervals are likely too narrow" in text
+    lstm_row = (f"| cnn+lstm | {span_text(intervals['models']['cnn+lstm']['weighted_log_loss'], 4)} | "
+                f"{span_text(intervals['models']['cnn+lstm']['loss_minus_prior'], 4)} | "
+                f"{span_text(intervals['models']['cnn+lstm']['loss_minus_cnn'], 4)} | "
+                f"{span_text(intervals['models']['cnn+lstm']['slice_auc_any'], 3)} |")
+    assert lstm_row in text.splitlines()  # each difference under its own baseline's column
+
+
+def test_a_folder_of_one_study_says_why_it_has_no_intervals():
+    from ihd.report import folder_scores, format_folder_scores
+
+    images = ["ID_1", "ID_2", "ID_3"]
+    probabilities = pd.DataFrame({"image_id": images, "study_id": ["S"] * 3})
+    for subtype in SUBTYPES:
+        probabilities[subtype] = [0.2, 0.7, 0.4]
+        probabilities[f"cnn_{subtype}"] = 0.3
+    report = folder_scores(probabilities, _wide([[0] * 6, [1] * 6, [0] * 6], images), np.full(6, 0.1))
+    assert report["intervals"] is None
+    assert "no intervals: they resample studies, and the scored images come from one" in format_folder_scores(report)
 
 
 def test_intervals_on_truth_resample_the_studies_and_an_unread_image_alone():
@@ -93,3 +111,17 @@ def test_intervals_on_truth_resample_the_studies_and_an_unread_image_alone():
     assert set(intervals["models"]["prior"]) == {"weighted_log_loss", "slice_auc_any"}  # not against the cnn
     text = format_scores({"prior": 0.3, "cnn": 0.2, "cnn+lstm": 0.2}, intervals=intervals)
     assert "| model | weighted log loss | loss minus the prior's | loss minus the cnn's | slice AUC any |" in text
+    assert "2 of the studies are single images whose study is unknown (header not read)" in text
+
+
+def test_the_warning_names_whichever_side_has_too_few_studies():
+    from ihd.intervals import study_intervals
+
+    rng = np.random.default_rng(8)
+    study_ids = np.repeat(np.arange(40), 3)
+    y_true = np.zeros((120, len(SUBTYPES)))
+    y_true[:108] = 1  # 36 studies bleed, 4 do not
+    model = np.clip(0.4 * y_true + 0.5 * rng.random(y_true.shape), 0.01, 0.99)
+    text = "\n".join(format_intervals(study_intervals(y_true, {"model": model}, study_ids, resamples=200)))
+    assert "from 4 studies without a bleed (under 30) such intervals are likely too narrow" in text
+    assert "unknown" not in text
