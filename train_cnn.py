@@ -194,7 +194,7 @@ def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: P
         "mixed_precision": mixed_precision,
         "replicas": strategy.num_replicas_in_sync,
         "machines": cluster_size(),
-        "input_moments": None if moments is None else {"mean": moments[0], "std": moments[1]},
+        "input_moments": None if moments is None else {"mean": moments[0].tolist(), "std": moments[1].tolist()},
     }
     check_same_on_every_machine(strategy, {**config, "slices_sha256": file_sha256(store.root / MANIFEST_FILE)})
     check_same_run(run_dir, config)

@@ -1,3 +1,5 @@
+import json
+
 import keras
 import numpy as np
 import pandas as pd
@@ -121,6 +123,18 @@ def test_training_resumes_at_the_epoch_a_kill_reached(prepared_synthetic, tmp_pa
         train_cnn.main(elsewhere)
     with pytest.raises(SystemExit, match="gives training other labeled rows, folds or labels than .*tiny was trained on"):
         train_cnn.main([*elsewhere, "--extract-only"])
+
+
+def test_a_run_scaled_by_the_datasets_moments_records_them_and_resumes(prepared_synthetic, tmp_path, capsys):
+    # the paper's preset scales each window by the training slices' mean and std (--input-norm dataset)
+    flags = _flags(prepared_synthetic, tmp_path, "--image-size", "32", "--epochs", "1", "--no-extract",
+                   "--input-norm", "dataset")
+    run_dir = train_cnn.main(flags)
+    moments = json.loads((run_dir / "config.json").read_text())["input_moments"]
+    assert len(moments["mean"]) == len(moments["std"]) == 3 and all(s > 0 for s in moments["std"])
+    capsys.readouterr()
+    train_cnn.main(flags)
+    assert "already trained for 1 epochs" in capsys.readouterr().out
 
 
 def test_cnn_keras_reloaded_scores_like_the_best_epochs_record(trained, prepared_synthetic):
