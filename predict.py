@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ihd.flags import non_negative_int, selection_spec
 from ihd.gradcam import METHODS
@@ -62,7 +63,7 @@ from ihd.inference import (
 from ihd.inputs import fold_rows, label_array
 from ihd.io import atomic_path, run_header, write_json
 from ihd.kaggle_api import KaggleAccessError
-from ihd.labels import SUBTYPES, read_long_labels
+from ihd.labels import SUBTYPES, LabelFileError, read_long_labels
 from ihd.study_inference import (
     StudyModel,
     check_study_belongs,
@@ -238,8 +239,9 @@ def pictured_studies(table, study: StudyModel, limit: int):
 
 
 def write_folder_studies(settings: Settings, chain: Chain, study: StudyModel, predictions, hu_of_rows,
-                         out_dir: Path) -> Path:
-    """A DICOM folder's studies -> studies.csv (one row per study) and best-slice montages."""
+                         out_dir: Path, labels: pd.DataFrame | None) -> Path:
+    """A DICOM folder's studies -> studies.csv (one row per study) and best-slice montages; scored against
+    ``labels`` (the wide table of --labels) where given."""
     inputs = chain_inputs(chain, predictions.embeddings, predictions.cnn)
     series, outputs, weights = predict_index_studies(study, inputs, predictions.index)
     table = study_table(study, predictions.index, series, outputs, weights)
@@ -247,13 +249,12 @@ def write_folder_studies(settings: Settings, chain: Chain, study: StudyModel, pr
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     print(f"studies: {csv_path}\n{table[['study_id', 'verdict', 'flagged_positions']].to_string(index=False)}")
-    if settings.labels and study.labels.exclusive:
+    if labels is not None and study.labels.exclusive:
         print(f"{settings.labels}: slice labels do not give the {study.labels.name} label set's study labels "
               f"({', '.join(study.labels.columns)}): studies not scored (the slice probabilities are)")
-    elif settings.labels:
-        slice_truth = read_long_labels(settings.labels)
-        truth = study_truth_from_slices(predictions.index, slice_truth)
-        scores = score_test(study, chain.lstm, inputs, predictions.index, series, table, truth, slice_truth)
+    elif labels is not None:
+        truth = study_truth_from_slices(predictions.index, labels)
+        scores = score_test(study, chain.lstm, inputs, predictions.index, series, table, truth, labels)
         write_json(out_dir / "studies-scores.json", {"scores": scores, "labels": settings.labels, "settings": settings})
         print(f"study scores against {settings.labels}: {scores}")
     if settings.gradcam > 0:
@@ -262,9 +263,11 @@ def write_folder_studies(settings: Settings, chain: Chain, study: StudyModel, pr
     return csv_path
 
 
-def predict_folder(settings: Settings, chains: list[Chain], study: StudyModel | None = None) -> Path:
+def predict_folder(settings: Settings, chains: list[Chain], study: StudyModel | None = None,
+                   labels: pd.DataFrame | None = None) -> Path:
     """A plain DICOM folder -> per-slice probabilities CSV (CNN+LSTM and CNN alone) and pictures;
-    with a study model, studies.csv beside it. A fold ensemble's members are averaged."""
+    with a study model, studies.csv beside it; with ``labels`` (the wide table of --labels), the scores.
+    A fold ensemble's members are averaged."""
     chain = chains[0]
     folder = Path(settings.dicom_dir)
     out_dir = Path(settings.out) if settings.out else Path(settings.submissions_dir) / f"{settings.run}-{chain.slug}-{folder.name}"
@@ -285,11 +288,11 @@ def predict_folder(settings: Settings, chains: list[Chain], study: StudyModel | 
         table.to_csv(tmp, index=False, float_format="%.6g")
     write_json(out_dir / "config.json", {"selection": chain.selection_name, "settings": settings})
     print(f"probabilities: {csv_path} ({len(table)} slices in {index['study_id'].nunique()} studies)")
-    print(table.groupby("study_id")["any"].max().rename("highest any probability").to_string())
-    if settings.labels:
-        score_folder(settings, chains, table, out_dir)
+    print(table.groupby("study_id")["any"].max().rename("highest any probability").to_string(name=True))
+    if labels is not None:
+        score_folder(settings, chains, table, out_dir, labels)
     if study is not None:
-        write_folder_studies(settings, chain, study, predictions, hu_of_rows, out_dir)
+        write_folder_studies(settings, chain, study, predictions, hu_of_rows, out_dir, labels)
     elif settings.gradcam > 0:
         pictures = draw_study_pictures(chains, predictions, hu_of_rows, out_dir, settings.gradcam,
                                        settings.gradcam_method, settings.gradcam_studies)
@@ -299,11 +302,12 @@ def predict_folder(settings: Settings, chains: list[Chain], study: StudyModel | 
     return csv_path
 
 
-def score_folder(settings: Settings, chains: list[Chain], table, out_dir: Path) -> Path:
-    """Score the folder's probabilities against --labels, next to the training prior; saved beside them."""
+def score_folder(settings: Settings, chains: list[Chain], table, out_dir: Path, labels: pd.DataFrame) -> Path:
+    """Score the folder's probabilities against ``labels`` (read from --labels), next to the training prior;
+    saved beside them."""
     chain = chains[0]
     prior = chains_prior(settings, chains)
-    report = folder_scores(table, read_long_labels(settings.labels), prior)
+    report = folder_scores(table, labels, prior)
     path = out_dir / "scores.json"
     write_json(path, {"scores": report, "labels": settings.labels, "selection": chain.selection_name,
                       "prior": dict(zip(SUBTYPES, prior.tolist()))})
@@ -324,6 +328,7 @@ def main(argv: list[str] | None = None) -> Path:
     if settings.segment and not settings.dicom_dir:
         raise SystemExit("--segment works on --dicom-dir folders (the test set has no series to write masks for)")
     try:
+        labels = read_long_labels(settings.labels) if settings.labels else None  # refused before any prediction
         study = None
         if settings.study:
             ensemble = read_ensemble(settings.models_dir, settings.run)
@@ -342,12 +347,14 @@ def main(argv: list[str] | None = None) -> Path:
         if study is not None:
             check_study_belongs(study, chains[0], settings.models_dir)
         if settings.dicom_dir:
-            return predict_folder(settings, chains, study)
+            return predict_folder(settings, chains, study, labels)
         if study is not None:
             return predict_dataset_studies(settings, chains[0], study)
         return predict_dataset(settings, chains)
     except (ChainError, SubmissionError, FileNotFoundError) as error:
         raise SystemExit(str(error)) from None
+    except LabelFileError as error:
+        raise SystemExit(f"--labels {error}") from None
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from ihd.flags import dataset_name, existing_folder, int_in
 from ihd.index import FOLD_BALANCES, MAX_FOLDS, build_index, drop_unreadable, pixel_readings
 from ihd.io import read_json, run_header
 from ihd.kaggle_api import COMPETITION, KaggleAccessError, kaggle_api, network_hint
+from ihd.labels import LabelFileError
 from ihd.presets import apply_preset
 from ihd.slices import CONFIG_FILE as STORE_CONFIG, check_store, write_slices
 
@@ -222,9 +223,13 @@ def main(argv: list[str] | None = None) -> Path:
     if settings.download:
         download_competition(raw)
     sources, labels = index_sources(settings, raw)
-    index = build_index(sources, dataset_dir, labels_csv=labels, folds=settings.folds, balance=settings.fold_balance,
-                        seed=settings.seed, workers=settings.workers, extra_config={"prepare_data": settings}, resume=True,
-                        non_ct_as_hu=settings.read_non_ct_as_hu, train_series=settings.train_series)
+    try:
+        index = build_index(sources, dataset_dir, labels_csv=labels, folds=settings.folds,
+                            balance=settings.fold_balance, seed=settings.seed, workers=settings.workers,
+                            extra_config={"prepare_data": settings}, resume=True,
+                            non_ct_as_hu=settings.read_non_ct_as_hu, train_series=settings.train_series)
+    except LabelFileError as error:
+        raise SystemExit(str(error)) from None
     failures = write_slices(index, dataset_dir / "slices", size=settings.size, workers=settings.workers,
                             non_ct_as_hu=settings.read_non_ct_as_hu, readings=pixel_readings(dataset_dir))
     index = drop_unreadable(dataset_dir, failures)

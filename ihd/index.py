@@ -541,7 +541,7 @@ def build_index(
         **(extra_config or {}),
     })
     print(f"index: {len(index)} slices in {index.groupby(['split', 'series_id']).ngroups} series -> "
-          f"{dataset_dir / INDEX_FILE}; {len(bad)} bad files -> {bad_path}")
+          f"{dataset_dir / INDEX_FILE}; {len(bad)} files refused by their headers -> {bad_path}")
     return index
 
 
@@ -577,7 +577,8 @@ def drop_unreadable(dataset_dir: str | Path, failures: Sequence[tuple[str, str]]
     config = read_json(dataset_dir / CONFIG_FILE)
     config.update(**index_counts(index), bad_files=config["bad_files"] + len(bad))
     write_json(dataset_dir / CONFIG_FILE, config)
-    print(f"index: dropped {len(bad)} unreadable slices -> {dataset_dir / BAD_FILES}")
+    print(f"index: dropped {len(bad)} slices whose pixels could not be read -> {dataset_dir / BAD_FILES} "
+          f"({config['bad_files']} bad files in all)")
     return index
 
 

@@ -35,7 +35,10 @@ def read_long_labels(path: str | Path) -> pd.DataFrame:
     row or image.
     """
     path = Path(path)
-    table = pd.read_csv(path, dtype={"ID": str, "Label": str})
+    try:
+        table = pd.read_csv(path, dtype={"ID": str, "Label": str})
+    except (OSError, ValueError) as error:  # a missing file, a row of other fields, bytes that are not text
+        raise LabelFileError(f"{path}: cannot be read as the challenge's ID,Label CSV ({error})") from None
     if list(table.columns) != ["ID", "Label"]:
         raise LabelFileError(f"{path}: header must be ID,Label, found {','.join(table.columns)}")
     table = table.drop_duplicates()  # keeps each row's number in the file (its index, header = row 1)
@@ -44,6 +47,8 @@ def read_long_labels(path: str | Path) -> pd.DataFrame:
     if bad.any():
         row = bad.idxmax()
         raise LabelFileError(f"{path}: row {row + 2}: {table['ID'][row]!r} is not ID_<image>_<subtype>")
+    if table["Label"].isna().any():
+        raise LabelFileError(f"{path}: row {table['Label'].isna().idxmax() + 2}: no label")
     labels = pd.to_numeric(table["Label"], errors="coerce")
     if labels.isna().any():
         row = labels.isna().idxmax()

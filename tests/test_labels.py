@@ -32,6 +32,8 @@ def test_round_trip_and_duplicated_rows(tmp_path):
     ("ID_a1_epidural,0", "two different labels"),
     ("ID_a1_bleed,0", "not ID_<image>_<subtype>"),
     ("ID_a1_epidural,yes", "not a number"),
+    ("ID_a1_epidural,", "row 8: no label"),
+    ("ID_a1_epidural,1,1", "cannot be read as the challenge's ID,Label CSV"),
 ])
 def test_broken_label_files_name_the_file(tmp_path, row, message):
     wide = pd.DataFrame(np.ones((1, 6), np.float32), index=["ID_a1"], columns=list(SUBTYPES))

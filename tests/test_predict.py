@@ -238,6 +238,12 @@ def test_dicom_folder_scored_against_labels_reports_unlabeled_images(chain, tmp_
     with pytest.raises(SystemExit, match="a --dicom-dir folder is scored with --labels"):
         predict.main(["--run", "small", "--dicom-dir", str(raw / "stage_2_test"), "--truth", str(tmp_path / "labels.csv"),
                       *chain["common"]])
+    broken = tmp_path / "broken.csv"
+    broken.write_text((tmp_path / "labels.csv").read_text() + "ID_x_any,1,extra\n")
+    with pytest.raises(SystemExit, match=f"--labels {broken}: cannot be read as the challenge's ID,Label CSV"):
+        predict.main(["--run", "small", "--dicom-dir", str(raw / "stage_2_test"), "--labels", str(broken),
+                      "--out", str(tmp_path / "refused"), *chain["common"]])
+    assert not (tmp_path / "refused").exists()  # refused before a slice was read or predicted
 
 
 def test_the_streamed_folder_route_gives_what_the_whole_folder_in_memory_gave(chain, tmp_path, monkeypatch):
