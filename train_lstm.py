@@ -186,7 +186,7 @@ def train_study_selection(settings: Settings, features, selection: str) -> dict:
     try:
         return train_study(options, features, stored_inputs(features, chosen), chosen,
                            int(features.config["fold"]), settings.models_dir, settings.run, settings.layers,
-                           settings.units, settings.dropout, settings.learning_rate, settings.epochs,
+                           settings.units, settings.dropout, settings.standardize, settings.learning_rate, settings.epochs,
                            settings.batch_size, settings.min_steps, settings.patience, settings.seed,
                            dataclasses.asdict(settings))
     except ChainError as error:  # --init pretrained without a finished per-slice LSTM of these features

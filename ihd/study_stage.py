@@ -29,7 +29,7 @@ from ihd.index import assign_folds
 from ihd.inference import ChainError, finished_lstm
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import ANY
-from ihd.sequence import input_moments, load_lstm, predict_series, series_set
+from ihd.sequence import load_lstm, predict_series, series_set, standardizing_moments
 from ihd.series_inputs import transform_sha256
 from ihd.study_labels import LABEL_SETS, STUDY_ID, LabelSet, derive_study_labels, read_study_labels
 from ihd.study_metrics import (
@@ -126,20 +126,33 @@ def slice_model_study_outputs(slice_lstm, inputs: np.ndarray, index: pd.DataFram
     return np.array([p.max() for p in per_series]), [keep_runs(p >= SLICE_FLAG_PROBABILITY) for p in per_series]
 
 
-def build_study_model(options: StudyOptions, chosen: LabelSet, input_dim: int, train: StudySeries, layers: int,
+def study_moments(train: StudySeries, standardize: str, slice_lstm: keras.Model | None) -> tuple | None:
+    """The (mean, variance) a study model standardises its inputs by. Started from a per-slice LSTM, that model's
+    own: its LSTM layers learned on inputs scaled so. Otherwise ``standardize`` (`ihd.sequence`) over the
+    training series' rows."""
+    if slice_lstm is None:
+        return standardizing_moments(train.data, standardize)
+    if "standardise" not in [layer.name for layer in slice_lstm.layers]:
+        return None
+    layer = slice_lstm.get_layer("standardise")
+    return tuple(keras.ops.convert_to_numpy(value).reshape(-1) for value in (layer.mean, layer.variance))
+
+
+def build_study_model(options: StudyOptions, chosen: LabelSet, input_dim: int, moments: tuple | None, layers: int,
                       units: int, dropout: float):
-    """The study model the options name, standardised by the training series' moments."""
-    moments = input_moments(train.data)
+    """The study model the options name, its inputs standardised by ``moments`` (None: as they come)."""
     if options.model == "attention":
         return build_attention_lstm(input_dim, chosen, layers, units, dropout, moments, options.attention_units)
     return build_volume_lstm(input_dim, chosen, options.frames, options.volume_units, dropout, moments)
 
 
 def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, fitted: Selection, fold: int,
-                models_dir: str | Path, run: str, layers: int, units: int, dropout: float, learning_rate: float,
-                epochs: int, batch_size: int, min_steps: int, patience: int, seed: int, settings: dict) -> dict:
+                models_dir: str | Path, run: str, layers: int, units: int, dropout: float, standardize: str,
+                learning_rate: float, epochs: int, batch_size: int, min_steps: int, patience: int, seed: int,
+                settings: dict) -> dict:
     """Train one study model on the ``inputs`` (N, D) of the ``fitted`` selection and write its record (with
-    what the selection does to a row, which prediction checks); returns the record."""
+    what the selection does to a row, which prediction checks); returns the record. Its inputs are standardised
+    as ``standardize`` says, or, started from the per-slice LSTM (``--init pretrained``), as that LSTM's were."""
     selection = fitted.name
     if options.model not in STUDY_MODELS or options.init not in INITS:
         raise ValueError(f"study model must be one of {STUDY_MODELS} and init one of {INITS}")
@@ -155,7 +168,6 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, f
           f"series with study labels (fold {fold}); {batch} series per batch", flush=True)
     model_path, record_path = study_paths(models_dir, run, options, selection)
     keras.utils.set_random_seed(seed)
-    model = build_study_model(options, chosen, inputs.shape[1], train, layers, units, dropout)
     pretrained = options.model == "attention" and options.init == "pretrained"
     command = f"train_lstm.py --run {run} --selection {selection}"
     if pretrained:
@@ -166,9 +178,12 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, f
         if pretrained:
             raise
         slice_lstm_path = None  # no per-slice LSTM of these features to compare with at study level
+    slice_lstm = load_lstm(slice_lstm_path) if pretrained else None
+    model = build_study_model(options, chosen, inputs.shape[1], study_moments(train, standardize, slice_lstm), layers,
+                              units, dropout)
     pretrained_from = None
     if pretrained:
-        copy_slice_lstm_weights(model, load_lstm(slice_lstm_path))
+        copy_slice_lstm_weights(model, slice_lstm)
         pretrained_from = str(slice_lstm_path)
     compile_study_model(model, chosen, learning_rate)
     best = fit_study_model(model, train, val, chosen, model_path, epochs, batch, patience, seed)
@@ -179,7 +194,8 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, f
     record = {
         "model": options.model, "label_set": chosen.name, "columns": list(chosen.columns),
         "init": options.init if options.model == "attention" else None,
-        "pretrained_from": pretrained_from, "selection": selection, "slug": selection_slug(selection),
+        "pretrained_from": pretrained_from,
+        "standardised_as": "the per-slice LSTM's inputs" if pretrained else standardize, "selection": selection, "slug": selection_slug(selection),
         "selection_inputs": fitted.inputs, "selection_transform_sha256": transform_sha256(fitted),
         "input_dim": int(inputs.shape[1]), "frames": frames, "fold": fold, "batch_size": batch,
         "study_labels": options.labels, "options": options, "settings": settings, "cnn_config": features.config,

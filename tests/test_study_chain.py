@@ -65,6 +65,29 @@ def test_pretraining_refuses_a_per_slice_lstm_that_is_not_finished_or_not_its_re
     assert not list((models / "r").glob("study-*-pca4-*"))
 
 
+def test_a_pretrained_study_model_standardises_its_inputs_as_the_per_slice_lstm_it_starts_from(chain, tmp_path):
+    import keras
+
+    from ihd.sequence import load_lstm
+
+    for part in ("models", "features"):
+        shutil.copytree(chain["workspace"] / part, tmp_path / part)
+    (tmp_path / "data").symlink_to(chain["workspace"] / "data")
+    lstm = ["--run", "r", "--selection", "pca:8", "--layers", "1", "--units", "8", "--epochs", "1", "--standardize",
+            "shared", "--models-dir", str(tmp_path / "models"), "--features-dir", str(tmp_path / "features")]
+    train_lstm.main(lstm)  # the per-slice LSTM again, its features scaled by one shared variance
+    train_lstm.main([*lstm, "--study-labels", "derive", "--init", "pretrained"])
+    models = tmp_path / "models" / "r"
+    slice_layer = load_lstm(models / "lstm-pca8.keras").get_layer("standardise")
+    study_layer = keras.models.load_model(models / f"{STUDY}.keras", compile=False).get_layer("standardise")
+    for name in ("mean", "variance"):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(getattr(study_layer, name)),
+                                      keras.ops.convert_to_numpy(getattr(slice_layer, name)))
+    variance = keras.ops.convert_to_numpy(slice_layer.variance).reshape(-1)
+    assert np.unique(variance[:8]).size == 1 and np.unique(variance).size > 1  # shared, not per feature
+    assert json.loads((models / f"{STUDY}.json").read_text())["standardised_as"] == "the per-slice LSTM's inputs"
+
+
 def test_a_study_model_is_refused_with_a_selection_fitted_again_on_other_rows(chain, tmp_path):
     for part in ("models", "features"):
         shutil.copytree(chain["workspace"] / part, tmp_path / part)
