@@ -11,7 +11,7 @@ best validation epoch, config.json, history.csv, tb/, checkpoint/) and features/
 command that was killed resumes training at the epoch it reached and extraction at the row it reached.
 With --study-labels (a study-label CSV, or "derive") it trains the end-to-end study model instead
 (paper 002, ihd.end_to_end): the CNN and a BiLSTM on whole resliced volumes, one label per volume;
-models/<run>-end2end/end_to_end.{keras,json}.
+models/<run>/end_to_end.{keras,json} (a run named by default ends in -end2end).
 """
 
 import argparse
@@ -28,6 +28,7 @@ from ihd.cnn import (
     SCHEDULES,
     build_cnn,
     compile_cnn,
+    epochs_done,
     fit_cnn,
     load_cnn,
     publish_committed,
@@ -155,9 +156,11 @@ def parse_args(argv: list[str] | None) -> Settings:
 
 
 def check_same_run(run_dir: Path, config: dict) -> None:
-    """Refuse to continue a run that was started with different run-defining settings."""
+    """Refuse to continue a run that was started with different run-defining settings. A run that has trained
+    nothing yet (it stopped before its first epoch: say, pretrained weights that could not be downloaded) takes
+    the new settings."""
     path = run_dir / "config.json"
-    if not path.exists():
+    if not path.exists() or not (epochs_done(run_dir) or (run_dir / MODEL_FILE).exists()):
         return
     previous = read_json(path)
     changed = [k for k in RUN_DEFINING if previous.get(k) != config[k]]

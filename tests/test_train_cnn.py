@@ -105,6 +105,12 @@ def test_training_resumes_at_the_epoch_a_kill_reached(prepared_synthetic, tmp_pa
     assert not (tmp_path / "features").exists()
     train_cnn.main(flags)
     assert "already trained for 2 epochs" in capsys.readouterr().out
+    started = tmp_path / "models" / "stopped-before-an-epoch"  # as a run whose weights could not be downloaded
+    started.mkdir()
+    (started / "config.json").write_text(json.dumps({**json.loads((run_dir / "config.json").read_text()),
+                                                     "weights": "imagenet"}))
+    train_cnn.main([*flags, "--run", started.name, "--epochs", "1"])  # it had trained nothing: new settings taken
+    assert json.loads((started / "config.json").read_text())["weights"] == "none"
     with pytest.raises(ValueError, match="image_size: 32 -> 48"):
         train_cnn.main(_flags(prepared_synthetic, tmp_path, "--image-size", "48", "--epochs", "2"))
     with pytest.raises(ValueError, match="batch_size: 16 -> 8"):  # the restored step count would miss the schedule
