@@ -118,7 +118,7 @@ def application_on(backbone: str, windowed, weights: str | None) -> keras.Model:
                 f"could not download the ImageNet weights of {backbone} ({error}). Offline, pass "
                 "--weights none to train from scratch, or --weights PATH with a local weights file "
                 "(the no-top .h5 file keras.applications would download)."
-            ) from error
+            ) from None  # the message holds the download's error; its long traceback would bury it
         raise
     return model
 
@@ -157,7 +157,7 @@ def _download_resnext_wsl() -> keras.Model:
             f"could not download the WSL weights of {RESNEXT_WSL} from the Hugging Face hub ({RESNEXT_WSL_HUB}: "
             f"{type(error).__name__}: {error}). Offline, pass --weights none to train from scratch, or --weights PATH "
             "with a weights file of this architecture saved by model.save_weights."
-        ) from error
+        ) from None
 
 
 def copy_weights(source: keras.Model, target: keras.Model) -> None:

@@ -35,8 +35,7 @@ def credentials_hint() -> str | None:
         f"{', '.join(TOKEN_FILES)} in {', '.join(str(d) for d in config_dirs)}.\n"
         f"  To fix: create an API token at {TOKEN_URL} and save it as "
         f"{home / '.kaggle' / 'kaggle.json'} (chmod 600), or export KAGGLE_USERNAME and KAGGLE_KEY.\n"
-        f"  Then accept the competition rules at {RULES_URL} (downloads and submissions are refused until you do).\n"
-        "  Offline, try the kit with: python prepare_data.py --synthetic --small"
+        f"  Then accept the competition rules at {RULES_URL} (downloads and submissions are refused until you do)."
     )
 
 

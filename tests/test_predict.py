@@ -96,8 +96,9 @@ def test_submit_offline_keeps_the_file_and_says_what_is_missing(chain, tmp_path,
     for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_CONFIG_DIR", "XDG_CONFIG_HOME"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    with pytest.raises(SystemExit, match="written but not sent.*needs credentials"):
+    with pytest.raises(SystemExit, match="written but not sent.*needs credentials") as stop:
         predict.main(["--run", "small", "--submit", "--submissions-dir", str(tmp_path / "out"), *chain["common"]])
+    assert "--synthetic" not in str(stop.value)  # a submission is sent from the real data's run: no detour to phantoms
     assert len(list((tmp_path / "out").glob("small-*.csv"))) == 1
 
 

@@ -135,6 +135,7 @@ def test_download_without_credentials_says_what_to_do(tmp_path, monkeypatch):
     message = str(stop.value)
     assert "kaggle.json" in message and "KAGGLE_USERNAME" in message and "KAGGLE_KEY" in message
     assert str(tmp_path / "home" / ".kaggle") in message and "rules" in message
+    assert "Offline, try the kit with: python prepare_data.py --synthetic --small" in message
 
 
 def test_empty_raw_folder_is_a_clear_error(tmp_path, monkeypatch):
