@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,12 @@ class DicomError(Exception):
 
 def _open(path: str | Path, defer_size: int | None = None) -> pydicom.Dataset:
     try:
-        return pydicom.dcmread(path, defer_size=defer_size)
+        with warnings.catch_warnings():
+            # pydicom only warns when a file ends inside its encapsulated pixel data, and returns no element at all
+            warnings.filterwarnings("error", message="End of file reached", category=UserWarning)
+            return pydicom.dcmread(path, defer_size=defer_size)
+    except UserWarning as error:
+        raise DicomError(path, f"truncated: {error}") from None
     except InvalidDicomError as error:
         raise DicomError(path, f"not a DICOM file ({error})") from None
     except FileNotFoundError:

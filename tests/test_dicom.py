@@ -225,6 +225,17 @@ def test_truncated_and_non_dicom_files_raise_dicom_error_naming_the_file(real_da
         assert str(path) in str(caught.value)
 
 
+def test_a_compressed_file_cut_inside_its_pixel_data_is_refused_as_truncated(real_data, tmp_path):
+    # pydicom reads such a file as a dataset without any element, which would read as a header without its tags
+    source = sorted((real_data / "rsna_labeled" / "stage_2_train").glob("*.dcm"))[0]  # JPEG 2000, encapsulated
+    cut = tmp_path / source.name
+    cut.write_bytes(source.read_bytes()[:2000])
+    for read in (read_header, read_hu):
+        with pytest.raises(DicomError, match="truncated: End of file reached") as caught:
+            read(cut)
+        assert str(cut) in str(caught.value)
+
+
 def test_file_without_pixel_data(real_data, tmp_path):
     ds = pydicom.dcmread(real_data / "rsna_slices" / "ID_000039fa0.dcm")
     del ds.PixelData
