@@ -443,7 +443,8 @@ def fit_selection(
     train_rows = np.asarray(train_rows)
     train_rows = np.flatnonzero(train_rows) if train_rows.dtype == bool else np.sort(train_rows)
     if k is not None and k > dim:
-        raise ValueError(f"feature selection {name!r} asks for {k} dimensions but the embedding has {dim}")
+        raise ValueError(f"feature selection {name!r} asks for {k} dimensions but the embedding has {dim}: "
+                         f"choose --selection with at most {dim}, or all")
     if len(train_rows) == 0:
         raise ValueError(f"feature selection {name!r}: no training rows to fit on")
     if method == "all":

@@ -80,6 +80,9 @@ def fold_rows(index: pd.DataFrame, fold: int) -> tuple[np.ndarray, np.ndarray]:
     folds = index["fold"].to_numpy()
     labeled_train = (index["split"].to_numpy() == "train") & (folds >= 0)
     known = sorted(set(folds[labeled_train].tolist()))
+    if not known:
+        raise ValueError("the index has no labeled training slices, so there is nothing to train or validate on (a "
+                         "dataset indexed from a --dicom-dir folder has no labels): prepare a labeled dataset")
     if fold not in known:
         raise ValueError(f"fold {fold} is not in the index (its labeled training folds are {known})")
     return np.flatnonzero(labeled_train & (folds != fold)), np.flatnonzero(labeled_train & (folds == fold))

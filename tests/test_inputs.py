@@ -73,6 +73,9 @@ def test_fold_rows_keep_only_labeled_train_rows():
     assert train.tolist() == [0] and val.tolist() == [1, 2]
     with pytest.raises(ValueError, match="fold 3"):
         fold_rows(index, 3)
+    unlabeled = pd.DataFrame({"split": ["test", "test"], "fold": [-1, -1]})  # as a --dicom-dir folder indexes
+    with pytest.raises(ValueError, match="the index has no labeled training slices"):
+        fold_rows(unlabeled, 0)
 
 
 def test_oversampled_repeats_only_positive_slices():
