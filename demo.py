@@ -132,7 +132,13 @@ def main(argv: list[str] | None = None) -> Path:
     result = None
     for module, flags in stages(settings):
         print(flush=True)  # a blank line between stages; each stage's log begins with its command
-        result = module.main(flags)
+        try:
+            result = module.main(flags)
+        except SystemExit as stop:
+            if not isinstance(stop.code, str):
+                raise
+            raise SystemExit(f"{stop.code}\n(demo.py keeps its data, models and features under --root "
+                             f"{settings.root}: another --root starts afresh beside them)") from None
     return result
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 import demo
 import prepare_data
 import train_cnn
@@ -68,3 +70,16 @@ def test_saved_choice_scores_of_other_demo_settings_are_scored_again(tmp_path, m
     assert [r["seed"] for r in demo_choices.saved_rows(path)] == [1]
     monkeypatch.setattr(demo_choices, "CHAIN", demo.chain_record("folds") | {"cnn": [*demo.cnn_flags(), "--epochs", "1"]})
     assert demo_choices.saved_rows(path) == []
+
+
+def test_a_stage_that_refuses_tells_how_to_start_the_demo_afresh(tmp_path, monkeypatch):
+    def refusing(flags):
+        raise SystemExit("data/synthetic/raw holds a synthetic dataset made with other settings: choose another "
+                         "--dataset or delete that folder")
+
+    monkeypatch.setattr(prepare_data, "main", refusing)
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--root", str(tmp_path)])
+    message = str(stop.value.code)
+    assert message.startswith("data/synthetic/raw holds a synthetic dataset made with other settings")
+    assert f"under --root {tmp_path}: another --root starts afresh" in message
