@@ -217,6 +217,10 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, f
             "localization": localization_scores(flags, truth),
         }
     write_json(record_path, record)
+    if chosen.positive not in thresholds:
+        warnings.warn(f"{record_path}: the validation exams of fold {fold} hold one class of {chosen.positive} only, so "
+                      "no threshold was validated and predict.py --study will refuse this model: train it on a fold "
+                      "whose exams hold both")
     positive = record["validation"].get(chosen.positive, {})
     print(f"study {options.model}: best epoch {best.best_epoch}, validation {chosen.positive} AUC "
           f"{positive.get('auc', float('nan')):.4f}; record {record_path}")

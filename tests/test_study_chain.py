@@ -12,6 +12,7 @@ import predict
 import prepare_data
 import train_cnn
 import train_lstm
+from ihd.labels import SUBTYPES
 from ihd.study_labels import read_study_labels
 
 STUDY = "study-attention-subtypes-pca8-pretrained"
@@ -86,6 +87,21 @@ def test_a_pretrained_study_model_standardises_its_inputs_as_the_per_slice_lstm_
     variance = keras.ops.convert_to_numpy(slice_layer.variance).reshape(-1)
     assert np.unique(variance[:8]).size == 1 and np.unique(variance).size > 1  # shared, not per feature
     assert json.loads((models / f"{STUDY}.json").read_text())["standardised_as"] == "the per-slice LSTM's inputs"
+
+
+def test_a_study_model_whose_validation_exams_hold_one_class_is_flagged_when_trained(chain, tmp_path):
+    for part in ("models", "features"):
+        shutil.copytree(chain["workspace"] / part, tmp_path / part)
+    (tmp_path / "data").symlink_to(chain["workspace"] / "data")
+    index = pd.read_parquet(chain["dataset"] / "index.parquet")
+    fold_of = index[index["split"] == "train"].groupby("study_id")["fold"].first()
+    labels = pd.DataFrame(0, index=fold_of.index.rename("study_id"), columns=list(SUBTYPES))
+    labels.loc[fold_of[fold_of == 1].index[:2], ["intraparenchymal", "any"]] = 1  # bleeds in training exams only
+    labels.to_csv(tmp_path / "study_labels.csv")
+    with pytest.warns(UserWarning, match="the validation exams of fold 0 hold one class of any only"):
+        train_lstm.main(["--run", "r", "--selection", "pca:8", "--layers", "1", "--units", "8", "--epochs", "1",
+                         "--study-labels", str(tmp_path / "study_labels.csv"), "--init", "scratch",
+                         "--models-dir", str(tmp_path / "models"), "--features-dir", str(tmp_path / "features")])
 
 
 def test_a_study_model_is_refused_with_a_selection_fitted_again_on_other_rows(chain, tmp_path):
