@@ -140,9 +140,9 @@ def folder_scores(probabilities: pd.DataFrame, truth: pd.DataFrame, prior: np.nd
     return report
 
 
-def auc_text(value: float | None) -> str:
-    """An AUC to three decimals, or n/a."""
-    return "n/a" if value is None else f"{value:.3f}"
+def auc_text(value: float | None, digits: int = 3) -> str:
+    """An AUC to ``digits`` decimals, or n/a where there is none (None or NaN: one class only)."""
+    return "n/a" if value is None or np.isnan(value) else f"{value:.{digits}f}"
 
 
 def span_text(bounds: list[float] | None, digits: int) -> str:

@@ -29,6 +29,7 @@ from ihd.index import assign_folds
 from ihd.inference import ChainError, finished_lstm
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import ANY
+from ihd.report import auc_text
 from ihd.sequence import load_lstm, predict_series, series_set, standardizing_moments
 from ihd.series_inputs import transform_sha256
 from ihd.study_labels import LABEL_SETS, STUDY_ID, LabelSet, derive_study_labels, read_study_labels
@@ -223,7 +224,7 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, f
                       "whose exams hold both")
     positive = record["validation"].get(chosen.positive, {})
     print(f"study {options.model}: best epoch {best.best_epoch}, validation {chosen.positive} AUC "
-          f"{positive.get('auc', float('nan')):.4f}; record {record_path}")
+          f"{auc_text(positive.get('auc'), 4)}; record {record_path}")
     return record
 
 

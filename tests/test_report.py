@@ -125,3 +125,10 @@ def test_the_warning_names_whichever_side_has_too_few_studies():
     text = "\n".join(format_intervals(study_intervals(y_true, {"model": model}, study_ids, resamples=200)))
     assert "from 4 studies without a bleed (under 30) such intervals are likely too narrow" in text
     assert "unknown" not in text
+
+
+def test_an_auc_of_one_class_reads_n_a_not_nan():
+    from ihd.report import auc_text
+
+    assert [auc_text(None), auc_text(float("nan")), auc_text(0.81234), auc_text(0.81234, 4)] == [
+        "n/a", "n/a", "0.812", "0.8123"]
