@@ -64,6 +64,7 @@ from ihd.inputs import fold_rows, label_array
 from ihd.io import atomic_path, run_header, write_json
 from ihd.kaggle_api import KaggleAccessError
 from ihd.labels import SUBTYPES, LabelFileError, read_long_labels
+from ihd.study_stage import held_out_score_table, score_table_text
 from ihd.study_inference import (
     StudyModel,
     check_study_belongs,
@@ -220,7 +221,8 @@ def predict_dataset_studies(settings: Settings, chain: Chain, study: StudyModel)
     if truth is not None:
         scores = score_test(study, chain.lstm, inputs, index, series, table, truth, slice_truth)
         write_json(out_path.with_name(f"{out_path.stem}-scores.json"), {"scores": scores, "settings": settings})
-        print(f"test study scores: {scores}")
+        table_of_scores = held_out_score_table(study.name, study.labels.positive, scores)
+        print(f"test study scores:\n{score_table_text(table_of_scores)}")
     if settings.gradcam > 0:
         out_dir = Path(settings.submissions_dir) / f"{chain.run}-{study.name}-best-slices"
         probabilities = np.asarray(features.probabilities[rows], np.float32)
@@ -256,7 +258,8 @@ def write_folder_studies(settings: Settings, chain: Chain, study: StudyModel, pr
         truth = study_truth_from_slices(predictions.index, labels)
         scores = score_test(study, chain.lstm, inputs, predictions.index, series, table, truth, labels)
         write_json(out_dir / "studies-scores.json", {"scores": scores, "labels": settings.labels, "settings": settings})
-        print(f"study scores against {settings.labels}: {scores}")
+        table_of_scores = held_out_score_table(study.name, study.labels.positive, scores)
+        print(f"study scores against {settings.labels}:\n{score_table_text(table_of_scores)}")
     if settings.gradcam > 0:
         draw_best_slices(chain, predictions.index, pictured_studies(table, study, settings.gradcam_studies), series,
                          weights, predictions.cnn, hu_of_rows, out_dir, settings.gradcam, settings.gradcam_method)

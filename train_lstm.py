@@ -69,7 +69,15 @@ from ihd.sequence import (
 )
 from ihd.row_files import RowFile
 from ihd.series_inputs import stored_inputs
-from ihd.study_stage import INITS, STUDY_MODELS, StudyOptions, study_summary, train_study, write_study_summary
+from ihd.study_stage import (
+    INITS,
+    STUDY_MODELS,
+    StudyOptions,
+    score_table_text,
+    study_summary,
+    train_study,
+    write_study_summary,
+)
 
 CNN_ROW = "cnn"
 # The settings that shape a trained LSTM; with its selection's inputs they make its fingerprint.
@@ -471,7 +479,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         for selection in settings.selections:
             train_study_selection(settings, features, selection)
         table = study_summary(settings.models_dir, settings.run)
-        print(table.to_string(float_format="%.4f"))
+        print(score_table_text(table))
         print(f"study models: {write_study_summary(table, out_dir / 'study.md')}")
         return table
     if not settings.ablation_only:

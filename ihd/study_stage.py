@@ -235,18 +235,40 @@ def study_summary(models_dir: str | Path, run: str) -> pd.DataFrame:
     for path in sorted((Path(models_dir) / run).glob("study-*.json")):
         record = read_json(path)
         positive = LABEL_SETS[record["label_set"]].positive
-        exam = record["validation"].get(positive, {})
-        rows[path.stem] = {"exams": exam.get("exams"), **{k: exam.get(k) for k in ("auc", "sensitivity", "specificity", "ppv")},
-                           "localization_f1": record.get("validation_localization", {}).get("f1")}
+        rows[path.stem] = score_row(record["validation"].get(positive, {}), record.get("validation_localization"))
         slice_model = record.get("validation_slice_model")
         if slice_model:
-            rows[f"lstm-{record['slug']} (slice labels)"] = {
-                "exams": slice_model["exam"]["exams"],
-                **{k: slice_model["exam"][k] for k in ("auc", "sensitivity", "specificity", "ppv")},
-                "localization_f1": slice_model["localization"]["f1"]}
+            rows[f"lstm-{record['slug']} (slice labels)"] = score_row(slice_model["exam"], slice_model["localization"])
+    return score_table(rows)
+
+
+def score_row(exam: dict, localization: dict | None) -> dict:
+    """A study model's row of a scores table: from the bleed label's exam scores (`binary_scores`) its exams, AUC,
+    sensitivity, specificity and PPV at its threshold, and from ``localization`` (if any) its F1."""
+    return {"exams": exam.get("exams"), **{k: exam.get(k) for k in ("auc", "sensitivity", "specificity", "ppv")},
+            "localization_f1": (localization or {}).get("f1")}
+
+
+def score_table(rows: dict[str, dict]) -> pd.DataFrame:
+    """``score_row`` rows by model name as a table."""
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "model"
     return table
+
+
+def held_out_score_table(study_name: str, positive: str, scores: dict) -> pd.DataFrame:
+    """`ihd.study_inference.score_test`'s scores of study model ``study_name`` (bleed label ``positive``) as a
+    table: the study model, and the per-slice LSTM read at study level where scored."""
+    rows = {study_name: score_row(scores["exam"].get(positive, {}), scores.get("localization"))}
+    if "slice_model" in scores:
+        rows["per-slice lstm (slice labels)"] = score_row(scores["slice_model"]["exam"],
+                                                          scores["slice_model"]["localization"])
+    return score_table(rows)
+
+
+def score_table_text(table: pd.DataFrame) -> str:
+    """A scores table as printed: four decimals, n/a where a score has none."""
+    return table.to_string(float_format="%.4f", na_rep="n/a")
 
 
 def write_study_summary(table: pd.DataFrame, path: Path) -> Path:

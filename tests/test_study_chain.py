@@ -116,7 +116,7 @@ def test_a_study_model_is_refused_with_a_selection_fitted_again_on_other_rows(ch
                       str(tmp_path / "submissions"), *dirs])
 
 
-def test_predict_study_mode_scores_the_test_studies(chain):
+def test_predict_study_mode_scores_the_test_studies(chain, capsys):
     out = predict.main(["--run", "r", "--study", STUDY, "--gradcam", "2", "--data-dir", str(chain["dataset"].parent),
                         "--submissions-dir", str(chain["workspace"] / "submissions"), *chain["dirs"]])
     table = pd.read_csv(out)
@@ -128,6 +128,11 @@ def test_predict_study_mode_scores_the_test_studies(chain):
     assert scores["exam"]["any"]["exams"] == len(truth)
     assert scores["exam"]["any"]["tp"] + scores["exam"]["any"]["fn"] == int(truth["any"].sum())
     assert {"localization", "slice_model"} <= set(scores)
+    printed = capsys.readouterr().out.split("test study scores:\n", 1)[1].splitlines()
+    assert printed[0].split() == ["exams", "auc", "sensitivity", "specificity", "ppv", "localization_f1"]
+    row = printed[2].split()  # after the index's name: the study model's exams, AUC, ..., at four decimals
+    assert row[0] == STUDY and int(row[1]) == len(truth) and row[2] == f"{scores['exam']['any']['auc']:.4f}"
+    assert printed[3].startswith("per-slice lstm (slice labels)")
     montages = list((chain["workspace"] / "submissions").glob(f"r-{STUDY}-best-slices/*_best_slices.png"))
     assert len(montages) == int(called.sum())
 
