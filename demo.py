@@ -26,6 +26,7 @@ import prepare_data
 import train_cnn
 import train_lstm
 from ihd.flags import existing_folder, non_negative_int, selection_spec
+from ihd.io import FolderTaken
 
 RUN = "demo"
 DATASET = "synthetic"
@@ -134,10 +135,8 @@ def main(argv: list[str] | None = None) -> Path:
         print(flush=True)  # a blank line between stages; each stage's log begins with its command
         try:
             result = module.main(flags)
-        except SystemExit as stop:
-            if not isinstance(stop.code, str):
-                raise
-            raise SystemExit(f"{stop.code}\n(demo.py keeps its data, models and features under --root "
+        except FolderTaken as taken:  # its advice names the stage's flag, which demo.py sets from --root
+            raise SystemExit(f"{taken.code}\n(demo.py keeps its data, models and features under --root "
                              f"{settings.root}: another --root starts afresh beside them)") from None
     return result
 

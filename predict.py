@@ -332,6 +332,9 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit("--segment works on --dicom-dir folders (the test set has no series to write masks for)")
     try:
         labels = read_long_labels(settings.labels) if settings.labels else None  # refused before any prediction
+    except LabelFileError as error:
+        raise SystemExit(f"--labels {error}") from None
+    try:
         study = None
         if settings.study:
             ensemble = read_ensemble(settings.models_dir, settings.run)
@@ -354,10 +357,8 @@ def main(argv: list[str] | None = None) -> Path:
         if study is not None:
             return predict_dataset_studies(settings, chains[0], study)
         return predict_dataset(settings, chains)
-    except (ChainError, SubmissionError, FileNotFoundError) as error:
+    except (ChainError, SubmissionError, FileNotFoundError, LabelFileError) as error:
         raise SystemExit(str(error)) from None
-    except LabelFileError as error:
-        raise SystemExit(f"--labels {error}") from None
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 from ihd import insertion, synthetic
 from ihd.flags import dataset_name, existing_folder, int_in
 from ihd.index import FOLD_BALANCES, MAX_FOLDS, build_index, drop_unreadable, pixel_readings
-from ihd.io import read_json, run_header
+from ihd.io import FolderTaken, read_json, run_header
 from ihd.kaggle_api import COMPETITION, KaggleAccessError, kaggle_api, network_hint
 from ihd.labels import LabelFileError
 from ihd.presets import apply_preset
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> Path:
     raw = Path(settings.raw) if settings.raw else dataset_dir / "raw"
     refused = refusal(settings, dataset_dir, raw)
     if refused:
-        raise SystemExit(refused)
+        raise FolderTaken(refused)
     if settings.synthetic:
         write_synthetic(settings, raw)
     if settings.download:

@@ -28,7 +28,6 @@ from ihd.cnn import (
     SCHEDULES,
     build_cnn,
     compile_cnn,
-    epochs_done,
     fit_cnn,
     load_cnn,
     publish_committed,
@@ -61,7 +60,7 @@ from ihd.inputs import (
     training_dataset,
 )
 from ihd.index import split_sha256
-from ihd.io import read_json, run_header, write_json
+from ihd.io import FolderTaken, read_json, run_header, write_json
 from ihd.labels import SUBTYPES
 from ihd.losses import LOSSES
 from ihd.metrics import prior_baseline, weighted_log_loss
@@ -156,17 +155,17 @@ def parse_args(argv: list[str] | None) -> Settings:
 
 
 def check_same_run(run_dir: Path, config: dict) -> None:
-    """Refuse to continue a run that was started with different run-defining settings. A run that has trained
-    nothing yet (it stopped before its first epoch: say, pretrained weights that could not be downloaded) takes
-    the new settings."""
+    """Refuse to continue a run that was started with different run-defining settings. A run folder that holds
+    its config.json alone (its start stopped before training began: say, pretrained weights that could not be
+    downloaded) takes the new settings."""
     path = run_dir / "config.json"
-    if not path.exists() or not (epochs_done(run_dir) or (run_dir / MODEL_FILE).exists()):
+    if not path.exists() or [entry.name for entry in run_dir.iterdir()] == [path.name]:
         return
     previous = read_json(path)
     changed = [k for k in RUN_DEFINING if previous.get(k) != config[k]]
     if changed:
         details = ", ".join(f"{k}: {previous.get(k)!r} -> {config[k]!r}" for k in changed)
-        raise ValueError(f"{run_dir} was started with other settings ({details}): choose another --run")
+        raise FolderTaken(f"{run_dir} was started with other settings ({details}): choose another --run")
 
 
 def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: Path, index_path: Path,
@@ -199,7 +198,9 @@ def train(settings: Settings, index: pd.DataFrame, store: SliceStore, run_dir: P
         "machines": cluster_size(),
         "input_moments": None if moments is None else {"mean": moments[0].tolist(), "std": moments[1].tolist()},
     }
-    check_same_on_every_machine(strategy, {**config, "slices_sha256": file_sha256(store.root / MANIFEST_FILE)})
+    # the moments follow from the slices and the seed, both compared; summed on other CPUs, their last bits may not
+    shared = {key: value for key, value in config.items() if key != "input_moments"}
+    check_same_on_every_machine(strategy, {**shared, "slices_sha256": file_sha256(store.root / MANIFEST_FILE)})
     check_same_run(run_dir, config)
     write_json(run_dir / "config.json", config)
     print(f"{len(train_rows)} training and {len(val_rows)} validation slices (fold {settings.fold}); "

@@ -13,6 +13,11 @@ from typing import Any, Iterator
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where the stages' scripts are run from
 
 
+class FolderTaken(SystemExit):
+    """An output folder holds other work than a stage was asked for; the message names the folder and the flag
+    that picks another. A SystemExit, so a command line ends with the message alone."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary sibling name of ``path`` for the caller to write; on success it is

@@ -114,9 +114,10 @@ def build_volume_lstm(
     dropout: float = 0.5,
     moments: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> keras.Model:
-    """Resliced frames of slice features (frames, D) -> one LSTM -> its last state -> study output."""
+    """Resliced frames of slice features (frames, D) -> one LSTM -> its last state -> study output. Its evidence
+    along the frames is read at the "standardise" layer (``EVIDENCE_LAYERS``), the identity without ``moments``."""
     inputs = keras.Input((frames, input_dim), name="volume")
-    x = _normalised(inputs, moments)
+    x = _normalised(inputs, moments if moments is not None else (np.zeros(input_dim), np.ones(input_dim)))
     x = keras.layers.LSTM(units, name="lstm")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     outputs = keras.layers.Dense(len(labels.columns), activation=labels.activation, dtype="float32",

@@ -72,10 +72,12 @@ def test_saved_choice_scores_of_other_demo_settings_are_scored_again(tmp_path, m
     assert demo_choices.saved_rows(path) == []
 
 
-def test_a_stage_that_refuses_tells_how_to_start_the_demo_afresh(tmp_path, monkeypatch):
+def test_a_stage_whose_folder_holds_other_work_tells_how_to_start_the_demo_afresh(tmp_path, monkeypatch):
+    from ihd.io import FolderTaken
+
     def refusing(flags):
-        raise SystemExit("data/synthetic/raw holds a synthetic dataset made with other settings: choose another "
-                         "--dataset or delete that folder")
+        raise FolderTaken("data/synthetic/raw holds a synthetic dataset made with other settings: choose another "
+                          "--dataset or delete that folder")
 
     monkeypatch.setattr(prepare_data, "main", refusing)
     with pytest.raises(SystemExit) as stop:
@@ -83,3 +85,11 @@ def test_a_stage_that_refuses_tells_how_to_start_the_demo_afresh(tmp_path, monke
     message = str(stop.value.code)
     assert message.startswith("data/synthetic/raw holds a synthetic dataset made with other settings")
     assert f"under --root {tmp_path}: another --root starts afresh" in message
+
+    def other_refusal(flags):  # say, a malformed labels file: a fresh --root would fail again
+        raise SystemExit("--labels labels.csv: row 3: no label")
+
+    monkeypatch.setattr(prepare_data, "main", other_refusal)
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--root", str(tmp_path)])
+    assert stop.value.code == "--labels labels.csv: row 3: no label"

@@ -104,6 +104,17 @@ def test_a_study_model_whose_validation_exams_hold_one_class_is_flagged_when_tra
                          "--models-dir", str(tmp_path / "models"), "--features-dir", str(tmp_path / "features")])
 
 
+def test_a_volume_model_of_inputs_as_they_come_keeps_the_layer_its_evidence_is_read_at(chain, tmp_path):
+    for part in ("models", "features"):
+        shutil.copytree(chain["workspace"] / part, tmp_path / part)
+    (tmp_path / "data").symlink_to(chain["workspace"] / "data")
+    train_lstm.main(["--run", "r", "--selection", "pca:8", "--epochs", "1", "--standardize", "none", "--study-labels",
+                     chain["study_file"], "--label-set", "exam", "--study-model", "volume", "--frames", "8",
+                     "--models-dir", str(tmp_path / "models"), "--features-dir", str(tmp_path / "features")])
+    record = json.loads((tmp_path / "models" / "r" / "study-volume-exam-pca8-frames8.json").read_text())
+    assert record["standardised_as"] == "none" and record["validation_localization"]["exams"] >= 1
+
+
 def test_a_study_model_is_refused_with_a_selection_fitted_again_on_other_rows(chain, tmp_path):
     for part in ("models", "features"):
         shutil.copytree(chain["workspace"] / part, tmp_path / part)

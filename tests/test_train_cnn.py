@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 import ihd.cnn
+from ihd.io import FolderTaken
 import train_cnn
 from ihd.cnn import EpochCheckpoint, ValidationScore, build_cnn, load_cnn
 from ihd.features import load_features
@@ -111,9 +112,14 @@ def test_training_resumes_at_the_epoch_a_kill_reached(prepared_synthetic, tmp_pa
                                                      "weights": "imagenet"}))
     train_cnn.main([*flags, "--run", started.name, "--epochs", "1"])  # it had trained nothing: new settings taken
     assert json.loads((started / "config.json").read_text())["weights"] == "none"
-    with pytest.raises(ValueError, match="image_size: 32 -> 48"):
+    in_first_epoch = tmp_path / "models" / "in-its-first-epoch"  # another process may be training it: refused
+    (in_first_epoch / "tb").mkdir(parents=True)
+    (in_first_epoch / "config.json").write_text((started / "config.json").read_text())
+    with pytest.raises(FolderTaken, match="image_size: 32 -> 48"):
+        train_cnn.main([*flags, "--run", in_first_epoch.name, "--image-size", "48"])
+    with pytest.raises(FolderTaken, match="image_size: 32 -> 48"):
         train_cnn.main(_flags(prepared_synthetic, tmp_path, "--image-size", "48", "--epochs", "2"))
-    with pytest.raises(ValueError, match="batch_size: 16 -> 8"):  # the restored step count would miss the schedule
+    with pytest.raises(FolderTaken, match="batch_size: 16 -> 8"):  # the restored step count would miss the schedule
         train_cnn.main([*_flags(prepared_synthetic, tmp_path, "--image-size", "32", "--epochs", "3", "--no-extract"),
                         "--batch-size", "8"])
 
@@ -125,7 +131,7 @@ def test_training_resumes_at_the_epoch_a_kill_reached(prepared_synthetic, tmp_pa
     index.loc[index["patient_id"] == patient, "fold"] = 1
     index.to_parquet(moved / "index.parquet", index=False)
     elsewhere = [*flags, "--data-dir", str(tmp_path / "data")]
-    with pytest.raises(ValueError, match="split_sha256"):
+    with pytest.raises(FolderTaken, match="split_sha256"):
         train_cnn.main(elsewhere)
     with pytest.raises(SystemExit, match="gives training other labeled rows, folds or labels than .*tiny was trained on"):
         train_cnn.main([*elsewhere, "--extract-only"])
