@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,9 +73,13 @@ class DicomError(Exception):
         self.reason = reason
 
 
+_WARNING_FILTERS = threading.Lock()
+
+
 def _open(path: str | Path, defer_size: int | None = None) -> pydicom.Dataset:
     try:
-        with warnings.catch_warnings():
+        # the warnings filters are the process's: one reader at a time changes them
+        with _WARNING_FILTERS, warnings.catch_warnings():
             # pydicom only warns when a file ends inside its encapsulated pixel data, and returns no element at all
             warnings.filterwarnings("error", message="End of file reached", category=UserWarning)
             return pydicom.dcmread(path, defer_size=defer_size)
