@@ -177,8 +177,8 @@ def download_competition(raw: Path) -> None:
     try:
         api = kaggle_api()
     except KaggleAccessError as error:
-        raise SystemExit(f"--download: {error}\n  Offline, try the kit with: python prepare_data.py --synthetic --small") \
-            from None
+        offline = "Offline, try the kit with: python prepare_data.py --synthetic --small"
+        raise SystemExit(f"--download: {error}\n  {offline}") from None
     raw.mkdir(parents=True, exist_ok=True)
     try:
         api.competition_download_files(COMPETITION, path=str(raw), quiet=False)

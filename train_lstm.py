@@ -194,7 +194,8 @@ def train_study_selection(settings: Settings, features, selection: str) -> dict:
     try:
         return train_study(options, features, stored_inputs(features, chosen), chosen,
                            int(features.config["fold"]), settings.models_dir, settings.run, settings.layers,
-                           settings.units, settings.dropout, settings.standardize, settings.learning_rate, settings.epochs,
+                           settings.units, settings.dropout, settings.standardize, settings.learning_rate,
+                           settings.epochs,
                            settings.batch_size, settings.min_steps, settings.patience, settings.seed,
                            dataclasses.asdict(settings))
     except ChainError as error:  # --init pretrained without a finished per-slice LSTM of these features
@@ -340,9 +341,9 @@ def out_of_fold_intervals(out_of_fold: dict[str, list[tuple]], table: pd.DataFra
         y_true.append(label_array(features.index)[rows])
         studies.append(features.index["study_id"].to_numpy()[rows])
         for name, parts in out_of_fold.items():
-            _, predicted_rows_, predicted = parts[member]
-            order = np.argsort(predicted_rows_)
-            if not np.array_equal(np.asarray(predicted_rows_)[order], rows):
+            _, predicted_rows, predicted = parts[member]
+            order = np.argsort(predicted_rows)
+            if not np.array_equal(np.asarray(predicted_rows)[order], rows):
                 raise ValueError(f"{name} predicted other out-of-fold rows than the CNN in member {member}")
             predictions[name].append(np.asarray(predicted, np.float64)[order])
     lstms = table.drop(index=CNN_ROW)["weighted_log_loss"]

@@ -196,7 +196,8 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, f
         "model": options.model, "label_set": chosen.name, "columns": list(chosen.columns),
         "init": options.init if options.model == "attention" else None,
         "pretrained_from": pretrained_from,
-        "standardised_as": "the per-slice LSTM's inputs" if pretrained else standardize, "selection": selection, "slug": selection_slug(selection),
+        "standardised_as": "the per-slice LSTM's inputs" if pretrained else standardize,
+        "selection": selection, "slug": selection_slug(selection),
         "selection_inputs": fitted.inputs, "selection_transform_sha256": transform_sha256(fitted),
         "input_dim": int(inputs.shape[1]), "frames": frames, "fold": fold, "batch_size": batch,
         "study_labels": options.labels, "options": options, "settings": settings, "cnn_config": features.config,
@@ -219,9 +220,9 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, f
         }
     write_json(record_path, record)
     if chosen.positive not in thresholds:
-        warnings.warn(f"{record_path}: the validation exams of fold {fold} hold one class of {chosen.positive} only, so "
-                      "no threshold was validated and predict.py --study will refuse this model: train it on a fold "
-                      "whose exams hold both")
+        warnings.warn(f"{record_path}: the validation exams of fold {fold} hold one class of {chosen.positive} "
+                      "only, so no threshold was validated and predict.py --study will refuse this model: train it "
+                      "on a fold whose exams hold both")
     positive = record["validation"].get(chosen.positive, {})
     print(f"study {options.model}: best epoch {best.best_epoch}, validation {chosen.positive} AUC "
           f"{auc_text(positive.get('auc'), 4)}; record {record_path}")

@@ -150,8 +150,10 @@ def test_the_real_scores_table_puts_each_interval_under_its_column_with_the_inte
     study_ids = np.repeat(np.arange(6), 4)
     y_true = np.zeros((24, len(SUBTYPES)))
     y_true[:8] = 1  # 2 studies bleed, 4 do not
-    predictions = {name: np.clip(0.3 * y_true + rng.random(y_true.shape) * 0.6, 0.01, 0.99) for name in ("cnn", "cnn+lstm")}
-    intervals = study_intervals(y_true, {**predictions, "prior": np.full_like(y_true, 0.3)}, study_ids, ("prior", "cnn"))
+    predictions = {name: np.clip(0.3 * y_true + rng.random(y_true.shape) * 0.6, 0.01, 0.99)
+                   for name in ("cnn", "cnn+lstm")}
+    predictions["prior"] = np.full_like(y_true, 0.3)
+    intervals = study_intervals(y_true, predictions, study_ids, ("prior", "cnn"))
     aucs = {s: 0.5 for s in SUBTYPES}
     real = {"models": {name: {"weighted_log_loss": loss, "slice_auc": aucs, "study_auc": {"any": 0.5}}
                        for name, loss in (("cnn+lstm", 0.18), ("cnn", 0.19), ("prior", 0.23))},

@@ -52,7 +52,8 @@ def test_parse_selection_names_and_errors():
     for bad in ("pca", "pca:0", "pca:x", "lasso:5", "all:3"):
         with pytest.raises(ValueError, match="feature selection"):
             parse_selection(bad)
-    with pytest.raises(ValueError, match="asks for 17 dimensions but the embedding has 16: choose --selection with at most 16, or all"):
+    with pytest.raises(ValueError, match="asks for 17 dimensions but the embedding has 16: choose --selection with at "
+                                         "most 16, or all"):
         fit_selection("variance:17", np.zeros((4, 16)), np.arange(4))
 
 
