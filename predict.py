@@ -10,7 +10,8 @@ to per-slice probabilities; Grad-CAM pictures of the slices most likely to bleed
     python predict.py --run demo --dicom-dir /path/to/exported/studies --segment seg-plain-128
 
 Dataset route: reads the run's cached CNN outputs (extracting them first if the cache is incomplete),
-applies the selection and its LSTM to every test slice and writes submissions/<run>-<slug>.csv in the
+applies the selection and its LSTM to every test slice (without --selection, the one of lowest validation
+loss; for a fold ensemble, out of fold, among those scored with its members' LSTMs of now) and writes submissions/<run>-<slug>.csv in the
 sample submission's order, validated; with the dataset's test truth present (synthetic data) it also
 prints and saves the test weighted log loss of the prior, the CNN alone and CNN + LSTM
 (submissions/<run>-<slug>-scores.json). Pictures go to submissions/<run>-gradcam/.

@@ -45,7 +45,7 @@ from ihd.distributed import (
     steps_per_epoch,
     worker_folder,
 )
-from ihd.end_to_end import train_end_to_end
+from ihd.end_to_end import end_to_end_labels, train_end_to_end
 from ihd.features import TTAS, extract_features
 from ihd.fingerprint import file_sha256
 from ihd.ensemble import ALL_FOLDS, labeled_folds, member_runs, write_ensemble
@@ -278,22 +278,31 @@ def main(argv: list[str] | None = None) -> Path:
     index_path = data_dir / "index.parquet"
     if not index_path.exists():
         data_flag = "" if settings.data_dir == "data" else f" --data-dir {settings.data_dir}"
-        raise FileNotFoundError(
+        raise SystemExit(
             f"{index_path} not found: prepare the dataset first with prepare_data.py --dataset {settings.dataset}"
             f"{data_flag} and --synthetic, --download or --dicom-dir DIR"
         )
     index = pd.read_parquet(index_path)
+    if settings.fold != ALL_FOLDS and not settings.study_labels:
+        try:
+            fold_rows(index, settings.fold)
+        except ValueError as error:
+            raise SystemExit(f"--fold {settings.fold}: {index_path}: {error}") from None
     store = SliceStore(data_dir / "slices")
 
     if settings.study_labels:
+        try:
+            targets = end_to_end_labels(index, settings.study_labels, settings.label_set, settings.fold, settings.recipe)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
         run_dir = Path(settings.models_dir) / settings.run
         use_mixed_precision_on_gpu()
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", {**dataclasses.asdict(settings), "index_path": str(index_path)})
-        train_end_to_end(index, store, data_dir, run_dir, settings.study_labels, settings.label_set, settings.fold,
-                         settings.backbone, settings.image_size, settings.recipe, settings.weights, settings.frames,
-                         settings.lstm_units, settings.dropout, settings.learning_rate, settings.epochs,
-                         settings.batch_size, settings.patience, settings.seed, dataclasses.asdict(settings))
+        train_end_to_end(index, store, data_dir, run_dir, targets, settings.backbone, settings.image_size,
+                         settings.recipe, settings.weights, settings.frames, settings.lstm_units, settings.dropout,
+                         settings.learning_rate, settings.epochs, settings.batch_size, settings.patience, settings.seed,
+                         dataclasses.asdict(settings))
         return run_dir
     if settings.fold != ALL_FOLDS:
         return train_and_extract(settings, index, index_path, store, strategy)

@@ -69,6 +69,7 @@ from ihd.sequence import (
 )
 from ihd.row_files import RowFile
 from ihd.series_inputs import stored_inputs
+from ihd.study_labels import StudyLabelError
 from ihd.study_stage import (
     INITS,
     STUDY_MODELS,
@@ -198,7 +199,7 @@ def train_study_selection(settings: Settings, features, selection: str) -> dict:
                            settings.epochs,
                            settings.batch_size, settings.min_steps, settings.patience, settings.seed,
                            dataclasses.asdict(settings))
-    except ChainError as error:  # --init pretrained without a finished per-slice LSTM of these features
+    except (ChainError, StudyLabelError) as error:  # --init pretrained without its per-slice LSTM; unusable labels
         raise SystemExit(str(error)) from None
 
 

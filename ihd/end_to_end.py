@@ -1,7 +1,8 @@
 """Stage 1 in study mode (paper 002): the slice CNN and a bidirectional LSTM trained together on whole
 volumes, from one label per volume.
 
-``train_cnn.py --study-labels FILE`` calls ``train_end_to_end``: each series is read from the slice
+``train_cnn.py --study-labels FILE`` checks its labels and fold (``end_to_end_labels``) before it writes
+anything, then calls ``train_end_to_end``: each series is read from the slice
 store, resliced to ``frames`` images along its normal (``ihd.reslice``), and the CNN (any backbone,
 the recipe's windows in its first layer) encodes every image before the LSTM reads them in order.
 On the CPU use a small backbone and image size; the same command runs at full size on a GPU.
@@ -11,14 +12,17 @@ per-frame embeddings (mapped back to slices) against the slice truth.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ihd.io import write_json
 from ihd.labels import read_long_labels
 from ihd.report import truth_path
 from ihd.slices import SliceStore
+from ihd.study_labels import LabelSet
 from ihd.study_inference import held_out_study_truth
 from ihd.study_metrics import exam_scores, flag_slices, localization_scores, validation_thresholds
 from ihd.study_models import EVIDENCE_LAYERS, build_end_to_end, compile_study_model
@@ -30,17 +34,43 @@ MODEL_FILE = "end_to_end.keras"
 RECORD_FILE = "end_to_end.json"
 
 
-def train_end_to_end(index: pd.DataFrame, store: SliceStore, dataset_dir: Path, run_dir: Path, study_labels: str,
-                     set_name: str, fold: int, backbone: str, image_size: int, recipe: str, weights: str | None,
-                     frames: int, units: int, dropout: float, learning_rate: float, epochs: int, batch_size: int,
-                     patience: int, seed: int, config: dict) -> dict:
-    """Train the end-to-end model on the fold's training volumes, keep its best validation epoch,
-    score validation and (where known) test; returns the record written to ``run_dir/end_to_end.json``."""
+@dataclass(frozen=True)
+class EndToEndLabels:
+    """What the end-to-end model learns from: the study labels read from ``source``, their label set, every
+    index row's study fold (-1: no study label) and the validation ``fold``."""
+
+    source: str
+    labels: pd.DataFrame
+    chosen: LabelSet
+    folds: np.ndarray
+    fold: int
+
+
+def end_to_end_labels(index: pd.DataFrame, source: str, set_name: str, fold: int, recipe: str) -> EndToEndLabels:
+    """The study labels and folds the end-to-end model would train on, checked before anything is built.
+
+    Refuses (ValueError) a recipe of neighbouring slices, labels that cannot be read or name no study of
+    the index, and a ``fold`` that holds no study-labeled training series.
+    """
     if parse_recipe(recipe).uses_neighbours:
         raise ValueError(f"recipe {recipe!r} reads neighbouring slices: the end-to-end model windows each "
                          "resliced image three ways, so use a recipe of one slice (windows, brain_blood_bone)")
-    labels, chosen = load_labels(study_labels, index, set_name)
+    labels, chosen = load_labels(source, index, set_name)
     folds = study_folds(index, labels, chosen)
+    known = sorted(set(folds[folds >= 0].tolist()))
+    if fold not in known:
+        raise ValueError(f"--fold {fold} holds no study-labeled training series (their folds are {known})")
+    return EndToEndLabels(source, labels, chosen, folds, fold)
+
+
+def train_end_to_end(index: pd.DataFrame, store: SliceStore, dataset_dir: Path, run_dir: Path, targets: EndToEndLabels,
+                     backbone: str, image_size: int, recipe: str, weights: str | None,
+                     frames: int, units: int, dropout: float, learning_rate: float, epochs: int, batch_size: int,
+                     patience: int, seed: int, config: dict) -> dict:
+    """Train the end-to-end model on the fold's training volumes (``end_to_end_labels``), keep its best
+    validation epoch, score validation and (where known) test; returns the record written to
+    ``run_dir/end_to_end.json``."""
+    labels, chosen, folds, fold = targets.labels, targets.chosen, targets.folds, targets.fold
     train = volume_series(index, (folds >= 0) & (folds != fold), store, frames, image_size, labels)
     val = volume_series(index, folds == fold, store, frames, image_size, labels)
     print(f"end to end ({chosen.name}): {len(train)} training and {len(val)} validation volumes of {frames} "
@@ -53,7 +83,7 @@ def train_end_to_end(index: pd.DataFrame, store: SliceStore, dataset_dir: Path, 
     predicted = predict_studies(model, val, batch_size)
     thresholds = validation_thresholds(val.labels, predicted, chosen.columns)
     record = {"model": "end_to_end", "label_set": chosen.name, "columns": list(chosen.columns), "frames": frames,
-              "fold": fold, "study_labels": study_labels, "config": config, "best_epoch": best.best_epoch,
+              "fold": fold, "study_labels": targets.source, "config": config, "best_epoch": best.best_epoch,
               "history": best.history, "thresholds": thresholds,
               "threshold_rule": "Youden's J on the validation exams (highest threshold among ties)",
               "validation": exam_scores(val.labels, predicted, chosen.columns, thresholds)}

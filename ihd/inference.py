@@ -177,9 +177,20 @@ def load_chain(run: str, selection: str | None = None, models_dir="models", feat
                  features_config.get("tta", "none"))
 
 
+def _members_unchanged(pooled: dict, models_dir) -> bool:
+    """Whether every member LSTM a fold ensemble's pooled record scored is still the file it scored."""
+    slug = selection_slug(pooled["selection"])
+    for member, scored in pooled["members"].items():
+        record_path = Path(models_dir) / member / f"lstm-{slug}.json"
+        if not record_path.exists() or read_json(record_path).get("model_sha256") != scored["model_sha256"]:
+            return False
+    return True
+
+
 def load_chains(run: str, selection: str | None = None, models_dir="models", features_dir="features") -> list[Chain]:
     """The trained chains of ``run``: its one chain, or for a fold ensemble one per member run, all with the
-    same selection (None: the one with the best out-of-fold validation loss).
+    same selection (None: the one with the best out-of-fold validation loss among those whose scores are of
+    the members' LSTMs of now).
 
     Refuses (ChainError) a selection the ensemble's LSTMs were not all trained with, and a member whose
     LSTM is no longer the one the ensemble was scored with.
@@ -192,8 +203,9 @@ def load_chains(run: str, selection: str | None = None, models_dir="models", fea
                (read_json(path) for path in sorted((Path(models_dir) / run).glob("lstm-*.json")))}
     if not records:
         raise ChainError(f"no LSTM of the fold ensemble {run} was trained: run {train} first")
-    if selection is None:
-        selection = min(records.values(), key=lambda r: r["validation"]["weighted_log_loss"])["selection"]
+    if selection is None:  # the best of the selections scored with the members' LSTMs of now, where there are any
+        current = [r for r in records.values() if _members_unchanged(r, models_dir)] or list(records.values())
+        selection = min(current, key=lambda r: r["validation"]["weighted_log_loss"])["selection"]
     if selection not in records:
         raise ChainError(f"the fold ensemble {run} has no LSTMs of selection {selection} "
                          f"(it has {', '.join(sorted(records))}): run {train} first")

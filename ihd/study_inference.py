@@ -55,18 +55,18 @@ class StudyModel:
 
     @property
     def threshold(self) -> float:
-        """The validation threshold of the bleed label; refuses a model trained without one."""
+        """The validation threshold of the bleed label; refuses (ChainError) a model trained without one."""
         positive = self.labels.positive
         if positive not in self.record["thresholds"]:
-            raise ValueError(f"study model {self.name} has no validated {positive} threshold: its validation "
+            raise ChainError(f"study model {self.name} has no validated {positive} threshold: its validation "
                              "exams held one class only; train it on a fold with both")
         return float(self.record["thresholds"][positive])
 
 
 def load_study(models_dir: str | Path, run: str, name: str | None = None) -> StudyModel:
     """Study model ``name`` (the file stem, such as study-attention-subtypes-pca32-pretrained) of a run;
-    None takes the one with the lowest validation study loss (refused when the run's study models
-    learn different label sets, whose losses do not compare)."""
+    None takes the one with the lowest validation study loss (refused, ChainError, when the run's study
+    models learn different label sets, whose losses do not compare)."""
     folder = Path(models_dir) / run
     if name is None:
         records = sorted(folder.glob("study-*.json"))
@@ -75,7 +75,7 @@ def load_study(models_dir: str | Path, run: str, name: str | None = None) -> Stu
         loaded = {path.stem: read_json(path) for path in records}
         sets = sorted({record["label_set"] for record in loaded.values()})
         if len(sets) > 1:
-            raise ValueError(f"{folder} holds study models of the label sets {', '.join(sets)}, whose losses do not "
+            raise ChainError(f"{folder} holds study models of the label sets {', '.join(sets)}, whose losses do not "
                              f"compare: name one with --study ({', '.join(loaded)})")
         name = min(loaded, key=lambda stem: min(h["val_study_log_loss"] for h in loaded[stem]["history"]))
     record_path, model_path = folder / f"{name}.json", folder / f"{name}.keras"

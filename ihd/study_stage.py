@@ -32,7 +32,7 @@ from ihd.labels import ANY
 from ihd.report import auc_text
 from ihd.sequence import load_lstm, predict_series, series_set, standardizing_moments
 from ihd.series_inputs import transform_sha256
-from ihd.study_labels import LABEL_SETS, STUDY_ID, LabelSet, derive_study_labels, read_study_labels
+from ihd.study_labels import LABEL_SETS, STUDY_ID, LabelSet, StudyLabelError, derive_study_labels, read_study_labels
 from ihd.study_metrics import (
     binary_scores,
     exam_scores,
@@ -79,15 +79,16 @@ def study_paths(models_dir: str | Path, run: str, options: StudyOptions, selecti
 
 
 def load_labels(source: str, index: pd.DataFrame, set_name: str) -> tuple[pd.DataFrame, LabelSet]:
-    """Study labels from a file or derived from the index's slice labels; refuses a file matching no study."""
+    """Study labels from a file or derived from the index's slice labels; refuses (StudyLabelError) a file
+    that cannot be read or matches no study, and a label set that ``derive`` cannot give."""
     if source == DERIVE:
         if set_name != "subtypes":
-            raise ValueError(f"--study-labels derive gives the subtypes label set; {set_name} needs a study-label file")
+            raise StudyLabelError(f"--study-labels derive gives the subtypes label set; {set_name} needs a study-label file")
         return derive_study_labels(index), LABEL_SETS["subtypes"]
     labels, chosen = read_study_labels(source, set_name)
     known = labels.index.isin(index[STUDY_ID])
     if not known.any():
-        raise ValueError(f"{source}: none of its {len(labels)} studies is in the index")
+        raise StudyLabelError(f"{source}: none of its {len(labels)} studies is in the index")
     if not known.all():
         warnings.warn(f"{source}: {int((~known).sum())} of {len(labels)} studies are not in the index "
                       f"({', '.join(labels.index[~known][:5])})")

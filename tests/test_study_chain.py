@@ -194,3 +194,15 @@ def test_a_study_model_of_other_features_is_refused(chain, tmp_path):
     with pytest.raises(SystemExit, match=f"{stale} was trained on other features"):
         predict.main(["--run", "r", "--study", stale, "--data-dir", str(chain["dataset"].parent),
                       "--submissions-dir", str(tmp_path), *chain["dirs"]])
+
+
+def test_study_labels_that_cannot_be_used_and_a_best_study_model_that_cannot_be_chosen_are_refused(chain, tmp_path):
+    lstm = ["--run", "r", "--selection", "pca:8", "--layers", "1", "--units", "8", "--epochs", "1", *chain["dirs"]]
+    with pytest.raises(SystemExit, match="absent.csv: cannot be read as CSV"):
+        train_lstm.main([*lstm, "--study-labels", str(tmp_path / "absent.csv")])
+    with pytest.raises(SystemExit, match="derive gives the subtypes label set; exam needs a study-label file"):
+        train_lstm.main([*lstm, "--study-labels", "derive", "--label-set", "exam"])
+    with pytest.raises(SystemExit, match="holds study models of the label sets exam, subtypes, whose losses do not "
+                                         "compare: name one with --study"):
+        predict.main(["--run", "r", "--study", "best", "--data-dir", str(chain["dataset"].parent), "--submissions-dir",
+                      str(tmp_path), *chain["dirs"]])

@@ -192,6 +192,21 @@ def test_bad_flags_are_refused_when_parsed(flag, value, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--fold", "7"], r"--fold 7: .*index.parquet: fold 7 is not in the index \(its labeled training folds are \[0, "),
+    (["--dataset", "absent"], r"absent/index.parquet not found: prepare the dataset first"),
+    (["--study-labels", "derive", "--fold", "7"], r"--fold 7 holds no study-labeled training series"),
+    (["--study-labels", "derive", "--label-set", "exam"], "derive gives the subtypes label set; exam needs a study-label"),
+    (["--study-labels", "absent.csv"], "absent.csv: cannot be read as CSV"),
+    (["--study-labels", "derive", "--recipe", "adjacent"], "recipe 'adjacent' reads neighbouring slices"),
+])
+def test_a_run_that_cannot_start_is_refused_by_message_before_it_writes_anything(prepared_synthetic, tmp_path, extra,
+                                                                                  message):
+    with pytest.raises(SystemExit, match=message):
+        train_cnn.main(_flags(prepared_synthetic, tmp_path, "--epochs", "1", *extra))
+    assert not (tmp_path / "models").exists()
+
+
 def test_fold_all_trains_one_run_per_fold_and_records_the_ensemble(prepared_synthetic, tmp_path):
     import shutil
 
