@@ -105,12 +105,17 @@ def _commands(run: str, selection: str | None, cnn_config: dict, models_dir, fea
               ) -> tuple[str, str]:
     """The commands that rewrite the run's feature cache (with ``tta``, None: the run's) and that (re)train one
     selection's LSTM."""
-    extract = extraction_command(cnn_config, run, models_dir, features_dir, tta)
-    train = f"train_lstm.py --run {run} --selection {selection or 'pca:120'}"
+    return (extraction_command(cnn_config, run, models_dir, features_dir, tta),
+            lstm_command(run, selection, models_dir, features_dir))
+
+
+def lstm_command(run: str, selection: str | None, models_dir, features_dir) -> str:
+    """The command that (re)trains the LSTM of ``selection`` (None: train_lstm.py's default) in ``run``."""
+    train = f"train_lstm.py --run {run}" + (f" --selection {selection}" if selection else "")
     for flag, value, default in (("--models-dir", models_dir, "models"), ("--features-dir", features_dir, "features")):
         if str(value) != default:
             train += f" {flag} {value}"
-    return extract, train
+    return train
 
 
 def lstm_records(models_dir: str | Path, run: str, features_fingerprint: str) -> list[dict]:
@@ -198,7 +203,7 @@ def load_chains(run: str, selection: str | None = None, models_dir="models", fea
     ensemble = read_ensemble(models_dir, run)
     if ensemble is None:
         return [load_chain(run, selection, models_dir, features_dir)]
-    train = f"train_lstm.py --run {run} --selection {selection or 'pca:120'}"
+    train = lstm_command(run, selection, models_dir, features_dir)
     records = {record["selection"]: record for record in
                (read_json(path) for path in sorted((Path(models_dir) / run).glob("lstm-*.json")))}
     if not records:
@@ -216,7 +221,7 @@ def load_chains(run: str, selection: str | None = None, models_dir="models", fea
         member_record = read_json(Path(models_dir) / member / f"lstm-{chain.slug}.json")
         if member not in scored or scored[member]["model_sha256"] != member_record["model_sha256"]:
             raise ChainError(f"the LSTM of {member} ({selection}) is not the one the ensemble {run} was scored with: "
-                             f"run train_lstm.py --run {run} --selection {selection}")
+                             f"run {lstm_command(run, selection, models_dir, features_dir)}")
         chains.append(chain)
     return chains
 
