@@ -40,6 +40,7 @@ from ihd.features import (
     extraction_command,
     fitted_selection,
     load_features,
+    parse_selection,
     selection_fits,
     selection_inputs,
     selection_slug,
@@ -444,7 +445,8 @@ def write_ablation(table: pd.DataFrame, out_dir: Path, intervals: dict | None = 
 
 def open_features(settings: Settings):
     """The run's feature cache, checked against the CNN it must come from; exits naming the command
-    that (re)extracts it when it is missing, unfinished, damaged or from another CNN or index."""
+    that (re)extracts it when it is missing, unfinished, damaged or from another CNN or index, and
+    naming the selections that ask for more dimensions than its embeddings have."""
     run_dir = Path(settings.models_dir) / settings.run
     cnn_path = run_dir / MODEL_FILE
     if not cnn_path.exists():
@@ -462,6 +464,11 @@ def open_features(settings: Settings):
         extract = extraction_command(cnn_config, settings.run, settings.models_dir, settings.features_dir,
                                      features.config["tta"])
         raise SystemExit(f"{features.path} was extracted from an earlier {cnn_path} ({changed}): run {extract} first")
+    width = features.config["embedding_dim"]
+    too_wide = [selection for selection in settings.selections if (parse_selection(selection)[1] or 0) > width]
+    if too_wide:
+        raise SystemExit(f"--selection {', '.join(too_wide)}: the CNN of run {settings.run} embeds a slice in {width} "
+                         f"dimensions; choose --selection with at most {width}, or all")
     return features
 
 

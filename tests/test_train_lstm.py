@@ -109,6 +109,19 @@ def test_features_of_another_cnn_are_refused_with_the_command_that_extracts_them
         train_lstm.main(_flags(workspace, "other"))
 
 
+def test_selections_wider_than_the_embedding_are_refused_before_any_is_trained(workspace, tmp_path):
+    width = read_json(workspace / "features" / RUN / "config.json")["embedding_dim"]
+    (tmp_path / "models" / RUN).mkdir(parents=True)
+    for name in ("cnn.keras", "config.json"):
+        shutil.copy(workspace / "models" / RUN / name, tmp_path / "models" / RUN)
+    flags = ["--run", RUN, "--features-dir", str(workspace / "features"), "--models-dir", str(tmp_path / "models"),
+             "--selection", "pca:4", "--selection", f"pca:{width + 1}", "--selection", "all"]
+    with pytest.raises(SystemExit, match=f"--selection pca:{width + 1}: the CNN of run {RUN} embeds a slice in {width} "
+                                         f"dimensions; choose --selection with at most {width}, or all"):
+        train_lstm.main(flags)
+    assert not list(tmp_path.rglob("lstm-*"))
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--selection", "pca:0", "needs a positive size"),
     ("--epochs", "0", "0 is out of range: it must be at least 1"),
