@@ -11,10 +11,10 @@ to per-slice probabilities; Grad-CAM pictures of the slices most likely to bleed
 
 Dataset route: reads the run's cached CNN outputs (extracting them first if the cache is incomplete),
 applies the selection and its LSTM to every test slice (without --selection, the one of lowest validation
-loss; for a fold ensemble, out of fold, among those scored with its members' LSTMs of now) and writes submissions/<run>-<slug>.csv in the
-sample submission's order, validated; with the dataset's test truth present (synthetic data) it also
-prints and saves the test weighted log loss of the prior, the CNN alone and CNN + LSTM
-(submissions/<run>-<slug>-scores.json). Pictures go to submissions/<run>-gradcam/.
+loss; for a fold ensemble, out of fold, among those scored with its members' LSTMs of now) and writes
+submissions/<run>-<slug>.csv in the sample submission's order, validated; with the dataset's test truth
+present (synthetic data) it also prints and saves the test weighted log loss of the prior, the CNN alone
+and CNN + LSTM (submissions/<run>-<slug>-scores.json). Pictures go to submissions/<run>-gradcam/.
 DICOM route: the folder is read one series at a time (a progress bar counts its slices), so memory
 holds one series' images, not the folder's; probabilities.csv, the folder's index and pictures go to
 --out (default submissions/<run>-<slug>-<folder name>/). Files that cannot be read as HU are listed there in

@@ -292,7 +292,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     if settings.study_labels:
         try:
-            targets = end_to_end_labels(index, settings.study_labels, settings.label_set, settings.fold, settings.recipe)
+            targets = end_to_end_labels(index, settings.study_labels, settings.label_set, settings.fold,
+                                        settings.recipe)
         except ValueError as error:
             raise SystemExit(str(error)) from None
         run_dir = Path(settings.models_dir) / settings.run

@@ -23,6 +23,7 @@ import numpy as np
 TINY = "tiny"
 RESNEXT_WSL = "ResNeXt101_32x8d_WSL"
 RESNEXT_WSL_HUB = "zeromodels/resnext101_32x8d_fb_wsl_ig1b_ft_in1k"  # the WSL weights, converted to Keras
+HUB_HOST = "huggingface.co"
 WSL = "wsl"
 # torchvision's input normalisation of [0, 1] RGB images, which the WSL weights were trained with
 TORCHVISION_MEAN = np.array([0.485, 0.456, 0.406])
@@ -153,11 +154,24 @@ def _download_resnext_wsl() -> keras.Model:
     try:
         return ResNeXtModel.from_weights(RESNEXT_WSL_HUB)
     except Exception as error:
+        unreachable = _unreachable(HUB_HOST)  # offline, the library reports a missing file rather than the network
+        cause = f"{HUB_HOST} cannot be reached: {unreachable}" if unreachable else f"{type(error).__name__}: {error}"
         raise RuntimeError(
-            f"could not download the WSL weights of {RESNEXT_WSL} from the Hugging Face hub ({RESNEXT_WSL_HUB}: "
-            f"{type(error).__name__}: {error}). Offline, pass --weights none to train from scratch, or --weights PATH "
+            f"could not download the WSL weights of {RESNEXT_WSL} from the Hugging Face hub ({RESNEXT_WSL_HUB}; "
+            f"{cause}). Offline, pass --weights none to train from scratch, or --weights PATH "
             "with a weights file of this architecture saved by model.save_weights."
         ) from None
+
+
+def _unreachable(host: str, port: int = 443, timeout_s: float = 5.0) -> str | None:
+    """Why a TCP connection to ``host`` fails (its name not resolved, refused, timed out), or None when it opens."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as error:
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def copy_weights(source: keras.Model, target: keras.Model) -> None:

@@ -83,7 +83,8 @@ def load_labels(source: str, index: pd.DataFrame, set_name: str) -> tuple[pd.Dat
     that cannot be read or matches no study, and a label set that ``derive`` cannot give."""
     if source == DERIVE:
         if set_name != "subtypes":
-            raise StudyLabelError(f"--study-labels derive gives the subtypes label set; {set_name} needs a study-label file")
+            raise StudyLabelError(f"--study-labels derive gives the subtypes label set; {set_name} needs a "
+                                  "study-label file")
         return derive_study_labels(index), LABEL_SETS["subtypes"]
     labels, chosen = read_study_labels(source, set_name)
     known = labels.index.isin(index[STUDY_ID])

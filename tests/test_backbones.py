@@ -31,14 +31,21 @@ def test_the_wsl_weights_are_copied_into_the_flat_model(monkeypatch):
         copy_weights(hub, keras.applications.MobileNetV3Small(include_top=False, weights=None, input_shape=(32, 32, 3)))
 
 
-def test_wsl_download_failure_tells_what_to_do(monkeypatch):
+def test_wsl_download_failure_tells_what_to_do_and_whether_the_hub_was_reached(monkeypatch):
+    import ihd.backbones as backbones
     from zeromodels.models.resnext import ResNeXtModel
 
-    def offline(*args, **kwargs):
-        raise OSError("We couldn't connect to 'https://huggingface.co'")
+    def failed(*args, **kwargs):
+        raise ValueError("the repo has no zm_config.json")  # what the library says when its fetch failed
 
-    monkeypatch.setattr(ResNeXtModel, "from_weights", offline)
-    with pytest.raises(RuntimeError, match="WSL weights.*--weights none"):
+    monkeypatch.setattr(ResNeXtModel, "from_weights", failed)
+    monkeypatch.setattr(backbones, "_unreachable", lambda host: "gaierror: Name or service not known")
+    offline = "WSL weights.*huggingface.co cannot be reached: gaierror.*--weights none"
+    with pytest.raises(RuntimeError, match=offline) as error:
+        build_cnn(RESNEXT_WSL, image_size=32, weights="wsl")
+    assert "zm_config" not in str(error.value)
+    monkeypatch.setattr(backbones, "_unreachable", lambda host: None)  # online: the library's own error is the cause
+    with pytest.raises(RuntimeError, match="WSL weights.*ValueError: the repo has no zm_config.json.*--weights none"):
         build_cnn(RESNEXT_WSL, image_size=32, weights="wsl")
 
 

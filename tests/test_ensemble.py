@@ -101,7 +101,8 @@ def test_a_member_retrained_alone_is_refused_until_the_ensemble_is_scored_again(
 def test_the_best_selection_is_chosen_among_those_scored_with_the_members_lstms_of_now(ensemble, tmp_path):
     models, features = tmp_path / "models", ensemble["workspace"] / "features"
     shutil.copytree(ensemble["workspace"] / "models", models)
-    lstm = ["--layers", "1", "--units", "4", "--epochs", "1", "--models-dir", str(models), "--features-dir", str(features)]
+    lstm = ["--layers", "1", "--units", "4", "--epochs", "1", "--models-dir", str(models),
+            "--features-dir", str(features)]
     train_lstm.main(["--run", "tiny", "--selection", "pca:2", *lstm])
     train_lstm.main(["--run", "tiny-fold1", "--selection", "pca:4", *lstm])  # pca:4's pooled score is now stale
     stale = models / "tiny" / "lstm-pca4.json"

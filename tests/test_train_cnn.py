@@ -196,7 +196,7 @@ def test_bad_flags_are_refused_when_parsed(flag, value, message, capsys):
     (["--fold", "7"], r"--fold 7: .*index.parquet: fold 7 is not in the index \(its labeled training folds are \[0, "),
     (["--dataset", "absent"], r"absent/index.parquet not found: prepare the dataset first"),
     (["--study-labels", "derive", "--fold", "7"], r"--fold 7 holds no study-labeled training series"),
-    (["--study-labels", "derive", "--label-set", "exam"], "derive gives the subtypes label set; exam needs a study-label"),
+    (["--study-labels", "derive", "--label-set", "exam"], "derive gives the subtypes label set; exam needs a"),
     (["--study-labels", "absent.csv"], "absent.csv: cannot be read as CSV"),
     (["--study-labels", "derive", "--recipe", "adjacent"], "recipe 'adjacent' reads neighbouring slices"),
 ])
