@@ -264,6 +264,15 @@ def train_and_extract(settings: Settings, index: pd.DataFrame, index_path: Path,
     return features_dir
 
 
+def training_folds(index: pd.DataFrame, fold: int) -> list[int]:
+    """The validation folds a run of ``--fold fold`` trains on the index: every labeled fold for --fold all;
+    ValueError saying what the index lacks."""
+    if fold == ALL_FOLDS:
+        return labeled_folds(index)
+    fold_rows(index, fold)
+    return [fold]
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Train and/or extract as the flags say; returns the features folder (or the run folder, or with
     --fold all the ensemble's folder)."""
@@ -283,19 +292,22 @@ def main(argv: list[str] | None = None) -> Path:
             f"{data_flag} and --synthetic, --download or --dicom-dir DIR"
         )
     index = pd.read_parquet(index_path)
-    if settings.fold != ALL_FOLDS and not settings.study_labels:
+    folds = []
+    if not (settings.study_labels or settings.extract_only):  # refused here, before a run folder is written
         try:
-            fold_rows(index, settings.fold)
+            folds = training_folds(index, settings.fold)
         except ValueError as error:
-            raise SystemExit(f"--fold {settings.fold}: {index_path}: {error}") from None
-    store = SliceStore(data_dir / "slices")
-
+            raise SystemExit(f"{index_path}: {error}") from None
+    targets = None
     if settings.study_labels:
         try:
             targets = end_to_end_labels(index, settings.study_labels, settings.label_set, settings.fold,
                                         settings.recipe)
         except ValueError as error:
             raise SystemExit(str(error)) from None
+    store = SliceStore(data_dir / "slices")
+
+    if targets is not None:
         run_dir = Path(settings.models_dir) / settings.run
         use_mixed_precision_on_gpu()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -307,7 +319,6 @@ def main(argv: list[str] | None = None) -> Path:
         return run_dir
     if settings.fold != ALL_FOLDS:
         return train_and_extract(settings, index, index_path, store, strategy)
-    folds = labeled_folds(index)
     members = member_runs(settings.run, folds)
     for number, (fold, member) in enumerate(zip(folds, members), start=1):
         print(f"fold {fold} ({number} of {len(folds)}): run {member}", flush=True)

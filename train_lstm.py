@@ -445,8 +445,9 @@ def write_ablation(table: pd.DataFrame, out_dir: Path, intervals: dict | None = 
 
 def open_features(settings: Settings):
     """The run's feature cache, checked against the CNN it must come from; exits naming the command
-    that (re)extracts it when it is missing, unfinished, damaged or from another CNN or index, and
-    naming the selections that ask for more dimensions than its embeddings have."""
+    that (re)extracts it when it is missing, unfinished, damaged or from another CNN or index, and,
+    unless only scoring (--ablation-only), naming the selections that ask for more dimensions than its
+    embeddings have (train_lstm.py's default among them)."""
     run_dir = Path(settings.models_dir) / settings.run
     cnn_path = run_dir / MODEL_FILE
     if not cnn_path.exists():
@@ -466,7 +467,7 @@ def open_features(settings: Settings):
         raise SystemExit(f"{features.path} was extracted from an earlier {cnn_path} ({changed}): run {extract} first")
     width = features.config["embedding_dim"]
     too_wide = [selection for selection in settings.selections if (parse_selection(selection)[1] or 0) > width]
-    if too_wide:
+    if too_wide and not settings.ablation_only:  # --ablation-only scores what was trained, whatever --selection says
         raise SystemExit(f"--selection {', '.join(too_wide)}: the CNN of run {settings.run} embeds a slice in {width} "
                          f"dimensions; choose --selection with at most {width}, or all")
     return features

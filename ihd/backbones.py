@@ -15,6 +15,7 @@ Three kinds, all giving the last feature map of a flat functional graph (Grad-CA
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import keras
@@ -24,6 +25,7 @@ TINY = "tiny"
 RESNEXT_WSL = "ResNeXt101_32x8d_WSL"
 RESNEXT_WSL_HUB = "zeromodels/resnext101_32x8d_fb_wsl_ig1b_ft_in1k"  # the WSL weights, converted to Keras
 HUB_HOST = "huggingface.co"
+HUB_ROUTES = ("HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")  # the hub not reached directly
 WSL = "wsl"
 # torchvision's input normalisation of [0, 1] RGB images, which the WSL weights were trained with
 TORCHVISION_MEAN = np.array([0.485, 0.456, 0.406])
@@ -154,13 +156,21 @@ def _download_resnext_wsl() -> keras.Model:
     try:
         return ResNeXtModel.from_weights(RESNEXT_WSL_HUB)
     except Exception as error:
-        unreachable = _unreachable(HUB_HOST)  # offline, the library reports a missing file rather than the network
-        cause = f"{HUB_HOST} cannot be reached: {unreachable}" if unreachable else f"{type(error).__name__}: {error}"
         raise RuntimeError(
             f"could not download the WSL weights of {RESNEXT_WSL} from the Hugging Face hub ({RESNEXT_WSL_HUB}; "
-            f"{cause}). Offline, pass --weights none to train from scratch, or --weights PATH "
+            f"{_download_failure(error)}). Offline, pass --weights none to train from scratch, or --weights PATH "
             "with a weights file of this architecture saved by model.save_weights."
         ) from None
+
+
+def _download_failure(error: Exception) -> str:
+    """Why the hub download failed, in words: offline, the hub library reports a file missing from the
+    repository, not the network, so where it would connect directly the hub's host is tried first."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    direct = not any(os.environ.get(name) for name in HUB_ROUTES)
+    unreachable = _unreachable(HUB_HOST) if direct else None
+    return f"{HUB_HOST} cannot be reached: {unreachable}" if unreachable else f"{type(error).__name__}: {error}"
 
 
 def _unreachable(host: str, port: int = 443, timeout_s: float = 5.0) -> str | None:

@@ -50,7 +50,7 @@ def end_to_end_labels(index: pd.DataFrame, source: str, set_name: str, fold: int
     """The study labels and folds the end-to-end model would train on, checked before anything is built.
 
     Refuses (ValueError) a recipe of neighbouring slices, labels that cannot be read or name no study of
-    the index, and a ``fold`` that holds no study-labeled training series.
+    the index, and a ``fold`` that leaves no study-labeled training series to validate or to train on.
     """
     if parse_recipe(recipe).uses_neighbours:
         raise ValueError(f"recipe {recipe!r} reads neighbouring slices: the end-to-end model windows each "
@@ -58,8 +58,9 @@ def end_to_end_labels(index: pd.DataFrame, source: str, set_name: str, fold: int
     labels, chosen = load_labels(source, index, set_name)
     folds = study_folds(index, labels, chosen)
     known = sorted(set(folds[folds >= 0].tolist()))
-    if fold not in known:
-        raise ValueError(f"--fold {fold} holds no study-labeled training series (their folds are {known})")
+    if fold not in known or len(known) < 2:
+        raise ValueError(f"--fold {fold} leaves no study-labeled series to {'validate' if fold not in known else 'train'} "
+                         f"on: the study-labeled training series lie in folds {known}")
     return EndToEndLabels(source, labels, chosen, folds, fold)
 
 

@@ -182,12 +182,18 @@ def load_chain(run: str, selection: str | None = None, models_dir="models", feat
                  features_config.get("tta", "none"))
 
 
-def _members_unchanged(pooled: dict, models_dir) -> bool:
-    """Whether every member LSTM a fold ensemble's pooled record scored is still the file it scored."""
+def _members_unchanged(pooled: dict, members: list[str], models_dir, features_dir) -> bool:
+    """Whether a fold ensemble's pooled record scored every member's LSTM as it is now: the same file,
+    trained on the member's features of now."""
     slug = selection_slug(pooled["selection"])
-    for member, scored in pooled["members"].items():
+    for member in members:
         record_path = Path(models_dir) / member / f"lstm-{slug}.json"
-        if not record_path.exists() or read_json(record_path).get("model_sha256") != scored["model_sha256"]:
+        features_path = Path(features_dir) / member / CONFIG_FILE
+        if member not in pooled["members"] or not record_path.exists() or not features_path.exists():
+            return False
+        record = read_json(record_path)
+        if (record.get("model_sha256") != pooled["members"][member]["model_sha256"]
+                or record.get("inputs", {}).get("features") != read_json(features_path).get("fingerprint")):
             return False
     return True
 
@@ -209,7 +215,8 @@ def load_chains(run: str, selection: str | None = None, models_dir="models", fea
     if not records:
         raise ChainError(f"no LSTM of the fold ensemble {run} was trained: run {train} first")
     if selection is None:  # the best of the selections scored with the members' LSTMs of now, where there are any
-        current = [r for r in records.values() if _members_unchanged(r, models_dir)] or list(records.values())
+        current = [r for r in records.values() if _members_unchanged(r, ensemble["members"], models_dir, features_dir)]
+        current = current or list(records.values())  # none: the best is refused below, saying why
         selection = min(current, key=lambda r: r["validation"]["weighted_log_loss"])["selection"]
     if selection not in records:
         raise ChainError(f"the fold ensemble {run} has no LSTMs of selection {selection} "

@@ -39,6 +39,8 @@ def test_wsl_download_failure_tells_what_to_do_and_whether_the_hub_was_reached(m
         raise ValueError("the repo has no zm_config.json")  # what the library says when its fetch failed
 
     monkeypatch.setattr(ResNeXtModel, "from_weights", failed)
+    for name in ("HF_HUB_OFFLINE", *backbones.HUB_ROUTES):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(backbones, "_unreachable", lambda host: "gaierror: Name or service not known")
     offline = "WSL weights.*huggingface.co cannot be reached: gaierror.*--weights none"
     with pytest.raises(RuntimeError, match=offline) as error:
@@ -46,6 +48,13 @@ def test_wsl_download_failure_tells_what_to_do_and_whether_the_hub_was_reached(m
     assert "zm_config" not in str(error.value)
     monkeypatch.setattr(backbones, "_unreachable", lambda host: None)  # online: the library's own error is the cause
     with pytest.raises(RuntimeError, match="WSL weights.*ValueError: the repo has no zm_config.json.*--weights none"):
+        build_cnn(RESNEXT_WSL, image_size=32, weights="wsl")
+    monkeypatch.setattr(backbones, "_unreachable", lambda host: pytest.fail("a proxy's user is not probed directly"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    with pytest.raises(RuntimeError, match="WSL weights.*ValueError: the repo has no zm_config.json"):
+        build_cnn(RESNEXT_WSL, image_size=32, weights="wsl")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="WSL weights.*HF_HUB_OFFLINE is set.*--weights none"):
         build_cnn(RESNEXT_WSL, image_size=32, weights="wsl")
 
 

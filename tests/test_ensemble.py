@@ -104,11 +104,17 @@ def test_the_best_selection_is_chosen_among_those_scored_with_the_members_lstms_
     lstm = ["--layers", "1", "--units", "4", "--epochs", "1", "--models-dir", str(models),
             "--features-dir", str(features)]
     train_lstm.main(["--run", "tiny", "--selection", "pca:2", *lstm])
-    train_lstm.main(["--run", "tiny-fold1", "--selection", "pca:4", *lstm])  # pca:4's pooled score is now stale
-    stale = models / "tiny" / "lstm-pca4.json"
-    record = json.loads(stale.read_text())
+    pooled = models / "tiny" / "lstm-pca4.json"
+    record = json.loads(pooled.read_text())
     record["validation"]["weighted_log_loss"] = 0.0  # the best on paper
-    stale.write_text(json.dumps(record))
+    pooled.write_text(json.dumps(record))
+    assert [chain.selection_name for chain in load_chains("tiny", None, models, features)] == ["pca:4", "pca:4"]
+    older_features = tmp_path / "older-features"
+    shutil.copytree(models, older_features)  # fold0's pca:4 as if trained on features extracted before these
+    member = older_features / "tiny-fold0" / "lstm-pca4.json"
+    member.write_text(json.dumps({**json.loads(member.read_text()), "inputs": {"features": "0" * 64}}))
+    assert [chain.selection_name for chain in load_chains("tiny", None, older_features, features)] == ["pca:2", "pca:2"]
+    train_lstm.main(["--run", "tiny-fold1", "--selection", "pca:4", *lstm])  # pca:4's pooled score is now stale
     assert [chain.selection_name for chain in load_chains("tiny", None, models, features)] == ["pca:2", "pca:2"]
 
 

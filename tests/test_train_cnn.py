@@ -193,9 +193,10 @@ def test_bad_flags_are_refused_when_parsed(flag, value, message, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--fold", "7"], r"--fold 7: .*index.parquet: fold 7 is not in the index \(its labeled training folds are \[0, "),
+    (["--fold", "7"], r"index.parquet: fold 7 is not in the index \(its labeled training folds are \[0, "),
     (["--dataset", "absent"], r"absent/index.parquet not found: prepare the dataset first"),
-    (["--study-labels", "derive", "--fold", "7"], r"--fold 7 holds no study-labeled training series"),
+    (["--study-labels", "derive", "--fold", "7"], r"--fold 7 leaves no study-labeled series to validate on: the "
+                                                  r"study-labeled training series lie in folds \[0, 1, "),
     (["--study-labels", "derive", "--label-set", "exam"], "derive gives the subtypes label set; exam needs a"),
     (["--study-labels", "absent.csv"], "absent.csv: cannot be read as CSV"),
     (["--study-labels", "derive", "--recipe", "adjacent"], "recipe 'adjacent' reads neighbouring slices"),
@@ -204,6 +205,21 @@ def test_a_run_that_cannot_start_is_refused_by_message_before_it_writes_anything
                                                                                   message):
     with pytest.raises(SystemExit, match=message):
         train_cnn.main(_flags(prepared_synthetic, tmp_path, "--epochs", "1", *extra))
+    assert not (tmp_path / "models").exists()
+
+
+def test_an_index_of_one_labeled_fold_is_refused_an_ensemble_and_an_end_to_end_run(prepared_synthetic, tmp_path):
+    dataset = tmp_path / "data" / "onefold"
+    dataset.mkdir(parents=True)
+    index = pd.read_parquet(prepared_synthetic / "index.parquet")
+    index["fold"] = np.where(index["fold"] >= 0, 0, -1).astype(index["fold"].dtype)
+    index.to_parquet(dataset / "index.parquet", index=False)
+    with pytest.raises(SystemExit, match=r"a fold ensemble needs at least two folds of labeled training rows; the "
+                                         r"index has \[0\]"):
+        train_cnn.main(_flags(dataset, tmp_path, "--fold", "all"))
+    with pytest.raises(SystemExit, match=r"--fold 0 leaves no study-labeled series to train on: the study-labeled "
+                                         r"training series lie in folds \[0\]"):
+        train_cnn.main(_flags(dataset, tmp_path, "--study-labels", "derive"))
     assert not (tmp_path / "models").exists()
 
 

@@ -109,17 +109,36 @@ def test_features_of_another_cnn_are_refused_with_the_command_that_extracts_them
         train_lstm.main(_flags(workspace, "other"))
 
 
+def _models_of_the_cnn_alone(workspace, models):
+    """A models folder holding the workspace's CNN and its config, no LSTM."""
+    (models / RUN).mkdir(parents=True)
+    for name in ("cnn.keras", "config.json"):
+        shutil.copy(workspace / "models" / RUN / name, models / RUN)
+
+
 def test_selections_wider_than_the_embedding_are_refused_before_any_is_trained(workspace, tmp_path):
     width = read_json(workspace / "features" / RUN / "config.json")["embedding_dim"]
-    (tmp_path / "models" / RUN).mkdir(parents=True)
-    for name in ("cnn.keras", "config.json"):
-        shutil.copy(workspace / "models" / RUN / name, tmp_path / "models" / RUN)
+    _models_of_the_cnn_alone(workspace, tmp_path / "models")
     flags = ["--run", RUN, "--features-dir", str(workspace / "features"), "--models-dir", str(tmp_path / "models"),
              "--selection", "pca:4", "--selection", f"pca:{width + 1}", "--selection", "all"]
     with pytest.raises(SystemExit, match=f"--selection pca:{width + 1}: the CNN of run {RUN} embeds a slice in {width} "
                                          f"dimensions; choose --selection with at most {width}, or all"):
         train_lstm.main(flags)
     assert not list(tmp_path.rglob("lstm-*"))
+    assert width < 120  # so the default selection, pca:120, is too wide too; scoring alone trains nothing and goes on
+    table = train_lstm.main(["--run", RUN, "--features-dir", str(workspace / "features"), "--models-dir",
+                             str(tmp_path / "models"), "--ablation-only"])
+    assert table.index.tolist() == ["cnn"]
+
+
+def test_a_chain_without_lstms_names_the_command_that_trains_them_with_its_folders(workspace, tmp_path):
+    from ihd.inference import ChainError, load_chain
+
+    _models_of_the_cnn_alone(workspace, tmp_path / "models")
+    with pytest.raises(ChainError, match=f"no LSTM in .* was trained on the current features .*: run train_lstm.py "
+                                         f"--run {RUN} --models-dir {tmp_path / 'models'} --features-dir "
+                                         f"{workspace / 'features'} first"):
+        load_chain(RUN, None, tmp_path / "models", workspace / "features")
 
 
 @pytest.mark.parametrize("flag, value, message", [
