@@ -134,8 +134,9 @@ def folder_scores(probabilities: pd.DataFrame, truth: pd.DataFrame, prior: np.nd
         report["models"][name] = {
             "weighted_log_loss": weighted_log_loss(y_true, y_pred),
             "slice_auc": {k: _finite_or_none(v) for k, v in per_subtype_auc(y_true, y_pred).items()},
-            "study_auc": {k: _finite_or_none(v) for k, v in
-                          per_subtype_auc(study_truth.to_numpy(), study_pred.to_numpy()).items()},
+            "study_auc": ({k: _finite_or_none(v) for k, v in
+                           per_subtype_auc(study_truth.to_numpy(), study_pred.to_numpy()).items()}
+                          if len(study_truth) else dict.fromkeys(SUBTYPES)),  # no study labeled throughout
         }
     return report
 

@@ -330,6 +330,10 @@ class ValidationDice(keras.callbacks.Callback):
         self.best_path = Path(run_dir) / BEST_FILE
         self.best_dice = -math.inf
         self.skull = skull_hulls(validation.hu)  # once: the slices do not change
+        if not (validation.masks[..., ANY] == 1).any():
+            print(f"warning: the {len(validation.hu)} validation slices hold no blood: their Dice is undefined (n/a) "
+                  "where the U-Net finds none and 0 where it finds any, so it cannot tell epochs apart; hold out "
+                  "cases with bleeds", flush=True)
 
     def on_epoch_end(self, epoch, logs=None):
         """Score validation under its best mask rule, log it, keep the model when it is the best so far."""
@@ -349,16 +353,19 @@ class ValidationDice(keras.callbacks.Callback):
                            "val_blood_hu_low": rule.blood_hu[0] if rule.blood_hu else math.nan,
                            "val_blood_hu_high": rule.blood_hu[1] if rule.blood_hu else math.nan})
         dice_any = scores["any"]["dice_pooled"]
-        dice_any = -1.0 if math.isnan(dice_any) else dice_any
-        improved = dice_any > self.best_dice
+        undefined = math.isnan(dice_any)  # no blood in the truth nor in the prediction
+        rank = -1.0 if undefined else dice_any  # below every Dice, above none yet
+        improved = rank > self.best_dice
         if improved:
-            self.best_dice = dice_any
+            self.best_dice = rank
             with atomic_path(self.model_path) as tmp:
                 model.save(tmp)
-            write_json(self.best_path, {"epoch": epoch + 1, "rule": rule.as_json(), "val_dice_any": dice_any,
+            write_json(self.best_path, {"epoch": epoch + 1, "rule": rule.as_json(),
+                                        "val_dice_any": None if undefined else dice_any,
                                         "rule_grid": int(self.validation.hu.shape[1])})
-        print(f"epoch {epoch + 1}: loss {(logs or {}).get('loss', math.nan):.4f} val_dice_any {dice_any:.3f} "
-              f"({rule.describe()}){' (best, saved)' if improved else ''}", flush=True)
+        print(f"epoch {epoch + 1}: loss {(logs or {}).get('loss', math.nan):.4f} val_dice_any "
+              f"{'n/a' if undefined else f'{dice_any:.3f}'} ({rule.describe()}){' (best, saved)' if improved else ''}",
+              flush=True)
 
 
 def fit_unet(model: keras.Model, train_data, validation: MaskSet, run_dir: str | Path, epochs: int,

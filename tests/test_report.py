@@ -95,6 +95,21 @@ def test_a_folder_of_one_study_says_why_it_has_no_intervals():
     assert "no intervals: they resample studies, and the scored images come from one" in format_folder_scores(report)
 
 
+def test_a_folder_whose_studies_are_all_partly_labeled_is_scored_by_slice_only():
+    from ihd.report import folder_scores, format_folder_scores
+
+    images = ["ID_1", "ID_2", "ID_3", "ID_4"]
+    probabilities = pd.DataFrame({"image_id": images, "study_id": ["S", "S", "T", "T"]})
+    for subtype in SUBTYPES:
+        probabilities[subtype] = [0.2, 0.7, 0.4, 0.1]
+        probabilities[f"cnn_{subtype}"] = 0.3
+    report = folder_scores(probabilities, _wide([[0] * 6, [1] * 6], ["ID_1", "ID_3"]), np.full(6, 0.1))
+    assert report["studies_scored"] == 0 and report["images_scored"] == 2
+    assert report["models"]["cnn+lstm"]["study_auc"] == dict.fromkeys(SUBTYPES)
+    assert report["models"]["cnn+lstm"]["slice_auc"]["any"] == pytest.approx(1.0)
+    assert "| n/a |" in format_folder_scores(report)
+
+
 def test_intervals_on_truth_resample_the_studies_and_an_unread_image_alone():
     from ihd.report import intervals_on_truth
 

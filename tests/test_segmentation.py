@@ -145,6 +145,24 @@ def test_a_tiny_unet_learns_to_outline_bleeds():
     assert predict_probabilities(model, squares.hu[:3]).shape == (3, 32, 32, len(SUBTYPES))
 
 
+def test_validation_without_blood_is_said_and_its_undefined_dice_is_not_printed_as_a_number(tmp_path, capsys):
+    from ihd.segmentation import ValidationDice
+
+    squares = _squares(n=4)
+    bleed_free = dataclasses.replace(squares, masks=np.zeros_like(squares.masks))
+    model = build_unet("plain", 32, base_filters=8)
+    last = model.layers[-1]
+    last.set_weights([np.zeros_like(w) for w in last.get_weights()[:-1]] + [np.full_like(last.get_weights()[-1], -30.0)])
+    callback = ValidationDice(bleed_free, tmp_path)
+    assert "the 4 validation slices hold no blood" in capsys.readouterr().out
+    callback.set_model(model)
+    callback.on_epoch_end(0, {"loss": 0.5})
+    assert "val_dice_any n/a" in capsys.readouterr().out
+    assert json.loads((tmp_path / "best.json").read_text())["val_dice_any"] is None
+    ValidationDice(squares, tmp_path)
+    assert "hold no blood" not in capsys.readouterr().out
+
+
 def test_augmentation_moves_image_and_mask_together():
     squares = _squares(n=8)
     batch_hu, batch_masks = next(iter(training_dataset(squares, 8, seed=1, augment=True)))
