@@ -4,7 +4,7 @@ then tabulate the ablation (the CNN alone against every selection trained in tha
     python train_lstm.py --run synthetic-tiny-128-windows-fold0 --selection pca:32 --selection weights:32 --units 64 --layers 2
     python train_lstm.py --run rsna-efficientnetb0-256-windows-fold0 --selection pca:120 --selection all --selection random:120
     python train_lstm.py --run rsna-efficientnetb0-256-windows-fold0 --ablation-only
-    python train_lstm.py --run demo-fold0 --selection weights:32 --layers 2 --units 128 --study-labels derive --init pretrained
+    python train_lstm.py --run demo-fold0 --selection weights:32 --study-labels derive --init pretrained
     python train_lstm.py --run demo-fold0 --selection weights:32 --study-labels data/synthetic/raw/stage_2_train_study_labels.csv \\
         --label-set exam --study-model volume --frames 25
 

@@ -176,11 +176,17 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, f
     if pretrained:
         command += " (--init pretrained starts from it) or use --init scratch"
     try:
-        slice_lstm_path = finished_lstm(Path(models_dir) / run, selection, features.fingerprint, command)[0]
+        slice_lstm_path, slice_record = finished_lstm(Path(models_dir) / run, selection, features.fingerprint, command)
     except ChainError:
         if pretrained:
             raise
         slice_lstm_path = None  # no per-slice LSTM of these features to compare with at study level
+    if pretrained:
+        shape = {"layers": slice_record["inputs"].get("layers"), "units": slice_record["inputs"].get("units")}
+        if shape != {"layers": layers, "units": units}:
+            raise ChainError(f"--init pretrained starts from {slice_lstm_path}, of {shape['layers']} layers of "
+                             f"{shape['units']} units: pass --layers {shape['layers']} --units {shape['units']} "
+                             f"(not {layers} and {units}), or use --init scratch")
     slice_lstm = load_lstm(slice_lstm_path) if pretrained else None
     model = build_study_model(options, chosen, inputs.shape[1], study_moments(train, standardize, slice_lstm), layers,
                               units, dropout)

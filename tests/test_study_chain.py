@@ -202,6 +202,9 @@ def test_study_labels_that_cannot_be_used_and_a_best_study_model_that_cannot_be_
         train_lstm.main([*lstm, "--study-labels", str(tmp_path / "absent.csv")])
     with pytest.raises(SystemExit, match="derive gives the subtypes label set; exam needs a study-label file"):
         train_lstm.main([*lstm, "--study-labels", "derive", "--label-set", "exam"])
+    with pytest.raises(SystemExit, match=r"--init pretrained starts from .*lstm-pca8.keras, of 1 layers of 8 units: "
+                                         r"pass --layers 1 --units 8 \(not 2 and 8\), or use --init scratch"):
+        train_lstm.main([*lstm, "--layers", "2", "--study-labels", "derive", "--init", "pretrained"])
     with pytest.raises(SystemExit, match="holds study models of the label sets exam, subtypes, whose losses do not "
                                          "compare: name one with --study"):
         predict.main(["--run", "r", "--study", "best", "--data-dir", str(chain["dataset"].parent), "--submissions-dir",
