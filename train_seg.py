@@ -2,7 +2,7 @@
 
     python train_seg.py --synthetic data/synthetic/raw --encoder plain --weights none --image-size 128 --epochs 8
     python train_seg.py --synthetic data/synthetic/raw --encoder MobileNetV2 --weights imagenet --image-size 256
-    python train_seg.py --synthetic data/synthetic/raw,data/synthetic2/raw --png-masks my/masks \
+    python train_seg.py --synthetic data/synthetic/raw,data/synthetic2/raw --png-masks my/masks \\
         --score-png-masks ../shared/data/real/ctich_masks --read-non-ct-as-hu
     python train_seg.py --run seg-plain-128 --rule-only    # a trained run's mask rule chosen again, on its own data
 
@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,10 +117,21 @@ def _png_masks(folder: str, non_ct_as_hu: bool, size: int, bad: list[BadInput], 
 
 
 def training_sources(settings: Settings, bad: list[BadInput]) -> dict[str, MaskSet]:
-    """Every training source the flags name, at the model's size, by the folder it came from."""
-    sources = {folder: load(settings.image_size, bad) for folder, load in source_loaders(settings).items()}
+    """Every training source the flags name, at the model's size, by the folder it came from; exits naming
+    a folder that holds no masks, or, when no slice could be read, why."""
+    sources = {}
+    for folder, load in source_loaders(settings).items():
+        try:
+            sources[folder] = load(settings.image_size, bad)
+        except FileNotFoundError as error:
+            alone = "; --synthetic '' trains on the other sources alone" if folder in folders(settings.synthetic) else ""
+            raise SystemExit(f"{error}{alone}") from None
+    if not sources:
+        raise SystemExit("no training masks: give --synthetic, --png-masks or --nifti-dir")
     if not any(len(masks) for masks in sources.values()):
-        raise SystemExit("no training masks: give --synthetic, --png-masks or --nifti-dir (see bad_inputs.csv)")
+        reasons = Counter(b.reason for b in bad).most_common(3)
+        raise SystemExit(f"no training masks could be read from {', '.join(sources)}: {len(bad)} inputs skipped"
+                         + "".join(f"; {count} as {reason}" for reason, count in reasons))
     return sources
 
 

@@ -224,6 +224,17 @@ def test_train_seg_end_to_end(prepared_synthetic, real_data, tmp_path):
     assert "truncated" in bad  # the small synthetic dataset's one cut-short file
 
 
+def test_training_sources_that_give_no_masks_are_refused_saying_why(real_data, tmp_path):
+    import train_seg
+
+    flags = ["--image-size", "32", "--epochs", "1", "--models-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"absent/truth/masks: no mask files .*; --synthetic '' trains on the other"):
+        train_seg.main(["--synthetic", str(tmp_path / "absent"), "--png-masks", str(real_data / "ctich_masks"), *flags])
+    with pytest.raises(SystemExit, match=r"no training masks could be read from .*ctich_masks: 9 inputs skipped; 9 as "
+                                         r"modality OT, not CT: .*\(--read-non-ct-as-hu reads them as HU\)"):
+        train_seg.main(["--synthetic", "", "--png-masks", str(real_data / "ctich_masks"), *flags])
+
+
 def test_segment_index_writes_aligned_outputs_and_the_table(real_data, tmp_path):
     """A U-Net whose output is "intraparenchymal everywhere" over the real tilted series: every output is checkable."""
     import highdicom
