@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ihd.flags import non_negative_int, selection_spec
+from ihd.flags import folder_of_files, non_negative_int, selection_spec
 from ihd.gradcam import METHODS
 from ihd.index import build_index, drop_unreadable, read_index
 from ihd.inference import (
@@ -130,9 +130,10 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--gradcam-studies", type=non_negative_int, default=Settings.gradcam_studies)
     parser.add_argument("--submit", action="store_true")
     parser.add_argument("--read-non-ct-as-hu", action="store_true")
+    parser.add_argument("--dicom-dir", type=folder_of_files, default=Settings.dicom_dir)
     for field in dataclasses.fields(Settings):
         if field.name not in ("run", "selection", "gradcam", "gradcam_method", "gradcam_studies", "submit",
-                              "read_non_ct_as_hu"):
+                              "read_non_ct_as_hu", "dicom_dir"):
             parser.add_argument("--" + field.name.replace("_", "-"), default=field.default)
     return Settings(**vars(parser.parse_args(argv)))
 

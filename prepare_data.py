@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ihd import insertion, synthetic
-from ihd.flags import dataset_name, existing_folder, int_in
+from ihd.flags import dataset_name, existing_folder, folder_of_files, int_in
 from ihd.index import FOLD_BALANCES, MAX_FOLDS, build_index, drop_unreadable, pixel_readings
 from ihd.io import FolderTaken, read_json, run_header
 from ihd.kaggle_api import COMPETITION, KaggleAccessError, kaggle_api, network_hint
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--synthetic", action="store_true")
     source.add_argument("--download", action="store_true")
-    source.add_argument("--dicom-dir", type=existing_folder, default=defaults.dicom_dir)
+    source.add_argument("--dicom-dir", type=folder_of_files, default=defaults.dicom_dir)
     parser.add_argument("--backgrounds", type=existing_folder, default=defaults.backgrounds)
     studies = int_in(0, meaning=" studies")
     parser.add_argument("--train-studies", type=studies, default=defaults.train_studies)

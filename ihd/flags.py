@@ -84,6 +84,14 @@ def existing_folder(text: str) -> str:
     return text
 
 
+def folder_of_files(text: str) -> str:
+    """An existing folder that holds at least one file, at any depth (a folder of DICOM files to read)."""
+    existing_folder(text)
+    if next((path for path in Path(text).rglob("*") if path.is_file()), None) is None:
+        raise argparse.ArgumentTypeError(f"{text} holds no files")
+    return text
+
+
 def dataset_name(text: str) -> str:
     """A folder name (not a path) for the dataset under --data-dir."""
     if text in ("", ".", "..") or "/" in text or "\\" in text:

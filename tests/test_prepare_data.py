@@ -1,5 +1,6 @@
 """Tests for prepare_data.py: the stages wired together on real files, resumability, offline --download."""
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -155,7 +156,8 @@ def test_empty_raw_folder_is_a_clear_error(tmp_path, monkeypatch):
     (["--raw", "no/such/folder"], "argument --raw: no/such/folder is not a folder"),
     (["--dataset", "../elsewhere"], "argument --dataset: '../elsewhere' is not a plain name"),
     (["--small"], "--small can only be used with --synthetic"),
-    (["--dicom-dir", ".", "--train-studies", "3"], "--train-studies can only be used with --synthetic"),
+    (["--dicom-dir", str(Path(__file__).parent), "--train-studies", "3"],
+     "--train-studies can only be used with --synthetic"),
     (["--synthetic", "--train-studies", "0", "--test-studies", "0"], "needs at least one study"),
 ])
 def test_flags_are_checked_when_parsed(flags, message, tmp_path, monkeypatch, capsys):
@@ -165,6 +167,16 @@ def test_flags_are_checked_when_parsed(flags, message, tmp_path, monkeypatch, ca
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dicom_folder_without_files_is_refused_when_parsed(tmp_path, capsys):
+    import predict
+
+    (tmp_path / "export" / "empty series").mkdir(parents=True)
+    for parse, flags in ((prepare_data.parse_args, []), (predict.parse_args, ["--run", "r"])):
+        with pytest.raises(SystemExit):
+            parse([*flags, "--dicom-dir", str(tmp_path / "export")])
+        assert f"argument --dicom-dir: {tmp_path / 'export'} holds no files" in capsys.readouterr().err
 
 
 def test_zero_studies_of_a_split_is_not_the_preset():
