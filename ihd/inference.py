@@ -155,15 +155,17 @@ def load_chain(run: str, selection: str | None = None, models_dir="models", feat
     if not (run_dir / MODEL_FILE).exists():
         config_path = run_dir / "config.json"
         dataset = read_json(config_path)["dataset"] if config_path.exists() else "DATASET"
-        raise ChainError(f"{run_dir / MODEL_FILE} not found: train the CNN first (train_cnn.py --dataset {dataset} "
-                         f"--run {run}), then its LSTMs (train_lstm.py --run {run})")
+        models = "" if str(models_dir) == "models" else f" --models-dir {models_dir}"
+        raise ChainError(f"{run_dir / MODEL_FILE} not found (give --models-dir the folder that holds {run}/ if it is "
+                         f"elsewhere): train the CNN first (train_cnn.py --dataset {dataset} --run {run}{models}), "
+                         f"then its LSTMs ({lstm_command(run, None, models_dir, features_dir)})")
     cnn, cnn_config = load_cnn(run_dir)
     cnn_sha256 = file_sha256(run_dir / MODEL_FILE)
     features_config_path = features_run_dir / CONFIG_FILE
     features_config = read_json(features_config_path) if features_config_path.exists() else {}
     extract, train = _commands(run, selection, cnn_config, models_dir, features_dir, features_config.get("tta"))
     if features_config.get("cnn_sha256") != cnn_sha256:
-        found = ("not found" if not features_config else
+        found = ("not found (give --features-dir the folder that holds it if it is elsewhere)" if not features_config else
                  f"was extracted from another {run_dir / MODEL_FILE} "
                  f"({what_changed({'cnn_sha256': features_config.get('cnn_sha256')}, {'cnn_sha256': cnn_sha256})})")
         raise ChainError(f"{features_config_path} {found}: run {extract}, then {train}")
