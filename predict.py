@@ -89,6 +89,7 @@ from ihd.report import (
     truth_path,
 )
 from ihd.seg_inference import segment_index
+from ihd.segmentation import unet_file
 from ihd.slices import SliceStore
 from ihd.submission import SubmissionError, submit, write_submission
 
@@ -337,6 +338,8 @@ def main(argv: list[str] | None = None) -> Path:
     except LabelFileError as error:
         raise SystemExit(f"--labels {error}") from None
     try:
+        if settings.segment:
+            unet_file(Path(settings.models_dir) / settings.segment)  # before the CNN reads the whole folder
         study = None
         if settings.study:
             ensemble = read_ensemble(settings.models_dir, settings.run)

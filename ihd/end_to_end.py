@@ -20,7 +20,7 @@ import pandas as pd
 
 from ihd.io import write_json
 from ihd.labels import read_long_labels
-from ihd.report import truth_path
+from ihd.report import auc_text, truth_path
 from ihd.slices import SliceStore
 from ihd.study_labels import LabelSet
 from ihd.study_inference import held_out_study_truth
@@ -59,8 +59,9 @@ def end_to_end_labels(index: pd.DataFrame, source: str, set_name: str, fold: int
     folds = study_folds(index, labels, chosen)
     known = sorted(set(folds[folds >= 0].tolist()))
     if fold not in known or len(known) < 2:
-        raise ValueError(f"--fold {fold} leaves no study-labeled series to {'validate' if fold not in known else 'train'} "
-                         f"on: the study-labeled training series lie in folds {known}")
+        missing = "validate" if fold not in known else "train"
+        raise ValueError(f"--fold {fold} leaves no study-labeled series to {missing} on: the study-labeled training "
+                         f"series lie in folds {known}")
     return EndToEndLabels(source, labels, chosen, folds, fold)
 
 
@@ -104,5 +105,7 @@ def train_end_to_end(index: pd.DataFrame, store: SliceStore, dataset_dir: Path, 
     write_json(Path(run_dir) / RECORD_FILE, record)
     positive = record["validation"].get(chosen.positive, {})
     print(f"end to end: best epoch {best.best_epoch}, validation {chosen.positive} AUC "
-          f"{positive.get('auc', float('nan')):.4f}; record {Path(run_dir) / RECORD_FILE}")
+          f"{auc_text(positive.get('auc'), 4)} over {len(val)} exams "
+          f"({int(val.labels[:, chosen.positive_column].sum())} with a bleed); "
+          f"record {Path(run_dir) / RECORD_FILE}")
     return record

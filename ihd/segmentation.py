@@ -382,14 +382,21 @@ def fit_unet(model: keras.Model, train_data, validation: MaskSet, run_dir: str |
     model.fit(train_data, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=verbose)
 
 
+def unet_file(run_dir: str | Path) -> Path:
+    """The U-Net file of a segmentation run; FileNotFoundError naming the command that trains it when absent."""
+    path = Path(run_dir) / MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: train the U-Net first "
+                                f"(train_seg.py --run {Path(run_dir).name})")
+    return path
+
+
 def load_unet(run_dir: str | Path) -> tuple[keras.Model, dict]:
     """The best-epoch U-Net of a segmentation run and the run's config.json, with ``"mask_rule"``: the run's mask
     rule (`MaskRule.as_json`) from best.json, the neutral rule (`MaskRule()`) for a run without one, and
     ``"mask_rule_grid"``: the size of the slices it was chosen on (None when not recorded)."""
     run_dir = Path(run_dir)
-    path = run_dir / MODEL_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: train the U-Net first (train_seg.py --run {run_dir.name})")
+    path = unet_file(run_dir)
     best_path = run_dir / BEST_FILE
     best = read_json(best_path) if best_path.is_file() else {}
     config = read_json(run_dir / "config.json") | {"mask_rule": rule_of_best(best).as_json(),

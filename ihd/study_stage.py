@@ -168,7 +168,8 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, f
     batch = max(1, min(batch_size, len(train) // min_steps))
     start = options.init if options.model == "attention" else f"{frames} frames"
     print(f"study {options.model} ({chosen.name}, {start}): {len(train)} training and {len(val)} validation "
-          f"series with study labels (fold {fold}); {batch} series per batch", flush=True)
+          f"series with study labels (fold {fold}); {batch} series per batch"
+          f"{f' (--min-steps {min_steps} a training epoch)' if batch < batch_size else ''}", flush=True)
     model_path, record_path = study_paths(models_dir, run, options, selection)
     keras.utils.set_random_seed(seed)
     pretrained = options.model == "attention" and options.init == "pretrained"
@@ -233,7 +234,8 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, f
                       "on a fold whose exams hold both")
     positive = record["validation"].get(chosen.positive, {})
     print(f"study {options.model}: best epoch {best.best_epoch}, validation {chosen.positive} AUC "
-          f"{auc_text(positive.get('auc'), 4)}; record {record_path}")
+          f"{auc_text(positive.get('auc'), 4)} over {len(val)} exams ({int(bleed.sum())} with a bleed); "
+          f"record {record_path}")
     return record
 
 

@@ -116,6 +116,13 @@ def test_dicom_folder_with_truncated_pixels_predicts_the_rest(chain, tmp_path):
     assert "truncated" in (tmp_path / "out" / "bad_files.csv").read_text()
 
 
+def test_a_segmentation_run_that_does_not_exist_is_refused_before_the_folder_is_read(chain, tmp_path):
+    with pytest.raises(SystemExit, match=r"seg-absent/unet.keras does not exist: train the U-Net first"):
+        predict.main(["--run", "small", "--dicom-dir", str(chain["dataset"] / "raw" / "stage_2_test"), "--out",
+                      str(tmp_path / "out"), "--segment", "seg-absent", *chain["common"]])
+    assert not (tmp_path / "out").exists()
+
+
 def test_dicom_folder_with_odd_files_names_them_and_predicts_the_rest(chain, odd_dicom_folder, tmp_path):
     folder, expected = odd_dicom_folder
     series = sorted(str(p) for p in (folder / "series").glob("*.dcm"))
