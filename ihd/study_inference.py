@@ -111,7 +111,8 @@ def predict_index_studies(study: StudyModel, inputs: np.ndarray, index: pd.DataF
 
 def study_table(study: StudyModel, index: pd.DataFrame, series: StudySeries, outputs: np.ndarray,
                 weights: list[np.ndarray]) -> pd.DataFrame:
-    """One row per study: verdict, each label's probability, the flagged slices (image ids and positions)."""
+    """One row per study: verdict, each label's probability, and for a study called hemorrhage the slices its
+    evidence flags (image ids and positions; a study called otherwise flags none: its evidence points at no bleed)."""
     index = index.reset_index(drop=True)
     labels, threshold = study.labels, study.threshold
     study_of_series = index[STUDY_ID].to_numpy()[series.data.starts]
@@ -119,14 +120,16 @@ def study_table(study: StudyModel, index: pd.DataFrame, series: StudySeries, out
     for study_id in pd.unique(study_of_series):
         members = np.flatnonzero(study_of_series == study_id)
         probabilities = outputs[members].mean(axis=0) if labels.exclusive else outputs[members].max(axis=0)
-        flagged = np.concatenate([series.slice_rows(n)[flag_slices(weights[n])] for n in members])
-        if probabilities[labels.positive_column] >= threshold:
+        called = probabilities[labels.positive_column] >= threshold
+        if called:
             verdict = "hemorrhage"
         elif labels.exclusive:
             others = [c for c in range(len(labels.columns)) if c != labels.positive_column]
             verdict = labels.columns[max(others, key=lambda c: probabilities[c])]
         else:
             verdict = "no_hemorrhage"
+        flagged = (np.concatenate([series.slice_rows(n)[flag_slices(weights[n])] for n in members]) if called
+                   else np.zeros(0, np.int64))
         rows.append({STUDY_ID: study_id, "series": len(members), "slices": int(series.data.lengths[members].sum()),
                      "verdict": verdict, "threshold": threshold,
                      **{f"p_{c}": float(p) for c, p in zip(labels.columns, probabilities)},

@@ -158,6 +158,8 @@ def test_predict_dicom_folder_writes_one_row_per_study_and_scores_real_studies(c
     for _, study in studies.iterrows():
         flagged = [int(p) for p in str(study["flagged_positions"]).split(";") if p]
         assert set(flagged) <= set(slices.loc[slices["study_id"] == study["study_id"], "position"])
+        assert study["verdict"] == "hemorrhage" or not flagged  # a study not called hemorrhage flags no slice
+    assert 0 < (studies["verdict"] == "hemorrhage").sum() < len(studies), studies["verdict"].tolist()
     scores = json.loads((tmp_path / "studies-scores.json").read_text())["scores"]
     assert scores["exam"]["any"]["exams"] == 7 and scores["exam"]["any"]["positives"] == 4  # the folder's truth
     assert scores["localization"]["exams"] == 4 and scores["slice_model"]["localization"]["exams"] == 4
