@@ -85,8 +85,9 @@ def _open(path: str | Path, defer_size: int | None = None) -> pydicom.Dataset:
             return pydicom.dcmread(path, defer_size=defer_size)
     except UserWarning as error:
         raise DicomError(path, f"truncated: {error}") from None
-    except InvalidDicomError as error:
-        raise DicomError(path, f"not a DICOM file ({error})") from None
+    except InvalidDicomError as error:  # pydicom's advice to force reading is not the kit's to take
+        reason = str(error).replace(" Use force=True to force reading.", "")
+        raise DicomError(path, f"not a DICOM file ({reason})") from None
     except FileNotFoundError:
         raise DicomError(path, "no such file") from None
     except (EOFError, OSError, ValueError, TypeError, KeyError, IndexError) as error:
