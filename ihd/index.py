@@ -384,9 +384,20 @@ def place_slices(headers: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dic
     return headers.loc[z.index].assign(z=z), unplaced, orderings
 
 
+SAME_PLACE_MM = 1e-3  # slices of one series closer than this along its normal lie at one place
+
+
 def order_series(headers: pd.DataFrame) -> pd.DataFrame:
-    """Sort by (split, series, z, image id); add ``position`` (0..n-1) and ``series_length``."""
+    """Sort by (split, series, z, image id); add ``position`` (0..n-1) and ``series_length``. Warns about the
+    series with two slices at one place (two reconstructions in one series), which only the image ids order."""
     ordered = headers.sort_values(["split", "series_id", "z", "image_id"], ignore_index=True)
+    same_series = ordered[["split", "series_id"]].eq(ordered[["split", "series_id"]].shift()).all(axis=1)
+    at_one_place = same_series & (ordered["z"].diff().abs() < SAME_PLACE_MM)
+    if at_one_place.any():
+        twice = pd.unique(ordered.loc[at_one_place, "series_id"])
+        warnings.warn(f"{len(twice)} series hold two slices at one place ({int(at_one_place.sum())} pairs; two "
+                      "reconstructions in one series?): ordered by image id there, so a slice's neighbours may "
+                      f"show its own place ({named(list(twice))})")
     groups = ordered.groupby(["split", "series_id"], sort=False)
     ordered["position"] = groups.cumcount().astype(np.int32)
     ordered["series_length"] = groups["image_id"].transform("size").astype(np.int32)

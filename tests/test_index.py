@@ -363,3 +363,14 @@ def test_the_papers_split_trains_the_first_series_by_uid_and_validates_the_rest(
     assert folds.tolist() == [1, 0, 0, 0, -1, -1], "S1 and S2 train, S3 validates, unlabeled and test rows get -1"
     with pytest.raises(ValueError, match="this dataset has 3: choose --train-series below it"):
         split_by_series_order(index, train_series=3)
+
+
+def test_a_series_with_two_slices_at_one_place_is_ordered_and_warned_about():
+    from ihd.index import order_series
+
+    headers = pd.DataFrame({"split": "train", "series_id": ["S", "S", "S", "T", "T"],
+                            "z": [5.0, 0.0, 5.0, 5.0, 0.0], "image_id": ["ID_c", "ID_a", "ID_b", "ID_e", "ID_d"]})
+    with pytest.warns(UserWarning, match=r"1 series hold two slices at one place \(1 pairs; .*\(S\)"):
+        ordered = order_series(headers)
+    assert ordered["image_id"].tolist() == ["ID_a", "ID_b", "ID_c", "ID_d", "ID_e"]
+    assert ordered["position"].tolist() == [0, 1, 2, 0, 1]
