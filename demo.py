@@ -25,7 +25,7 @@ import predict
 import prepare_data
 import train_cnn
 import train_lstm
-from ihd.flags import existing_folder, non_negative_int, selection_spec
+from ihd.flags import existing_folder, folder_of_files, non_negative_int, selection_spec
 from ihd.io import FolderTaken
 
 RUN = "demo"
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--gradcam", type=non_negative_int, default=Settings.gradcam)
     parser.add_argument("--backgrounds", type=existing_folder, default=Settings.backgrounds,
                         help="insert bleeds into these bleed-free DICOM series instead of drawing phantoms")
-    parser.add_argument("--score-real", type=existing_folder, default=Settings.score_real,
+    parser.add_argument("--score-real", type=labeled_series_folder, default=Settings.score_real,
                         help="at the end, score the ensemble on these labeled real series (Kaggle layout: "
                              "stage_2_train/ and stage_2_train.csv)")
     args = vars(parser.parse_args(argv))
@@ -118,6 +118,15 @@ def stages(settings: Settings) -> list[tuple[object, list[str]]]:
                    *_flags(settings, "--data-dir", "--models-dir", "--features-dir", "--submissions-dir")]),
         *([(predict, real_scoring_flags(settings))] if settings.score_real else []),
     ]
+
+
+def labeled_series_folder(text: str) -> str:
+    """A folder of labeled series in the Kaggle layout (stage_2_train/ with files, stage_2_train.csv), checked
+    before the demo trains anything."""
+    folder_of_files(str(Path(text) / "stage_2_train"))
+    if not (Path(text) / "stage_2_train.csv").is_file():
+        raise argparse.ArgumentTypeError(f"{Path(text) / 'stage_2_train.csv'} does not exist")
+    return text
 
 
 def real_scoring_flags(settings: Settings) -> list[str]:

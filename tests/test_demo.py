@@ -50,7 +50,11 @@ def test_the_demo_trains_every_fold_and_an_lstm_per_selection(tmp_path):
 
 def test_score_real_adds_a_last_stage_that_scores_the_labeled_series(tmp_path):
     labeled = tmp_path / "labeled"
-    labeled.mkdir()
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--root", str(tmp_path), "--score-real", str(labeled)])  # refused before anything trains
+    (labeled / "stage_2_train").mkdir(parents=True)
+    (labeled / "stage_2_train" / "ID_1.dcm").write_bytes(b"")
+    (labeled / "stage_2_train.csv").write_text("ID,Label\n")
     plain = demo.stages(demo.parse_args(["--root", str(tmp_path)]))
     scored = demo.stages(demo.parse_args(["--root", str(tmp_path), "--score-real", str(labeled)]))
     assert scored[:-1] == plain
