@@ -48,14 +48,14 @@ def test_wsl_download_failure_tells_what_to_do_and_whether_the_hub_was_reached(m
     assert "zm_config" not in str(error.value)
     monkeypatch.setattr(backbones, "_unreachable", lambda host: None)  # online: the library's own error is the cause
     with pytest.raises(RuntimeError, match="WSL weights.*ValueError: the repo has no zm_config.json.*--weights none"):
-        build_cnn(RESNEXT_WSL, image_size=32, weights="wsl")
+        backbones._download_resnext_wsl()
     monkeypatch.setattr(backbones, "_unreachable", lambda host: pytest.fail("a proxy's user is not probed directly"))
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     with pytest.raises(RuntimeError, match="WSL weights.*ValueError: the repo has no zm_config.json"):
-        build_cnn(RESNEXT_WSL, image_size=32, weights="wsl")
+        backbones._download_resnext_wsl()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="WSL weights.*HF_HUB_OFFLINE is set.*--weights none"):
-        build_cnn(RESNEXT_WSL, image_size=32, weights="wsl")
+        backbones._download_resnext_wsl()
 
 
 def test_each_backbone_names_its_own_pretrained_weights():
