@@ -75,7 +75,7 @@ def untrained_chain(settings: Settings) -> Chain:
     components = np.linalg.qr(rng.standard_normal((dim, settings.selected)))[0].T.astype(np.float32)
     selection = Selection(f"pca:{settings.selected}", mean=np.zeros(dim, np.float32), components=components)
     lstm = build_lstm(settings.selected + 6)
-    config = {"image_size": settings.image_size, "recipe": "windows"}
+    config = {"image_size": settings.image_size, "store_size": settings.image_size, "recipe": "windows"}
     return Chain("bench", selection.name, cnn, config, "untrained", selection, lstm)
 
 

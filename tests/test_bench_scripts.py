@@ -164,3 +164,18 @@ def test_the_real_scores_table_puts_each_interval_under_its_column_with_the_inte
             f"({span_text(bounds['slice_auc_any'], 3)}) |") in text
     assert "resamples of the 6 real studies (2 with a bleed)" in text
     assert "from 2 studies with a bleed (under 30) such intervals are likely too narrow" in text
+
+
+def test_study_latency_times_every_stage_of_a_real_series_through_an_untrained_chain(tmp_path):
+    from bench import study_latency
+
+    settings = study_latency.Settings(slices=34, backbone="tiny", image_size=32, selected=8)
+    folder = tmp_path / "study"
+    folder.mkdir()
+    study_latency.write_study(folder, settings.slices)
+    assert len(list(folder.glob("*.dcm"))) == 34  # the real series' 32 slices and two shifted copies
+    stages = study_latency.one_study(study_latency.untrained_chain(settings), folder, tmp_path / "out")
+    assert set(stages) == {"index headers", "read DICOM + resize + stack", "CNN", "selection + LSTM",
+                           "Grad-CAM + picture", "total"}
+    assert stages["total"] == pytest.approx(sum(v for k, v in stages.items() if k != "total"))
+    assert (tmp_path / "out" / "gradcam.png").is_file()
