@@ -100,14 +100,12 @@ def defining_inputs(config: dict) -> dict:
 def extraction_command(cnn_config: dict, run: str, models_dir="models", features_dir="features", tta: str | None = None
                        ) -> str:
     """The train_cnn.py command that (re)writes the feature cache of ``run``, with its test-time augmentation:
-    ``tta``, or None for the one the CNN's run was started with, reading the data folder it was trained on."""
+    ``tta``, or None for the one the CNN's run was started with."""
     command = f"train_cnn.py --dataset {cnn_config['dataset']} --run {run} --extract-only"
     tta = tta or cnn_config.get("tta", "none")
     if tta != "none":
         command += f" --tta {tta}"
-    data_dir = cnn_config.get("data_dir", "data")
-    for flag, value, default in (("--data-dir", data_dir, "data"), ("--models-dir", models_dir, "models"),
-                                 ("--features-dir", features_dir, "features")):
+    for flag, value, default in (("--models-dir", models_dir, "models"), ("--features-dir", features_dir, "features")):
         if str(value) != default:
             command += f" {flag} {value}"
     return command

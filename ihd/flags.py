@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ihd.index import readable_files
 from ihd.windows import parse_recipe
 
 
@@ -85,10 +86,10 @@ def existing_folder(text: str) -> str:
 
 
 def folder_of_files(text: str) -> str:
-    """An existing folder that holds at least one file, at any depth (a folder of DICOM files to read)."""
+    """An existing folder that holds at least one file the index reads (`ihd.index.readable_files`), at any depth."""
     existing_folder(text)
-    if next((path for path in Path(text).rglob("*") if path.is_file()), None) is None:
-        raise argparse.ArgumentTypeError(f"{text} holds no files")
+    if next(readable_files(text), None) is None:
+        raise argparse.ArgumentTypeError(f"{text} holds no files (hidden files and links to folders are not read)")
     return text
 
 

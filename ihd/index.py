@@ -36,7 +36,7 @@ import hashlib
 import warnings
 from dataclasses import fields
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -75,10 +75,16 @@ SCAN_CHUNK_FILES = 50_000  # how often a resumable header scan saves what it has
 
 def list_files(folder: str | Path) -> list[Path]:
     """Every regular, non-hidden file under ``folder`` (recursive), sorted."""
+    return sorted(readable_files(folder))
+
+
+def readable_files(folder: str | Path) -> Iterator[Path]:
+    """The files ``list_files`` lists, as they are found (links to folders are not followed)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder of DICOM files")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return (path for path in folder.rglob("*")
+            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))
 
 
 def header_row(item: tuple[str, str, str]) -> dict:

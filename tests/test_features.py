@@ -328,8 +328,6 @@ def test_the_extraction_command_repeats_the_test_time_augmentation_and_the_folde
         "train_cnn.py --dataset rsna --run r --extract-only --tta flip --features-dir f")
     assert extraction_command(flipped, "r", models_dir="m", tta="none") == (
         "train_cnn.py --dataset rsna --run r --extract-only --models-dir m")
-    assert extraction_command({**flipped, "data_dir": "/scans/prepared"}, "r", tta="none") == (
-        "train_cnn.py --dataset rsna --run r --extract-only --data-dir /scans/prepared")  # where the CNN's data is
 
 
 def test_a_selection_fits_a_model_only_when_fitted_on_the_same_sample_of_rows():

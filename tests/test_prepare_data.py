@@ -173,10 +173,11 @@ def test_a_dicom_folder_without_files_is_refused_when_parsed(tmp_path, capsys):
     import predict
 
     (tmp_path / "export" / "empty series").mkdir(parents=True)
+    (tmp_path / "export" / ".DS_Store").write_bytes(b"\0")  # a hidden file, which the index does not read
     for parse, flags in ((prepare_data.parse_args, []), (predict.parse_args, ["--run", "r"])):
         with pytest.raises(SystemExit):
             parse([*flags, "--dicom-dir", str(tmp_path / "export")])
-        assert f"argument --dicom-dir: {tmp_path / 'export'} holds no files" in capsys.readouterr().err
+        assert f"argument --dicom-dir: {tmp_path / 'export'} holds no files (hidden" in capsys.readouterr().err
 
 
 def test_zero_studies_of_a_split_is_not_the_preset():
