@@ -25,6 +25,7 @@ import predict
 import prepare_data
 import train_cnn
 import train_lstm
+from ihd.cli import run_command
 from ihd.flags import existing_folder, folder_of_files, non_negative_int, selection_spec
 from ihd.io import FolderTaken
 
@@ -151,4 +152,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, "rerun the same command: the stages already finished are skipped")

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ihd.cli import run_command
 from ihd.flags import folder_of_files, non_negative_int, selection_spec
 from ihd.gradcam import METHODS
 from ihd.index import build_index, drop_unreadable, read_index
@@ -367,4 +368,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, "rerun the same command: the features already extracted are kept")

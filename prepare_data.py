@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ihd import insertion, synthetic
+from ihd.cli import run_command
 from ihd.flags import dataset_name, existing_folder, folder_of_files, int_in
 from ihd.index import FOLD_BALANCES, MAX_FOLDS, build_index, drop_unreadable, pixel_readings
 from ihd.io import FolderTaken, read_json, run_header
@@ -240,4 +241,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, "rerun the same command to go on from what it finished")

@@ -32,6 +32,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from ihd.cli import run_command
 from ihd.cnn import KEEPS, MODEL_FILE
 from ihd.ensemble import read_ensemble
 from ihd.features import (
@@ -503,4 +504,4 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, "rerun the same command: the selections already trained are skipped")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ihd.cli import run_command
 from ihd.flags import held_out_share, non_negative_int, positive_float, positive_int, share
 from ihd.io import read_json, run_header, write_json
 from ihd.masks import BadInput, MaskSet, concatenate, nifti_label_set, png_mask_set, synthetic_set, write_bad_inputs
@@ -314,4 +315,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, "rerun the same command to train the U-Net again")

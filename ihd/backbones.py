@@ -108,6 +108,10 @@ def _tiny_features(x):
     return x
 
 
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights that could not be downloaded; the message says what to pass instead."""
+
+
 def application_on(backbone: str, windowed, weights: str | None) -> keras.Model:
     """The `keras.applications` model ``backbone`` without its top, built on the tensor ``windowed``."""
     constructor, _ = keras_application(backbone)
@@ -117,7 +121,7 @@ def application_on(backbone: str, windowed, weights: str | None) -> keras.Model:
         )
     except Exception as error:
         if weights == "imagenet" and "fetch failure" in str(error):
-            raise RuntimeError(
+            raise WeightsUnavailable(
                 f"could not download the ImageNet weights of {backbone} ({error}). Offline, pass "
                 "--weights none to train from scratch, or --weights PATH with a local weights file "
                 "(the no-top .h5 file keras.applications would download)."
@@ -156,7 +160,7 @@ def _download_resnext_wsl() -> keras.Model:
     try:
         return ResNeXtModel.from_weights(RESNEXT_WSL_HUB)
     except Exception as error:
-        raise RuntimeError(
+        raise WeightsUnavailable(
             f"could not download the WSL weights of {RESNEXT_WSL} from the Hugging Face hub ({RESNEXT_WSL_HUB}; "
             f"{_download_failure(error)}). Offline, pass --weights none to train from scratch, or --weights PATH "
             "with a weights file of this architecture saved by model.save_weights."

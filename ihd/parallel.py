@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from tqdm.auto import tqdm
@@ -43,9 +44,15 @@ def parallel_map(
             return
         chunksize = chunksize or max(1, min(64, len(items) // (workers * 8)))
         context = multiprocessing.get_context("forkserver")
-        with context.Pool(workers) as pool:
+        with context.Pool(workers, initializer=_leave_interrupts_to_the_parent) as pool:
             for result in pool.imap_unordered(fn, items, chunksize=chunksize):
                 yield result
                 bar.update()
     finally:
         bar.close()
+
+
+def _leave_interrupts_to_the_parent() -> None:
+    """A worker ignores Ctrl-C, which reaches every process of the terminal's group: the parent stops the pool,
+    and the interruption is reported once, not once per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
