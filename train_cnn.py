@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ihd.cli import run_command
 from ihd.cnn import (
     KEEPS,
     MODEL_FILE,
@@ -52,6 +53,7 @@ from ihd.ensemble import ALL_FOLDS, labeled_folds, member_runs, write_ensemble
 from ihd.flags import backbone_name, fold_spec, fraction, non_negative_int, positive_float, positive_int, recipe_spec
 from ihd.inputs import (
     channel_layout,
+    check_image_size,
     fold_rows,
     inference_dataset,
     label_array,
@@ -306,7 +308,6 @@ def main(argv: list[str] | None = None) -> Path:
         except ValueError as error:
             raise SystemExit(str(error)) from None
     store = SliceStore(data_dir / "slices")
-
     if targets is not None:
         run_dir = Path(settings.models_dir) / settings.run
         use_mixed_precision_on_gpu()
@@ -317,6 +318,11 @@ def main(argv: list[str] | None = None) -> Path:
                          settings.learning_rate, settings.epochs, settings.batch_size, settings.patience, settings.seed,
                          dataclasses.asdict(settings))
         return run_dir
+    try:  # the slice CNN trains on the store at --image-size (extraction takes the size the run was trained at)
+        if not settings.extract_only:
+            check_image_size(store, settings.image_size)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     if settings.fold != ALL_FOLDS:
         return train_and_extract(settings, index, index_path, store, strategy)
     members = member_runs(settings.run, folds)
@@ -331,4 +337,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, "rerun the same command to resume at the last finished epoch")

@@ -99,6 +99,15 @@ def oversampled(rows: np.ndarray, labels: np.ndarray, positive_copies: int) -> n
 READ_BATCH = 64  # rows whose slices one Python call reads and decodes
 
 
+def check_image_size(store: SliceStore, image_size: int) -> None:
+    """Refuse (ValueError) a model size larger than the store's slices, which would be upsampled."""
+    if image_size > store.size:
+        raise ValueError(
+            f"--image-size {image_size} is larger than the slice store's {store.size} ({store.root}): "
+            "lower --image-size, or delete that folder and store the slices again with prepare_data.py --size"
+        )
+
+
 @tf.function(jit_compile=True)
 def _sources_hu(image_rows: tf.Tensor) -> tf.Tensor:
     """One row's image rows (S, size, 2 size + 1) -> HU (size, size, S): one XLA computation, one pass over a slice."""
@@ -119,11 +128,7 @@ class StackReader:
     """
 
     def __init__(self, index: pd.DataFrame, store: SliceStore, recipe: ChannelRecipe, image_size: int):
-        if image_size > store.size:
-            raise ValueError(
-                f"--image-size {image_size} is larger than the slice store's {store.size} ({store.root}): "
-                "lower --image-size, or delete that folder and store the slices again with prepare_data.py --size"
-            )
+        check_image_size(store, image_size)
         self.store = store
         self.image_size = image_size
         self.selection = None if recipe.sources_are_channels else tf.one_hot(

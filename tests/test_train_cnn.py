@@ -200,6 +200,7 @@ def test_bad_flags_are_refused_when_parsed(flag, value, message, capsys):
     (["--study-labels", "derive", "--label-set", "exam"], "derive gives the subtypes label set; exam needs a"),
     (["--study-labels", "absent.csv"], "absent.csv: cannot be read as CSV"),
     (["--study-labels", "derive", "--recipe", "adjacent"], "recipe 'adjacent' reads neighbouring slices"),
+    (["--image-size", "4096"], r"--image-size 4096 is larger than the slice store's \d+ .*: lower --image-size"),
 ])
 def test_a_run_that_cannot_start_is_refused_by_message_before_it_writes_anything(prepared_synthetic, tmp_path, extra,
                                                                                   message):
