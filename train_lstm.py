@@ -452,8 +452,9 @@ def open_features(settings: Settings):
     run_dir = Path(settings.models_dir) / settings.run
     cnn_path = run_dir / MODEL_FILE
     if not cnn_path.exists():
+        models = "" if str(settings.models_dir) == "models" else f" --models-dir {settings.models_dir}"
         raise SystemExit(f"{cnn_path} not found: train the CNN of run {settings.run} first "
-                         f"(train_cnn.py --dataset DATASET --run {settings.run})")
+                         f"(train_cnn.py --dataset DATASET --run {settings.run}{models})")
     cnn_config = read_json(run_dir / "config.json")
     try:
         features = load_features(Path(settings.features_dir) / settings.run)

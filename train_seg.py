@@ -38,6 +38,7 @@ from ihd.cli import run_command
 from ihd.flags import held_out_share, non_negative_int, positive_float, positive_int, share
 from ihd.io import read_json, run_header, write_json
 from ihd.masks import BadInput, MaskSet, concatenate, nifti_label_set, png_mask_set, synthetic_set, write_bad_inputs
+from ihd.report import score_text
 
 
 @dataclass
@@ -120,13 +121,14 @@ def _png_masks(folder: str, non_ct_as_hu: bool, size: int, bad: list[BadInput], 
 def training_sources(settings: Settings, bad: list[BadInput]) -> dict[str, MaskSet]:
     """Every training source the flags name, at the model's size, by the folder it came from; exits naming
     a folder that holds no masks, or, when no slice could be read, why."""
-    sources = {}
-    for folder, load in source_loaders(settings).items():
+    sources, loaders = {}, source_loaders(settings)
+    for folder, load in loaders.items():
         try:
             sources[folder] = load(settings.image_size, bad)
         except FileNotFoundError as error:
-            alone = "; --synthetic '' trains on the other sources alone" if folder in folders(settings.synthetic) else ""
-            raise SystemExit(f"{error}{alone}") from None
+            synthetic_among_others = folder in folders(settings.synthetic) and len(loaders) > 1
+            hint = f"; leave {folder} out of --synthetic to train on the others" if synthetic_among_others else ""
+            raise SystemExit(f"{error}{hint}") from None
     if not sources:
         raise SystemExit("no training masks: give --synthetic, --png-masks or --nifti-dir")
     if not any(len(masks) for masks in sources.values()):
@@ -160,9 +162,11 @@ def format_scores(scores: dict) -> str:
     """One line per channel: pooled and mean Dice, volume errors."""
     lines = []
     for name, s in scores.items():
-        line = f"  {name:17s} dice pooled {s['dice_pooled']:.3f}  mean {s['dice_mean']:.3f} ({s['cases_with_dice']} cases)"
+        line = (f"  {name:17s} dice pooled {score_text(s['dice_pooled'])}  mean {score_text(s['dice_mean'])} "
+                f"({s['cases_with_dice']} cases)")
         if s["volume_cases"]:
-            line += f"  volume MAE {s['volume_mae_ml']:.2f} mL, bias {s['volume_bias_ml']:+.2f} mL ({s['volume_cases']} cases)"
+            line += (f"  volume MAE {s['volume_mae_ml']:.2f} mL, bias {s['volume_bias_ml']:+.2f} mL "
+                     f"({s['volume_cases']} cases)")
         lines.append(line)
     return "\n".join(lines)
 
@@ -293,7 +297,7 @@ def main(argv: list[str] | None = None) -> Path:
         scores["mask_rule"] = run_rule.as_json()
         scores["mask_rule_val_dice_any"] = None if math.isnan(run_dice) else run_dice
         print(f"mask rule on the slices' grid ({settings.rule_size}x{settings.rule_size}): {run_rule.describe()}, "
-              f"validation Dice of `any` {run_dice:.3f} (bench/segment.py scores it on held-out slices)")
+              f"validation Dice of `any` {score_text(run_dice)} (bench/segment.py scores it on held-out slices)")
     print(f"scores on the model's grid ({settings.image_size}x{settings.image_size}) under the epoch's rule: "
           f"{rule.describe()}")
     for folder, held_out in validation_by_source.items():

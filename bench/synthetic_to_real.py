@@ -27,7 +27,7 @@ import demo  # noqa: E402
 import predict  # noqa: E402
 from bench.machine import device_description  # noqa: E402
 from ihd.io import read_json, write_json  # noqa: E402
-from ihd.report import auc_text, interval_notes, span_text  # noqa: E402
+from ihd.report import score_text, interval_notes, span_text  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real"
 
@@ -68,14 +68,15 @@ def table(results: dict) -> str:
         lstm = models["cnn+lstm"]
         intervals = result["real"]["intervals"]
         bounds = intervals["models"]["cnn+lstm"] if intervals else {"loss_minus_prior": None, "slice_auc_any": None}
-        subtypes = " / ".join(auc_text(lstm["slice_auc"][s]) for s in ("intraparenchymal", "intraventricular",
+        subtypes = " / ".join(score_text(lstm["slice_auc"][s]) for s in ("intraparenchymal", "intraventricular",
                                                                         "subarachnoid"))
         difference = lstm["weighted_log_loss"] - models["prior"]["weighted_log_loss"]
         lines.append(f"| {mode} | {result['selection']} | {result['synthetic_test']['cnn+lstm']:.4f} | "
                      f"{models['prior']['weighted_log_loss']:.4f} | {lstm['weighted_log_loss']:.4f} | "
                      f"{difference:+.4f} ({span_text(bounds['loss_minus_prior'], 4)}) | "
-                     f"{models['cnn']['weighted_log_loss']:.4f} | {auc_text(lstm['slice_auc']['any'])} "
-                     f"({span_text(bounds['slice_auc_any'], 3)}) | {auc_text(lstm['study_auc']['any'])} | {subtypes} |")
+                     f"{models['cnn']['weighted_log_loss']:.4f} | {score_text(lstm['slice_auc']['any'])} "
+                     f"({span_text(bounds['slice_auc_any'], 3)}) | {score_text(lstm['study_auc']['any'])} | "
+                     f"{subtypes} |")
     intervals = next(iter(results.values()))["real"]["intervals"]
     if intervals:
         lines += ["", "; ".join([f"Intervals: {intervals['level']:.0%}, {intervals['resamples']:,} resamples of the "

@@ -34,7 +34,7 @@ from ihd.labels import SUBTYPES
 from ihd.losses import loss_function
 from ihd.metrics import summary
 from ihd.progress import epoch_progress
-from ihd.report import auc_text
+from ihd.report import score_text
 from ihd.windows import ChannelRecipe, parse_recipe
 
 MODEL_FILE = "cnn.keras"
@@ -273,7 +273,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         saved = improved and is_chief(self.model.distribute_strategy)  # other machines write a scratch copy
         print(
             f"epoch {epoch + 1}: loss {logs.get('loss', math.nan):.4f} val_weighted_log_loss {loss:.4f} "
-            f"val_auc_any {auc_text(logs.get('val_auc_any', math.nan))}{self._saved_note(saved)}",
+            f"val_auc_any {score_text(logs.get('val_auc_any', math.nan))}{self._saved_note(saved)}",
             flush=True,
         )
 

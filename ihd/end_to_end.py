@@ -20,7 +20,7 @@ import pandas as pd
 
 from ihd.io import write_json
 from ihd.labels import read_long_labels
-from ihd.report import auc_text, truth_path
+from ihd.report import score_text, truth_path
 from ihd.slices import SliceStore
 from ihd.study_labels import LabelSet
 from ihd.study_inference import held_out_study_truth
@@ -105,7 +105,7 @@ def train_end_to_end(index: pd.DataFrame, store: SliceStore, dataset_dir: Path, 
     write_json(Path(run_dir) / RECORD_FILE, record)
     positive = record["validation"].get(chosen.positive, {})
     print(f"end to end: best epoch {best.best_epoch}, validation {chosen.positive} AUC "
-          f"{auc_text(positive.get('auc'), 4)} over {len(val)} exams "
+          f"{score_text(positive.get('auc'), 4)} over {len(val)} series "
           f"({int(val.labels[:, chosen.positive_column].sum())} with a bleed); "
           f"record {Path(run_dir) / RECORD_FILE}")
     return record

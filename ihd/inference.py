@@ -165,7 +165,8 @@ def load_chain(run: str, selection: str | None = None, models_dir="models", feat
     features_config = read_json(features_config_path) if features_config_path.exists() else {}
     extract, train = _commands(run, selection, cnn_config, models_dir, features_dir, features_config.get("tta"))
     if features_config.get("cnn_sha256") != cnn_sha256:
-        found = ("not found (give --features-dir the folder that holds it if it is elsewhere)" if not features_config else
+        elsewhere = "not found (give --features-dir the folder that holds it if it is elsewhere)"
+        found = (elsewhere if not features_config else
                  f"was extracted from another {run_dir / MODEL_FILE} "
                  f"({what_changed({'cnn_sha256': features_config.get('cnn_sha256')}, {'cnn_sha256': cnn_sha256})})")
         raise ChainError(f"{features_config_path} {found}: run {extract}, then {train}")

@@ -141,8 +141,9 @@ def folder_scores(probabilities: pd.DataFrame, truth: pd.DataFrame, prior: np.nd
     return report
 
 
-def auc_text(value: float | None, digits: int = 3) -> str:
-    """An AUC to ``digits`` decimals, or n/a where there is none (None or NaN: one class only)."""
+def score_text(value: float | None, digits: int = 3) -> str:
+    """A score (an AUC, a Dice) to ``digits`` decimals, or n/a where it is undefined (None or NaN: an AUC of
+    one class only, a Dice with no blood in the truth nor in the prediction)."""
     return "n/a" if value is None or np.isnan(value) else f"{value:.{digits}f}"
 
 
@@ -156,8 +157,8 @@ def format_folder_scores(report: dict) -> str:
     header = ["model", "weighted log loss", *[f"AUC {s}" for s in SUBTYPES], "study AUC any"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name, scores in report["models"].items():
-        cells = [name, f"{scores['weighted_log_loss']:.4f}", *[auc_text(scores["slice_auc"][s]) for s in SUBTYPES],
-                 auc_text(scores["study_auc"]["any"])]
+        cells = [name, f"{scores['weighted_log_loss']:.4f}", *[score_text(scores["slice_auc"][s]) for s in SUBTYPES],
+                 score_text(scores["study_auc"]["any"])]
         lines.append("| " + " | ".join(cells) + " |")
     counts = (f"{report['images_scored']} labeled images; {report['studies_scored']} studies labeled throughout "
               f"({report['positive_images']['any']} images and {report['studies_with_bleed']} studies with a bleed)")

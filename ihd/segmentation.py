@@ -331,9 +331,9 @@ class ValidationDice(keras.callbacks.Callback):
         self.best_dice = -math.inf
         self.skull = skull_hulls(validation.hu)  # once: the slices do not change
         if not (validation.masks[..., ANY] == 1).any():
-            print(f"warning: the {len(validation.hu)} validation slices hold no blood: their Dice is undefined (n/a) "
-                  "where the U-Net finds none and 0 where it finds any, so it cannot tell epochs apart; hold out "
-                  "cases with bleeds", flush=True)
+            print(f"warning: the {len(validation.hu)} validation slices hold no blood: an epoch is kept for finding "
+                  "none there (Dice undefined, n/a) over one that finds any (Dice 0), and nothing else tells epochs "
+                  "apart; hold out cases with bleeds", flush=True)
 
     def on_epoch_end(self, epoch, logs=None):
         """Score validation under its best mask rule, log it, keep the model when it is the best so far."""
@@ -353,8 +353,8 @@ class ValidationDice(keras.callbacks.Callback):
                            "val_blood_hu_low": rule.blood_hu[0] if rule.blood_hu else math.nan,
                            "val_blood_hu_high": rule.blood_hu[1] if rule.blood_hu else math.nan})
         dice_any = scores["any"]["dice_pooled"]
-        undefined = math.isnan(dice_any)  # no blood in the truth nor in the prediction
-        rank = -1.0 if undefined else dice_any  # below every Dice, above none yet
+        undefined = math.isnan(dice_any)  # no blood in the truth nor in the prediction: the right answer
+        rank = 1.0 if undefined else dice_any  # so it ranks with a perfect Dice
         improved = rank > self.best_dice
         if improved:
             self.best_dice = rank

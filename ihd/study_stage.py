@@ -29,7 +29,7 @@ from ihd.index import assign_folds
 from ihd.inference import ChainError, finished_lstm
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import ANY
-from ihd.report import auc_text
+from ihd.report import score_text
 from ihd.sequence import load_lstm, predict_series, series_set, standardizing_moments
 from ihd.series_inputs import transform_sha256
 from ihd.study_labels import LABEL_SETS, STUDY_ID, LabelSet, StudyLabelError, derive_study_labels, read_study_labels
@@ -169,7 +169,8 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, f
     start = options.init if options.model == "attention" else f"{frames} frames"
     print(f"study {options.model} ({chosen.name}, {start}): {len(train)} training and {len(val)} validation "
           f"series with study labels (fold {fold}); {batch} series per batch"
-          f"{f' (--min-steps {min_steps} a training epoch)' if batch < batch_size else ''}", flush=True)
+          f"{f' (--min-steps {min_steps} a training epoch)' if batch < min(batch_size, len(train)) else ''}",
+          flush=True)
     model_path, record_path = study_paths(models_dir, run, options, selection)
     keras.utils.set_random_seed(seed)
     pretrained = options.model == "attention" and options.init == "pretrained"
@@ -234,7 +235,7 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, f
                       "on a fold whose exams hold both")
     positive = record["validation"].get(chosen.positive, {})
     print(f"study {options.model}: best epoch {best.best_epoch}, validation {chosen.positive} AUC "
-          f"{auc_text(positive.get('auc'), 4)} over {len(val)} exams ({int(bleed.sum())} with a bleed); "
+          f"{score_text(positive.get('auc'), 4)} over {len(val)} series ({int(bleed.sum())} with a bleed); "
           f"record {record_path}")
     return record
 

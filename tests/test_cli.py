@@ -15,7 +15,8 @@ def test_an_interrupted_command_says_its_files_are_whole_and_what_a_rerun_does(c
     with pytest.raises(SystemExit) as stop:
         run_command(interrupted, "rerun the same command to resume")
     assert stop.value.code == INTERRUPTED == 130
-    assert "interrupted: every file written so far is whole; rerun the same command to resume" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "interrupted: every file written so far is whole; rerun the same command to resume" in said
 
 
 def test_weights_that_cannot_be_downloaded_end_the_command_with_their_message():

@@ -217,9 +217,9 @@ def test_bad_flags_are_refused_when_parsed(flags, message, capsys):
 
 
 def test_a_run_without_a_cnn_names_the_training_commands(tmp_path):
-    with pytest.raises(SystemExit, match=r"cnn.keras not found \(give --models-dir the folder that holds nothing/ if it "
-                                         r"is elsewhere\): train the CNN first \(train_cnn.py --dataset DATASET --run "
-                                         r"nothing --models-dir .*models\), then its LSTMs \(train_lstm.py --run "
+    with pytest.raises(SystemExit, match=r"cnn.keras not found \(give --models-dir the folder that holds nothing/ if "
+                                         r"it is elsewhere\): train the CNN first \(train_cnn.py --dataset DATASET "
+                                         r"--run nothing --models-dir .*models\), then its LSTMs \(train_lstm.py --run "
                                          r"nothing --models-dir .*models --features-dir .*features\)"):
         predict.main(["--run", "nothing", "--models-dir", str(tmp_path / "models"),
                       "--features-dir", str(tmp_path / "features")])

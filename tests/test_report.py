@@ -143,7 +143,7 @@ def test_the_warning_names_whichever_side_has_too_few_studies():
 
 
 def test_an_auc_of_one_class_reads_n_a_not_nan():
-    from ihd.report import auc_text
+    from ihd.report import score_text
 
-    assert [auc_text(None), auc_text(float("nan")), auc_text(0.81234), auc_text(0.81234, 4)] == [
+    assert [score_text(None), score_text(float("nan")), score_text(0.81234), score_text(0.81234, 4)] == [
         "n/a", "n/a", "0.812", "0.8123"]

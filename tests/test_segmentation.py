@@ -145,20 +145,30 @@ def test_a_tiny_unet_learns_to_outline_bleeds():
     assert predict_probabilities(model, squares.hu[:3]).shape == (3, 32, 32, len(SUBTYPES))
 
 
-def test_validation_without_blood_is_said_and_its_undefined_dice_is_not_printed_as_a_number(tmp_path, capsys):
+def test_validation_without_blood_is_said_and_an_epoch_that_finds_none_is_kept_with_dice_n_a(tmp_path, capsys):
     from ihd.segmentation import ValidationDice
 
     squares = _squares(n=4)
     bleed_free = dataclasses.replace(squares, masks=np.zeros_like(squares.masks))
     model = build_unet("plain", 32, base_filters=8)
     last = model.layers[-1]
-    last.set_weights([np.zeros_like(w) for w in last.get_weights()[:-1]] + [np.full_like(last.get_weights()[-1], -30.0)])
+
+    def finding(bias):  # every pixel's logit: -30 finds no blood, +30 finds blood everywhere
+        *kernels, last_bias = last.get_weights()
+        last.set_weights([np.zeros_like(w) for w in kernels] + [np.full_like(last_bias, bias)])
+
     callback = ValidationDice(bleed_free, tmp_path)
     assert "the 4 validation slices hold no blood" in capsys.readouterr().out
     callback.set_model(model)
+    finding(-30.0)
     callback.on_epoch_end(0, {"loss": 0.5})
     assert "val_dice_any n/a" in capsys.readouterr().out
     assert json.loads((tmp_path / "best.json").read_text())["val_dice_any"] is None
+    finding(30.0)
+    callback.on_epoch_end(1, {"loss": 0.4})
+    printed = capsys.readouterr().out
+    assert "val_dice_any 0.000" in printed and "best, saved" not in printed  # false blood does not beat none
+    assert json.loads((tmp_path / "best.json").read_text())["epoch"] == 1
     ValidationDice(squares, tmp_path)
     assert "hold no blood" not in capsys.readouterr().out
 
@@ -228,8 +238,12 @@ def test_training_sources_that_give_no_masks_are_refused_saying_why(real_data, t
     import train_seg
 
     flags = ["--image-size", "32", "--epochs", "1", "--models-dir", str(tmp_path)]
-    with pytest.raises(SystemExit, match=r"absent/truth/masks: no mask files .*; --synthetic '' trains on the other"):
+    with pytest.raises(SystemExit, match=r"absent/truth/masks: no mask files .*; leave .*absent out of --synthetic to "
+                                         r"train on the others"):
         train_seg.main(["--synthetic", str(tmp_path / "absent"), "--png-masks", str(real_data / "ctich_masks"), *flags])
+    with pytest.raises(SystemExit) as alone:
+        train_seg.main(["--synthetic", str(tmp_path / "absent"), *flags])
+    assert "no mask files" in str(alone.value) and "leave" not in str(alone.value)  # no other source to train on
     with pytest.raises(SystemExit, match=r"no training masks could be read from .*ctich_masks: 9 inputs skipped; 9 as "
                                          r"modality OT, not CT: .*\(--read-non-ct-as-hu reads them as HU\)"):
         train_seg.main(["--synthetic", "", "--png-masks", str(real_data / "ctich_masks"), *flags])
