@@ -56,7 +56,7 @@ from ihd.labels import SUBTYPES
 from ihd.losses import LOSSES
 from ihd.metrics import summary
 from ihd.presets import apply_preset, stage_values
-from ihd.report import format_intervals
+from ihd.report import format_intervals, score_text
 from ihd.sequence import (
     HEADS,
     INPUT_DTYPE,
@@ -298,6 +298,7 @@ def train_ensemble(settings: Settings, members: list[str]) -> pd.DataFrame:
         cnn_parts.append((features, val_rows, features.probabilities[val_rows]))
     rows = {CNN_ROW: pooled_summary(cnn_parts)}
     out_of_fold = {CNN_ROW: cnn_parts}
+    lstm_records = {}  # a member's record of each scored row: the settings its members share
     for selection in trained_in_every_member(member_settings, member_features):
         records = [read_json(lstm_paths(member.models_dir, member.run, selection)[1]) for member in member_settings]
         asked = selection_inputs(member_features[0], selection, settings.seed, sample_rows=settings.selection_sample_rows)
@@ -324,12 +325,14 @@ def train_ensemble(settings: Settings, members: list[str]) -> pd.DataFrame:
         write_json(lstm_paths(settings.models_dir, settings.run, selection)[1], record)
         rows[f"cnn+lstm {selection}"] = record["validation"]
         out_of_fold[f"cnn+lstm {selection}"] = parts
+        lstm_records[f"cnn+lstm {selection}"] = records[0]
     table = summary_table(rows)
     intervals = out_of_fold_intervals(out_of_fold, table)
-    write_ablation(table, out_dir, intervals)
+    note = settings_note(lstm_records)
+    write_ablation(table, out_dir, intervals, note)
     print("out of fold, every labeled series scored by the member that did not train on it:")
     print(table.to_string(float_format="%.4f"))
-    print("\n".join(format_intervals(intervals)))
+    print("\n".join(([note] if note else []) + format_intervals(intervals)))
     print(f"ablation: {out_dir / 'ablation.md'}, {out_dir / 'ablation.png'}")
     return table
 
@@ -355,12 +358,14 @@ def out_of_fold_intervals(out_of_fold: dict[str, list[tuple]], table: pd.DataFra
                            np.concatenate(studies), baselines)
 
 
-def ablation_table(settings: Settings, features) -> pd.DataFrame:
+def ablation_table(settings: Settings, features) -> tuple[pd.DataFrame, str]:
     """Validation weighted log loss and per-subtype AUC: the CNN alone, then every LSTM trained on these
-    features (records of other features, extracted before, are left out and named)."""
+    features (records of other features, extracted before, are left out and named); and the note that
+    names the rows trained with other LSTM settings than the others (`settings_note`)."""
     _, val_rows = fold_rows(features.index, int(features.config["fold"]))
     labels = label_array(features.index)[val_rows]
     rows = {CNN_ROW: summary(labels, features.probabilities[val_rows])}
+    lstm_records = {}
     for record_path in sorted((Path(settings.models_dir) / settings.run).glob("lstm-*.json")):
         record = read_json(record_path)
         if record.get("inputs", {}).get("features") != features.fingerprint:
@@ -368,7 +373,20 @@ def ablation_table(settings: Settings, features) -> pd.DataFrame:
                   f"--selection {record['selection']}")
             continue
         rows[f"cnn+lstm {record['selection']}"] = record["validation"]
-    return summary_table(rows)
+        lstm_records[f"cnn+lstm {record['selection']}"] = record
+    return summary_table(rows), settings_note(lstm_records)
+
+
+def settings_note(records: dict[str, dict]) -> str:
+    """A line naming the ablation rows whose LSTMs were trained with other settings (`LSTM_DEFINED_BY`) than
+    the first row's, and what differs: rows trained unlike each other do not compare their selections alone.
+    ``records``: each LSTM row's record, in table order. Empty when every row was trained alike."""
+    made = {name: {key: record.get("inputs", {}).get(key) for key in LSTM_DEFINED_BY} for name, record in records.items()}
+    if not made:
+        return ""
+    (first, settings), *others = made.items()
+    changes = [f"{name} ({what_changed(settings, other)})" for name, other in others if other != settings]
+    return f"trained with other LSTM settings than {first}: {'; '.join(changes)}" if changes else ""
 
 
 def summary_table(rows: dict[str, dict]) -> pd.DataFrame:
@@ -413,15 +431,15 @@ def trained_in_every_member(member_settings: list[Settings], member_features: li
     return sorted(trained or ())
 
 
-def write_ablation(table: pd.DataFrame, out_dir: Path, intervals: dict | None = None) -> None:
-    """The table as CSV and Markdown (with the intervals, if given, beneath), and a bar chart of both measures, in
-    `out_dir/ablation.*`."""
+def write_ablation(table: pd.DataFrame, out_dir: Path, intervals: dict | None = None, note: str = "") -> None:
+    """The table as CSV and Markdown (with ``note`` and the intervals, if given, beneath), and a bar chart of both
+    measures, in `out_dir/ablation.*`."""
     with atomic_path(out_dir / "ablation.csv") as tmp:
         table.to_csv(tmp, float_format="%.5f")
     header = "| model | " + " | ".join(table.columns) + " |"
     lines = [header, "|---" * (len(table.columns) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{v:.4f}" for v in row) + " |" for name, row in table.iterrows()]
-    lines += format_intervals(intervals)
+    lines += [f"| {name} | " + " | ".join(score_text(v, 4) for v in row) + " |" for name, row in table.iterrows()]
+    lines += (["", note] if note else []) + format_intervals(intervals)
     with atomic_path(out_dir / "ablation.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
@@ -497,9 +515,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if not settings.ablation_only:
         for selection in settings.selections:
             train_selection(settings, features, selection)
-    table = ablation_table(settings, features)
-    write_ablation(table, out_dir)
+    table, note = ablation_table(settings, features)
+    write_ablation(table, out_dir, note=note)
     print(table.to_string(float_format="%.4f"))
+    if note:
+        print(note)
     print(f"ablation: {out_dir / 'ablation.md'}, {out_dir / 'ablation.png'}")
     return table
 

@@ -1,4 +1,5 @@
 """train_lstm.py on features cached from an untrained tiny CNN: which rows it learns from, reruns, seeds."""
+import re
 import shutil
 
 import keras
@@ -98,6 +99,18 @@ def test_a_rerun_skips_what_is_trained_and_retrains_what_changed(workspace, trai
     train_lstm.main(_flags(workspace, "models", "--units", "5"))
     assert "was trained on other inputs (units: 4 -> 5): training again" in capsys.readouterr().out
     assert read_json(model_path.with_suffix(".json"))["inputs"]["units"] == 5
+
+
+def test_the_ablation_names_the_rows_trained_with_other_lstm_settings(workspace, trained, capsys):
+    shutil.copytree(workspace / "models" / RUN, workspace / "mixed" / RUN)
+    capsys.readouterr()
+    flags = [arg if arg != "pca:4" else "random:4" for arg in _flags(workspace, "mixed")]
+    train_lstm.main([*flags, "--epochs", "1"])  # pca:4 was trained for 2
+    note = r"trained with other LSTM settings than cnn\+lstm pca:4: cnn\+lstm random:4 \(.*epochs: 2 -> 1"
+    assert re.search(note, capsys.readouterr().out)
+    assert re.search(note, (workspace / "mixed" / RUN / "ablation.md").read_text())
+    alike = {"inputs": {"layers": 1, "units": 4, "epochs": 2, "selection": "pca:4"}}
+    assert train_lstm.settings_note({"a": alike, "b": {"inputs": {**alike["inputs"], "selection": "all"}}}) == ""
 
 
 def test_features_of_another_cnn_are_refused_with_the_command_that_extracts_them(workspace, trained):
