@@ -381,7 +381,8 @@ def settings_note(records: dict[str, dict]) -> str:
     """A line naming the ablation rows whose LSTMs were trained with other settings (`LSTM_DEFINED_BY`) than
     the first row's, and what differs: rows trained unlike each other do not compare their selections alone.
     ``records``: each LSTM row's record, in table order. Empty when every row was trained alike."""
-    made = {name: {key: record.get("inputs", {}).get(key) for key in LSTM_DEFINED_BY} for name, record in records.items()}
+    made = {name: {key: record.get("inputs", {}).get(key) for key in LSTM_DEFINED_BY}
+            for name, record in records.items()}
     if not made:
         return ""
     (first, settings), *others = made.items()

@@ -378,8 +378,8 @@ def estimate(found: dict, settings: Settings) -> tuple[list[Line], dict]:
         Line("unpack", f"{dicom_gb:.0f} GB of DICOM", f"{dicom_gb:.0f} GB / {unzip_mb_s:.0f} MB/s "
              "(zipfile on one core, measured here)", *on_both(dicom_gb * 1e3 / unzip_mb_s)),
         Line("prepare", f"{ALL_SLICES:,} slices", f"max(CPU {ALL_SLICES:,} x {PREPARE_MS_PER_SLICE} ms / "
-             f"{settings.cores} cores = {prepare_cpu_s / 60:.0f} min, disk {dicom_gb:.0f} GB / "
-             f"{settings.disk_mb_s:.0f} MB/s = {prepare_disk_s / 60:.0f} min)",
+             f"{settings.cores} cores = {prepare_cpu_s / 60:.1f} min, disk {dicom_gb:.0f} GB / "
+             f"{settings.disk_mb_s:.0f} MB/s = {prepare_disk_s / 60:.1f} min)",
              *on_both(max(prepare_cpu_s, prepare_disk_s))),
         Line("CNN training", f"{cnn['epochs']} x {train_slices:,.0f} slices",
              f"{trained:,.0f} / ({rates['a100_train']:.0f} or {rates['h100_train']:.0f} slices/s)",
