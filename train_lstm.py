@@ -63,6 +63,7 @@ from ihd.sequence import (
     STANDARDIZATIONS,
     build_lstm,
     compile_lstm,
+    epoch_batch,
     fit_lstm,
     standardizing_moments,
     load_lstm,
@@ -230,9 +231,9 @@ def train_selection(settings: Settings, features, selection: str) -> dict:
     train_rows, val_rows = fold_rows(features.index, fold)
     train = series_set(inputs_per_slice, features.index, np.isin(np.arange(len(inputs_per_slice)), train_rows), labels)
     val = series_set(inputs_per_slice, features.index, np.isin(np.arange(len(inputs_per_slice)), val_rows), labels)
-    batch_size = max(1, min(settings.batch_size, len(train.lengths) // settings.min_steps))
+    batch_size, batch_words = epoch_batch(settings.batch_size, len(train.lengths), settings.min_steps)
     print(f"{selection}: {inputs_per_slice.shape[1]} inputs per slice; {len(train.lengths)} training and "
-          f"{len(val.lengths)} validation series (fold {fold}); {batch_size} series per batch", flush=True)
+          f"{len(val.lengths)} validation series (fold {fold}); {batch_words}", flush=True)
 
     keras.utils.set_random_seed(settings.seed)  # before the weights are drawn: the same command, the same model
     model = build_lstm(inputs_per_slice.shape[1], settings.layers, settings.units, settings.dropout,

@@ -95,6 +95,14 @@ def series_set(inputs: np.ndarray, index: pd.DataFrame, rows: np.ndarray, labels
     return SeriesSet(inputs, starts[keep], lengths[keep], labels)
 
 
+def epoch_batch(batch_size: int, series: int, min_steps: int) -> tuple[int, str]:
+    """The batch an epoch of ``series`` trains with, and the log's words for it: ``batch_size`` series, fewer
+    where the epoch would otherwise take fewer than ``min_steps`` steps (at least one)."""
+    batch = max(1, min(batch_size, series // min_steps))
+    why = f" (--min-steps {min_steps} a training epoch)" if batch < min(batch_size, series) else ""
+    return batch, f"{batch} series per batch{why}"
+
+
 def plan_batches(lengths: np.ndarray, batch_size: int, shuffle: bool = False, seed: int = 0) -> list[np.ndarray]:
     """Series numbers grouped into batches of similar length; every series lands in exactly one batch.
 

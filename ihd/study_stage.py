@@ -30,7 +30,7 @@ from ihd.inference import ChainError, finished_lstm
 from ihd.io import atomic_path, read_json, write_json
 from ihd.labels import ANY
 from ihd.report import score_text
-from ihd.sequence import load_lstm, predict_series, series_set, standardizing_moments
+from ihd.sequence import epoch_batch, load_lstm, predict_series, series_set, standardizing_moments
 from ihd.series_inputs import transform_sha256
 from ihd.study_labels import LABEL_SETS, STUDY_ID, LabelSet, StudyLabelError, derive_study_labels, read_study_labels
 from ihd.study_metrics import (
@@ -165,12 +165,10 @@ def train_study(options: StudyOptions, features: Features, inputs: np.ndarray, f
     frames = options.frames if options.model == "volume" else None
     train = study_series(inputs, index, (folds >= 0) & (folds != fold), labels, frames)
     val = study_series(inputs, index, folds == fold, labels, frames)
-    batch = max(1, min(batch_size, len(train) // min_steps))
+    batch, batch_words = epoch_batch(batch_size, len(train), min_steps)
     start = options.init if options.model == "attention" else f"{frames} frames"
     print(f"study {options.model} ({chosen.name}, {start}): {len(train)} training and {len(val)} validation "
-          f"series with study labels (fold {fold}); {batch} series per batch"
-          f"{f' (--min-steps {min_steps} a training epoch)' if batch < min(batch_size, len(train)) else ''}",
-          flush=True)
+          f"series with study labels (fold {fold}); {batch_words}", flush=True)
     model_path, record_path = study_paths(models_dir, run, options, selection)
     keras.utils.set_random_seed(seed)
     pretrained = options.model == "attention" and options.init == "pretrained"

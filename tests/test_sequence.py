@@ -234,3 +234,12 @@ def test_shared_standardisation_keeps_the_features_relative_scales():
     assert standardizing_moments(data, "none") is None
     with pytest.raises(ValueError, match="unknown standardisation 'whiten'"):
         standardizing_moments(data, "whiten")
+
+
+def test_an_epoch_batch_shrinks_only_where_min_steps_asks_and_says_so():
+    from ihd.sequence import epoch_batch
+
+    assert epoch_batch(128, 12, 8) == (1, "1 series per batch (--min-steps 8 a training epoch)")
+    assert epoch_batch(128, 5000, 8) == (128, "128 series per batch")
+    assert epoch_batch(128, 12, 1) == (12, "12 series per batch")  # fewer series than a batch: all in one
+    assert epoch_batch(4, 3, 8) == (1, "1 series per batch (--min-steps 8 a training epoch)")
