@@ -209,6 +209,9 @@ def extract_features(
     dim = int(extractor.outputs[0].shape[-1])
     config = features_config(cnn_config, cnn_sha256, Path(index_path), store, out_dir, index["image_id"], dim, tta)
     start, chunks = _resume_point(out_dir, config)
+    if start == len(index) and (out_dir / KERNEL_FILE).is_file():  # every row there and checked: nothing to do
+        print(f"features: {out_dir} holds all {len(index)} slices already", flush=True)
+        return out_dir
     progress = {"rows_done": start, "chunks": chunks}
     if start == 0:
         write_json(out_dir / PROGRESS_FILE, {"rows_done": 0})

@@ -163,6 +163,9 @@ def test_extraction_resumes_after_a_kill(cnn_run, extracted, tmp_path, monkeypat
     resumed, reference = load_features(tmp_path), load_features(extracted)
     np.testing.assert_array_equal(resumed.embeddings, reference.embeddings)
     np.testing.assert_array_equal(resumed.probabilities, reference.probabilities)
+    written = {path.name: path.stat().st_mtime_ns for path in tmp_path.iterdir()}
+    extract_features(model, config, CNN_SHA, index, index_path, store, tmp_path, batch_size=16, chunk_rows=32)
+    assert starts == [32] and {path.name: path.stat().st_mtime_ns for path in tmp_path.iterdir()} == written
 
 
 def test_selected_features_fit_on_the_run_fold_and_are_saved(cnn_run, extracted):
