@@ -152,4 +152,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_command(main, "rerun the same command: the stages already finished are skipped")
+    run_command(main, "rerun the same command: its stages go on from what they finished")

@@ -368,4 +368,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_command(main, "rerun the same command: the features already extracted are kept")
+    run_command(main, "rerun the same command (features already extracted into the run's cache are kept)")

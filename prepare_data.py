@@ -241,4 +241,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_command(main, "rerun the same command to go on from what it finished")
+    run_command(main, "rerun the same command: it checks what was written and goes on from there")

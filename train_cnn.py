@@ -337,4 +337,5 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_command(main, "rerun the same command to resume at the last finished epoch")
+    run_command(main, "rerun the same command to resume the slice CNN at its last finished epoch "
+                      "(an end-to-end run, --study-labels, starts again)")

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -379,16 +381,24 @@ def ablation_table(settings: Settings, features) -> tuple[pd.DataFrame, str]:
 
 
 def settings_note(records: dict[str, dict]) -> str:
-    """A line naming the ablation rows whose LSTMs were trained with other settings (`LSTM_DEFINED_BY`) than
-    the first row's, and what differs: rows trained unlike each other do not compare their selections alone.
-    ``records``: each LSTM row's record, in table order. Empty when every row was trained alike."""
-    made = {name: {key: record.get("inputs", {}).get(key) for key in LSTM_DEFINED_BY}
-            for name, record in records.items()}
-    if not made:
+    """A line naming the ablation rows whose LSTMs were trained otherwise than most rows, and what differs:
+    rows trained unlike each other do not compare their selections alone. Compared: the settings that
+    shape an LSTM (`LSTM_DEFINED_BY`) with the batch an epoch used in place of the one asked for, the
+    inputs' precision and a selection's sample of rows. ``records``: each LSTM row's record, in table order.
+    Empty when every row was trained alike."""
+    def made(record: dict) -> dict:
+        inputs = record.get("inputs", {})
+        shaped = {key: inputs.get(key) for key in LSTM_DEFINED_BY if key not in ("batch_size", "min_steps")}
+        return {**shaped, "batch_size": record.get("batch_size"), "input_dtype": inputs.get("input_dtype"),
+                "sample_rows": inputs.get("sample_rows")}
+
+    settings = {name: made(record) for name, record in records.items()}
+    if not settings:
         return ""
-    (first, settings), *others = made.items()
-    changes = [f"{name} ({what_changed(settings, other)})" for name, other in others if other != settings]
-    return f"trained with other LSTM settings than {first}: {'; '.join(changes)}" if changes else ""
+    common = json.loads(Counter(json.dumps(s, sort_keys=True) for s in settings.values()).most_common(1)[0][0])
+    alike = [name for name, s in settings.items() if s == common]
+    changes = [f"{name} ({what_changed(common, s)})" for name, s in settings.items() if s != common]
+    return f"trained with other LSTM settings than {', '.join(alike)}: {'; '.join(changes)}" if changes else ""
 
 
 def summary_table(rows: dict[str, dict]) -> pd.DataFrame:
@@ -527,4 +537,5 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    run_command(main, "rerun the same command: the selections already trained are skipped")
+    run_command(main, "rerun the same command: per-slice LSTMs already trained are skipped "
+                      "(study models train again)")

@@ -209,7 +209,9 @@ def extract_features(
     dim = int(extractor.outputs[0].shape[-1])
     config = features_config(cnn_config, cnn_sha256, Path(index_path), store, out_dir, index["image_id"], dim, tta)
     start, chunks = _resume_point(out_dir, config)
-    if start == len(index) and (out_dir / KERNEL_FILE).is_file():  # every row there and checked: nothing to do
+    recorded = out_dir / CONFIG_FILE
+    if start == len(index) and (out_dir / KERNEL_FILE).is_file() and read_json(recorded) == config:
+        # every row there and checked, and the config (the index's place among it) as this call would write it
         print(f"features: {out_dir} holds all {len(index)} slices already", flush=True)
         return out_dir
     progress = {"rows_done": start, "chunks": chunks}

@@ -148,10 +148,8 @@ def score_text(value: float | None, digits: int = 3) -> str:
 
 
 def span_text(bounds: list[float] | None, digits: int) -> str:
-    """An interval's two ends, or n/a; an end that rounds to zero prints without a minus sign."""
-    if bounds is None:
-        return "n/a"
-    return " to ".join(f"{0.0 if round(end, digits) == 0 else end:.{digits}f}" for end in bounds)
+    """An interval's two ends, or n/a."""
+    return "n/a" if bounds is None else f"{bounds[0]:.{digits}f} to {bounds[1]:.{digits}f}"
 
 
 def format_folder_scores(report: dict) -> str:

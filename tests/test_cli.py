@@ -1,22 +1,28 @@
 """How commands end: an interruption and unavailable weights give a line, not a traceback."""
+import os
 import signal
 
 import pytest
 
 from ihd.backbones import WeightsUnavailable
-from ihd.cli import INTERRUPTED, run_command
+from ihd.cli import run_command
 from ihd.parallel import parallel_map
 
 
-def test_an_interrupted_command_says_its_files_are_whole_and_what_a_rerun_does(capsys):
+def test_an_interrupted_command_says_what_a_rerun_does_and_ends_by_the_signal(capsys, monkeypatch):
+    import ihd.cli as cli
+
     def interrupted():
         raise KeyboardInterrupt
 
+    handlers, sent = {}, []
+    monkeypatch.setattr(cli.signal, "signal", lambda number, handler: handlers.update({number: handler}))
+    monkeypatch.setattr(cli.os, "kill", lambda pid, number: sent.append((pid, number)))
     with pytest.raises(SystemExit) as stop:
         run_command(interrupted, "rerun the same command to resume")
-    assert stop.value.code == INTERRUPTED == 130
-    said = capsys.readouterr().err
-    assert "interrupted: every file written so far is whole; rerun the same command to resume" in said
+    assert "interrupted: rerun the same command to resume" in capsys.readouterr().err
+    assert handlers == {signal.SIGINT: signal.SIG_DFL} and sent == [(os.getpid(), signal.SIGINT)]
+    assert stop.value.code == 130  # only where the signal did not end the process
 
 
 def test_weights_that_cannot_be_downloaded_end_the_command_with_their_message():

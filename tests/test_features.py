@@ -273,6 +273,11 @@ def test_the_cache_finds_its_index_from_any_working_directory(cnn_run, tmp_path,
     features = load_features(tmp_path / "features")
     assert not Path(features.config["index_path"]).is_absolute()
     pd.testing.assert_frame_equal(features.index, index)
+    moved = tmp_path / "elsewhere" / "features"  # a cache moved: the rerun that follows writes where its index is
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "features", moved)
+    extract_features(model, config, CNN_SHA, index, index_path, store, moved, batch_size=64)
+    pd.testing.assert_frame_equal(load_features(moved).index, index)
 
 
 def test_a_slice_stored_again_with_other_pixels_makes_the_cache_stale(cnn_run, tmp_path):

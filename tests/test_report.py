@@ -147,9 +147,3 @@ def test_an_auc_of_one_class_reads_n_a_not_nan():
 
     assert [score_text(None), score_text(float("nan")), score_text(0.81234), score_text(0.81234, 4)] == [
         "n/a", "n/a", "0.812", "0.8123"]
-
-
-def test_an_interval_end_that_rounds_to_zero_prints_without_a_minus_sign():
-    assert span_text([-0.00004, 0.5], 4) == "0.0000 to 0.5000"
-    assert span_text([-0.01, -0.00004], 4) == "-0.0100 to 0.0000"
-    assert span_text(None, 4) == "n/a"

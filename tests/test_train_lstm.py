@@ -109,8 +109,12 @@ def test_the_ablation_names_the_rows_trained_with_other_lstm_settings(workspace,
     note = r"trained with other LSTM settings than cnn\+lstm pca:4: cnn\+lstm random:4 \(.*epochs: 2 -> 1"
     assert re.search(note, capsys.readouterr().out)
     assert re.search(note, (workspace / "mixed" / RUN / "ablation.md").read_text())
-    alike = {"inputs": {"layers": 1, "units": 4, "epochs": 2, "selection": "pca:4"}}
-    assert train_lstm.settings_note({"a": alike, "b": {"inputs": {**alike["inputs"], "selection": "all"}}}) == ""
+    alike = {"batch_size": 1, "inputs": {"layers": 1, "units": 4, "epochs": 2, "batch_size": 128, "selection": "pca:4"}}
+    same_batch = {"batch_size": 1, "inputs": {**alike["inputs"], "batch_size": 64, "selection": "all"}}
+    assert train_lstm.settings_note({"a": alike, "b": same_batch}) == ""  # both shrunk to the batch they used
+    odd = {"batch_size": 1, "inputs": {**alike["inputs"], "units": 8}}
+    assert train_lstm.settings_note({"odd": odd, "a": alike, "b": same_batch}) == (
+        "trained with other LSTM settings than a, b: odd (units: 4 -> 8)")  # against most rows, not the first
 
 
 def test_features_of_another_cnn_are_refused_with_the_command_that_extracts_them(workspace, trained):
