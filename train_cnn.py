@@ -318,11 +318,11 @@ def main(argv: list[str] | None = None) -> Path:
                          settings.learning_rate, settings.epochs, settings.batch_size, settings.patience, settings.seed,
                          dataclasses.asdict(settings))
         return run_dir
-    try:  # the slice CNN trains on the store at --image-size (extraction takes the size the run was trained at)
-        if not settings.extract_only:
+    if not settings.extract_only:  # training reads the store at --image-size; extraction, at the run's own
+        try:
             check_image_size(store, settings.image_size)
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
     if settings.fold != ALL_FOLDS:
         return train_and_extract(settings, index, index_path, store, strategy)
     members = member_runs(settings.run, folds)

@@ -34,6 +34,7 @@ from ihd.labels import SUBTYPES
 from ihd.mask_rules import MaskRule, RuleChoice
 from ihd.masks import ANY, UNKNOWN, MaskSet
 from ihd.progress import epoch_progress
+from ihd.report import score_text
 from ihd.seg_metrics import score_masks
 from ihd.windows import parse_recipe
 
@@ -363,9 +364,8 @@ class ValidationDice(keras.callbacks.Callback):
             write_json(self.best_path, {"epoch": epoch + 1, "rule": rule.as_json(),
                                         "val_dice_any": None if undefined else dice_any,
                                         "rule_grid": int(self.validation.hu.shape[1])})
-        print(f"epoch {epoch + 1}: loss {(logs or {}).get('loss', math.nan):.4f} val_dice_any "
-              f"{'n/a' if undefined else f'{dice_any:.3f}'} ({rule.describe()}){' (best, saved)' if improved else ''}",
-              flush=True)
+        print(f"epoch {epoch + 1}: loss {(logs or {}).get('loss', math.nan):.4f} val_dice_any {score_text(dice_any)} "
+              f"({rule.describe()}){' (best, saved)' if improved else ''}", flush=True)
 
 
 def fit_unet(model: keras.Model, train_data, validation: MaskSet, run_dir: str | Path, epochs: int,
